@@ -1,0 +1,30 @@
+# `make demo` and `make test` each set themselves up on a fresh machine:
+# a project virtualenv in .venv (reused), an editable install with the dev
+# extras (skipped when setup.py has not changed since), and a Java check.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.userlens-installed
+
+.PHONY: demo test setup java clean
+
+setup: $(STAMP) java
+
+$(STAMP): setup.py
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "userlens needs Python >= 3.10, found " + sys.version.split()[0])'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+java:
+	@bash scripts/check-java.sh
+
+demo: setup
+	$(VENV)/bin/userlens demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf warehouse spark-warehouse metastore_db derby.log data models reports .pytest_cache

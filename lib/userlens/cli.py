@@ -1,0 +1,189 @@
+"""``userlens``: one entry point for every command.
+
+Each stage command also runs as ``spark-submit jobs/<stage>.py`` with the same
+options. Exit code 0 on success; otherwise one line on stderr naming the cause
+(2 for configuration and secret errors, 1 for everything else).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from userlens import __version__
+from userlens.config import Settings, load_settings
+from userlens.errors import UserlensError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger("userlens")
+
+STAGES_NOT_BUILT = ("textualize", "embed", "train", "score", "profile", "nightly", "forget", "report")
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--conf", action="append", default=[], metavar="FILE",
+                        help="config file layered over conf/base.yaml (repeatable; default conf/local.yaml)")
+    common.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="override one dotted config key, e.g. storage.warehouse=/data/wh (repeatable)")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+
+    parser = argparse.ArgumentParser(prog="userlens", description="Spark batch jobs for user-behavior modeling.")
+    parser.add_argument("--version", action="version", version=f"userlens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sample = sub.add_parser("sample", parents=[common], help="write synthetic raw logs and an item catalog")
+    sample.add_argument("--out", help="output folder (default: sample.out)")
+    sample.add_argument("--users", type=int, help="number of users (default: sample.users)")
+    sample.add_argument("--days", type=int, help="number of days (default: sample.days)")
+    sample.add_argument("--seed", type=int, help="random seed (default: sample.seed)")
+    sample.add_argument("--start-date", type=_date, help="first day, YYYY-MM-DD (default: sample.start_date)")
+
+    ingest = sub.add_parser("ingest", parents=[common], help="raw logs -> events, events_quarantine, items")
+    ingest.add_argument("--date", type=_date, help="ingest raw dates up to this one (default: the latest)")
+    ingest.add_argument("--full", action="store_true", help="re-ingest every raw date")
+
+    for name in STAGES_NOT_BUILT:
+        stage = sub.add_parser(name, parents=[common], help=f"{name} stage (not built yet)")
+        stage.add_argument("--date", type=_date)
+        if name == "forget":
+            stage.add_argument("--user-id")
+        if name == "report":
+            stage.add_argument("--out")
+
+    demo = sub.add_parser("demo", parents=[common], help="sample data + the pipeline on the embedded default")
+    demo.add_argument("--users", type=int, help="number of sample users (default: sample.users)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        settings = load_settings(args.conf or None, args.overrides)
+        return COMMANDS[args.command](args, settings)
+    except UserlensError as exc:
+        log.debug("failure", exc_info=True)
+        print(f"userlens: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("userlens: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one-line contract holds for the unexpected too
+        log.debug("failure", exc_info=True)
+        lines = str(exc).strip().splitlines()
+        print(f"userlens: error: {type(exc).__name__}: {lines[0] if lines else ''} (rerun with -v for details)",
+              file=sys.stderr)
+        return 1
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s userlens %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    for noisy in ("py4j", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _spark(settings: Settings) -> "SparkSession":
+    from userlens.spark import get_spark
+
+    return get_spark(settings)
+
+
+def _stage(name: str, settings: Settings, spark: "SparkSession", body: Callable[..., object]) -> object:
+    """Run ``body(run)`` and record its pipeline_runs row, failed or not."""
+    from userlens.runs import StageRun, new_run_id
+    from userlens.tables import Tables
+
+    run = StageRun(stage=name, run_id=os.environ.get("USERLENS_RUN_ID") or new_run_id())
+    tables = Tables(spark, settings.storage)
+    try:
+        result = body(run)
+    except BaseException as exc:
+        run.details["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        try:
+            run.record(tables, "failed")
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            log.debug("could not record the failed run", exc_info=True)
+        raise
+    run.record(tables, "succeeded")
+    return result
+
+
+def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.sample import SampleSpec, generate_sample
+
+    cfg = settings.sample
+    spec = SampleSpec(users=args.users or cfg.users, days=args.days or cfg.days,
+                      seed=cfg.seed if args.seed is None else args.seed,
+                      start_date=args.start_date or cfg.start_date, items=cfg.items,
+                      malformed_fraction=cfg.malformed_fraction, pii_fraction=cfg.pii_fraction)
+    out = args.out or cfg.out
+    summary = generate_sample(_spark(settings), out, spec)
+    print(f"sample: {summary.lines_written} raw event lines ({summary.first_date} .. {summary.last_date}) "
+          f"in {summary.events_dir}, {summary.items_written} items in {summary.items_dir}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.privacy import load_key
+    from userlens.stages.ingest import run_ingest
+
+    key = load_key(settings.privacy)  # before Spark: a missing secret writes nothing
+    spark = _spark(settings)
+    result = _stage("ingest", settings, spark, lambda run: run_ingest(spark, settings, key, run, args.date, args.full))
+    print(f"ingest: {result.rows_in} rows in -> {result.rows_out} events, {result.quarantined} quarantined, "
+          f"{result.duplicates} duplicates; {result.items_out} items (as of {result.as_of_date})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.privacy import load_key
+    from userlens.sample import SampleSpec, generate_sample
+    from userlens.stages.ingest import run_ingest
+    from userlens.tables import TABLES, Tables
+
+    key = load_key(settings.privacy)
+    spark = _spark(settings)
+    cfg = settings.sample
+    spec = SampleSpec(users=args.users or cfg.users, days=cfg.days, seed=cfg.seed, start_date=cfg.start_date,
+                      items=cfg.items, malformed_fraction=cfg.malformed_fraction, pii_fraction=cfg.pii_fraction)
+    log.info("demo: writing sample logs for %d users x %d days to %s", spec.users, spec.days, settings.source.path)
+    summary = generate_sample(spark, settings.source.path, spec)
+    log.info("demo: %d raw event lines written", summary.lines_written)
+    _stage("ingest", settings, spark, lambda run: run_ingest(spark, settings, key, run, None, True))
+    tables = Tables(spark, settings.storage)
+    print(f"\nuserlens demo: tables in {tables.root}")
+    for name in TABLES:
+        if tables.exists(name):
+            print(f"  {name:<20} {tables.read(name).count():>10,d} rows   {tables.location(name)}")
+    return 0
+
+
+def cmd_not_built(args: argparse.Namespace, settings: Settings) -> int:
+    raise UserlensError(f"the {args.command} stage is not built yet (see the project's open issues)")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "sample": cmd_sample, "ingest": cmd_ingest, "demo": cmd_demo,
+    **{name: cmd_not_built for name in STAGES_NOT_BUILT},
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

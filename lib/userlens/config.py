@@ -1,0 +1,305 @@
+"""Typed, strict, layered settings.
+
+Layers, later wins: ``conf/base.yaml`` -> each ``--conf FILE`` in order (default
+``conf/local.yaml``) -> each ``--set dotted.key=value``. String values may use
+``${VAR}`` or ``${VAR:-default}``; they are expanded per layer, so an error
+names the layer that used the variable. Every section forbids unknown keys and
+a validation error is one line naming the file and the dotted key.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from userlens.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+BASE_CONF = CONF_DIR / "base.yaml"
+DEFAULT_CONF = CONF_DIR / "local.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SparkSettings(_Strict):
+    master: str | None = None
+    app_name: str = "userlens"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = Field(8, ge=1)
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "WARN"
+    ui: bool = True
+    # pip: fetch the io.delta jar matching the installed delta-spark from Maven
+    # (local runs); provided: the cluster or platform already has Delta.
+    delta_jars: Literal["pip", "provided"] = "pip"
+    jars: list[str] = []
+    conf: dict[str, str] = {}
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): _spark_value(v) for k, v in value.items()}
+        return value
+
+
+def _spark_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class StorageSettings(_Strict):
+    warehouse: str = "./warehouse"
+    catalog: str | None = None
+    schema_name: str | None = Field(None, alias="schema")
+    models: str = "./models"
+
+
+class EventMapping(_Strict):
+    """Canonical event field -> source column name (null: the source has none)."""
+
+    event_id: str | None = "event_id"
+    user_id: str = "user_id"
+    event_time: str = "ts"
+    event_type: str = "event_type"
+    item_id: str | None = "item_id"
+    category: str | None = "category"
+    price: str | None = "price"
+    quantity: str | None = "quantity"
+    query: str | None = "query"
+    text: str | None = "review_text"
+
+
+class ItemMapping(_Strict):
+    """Canonical item field -> source column name."""
+
+    item_id: str = "item_id"
+    title: str | None = "title"
+    category: str | None = "category"
+    brand: str | None = "brand"
+    price: str | None = "price"
+    description: str | None = "description"
+
+
+SourceFormat = Literal["json", "parquet", "csv", "delta"]
+
+
+class SourceSettings(_Strict):
+    path: str = "./data/sample"
+    format: SourceFormat = "json"
+    events_path: str | None = None
+    items_path: str | None = None
+    items_format: SourceFormat | None = None
+    mapping: EventMapping = EventMapping()
+    items_mapping: ItemMapping = ItemMapping()
+    # null: ISO-8601 text; epoch_s / epoch_ms: numbers; anything else: a Spark datetime pattern
+    timestamp_format: str | None = None
+    event_type_map: dict[str, str] = {}
+    # a date-valued partition column of the raw layout (event_date=YYYY-MM-DD/);
+    # when absent from the data the date comes from the event time
+    date_partition: str = "event_date"
+    csv_header: bool = True
+
+    def events_location(self) -> str:
+        return self.events_path or _join(self.path, "events")
+
+    def items_location(self) -> str:
+        return self.items_path or _join(self.path, "items")
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+class PrivacySettings(_Strict):
+    key_env: str = "USERLENS_HMAC_KEY"
+    # Only for the embedded local default: used, with a loud warning, when the
+    # env var is unset. Cluster and Databricks configs leave it null.
+    dev_key: str | None = None
+    min_segment_size: int = Field(20, ge=1)
+    pii_placeholders: bool = True
+
+
+class IngestSettings(_Strict):
+    event_types: list[str] = ["view", "click", "search", "add_to_cart", "purchase", "review"]
+    item_event_types: list[str] = ["view", "click", "add_to_cart", "purchase", "review"]
+    max_quantity: int = Field(10_000, ge=1)
+
+
+class SampleSettings(_Strict):
+    out: str = "./data/sample"
+    users: int = Field(1000, ge=1)
+    days: int = Field(30, ge=1)
+    seed: int = 7
+    start_date: dt.date = dt.date(2026, 10, 1)
+    items: int = Field(400, ge=1)
+    malformed_fraction: float = Field(0.01, ge=0.0, le=0.5)
+    pii_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class EmbedSettings(_Strict):
+    model: str = "builtin:minilm"
+
+
+class Settings(_Strict):
+    env: Literal["local", "cluster", "databricks"] = "local"
+    spark: SparkSettings = SparkSettings()
+    storage: StorageSettings = StorageSettings()
+    source: SourceSettings = SourceSettings()
+    privacy: PrivacySettings = PrivacySettings()
+    ingest: IngestSettings = IngestSettings()
+    sample: SampleSettings = SampleSettings()
+    embed: EmbedSettings = EmbedSettings()
+
+
+# Fields whose value is a free-form map: a dotted --set key below them is one map key.
+_MAP_FIELDS = {("spark", "conf"), ("source", "event_type_map")}
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def load_settings(
+    conf_files: list[str | os.PathLike[str]] | None = None,
+    overrides: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Settings:
+    """Load base.yaml, then ``conf_files`` (default local.yaml), then ``--set`` overrides.
+
+    Raises ConfigError with one line naming the file (or ``--set``) and key.
+    """
+    environ = dict(os.environ if env is None else env)
+    files = [Path(f) for f in (conf_files if conf_files else [DEFAULT_CONF])]
+    merged: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for path in [BASE_CONF, *files]:
+        layer = _read_yaml(path)
+        label = _label(path)
+        layer = _expand(layer, environ, label, ())
+        _merge(merged, layer, origin, label, ())
+    for item in overrides or []:
+        key, value = _parse_set(item)
+        layer = _expand(_nest(key, value), environ, "--set", ())
+        _merge(merged, layer, origin, "--set", ())
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+
+
+def _label(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{_label(path)}:{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_label(path)}: top level must be a mapping of sections")
+    return data
+
+
+def _expand(value: Any, environ: dict[str, str], label: str, key: tuple[str, ...]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, environ, label, (*key, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, environ, label, key) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"{label}: {'.'.join(key)}: environment variable ${{{name}}} is not set"
+        )
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def _merge(
+    into: dict[str, Any],
+    layer: dict[str, Any],
+    origin: dict[tuple[str, ...], str],
+    label: str,
+    prefix: tuple[str, ...],
+) -> None:
+    for key, value in layer.items():
+        path = (*prefix, str(key))
+        origin[path] = label
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origin, label, path)
+        else:
+            into[key] = value
+            if isinstance(value, dict):
+                _record(value, origin, label, path)
+
+
+def _record(value: dict[str, Any], origin: dict[tuple[str, ...], str], label: str, prefix: tuple[str, ...]) -> None:
+    for key, sub in value.items():
+        origin[(*prefix, str(key))] = label
+        if isinstance(sub, dict):
+            _record(sub, origin, label, (*prefix, str(key)))
+
+
+def _parse_set(item: str) -> tuple[tuple[str, ...], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set: expected dotted.key=value, got {item!r}")
+    parts = tuple(key.strip().split("."))
+    for depth in range(1, len(parts)):
+        if parts[:depth] in _MAP_FIELDS:
+            parts = (*parts[:depth], ".".join(parts[depth:]))
+            break
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _nest(key: tuple[str, ...], value: Any) -> dict[str, Any]:
+    for part in reversed(key):
+        value = {part: value}
+    return value
+
+
+def _describe(exc: ValidationError, origin: dict[tuple[str, ...], str]) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    loc = tuple(str(p) for p in first["loc"])
+    # pydantic reports the alias for aliased fields; tagged unions add type names
+    source = "conf/base.yaml"
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in origin:
+            source = origin[loc[:depth]]
+            break
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    else:
+        message = first["msg"]
+        if "input" in first and not isinstance(first["input"], (dict, list)):
+            message += f" (got {first['input']!r})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: {'.'.join(loc)}: {message}{more}"

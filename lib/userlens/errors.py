@@ -1,0 +1,35 @@
+"""Error types whose message is the one line a user sees."""
+
+
+class UserlensError(Exception):
+    """A failure with a clear one-line cause; the CLI prints it and exits non-zero."""
+
+    exit_code = 1
+
+
+class ConfigError(UserlensError, ValueError):
+    """Bad configuration: names the file and the dotted key. Exit code 2."""
+
+    exit_code = 2
+
+
+class MissingColumnsError(UserlensError, ValueError):
+    """A DataFrame lacks columns a step needs; lists what is missing and what is there."""
+
+    def __init__(self, what: str, missing: list[str], present: list[str]) -> None:
+        super().__init__(
+            f"{what}: missing column(s) {', '.join(sorted(missing))}; "
+            f"present: {', '.join(sorted(present)) or '(none)'}"
+        )
+        self.missing = missing
+        self.present = present
+
+
+class SourceError(UserlensError):
+    """The raw source cannot be read (missing path, unreadable format)."""
+
+
+class SecretError(UserlensError):
+    """A secret (the pseudonymization key) is missing or unusable."""
+
+    exit_code = 2

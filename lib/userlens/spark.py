@@ -1,0 +1,101 @@
+"""The one place a SparkSession comes from.
+
+- On Databricks, or under spark-submit, a session (or a SparkContext) already
+  exists or is configured by the launcher: we take it and only overlay
+  ``spark.conf`` entries that can be set at runtime.
+- Locally (``spark.master`` in config, e.g. ``local[*]``), we build one: Delta
+  extensions and catalog, the Delta jar matching the installed delta-spark via
+  ``configure_spark_with_delta_pip`` (Maven Central, cached by Ivy), Arrow on,
+  UTC session time zone, the project's Python for workers.
+
+Never called at import time; refuses to run on an executor.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from userlens.config import Settings
+from userlens.errors import UserlensError
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+_LOCAL_DEFAULTS = {
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.session.timeZone": "UTC",
+    # Delta's log replay defaults to 50 partitions: far too many for one machine.
+    "spark.databricks.delta.snapshotPartitions": "2",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.driver.extraJavaOptions": "-Dderby.system.home=/tmp/userlens-derby",
+}
+
+
+def get_spark(settings: Settings) -> "SparkSession":
+    """Return the active session (Databricks, spark-submit) or build one from settings."""
+    from pyspark import TaskContext
+    from pyspark.sql import SparkSession
+
+    if TaskContext.get() is not None:
+        raise UserlensError("get_spark() was called on an executor; pass the session in from the driver")
+
+    active = SparkSession.getActiveSession()
+    if active is None and (settings.spark.master is None or _launched_by_spark_submit()):
+        # spark-submit or a platform configured the JVM: getOrCreate picks that up.
+        active = SparkSession.builder.appName(settings.spark.app_name).getOrCreate()
+    if active is not None:
+        _overlay_runtime_conf(active, settings)
+        return active
+    return _build_local(settings)
+
+
+def _launched_by_spark_submit() -> bool:
+    # spark-submit starts the JVM first and hands the gateway to Python.
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def _overlay_runtime_conf(spark: "SparkSession", settings: Settings) -> None:
+    for key, value in {**{"spark.sql.shuffle.partitions": str(settings.spark.shuffle_partitions)},
+                       **settings.spark.conf}.items():
+        try:
+            spark.conf.set(key, value)
+        except Exception:  # static confs (executor sizes, jars) belong to the launcher
+            log.debug("spark conf %s is static here; leaving the launcher's value", key)
+
+
+def _build_local(settings: Settings) -> "SparkSession":
+    from pyspark.sql import SparkSession
+
+    conf = dict(_LOCAL_DEFAULTS)
+    conf.update({
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+        "spark.sql.shuffle.partitions": str(settings.spark.shuffle_partitions),
+        "spark.driver.memory": settings.spark.driver_memory,
+        "spark.ui.enabled": "true" if settings.spark.ui else "false",
+    })
+    if settings.spark.jars:
+        conf["spark.jars"] = ",".join(settings.spark.jars)
+    conf.update(settings.spark.conf)
+
+    # Local workers must run the interpreter that has torch, pandas and userlens;
+    # pyspark reads this variable (not a conf key) when it creates the context.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.master(settings.spark.master or "local[*]").appName(settings.spark.app_name)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    if settings.spark.delta_jars == "pip" and not settings.spark.jars:
+        from delta import configure_spark_with_delta_pip
+
+        builder = configure_spark_with_delta_pip(builder)
+    log.info("starting local Spark (%s)", settings.spark.master or "local[*]")
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(settings.spark.log_level)
+    return spark

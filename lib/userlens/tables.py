@@ -1,0 +1,209 @@
+"""Logical table names -> Delta tables, with explicit schemas and idempotent writes.
+
+Local and cluster mode: ``<storage.warehouse>/<name>`` as a Delta path.
+Databricks (``storage.catalog`` and ``storage.schema`` set): ``<catalog>.<schema>.<name>``.
+Every stage reads and writes through :class:`Tables`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pyspark.sql import types as T
+
+from userlens.config import StorageSettings
+from userlens.errors import MissingColumnsError, UserlensError
+
+if TYPE_CHECKING:
+    from delta.tables import DeltaTable
+    from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    schema: T.StructType
+    key: tuple[str, ...] = ()
+    partition_by: tuple[str, ...] = ()
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+def _s(*fields: tuple[str, T.DataType, bool]) -> T.StructType:
+    return T.StructType([T.StructField(name, dtype, nullable) for name, dtype, nullable in fields])
+
+
+STR, LONG, INT, DBL, DATE, TS = T.StringType(), T.LongType(), T.IntegerType(), T.DoubleType(), T.DateType(), T.TimestampType()
+VECTOR = T.ArrayType(T.FloatType(), containsNull=False)
+
+TABLES: dict[str, TableSpec] = {
+    "events": TableSpec(
+        _s(("user_key", STR, False), ("event_id", STR, False), ("event_time", TS, False),
+           ("event_date", DATE, False), ("event_type", STR, False), ("item_id", STR, True),
+           ("category", STR, True), ("price", DBL, True), ("quantity", INT, True),
+           ("query", STR, True), ("text", STR, True), ("run_id", STR, True)),
+        key=("user_key", "event_time", "event_id"), partition_by=("event_date",)),
+    "events_quarantine": TableSpec(
+        _s(("raw", STR, True), ("reason", STR, False), ("source", STR, False), ("run_id", STR, False),
+           ("source_date", DATE, True), ("user_key", STR, True), ("quarantined_at", TS, False))),
+    "items": TableSpec(
+        _s(("item_id", STR, False), ("title", STR, True), ("category", STR, True), ("brand", STR, True),
+           ("price", DBL, True), ("description", STR, True), ("run_id", STR, True)),
+        key=("item_id",)),
+    "user_texts": TableSpec(
+        _s(("user_key", STR, False), ("as_of_date", DATE, False), ("text", STR, False),
+           ("text_hash", STR, False), ("n_events", LONG, False), ("template_version", STR, False)),
+        key=("user_key", "as_of_date"), partition_by=("as_of_date",)),
+    "user_embeddings": TableSpec(
+        _s(("user_key", STR, False), ("as_of_date", DATE, False), ("text_hash", STR, False),
+           ("model_id", STR, False), ("embedding", VECTOR, False)),
+        key=("user_key",)),
+    "item_embeddings": TableSpec(
+        _s(("item_id", STR, False), ("model_id", STR, False), ("text_hash", STR, True), ("embedding", VECTOR, False)),
+        key=("item_id",)),
+    "pipeline_runs": TableSpec(
+        _s(("run_id", STR, False), ("stage", STR, False), ("as_of_date", DATE, True), ("status", STR, False),
+           ("started_at", TS, False), ("finished_at", TS, True), ("rows_in", LONG, True),
+           ("rows_out", LONG, True), ("details", STR, True)),
+        key=("run_id", "stage")),
+}
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+class Tables:
+    """Resolves logical names and performs the project's Delta writes."""
+
+    def __init__(self, spark: "SparkSession", storage: StorageSettings) -> None:
+        self.spark = spark
+        self.storage = storage
+        self.use_catalog = bool(storage.catalog and storage.schema_name)
+        if not self.use_catalog and not storage.warehouse:
+            raise UserlensError("storage.warehouse is empty; set it, or storage.catalog and storage.schema")
+        self.root = storage.warehouse if _SCHEME.match(storage.warehouse or "") else os.path.abspath(storage.warehouse)
+
+    # -- names -------------------------------------------------------------
+    def location(self, table: str) -> str:
+        """The Delta path (path mode) or the three-part table name (catalog mode)."""
+        _spec(table)
+        if self.use_catalog:
+            return f"`{self.storage.catalog}`.`{self.storage.schema_name}`.`{table}`"
+        return f"{self.root.rstrip('/')}/{table}"
+
+    def sql_name(self, table: str) -> str:
+        """A name usable in SQL text: ``delta.`path``` or ``cat.schema.name``."""
+        loc = self.location(table)
+        return loc if self.use_catalog else f"delta.`{loc}`"
+
+    # -- reading -----------------------------------------------------------
+    def exists(self, table: str) -> bool:
+        from delta.tables import DeltaTable
+
+        if self.use_catalog:
+            return self.spark.catalog.tableExists(self.location(table))
+        return DeltaTable.isDeltaTable(self.spark, self.location(table))
+
+    def read(self, table: str) -> "DataFrame":
+        """The table as a DataFrame; an empty one with the declared schema if it does not exist yet."""
+        if not self.exists(table):
+            return self.spark.createDataFrame([], _spec(table).schema)
+        if self.use_catalog:
+            return self.spark.read.table(self.location(table))
+        return self.spark.read.format("delta").load(self.location(table))
+
+    def delta(self, table: str) -> "DeltaTable":
+        from delta.tables import DeltaTable
+
+        self.ensure(table)
+        if self.use_catalog:
+            return DeltaTable.forName(self.spark, self.location(table))
+        return DeltaTable.forPath(self.spark, self.location(table))
+
+    # -- writing -----------------------------------------------------------
+    def ensure(self, table: str) -> None:
+        """Create the table with its declared schema if it does not exist."""
+        from delta.tables import DeltaTable
+
+        spec = _spec(table)
+        if self.exists(table):
+            return
+        builder = DeltaTable.createIfNotExists(self.spark)
+        builder = builder.tableName(self.location(table)) if self.use_catalog else builder.location(self.location(table))
+        builder = builder.addColumns(spec.schema)
+        if spec.partition_by:
+            builder = builder.partitionedBy(*spec.partition_by)
+        for key, value in spec.properties.items():
+            builder = builder.property(key, value)
+        builder.execute()
+        log.info("created table %s", self.location(table))
+
+    def replace_where(self, table: str, df: "DataFrame", condition: str) -> dict[str, int]:
+        """Atomically replace the rows matching ``condition`` with ``df``; returns Delta's write metrics."""
+        before = self._version(table)
+        writer = self._conformed(table, df).write.format("delta").mode("overwrite").option("replaceWhere", condition)
+        self._save(writer, table)
+        return self._metrics_since(table, before)
+
+    def overwrite(self, table: str, df: "DataFrame") -> dict[str, int]:
+        """Replace the whole table (a new Delta version; history keeps the old one)."""
+        before = self._version(table)
+        self._save(self._conformed(table, df).write.format("delta").mode("overwrite"), table)
+        return self._metrics_since(table, before)
+
+    def merge(self, table: str, df: "DataFrame", keys: tuple[str, ...] | None = None,
+              update: bool = True) -> dict[str, int]:
+        """Upsert ``df`` on ``keys`` (default: the table's key); only changed rows are rewritten."""
+        spec = _spec(table)
+        keys = keys or spec.key
+        source = self._conformed(table, df)
+        condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+        before = self._version(table)
+        merge = self.delta(table).alias("t").merge(source.alias("s"), condition)
+        if update:
+            others = [c for c in spec.schema.fieldNames() if c not in keys]
+            changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in others) or None
+            merge = merge.whenMatchedUpdateAll(condition=changed)
+        merge.whenNotMatchedInsertAll().execute()
+        return self._metrics_since(table, before)
+
+    def _version(self, table: str) -> int:
+        self.ensure(table)
+        return int(self.delta(table).history(1).select("version").first()[0])
+
+    def _metrics_since(self, table: str, before: int) -> dict[str, int]:
+        """operationMetrics of the commit made after version ``before``; {} if the write committed nothing."""
+        row = self.delta(table).history(1).select("version", "operationMetrics").first()
+        if row is None or row[0] <= before:
+            return {}
+        metrics: dict[str, Any] = row[1] or {}
+        return {k: int(v) for k, v in metrics.items() if str(v).lstrip("-").isdigit()}
+
+    def _conformed(self, table: str, df: "DataFrame") -> "DataFrame":
+        from pyspark.sql import functions as F
+
+        schema = _spec(table).schema
+        missing = [f.name for f in schema if f.name not in df.columns]
+        if missing:
+            raise MissingColumnsError(f"writing {table}", missing, df.columns)
+        return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in schema])
+
+    def _save(self, writer: Any, table: str) -> None:
+        if self.use_catalog:
+            writer.saveAsTable(self.location(table))
+        else:
+            writer.save(self.location(table))
+
+
+def _spec(table: str) -> TableSpec:
+    try:
+        return TABLES[table]
+    except KeyError:
+        raise UserlensError(f"unknown table {table!r}; known: {', '.join(sorted(TABLES))}") from None
+
+
+def table_schema(table: str) -> T.StructType:
+    """The declared schema of a logical table."""
+    return _spec(table).schema

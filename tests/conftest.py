@@ -1,0 +1,49 @@
+"""One Spark session for the whole test run, built by the project's own helper:
+local[2], UI off, few shuffle partitions, Delta on. Each test gets its own
+warehouse under tmp_path."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from userlens.config import Settings, load_settings
+
+TEST_KEY = "test-hmac-key-0123456789abcdef"
+
+SPARK_OVERRIDES = [
+    "spark.master=local[2]",
+    "spark.ui=false",
+    "spark.shuffle_partitions=2",
+    "spark.driver_memory=2g",
+    "spark.log_level=ERROR",
+]
+
+
+def make_settings(tmp_path: Path, *overrides: str) -> Settings:
+    """Local settings with the warehouse, models and source under tmp_path."""
+    return load_settings(
+        None,
+        [*SPARK_OVERRIDES,
+         f"storage.warehouse={tmp_path / 'warehouse'}",
+         f"storage.models={tmp_path / 'models'}",
+         f"source.path={tmp_path / 'raw'}",
+         *overrides],
+    )
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory: pytest.TempPathFactory):
+    from userlens.spark import get_spark
+
+    os.environ.setdefault("USERLENS_HMAC_KEY", TEST_KEY)
+    settings = make_settings(tmp_path_factory.mktemp("session"))
+    session = get_spark(settings)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)

@@ -1,0 +1,238 @@
+"""Ingest on tiny handcrafted raw logs: accounting, quarantine reasons, idempotence,
+pseudonyms, PII, incremental dates. Real Spark, real Delta."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
+
+from conftest import TEST_KEY, make_settings
+from userlens.privacy import load_key
+from userlens.runs import StageRun
+from userlens.stages.ingest import run_ingest
+from userlens.tables import TABLES, Tables
+
+D1, D2 = "2026-10-01", "2026-10-02"
+PLANTED_PII = ["jane.doe42@example.com", "+1 415-555-0134", "4111 1111 1111 1111", "192.168.10.23"]
+
+
+def ev(event_id: str, user: str | None, ts: str, etype: str, **extra: object) -> str:
+    row = {"event_id": event_id, "ts": ts, "event_type": etype, **extra}
+    if user is not None:
+        row["user_id"] = user
+    return json.dumps(row, sort_keys=True, separators=(",", ":"))
+
+
+GOOD_D1 = [
+    ev("e1", "alice-001", f"{D1}T10:00:00Z", "search", query="trail shoes mail jane.doe42@example.com"),
+    ev("e2", "alice-001", f"{D1}T10:01:00Z", "view", item_id="i1", category="outdoor", price=89.5),
+    ev("e3", "alice-001", f"{D1}T10:02:00Z", "add_to_cart", item_id="i1", category="outdoor", price=89.5, quantity=1),
+    ev("e4", "bob-002", f"{D1}T11:00:00Z", "purchase", item_id="i2", category="books", price=12.0, quantity=2),
+    ev("e5", "bob-002", f"{D1}T12:00:00Z", "review", item_id="i2", category="books", rating=2,
+       review_text="broke after a week, call me +1 415-555-0134 or card 4111 1111 1111 1111 from 192.168.10.23"),
+]
+BAD_D1 = {
+    '{"event_id":"x1","user_id":"carol-003","ts":"2026-10-01T09:00:00Z","event_ty': "malformed_record",
+    ev("x2", None, f"{D1}T09:00:00Z", "view", item_id="i1"): "missing_user_id",
+    ev("x3", "carol-003", "2026-13-45T99:00:00Z", "view", item_id="i1"): "bad_timestamp",
+    ev("x4", "carol-003", f"{D1}T09:00:00Z", "hover", item_id="i1"): "unknown_event_type",
+    ev("x5", "carol-003", f"{D1}T09:00:00Z", "view", item_id="i1", price=-5): "negative_price",
+    ev("x6", "carol-003", f"{D1}T09:00:00Z", "view"): "missing_item_id",
+    ev("x7", "carol-003", f"{D1}T09:00:00Z", "purchase", item_id="i1", quantity=0): "bad_quantity",
+}
+GOOD_D2 = [
+    ev("e6", "alice-001", f"{D2}T08:00:00Z", "purchase", item_id="i1", category="outdoor", price=89.5, quantity=1),
+    ev("e7", "dave-004", f"{D2}T09:00:00Z", "view", item_id="i2", category="books", price=12.0),
+]
+ITEMS = [
+    {"item_id": "i1", "title": "Trail Runner X", "category": "outdoor", "brand": "Peak", "price": 89.5,
+     "description": "A light trail shoe."},
+    {"item_id": "i2", "title": "Deep Work", "category": "books", "brand": "Press", "price": 12.0,
+     "description": "A book."},
+    {"item_id": None, "title": "No id", "category": "books", "price": 1.0},
+]
+RAW_IDS = ["alice-001", "bob-002", "carol-003", "dave-004"]
+
+
+def write_raw(root: Path, day_lines: dict[str, list[str]], items: list[dict] = ITEMS) -> None:
+    for day, lines in day_lines.items():
+        folder = root / "events" / f"event_date={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "part-0.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "items").mkdir(parents=True, exist_ok=True)
+    (root / "items" / "items.json").write_text("\n".join(json.dumps(i) for i in items) + "\n", encoding="utf-8")
+
+
+def ingest(spark, settings, as_of=None, full=False, env=None):
+    key = load_key(settings.privacy, env or {"USERLENS_HMAC_KEY": TEST_KEY})
+    run = StageRun("ingest", run_id=f"run-{os.urandom(4).hex()}")
+    return run_ingest(spark, settings, key, run, as_of, full), run
+
+
+@pytest.fixture
+def day1(tmp_path: Path):
+    # e2 duplicated exactly (same line) -> one duplicate
+    write_raw(tmp_path / "raw", {D1: GOOD_D1 + [GOOD_D1[1]] + list(BAD_D1)})
+    return make_settings(tmp_path)
+
+
+def all_strings(spark, tables: Tables) -> list[str]:
+    """Every string value (top level) of every table that exists."""
+    values: list[str] = []
+    for name in TABLES:
+        if tables.exists(name):
+            df = tables.read(name)
+            cols = [f.name for f in df.schema if f.dataType.simpleString() == "string"]
+            for row in df.select(cols).collect():
+                values.extend(v for v in row if v is not None)
+    return values
+
+
+def test_accounting_and_quarantine_reasons(spark, day1):
+    result, _ = ingest(spark, day1)
+    rows_in = len(GOOD_D1) + 1 + len(BAD_D1)
+    assert result.rows_in == rows_in
+    assert (result.rows_out, result.quarantined, result.duplicates) == (len(GOOD_D1), len(BAD_D1), 1)
+    assert result.rows_in == result.rows_out + result.quarantined + result.duplicates
+    tables = Tables(spark, day1.storage)
+    assert tables.read("events").count() == len(GOOD_D1)
+    got = tables.read("events_quarantine").where("source = 'events'").groupBy("reason").count()
+    expected = spark.createDataFrame([(r, 1) for r in BAD_D1.values()], "reason string, count long")
+    assertDataFrameEqual(got, expected)
+    # the item without an id is quarantined too, and counted
+    assert result.items_out == 2 and result.items_quarantined == 1
+
+
+def test_pipeline_run_row_has_counts(spark, day1):
+    from userlens.cli import _stage
+
+    _stage("ingest", day1, spark, lambda run: run_ingest(
+        spark, day1, load_key(day1.privacy, {"USERLENS_HMAC_KEY": TEST_KEY}), run))
+    runs = Tables(spark, day1.storage).read("pipeline_runs").collect()
+    assert len(runs) == 1
+    row = runs[0]
+    assert (row.stage, row.status, row.rows_in, row.rows_out) == ("ingest", "succeeded", 13, 5)
+    details = json.loads(row.details)
+    assert details["duplicates"] == 1 and details["quarantined"] == 7
+    assert row.as_of_date == dt.date(2026, 10, 1)
+
+
+def test_reingest_same_date_is_identical(spark, day1):
+    ingest(spark, day1)
+    tables = Tables(spark, day1.storage)
+    first = tables.read("events").drop("run_id").collect()
+    first_q = tables.read("events_quarantine").select("raw", "reason").collect()
+    ingest(spark, day1)
+    assertDataFrameEqual(tables.read("events").drop("run_id"), first)
+    assertDataFrameEqual(tables.read("events_quarantine").select("raw", "reason"), first_q)
+
+
+def test_no_raw_id_or_planted_pii_in_any_table(spark, day1):
+    ingest(spark, day1)
+    values = "\n".join(all_strings(spark, Tables(spark, day1.storage)))
+    for raw_id in RAW_IDS:
+        assert raw_id not in values
+    for pii in PLANTED_PII:
+        assert pii not in values
+    assert "<email>" in values and "<phone>" in values and "<card>" in values and "<ip>" in values
+
+
+def test_user_key_is_hmac_stable_and_key_dependent(spark, day1, tmp_path):
+    ingest(spark, day1)
+    expected = hmac.new(TEST_KEY.encode(), b"alice-001", hashlib.sha256).hexdigest()
+    keys = {r[0] for r in Tables(spark, day1.storage).read("events").where("event_id = 'e2'")
+            .select("user_key").collect()}
+    assert keys == {expected}
+
+    other = make_settings(tmp_path, f"storage.warehouse={tmp_path / 'wh2'}")
+    ingest(spark, other, env={"USERLENS_HMAC_KEY": "another-secret-key-fedcba9876"})
+    other_keys = {r[0] for r in Tables(spark, other.storage).read("events").where("event_id = 'e2'")
+                  .select("user_key").collect()}
+    assert len(other_keys) == 1 and other_keys != keys
+
+
+def test_incremental_dates_and_full(spark, tmp_path):
+    raw = tmp_path / "raw"
+    write_raw(raw, {D1: GOOD_D1})
+    settings = make_settings(tmp_path)
+    first, _ = ingest(spark, settings)
+    assert first.dates == [dt.date(2026, 10, 1)]
+    write_raw(raw, {D2: GOOD_D2})
+    second, _ = ingest(spark, settings)
+    # D1 is already in events: only the new date (the as-of date) is processed
+    assert second.dates == [dt.date(2026, 10, 2)] and second.rows_in == len(GOOD_D2)
+    tables = Tables(spark, settings.storage)
+    assert tables.read("events").count() == len(GOOD_D1) + len(GOOD_D2)
+    # an explicit earlier as-of date re-processes that date only
+    third, _ = ingest(spark, settings, as_of=dt.date(2026, 10, 1))
+    assert third.dates == [dt.date(2026, 10, 1)]
+    assert tables.read("events").count() == len(GOOD_D1) + len(GOOD_D2)
+    full, _ = ingest(spark, settings, full=True)
+    assert full.dates == [dt.date(2026, 10, 1), dt.date(2026, 10, 2)]
+    assert tables.read("events").count() == len(GOOD_D1) + len(GOOD_D2)
+
+
+def test_tables_are_valid_delta(spark, day1):
+    from delta.tables import DeltaTable
+
+    ingest(spark, day1)
+    tables = Tables(spark, day1.storage)
+    for name in ("events", "events_quarantine", "items"):
+        path = tables.location(name)
+        assert (Path(path) / "_delta_log").is_dir()
+        assert DeltaTable.forPath(spark, path).toDF().count() > 0
+    assert DeltaTable.forPath(spark, tables.location("events")).detail().first().partitionColumns == ["event_date"]
+
+
+def test_events_content(spark, day1):
+    ingest(spark, day1)
+    events = Tables(spark, day1.storage).read("events")
+    row = events.where("event_id = 'e4'").first()
+    assert (row.event_type, row.item_id, row.category, row.price, row.quantity) == ("purchase", "i2", "books", 12.0, 2)
+    assert row.event_time == dt.datetime(2026, 10, 1, 11, 0, 0)
+    assert row.event_date == dt.date(2026, 10, 1)
+    query = events.where("event_id = 'e1'").first().query
+    assert query == "trail shoes mail <email>"
+
+
+def test_csv_source_with_mapping(spark, tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "events").mkdir(parents=True)
+    (raw / "events" / "log.csv").write_text(
+        "visitor,when,kind,sku\n"
+        "v-1,1759312800,view,i1\n"
+        "v-1,1759316400,addtocart,i1\n"
+        "v-2,oops,view,i2\n", encoding="utf-8")
+    (raw / "items").mkdir()
+    (raw / "items" / "items.csv").write_text("item_id,title\ni1,Thing\ni2,Other\n", encoding="utf-8")
+    settings = make_settings(
+        tmp_path, "source.format=csv", "source.timestamp_format=epoch_s",
+        "source.mapping={event_id: null, user_id: visitor, event_time: when, event_type: kind, item_id: sku,"
+        " category: null, price: null, quantity: null, query: null, text: null}",
+        "source.event_type_map.addtocart=add_to_cart")
+    result, _ = ingest(spark, settings)
+    assert (result.rows_in, result.rows_out, result.quarantined) == (3, 2, 1)
+    tables = Tables(spark, settings.storage)
+    types = sorted(r[0] for r in tables.read("events").select("event_type").collect())
+    assert types == ["add_to_cart", "view"]
+    bad = tables.read("events_quarantine").where("source = 'events'").first()
+    assert bad.reason == "bad_timestamp" and "v-2" not in bad.raw and bad.user_key in bad.raw
+
+
+def test_plan_has_no_python_udf(spark, day1):
+    from userlens.privacy import load_key as lk
+    from userlens.stages.ingest import classify_events, read_raw
+
+    src = day1.source
+    raw = read_raw(spark, src.events_location(), "json", src.mapping.model_dump(), src)
+    plan = classify_events(raw, day1, lk(day1.privacy, {"USERLENS_HMAC_KEY": TEST_KEY}))._jdf.queryExecution() \
+        .executedPlan().toString()
+    for node in ("BatchEvalPython", "ArrowEvalPython", "MapInPandas", "PythonUDF"):
+        assert node not in plan
