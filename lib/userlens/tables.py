@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,7 @@ class Tables:
         self.use_catalog = bool(storage.catalog and storage.schema_name)
         if not self.use_catalog and not storage.warehouse:
             raise UserlensError("storage.warehouse is empty; set it, or storage.catalog and storage.schema")
+        self._existing: set[str] = set()
         self.root = storage.warehouse if _SCHEME.match(storage.warehouse or "") else os.path.abspath(storage.warehouse)
 
     # -- names -------------------------------------------------------------
@@ -102,9 +104,15 @@ class Tables:
     def exists(self, table: str) -> bool:
         from delta.tables import DeltaTable
 
+        if table in self._existing:
+            return True
         if self.use_catalog:
-            return self.spark.catalog.tableExists(self.location(table))
-        return DeltaTable.isDeltaTable(self.spark, self.location(table))
+            found = self.spark.catalog.tableExists(self.location(table))
+        else:
+            found = DeltaTable.isDeltaTable(self.spark, self.location(table))
+        if found:
+            self._existing.add(table)
+        return found
 
     def read(self, table: str) -> "DataFrame":
         """The table as a DataFrame; an empty one with the declared schema if it does not exist yet."""
@@ -138,20 +146,25 @@ class Tables:
         for key, value in spec.properties.items():
             builder = builder.property(key, value)
         builder.execute()
+        self._existing.add(table)
         log.info("created table %s", self.location(table))
 
     def replace_where(self, table: str, df: "DataFrame", condition: str) -> dict[str, int]:
         """Atomically replace the rows matching ``condition`` with ``df``; returns Delta's write metrics."""
-        before = self._version(table)
-        writer = self._conformed(table, df).write.format("delta").mode("overwrite").option("replaceWhere", condition)
+        self.ensure(table)
+        token = _commit_token()
+        writer = (self._conformed(table, df).write.format("delta").mode("overwrite")
+                  .option("replaceWhere", condition).option("userMetadata", token))
         self._save(writer, table)
-        return self._metrics_since(table, before)
+        return self._commit_metrics(table, token)
 
     def overwrite(self, table: str, df: "DataFrame") -> dict[str, int]:
         """Replace the whole table (a new Delta version; history keeps the old one)."""
-        before = self._version(table)
-        self._save(self._conformed(table, df).write.format("delta").mode("overwrite"), table)
-        return self._metrics_since(table, before)
+        self.ensure(table)
+        token = _commit_token()
+        self._save(self._conformed(table, df).write.format("delta").mode("overwrite")
+                   .option("userMetadata", token), table)
+        return self._commit_metrics(table, token)
 
     def merge(self, table: str, df: "DataFrame", keys: tuple[str, ...] | None = None,
               update: bool = True) -> dict[str, int]:
@@ -160,23 +173,28 @@ class Tables:
         keys = keys or spec.key
         source = self._conformed(table, df)
         condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-        before = self._version(table)
         merge = self.delta(table).alias("t").merge(source.alias("s"), condition)
         if update:
             others = [c for c in spec.schema.fieldNames() if c not in keys]
             changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in others) or None
             merge = merge.whenMatchedUpdateAll(condition=changed)
-        merge.whenNotMatchedInsertAll().execute()
-        return self._metrics_since(table, before)
+        token = _commit_token()
+        conf_key = "spark.databricks.delta.commitInfo.userMetadata"
+        previous = self.spark.conf.get(conf_key, None)
+        self.spark.conf.set(conf_key, token)
+        try:
+            merge.whenNotMatchedInsertAll().execute()
+        finally:
+            if previous is None:
+                self.spark.conf.unset(conf_key)
+            else:
+                self.spark.conf.set(conf_key, previous)
+        return self._commit_metrics(table, token)
 
-    def _version(self, table: str) -> int:
-        self.ensure(table)
-        return int(self.delta(table).history(1).select("version").first()[0])
-
-    def _metrics_since(self, table: str, before: int) -> dict[str, int]:
-        """operationMetrics of the commit made after version ``before``; {} if the write committed nothing."""
-        row = self.delta(table).history(1).select("version", "operationMetrics").first()
-        if row is None or row[0] <= before:
+    def _commit_metrics(self, table: str, token: str) -> dict[str, int]:
+        """operationMetrics of the commit tagged ``token``; {} if the write committed nothing."""
+        row = self.delta(table).history(1).select("userMetadata", "operationMetrics").first()
+        if row is None or row[0] != token:
             return {}
         metrics: dict[str, Any] = row[1] or {}
         return {k: int(v) for k, v in metrics.items() if str(v).lstrip("-").isdigit()}
@@ -195,6 +213,11 @@ class Tables:
             writer.saveAsTable(self.location(table))
         else:
             writer.save(self.location(table))
+
+
+def _commit_token() -> str:
+    # tags one commit so its metrics can be told from an earlier commit's
+    return "userlens:" + uuid.uuid4().hex
 
 
 def _spec(table: str) -> TableSpec:
