@@ -137,9 +137,9 @@ class SampleSettings(_Strict):
     out: str = "./data/sample"
     users: int = Field(1000, ge=1)
     days: int = Field(30, ge=1)
-    seed: int = 7
+    seed: int = Field(7, ge=0)
     start_date: dt.date = dt.date(2026, 10, 1)
-    items: int = Field(400, ge=1)
+    items: int = Field(400, ge=12)
     malformed_fraction: float = Field(0.01, ge=0.0, le=0.5)
     pii_fraction: float = Field(0.05, ge=0.0, le=1.0)
 
