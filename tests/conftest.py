@@ -18,6 +18,7 @@ SPARK_OVERRIDES = [
     "spark.shuffle_partitions=2",
     "spark.driver_memory=2g",
     "spark.log_level=ERROR",
+    "spark.conf.spark.ui.showConsoleProgress=false",
 ]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from userlens.errors import ConfigError
 
@@ -25,7 +25,7 @@ DEFAULT_CONF = CONF_DIR / "local.yaml"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, coerce_numbers_to_str=True)
 
 
 class SparkSettings(_Strict):
@@ -144,6 +144,70 @@ class SampleSettings(_Strict):
     pii_fraction: float = Field(0.05, ge=0.0, le=1.0)
 
 
+# Fields an event template may use; the header template has its own set.
+EVENT_PLACEHOLDERS = frozenset({"title", "category", "brand", "price", "quantity", "query", "text", "item_id",
+                                "event_type", "time"})
+HEADER_PLACEHOLDERS = frozenset({"n_events", "active_days", "first_date", "last_date", "counts",
+                                 "top_categories", "spend"})
+
+
+def template_fields(template: str) -> list[str]:
+    """Placeholder names in a ``{name}`` template (``{{`` and ``}}`` are literal braces)."""
+    import string
+
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"bad template {template!r}: {exc}") from None
+
+
+class TemplateSet(_Strict):
+    """Text templates for one language. Placeholders are ``{name}``."""
+
+    header: str
+    count_item: str = "{label}: {count}"
+    count_separator: str = ", "
+    category_separator: str = ", "
+    labels: dict[str, str] = {}
+    events: dict[str, str]
+    default_event: str = "{event_type} {title}"
+    repeat: str = " x{count}"
+    day_prefix: str = "{date}: "
+    event_separator: str = "; "
+    # characters per encoder token, for the approximate token budget
+    chars_per_token: float = Field(3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _known_placeholders(self) -> "TemplateSet":
+        checks = [("header", self.header, HEADER_PLACEHOLDERS), ("count_item", self.count_item, {"label", "count"}),
+                  ("repeat", self.repeat, {"count"}), ("day_prefix", self.day_prefix, {"date"}),
+                  ("default_event", self.default_event, EVENT_PLACEHOLDERS)]
+        checks += [(f"events.{name}", text, EVENT_PLACEHOLDERS) for name, text in self.events.items()]
+        for name, text, allowed in checks:
+            for field_name in template_fields(text):
+                if field_name not in allowed:
+                    raise ValueError(f"template {name} uses unknown placeholder {{{field_name}}}; "
+                                     f"allowed: {', '.join(sorted(allowed))}")
+        return self
+
+
+class TextualizeSettings(_Strict):
+    language: str = "en"
+    template_version: str = "1"
+    max_events: int = Field(200, ge=1, le=1000)
+    max_tokens: int = Field(256, ge=16)
+    top_categories: int = Field(3, ge=1)
+    max_field_chars: int = Field(160, ge=8)
+    templates: dict[str, TemplateSet] = {}
+
+    @model_validator(mode="after")
+    def _language_exists(self) -> "TextualizeSettings":
+        if self.language not in self.templates:
+            raise ValueError(f"no templates for language {self.language!r}; "
+                             f"defined: {', '.join(sorted(self.templates)) or 'none'}")
+        return self
+
+
 class EmbedSettings(_Strict):
     model: str = "builtin:minilm"
 
@@ -156,11 +220,13 @@ class Settings(_Strict):
     privacy: PrivacySettings = PrivacySettings()
     ingest: IngestSettings = IngestSettings()
     sample: SampleSettings = SampleSettings()
+    textualize: TextualizeSettings
     embed: EmbedSettings = EmbedSettings()
 
 
 # Fields whose value is a free-form map: a dotted --set key below them is one map key.
 _MAP_FIELDS = {("spark", "conf"), ("source", "event_type_map")}
+# (templates are nested models, so dotted --set keys below them work as usual)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 

@@ -167,12 +167,18 @@ class Tables:
         return self._commit_metrics(table, token)
 
     def merge(self, table: str, df: "DataFrame", keys: tuple[str, ...] | None = None,
-              update: bool = True) -> dict[str, int]:
-        """Upsert ``df`` on ``keys`` (default: the table's key); only changed rows are rewritten."""
+              update: bool = True, target_filter: str | None = None) -> dict[str, int]:
+        """Upsert ``df`` on ``keys`` (default: the table's key); only changed rows are rewritten.
+
+        ``target_filter`` (SQL on target columns prefixed ``t.``, e.g. a partition
+        predicate) narrows the target rows the merge reads.
+        """
         spec = _spec(table)
         keys = keys or spec.key
         source = self._conformed(table, df)
         condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
+        if target_filter:
+            condition = f"({target_filter}) AND {condition}"
         merge = self.delta(table).alias("t").merge(source.alias("s"), condition)
         if update:
             others = [c for c in spec.schema.fieldNames() if c not in keys]

@@ -1,0 +1,1 @@
+"""Text templates and the Spark expressions that render them."""
