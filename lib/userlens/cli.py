@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("userlens")
 
-STAGES_NOT_BUILT = ("textualize", "embed", "train", "score", "profile", "nightly", "forget", "report")
+STAGES_NOT_BUILT = ("embed", "train", "score", "profile", "nightly", "forget", "report")
 
 
 def _date(text: str) -> dt.date:
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", parents=[common], help="raw logs -> events, events_quarantine, items")
     ingest.add_argument("--date", type=_date, help="ingest raw dates up to this one (default: the latest)")
     ingest.add_argument("--full", action="store_true", help="re-ingest every raw date")
+
+    textualize = sub.add_parser("textualize", parents=[common], help="events -> one text per user (user_texts)")
+    textualize.add_argument("--date", type=_date, help="as-of date (default: the latest event date)")
 
     for name in STAGES_NOT_BUILT:
         stage = sub.add_parser(name, parents=[common], help=f"{name} stage (not built yet)")
@@ -152,11 +155,24 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_textualize(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.stages.textualize import run_textualize
+
+    spark = _spark(settings)
+    result = _stage("textualize", settings, spark, lambda run: run_textualize(spark, settings, run, args.date))
+    print(f"textualize: {result.users} user texts as of {result.as_of_date} ({result.texts_inserted} new, "
+          f"{result.texts_updated} changed)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from userlens.privacy import load_key
     from userlens.sample import SampleSpec, generate_sample
     from userlens.stages.ingest import run_ingest
+    from userlens.stages.textualize import run_textualize
     from userlens.tables import TABLES, Tables
+
+    from pyspark.sql import functions as F
 
     key = load_key(settings.privacy)
     spark = _spark(settings)
@@ -167,11 +183,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     summary = generate_sample(spark, settings.source.path, spec)
     log.info("demo: %d raw event lines written", summary.lines_written)
     _stage("ingest", settings, spark, lambda run: run_ingest(spark, settings, key, run, None, True))
+    _stage("textualize", settings, spark, lambda run: run_textualize(spark, settings, run))
     tables = Tables(spark, settings.storage)
     print(f"\nuserlens demo: tables in {tables.root}")
     for name in TABLES:
         if tables.exists(name):
             print(f"  {name:<20} {tables.read(name).count():>10,d} rows   {tables.location(name)}")
+    example = tables.read("user_texts").orderBy(F.desc("n_events")).select("text").first()
+    if example is not None:
+        print("\nthe text of the most active user:\n  " + example[0].replace("\n", "\n  "))
     return 0
 
 
@@ -180,7 +200,7 @@ def cmd_not_built(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
-    "sample": cmd_sample, "ingest": cmd_ingest, "demo": cmd_demo,
+    "sample": cmd_sample, "ingest": cmd_ingest, "textualize": cmd_textualize, "demo": cmd_demo,
     **{name: cmd_not_built for name in STAGES_NOT_BUILT},
 }
 
