@@ -229,7 +229,7 @@ def list_partition_dates(spark: "SparkSession", path: str, column: str) -> list[
     hpath = jvm.org.apache.hadoop.fs.Path(path)
     fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     if not fs.exists(hpath):
-        raise SourceError(f"source.path: {path} does not exist")
+        raise SourceError(f"source.path: {path} does not exist")  # before any write
     prefix = column + "="
     dates = []
     for status in fs.listStatus(hpath):
@@ -283,8 +283,8 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
     tables = Tables(spark, settings.storage)
     source = settings.source
     events_path = source.events_location()
-    raw = read_raw(spark, events_path, source.format, source.mapping.model_dump(), source)
     partition_dates = list_partition_dates(spark, events_path, source.date_partition)
+    raw = read_raw(spark, events_path, source.format, source.mapping.model_dump(), source)
     if partition_dates is not None:
         raw_dates = partition_dates
         date_of_raw = F.col("source_date")

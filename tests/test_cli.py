@@ -1,0 +1,37 @@
+"""The command line: one-line errors, exit codes, nothing written on bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from userlens.cli import main
+
+
+def test_missing_source_path_is_one_line_and_writes_nothing(spark, tmp_path, capsys):
+    code = main(["ingest", "--set", "spark.master=local[2]", "--set", f"storage.warehouse={tmp_path / 'wh'}",
+                 "--set", f"source.path={tmp_path / 'nowhere'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("userlens: ")]
+    assert code == 1
+    assert err == [f"userlens: error: source.path: {tmp_path / 'nowhere' / 'events'} does not exist"]
+    # the failed run is recorded; no data table was written
+    assert not (tmp_path / "wh" / "events").exists()
+    assert not (tmp_path / "wh" / "events_quarantine").exists()
+
+
+def test_textualize_without_events_names_the_command_to_run(spark, tmp_path, capsys):
+    code = main(["textualize", "--set", f"storage.warehouse={tmp_path / 'wh'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("userlens: ")]
+    assert code == 1 and err == ["userlens: error: no events table: run `userlens ingest` first"]
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "userlens.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("sample", "ingest", "textualize", "embed", "train", "score", "profile", "nightly", "forget",
+                    "report", "demo"):
+        assert command in out.stdout
+
+
+def test_bad_date_option_exits_2():
+    out = subprocess.run([sys.executable, "-m", "userlens.cli", "ingest", "--date", "2026-13-01"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "expected a date YYYY-MM-DD" in out.stderr
