@@ -304,6 +304,14 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
     log.info("ingest: %d raw date(s) to process up to %s: %s", len(todo), as_of,
              ", ".join(d.isoformat() for d in todo) or "none")
 
+    if not todo:
+        log.info("ingest: no raw dates up to %s; refreshing the item catalog only", as_of)
+        items_out, items_quarantined = ingest_items(spark, settings, tables, run.run_id)
+        run.rows_in, run.rows_out = 0, 0
+        run.details.update({"dates": [], "items_out": items_out, "items_quarantined": items_quarantined,
+                            "key_id": key.key_id, "full": full})
+        return IngestResult(as_of, [], 0, 0, 0, 0, {}, items_out, items_quarantined)
+
     in_scope = date_of_raw.isin(*todo)
     if partition_dates is None:
         in_scope = in_scope | date_of_raw.isNull()  # undated bad rows are re-quarantined, idempotently
