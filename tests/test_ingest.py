@@ -236,3 +236,14 @@ def test_plan_has_no_python_udf(spark, day1):
         .executedPlan().toString()
     for node in ("BatchEvalPython", "ArrowEvalPython", "MapInPandas", "PythonUDF"):
         assert node not in plan
+
+
+def test_dates_to_ingest():
+    from userlens.stages.ingest import dates_to_ingest
+
+    d = [dt.date(2026, 10, i) for i in (1, 2, 3)]
+    assert dates_to_ingest(d, set(), None, False) == (d[2], d)
+    assert dates_to_ingest(d, {d[0], d[1], d[2]}, None, False) == (d[2], [d[2]])  # as-of date always redone
+    assert dates_to_ingest(d, {d[0]}, d[1], False) == (d[1], [d[1]])
+    assert dates_to_ingest(d, set(d), dt.date(2026, 9, 1), False) == (dt.date(2026, 9, 1), [])
+    assert dates_to_ingest(d, set(d), d[1], True) == (d[1], d[:2])
