@@ -160,14 +160,19 @@ def test_user_key_is_hmac_stable_and_key_dependent(spark, day1, tmp_path):
 
 def test_incremental_dates_and_full(spark, tmp_path):
     raw = tmp_path / "raw"
-    write_raw(raw, {D1: GOOD_D1})
+    bad_d2 = ev("y1", "dave-004", f"{D2}T09:00:00Z", "hover", item_id="i2")
+    write_raw(raw, {D1: GOOD_D1 + list(BAD_D1)})
     settings = make_settings(tmp_path)
     first, _ = ingest(spark, settings)
     assert first.dates == [dt.date(2026, 10, 1)]
-    write_raw(raw, {D2: GOOD_D2})
+    write_raw(raw, {D2: GOOD_D2 + [bad_d2]})
     second, _ = ingest(spark, settings)
-    # D1 is already in events: only the new date (the as-of date) is processed
-    assert second.dates == [dt.date(2026, 10, 2)] and second.rows_in == len(GOOD_D2)
+    # D1 is already in events: only the new date (the as-of date) is processed;
+    # the counts are this run's rows, not rows Delta copied while rewriting files
+    assert second.dates == [dt.date(2026, 10, 2)]
+    assert (second.rows_in, second.rows_out, second.quarantined) == (len(GOOD_D2) + 1, len(GOOD_D2), 1)
+    assert Tables(spark, settings.storage).read("events_quarantine").where("source = 'events'").count() == \
+        len(BAD_D1) + 1
     tables = Tables(spark, settings.storage)
     assert tables.read("events").count() == len(GOOD_D1) + len(GOOD_D2)
     # an explicit earlier as-of date re-processes that date only

@@ -150,7 +150,11 @@ class Tables:
         log.info("created table %s", self.location(table))
 
     def replace_where(self, table: str, df: "DataFrame", condition: str) -> dict[str, int]:
-        """Atomically replace the rows matching ``condition`` with ``df``; returns Delta's write metrics."""
+        """Atomically replace the rows matching ``condition`` with ``df``; returns Delta's write metrics.
+
+        ``numInsertedRows`` is the number of rows of ``df`` written: Delta's
+        ``numOutputRows`` also counts rows it copied out of rewritten files.
+        """
         self.ensure(table)
         token = _commit_token()
         writer = self._writer(table, df, token).option("replaceWhere", condition)
@@ -158,7 +162,7 @@ class Tables:
         return self._commit_metrics(table, token)
 
     def overwrite(self, table: str, df: "DataFrame") -> dict[str, int]:
-        """Replace the whole table (a new Delta version; history keeps the old one)."""
+        """Replace the whole table (a new Delta version; history keeps the old one); returns write metrics."""
         self.ensure(table)
         token = _commit_token()
         self._save(self._writer(table, df, token), table)
@@ -208,8 +212,11 @@ class Tables:
         row = self.delta(table).history(1).select("userMetadata", "operationMetrics").first()
         if row is None or row[0] != token:
             return {}
-        metrics: dict[str, Any] = row[1] or {}
-        return {k: int(v) for k, v in metrics.items() if str(v).lstrip("-").isdigit()}
+        raw: dict[str, Any] = row[1] or {}
+        metrics = {k: int(v) for k, v in raw.items() if str(v).lstrip("-").isdigit()}
+        if "numOutputRows" in metrics:
+            metrics["numInsertedRows"] = metrics["numOutputRows"] - metrics.get("numCopiedRows", 0)
+        return metrics
 
     def _conformed(self, table: str, df: "DataFrame") -> "DataFrame":
         from pyspark.sql import functions as F

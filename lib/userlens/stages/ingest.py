@@ -333,8 +333,8 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
         else:
             written = tables.replace_where("events", events, f"event_date IN ({_sql_dates(todo)})")
             q_condition = f"source = 'events' AND (source_date IN ({_sql_dates(todo)}) OR source_date IS NULL)"
-        rows_out = written.get("numOutputRows", 0)
-        q_written = tables.replace_where("events_quarantine", quarantine, q_condition).get("numOutputRows", 0)
+        rows_out = written.get("numInsertedRows", 0)
+        q_written = tables.replace_where("events_quarantine", quarantine, q_condition).get("numInsertedRows", 0)
     finally:
         classified.unpersist()
 
@@ -365,9 +365,9 @@ def ingest_items(spark: "SparkSession", settings: Settings, tables: Tables, run_
     raw = read_raw(spark, source.items_location(), fmt, source.items_mapping.model_dump(), source)
     classified = classify_items(raw)
     items = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run_id))
-    written = tables.overwrite("items", items).get("numOutputRows", 0)
+    written = tables.overwrite("items", items).get("numInsertedRows", 0)
     now = dt.datetime.now(dt.timezone.utc)
     quarantine = quarantine_rows(classified, "items", None, run_id, now)
-    q_written = tables.replace_where("events_quarantine", quarantine, "source = 'items'").get("numOutputRows", 0)
+    q_written = tables.replace_where("events_quarantine", quarantine, "source = 'items'").get("numInsertedRows", 0)
     log.info("ingest: items %d, quarantined %d", written, q_written)
     return written, q_written
