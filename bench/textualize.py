@@ -4,6 +4,8 @@
 
 For each size: sample logs -> ingest (not timed) -> then, in the same session,
   (ref)        events.groupBy(user_key).count()  -> noop sink
+  (sort)       all event columns shuffled by user_key and sorted by time -> noop
+               (the floor for any design that brings a user's events together)
   (textualize) the textualize stage, Delta MERGE included, into a fresh user_texts
 and print textualize ÷ ref (goal <= 3) and the per-event cost ratio between the
 largest and smallest size (goal <= 1.1). Finally one user with 10^6 events is
@@ -63,16 +65,19 @@ def main() -> None:
             ingest = run_ingest(spark, settings, key, StageRun("ingest", "bench"), None, True)
             tables = Tables(spark, settings.storage)
             events = tables.read("events")
-            ref_times, text_times = [], []
+            ref_times, sort_times, text_times = [], [], []
+            shuffle_sort = events.repartition("user_key").sortWithinPartitions("user_key", F.desc("event_time"))
             for _ in range(args.repeat):
                 t_ref, _ = timed(lambda: events.groupBy("user_key").count().write.format("noop")
                                  .mode("overwrite").save())
                 ref_times.append(t_ref)
+                t_sort, _ = timed(lambda: shuffle_sort.write.format("noop").mode("overwrite").save())
+                sort_times.append(t_sort)
                 shutil.rmtree(Path(tables.location("user_texts")), ignore_errors=True)
                 tables._existing.discard("user_texts")
                 t_text, result = timed(lambda: run_textualize(spark, settings, StageRun("textualize", "bench")))
                 text_times.append(t_text)
-            rows.append((ingest.rows_out, result.users, min(ref_times), min(text_times)))
+            rows.append((ingest.rows_out, result.users, min(ref_times), min(text_times), min(sort_times)))
             print(f"events {ingest.rows_out:,d}: textualize {min(text_times):.1f}s, groupBy count "
                   f"{min(ref_times):.2f}s", flush=True)
 
@@ -97,12 +102,13 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print("\n| events | users | groupBy count s | textualize s | textualize ÷ groupBy count |")
-    print("|---:|---:|---:|---:|---:|")
-    for n, users, t_ref, t_text in rows:
-        print(f"| {n:,d} | {users:,d} | {t_ref:.2f} | {t_text:.1f} | {t_text / t_ref:.1f} |")
+    print("\n| events | users | groupBy count s | shuffle+sort s | textualize s | ÷ groupBy count | ÷ shuffle+sort |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n, users, t_ref, t_text, t_sort in rows:
+        print(f"| {n:,d} | {users:,d} | {t_ref:.2f} | {t_sort:.2f} | {t_text:.1f} | {t_text / t_ref:.1f} | "
+              f"{t_text / t_sort:.1f} |")
     if len(rows) >= 2:
-        (n_small, _, _, t_small), (n_big, _, _, t_big) = rows[0], rows[-1]
+        (n_small, _, _, t_small, _), (n_big, _, _, t_big, _) = rows[0], rows[-1]
         print(f"\nper-event cost at {n_big:,d} ÷ at {n_small:,d} events: {(t_big / n_big) / (t_small / n_small):.2f} "
               "(goal <= 1.1)")
     print(f"power user with {args.power_events:,d} events among {rows[0][1]:,d} users: textualize completed in "
