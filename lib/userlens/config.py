@@ -210,6 +210,23 @@ class TextualizeSettings(_Strict):
 
 class EmbedSettings(_Strict):
     model: str = "builtin:minilm"
+    # auto: the task's GPU if Spark gave it one (or CUDA_VISIBLE_DEVICES), else CPU;
+    # cuda: a GPU is required (validated against the Spark GPU keys before any job)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: float32 on CPU, bfloat16 (float16 where unsupported) on GPU; CPU always runs float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    normalize: bool = True
+    # padded tokens per forward pass (rows x longest row of a length-sorted micro-batch)
+    max_batch_tokens: int = Field(16384, ge=512)
+    # rows per Arrow batch handed to a Python worker (spark.sql.execution.arrow.maxRecordsPerBatch)
+    arrow_batch_size: int = Field(1024, ge=1)
+    # GPU only: tasks of the forward-pass stage (default: spark.default.parallelism)
+    gpu_partitions: int | None = Field(None, ge=1)
+    # GPU only: CPU cores each forward-pass task holds besides its GPU
+    gpu_task_cpus: int = Field(1, ge=1)
+    items: bool = True
+    item_text_fields: list[Literal["title", "category", "brand", "description"]] = [
+        "title", "category", "brand", "description"]
 
 
 class Settings(_Strict):
