@@ -14,9 +14,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     package_dir={"": "lib"},
-    packages=find_packages("lib"),
-    include_package_data=True,
-    package_data={"userlens": ["conf/*.yaml"]},
+    # conf/ (a link to the repository's conf/) ships inside the package so an
+    # installed wheel finds conf/base.yaml and the environment files
+    packages=find_packages("lib") + ["userlens.conf"],
+    package_data={"userlens.conf": ["*.yaml"]},
     install_requires=SPARK_DELTA + [
         "torch>=2.2",
         "transformers>=4.40",
