@@ -22,7 +22,3 @@ def render(template: str, fields: Mapping[str, Column]) -> Column:
             parts.append(F.coalesce(fields[name].cast("string"), F.lit("")))
     return F.concat(*parts) if parts else F.lit("")
 
-
-def rendered_length(template: str, fields: Mapping[str, Column]) -> Column:
-    """Character length of ``render(template, fields)``."""
-    return F.length(render(template, fields))
