@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from userlens import __version__
 from userlens.config import Settings, load_settings
-from userlens.errors import UserlensError
+from userlens.errors import UserlensError, first_line
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -91,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - the one-line contract holds for the unexpected too
         log.debug("failure", exc_info=True)
-        lines = str(exc).strip().splitlines()
-        print(f"userlens: error: {type(exc).__name__}: {lines[0] if lines else ''} (rerun with -v for details)",
+        print(f"userlens: error: {type(exc).__name__}: {first_line(exc)} (rerun with -v for details)",
               file=sys.stderr)
         return 1
 
@@ -121,7 +120,7 @@ def _stage(name: str, settings: Settings, spark: "SparkSession", body: Callable[
     try:
         result = body(run)
     except BaseException as exc:
-        run.details["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        run.details["error"] = f"{type(exc).__name__}: {first_line(exc)}"
         try:
             run.record(tables, "failed")
         except Exception:  # noqa: BLE001 - the original error is the one to report

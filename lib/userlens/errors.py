@@ -1,6 +1,27 @@
 """Error types whose message is the one line a user sees."""
 
 
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class _HasColumns(Protocol):
+    columns: list[str]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def require_columns(df: _HasColumns, columns: Sequence[str], what: str) -> None:
+    """Raise MissingColumnsError naming what ``df`` lacks of ``columns`` and what it has."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise MissingColumnsError(what, missing, list(df.columns))
+
+
 class UserlensError(Exception):
     """A failure with a clear one-line cause; the CLI prints it and exits non-zero."""
 

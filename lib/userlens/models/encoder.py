@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from userlens.errors import ConfigError, UserlensError
+from userlens.errors import ConfigError, UserlensError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -335,8 +335,7 @@ def load_encoder(name: str, device: str | None = None, dtype: str = "auto", max_
         tokenizer = AutoTokenizer.from_pretrained(str(info.path))
         model = AutoModel.from_pretrained(str(info.path), dtype=torch_dtype)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"embed.model: cannot load {name}: {first}") from None
+        raise ConfigError(f"embed.model: cannot load {name}: {first_line(exc)}") from None
     model.eval().to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -353,8 +352,7 @@ def load_tokenizer(name: str) -> Encoder:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(info.path))
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"embed.model: cannot load the tokenizer of {name}: {first}") from None
+        raise ConfigError(f"embed.model: cannot load the tokenizer of {name}: {first_line(exc)}") from None
     return Encoder(info, tokenizer, None, "cpu", None, 0)
 
 

@@ -37,7 +37,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from userlens.config import EmbedSettings, Settings
-from userlens.errors import ConfigError, MissingColumnsError, UserlensError
+from userlens.errors import ConfigError, UserlensError, require_columns
 from userlens.models.encoder import GPU_KEY, describe_model
 from userlens.runs import StageRun
 from userlens.tables import VECTOR, Tables
@@ -147,12 +147,6 @@ def _encode_ids_fn(spec: EncoderSpec) -> Callable[[Iterator["pa.RecordBatch"]], 
 # --------------------------------------------------------------------------
 # transforms
 # --------------------------------------------------------------------------
-def _require(df: DataFrame, columns: tuple[str, ...], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise MissingColumnsError(what, missing, df.columns)
-
-
 def is_empty_text(text: str) -> "F.Column":
     """True for a null or blank text (nothing for the model to read)."""
     return F.col(text).isNull() | (F.length(F.trim(F.col(text))) == 0)
@@ -160,7 +154,7 @@ def is_empty_text(text: str) -> "F.Column":
 
 def item_texts(items: DataFrame, fields: list[str]) -> DataFrame:
     """item_id, text (the non-blank fields joined by '. '), text_hash."""
-    _require(items, ("item_id", *fields), "item_texts")
+    require_columns(items, ("item_id", *fields), "item_texts")
     parts = [F.when(F.length(F.trim(F.col(f))) > 0, F.trim(F.col(f))) for f in fields]
     text = F.concat_ws(". ", *parts)
     return items.select("item_id", text.alias("text")).withColumn("text_hash", F.sha2(F.col("text"), 256))
@@ -168,7 +162,7 @@ def item_texts(items: DataFrame, fields: list[str]) -> DataFrame:
 
 def tag_changes(current: DataFrame, stored: DataFrame, key: str, model_id: str) -> DataFrame:
     """``current`` plus ``status``: empty (blank text), unchanged ((key, text_hash, model_id) stored) or embed."""
-    _require(current, (key, "text", "text_hash"), "tag_changes")
+    require_columns(current, (key, "text", "text_hash"), "tag_changes")
     done = (stored.where(F.col("model_id") == model_id)
             .select(F.col(key), F.col("text_hash"), F.lit(True).alias("_stored")))
     joined = current.join(done, [key, "text_hash"], "left")
@@ -190,19 +184,19 @@ def distinct_texts(rows: DataFrame, partitions: int) -> DataFrame:
 
 def embed_texts(texts: DataFrame, spec: EncoderSpec) -> DataFrame:
     """(text_hash, text) -> (text_hash, embedding): tokenize and forward pass in one Python step (CPU)."""
-    _require(texts, ("text_hash", "text"), "embed_texts")
+    require_columns(texts, ("text_hash", "text"), "embed_texts")
     return texts.select("text_hash", "text").mapInArrow(_encode_texts_fn(spec), VECTORS_SCHEMA)
 
 
 def tokenize_texts(texts: DataFrame, model: str) -> DataFrame:
     """(text_hash, text) -> (text_hash, token_ids array<int>), truncated to the model's length."""
-    _require(texts, ("text_hash", "text"), "tokenize_texts")
+    require_columns(texts, ("text_hash", "text"), "tokenize_texts")
     return texts.select("text_hash", "text").mapInArrow(_tokenize_fn(model), TOKENS_SCHEMA)
 
 
 def embed_token_ids(tokens: DataFrame, spec: EncoderSpec, profile: "ResourceProfile | None" = None) -> DataFrame:
     """(text_hash, token_ids) -> (text_hash, embedding): the forward pass only, under ``profile``."""
-    _require(tokens, ("text_hash", "token_ids"), "embed_token_ids")
+    require_columns(tokens, ("text_hash", "token_ids"), "embed_token_ids")
     return tokens.select("text_hash", "token_ids").mapInArrow(_encode_ids_fn(spec), VECTORS_SCHEMA, profile=profile)
 
 

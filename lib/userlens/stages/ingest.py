@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from userlens.config import IngestSettings, Settings, SourceSettings
-from userlens.errors import SourceError, UserlensError
+from userlens.errors import SourceError, UserlensError, first_line
 from userlens.privacy import PseudonymKey, pseudonymize, scrub_pii
 from userlens.runs import StageRun
 from userlens.tables import Tables
@@ -59,7 +59,7 @@ def read_raw(spark: "SparkSession", path: str, fmt: str, mapping: dict[str, str 
         else:
             df = spark.read.format(fmt).load(path)
     except Exception as exc:  # noqa: BLE001 - surfaced as one line
-        raise SourceError(f"cannot read {fmt} source at {path}: {_first_line(exc)}") from None
+        raise SourceError(f"cannot read {fmt} source at {path}: {first_line(exc)}") from None
 
     part = source.date_partition
     has_part = part in df.columns
@@ -87,11 +87,6 @@ def read_raw(spark: "SparkSession", path: str, fmt: str, mapping: dict[str, str 
         else:
             out.append(F.lit(None).cast("string").alias(f"f_{field}"))
     return df.select(out)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from userlens.config import Settings, TemplateSet, TextualizeSettings
-from userlens.errors import MissingColumnsError, UserlensError
+from userlens.errors import UserlensError, require_columns
 from userlens.runs import StageRun
 from userlens.tables import Tables
 from userlens.text.templates import render
@@ -48,12 +48,6 @@ log = logging.getLogger(__name__)
 EVENT_COLUMNS = ("user_key", "event_id", "event_time", "event_type", "item_id", "category", "price", "quantity",
                  "query", "text")
 ITEM_COLUMNS = ("item_id", "title", "category", "brand", "price")
-
-
-def _require(df: DataFrame, columns: tuple[str, ...], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise MissingColumnsError(what, missing, df.columns)
 
 
 def _money(amount: Column) -> Column:
@@ -205,8 +199,8 @@ def build_user_texts(events: DataFrame, items: DataFrame, settings: TextualizeSe
                      as_of: dt.date) -> DataFrame:
     """One row per user with events: user_key, as_of_date, text, text_hash, n_events, template_version,
     n_missing_items. ``events`` must already be limited to the as-of date."""
-    _require(events, EVENT_COLUMNS, "textualize events")
-    _require(items, ITEM_COLUMNS, "textualize items")
+    require_columns(events, EVENT_COLUMNS, "textualize events")
+    require_columns(items, ITEM_COLUMNS, "textualize items")
     templates = settings.templates[settings.language]
     rendered = render_events(cap_events(events, settings.max_events), items, templates, settings.max_field_chars)
     return texts_from_event_arrays(collect_user_events(rendered, event_types), settings, event_types, as_of)
