@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("userlens")
 
-STAGES_NOT_BUILT = ("train", "score", "profile", "nightly", "forget", "report")
+STAGES_NOT_BUILT = ("score", "profile", "nightly", "forget", "report")
 
 
 def _date(text: str) -> dt.date:
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = sub.add_parser("embed", parents=[common], help="user_texts, items -> user_embeddings, item_embeddings")
     embed.add_argument("--date", type=_date, help="as-of date of the texts (default: the latest)")
+
+    train = sub.add_parser("train", parents=[common], help="point-in-time labels -> TorchDistributor -> model")
+    train.add_argument("--date", type=_date, help="as-of date; the cutoff is date - train.horizon_days "
+                                                  "(default: the latest event date)")
 
     for name in STAGES_NOT_BUILT:
         stage = sub.add_parser(name, parents=[common], help=f"{name} stage (not built yet)")
@@ -183,17 +187,46 @@ def _print_embed(result: object) -> None:
           f"(model {result.model_id}, as of {result.as_of_date})")
 
 
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.stages.train import check_train_settings, run_train
+
+    check_train_settings(settings)  # before Spark starts
+    spark = _spark(settings)
+    result = _stage("train", settings, spark, lambda run: run_train(spark, settings, run, args.date))
+    _print_train(result)
+    return 0
+
+
+def _print_train(result: object) -> None:
+    print(f"train: model {result.version} in {result.path}")
+    print(f"  cutoff {result.cutoff} (as of {result.as_of_date}); users " +
+          ", ".join(f"{s} {n}" for s, n in result.users.items()))
+    for task, values in result.model.items():
+        base = result.baseline.get(task, {})
+        if "auc" in values:
+            print(f"  {task:<14} test AUC {values['auc']:.3f}  PR-AUC {values['pr_auc']:.3f}  "
+                  f"log loss {values['log_loss']:.3f}  ECE {values['ece']:.3f}   "
+                  f"baseline AUC {base.get('auc', float('nan')):.3f}")
+        else:
+            print(f"  {task:<14} test accuracy {values['accuracy']:.3f}  top-3 {values['top3_accuracy']:.3f}   "
+                  f"baseline {base.get('accuracy', float('nan')):.3f} / {base.get('top3_accuracy', float('nan')):.3f}")
+    if result.dp:
+        print(f"  DP-SGD: epsilon {result.dp['epsilon']:.2f} at delta {result.dp['delta']:g}")
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from userlens.privacy import load_key
     from userlens.sample import SampleSpec, generate_sample
     from userlens.stages.ingest import run_ingest
     from userlens.stages.embed import run_embed
     from userlens.stages.textualize import run_textualize
+    from userlens.stages.train import check_train_settings, latest_version, models_root, run_train
     from userlens.tables import TABLES, Tables
 
     from pyspark.sql import functions as F
 
     key = load_key(settings.privacy)
+    check_train_settings(settings)
     spark = _spark(settings)
     cfg = settings.sample
     spec = SampleSpec(users=args.users or cfg.users, days=cfg.days, seed=cfg.seed, start_date=cfg.start_date,
@@ -204,11 +237,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     _stage("ingest", settings, spark, lambda run: run_ingest(spark, settings, key, run, None, True))
     _stage("textualize", settings, spark, lambda run: run_textualize(spark, settings, run))
     _print_embed(_stage("embed", settings, spark, lambda run: run_embed(spark, settings, run)))
+    if latest_version(settings) is None:
+        _print_train(_stage("train", settings, spark, lambda run: run_train(spark, settings, run)))
+    else:
+        print(f"train: model {latest_version(settings)} exists; `userlens train` trains a new one")
     tables = Tables(spark, settings.storage)
     print(f"\nuserlens demo: tables in {tables.root}")
     for name in TABLES:
         if tables.exists(name):
             print(f"  {name:<20} {tables.read(name).count():>10,d} rows   {tables.location(name)}")
+    if latest_version(settings):
+        print(f"  {'model':<20} {latest_version(settings):>21}   {models_root(settings)}")
     example = tables.read("user_texts").orderBy(F.desc("n_events")).select("text").first()
     if example is not None:
         print("\nthe text of the most active user:\n  " + example[0].replace("\n", "\n  "))
@@ -221,6 +260,7 @@ def cmd_not_built(args: argparse.Namespace, settings: Settings) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "sample": cmd_sample, "ingest": cmd_ingest, "textualize": cmd_textualize, "embed": cmd_embed,
+    "train": cmd_train,
     "demo": cmd_demo,
     **{name: cmd_not_built for name in STAGES_NOT_BUILT},
 }

@@ -229,6 +229,64 @@ class EmbedSettings(_Strict):
         "title", "category", "brand", "description"]
 
 
+class SplitSettings(_Strict):
+    """Users go to train / valid / test by a salted hash of user_key (test gets the rest)."""
+
+    train: float = Field(0.7, gt=0, lt=1)
+    valid: float = Field(0.15, gt=0, lt=1)
+    salt: str = "userlens-split-v1"
+
+    @model_validator(mode="after")
+    def _leaves_a_test_split(self) -> "SplitSettings":
+        if self.train + self.valid >= 1:
+            raise ValueError(f"train + valid must be < 1 to leave a test split, got {self.train + self.valid:g}")
+        return self
+
+
+class DPSettings(_Strict):
+    """DP-SGD with Opacus (extra ``privacy``); one training sample per user, so epsilon is user-level."""
+
+    enabled: bool = False
+    target_epsilon: float = Field(8.0, gt=0)
+    # None: 1 / (number of training users), rounded down to a power of ten
+    target_delta: float | None = Field(None, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class MlflowSettings(_Strict):
+    enabled: bool = False
+    tracking_uri: str | None = None
+    experiment: str = "userlens"
+
+
+class TrainSettings(_Strict):
+    horizon_days: int = Field(7, ge=1)
+    tasks: list[Literal["purchase", "churn", "next_category"]] = ["purchase", "churn", "next_category"]
+    # next_category classes: the most frequent label categories; the rest fall into "other"
+    max_categories: int = Field(50, ge=2)
+    hidden: list[int] = [128]
+    dropout: float = Field(0.3, ge=0, lt=1)
+    batch_size: int = Field(256, ge=1)
+    epochs: int = Field(40, ge=1)
+    patience: int = Field(5, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    seed: int = 13
+    split: SplitSettings = SplitSettings()
+    # refuse to train below these counts (per task, in the train split)
+    min_users: int = Field(50, ge=2)
+    min_class_users: int = Field(5, ge=1)
+    # TorchDistributor(num_processes, local_mode, use_gpu)
+    num_processes: int = Field(2, ge=1)
+    local_mode: bool = True
+    use_gpu: bool = False
+    snapshot_rows_per_file: int = Field(200_000, ge=1000)
+    # a new model is trained when none exists or the newest is at least this many days old
+    retrain_days: int = Field(7, ge=1)
+    dp: DPSettings = DPSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+
+
 class Settings(_Strict):
     env: Literal["local", "cluster", "databricks"] = "local"
     spark: SparkSettings = SparkSettings()
@@ -239,6 +297,7 @@ class Settings(_Strict):
     sample: SampleSettings = SampleSettings()
     textualize: TextualizeSettings
     embed: EmbedSettings = EmbedSettings()
+    train: TrainSettings = TrainSettings()
 
 
 # Fields whose value is a free-form map: a dotted --set key below them is one map key.

@@ -257,7 +257,7 @@ class EmbedResult:
     items: EmbedCounts
 
 
-class _Embedder:
+class Embedder:
     """The embedding step for one run: CPU fused, or tokenize (CPU) -> forward pass (GPU profile)."""
 
     def __init__(self, spark: "SparkSession", settings: Settings) -> None:
@@ -286,7 +286,7 @@ class _Embedder:
         return embed_token_ids(tokens, self.spec, self.profile)
 
 
-def _embed_changes(tables: Tables, embedder: _Embedder, current: DataFrame, stored: DataFrame, key: str,
+def _embed_changes(tables: Tables, embedder: Embedder, current: DataFrame, stored: DataFrame, key: str,
                    model_id: str, table: str, output: Callable[[DataFrame], DataFrame]) -> EmbedCounts:
     """Tag, embed the distinct changed texts, join back and MERGE into ``table``."""
     tagged = tag_changes(current, stored, key, model_id).persist(StorageLevel.MEMORY_AND_DISK)
@@ -325,7 +325,7 @@ def latest_text_date(tables: Tables) -> dt.date:
 def run_embed(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> EmbedResult:
     """Embed changed user texts of ``as_of`` (default: the latest) and changed item texts."""
     model_id = describe_model(settings.embed.model, settings.embed.normalize).model_id  # before any job
-    embedder = _Embedder(spark, settings)  # GPU settings checked before any job too
+    embedder = Embedder(spark, settings)  # GPU settings checked before any job too
     tables = Tables(spark, settings.storage)
     as_of = as_of or latest_text_date(tables)
     run.as_of_date = as_of

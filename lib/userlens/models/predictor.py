@@ -1,0 +1,220 @@
+"""The behaviour predictor and its versioned artifact directory (torch only, no Spark).
+
+Model: ``embedding ⊕ standardized numeric features -> MLP -> one head per
+task``; binary tasks (purchase, churn) give one logit, ``next_category`` one
+logit per class. Another head (e.g. a two-tower recommendation head) is one
+more entry in ``HEADS``.
+
+Artifact (``<storage.models>/<version>/``)::
+
+    model.pt            state_dict of the best epoch
+    model.json          format version, architecture, tasks, classes, embed model id
+    feature_spec.json   feature names, transform (log1p) and normalization stats
+    metrics.json        test metrics of the model and of the baseline, data counts, DP
+    checkpoints/        last.pt, one per epoch (overwritten)
+
+``load_artifact`` refuses a directory written by another format version.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from userlens.errors import UserlensError
+
+FORMAT_VERSION = 1
+BINARY_TASKS = ("purchase", "churn")
+MULTICLASS_TASKS = ("next_category",)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How raw numeric features become model inputs: log1p, then (x - mean) / std."""
+
+    names: list[str]
+    mean: list[float]
+    std: list[float]
+    embedding_dim: int
+    embed_model_id: str
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        x = np.log1p(np.maximum(raw.astype(np.float64), 0.0))
+        return ((x - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    tasks: list[str]
+    classes: list[str]  # next_category class names (index = label)
+    hidden: list[int]
+    dropout: float
+    input_dim: int
+    # the last numeric_dim inputs (the standardized numeric features) also feed every head directly
+    # (a "wide" linear path beside the deep one), so the model starts where a logistic regression does
+    numeric_dim: int = 0
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def head_sizes(self) -> dict[str, int]:
+        return {t: (len(self.classes) if t in MULTICLASS_TASKS else 1) for t in self.tasks}
+
+
+class BehaviourModel(nn.Module):
+    """Shared MLP trunk with one linear head per task (wide & deep when ``numeric_dim`` > 0)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = config.input_dim
+        for hidden in config.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(config.dropout)]
+            width = hidden
+        self.trunk = nn.Sequential(*layers)
+        self.numeric_dim = config.numeric_dim
+        self.heads = nn.ModuleDict({task: nn.Linear(width + config.numeric_dim, size)
+                                    for task, size in config.head_sizes().items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(x)
+        if self.numeric_dim:
+            h = torch.cat([h, x[:, -self.numeric_dim:]], dim=1)
+        return {task: head(h).squeeze(-1) if head.out_features == 1 else head(h)
+                for task, head in self.heads.items()}
+
+
+def task_loss(outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over tasks: BCE for binary tasks, cross-entropy for classes (label -1 = no label)."""
+    total = torch.zeros((), device=next(iter(outputs.values())).device)
+    for task, logits in outputs.items():
+        y = labels[task]
+        if task in MULTICLASS_TASKS:
+            mask = y >= 0
+            if mask.any():
+                total = total + nn.functional.cross_entropy(logits[mask], y[mask], reduction="sum") / len(y)
+        else:
+            total = total + nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    return total
+
+
+@torch.inference_mode()
+def predict(model: BehaviourModel, x: np.ndarray, batch_size: int = 8192) -> dict[str, np.ndarray]:
+    """Probabilities per task: (n,) for binary tasks, (n, classes) for next_category."""
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    device = next(model.parameters()).device
+    for start in range(0, len(x), batch_size):
+        out = model(torch.from_numpy(x[start:start + batch_size]).to(device))
+        for task, logits in out.items():
+            prob = torch.softmax(logits, -1) if task in MULTICLASS_TASKS else torch.sigmoid(logits)
+            parts.setdefault(task, []).append(prob.float().cpu().numpy())
+    return {task: np.concatenate(chunks) for task, chunks in parts.items()}
+
+
+# --------------------------------------------------------------------------- artifact files
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file through pyarrow's filesystems (local, s3://, gs://, hdfs://, abfs://)."""
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    tmp = path + ".tmp"
+    with fs.open_output_stream(tmp) as out:
+        out.write(data)
+    fs.move(tmp, path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = _fs(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, suffix: str = ".parquet") -> list[str]:
+    """Files under a directory (not recursive), sorted; full URIs/paths."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    prefix = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    return [prefix + n if prefix and not n.startswith(prefix) else n for n in names]
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n").encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def save_state(uri: str, state: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(uri, buffer.getvalue())
+
+
+def load_state(uri: str) -> Any:
+    return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=False)
+
+
+@dataclass
+class Artifact:
+    path: str
+    version: str
+    config: ModelConfig
+    features: FeatureSpec
+    model: BehaviourModel
+    metrics: dict[str, Any]
+
+    def inputs(self, embedding: np.ndarray, raw_features: np.ndarray) -> np.ndarray:
+        return np.concatenate([embedding.astype(np.float32), self.features.transform(raw_features)], axis=1)
+
+
+def write_artifact(path: str, config: ModelConfig, features: FeatureSpec, state: dict[str, Any],
+                   metrics: dict[str, Any]) -> None:
+    """Weights, configs and metrics; ``model.json`` last, so a complete directory has it."""
+    save_state(f"{path}/model.pt", state)
+    write_json(f"{path}/feature_spec.json", asdict(features))
+    write_json(f"{path}/metrics.json", metrics)
+    write_json(f"{path}/model.json", asdict(config))
+
+
+def load_artifact(path: str) -> Artifact:
+    """Load a model directory; refuses an incomplete one or another format version."""
+    if not exists(f"{path}/model.json"):
+        raise UserlensError(f"{path} is not a userlens model directory (no model.json)")
+    raw = read_json(f"{path}/model.json")
+    found = raw.get("format_version")
+    if found != FORMAT_VERSION:
+        raise UserlensError(f"{path}: model format version {found} is not supported; this userlens reads "
+                            f"version {FORMAT_VERSION} (retrain with `userlens train`)")
+    config = ModelConfig(**raw)
+    features = FeatureSpec(**read_json(f"{path}/feature_spec.json"))
+    model = BehaviourModel(config)
+    model.load_state_dict(load_state(f"{path}/model.pt"))
+    model.eval()
+    metrics = read_json(f"{path}/metrics.json") if exists(f"{path}/metrics.json") else {}
+    return Artifact(path, path.rstrip("/").rsplit("/", 1)[-1], config, features, model, metrics)

@@ -1,0 +1,317 @@
+"""The training function that ``TorchDistributor`` runs in every process (torch + pyarrow, no Spark).
+
+``train_main(job)`` is pickled by the distributor and called once per rank
+with the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+``job`` is a small dict of paths and settings: the data never passes through
+the driver or the arguments. Each rank
+
+* reads only its own files of the snapshot's ``split=train`` and ``split=valid`` folders
+  (``files[rank::world]``), streaming record batches with pyarrow through a
+  shuffle buffer; all ranks run the same number of steps per epoch (the
+  minimum over ranks, from Parquet metadata), so DDP never waits on a rank
+  that ran out of data;
+* trains the model under DDP (gloo on CPU, nccl on GPU);
+* computes the validation loss of its shard; the sums are all-reduced, so
+  every rank takes the same early-stopping decision.
+
+Rank 0 writes a checkpoint every epoch, then the artifact directory with the
+best epoch's weights and the test metrics, and returns a small summary.
+
+DP-SGD (Opacus) samples users with Poisson sampling over the whole training
+set, as its accountant assumes: in that mode each rank loads the full train
+split in memory and Opacus' distributed sampler picks each rank's part.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+log = logging.getLogger("userlens.train")
+
+SHUFFLE_BUFFER_ROWS = 65_536
+READ_BATCH_ROWS = 8_192
+LABELS = ("purchase", "churn", "next_category")
+
+
+class ShardReader:
+    """Streams (x, labels) mini-batches from some Parquet files of a snapshot split."""
+
+    def __init__(self, files: list[str], features: Any, tasks: list[str]) -> None:
+        self.files = files
+        self.features = features
+        self.tasks = tasks
+
+    def rows(self) -> int:
+        import pyarrow.parquet as pq
+
+        from userlens.models.predictor import _fs
+
+        total = 0
+        for uri in self.files:
+            fs, path = _fs(uri)
+            with fs.open_input_file(path) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
+
+    def record_batches(self, order: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        import pyarrow.parquet as pq
+
+        from userlens.models.predictor import _fs
+
+        columns = ["embedding", "features", *self.tasks]
+        for uri in order:
+            fs, path = _fs(uri)
+            with fs.open_input_file(path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+                    yield self.to_numpy(batch)
+
+    def to_numpy(self, batch: Any) -> dict[str, np.ndarray]:
+        n = batch.num_rows
+        emb = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+        raw = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+        out = {"x": np.concatenate([emb.astype(np.float32), self.features.transform(raw)], axis=1)}
+        for task in self.tasks:
+            out[task] = batch.column(task).to_numpy(zero_copy_only=False).astype(np.int64)
+        return out
+
+    def batches(self, batch_size: int, rng: np.random.Generator | None) -> Iterator[dict[str, np.ndarray]]:
+        """Mini-batches; shuffled through a buffer when ``rng`` is given, in file order otherwise."""
+        order = list(self.files)
+        if rng is not None:
+            rng.shuffle(order)
+        buffer: list[dict[str, np.ndarray]] = []
+        buffered = 0
+        for part in self.record_batches(order):
+            buffer.append(part)
+            buffered += len(part["x"])
+            if buffered >= SHUFFLE_BUFFER_ROWS:
+                rest = yield from _emit(buffer, batch_size, rng, keep_remainder=True)
+                buffer, buffered = ([rest], len(rest["x"])) if rest is not None else ([], 0)
+        if buffer:
+            yield from _emit(buffer, batch_size, rng, keep_remainder=False)
+
+
+def _emit(buffer: list[dict[str, np.ndarray]], batch_size: int, rng: np.random.Generator | None,
+          keep_remainder: bool) -> Iterator[dict[str, np.ndarray]]:
+    merged = {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
+    n = len(merged["x"])
+    index = rng.permutation(n) if rng is not None else np.arange(n)
+    full = (n // batch_size) * batch_size
+    stop = full if keep_remainder else n
+    for start in range(0, stop, batch_size):
+        take = index[start:start + batch_size]
+        yield {k: v[take] for k, v in merged.items()}
+    if keep_remainder and full < n:
+        take = index[full:]
+        return {k: v[take] for k, v in merged.items()}
+    return None
+
+
+def _tensors(batch: dict[str, np.ndarray], tasks: list[str], device: Any) -> tuple[Any, dict[str, Any]]:
+    import torch
+
+    x = torch.from_numpy(batch["x"]).to(device, non_blocking=True)
+    return x, {t: torch.from_numpy(batch[t]).to(device, non_blocking=True) for t in tasks}
+
+
+def train_main(job: dict[str, Any]) -> dict[str, Any]:
+    """Entry point for ``TorchDistributor.run``; rank 0 writes the artifact and returns a small summary."""
+    import torch
+    import torch.distributed as dist
+
+    from userlens.models.predictor import (BehaviourModel, FeatureSpec, ModelConfig, list_files, save_state,
+                                           task_loss, write_artifact)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s userlens.train %(message)s", datefmt="%H:%M:%S")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_gpu = bool(job["use_gpu"])
+    if use_gpu:
+        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    distributed = world > 1
+    if distributed:
+        dist.init_process_group("nccl" if use_gpu else "gloo")
+    try:
+        torch.manual_seed(job["seed"])  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
+        config = ModelConfig(**job["config"])
+        features = FeatureSpec(**job["features"])
+        tasks = list(config.tasks)
+        started = time.perf_counter()
+
+        model: torch.nn.Module = BehaviourModel(config).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=job["learning_rate"], weight_decay=job["weight_decay"])
+        train_files = list_files(f"{job['snapshot']}/split=train")
+        valid_files = list_files(f"{job['snapshot']}/split=valid")
+        dp = job.get("dp")
+        privacy_engine = None
+        if dp:
+            model, optimizer, loader, privacy_engine = _make_private(model, optimizer, train_files, features, tasks,
+                                                                     job, distributed)
+            steps = len(loader)
+            train_batches = None
+        else:
+            if distributed:
+                model = torch.nn.parallel.DistributedDataParallel(model)
+            reader = ShardReader(train_files[rank::world], features, tasks)
+            steps = math.ceil(reader.rows() / job["batch_size"])
+            if distributed:  # every rank runs the same number of steps
+                t = torch.tensor([steps], device=device)
+                dist.all_reduce(t, op=dist.ReduceOp.MIN)
+                steps = int(t.item())
+            loader = None
+        if steps < 1:
+            raise ValueError(f"rank {rank} has no training rows in {job['snapshot']}/train")
+        valid = ShardReader(valid_files[rank::world], features, tasks)
+
+        rng = np.random.default_rng([job["seed"], rank])
+        best_loss, best_epoch, best_state, bad_epochs = math.inf, -1, None, 0
+        samples, fit_seconds, history = 0, 0.0, []
+        for epoch in range(job["epochs"]):
+            epoch_start = time.perf_counter()
+            model.train()
+            if loader is not None:
+                train_batches = (_as_numpy_batch(b, tasks) for b in loader)
+            else:
+                train_batches = reader.batches(job["batch_size"], rng)
+            train_loss, n_steps = 0.0, 0
+            for batch in train_batches:
+                if n_steps == steps:
+                    break
+                if len(batch["x"]) == 0:  # Poisson sampling can draw an empty batch
+                    continue
+                x, y = _tensors(batch, tasks, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = task_loss(model(x), y)
+                loss.backward()
+                optimizer.step()
+                train_loss += float(loss.detach())
+                samples += len(batch["x"])
+                n_steps += 1
+            fit_seconds += time.perf_counter() - epoch_start
+            val_loss = _validation_loss(model, valid, tasks, device, distributed)
+            history.append({"epoch": epoch, "train_loss": train_loss / max(n_steps, 1), "valid_loss": val_loss})
+            if rank == 0:
+                log.info("epoch %d: train loss %.4f, valid loss %.4f (%d steps/rank)", epoch,
+                         train_loss / max(n_steps, 1), val_loss, n_steps)
+            if val_loss < best_loss - 1e-6:
+                best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+            else:
+                bad_epochs += 1
+            if rank == 0:
+                save_state(f"{job['artifact']}/checkpoints/last.pt",
+                           {"epoch": epoch, "model": _unwrap(model).state_dict(),
+                            "optimizer": optimizer.state_dict(), "best_epoch": best_epoch, "best_loss": best_loss})
+            if bad_epochs >= job["patience"]:
+                break
+
+        totals = torch.tensor([samples, fit_seconds], dtype=torch.float64)
+        if distributed:
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        epsilon = privacy_engine.get_epsilon(dp["target_delta"]) if privacy_engine is not None else None
+        if rank != 0:
+            return None
+        summary: dict[str, Any] = {
+            "best_epoch": best_epoch, "best_valid_loss": best_loss, "epochs_run": len(history),
+            "samples": int(totals[0]), "fit_seconds": float(totals[1]) / world,
+            "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9),
+            "world_size": world, "device": str(device), "history": history,
+        }
+        if dp:
+            summary["dp"] = {"epsilon": float(epsilon), "delta": dp["target_delta"],
+                             "target_epsilon": dp["target_epsilon"], "max_grad_norm": dp["max_grad_norm"],
+                             "noise_multiplier": float(optimizer.noise_multiplier),
+                             "accountant": "rdp", "sampling": "poisson", "unit": "user"}
+        final = BehaviourModel(config)
+        final.load_state_dict(best_state)
+        test_metrics = evaluate_files(final, config, features, list_files(f"{job['snapshot']}/split=test"))
+        metrics = {"model": test_metrics, "baseline": job.get("baseline", {}), "data": job.get("data", {}),
+                   "training": {k: v for k, v in summary.items() if k != "history"}, "history": history,
+                   "snapshot_id": job["snapshot_id"], "version": job["version"]}
+        write_artifact(job["artifact"], config, features, best_state, metrics)
+        summary["train_seconds"] = time.perf_counter() - started
+        summary["test"] = test_metrics
+        return summary
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def evaluate_files(model: Any, config: Any, features: Any, files: list[str]) -> dict[str, dict[str, float]]:
+    """Test metrics of ``model`` on snapshot files: binary metrics per binary task, accuracy and
+    top-3 accuracy for next_category (users with a label only)."""
+    from userlens.models import metrics as M
+    from userlens.models.predictor import MULTICLASS_TASKS, predict
+
+    tasks = list(config.tasks)
+    parts = list(ShardReader(files, features, tasks).batches(1 << 30, None))
+    if not parts:
+        raise ValueError("the test split is empty")
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    probs = predict(model, merged["x"])
+    return {task: (M.multiclass_metrics(merged[task][merged[task] >= 0], probs[task][merged[task] >= 0])
+                   if task in MULTICLASS_TASKS else M.binary_metrics(merged[task], probs[task]))
+            for task in tasks}
+
+
+def _unwrap(model: Any) -> Any:
+    inner = getattr(model, "_module", model)  # Opacus GradSampleModule
+    return getattr(inner, "module", inner)    # DDP / DPDDP
+
+
+def _as_numpy_batch(batch: Any, tasks: list[str]) -> dict[str, np.ndarray]:
+    x, *labels = batch
+    return {"x": x.numpy(), **{t: y.numpy() for t, y in zip(tasks, labels)}}
+
+
+def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: Any, distributed: bool) -> float:
+    import torch
+    import torch.distributed as dist
+
+    from userlens.models.predictor import task_loss
+
+    inner = _unwrap(model)
+    inner.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    with torch.inference_mode():
+        for batch in valid.batches(4096, None):
+            x, y = _tensors(batch, tasks, device)
+            sums[0] += float(task_loss(inner(x), y)) * len(x)
+            sums[1] += len(x)
+    if distributed:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    if sums[1] == 0:
+        raise ValueError("the validation split is empty")
+    return float(sums[0] / sums[1])
+
+
+def _make_private(model: Any, optimizer: Any, train_files: list[str], features: Any, tasks: list[str],
+                  job: dict[str, Any], distributed: bool) -> tuple[Any, Any, Any, Any]:
+    import torch
+    from opacus import PrivacyEngine
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dp = job["dp"]
+    parts = list(ShardReader(train_files, features, tasks).record_batches(train_files))
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    dataset = TensorDataset(torch.from_numpy(arrays["x"]), *[torch.from_numpy(arrays[t]) for t in tasks])
+    loader = DataLoader(dataset, batch_size=job["batch_size"], shuffle=True)
+    if distributed:
+        model = DPDDP(model)
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=dp["target_epsilon"],
+        target_delta=dp["target_delta"], epochs=job["epochs"], max_grad_norm=dp["max_grad_norm"],
+        poisson_sampling=True)
+    return model, optimizer, loader, engine

@@ -1,0 +1,428 @@
+"""Train: point-in-time training set -> TorchDistributor DDP -> versioned model artifact, beside a baseline.
+
+Point in time. For an as-of date D and horizon H the cutoff is C = D - H.
+Everything the model reads was knowable at the end of day C: numeric features
+and the user's text (hence its embedding) use events with ``event_date <= C``;
+labels use only the H days after it, ``C < event_date <= D``:
+
+* ``purchase``: any purchase in (C, D];
+* ``churn``: no event at all in (C, D];
+* ``next_category``: category of the first purchase in (C, D], else of the
+  first view (no label for churned users).
+
+Users with at least one event up to C are in the set; they go to train / valid
+/ test by a salted hash of user_key, so a user stays in its split from run to
+run. The set is written once as a Parquet snapshot (``split=train|valid|test``
+folders, at least ``num_processes`` files each) under
+``<storage.models>/snapshots/<snapshot_id>``; the torch ranks stream their own
+files of it and the baseline (Spark MLlib logistic regression on the numeric
+features only) reads the same snapshot, so both see the same split.
+
+Texts as of C are built by the textualize code with as_of = C and embedded by
+the embed stage's embedder; a text whose hash is already in
+``user_embeddings`` for the same model is not embedded again. They are not
+written to ``user_texts`` / ``user_embeddings``, whose rows stay the latest.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from userlens.config import Settings, TrainSettings
+from userlens.errors import ConfigError, UserlensError, require_columns
+from userlens.models.predictor import BINARY_TASKS, MULTICLASS_TASKS, FeatureSpec, ModelConfig
+from userlens.runs import StageRun
+from userlens.stages.textualize import build_user_texts
+from userlens.tables import Tables
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+WINDOWS = (7, 30, 90)
+OTHER = "other"
+LATEST = "LATEST"
+SPLITS = ("train", "valid", "test")
+
+
+def cutoff(as_of: dt.date, horizon_days: int) -> dt.date:
+    return as_of - dt.timedelta(days=horizon_days)
+
+
+def feature_names(event_types: list[str]) -> list[str]:
+    names = ["recency_days", "tenure_days", "n_events", "active_days"]
+    names += [f"active_days_{w}d" for w in WINDOWS] + [f"spend_{w}d" for w in WINDOWS]
+    names += [f"n_{t}_{w}d" for t in event_types for w in WINDOWS]
+    return names
+
+
+def numeric_features(events: DataFrame, cut: dt.date, event_types: list[str]) -> DataFrame:
+    """(user_key, features array<double>) from events up to ``cut`` only (RFM and counts by window)."""
+    require_columns(events, ("user_key", "event_date", "event_type", "price", "quantity"), "train features")
+    c = F.lit(cut)
+    known = events.where(F.col("event_date") <= c)
+
+    def recent(w: int) -> Column:
+        return F.col("event_date") > F.date_sub(c, w)
+
+    spend = F.when(F.col("event_type") == "purchase",
+                   F.coalesce(F.col("price"), F.lit(0.0)) * F.coalesce(F.col("quantity"), F.lit(1)))
+    aggs = [
+        F.datediff(c, F.max("event_date")), F.datediff(c, F.min("event_date")), F.count(F.lit(1)),
+        F.count_distinct("event_date"),
+        *[F.count_distinct(F.when(recent(w), F.col("event_date"))) for w in WINDOWS],
+        *[F.sum(F.when(recent(w), spend)) for w in WINDOWS],
+        *[F.sum(F.when(recent(w) & (F.col("event_type") == t), 1)) for t in event_types for w in WINDOWS],
+    ]
+    agg = known.groupBy("user_key").agg(*[a.alias(f"f{i}") for i, a in enumerate(aggs)])
+    return agg.select("user_key", F.array(*[F.coalesce(F.col(f"f{i}").cast("double"), F.lit(0.0))
+                                            for i in range(len(aggs))]).alias("features"))
+
+
+def labels(events: DataFrame, cut: dt.date, as_of: dt.date) -> DataFrame:
+    """(user_key, purchase, next_category_name) for users active in (cut, as_of]; absent users churned."""
+    window = events.where((F.col("event_date") > F.lit(cut)) & (F.col("event_date") <= F.lit(as_of)))
+
+    def first_category(event_type: str) -> Column:
+        hit = (F.col("event_type") == event_type) & F.col("category").isNotNull()
+        return F.min(F.when(hit, F.struct("event_time", "event_id", "category")))["category"]
+
+    return window.groupBy("user_key").agg(
+        F.max((F.col("event_type") == "purchase").cast("int")).alias("purchase"),
+        F.coalesce(first_category("purchase"), first_category("view")).alias("next_category_name"))
+
+
+def split_of(user_key: Column, split: Any) -> Column:
+    """'train' | 'valid' | 'test' from a salted 64-bit hash of user_key (stable across runs)."""
+    u = F.pmod(F.xxhash64(F.lit(split.salt), user_key), F.lit(1_000_000)) / F.lit(1_000_000.0)
+    return F.when(u < split.train, "train").when(u < split.train + split.valid, "valid").otherwise("test")
+
+
+def labelled_users(events: DataFrame, cut: dt.date, as_of: dt.date, event_types: list[str],
+                   train: TrainSettings) -> DataFrame:
+    """user_key, split, features, purchase, churn, next_category_name: one row per user known at ``cut``."""
+    feats = numeric_features(events, cut, event_types)
+    future = labels(events, cut, as_of)
+    joined = feats.join(future, "user_key", "left")
+    return joined.select(
+        "user_key", split_of(F.col("user_key"), train.split).alias("split"), "features",
+        F.coalesce("purchase", F.lit(0)).alias("purchase"),
+        F.when(F.col("purchase").isNull(), 1).otherwise(0).alias("churn"),
+        "next_category_name")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    as_of_date: dt.date
+    cutoff: dt.date
+    version: str
+    path: str
+    users: dict[str, int]
+    model: dict[str, dict[str, float]]
+    baseline: dict[str, dict[str, float]]
+    dp: dict[str, Any] | None
+    seconds: dict[str, float]
+
+
+def models_root(settings: Settings) -> str:
+    root = settings.storage.models
+    return root.rstrip("/") if "://" in root else os.path.abspath(root)
+
+
+def latest_version(settings: Settings) -> str | None:
+    """The version named in ``<storage.models>/LATEST`` (written after a complete artifact), or None."""
+    from userlens.models.predictor import exists, read_bytes
+
+    pointer = f"{models_root(settings)}/{LATEST}"
+    return read_bytes(pointer).decode().strip() if exists(pointer) else None
+
+
+def check_train_settings(settings: Settings) -> None:
+    """Fail before any Spark job on settings that cannot work (missing extras, GPU without GPUs)."""
+    train = settings.train
+    if train.dp.enabled:
+        try:
+            import opacus  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.dp.enabled: DP-SGD needs Opacus, which is not installed: "
+                              "pip install 'userlens[privacy]'") from None
+    if train.mlflow.enabled:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.mlflow.enabled: mlflow is not installed: pip install 'userlens[mlflow]'") \
+                from None
+    if train.use_gpu:
+        import torch
+
+        if train.local_mode and not torch.cuda.is_available():
+            raise ConfigError("train.use_gpu: no CUDA GPU is visible on the driver (train.local_mode=true runs "
+                              "the processes there)")
+    if "next_category" not in train.tasks and not any(t in BINARY_TASKS for t in train.tasks):
+        raise ConfigError("train.tasks: no task to train")
+
+
+def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> TrainResult:
+    """Build the point-in-time snapshot, fit the baseline, train with TorchDistributor, write the artifact."""
+    from userlens.models.encoder import describe_model
+    from userlens.stages.embed import Embedder
+
+    check_train_settings(settings)
+    train = settings.train
+    model_id = describe_model(settings.embed.model, settings.embed.normalize).model_id
+    embedder = Embedder(spark, settings)
+    tables = Tables(spark, settings.storage)
+    if not tables.exists("events"):
+        raise UserlensError("no events table: run `userlens ingest` first")
+    events = tables.read("events")
+    if as_of is None:
+        as_of = events.agg(F.max("event_date")).first()[0]
+        if as_of is None:
+            raise UserlensError("the events table is empty: run `userlens ingest` first")
+    cut = cutoff(as_of, train.horizon_days)
+    run.as_of_date = as_of
+    version = run.run_id
+    root = models_root(settings)
+    snapshot_id = f"{cut.isoformat()}-{run.run_id}"
+    snapshot = f"{root}/snapshots/{snapshot_id}"
+    artifact = f"{root}/{version}"
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    log.info("train: cutoff %s (as of %s, horizon %d days); features and texts up to the cutoff, labels after it",
+             cut, as_of, train.horizon_days)
+
+    frame = labelled_users(events, cut, as_of, settings.ingest.event_types, train)
+    texts = build_user_texts(events.where(F.col("event_date") <= F.lit(cut)), tables.read("items"),
+                             settings.textualize, settings.ingest.event_types, cut)
+    frame = frame.join(texts.select("user_key", "text", "text_hash"), "user_key")
+    frame = frame.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = _split_counts(frame)
+        classes = _category_classes(frame, train.max_categories) if "next_category" in train.tasks else []
+        _check_counts(counts, train, classes)
+        vectors = _embeddings(tables, embedder, frame, model_id)
+        snap = frame.join(vectors, "text_hash").select(
+            "user_key", "split", "embedding", "features", "purchase", "churn",
+            _class_index(F.col("next_category_name"), classes).alias("next_category"))
+        n_users = sum(c["users"] for c in counts.values())
+        files = max(train.num_processes, math.ceil(n_users / train.snapshot_rows_per_file))
+        snap.repartition(files).write.mode("errorifexists").partitionBy("split").parquet(snapshot)
+    finally:
+        frame.unpersist()
+    timings["snapshot_seconds"] = time.perf_counter() - started
+    log.info("train: snapshot %s written (%s)", snapshot_id,
+             ", ".join(f"{s} {counts.get(s, {}).get('users', 0)} users" for s in SPLITS))
+
+    names = feature_names(settings.ingest.event_types)
+    stored = spark.read.parquet(snapshot)
+    mean, std = _normalization(stored.where(F.col("split") == "train"), len(names))
+    dim = len(stored.select("embedding").first()[0])
+    features = FeatureSpec(names, mean, std, dim, model_id)
+    config = ModelConfig(tasks=list(train.tasks), classes=classes, hidden=list(train.hidden), dropout=train.dropout,
+                         input_dim=dim + len(names), numeric_dim=len(names))
+
+    t0 = time.perf_counter()
+    baseline = fit_baseline(stored, train.tasks, len(classes))
+    timings["baseline_seconds"] = time.perf_counter() - t0
+
+    n_train = counts["train"]["users"]
+    dp = None
+    if train.dp.enabled:
+        delta = train.dp.target_delta or 10.0 ** -math.ceil(math.log10(max(n_train, 2)))
+        dp = {"target_epsilon": train.dp.target_epsilon, "target_delta": delta,
+              "max_grad_norm": train.dp.max_grad_norm}
+    job = {
+        "snapshot": snapshot, "snapshot_id": snapshot_id, "artifact": artifact, "version": version,
+        "config": asdict(config), "features": asdict(features), "use_gpu": train.use_gpu,
+        "batch_size": train.batch_size, "epochs": train.epochs, "patience": train.patience,
+        "learning_rate": train.learning_rate, "weight_decay": train.weight_decay, "seed": train.seed,
+        "dp": dp, "baseline": baseline,
+        "data": {"as_of_date": as_of.isoformat(), "cutoff": cut.isoformat(), "horizon_days": train.horizon_days,
+                 "splits": counts, "embed_model_id": model_id},
+    }
+    t0 = time.perf_counter()
+    summary = distributed_fit(job, train)
+    timings["distributor_seconds"] = time.perf_counter() - t0
+    timings["fit_seconds"] = summary["fit_seconds"]
+
+    from userlens.models.predictor import write_bytes
+
+    write_bytes(f"{root}/{LATEST}", (version + "\n").encode())
+    timings["total_seconds"] = time.perf_counter() - started
+    if train.mlflow.enabled:
+        _log_mlflow(settings, job, summary, baseline, artifact)
+
+    result = TrainResult(as_of, cut, version, artifact, {s: c["users"] for s, c in counts.items()},
+                         summary["test"], baseline, summary.get("dp"), timings)
+    run.rows_in, run.rows_out = n_users, n_train
+    run.details.update({
+        "version": version, "cutoff": cut.isoformat(), "snapshot_id": snapshot_id, "artifact": artifact,
+        "users": result.users, "model": summary["test"], "baseline": baseline, "dp": summary.get("dp"),
+        "samples_per_second": summary["samples_per_second"], "epochs_run": summary["epochs_run"],
+        "best_epoch": summary["best_epoch"], "world_size": summary["world_size"], **timings,
+    })
+    for task in train.tasks:
+        key = "accuracy" if task in MULTICLASS_TASKS else "auc"
+        log.info("train: %s test %s %.4f (baseline %.4f)", task, key, summary["test"][task][key],
+                 baseline.get(task, {}).get(key, float("nan")))
+    return result
+
+
+def distributed_fit(job: dict[str, Any], train: TrainSettings) -> dict[str, Any]:
+    """Run :func:`userlens.models.training.train_main` under TorchDistributor; rank 0's summary."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from userlens.models.training import train_main
+
+    log.info("train: TorchDistributor(num_processes=%d, local_mode=%s, use_gpu=%s)", train.num_processes,
+             train.local_mode, train.use_gpu)
+    summary = TorchDistributor(num_processes=train.num_processes, local_mode=train.local_mode,
+                               use_gpu=train.use_gpu).run(train_main, job)
+    if not isinstance(summary, dict):
+        raise UserlensError("train: the training processes returned no summary (see their log above)")
+    return summary
+
+
+def _split_counts(frame: DataFrame) -> dict[str, dict[str, int]]:
+    rows = frame.groupBy("split").agg(
+        F.count(F.lit(1)).alias("users"), F.sum("purchase").alias("purchase"), F.sum("churn").alias("churn"),
+        F.count("next_category_name").alias("next_category")).collect()
+    return {r["split"]: {"users": r["users"], "purchase": int(r["purchase"] or 0), "churn": int(r["churn"] or 0),
+                         "next_category": r["next_category"]} for r in rows}
+
+
+def _check_counts(counts: dict[str, dict[str, int]], train: TrainSettings, classes: list[str]) -> None:
+    """Clear errors before any training: too few users, a single-class label, an empty split."""
+    for split in SPLITS:
+        if counts.get(split, {}).get("users", 0) == 0:
+            raise UserlensError(f"train: the {split} split is empty ({_describe(counts)}); more users are needed")
+    n = counts["train"]["users"]
+    if n < train.min_users:
+        raise UserlensError(f"train: only {n} labelled users in the train split, below train.min_users="
+                            f"{train.min_users} ({_describe(counts)})")
+    for task in train.tasks:
+        if task in BINARY_TASKS:
+            for split, need in (("train", train.min_class_users), ("test", 1)):
+                pos = counts[split][task]
+                neg = counts[split]["users"] - pos
+                if min(pos, neg) < need:
+                    raise UserlensError(
+                        f"train: task {task} has {pos} positive and {neg} negative users in the {split} split; "
+                        f"need at least {need} of each (train.min_class_users)")
+        elif len(classes) < 2:
+            raise UserlensError(f"train: task next_category has {len(classes)} class(es) in the train split "
+                                f"({counts['train']['next_category']} labelled users); need at least 2")
+
+
+def _describe(counts: dict[str, dict[str, int]]) -> str:
+    return ", ".join(f"{s} {counts.get(s, {}).get('users', 0)}" for s in SPLITS)
+
+
+def _category_classes(frame: DataFrame, max_categories: int) -> list[str]:
+    """The most frequent next_category labels of the train split; the rest become 'other'."""
+    rows = (frame.where((F.col("split") == "train") & F.col("next_category_name").isNotNull())
+            .groupBy("next_category_name").count().orderBy(F.desc("count"), "next_category_name").collect())
+    names = [r[0] for r in rows]
+    if len(names) <= max_categories:
+        return names
+    return names[:max_categories - 1] + [OTHER]
+
+
+def _class_index(name: Column, classes: list[str]) -> Column:
+    if not classes:
+        return F.lit(-1)
+    mapping = F.create_map(*[x for i, c in enumerate(classes) if c != OTHER for x in (F.lit(c), F.lit(i))])
+    fallback = F.lit(classes.index(OTHER)) if OTHER in classes else F.lit(-1)
+    return F.when(name.isNull(), -1).otherwise(F.coalesce(F.element_at(mapping, name), fallback))
+
+
+def _embeddings(tables: Tables, embedder: Any, frame: DataFrame, model_id: str) -> DataFrame:
+    """(text_hash, embedding) for every text of ``frame``: stored ones reused, the rest embedded now."""
+    from userlens.stages.embed import distinct_texts
+
+    wanted = frame.select("text_hash", "text").dropDuplicates(["text_hash"])
+    if tables.exists("user_embeddings"):
+        stored = (tables.read("user_embeddings").where(F.col("model_id") == model_id)
+                  .select("text_hash", "embedding").dropDuplicates(["text_hash"])
+                  .join(wanted.select("text_hash"), "text_hash"))
+    else:
+        stored = None
+    missing = wanted if stored is None else wanted.join(stored.select("text_hash"), "text_hash", "left_anti")
+    n_missing = missing.count()
+    log.info("train: embedding %d texts as of the cutoff (the rest are reused from user_embeddings)", n_missing)
+    if n_missing == 0:
+        return stored
+    fresh = embedder(distinct_texts(missing, embedder.partitions(n_missing)))
+    return fresh if stored is None else fresh.unionByName(stored)
+
+
+def _normalization(train_rows: DataFrame, n: int) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation of log1p(feature) over the train split (std 0 -> 1)."""
+    x = [F.log1p(F.greatest(F.col("features")[i], F.lit(0.0))) for i in range(n)]
+    row = train_rows.agg(*[F.avg(v) for v in x], *[F.stddev_pop(v) for v in x]).first()
+    mean = [float(row[i] or 0.0) for i in range(n)]
+    std = [float(row[n + i] or 0.0) or 1.0 for i in range(n)]
+    return mean, std
+
+
+def fit_baseline(snapshot: DataFrame, tasks: list[str], n_classes: int) -> dict[str, dict[str, float]]:
+    """Spark MLlib logistic regression on log1p(numeric features) only: train split -> test metrics."""
+    import numpy as np
+    from pyspark.ml.classification import LogisticRegression
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+
+    from userlens.models import metrics as M
+
+    x = array_to_vector(F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))).alias("x")
+    data = snapshot.select("split", x, *tasks)
+    train_rows, test_rows = data.where(F.col("split") == "train"), data.where(F.col("split") == "test")
+    out: dict[str, dict[str, float]] = {}
+    for task in tasks:
+        multiclass = task in MULTICLASS_TASKS
+        fit_rows = train_rows.where(F.col(task) >= 0) if multiclass else train_rows
+        lr = LogisticRegression(featuresCol="x", labelCol=task, maxIter=100, regParam=1e-3,
+                                family="multinomial" if multiclass else "binomial")
+        model = lr.fit(fit_rows.withColumn(task, F.col(task).cast("double")))
+        scored = model.transform(test_rows.where(F.col(task) >= 0) if multiclass else test_rows)
+        rows = scored.select(F.col(task), vector_to_array("probability").alias("p")).collect()
+        y = np.array([r[0] for r in rows], dtype=np.int64)
+        p = np.array([r[1] for r in rows], dtype=np.float64)
+        if multiclass:
+            if p.shape[1] < n_classes:  # classes above the largest train label get probability 0
+                p = np.pad(p, ((0, 0), (0, n_classes - p.shape[1])))
+            out[task] = M.multiclass_metrics(y, p)
+        else:
+            out[task] = M.binary_metrics(y, p[:, 1])
+    return out
+
+
+def _log_mlflow(settings: Settings, job: dict[str, Any], summary: dict[str, Any],
+                baseline: dict[str, dict[str, float]], artifact: str) -> None:
+    import mlflow
+
+    cfg = settings.train.mlflow
+    if cfg.tracking_uri:
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    with mlflow.start_run(run_name=job["version"]):
+        mlflow.log_params({k: job[k] for k in ("batch_size", "epochs", "patience", "learning_rate",
+                                               "weight_decay", "seed", "snapshot_id")})
+        for prefix, metrics in (("model", summary["test"]), ("baseline", baseline)):
+            for task, values in metrics.items():
+                mlflow.log_metrics({f"{prefix}.{task}.{k}": float(v) for k, v in values.items()
+                                    if isinstance(v, (int, float))})
+        if "://" not in artifact:
+            mlflow.log_artifacts(artifact, artifact_path="model")

@@ -1,0 +1,197 @@
+"""The train stage on real Spark, real Delta, the real MiniLM and real TorchDistributor processes:
+point-in-time features and labels (no leakage), the snapshot, DDP with 2 processes, the baseline,
+the artifact round trip, DP-SGD, barrier mode, and the errors before training."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from conftest import make_settings
+from userlens.errors import ConfigError, UserlensError
+from userlens.models.predictor import FORMAT_VERSION, list_files, load_artifact, write_json
+from userlens.models.training import evaluate_files
+from userlens.privacy import load_key
+from userlens.runs import StageRun
+from userlens.sample import SampleSpec, generate_sample
+from userlens.stages.ingest import run_ingest
+from userlens.stages.textualize import build_user_texts
+from userlens.stages.train import (_check_counts, check_train_settings, cutoff, labelled_users, latest_version,
+                                   run_train)
+from userlens.tables import Tables
+
+AS_OF = dt.date(2026, 10, 21)  # the sample's last day
+SMALL = ["train.epochs=6", "train.patience=3", "train.batch_size=32", "train.min_users=40"]
+
+
+@pytest.fixture(scope="module")
+def warehouse(spark, tmp_path_factory):
+    """300 sample users over 21 days, ingested once for the whole module."""
+    root = tmp_path_factory.mktemp("train")
+    settings = make_settings(root)
+    generate_sample(spark, settings.source.path, SampleSpec(users=300, days=21, seed=11))
+    run_ingest(spark, settings, load_key(settings.privacy), StageRun("ingest", "r-ingest"), None, True)
+    return root
+
+
+def settings_for(warehouse: Path, tmp_path: Path, *overrides: str):
+    """The module's warehouse with a fresh models folder per test."""
+    return make_settings(warehouse, f"storage.models={tmp_path / 'models'}", *overrides)
+
+
+def train(spark, settings):
+    run = StageRun("train", run_id=f"run-{os.urandom(4).hex()}")
+    return run_train(spark, settings, run, AS_OF), run
+
+
+def frame_rows(df, cols):
+    return {r["user_key"]: tuple(r[c] for c in cols) for r in df.select("user_key", *cols).collect()}
+
+
+def test_no_leakage_across_the_cutoff(spark, warehouse):
+    settings = make_settings(warehouse)
+    events = Tables(spark, settings.storage).read("events")
+    items = Tables(spark, settings.storage).read("items")
+    cut = cutoff(AS_OF, settings.train.horizon_days)
+    types = settings.ingest.event_types
+
+    def inputs(ev):
+        users = labelled_users(ev, cut, AS_OF, types, settings.train)
+        texts = build_user_texts(ev.where(F.col("event_date") <= F.lit(cut)), items, settings.textualize, types, cut)
+        return (frame_rows(users, ["features"]), frame_rows(texts, ["text_hash"]),
+                frame_rows(users, ["purchase", "churn", "next_category_name"]))
+
+    features, texts, labels = inputs(events)
+    assert len(features) > 200 and len(texts) == len(features)
+
+    # the future rewritten: every event after the cutoff dropped, a purchase added for every user
+    past = events.where(F.col("event_date") <= F.lit(cut))
+    day_after = dt.datetime.combine(cut + dt.timedelta(days=1), dt.time(12))
+    bought = (events.select("user_key").distinct()
+              .withColumn("event_id", F.concat(F.lit("x"), F.col("user_key")))
+              .withColumn("event_time", F.lit(day_after)).withColumn("event_date", F.lit(day_after.date()))
+              .withColumn("event_type", F.lit("purchase")).withColumn("item_id", F.lit("i00001"))
+              .withColumn("category", F.lit("pets")).withColumn("price", F.lit(9.5))
+              .withColumn("quantity", F.lit(1)).withColumn("query", F.lit(None).cast("string"))
+              .withColumn("text", F.lit(None).cast("string")).withColumn("run_id", F.lit("x")))
+    f2, t2, l2 = inputs(past.unionByName(bought))
+    assert f2 == features, "features changed when only events after the cutoff changed"
+    assert t2 == texts, "texts changed when only events after the cutoff changed"
+    assert l2 != labels  # the perturbation did reach the labels, so the test can fail
+
+    # the past rewritten: every other event up to the cutoff dropped
+    thinned = events.where((F.col("event_date") > F.lit(cut)) | (F.xxhash64("event_id") % 2 == 0))
+    f3, _, l3 = inputs(thinned)
+    common = set(l3) & set(labels)
+    assert len(common) > 200
+    assert {u: l3[u] for u in common} == {u: labels[u] for u in common}, \
+        "labels changed when only events up to the cutoff changed"
+    assert any(f3[u] != features[u] for u in common)  # the perturbation did reach the features
+
+
+def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spark, warehouse, tmp_path):
+    settings = settings_for(warehouse, tmp_path, *SMALL)
+    result, run = train(spark, settings)
+
+    assert result.cutoff == AS_OF - dt.timedelta(days=7)
+    assert latest_version(settings) == result.version
+    artifact = load_artifact(result.path)
+    metrics = artifact.metrics
+    assert metrics["training"]["world_size"] == 2
+    assert set(metrics["model"]) == set(metrics["baseline"]) == {"purchase", "churn", "next_category"}
+    for task in ("purchase", "churn"):
+        for name in ("auc", "pr_auc", "log_loss", "ece"):
+            assert 0.0 <= metrics["model"][task][name] and 0.0 <= metrics["baseline"][task][name]
+        assert metrics["model"][task]["n"] == result.users["test"]
+    assert 0.0 <= metrics["model"]["next_category"]["accuracy"] <= metrics["model"]["next_category"]["top3_accuracy"]
+    assert sum(result.users.values()) == metrics["data"]["splits"]["train"]["users"] + \
+        metrics["data"]["splits"]["valid"]["users"] + metrics["data"]["splits"]["test"]["users"]
+
+    # every split has at least one file per training process, and the classes are the train split's
+    snapshot = f"{settings.storage.models}/snapshots/{metrics['snapshot_id']}"
+    for split in ("train", "valid", "test"):
+        assert len(list_files(f"{snapshot}/split={split}")) >= 2
+    assert len(artifact.config.classes) >= 2 and artifact.features.embedding_dim == 384
+    assert Path(result.path, "checkpoints", "last.pt").is_file()
+
+    # the artifact, loaded back, gives the recorded test metrics
+    again = evaluate_files(artifact.model, artifact.config, artifact.features,
+                           list_files(f"{snapshot}/split=test"))
+    for task, values in metrics["model"].items():
+        for name, value in values.items():
+            assert again[task][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, name)
+
+    details = run.details  # what the CLI records in pipeline_runs
+    assert details["version"] == result.version and details["world_size"] == 2
+    assert details["model"]["churn"]["auc"] == metrics["model"]["churn"]["auc"]
+    assert details["baseline"]["purchase"]["auc"] == metrics["baseline"]["purchase"]["auc"]
+
+
+def test_dp_sgd_reports_its_epsilon(spark, warehouse, tmp_path):
+    settings = settings_for(warehouse, tmp_path, *SMALL, "train.num_processes=1", "train.dp.enabled=true",
+                            "train.dp.target_epsilon=3")
+    result, _ = train(spark, settings)
+    dp = load_artifact(result.path).metrics["training"]["dp"]
+    assert result.dp == dp
+    assert 0.0 < dp["epsilon"] <= 3.0 * 1.05 and dp["unit"] == "user"
+    assert dp["delta"] < 1.0 / result.users["train"]
+    assert dp["noise_multiplier"] > 0
+
+
+def test_barrier_mode_run(spark, warehouse, tmp_path):
+    """local_mode=False: the processes run as a barrier Spark job on the executors, not on the driver."""
+    settings = settings_for(warehouse, tmp_path, *SMALL, "train.local_mode=false", "train.epochs=2")
+    result, run = train(spark, settings)
+    assert run.details["world_size"] == 2
+    assert load_artifact(result.path).metrics["training"]["epochs_run"] == 2
+
+
+def test_too_few_users_fails_before_training(spark, warehouse, tmp_path):
+    settings = settings_for(warehouse, tmp_path, "train.min_users=100000")
+    with pytest.raises(UserlensError, match=r"only \d+ labelled users in the train split, below train.min_users="):
+        train(spark, settings)
+    assert latest_version(settings) is None
+    assert not (tmp_path / "models").exists() or not list((tmp_path / "models").glob("2*"))
+
+
+def test_single_class_label_names_the_task_and_counts(settings):
+    counts = {s: {"users": 100, "purchase": 30, "churn": 0, "next_category": 60} for s in ("train", "valid", "test")}
+    with pytest.raises(UserlensError, match=r"task churn has 0 positive and 100 negative users in the train split"):
+        _check_counts(counts, settings.train, ["books", "pets"])
+    counts["train"]["churn"] = 10
+    _check_counts(counts | {"test": {**counts["test"], "churn": 5}}, settings.train, ["books", "pets"])
+    with pytest.raises(UserlensError, match=r"the valid split is empty"):
+        _check_counts({**counts, "valid": {"users": 0}}, settings.train, ["books"])
+
+
+def test_incompatible_model_directory_is_refused(tmp_path):
+    write_json(str(tmp_path / "model.json"), {"format_version": FORMAT_VERSION + 98})
+    with pytest.raises(UserlensError, match=rf"model format version {FORMAT_VERSION + 98} is not supported; "
+                                            rf"this userlens reads version {FORMAT_VERSION}"):
+        load_artifact(str(tmp_path))
+    with pytest.raises(UserlensError, match="not a userlens model directory"):
+        load_artifact(str(tmp_path / "nothing"))
+
+
+def test_missing_opacus_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "opacus", None)  # what an environment without the extra looks like
+    settings = make_settings(tmp_path, "train.dp.enabled=true")
+    with pytest.raises(ConfigError, match=r"^train.dp.enabled: DP-SGD needs Opacus.*pip install 'userlens\[privacy\]'$"):
+        check_train_settings(settings)
+
+
+def test_numeric_features_are_finite_and_named(spark, warehouse):
+    from userlens.stages.train import feature_names
+
+    settings = make_settings(warehouse)
+    events = Tables(spark, settings.storage).read("events")
+    users = labelled_users(events, cutoff(AS_OF, 7), AS_OF, settings.ingest.event_types, settings.train)
+    x = np.array([r["features"] for r in users.select("features").collect()])
+    assert x.shape[1] == len(feature_names(settings.ingest.event_types))
+    assert np.isfinite(x).all() and (x >= 0).all()
+    assert (x[:, 0] <= 14).all()  # recency never exceeds the days observed before the cutoff
