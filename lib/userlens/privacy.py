@@ -84,19 +84,44 @@ def pseudonymize(user_id: Column, key: PseudonymKey) -> Column:
 
 # (type, Java regex, placeholder). Order matters: the more specific patterns run
 # first so that, e.g., a card number is not half-eaten by the phone pattern.
+# Number patterns end with (?!\w|[.-]\d)-style lookaheads so that a sentence's
+# full stop does not stop a match, while a longer number is never cut in two.
+# Measured on a labelled corpus by bench/pii.py (docs/privacy.md).
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _H = r"[0-9A-Fa-f]{1,4}"
+# Digits introduced by a product-code keyword ("SKU 4006381333931", "EAN: ...") are not PII.
+_NOT_PRODUCT_CODE = r"(?<!(?i:sku|ean|gtin|upc|isbn)[ :#]{1,3})"
+_PHONE_END = r"(?!\w|[.-]\d)"
 PII_PATTERNS: list[tuple[str, str, str]] = [
     ("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", "<email>"),
-    ("iban", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b", "<iban>"),
-    # 13-19 digits in groups: masked whether or not they pass Luhn (fail safe).
-    ("card", r"(?<![\w-])\d{4}(?:[ -]?\d{3,4}){2,3}(?:[ -]?\d{1,4})?(?![\w-])", "<card>"),
-    ("ip", rf"(?<![\w:])(?:(?:{_H}:){{7}}{_H}|(?:{_H}:){{1,6}}:(?:{_H}(?::{_H}){{0,5}})?|::(?:{_H}:){{0,6}}{_H})(?![\w:])", "<ip>"),
-    ("ip", rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)", "<ip>"),
+    # After the first block, a block that follows a space holds a digit, so a following
+    # word ("... 1057 BIC GKCCBEBB") is not taken for one.
+    ("iban", r"\b[A-Z]{2}\d{2} ?[A-Z0-9]{4}(?:[A-Z0-9]{4}| (?=[A-Z]{0,3}\d)[A-Z0-9]{4}){1,6}"
+             r"(?:[A-Z0-9]{1,3}| (?=[A-Z]{0,2}\d)[A-Z0-9]{1,3})?\b", "<iban>"),
+    # 13-19 digits, plain or grouped 4-4-4-4(-3) / 4-6-5 (12 when grouped by fours): masked
+    # whether or not they pass Luhn (fail safe; a regex cannot check Luhn). Not after a
+    # "+44 " country code, where the digits are a phone number.
+    ("card", r"(?<![\w+-])(?<!\+\d{1,3}[ .-])" + _NOT_PRODUCT_CODE
+     + r"(?:\d{13,19}|\d{4}[ -]\d{4}[ -]\d{4}(?:[ -]\d{1,4}(?:[ -]\d{1,3})?)?|\d{4}[ -]\d{6}[ -]\d{4,5})"
+     + r"(?![\w-]|[.,]\d)", "<card>"),
+    # IPv6: IPv4-mapped (::ffff:192.0.2.1), full, compressed.
+    ("ip", rf"(?<![\w:])(?:::(?:[Ff]{{4}}:(?:0{{1,4}}:)?)?{_IPV4}|(?:{_H}:){{7}}{_H}"
+           rf"|(?:{_H}:){{1,6}}:(?:{_H}(?::{_H}){{0,5}})?|::(?:{_H}:){{0,6}}{_H})(?![\w:]|\.\d)", "<ip>"),
+    # IPv4, but not a version string such as 1.2.3.4-beta.
+    ("ip", rf"(?<![\w.]){_IPV4}(?!\w|\.\d|[-+][A-Za-z])", "<ip>"),
+    # International: +1 415-555-0134, +44 20 7946 0958, +49 (0)30 1234567, +919876543210.
     ("phone", r"(?<![\w+])\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,5}){1,4}(?!\w)", "<phone>"),
     ("phone", r"(?<!\w)\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,4}(?!\w)", "<phone>"),
-    ("phone", r"(?<![\w.-])\d{3}([ .-])\d{3}\1\d{4}(?![\w.-])", "<phone>"),
-    ("phone", r"(?<![\w.-])0\d{1,4}[ /-]\d{5,8}(?![\w.-])", "<phone>"),
+    # National formats: US 415.555.0134, DE 030 1234567, UK 020 7946 0958,
+    # FR 01 23 45 67 89, JP 03-1234-5678 / 090-1234-5678.
+    ("phone", r"(?<![\w.-])\d{3}([ .-])\d{3}\1\d{4}" + _PHONE_END, "<phone>"),
+    ("phone", r"(?<![\w.-])0\d{1,4}[ /-]\d{5,8}" + _PHONE_END, "<phone>"),
+    ("phone", r"(?<![\w.-])0\d{2,3} \d{3,4} \d{4}" + _PHONE_END, "<phone>"),
+    ("phone", r"(?<![\w.-])0[1-9]([ .-])\d{2}(?:\1\d{2}){3}" + _PHONE_END, "<phone>"),
+    ("phone", r"(?<![\w.-])0(?:\d-\d{4}|\d{2}-\d{3,4}|\d{3}-\d{2})-\d{4}" + _PHONE_END, "<phone>"),
+    # A bare run of 10-12 digits is a phone number without separators (fail safe).
+    ("phone", r"(?<![\w+.,-])" + _NOT_PRODUCT_CODE + r"\d{10,12}(?![\w-]|[.,]\d)", "<phone>"),
 ]
 
 
