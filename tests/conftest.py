@@ -52,3 +52,4 @@ def settings(tmp_path: Path) -> Settings:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where torch sees none")
+    config.addinivalue_line("markers", "cluster: starts a Spark standalone master and workers (tests/cluster.py)")

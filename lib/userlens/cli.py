@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -22,9 +21,6 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 log = logging.getLogger("userlens")
-
-STAGES_NOT_BUILT = ("score", "profile", "nightly", "forget", "report")
-
 
 def _date(text: str) -> dt.date:
     try:
@@ -66,13 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--date", type=_date, help="as-of date; the cutoff is date - train.horizon_days "
                                                   "(default: the latest event date)")
 
-    for name in STAGES_NOT_BUILT:
-        stage = sub.add_parser(name, parents=[common], help=f"{name} stage (not built yet)")
-        stage.add_argument("--date", type=_date)
-        if name == "forget":
-            stage.add_argument("--user-id")
-        if name == "report":
-            stage.add_argument("--out")
+    score = sub.add_parser("score", parents=[common], help="the latest model over changed users -> user_scores")
+    score.add_argument("--date", type=_date, help="as-of date (default: the newest embedding date)")
+
+    profile = sub.add_parser("profile", parents=[common],
+                             help="embeddings, scores, segments, interests, RFM -> user_profiles")
+    profile.add_argument("--date", type=_date, help="as-of date (default: the newest embedding date)")
+
+    nightly = sub.add_parser("nightly", parents=[common], help="every stage for one as-of date, incrementally")
+    nightly.add_argument("--date", type=_date, help="as-of date (default: the newest raw date)")
+    nightly.add_argument("--report-out", metavar="FILE.html", help="where the report goes "
+                                                                   "(default: nightly.report_dir)")
+
+    forget = sub.add_parser("forget", parents=[common], help="delete one person from every table (erasure)")
+    forget.add_argument("--user-id", required=True, help="the raw user id as it appears in the source logs")
+
+    report = sub.add_parser("report", parents=[common], help="one self-contained HTML report")
+    report.add_argument("--out", metavar="FILE.html", help="output file (default: nightly.report_dir)")
 
     demo = sub.add_parser("demo", parents=[common], help="sample data + the pipeline on the embedded default")
     demo.add_argument("--users", type=int, help="number of sample users (default: sample.users)")
@@ -115,23 +121,9 @@ def _spark(settings: Settings) -> "SparkSession":
 
 
 def _stage(name: str, settings: Settings, spark: "SparkSession", body: Callable[..., object]) -> object:
-    """Run ``body(run)`` and record its pipeline_runs row, failed or not."""
-    from userlens.runs import StageRun, new_run_id
-    from userlens.tables import Tables
+    from userlens.runs import run_stage
 
-    run = StageRun(stage=name, run_id=os.environ.get("USERLENS_RUN_ID") or new_run_id())
-    tables = Tables(spark, settings.storage)
-    try:
-        result = body(run)
-    except BaseException as exc:
-        run.details["error"] = f"{type(exc).__name__}: {first_line(exc)}"
-        try:
-            run.record(tables, "failed")
-        except Exception:  # noqa: BLE001 - the original error is the one to report
-            log.debug("could not record the failed run", exc_info=True)
-        raise
-    run.record(tables, "succeeded")
-    return result
+    return run_stage(name, settings, spark, body)
 
 
 def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
@@ -214,13 +206,85 @@ def _print_train(result: object) -> None:
         print(f"  DP-SGD: epsilon {result.dp['epsilon']:.2f} at delta {result.dp['delta']:g}")
 
 
+def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.stages.score import require_model, run_score
+
+    require_model(settings)  # before Spark starts
+    spark = _spark(settings)
+    _print_score(_stage("score", settings, spark, lambda run: run_score(spark, settings, run, args.date)))
+    return 0
+
+
+def _print_score(r: object) -> None:
+    print(f"score: {r.scored} users scored, {r.unchanged} unchanged (model {r.model_version}, as of {r.as_of_date})")
+
+
+def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.stages.profile import run_profile
+
+    spark = _spark(settings)
+    _print_profile(_stage("profile", settings, spark, lambda run: run_profile(spark, settings, run, args.date)))
+    return 0
+
+
+def _print_profile(r: object) -> None:
+    print(f"profile: {r.users} users as of {r.as_of_date} ({r.inserted} new, {r.updated} changed rows); "
+          f"{r.segments_published} segments published, {r.segments_suppressed} suppressed as smaller than "
+          f"privacy.min_segment_size ({r.users_in_suppressed_segments} users)")
+
+
+def cmd_nightly(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.privacy import load_key
+    from userlens.stages.train import check_train_settings
+
+    key = load_key(settings.privacy)
+    check_train_settings(settings)
+    spark = _spark(settings)
+    _print_nightly(_run_nightly(spark, settings, key, args.date, args.report_out))
+    return 0
+
+
+def _run_nightly(spark: "SparkSession", settings: Settings, key: object, date: dt.date | None,
+                 report_out: str | None) -> object:
+    from userlens.stages.nightly import run_nightly
+
+    return run_nightly(spark, settings, key, date, report_out)
+
+
+def _print_nightly(result: object) -> None:
+    printers = {"embed": _print_embed, "train": _print_train, "score": _print_score, "profile": _print_profile}
+    print(f"nightly: as of {result.as_of_date}")
+    for name, stage_result in result.stages.items():
+        if name in printers:
+            printers[name](stage_result)
+    if result.report:
+        print(f"report: {result.report}")
+
+
+def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.privacy import load_key
+    from userlens.stages.forget import describe, run_forget
+
+    key = load_key(settings.privacy)
+    spark = _spark(settings)
+    result = _stage("forget", settings, spark, lambda run: run_forget(spark, settings, key, args.user_id, run))
+    print(describe(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.report import build_report
+
+    spark = _spark(settings)
+    result = _stage("report", settings, spark, lambda run: build_report(spark, settings, args.out))
+    print(f"report: {result.path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from userlens.privacy import load_key
     from userlens.sample import SampleSpec, generate_sample
-    from userlens.stages.ingest import run_ingest
-    from userlens.stages.embed import run_embed
-    from userlens.stages.textualize import run_textualize
-    from userlens.stages.train import check_train_settings, latest_version, models_root, run_train
+    from userlens.stages.train import check_train_settings, latest_version, models_root
     from userlens.tables import TABLES, Tables
 
     from pyspark.sql import functions as F
@@ -234,13 +298,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     log.info("demo: writing sample logs for %d users x %d days to %s", spec.users, spec.days, settings.source.path)
     summary = generate_sample(spark, settings.source.path, spec)
     log.info("demo: %d raw event lines written", summary.lines_written)
-    _stage("ingest", settings, spark, lambda run: run_ingest(spark, settings, key, run, None, True))
-    _stage("textualize", settings, spark, lambda run: run_textualize(spark, settings, run))
-    _print_embed(_stage("embed", settings, spark, lambda run: run_embed(spark, settings, run)))
-    if latest_version(settings) is None:
-        _print_train(_stage("train", settings, spark, lambda run: run_train(spark, settings, run)))
-    else:
-        print(f"train: model {latest_version(settings)} exists; `userlens train` trains a new one")
+    result = _run_nightly(spark, settings, key, None, None)
+    _print_nightly(result)
     tables = Tables(spark, settings.storage)
     print(f"\nuserlens demo: tables in {tables.root}")
     for name in TABLES:
@@ -248,21 +307,18 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  {name:<20} {tables.read(name).count():>10,d} rows   {tables.location(name)}")
     if latest_version(settings):
         print(f"  {'model':<20} {latest_version(settings):>21}   {models_root(settings)}")
+    if result.report:
+        print(f"  {'report':<20} {'':>21}   {result.report}")
     example = tables.read("user_texts").orderBy(F.desc("n_events")).select("text").first()
     if example is not None:
         print("\nthe text of the most active user:\n  " + example[0].replace("\n", "\n  "))
     return 0
 
 
-def cmd_not_built(args: argparse.Namespace, settings: Settings) -> int:
-    raise UserlensError(f"the {args.command} stage is not built yet (see the project's open issues)")
-
-
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "sample": cmd_sample, "ingest": cmd_ingest, "textualize": cmd_textualize, "embed": cmd_embed,
-    "train": cmd_train,
-    "demo": cmd_demo,
-    **{name: cmd_not_built for name in STAGES_NOT_BUILT},
+    "train": cmd_train, "score": cmd_score, "profile": cmd_profile, "nightly": cmd_nightly,
+    "forget": cmd_forget, "report": cmd_report, "demo": cmd_demo,
 }
 
 

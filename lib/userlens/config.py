@@ -125,6 +125,8 @@ class PrivacySettings(_Strict):
     dev_key: str | None = None
     min_segment_size: int = Field(20, ge=1)
     pii_placeholders: bool = True
+    # `userlens forget`: VACUUM keeps files removed within this many hours (Delta's own floor: 168)
+    forget_retention_hours: int = Field(168, ge=0)
 
 
 class IngestSettings(_Strict):
@@ -287,6 +289,19 @@ class TrainSettings(_Strict):
     mlflow: MlflowSettings = MlflowSettings()
 
 
+class ProfileSettings(_Strict):
+    # k-means on user embeddings; refit when the newest segment model is this old or the encoder changed
+    segments: int = Field(8, ge=2)
+    segment_refit_days: int = Field(7, ge=1)
+    interests: int = Field(3, ge=1)              # top categories per user
+    interest_half_life_days: float = Field(14.0, gt=0)
+
+
+class NightlySettings(_Strict):
+    report: bool = True                           # write the HTML report as the last stage
+    report_dir: str = "./reports"
+
+
 class Settings(_Strict):
     env: Literal["local", "cluster", "databricks"] = "local"
     spark: SparkSettings = SparkSettings()
@@ -298,6 +313,8 @@ class Settings(_Strict):
     textualize: TextualizeSettings
     embed: EmbedSettings = EmbedSettings()
     train: TrainSettings = TrainSettings()
+    profile: ProfileSettings = ProfileSettings()
+    nightly: NightlySettings = NightlySettings()
 
 
 # Fields whose value is a free-form map: a dotted --set key below them is one map key.

@@ -4,11 +4,22 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from userlens.errors import first_line
 
 from userlens.tables import Tables, table_schema
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from userlens.config import Settings
+
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +51,20 @@ class StageRun:
                  (finished - self.started_at).total_seconds(), self.rows_in, self.rows_out)
 
 
+
+
+def run_stage(name: str, settings: "Settings", spark: "SparkSession", body: Callable[[StageRun], R]) -> R:
+    """Run ``body(run)`` and record its pipeline_runs row, failed or not; the original error is re-raised."""
+    run = StageRun(stage=name, run_id=os.environ.get("USERLENS_RUN_ID") or new_run_id())
+    tables = Tables(spark, settings.storage)
+    try:
+        result = body(run)
+    except BaseException as exc:
+        run.details["error"] = f"{type(exc).__name__}: {first_line(exc)}"
+        try:
+            run.record(tables, "failed")
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            log.debug("could not record the failed run", exc_info=True)
+        raise
+    run.record(tables, "succeeded")
+    return result

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from userlens.config import StorageSettings
@@ -39,6 +40,8 @@ def _s(*fields: tuple[str, T.DataType, bool]) -> T.StructType:
 
 STR, LONG, INT, DBL, DATE, TS = T.StringType(), T.LongType(), T.IntegerType(), T.DoubleType(), T.DateType(), T.TimestampType()
 VECTOR = T.ArrayType(T.FloatType(), containsNull=False)
+STRINGS = T.ArrayType(T.StringType(), containsNull=True)
+BOOL = T.BooleanType()
 
 TABLES: dict[str, TableSpec] = {
     "events": TableSpec(
@@ -65,6 +68,26 @@ TABLES: dict[str, TableSpec] = {
     "item_embeddings": TableSpec(
         _s(("item_id", STR, False), ("model_id", STR, False), ("text_hash", STR, True), ("embedding", VECTOR, False)),
         key=("item_id",)),
+    "user_scores": TableSpec(
+        _s(("user_key", STR, False), ("as_of_date", DATE, False), ("model_version", STR, False),
+           ("text_hash", STR, False), ("purchase_propensity", DBL, True), ("churn_risk", DBL, True),
+           ("next_category", STR, True), ("next_category_p", DBL, True), ("scored_at", TS, False)),
+        key=("user_key", "as_of_date"), partition_by=("as_of_date",)),
+    "segments": TableSpec(
+        _s(("segment_id", INT, False), ("as_of_date", DATE, False), ("users", LONG, False),
+           ("published", BOOL, False), ("top_categories", STRINGS, True), ("model_version", STR, False)),
+        key=("segment_id",)),
+    "user_profiles": TableSpec(
+        _s(("user_key", STR, False), ("as_of_date", DATE, False), ("embedding", VECTOR, True),
+           ("purchase_propensity", DBL, True), ("churn_risk", DBL, True), ("next_category", STR, True),
+           ("top_categories", STRINGS, True), ("segment_id", INT, True), ("recommended_items", STRINGS, True),
+           ("recency_days", INT, True), ("frequency_30d", LONG, True), ("monetary_30d", DBL, True),
+           ("model_version", STR, True), ("updated_at", TS, False)),
+        key=("user_key",), properties={"delta.enableChangeDataFeed": "true"}),
+    "forget_log": TableSpec(
+        _s(("user_key", STR, False), ("requested_at", TS, False), ("rows_found", LONG, False),
+           ("tables", STR, False), ("files_purged", BOOL, False), ("run_id", STR, False)),
+        key=("user_key", "requested_at")),
     "pipeline_runs": TableSpec(
         _s(("run_id", STR, False), ("stage", STR, False), ("as_of_date", DATE, True), ("status", STR, False),
            ("started_at", TS, False), ("finished_at", TS, True), ("rows_in", LONG, True),
@@ -149,12 +172,21 @@ class Tables:
         self._existing.add(table)
         log.info("created table %s", self.location(table))
 
-    def replace_where(self, table: str, df: "DataFrame", condition: str) -> dict[str, int]:
+    def replace_where(self, table: str, df: "DataFrame", condition: str,
+                      unless_same: tuple[str, ...] | None = None) -> dict[str, int]:
         """Atomically replace the rows matching ``condition`` with ``df``; returns Delta's write metrics.
 
         ``numInsertedRows`` is the number of rows of ``df`` written: Delta's
         ``numOutputRows`` also counts rows it copied out of rewritten files.
+        ``unless_same`` (columns to ignore, e.g. ``("run_id",)``): when the rows
+        matching ``condition`` already equal ``df`` apart from those columns,
+        nothing is written (no new version, no new files) and
+        ``numInsertedRows`` is the size of ``df``.
         """
+        if unless_same is not None and self.exists(table):
+            stored = self.read(table).where(condition)
+            if same_rows(stored, df, unless_same):
+                return {"numInsertedRows": df.count(), "unchanged": 1}
         self.ensure(table)
         token = _commit_token()
         writer = self._writer(table, df, token).option("replaceWhere", condition)
@@ -169,21 +201,30 @@ class Tables:
         return self._commit_metrics(table, token)
 
     def merge(self, table: str, df: "DataFrame", keys: tuple[str, ...] | None = None,
-              update: bool = True, target_filter: str | None = None) -> dict[str, int]:
+              update: bool = True, target_filter: str | None = None,
+              ignore_changes: tuple[str, ...] = ()) -> dict[str, int]:
         """Upsert ``df`` on ``keys`` (default: the table's key); only changed rows are rewritten.
 
         ``target_filter`` (SQL on target columns prefixed ``t.``, e.g. a partition
-        predicate) narrows the target rows the merge reads.
+        predicate) narrows the target rows the merge reads. A row whose only
+        differences are in ``ignore_changes`` (e.g. ``updated_at``) is left as it is.
         """
         spec = _spec(table)
         keys = keys or spec.key
         source = self._conformed(table, df)
+        if update and self.exists(table):
+            # rows equal to a target row (ignored columns aside) are no-ops: drop them first, so that a
+            # MERGE with nothing to change touches no file (Delta rewrites every file with a matched row)
+            compared = [c for c in spec.schema.fieldNames() if c not in ignore_changes]
+            target = self.read(table).select(*compared).alias("_t")
+            same = [F.col(f"_s.`{c}`").eqNullSafe(F.col(f"_t.`{c}`")) for c in compared]
+            source = source.alias("_s").join(target, same, "left_anti")
         condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
         if target_filter:
             condition = f"({target_filter}) AND {condition}"
         merge = self.delta(table).alias("t").merge(source.alias("s"), condition)
         if update:
-            others = [c for c in spec.schema.fieldNames() if c not in keys]
+            others = [c for c in spec.schema.fieldNames() if c not in keys and c not in ignore_changes]
             changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in others) or None
             merge = merge.whenMatchedUpdateAll(condition=changed)
         token = _commit_token()
@@ -232,6 +273,13 @@ class Tables:
             writer.saveAsTable(self.location(table))
         else:
             writer.save(self.location(table))
+
+
+def same_rows(a: "DataFrame", b: "DataFrame", ignore: tuple[str, ...] = ()) -> bool:
+    """True when ``a`` and ``b`` hold the same multiset of rows over ``a``'s columns minus ``ignore``."""
+    columns = [c for c in a.columns if c not in ignore]
+    left, right = a.select(*columns), b.select(*[F.col(c).cast(a.schema[c].dataType) for c in columns])
+    return left.exceptAll(right).isEmpty() and right.exceptAll(left).isEmpty()
 
 
 def _commit_token() -> str:

@@ -11,6 +11,9 @@ Artifact (``<storage.models>/<version>/``)::
     model.json          format version, architecture, tasks, classes, embed model id
     feature_spec.json   feature names, transform (log1p) and normalization stats
     metrics.json        test metrics of the model and of the baseline, data counts, DP
+    test_predictions.npz, baseline_predictions.npz
+                        test labels and probabilities per task (``<task>.y``, ``<task>.p``;
+                        no user keys), for the report's ROC and calibration curves
     checkpoints/        last.pt, one per epoch (overwritten)
 
 ``load_artifact`` refuses a directory written by another format version.

@@ -234,7 +234,8 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
                              "accountant": "rdp", "sampling": "poisson", "unit": "user"}
         final = BehaviourModel(config)
         final.load_state_dict(best_state)
-        test_metrics = evaluate_files(final, config, features, list_files(f"{job['snapshot']}/split=test"))
+        test_metrics = evaluate_files(final, config, features, list_files(f"{job['snapshot']}/split=test"),
+                                      predictions_to=f"{job['artifact']}/test_predictions.npz")
         metrics = {"model": test_metrics, "baseline": job.get("baseline", {}), "data": job.get("data", {}),
                    "training": {k: v for k, v in summary.items() if k != "history"}, "history": history,
                    "snapshot_id": job["snapshot_id"], "version": job["version"]}
@@ -247,9 +248,11 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def evaluate_files(model: Any, config: Any, features: Any, files: list[str]) -> dict[str, dict[str, float]]:
+def evaluate_files(model: Any, config: Any, features: Any, files: list[str],
+                   predictions_to: str | None = None) -> dict[str, dict[str, float]]:
     """Test metrics of ``model`` on snapshot files: binary metrics per binary task, accuracy and
-    top-3 accuracy for next_category (users with a label only)."""
+    top-3 accuracy for next_category (users with a label only). ``predictions_to``: also write the
+    labels and probabilities (no user keys) as an ``.npz`` file there, for the report's curves."""
     from userlens.models import metrics as M
     from userlens.models.predictor import MULTICLASS_TASKS, predict
 
@@ -259,9 +262,22 @@ def evaluate_files(model: Any, config: Any, features: Any, files: list[str]) -> 
         raise ValueError("the test split is empty")
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     probs = predict(model, merged["x"])
+    if predictions_to:
+        save_predictions(predictions_to, {t: merged[t] for t in tasks}, probs)
     return {task: (M.multiclass_metrics(merged[task][merged[task] >= 0], probs[task][merged[task] >= 0])
                    if task in MULTICLASS_TASKS else M.binary_metrics(merged[task], probs[task]))
             for task in tasks}
+
+
+def save_predictions(uri: str, labels: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> None:
+    """``<task>.y`` and ``<task>.p`` arrays in one .npz file (no user keys)."""
+    import io
+
+    from userlens.models.predictor import write_bytes
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{f"{t}.y": labels[t] for t in labels}, **{f"{t}.p": probs[t] for t in probs})
+    write_bytes(uri, buffer.getvalue())
 
 
 def _unwrap(model: Any) -> Any:

@@ -23,7 +23,7 @@ from userlens.config import IngestSettings, Settings, SourceSettings
 from userlens.errors import SourceError, UserlensError, first_line
 from userlens.privacy import PseudonymKey, pseudonymize, scrub_pii
 from userlens.runs import StageRun
-from userlens.tables import Tables
+from userlens.tables import Tables, same_rows
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -326,10 +326,12 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
             written = tables.overwrite("events", events)
             q_condition = "source = 'events'"
         else:
-            written = tables.replace_where("events", events, f"event_date IN ({_sql_dates(todo)})")
+            written = tables.replace_where("events", events, f"event_date IN ({_sql_dates(todo)})",
+                                           unless_same=("run_id",))
             q_condition = f"source = 'events' AND (source_date IN ({_sql_dates(todo)}) OR source_date IS NULL)"
         rows_out = written.get("numInsertedRows", 0)
-        q_written = tables.replace_where("events_quarantine", quarantine, q_condition).get("numInsertedRows", 0)
+        q_written = tables.replace_where("events_quarantine", quarantine, q_condition,
+                                         unless_same=("run_id", "quarantined_at")).get("numInsertedRows", 0)
     finally:
         classified.unpersist()
 
@@ -360,9 +362,14 @@ def ingest_items(spark: "SparkSession", settings: Settings, tables: Tables, run_
     raw = read_raw(spark, source.items_location(), fmt, source.items_mapping.model_dump(), source)
     classified = classify_items(raw)
     items = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run_id))
-    written = tables.overwrite("items", items).get("numInsertedRows", 0)
+    if tables.exists("items") and same_rows(tables.read("items"), items, ("run_id",)):
+        written = tables.read("items").count()  # unchanged: no new table version, no new files
+        log.info("ingest: the item catalog is unchanged")
+    else:
+        written = tables.overwrite("items", items).get("numInsertedRows", 0)
     now = dt.datetime.now(dt.timezone.utc)
     quarantine = quarantine_rows(classified, "items", None, run_id, now)
-    q_written = tables.replace_where("events_quarantine", quarantine, "source = 'items'").get("numInsertedRows", 0)
+    q_written = tables.replace_where("events_quarantine", quarantine, "source = 'items'",
+                                     unless_same=("run_id", "quarantined_at")).get("numInsertedRows", 0)
     log.info("ingest: items %d, quarantined %d", written, q_written)
     return written, q_written

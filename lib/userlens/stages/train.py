@@ -235,7 +235,7 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
                          input_dim=dim + len(names), numeric_dim=len(names))
 
     t0 = time.perf_counter()
-    baseline = fit_baseline(stored, train.tasks, len(classes))
+    baseline = fit_baseline(stored, train.tasks, len(classes), predictions_to=f"{artifact}/baseline_predictions.npz")
     timings["baseline_seconds"] = time.perf_counter() - t0
 
     n_train = counts["train"]["users"]
@@ -378,8 +378,10 @@ def _normalization(train_rows: DataFrame, n: int) -> tuple[list[float], list[flo
     return mean, std
 
 
-def fit_baseline(snapshot: DataFrame, tasks: list[str], n_classes: int) -> dict[str, dict[str, float]]:
-    """Spark MLlib logistic regression on log1p(numeric features) only: train split -> test metrics."""
+def fit_baseline(snapshot: DataFrame, tasks: list[str], n_classes: int,
+                 predictions_to: str | None = None) -> dict[str, dict[str, float]]:
+    """Spark MLlib logistic regression on log1p(numeric features) only: train split -> test metrics
+    (and, with ``predictions_to``, the test labels and probabilities as .npz, no user keys)."""
     import numpy as np
     from pyspark.ml.classification import LogisticRegression
     from pyspark.ml.functions import array_to_vector, vector_to_array
@@ -390,10 +392,12 @@ def fit_baseline(snapshot: DataFrame, tasks: list[str], n_classes: int) -> dict[
     data = snapshot.select("split", x, *tasks)
     train_rows, test_rows = data.where(F.col("split") == "train"), data.where(F.col("split") == "test")
     out: dict[str, dict[str, float]] = {}
+    labels_out: dict[str, Any] = {}
+    probs_out: dict[str, Any] = {}
     for task in tasks:
         multiclass = task in MULTICLASS_TASKS
         fit_rows = train_rows.where(F.col(task) >= 0) if multiclass else train_rows
-        lr = LogisticRegression(featuresCol="x", labelCol=task, maxIter=100, regParam=1e-3,
+        lr = LogisticRegression(featuresCol="x", labelCol=task, maxIter=50, regParam=1e-3,
                                 family="multinomial" if multiclass else "binomial")
         model = lr.fit(fit_rows.withColumn(task, F.col(task).cast("double")))
         scored = model.transform(test_rows.where(F.col(task) >= 0) if multiclass else test_rows)
@@ -405,7 +409,13 @@ def fit_baseline(snapshot: DataFrame, tasks: list[str], n_classes: int) -> dict[
                 p = np.pad(p, ((0, 0), (0, n_classes - p.shape[1])))
             out[task] = M.multiclass_metrics(y, p)
         else:
-            out[task] = M.binary_metrics(y, p[:, 1])
+            p = p[:, 1]
+            out[task] = M.binary_metrics(y, p)
+        labels_out[task], probs_out[task] = y, p
+    if predictions_to:
+        from userlens.models.training import save_predictions
+
+        save_predictions(predictions_to, labels_out, probs_out)
     return out
 
 

@@ -1,0 +1,186 @@
+"""Train stage: DDP scaling through TorchDistributor, the stage's overhead, and the DP-SGD epsilon sweep.
+
+    .venv/bin/python bench/train.py [--rows 40000] [--epochs 3] [--users 1000] [--dp-sweep]
+
+(1) Scaling: a synthetic snapshot of --rows users (384-d embeddings, the real
+    feature count, labels from a noisy linear rule) is written with pyarrow;
+    TorchDistributor(local_mode=True) trains it for --epochs with 1 process
+    and with 2 processes (the same global batch of 256 per step per process).
+    samples/s is counted inside the training loop of every rank (process start
+    and data loading of the first step excluded); goal: 2 processes / 1 >= 1.6.
+(2) Overhead: sample logs of --users users -> ingest -> `run_train` (not
+    timed before train); wall time of the stage / time of the
+    TorchDistributor call, and / the time inside the training loop.
+(3) --dp-sweep: the model of (2) trained again on the same snapshot with
+    DP-SGD at epsilon 1, 3, 8 and without DP (1 process each); test metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+
+from userlens.config import load_settings  # noqa: E402
+from userlens.models.predictor import FeatureSpec, ModelConfig  # noqa: E402
+from userlens.privacy import load_key  # noqa: E402
+from userlens.runs import StageRun  # noqa: E402
+from userlens.sample import SampleSpec, generate_sample  # noqa: E402
+from userlens.spark import get_spark  # noqa: E402
+from userlens.stages.ingest import run_ingest  # noqa: E402
+from userlens.stages.train import distributed_fit, feature_names, run_train  # noqa: E402
+
+DIM = 384
+
+
+def synthetic_snapshot(root: Path, rows: int, n_features: int, files: int, seed: int = 0) -> None:
+    """split=train|valid|test folders of Parquet files with learnable labels."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=DIM + n_features)
+    for split, n in (("train", rows), ("valid", rows // 10), ("test", rows // 10)):
+        out = root / f"split={split}"
+        out.mkdir(parents=True)
+        for part in range(files):
+            m = n // files
+            emb = rng.normal(size=(m, DIM)).astype(np.float32)
+            feats = rng.gamma(1.0, 3.0, size=(m, n_features))
+            score = np.concatenate([emb, np.log1p(feats)], axis=1) @ w / np.sqrt(DIM) + rng.normal(size=m)
+            table = pa.table({
+                "user_key": [f"u{part}-{i}" for i in range(m)],
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), DIM).cast(
+                    pa.list_(pa.float32())),
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), n_features).cast(
+                    pa.list_(pa.float64())),
+                "purchase": (score > 0).astype(np.int32),
+                "churn": (score < -1).astype(np.int32),
+                "next_category": (np.abs(score * 3).astype(np.int32) % 8),
+            })
+            pq.write_table(table, out / f"part-{part:05d}.parquet")
+
+
+def scaling(settings, rows: int, epochs: int) -> dict[int, dict]:
+    names = feature_names(settings.ingest.event_types)
+    work = Path(tempfile.mkdtemp(prefix="userlens-bench-train-"))
+    try:
+        synthetic_snapshot(work / "snapshot", rows, len(names), files=4)
+        config = ModelConfig(tasks=["purchase", "churn", "next_category"], classes=[f"c{i}" for i in range(8)],
+                             hidden=list(settings.train.hidden), dropout=settings.train.dropout,
+                             input_dim=DIM + len(names), numeric_dim=len(names))
+        features = FeatureSpec(names, [1.0] * len(names), [1.0] * len(names), DIM, "synthetic")
+        results = {}
+        for processes in (1, 2, 1, 2):  # interleaved: the machine's noise hits both
+            job = {"snapshot": str(work / "snapshot"), "snapshot_id": "synthetic", "version": "bench",
+                   "artifact": str(work / f"model-{processes}"), "config": asdict(config),
+                   "features": asdict(features), "use_gpu": False, "batch_size": 256, "epochs": epochs,
+                   "patience": epochs, "learning_rate": 1e-3, "weight_decay": 1e-3, "seed": 1, "dp": None}
+            train = settings.train.model_copy(update={"num_processes": processes, "local_mode": True})
+            start = time.perf_counter()
+            summary = distributed_fit(job, train)
+            wall = time.perf_counter() - start
+            best = results.get(processes)
+            if best is None or summary["samples_per_second"] > best["samples_per_second"]:
+                results[processes] = {"samples_per_second": summary["samples_per_second"], "wall": wall,
+                                      "fit_seconds": summary["fit_seconds"], "samples": summary["samples"]}
+            print(f"  {processes} process(es): {summary['samples_per_second']:,.0f} samples/s in the loop, "
+                  f"{wall:.1f} s for the whole TorchDistributor call", flush=True)
+        return results
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def stage_run(spark, settings, label: str):
+    run = StageRun("train", run_id=f"bench-{label}-{os.urandom(3).hex()}")
+    start = time.perf_counter()
+    result = run_train(spark, settings, run)
+    return time.perf_counter() - start, result
+
+
+def _job_of(artifact: str, settings) -> dict:
+    """The training job of a finished stage run, rebuilt from its artifact (same snapshot, same features)."""
+    from userlens.models.predictor import read_json
+
+    metrics = read_json(f"{artifact}/metrics.json")
+    t = settings.train
+    return {"snapshot": f"{Path(artifact).parent}/snapshots/{metrics['snapshot_id']}",
+            "snapshot_id": metrics["snapshot_id"], "config": read_json(f"{artifact}/model.json"),
+            "features": read_json(f"{artifact}/feature_spec.json"), "use_gpu": False, "batch_size": t.batch_size,
+            "epochs": t.epochs, "patience": t.patience, "learning_rate": t.learning_rate,
+            "weight_decay": t.weight_decay, "seed": t.seed, "baseline": metrics["baseline"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=40_000, help="synthetic training users for the scaling run")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--users", type=int, default=1000, help="sample users for the overhead run")
+    parser.add_argument("--dp-sweep", action="store_true", help="also train with DP-SGD at epsilon 1, 3, 8")
+    args = parser.parse_args()
+
+    os.environ.setdefault("USERLENS_HMAC_KEY", "bench-hmac-key-0123456789abcdef")
+    work = Path(tempfile.mkdtemp(prefix="userlens-bench-train-wh-"))
+    base = ["spark.ui=false", "spark.log_level=ERROR", "spark.conf.spark.ui.showConsoleProgress=false",
+            f"storage.warehouse={work / 'warehouse'}", f"source.path={work / 'raw'}"]
+    settings = load_settings(None, [*base, f"storage.models={work / 'models'}"])
+    spark = get_spark(settings)
+    try:
+        print(f"(1) DDP scaling: {args.rows:,} synthetic users, {args.epochs} epochs, batch 256 per process, "
+              f"{os.cpu_count()} cores", flush=True)
+        res = scaling(settings, args.rows, args.epochs)
+        ratio = res[2]["samples_per_second"] / res[1]["samples_per_second"]
+        print(f"    samples/s 2 processes / 1 process = {ratio:.2f}  (goal >= 1.6)\n", flush=True)
+
+        print(f"(2) stage overhead: {args.users} sample users", flush=True)
+        generate_sample(spark, str(work / "raw"), SampleSpec(users=args.users, days=30))
+        run_ingest(spark, settings, load_key(settings.privacy), StageRun("ingest", "bench-ingest"), None, True)
+        wall, result = stage_run(spark, settings, "full")
+        t = result.seconds
+        print(f"    userlens train wall {wall:.1f} s; TorchDistributor call {t['distributor_seconds']:.1f} s; "
+              f"training loop {t['fit_seconds']:.1f} s; snapshot {t['snapshot_seconds']:.1f} s; "
+              f"baseline {t['baseline_seconds']:.1f} s", flush=True)
+        print(f"    wall / TorchDistributor call = {wall / t['distributor_seconds']:.2f}; "
+              f"wall / training loop = {wall / t['fit_seconds']:.1f}", flush=True)
+        print("    test AUC  model vs RFM logistic baseline: " + "; ".join(
+            f"{task} {result.model[task]['auc']:.3f} vs {result.baseline[task]['auc']:.3f}"
+            for task in ("purchase", "churn")) +
+            f"; next_category accuracy {result.model['next_category']['accuracy']:.3f} vs "
+            f"{result.baseline['next_category']['accuracy']:.3f}\n", flush=True)
+
+        if args.dp_sweep:
+            print("(3) DP-SGD sweep on the same snapshot (1 process each)", flush=True)
+            job = json.loads(json.dumps(_job_of(result.path, settings)))
+            n_train = result.users["train"]
+            delta = 10.0 ** -math.ceil(math.log10(n_train))
+            rows = []
+            for eps in (1.0, 3.0, 8.0, None):
+                job.update(artifact=str(work / f"models-dp-{eps}"), version=f"dp-{eps}", dp=None if eps is None else
+                           {"target_epsilon": eps, "target_delta": delta, "max_grad_norm": 1.0})
+                summary = distributed_fit(job, settings.train.model_copy(update={"num_processes": 1}))
+                rows.append((eps, summary))
+            print(f"    {n_train} training users, δ = {delta:g}, {settings.train.epochs} epochs planned, "
+                  f"batch {settings.train.batch_size}, clipping norm 1.0")
+            print("| target ε | achieved ε | purchase AUC | churn AUC | next_category acc |")
+            print("|---|---|---|---|---|")
+            for eps, r in rows:
+                achieved = f"{r['dp']['epsilon']:.2f}" if eps is not None else "∞ (no DP)"
+                print(f"| {eps if eps is not None else '∞'} | {achieved} | {r['test']['purchase']['auc']:.3f} "
+                      f"| {r['test']['churn']['auc']:.3f} | {r['test']['next_category']['accuracy']:.3f} |")
+    finally:
+        spark.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Profile: embeddings + scores + segments + interests + RFM -> ``user_profiles`` (MERGE, change data feed on).
+
+* **segments**: Spark MLlib k-means on the user embeddings (``profile.segments``
+  clusters), refit when the newest segment model is ``profile.segment_refit_days``
+  old or was fitted on another encoder; otherwise the saved model assigns the
+  users. Each segment is described by its members' most common top category;
+  a segment with fewer than ``privacy.min_segment_size`` users is not published
+  (``segment_id`` null in profiles, ``published = false`` and no categories in
+  ``segments``), and is counted.
+* **interests**: each user's top categories, every event weighted by
+  ``0.5 ** (age_days / interest_half_life_days)`` (Spark SQL).
+* **RFM**: recency_days, frequency_30d (events) and monetary_30d (purchase spend) as of D.
+
+One row per user; only rows whose content changed are rewritten, and only those
+get a new ``updated_at`` (the MERGE ignores ``updated_at`` when comparing), so
+a second run for the same date writes nothing.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from userlens.config import Settings
+from userlens.errors import UserlensError
+from userlens.runs import StageRun
+from userlens.stages.score import latest_per_user
+from userlens.stages.train import models_root
+from userlens.tables import Tables
+
+if TYPE_CHECKING:
+    from pyspark.ml.clustering import KMeansModel
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+def interests(events: DataFrame, as_of: dt.date, top: int, half_life_days: float) -> DataFrame:
+    """(user_key, top_categories array<string>): recency-weighted category counts up to ``as_of``."""
+    age = F.datediff(F.lit(as_of), F.col("event_date"))
+    weighted = (events.where((F.col("event_date") <= F.lit(as_of)) & F.col("category").isNotNull())
+                .groupBy("user_key", "category")
+                .agg(F.sum(F.pow(F.lit(0.5), age / F.lit(half_life_days))).alias("w")))
+    ranked = weighted.withColumn("rank", F.row_number().over(
+        Window.partitionBy("user_key").orderBy(F.desc("w"), "category"))).where(F.col("rank") <= top)
+    return ranked.groupBy("user_key").agg(
+        F.transform(F.array_sort(F.collect_list(F.struct("rank", "category"))), lambda x: x["category"])
+        .alias("top_categories"))
+
+
+def rfm(events: DataFrame, as_of: dt.date) -> DataFrame:
+    """(user_key, recency_days, frequency_30d, monetary_30d) as of ``as_of``."""
+    c = F.lit(as_of)
+    known = events.where(F.col("event_date") <= c)
+    last30 = F.col("event_date") > F.date_sub(c, 30)
+    spend = F.when(last30 & (F.col("event_type") == "purchase"),
+                   F.coalesce("price", F.lit(0.0)) * F.coalesce("quantity", F.lit(1)))
+    return known.groupBy("user_key").agg(
+        F.datediff(c, F.max("event_date")).alias("recency_days"),
+        F.sum(F.when(last30, 1).otherwise(0)).cast("long").alias("frequency_30d"),
+        F.round(F.coalesce(F.sum(spend), F.lit(0.0)), 2).alias("monetary_30d"))
+
+
+@dataclass(frozen=True)
+class SegmentModel:
+    model: "KMeansModel"
+    version: str
+    fitted: bool
+
+
+def segment_model(spark: "SparkSession", settings: Settings, embeddings: DataFrame, model_id: str,
+                  as_of: dt.date) -> SegmentModel:
+    """The current k-means model: reused while young enough and on the same encoder, else refitted."""
+    from pyspark.ml.clustering import KMeans, KMeansModel
+    from pyspark.ml.functions import array_to_vector
+
+    from userlens.models.predictor import exists, read_bytes, read_json, write_bytes, write_json
+
+    cfg = settings.profile
+    root = f"{models_root(settings)}/segments"
+    pointer = f"{root}/LATEST"
+    if exists(pointer):
+        version = read_bytes(pointer).decode().strip()
+        meta = read_json(f"{root}/{version}/segments.json")
+        age = (as_of - dt.date.fromisoformat(meta["as_of_date"])).days
+        if meta["embed_model_id"] == model_id and meta["k"] == cfg.segments and 0 <= age < cfg.segment_refit_days:
+            return SegmentModel(KMeansModel.load(f"{root}/{version}/kmeans"), version, False)
+    version = f"seg-{as_of.isoformat()}"
+    vectors = embeddings.select(array_to_vector("embedding").alias("x"))
+    n = vectors.count()
+    if n < cfg.segments:
+        raise UserlensError(f"profile: {n} users with embeddings, fewer than profile.segments={cfg.segments}")
+    model = KMeans(k=cfg.segments, seed=7, featuresCol="x", maxIter=50).fit(vectors)
+    model.write().overwrite().save(f"{root}/{version}/kmeans")
+    write_json(f"{root}/{version}/segments.json", {"as_of_date": as_of.isoformat(), "embed_model_id": model_id,
+                                                   "k": cfg.segments, "users": n})
+    write_bytes(pointer, (version + "\n").encode())
+    log.info("profile: fitted %d segments on %d users (%s)", cfg.segments, n, version)
+    return SegmentModel(model, version, True)
+
+
+def assign_segments(model: "KMeansModel", embeddings: DataFrame) -> DataFrame:
+    """(user_key, segment_id) for every user."""
+    from pyspark.ml.functions import array_to_vector
+
+    return (model.transform(embeddings.select("user_key", array_to_vector("embedding").alias("x")))
+            .select("user_key", F.col("prediction").cast("int").alias("segment_id")))
+
+
+def describe_segments(assigned: DataFrame, user_interests: DataFrame, min_size: int, as_of: dt.date,
+                      version: str, top: int = 3) -> DataFrame:
+    """segments rows: size, published (size >= min_size) and, when published, the top categories."""
+    first = user_interests.select("user_key", F.element_at("top_categories", 1).alias("category"))
+    sizes = assigned.groupBy("segment_id").agg(F.count(F.lit(1)).alias("users"))
+    cats = (assigned.join(first, "user_key").where(F.col("category").isNotNull())
+            .groupBy("segment_id", "category").count()
+            .withColumn("rank", F.row_number().over(Window.partitionBy("segment_id")
+                                                    .orderBy(F.desc("count"), "category")))
+            .where(F.col("rank") <= top)
+            .groupBy("segment_id").agg(F.transform(F.array_sort(F.collect_list(F.struct("rank", "category"))),
+                                                   lambda x: x["category"]).alias("cats")))
+    published = F.col("users") >= min_size
+    return sizes.join(cats, "segment_id", "left").select(
+        "segment_id", F.lit(as_of).alias("as_of_date"), F.col("users").cast("long").alias("users"),
+        published.alias("published"), F.when(published, F.col("cats")).alias("top_categories"),
+        F.lit(version).alias("model_version"))
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    as_of_date: dt.date
+    users: int
+    inserted: int
+    updated: int
+    segments_published: int
+    segments_suppressed: int
+    users_in_suppressed_segments: int
+    segment_model: str
+    segments_refitted: bool
+
+
+def run_profile(spark: "SparkSession", settings: Settings, run: StageRun,
+                as_of: dt.date | None = None) -> ProfileResult:
+    """Assemble and MERGE ``user_profiles`` for ``as_of`` (default: the newest embedding date)."""
+    from pyspark import StorageLevel
+
+    tables = Tables(spark, settings.storage)
+    if not tables.exists("user_embeddings"):
+        raise UserlensError("no user_embeddings: run `userlens embed` first")
+    embeddings = tables.read("user_embeddings")
+    if as_of is None:
+        as_of = embeddings.agg(F.max("as_of_date")).first()[0]
+        if as_of is None:
+            raise UserlensError("user_embeddings is empty: run `userlens embed` first")
+    run.as_of_date = as_of
+    embeddings = embeddings.where(F.col("as_of_date") <= F.lit(as_of)).select("user_key", "model_id", "embedding")
+    model_ids = [r[0] for r in embeddings.select("model_id").distinct().collect()]
+    if len(model_ids) != 1:
+        raise UserlensError(f"user_embeddings holds {len(model_ids)} encoders ({', '.join(model_ids)}): "
+                            "run `userlens embed` to bring every user to the configured model")
+    events = tables.read("events")
+    cached: list[DataFrame] = []
+
+    def cache(df: DataFrame) -> DataFrame:
+        cached.append(df.persist(StorageLevel.MEMORY_AND_DISK))
+        return cached[-1]
+
+    try:
+        embeddings = cache(embeddings)
+        seg = segment_model(spark, settings, embeddings, model_ids[0], as_of)
+        assigned = cache(assign_segments(seg.model, embeddings))
+        user_interests = cache(interests(events, as_of, settings.profile.interests,
+                                         settings.profile.interest_half_life_days))
+        segments = cache(describe_segments(assigned, user_interests, settings.privacy.min_segment_size, as_of,
+                                           seg.version))
+        tables.merge("segments", segments)
+        seg_rows = segments.select("segment_id", "users", "published").collect()
+        published_ids = [r["segment_id"] for r in seg_rows if r["published"]]
+        scores = latest_per_user(tables.read("user_scores").where(F.col("as_of_date") <= F.lit(as_of)),
+                                 "as_of_date")
+        profile = (embeddings.select("user_key", "embedding")
+                   .join(scores.select("user_key", "purchase_propensity", "churn_risk", "next_category",
+                                       "model_version"), "user_key", "left")
+                   .join(user_interests, "user_key", "left")
+                   .join(assigned, "user_key", "left")
+                   .join(rfm(events, as_of), "user_key", "left")
+                   .select("user_key", F.lit(as_of).alias("as_of_date"), "embedding", "purchase_propensity",
+                           "churn_risk", "next_category", "top_categories",
+                           F.when(F.col("segment_id").isin(published_ids), F.col("segment_id")).alias("segment_id"),
+                           F.lit(None).cast("array<string>").alias("recommended_items"),
+                           "recency_days", "frequency_30d", "monetary_30d", "model_version",
+                           F.current_timestamp().alias("updated_at")))
+        metrics = tables.merge("user_profiles", profile, ignore_changes=("updated_at",))
+        users = embeddings.count()
+    finally:
+        for df in cached:
+            df.unpersist()
+    suppressed = [r for r in seg_rows if not r["published"]]
+    result = ProfileResult(as_of, users, metrics.get("numTargetRowsInserted", 0),
+                           metrics.get("numTargetRowsUpdated", 0), len(published_ids), len(suppressed),
+                           sum(r["users"] for r in suppressed), seg.version, seg.fitted)
+    run.rows_in, run.rows_out = users, result.inserted + result.updated
+    run.details.update({"inserted": result.inserted, "updated": result.updated,
+                        "segments_published": result.segments_published,
+                        "segments_suppressed": result.segments_suppressed,
+                        "users_in_suppressed_segments": result.users_in_suppressed_segments,
+                        "segment_model": seg.version, "segments_refitted": seg.fitted,
+                        "min_segment_size": settings.privacy.min_segment_size})
+    log.info("profile: %d users as of %s (%d new, %d changed rows); %d segments published, %d suppressed "
+             "(%d users, below privacy.min_segment_size=%d)", users, as_of, result.inserted, result.updated,
+             result.segments_published, result.segments_suppressed, result.users_in_suppressed_segments,
+             settings.privacy.min_segment_size)
+    return result
+

@@ -1,0 +1,171 @@
+"""Score: the latest model artifact over user embeddings + numeric features as of D -> ``user_scores``.
+
+Incremental: a user is scored when its (text_hash, model_version) differs from
+its newest row in ``user_scores`` (a new text, hence a new embedding, or a new
+model); everyone is scored when the model version changed. The numeric
+features are computed as of D (the model predicts the ``horizon_days`` after
+D), so a user without new events keeps the score of the day their text last
+changed: recency alone does not trigger a rescore.
+
+The model is loaded once per Python worker (``_artifact``) from the model
+directory, which every executor must be able to read (a shared path or an
+object store URI). Scoring runs in ``mapInArrow``: the embedding and feature
+arrays are flattened from Arrow buffers, never built row by row in Python.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from userlens.config import Settings
+from userlens.errors import UserlensError
+from userlens.runs import StageRun
+from userlens.stages.train import latest_version, models_root, numeric_features
+from userlens.tables import Tables
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+SCORES_SCHEMA = T.StructType([
+    T.StructField("user_key", T.StringType()),
+    T.StructField("purchase_propensity", T.DoubleType()),
+    T.StructField("churn_risk", T.DoubleType()),
+    T.StructField("next_category", T.StringType()),
+    T.StructField("next_category_p", T.DoubleType()),
+])
+_LOADED: dict[str, Any] = {}
+
+
+def _artifact(path: str) -> Any:
+    """The artifact at ``path``, loaded once per Python worker process."""
+    from userlens.models.predictor import load_artifact
+
+    if path not in _LOADED:
+        _LOADED.clear()
+        _LOADED[path] = load_artifact(path)
+    return _LOADED[path]
+
+
+def _score_fn(path: str):
+    def score_batches(batches: Iterator["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
+        import numpy as np
+        import pyarrow as pa
+
+        from userlens.models.predictor import predict
+
+        artifact = _artifact(path)
+        classes = np.array(artifact.config.classes, dtype=object)
+        for batch in batches:
+            n = batch.num_rows
+            if n == 0:
+                continue
+            emb = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+            raw = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+            probs = predict(artifact.model, artifact.inputs(emb, raw))
+            out = {"user_key": batch.column("user_key")}
+            for task, column in (("purchase", "purchase_propensity"), ("churn", "churn_risk")):
+                out[column] = pa.array(probs[task].astype(np.float64)) if task in probs else pa.nulls(n, pa.float64())
+            if "next_category" in probs:
+                best = probs["next_category"].argmax(axis=1)
+                out["next_category"] = pa.array(classes[best].tolist(), pa.string())
+                out["next_category_p"] = pa.array(probs["next_category"].max(axis=1).astype(np.float64))
+            else:
+                out["next_category"], out["next_category_p"] = pa.nulls(n, pa.string()), pa.nulls(n, pa.float64())
+            yield pa.RecordBatch.from_pydict(out)
+
+    return score_batches
+
+
+def score_users(users: DataFrame, artifact_path: str) -> DataFrame:
+    """(user_key, embedding, features) -> (user_key, purchase_propensity, churn_risk, next_category,
+    next_category_p) with the model at ``artifact_path``."""
+    return users.select("user_key", "embedding", "features").mapInArrow(_score_fn(artifact_path), SCORES_SCHEMA)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    as_of_date: dt.date
+    model_version: str
+    users: int
+    scored: int
+    unchanged: int
+    no_events: int
+
+
+def require_model(settings: Settings) -> tuple[str, str]:
+    """(version, path) of the latest model; one line naming `userlens train` when there is none."""
+    version = latest_version(settings)
+    if version is None:
+        raise UserlensError(f"no model in {models_root(settings)}: run `userlens train` first")
+    return version, f"{models_root(settings)}/{version}"
+
+
+def latest_per_user(df: DataFrame, order: str) -> DataFrame:
+    """Each user's newest row by ``order``."""
+    newest = Window.partitionBy("user_key").orderBy(F.col(order).desc())
+    return df.withColumn("_rn", F.row_number().over(newest)).where("_rn = 1").drop("_rn")
+
+
+def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> ScoreResult:
+    """Score users whose embedding or model changed since their last score; MERGE into user_scores."""
+    from pyspark import StorageLevel
+
+    from userlens.models.predictor import load_artifact
+
+    version, path = require_model(settings)
+    artifact = load_artifact(path)  # on the driver only to check it (refuses other format versions)
+    tables = Tables(spark, settings.storage)
+    if not tables.exists("user_embeddings"):
+        raise UserlensError("no user_embeddings: run `userlens embed` first")
+    events = tables.read("events")
+    if as_of is None:
+        as_of = tables.read("user_embeddings").agg(F.max("as_of_date")).first()[0]
+        if as_of is None:
+            raise UserlensError("user_embeddings is empty: run `userlens embed` first")
+    run.as_of_date = as_of
+    model_id = artifact.features.embed_model_id
+    embeddings = tables.read("user_embeddings").where(F.col("as_of_date") <= F.lit(as_of))
+    wrong = embeddings.where(F.col("model_id") != model_id).limit(1).count()
+    if wrong:
+        raise UserlensError(f"user_embeddings were made with another encoder than model {version} "
+                            f"(trained on {model_id}): run `userlens embed` with that model, or `userlens train`")
+    feats = numeric_features(events, as_of, settings.ingest.event_types)
+    current = embeddings.select("user_key", "text_hash", "embedding").join(feats, "user_key", "left")
+    scored_before = latest_per_user(tables.read("user_scores").where(F.col("as_of_date") <= F.lit(as_of)),
+                                    "as_of_date").select("user_key", F.col("text_hash").alias("_h"),
+                                                         F.col("model_version").alias("_v"))
+    tagged = current.join(scored_before, "user_key", "left").withColumn(
+        "_todo", F.col("_h").isNull() | (F.col("_h") != F.col("text_hash")) | (F.col("_v") != F.lit(version)))
+    tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = tagged.agg(F.count(F.lit(1)).alias("users"), F.sum(F.col("_todo").cast("int")).alias("todo"),
+                            F.sum(F.col("features").isNull().cast("int")).alias("no_features")).first()
+        todo = tagged.where("_todo").withColumn(
+            "features", F.coalesce("features", F.array_repeat(F.lit(0.0), len(artifact.features.names))))
+        scores = score_users(todo, path)
+        rows = scores.join(todo.select("user_key", "text_hash"), "user_key").select(
+            "user_key", F.lit(as_of).alias("as_of_date"), F.lit(version).alias("model_version"), "text_hash",
+            "purchase_propensity", "churn_risk", "next_category", "next_category_p",
+            F.current_timestamp().alias("scored_at"))
+        written = tables.merge("user_scores", rows) if (counts["todo"] or 0) > 0 else {}
+    finally:
+        tagged.unpersist()
+    scored = written.get("numTargetRowsInserted", 0) + written.get("numTargetRowsUpdated", 0)
+    result = ScoreResult(as_of, version, counts["users"], scored, counts["users"] - (counts["todo"] or 0),
+                         counts["no_features"] or 0)
+    run.rows_in, run.rows_out = result.users, result.scored
+    run.details.update({"model_version": version, "scored": result.scored, "unchanged": result.unchanged,
+                        "users_without_events": result.no_events})
+    log.info("score: %d users as of %s with model %s: %d scored, %d unchanged", result.users, as_of, version,
+             result.scored, result.unchanged)
+    return result

@@ -1,0 +1,139 @@
+"""Nightly end to end on real Spark, Delta, MiniLM and TorchDistributor: every stage writes its tables and
+its pipeline_runs row; a second run for the same date writes no data file; the next day with new events
+for 1% of users re-embeds and re-scores only those; profiles are readable by an independent Delta reader."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+
+from conftest import make_settings
+from userlens.errors import UserlensError
+from userlens.privacy import load_key
+from userlens.runs import StageRun
+from userlens.sample import SampleSpec, generate_sample
+from userlens.stages.nightly import run_nightly, train_due
+from userlens.stages.score import run_score
+from userlens.tables import TABLES, Tables
+
+USERS, DAYS, START = 200, 14, dt.date(2026, 10, 1)
+LAST = START + dt.timedelta(days=DAYS - 1)
+OVERRIDES = ["train.epochs=4", "train.patience=2", "train.batch_size=32", "train.min_users=40",
+             "train.min_class_users=3", "profile.segments=4", "privacy.min_segment_size=10", "nightly.report=false"]
+DATA_TABLES = [t for t in TABLES if t != "pipeline_runs"]
+
+
+@pytest.fixture(scope="module")
+def night(spark, tmp_path_factory):
+    root = tmp_path_factory.mktemp("nightly")
+    settings = make_settings(root, *OVERRIDES)
+    generate_sample(spark, settings.source.path, SampleSpec(users=USERS, days=DAYS, seed=5, start_date=START))
+    first = run_nightly(spark, settings, load_key(settings.privacy))
+    return root, settings, first
+
+
+def data_files(tables: Tables) -> dict[str, set[str]]:
+    return {t: set(tables.read(t).inputFiles()) for t in DATA_TABLES if tables.exists(t)}
+
+
+def test_first_night_runs_every_stage(spark, night):
+    _, settings, first = night
+    tables = Tables(spark, settings.storage)
+    assert first.as_of_date == LAST
+    assert list(first.stages) == ["ingest", "textualize", "embed", "train", "score", "profile"]
+    users = tables.read("user_embeddings").count()
+    assert users > 150
+    assert first.stages["score"].scored == users
+    profiles = tables.read("user_profiles")
+    assert profiles.count() == users
+    row = profiles.where(F.col("segment_id").isNotNull()).first()
+    assert row is not None and 0.0 <= row["purchase_propensity"] <= 1.0 and 0.0 <= row["churn_risk"] <= 1.0
+    assert len(row["embedding"]) == 384 and 1 <= len(row["top_categories"]) <= 3
+    assert row["model_version"] == first.stages["train"].version
+    assert profiles.where(F.col("recency_days") < 0).count() == 0
+    runs = tables.read("pipeline_runs").where(F.col("as_of_date") == F.lit(LAST))
+    assert {r["stage"] for r in runs.select("stage").collect()} >= {"ingest", "textualize", "embed", "train",
+                                                                   "score", "profile"}
+    assert runs.where(F.col("status") != "succeeded").count() == 0
+    # segments below privacy.min_segment_size are published nowhere
+    small = tables.read("segments").where(F.col("users") < 10)
+    assert small.where(F.col("published") | F.col("top_categories").isNotNull()).count() == 0
+    hidden = [r[0] for r in small.select("segment_id").collect()]
+    if hidden:
+        assert profiles.where(F.col("segment_id").isin(hidden)).count() == 0
+
+
+def test_profiles_are_readable_by_an_independent_delta_reader(spark, night):
+    from deltalake import DeltaTable
+
+    _, settings, _ = night
+    tables = Tables(spark, settings.storage)
+    independent = DeltaTable(tables.location("user_profiles")).to_pyarrow_table()
+    assert independent.num_rows == tables.read("user_profiles").count()
+    assert independent.column_names == tables.read("user_profiles").columns
+    props = DeltaTable(tables.location("user_profiles")).metadata().configuration
+    assert props.get("delta.enableChangeDataFeed") == "true"
+
+
+def test_second_run_for_the_same_date_writes_no_data(spark, night):
+    _, settings, first = night
+    tables = Tables(spark, settings.storage)
+    before = data_files(tables)
+    again = run_nightly(spark, settings, load_key(settings.privacy), LAST)
+    assert "train" not in again.stages  # the model is fresh
+    assert again.stages["embed"].users.embedded == 0 and again.stages["score"].scored == 0
+    assert again.stages["profile"].inserted == 0 and again.stages["profile"].updated == 0
+    assert data_files(tables) == before
+
+
+def test_next_day_with_one_percent_active_reembeds_and_rescores_only_them(spark, night):
+    root, settings, first = night
+    tables = Tables(spark, settings.storage)
+    day = LAST + dt.timedelta(days=1)
+    active = _copy_events_to(Path(settings.source.path), LAST, day, n_users=2)
+    assert train_due(settings, day) is None
+    result = run_nightly(spark, settings, load_key(settings.privacy), day)
+    assert result.stages["ingest"].rows_out > 0
+    assert result.stages["embed"].users.embedded == len(active)
+    assert result.stages["score"].scored == len(active)
+    scored_today = tables.read("user_scores").where(F.col("as_of_date") == F.lit(day)).count()
+    assert scored_today == len(active)
+    profiles = tables.read("user_profiles")
+    assert profiles.where(F.col("as_of_date") == F.lit(day)).count() == profiles.count()
+
+
+def test_score_without_a_model_names_the_command(spark, tmp_path):
+    settings = make_settings(tmp_path)
+    with pytest.raises(UserlensError, match=r"^no model in .*: run `userlens train` first$"):
+        run_score(spark, settings, StageRun("score", "r"))
+
+
+def _copy_events_to(raw: Path, source_day: dt.date, day: dt.date, n_users: int) -> set[str]:
+    """Raw lines of ``n_users`` users from ``source_day`` rewritten as events of ``day``."""
+    lines = []
+    for path in sorted((raw / "events" / f"event_date={source_day}").glob("part-*")):
+        lines += [line for line in path.read_text().splitlines() if line.strip()]
+    chosen: list[str] = []
+    out = []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        user = event.get("user_id")
+        if not user or not str(event.get("ts", "")).startswith(source_day.isoformat()):
+            continue
+        if user not in chosen:
+            if len(chosen) == n_users:
+                continue
+            chosen.append(user)
+        event["ts"] = day.isoformat() + event["ts"][10:]
+        event["event_id"] = "next" + event["event_id"]
+        out.append(json.dumps(event, sort_keys=True, separators=(",", ":")))
+    folder = raw / "events" / f"event_date={day}"
+    folder.mkdir(parents=True)
+    (folder / "part-00000.txt").write_text("\n".join(out) + "\n")
+    return set(chosen)

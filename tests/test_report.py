@@ -1,0 +1,148 @@
+"""The HTML report on small real Delta tables and a fake-but-real model artifact directory."""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_settings
+from userlens.errors import UserlensError
+from userlens.models.predictor import write_bytes, write_json
+from userlens.report import build_report, roc_points
+from userlens.tables import Tables, table_schema
+
+AS_OF = dt.date(2026, 10, 30)
+HOSTILE = "<script>alert(1)</script>"
+HIDDEN = "hiddencategoryofasmallsegment"
+VERSION = "20261030T010203Z-abcdef12"
+
+
+def _user(i: int) -> str:
+    return f"userkey-{i:04d}"  # '-' is not in the base64 alphabet, so no image can contain it
+
+
+def _predictions(rng: np.random.Generator, n: int, skill: float) -> bytes:
+    arrays = {}
+    for task in ("purchase", "churn"):
+        y = rng.integers(0, 2, n)
+        arrays[f"{task}.y"] = y
+        arrays[f"{task}.p"] = np.clip(0.5 + skill * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1)
+    arrays["next_category.y"] = rng.integers(0, 3, n)
+    arrays["next_category.p"] = rng.dirichlet(np.ones(3), n)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _write_artifact(models: Path) -> None:
+    rng = np.random.default_rng(0)
+    root = f"{models}/{VERSION}"
+    binary = {"auc": 0.82, "pr_auc": 0.7, "log_loss": 0.5, "ece": 0.03, "n": 200, "positives": 90}
+    write_json(f"{root}/model.json", {"format_version": 1, "tasks": ["purchase", "churn", "next_category"],
+                                      "classes": ["books", "garden", HOSTILE], "hidden": [8], "dropout": 0.1,
+                                      "input_dim": 10, "numeric_dim": 2})
+    write_json(f"{root}/metrics.json", {
+        "model": {"purchase": binary, "churn": {**binary, "auc": 0.88},
+                  "next_category": {"accuracy": 0.47, "top3_accuracy": 0.81, "n": 150}},
+        "baseline": {"purchase": {**binary, "auc": 0.8}, "churn": {**binary, "auc": 0.86},
+                     "next_category": {"accuracy": 0.23, "top3_accuracy": 0.6, "n": 150}},
+        "data": {"as_of_date": AS_OF.isoformat(), "cutoff": "2026-10-23", "horizon_days": 7,
+                 "splits": {s: {"users": n, "purchase": 5, "churn": 3, "next_category": 4}
+                            for s, n in (("train", 700), ("valid", 150), ("test", 200))}},
+        "training": {"dp": {"epsilon": 3.21, "delta": 1e-3, "unit": "user"}, "best_epoch": 3},
+        "recommendations": {"<b>popularity</b>": {"hr@10": 0.1, "ndcg@10": 0.05},
+                            "two-tower": {"hr@10": 0.2, "ndcg@10": 0.11}},
+    })
+    write_bytes(f"{root}/test_predictions.npz", _predictions(rng, 200, 0.5))
+    write_bytes(f"{root}/baseline_predictions.npz", _predictions(rng, 200, 0.3))
+    write_bytes(f"{models}/LATEST", (VERSION + "\n").encode())
+
+
+def _write_tables(spark, settings) -> None:
+    tables = Tables(spark, settings.storage)
+    rng = np.random.default_rng(1)
+    now = dt.datetime(2026, 10, 30, 3, 0, 0)
+    earlier = AS_OF - dt.timedelta(days=1)
+    scores = [(_user(i), day, VERSION, f"h{i}", float(rng.uniform()), float(rng.uniform()), "books", 0.4, now)
+              for i in range(40) for day in ((earlier, AS_OF) if i % 2 else (earlier,))]
+    tables.merge("user_scores", spark.createDataFrame(scores, table_schema("user_scores")))
+    segments = [(0, AS_OF, 50, True, [HOSTILE, "books"], VERSION),
+                (1, AS_OF, 30, True, ["garden"], VERSION),
+                (2, AS_OF, 3, False, [HIDDEN], VERSION)]  # unpublished: its categories must not show
+    tables.merge("segments", spark.createDataFrame(segments, table_schema("segments")))
+    profiles = [(_user(i), AS_OF, [float(v) for v in rng.normal(i % 3, 1.0, 8)], 0.5, 0.2, "books", ["books"],
+                 i % 3 if i % 3 != 2 else None, None, 3, 4, 10.0, VERSION, now) for i in range(60)]
+    tables.merge("user_profiles", spark.createDataFrame(profiles, table_schema("user_profiles")))
+    runs = [("run-1", "ingest", earlier, "succeeded", now - dt.timedelta(days=1),
+             now - dt.timedelta(days=1) + dt.timedelta(seconds=5), 1000, 990, "{}"),
+            ("run-2", "ingest", AS_OF, "succeeded", now, now + dt.timedelta(seconds=10), 2000, 1990, "{}"),
+            ("run-2", "score", AS_OF, "succeeded", now, now + dt.timedelta(seconds=4), 40, 20, "{}"),
+            ("run-2", "train", AS_OF, "failed", now, now + dt.timedelta(seconds=2), None, None,
+             '{"error": "UserlensError: <img src=x onerror=alert(2)>"}')]
+    tables.merge("pipeline_runs", spark.createDataFrame(runs, table_schema("pipeline_runs")))
+
+
+def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, f"nightly.report_dir={tmp_path / 'reports'}")
+    _write_artifact(tmp_path / "models")
+    _write_tables(spark, settings)
+
+    result = build_report(spark, settings)
+
+    assert Path(result.path) == tmp_path / "reports" / f"userlens-report-{AS_OF.isoformat()}.html"
+    assert result.rendered == ["model", "scores", "segments", "embeddings", "recommendations", "runs"]
+    assert result.skipped == []
+    page = Path(result.path).read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page
+    assert "<script" not in page.lower() and "<img src=x" not in page
+    assert "<link" not in page and "@import" not in page and "url(" not in page
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) >= 4
+    assert len(re.findall(r"<img ", page)) == page.count("data:image/png;base64,")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page   # a failed run's error, escaped
+    assert "&lt;b&gt;popularity&lt;/b&gt;" in page        # a recommendation method, escaped
+    assert HIDDEN not in page
+    assert "1 suppressed" in page
+    assert "userkey-" not in page                          # no user keys
+    assert "&epsilon; = 3.2100" in page and "2026-10-23" in page
+    assert "not available yet" not in page
+    # each user's newest score: 40 users, not the 20 rescored on the latest date
+    assert "purchase_propensity: 40 users" in page
+
+
+def test_empty_warehouse_and_models_build_with_notes(spark, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    out = tmp_path / "out" / "report.html"
+
+    result = build_report(spark, settings, str(out))
+
+    assert result.path == str(out) and result.rendered == []
+    assert len(result.skipped) == 6
+    page = out.read_text(encoding="utf-8")
+    assert page.count("not available yet: run") == 6
+    for stage in ("train", "score", "profile", "nightly"):
+        assert f"<code>userlens {stage}</code>" in page
+    assert "data:image/png" not in page and "http" not in page
+
+
+def test_missing_matplotlib_names_the_extra(spark, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(UserlensError, match=r"pip install 'userlens\[report\]'"):
+        build_report(spark, make_settings(tmp_path))
+    assert not (tmp_path / "reports").exists()
+
+
+def test_roc_points_match_scikit_learn() -> None:
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    p = np.round(rng.uniform(size=300), 2)  # ties
+    fpr, tpr = roc_points(y, p)
+    ref_fpr, ref_tpr, _ = metrics.roc_curve(y, p, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr)
+    np.testing.assert_allclose(tpr, ref_tpr)
