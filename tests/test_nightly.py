@@ -54,6 +54,18 @@ def test_first_night_runs_every_stage(spark, night):
     assert len(row["embedding"]) == 384 and 1 <= len(row["top_categories"]) <= 3
     assert row["model_version"] == first.stages["train"].version
     assert profiles.where(F.col("recency_days") < 0).count() == 0
+
+    # recommendations: k catalogue items per user, never an item the user already bought
+    k = settings.train.recommend.k
+    recs = {r["user_key"]: r["recommended_items"] for r in profiles.select("user_key", "recommended_items").collect()}
+    assert all(items is not None and len(items) == k == len(set(items)) for items in recs.values())
+    catalogue = {r[0] for r in tables.read("items").select("item_id").collect()}
+    assert set().union(*recs.values()) <= catalogue
+    bought = (tables.read("events").where(F.col("event_type") == "purchase").groupBy("user_key")
+              .agg(F.collect_set("item_id").alias("b")).collect())
+    assert sum(bool(r["b"]) for r in bought) > 50
+    assert all(not set(recs[r["user_key"]]) & set(r["b"]) for r in bought if r["user_key"] in recs)
+    assert len({tuple(v) for v in recs.values()}) > 5  # personal, not one list for everyone
     runs = tables.read("pipeline_runs").where(F.col("as_of_date") == F.lit(LAST))
     assert {r["stage"] for r in runs.select("stage").collect()} >= {"ingest", "textualize", "embed", "train",
                                                                    "score", "profile"}
@@ -103,6 +115,21 @@ def test_next_day_with_one_percent_active_reembeds_and_rescores_only_them(spark,
     assert scored_today == len(active)
     profiles = tables.read("user_profiles")
     assert profiles.where(F.col("as_of_date") == F.lit(day)).count() == profiles.count()
+
+
+def test_a_table_from_an_older_userlens_gains_the_new_columns(spark, tmp_path):
+    """user_scores written before recommended_items existed: the column is added, rows are kept."""
+    settings = make_settings(tmp_path)
+    location = Tables(spark, settings.storage).location("user_scores")
+    old = TABLES["user_scores"].schema
+    old_schema = type(old)([f for f in old.fields if f.name != "recommended_items"])
+    row = {"user_key": "u1", "as_of_date": LAST, "model_version": "v0", "text_hash": "h", "purchase_propensity": 0.5,
+           "churn_risk": 0.1, "next_category": "pets", "next_category_p": 0.3, "scored_at": dt.datetime(2026, 10, 1)}
+    spark.createDataFrame([row], old_schema).write.format("delta").save(location)
+    tables = Tables(spark, settings.storage)
+    upgraded = tables.read("user_scores")
+    assert upgraded.columns == [f.name for f in old.fields]
+    assert upgraded.count() == 1 and upgraded.first()["recommended_items"] is None
 
 
 def test_score_without_a_model_names_the_command(spark, tmp_path):

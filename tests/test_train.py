@@ -15,14 +15,14 @@ from pyspark.sql import functions as F
 from conftest import make_settings
 from userlens.errors import ConfigError, UserlensError
 from userlens.models.predictor import FORMAT_VERSION, list_files, load_artifact, write_json
-from userlens.models.training import evaluate_files
+from userlens.models.training import Catalogue, evaluate_files, evaluate_recommendations
 from userlens.privacy import load_key
 from userlens.runs import StageRun
 from userlens.sample import SampleSpec, generate_sample
 from userlens.stages.ingest import run_ingest
 from userlens.stages.textualize import build_user_texts
-from userlens.stages.train import (_check_counts, check_train_settings, cutoff, labelled_users, latest_version,
-                                   run_train)
+from userlens.stages.train import (_check_counts, check_train_settings, cutoff, item_history, labelled_users,
+                                   latest_version, run_train)
 from userlens.tables import Tables
 
 AS_OF = dt.date(2026, 10, 21)  # the sample's last day
@@ -103,7 +103,8 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
     artifact = load_artifact(result.path)
     metrics = artifact.metrics
     assert metrics["training"]["world_size"] == 2
-    assert set(metrics["model"]) == set(metrics["baseline"]) == {"purchase", "churn", "next_category"}
+    assert set(metrics["model"]) == {"purchase", "churn", "next_category", "recommend"}
+    assert set(metrics["baseline"]) == {"purchase", "churn", "next_category", "recommend_popularity", "recommend_als"}
     for task in ("purchase", "churn"):
         for name in ("auc", "pr_auc", "log_loss", "ece"):
             assert 0.0 <= metrics["model"][task][name] and 0.0 <= metrics["baseline"][task][name]
@@ -120,11 +121,25 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
     assert Path(result.path, "checkpoints", "last.pt").is_file()
 
     # the artifact, loaded back, gives the recorded test metrics
-    again = evaluate_files(artifact.model, artifact.config, artifact.features,
-                           list_files(f"{snapshot}/split=test"))
+    test_files = list_files(f"{snapshot}/split=test")
+    again = evaluate_files(artifact.model, artifact.config, artifact.features, test_files)
+    rec = settings.train.recommend
+    catalogue = Catalogue(artifact.item_ids, artifact.model.rec.item_text[:-1].numpy(),
+                          artifact.model.rec.log_q[:-1].numpy(), rec.history, rec.history_half_life_days)
+    again["recommend"] = evaluate_recommendations(artifact.model, artifact.features, artifact.config.tasks,
+                                                  test_files, catalogue, rec.k)
     for task, values in metrics["model"].items():
         for name, value in values.items():
             assert again[task][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, name)
+
+    # the recommenders are evaluated side by side on the same test users
+    k = rec.k
+    two_tower, popularity, als = (metrics["model"]["recommend"], metrics["baseline"]["recommend_popularity"],
+                                  metrics["baseline"]["recommend_als"])
+    assert two_tower["users"] == popularity["users"] == als["users"] > 10
+    for m in (two_tower, popularity, als):
+        assert 0.0 <= m[f"recall@{k}"] <= m[f"hit_rate@{k}"] <= 1.0 and 0.0 <= m[f"ndcg@{k}"] <= 1.0
+    assert popularity[f"recall@{k}"] > 0.0  # the sample's buyers favour popular items
 
     details = run.details  # what the CLI records in pipeline_runs
     assert details["version"] == result.version and details["world_size"] == 2
@@ -134,7 +149,7 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
 
 def test_dp_sgd_reports_its_epsilon(spark, warehouse, tmp_path):
     settings = settings_for(warehouse, tmp_path, *SMALL, "train.num_processes=1", "train.dp.enabled=true",
-                            "train.dp.target_epsilon=3")
+                            "train.dp.target_epsilon=3", "train.recommend.enabled=false")
     result, _ = train(spark, settings)
     dp = load_artifact(result.path).metrics["training"]["dp"]
     assert result.dp == dp
@@ -183,6 +198,46 @@ def test_missing_opacus_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     settings = make_settings(tmp_path, "train.dp.enabled=true")
     with pytest.raises(ConfigError, match=r"^train.dp.enabled: DP-SGD needs Opacus.*pip install 'userlens\[privacy\]'$"):
         check_train_settings(settings)
+
+
+def test_dp_with_the_recommendation_head_is_refused_before_spark(tmp_path):
+    settings = make_settings(tmp_path, "train.dp.enabled=true")
+    with pytest.raises(ConfigError, match=r"^train.recommend.enabled: .*cannot be trained with DP-SGD"):
+        check_train_settings(settings)
+
+
+def test_item_history_is_point_in_time(spark, warehouse):
+    """History and earlier purchases come from events up to the cutoff only, positives after it only,
+    and an item bought before the cutoff is never a positive."""
+    settings = make_settings(warehouse)
+    events = Tables(spark, settings.storage).read("events")
+    cut = cutoff(AS_OF, 7)
+    rows = {r["user_key"]: r for r in item_history(events, cut, AS_OF, 5).collect()}
+    ev = events.where(F.col("item_id").isNotNull()).select("user_key", "item_id", "event_type", "event_date").collect()
+    before = {}
+    bought_before, bought_after = {}, {}
+    for e in ev:
+        if e["event_date"] <= cut:
+            before.setdefault(e["user_key"], {})
+            before[e["user_key"]][e["item_id"]] = max(before[e["user_key"]].get(e["item_id"], e["event_date"]),
+                                                      e["event_date"])
+            if e["event_type"] == "purchase":
+                bought_before.setdefault(e["user_key"], set()).add(e["item_id"])
+        elif e["event_date"] <= AS_OF and e["event_type"] == "purchase":
+            bought_after.setdefault(e["user_key"], set()).add(e["item_id"])
+    assert set(rows) == set(before) | set(bought_after)
+    checked = 0
+    for user, r in rows.items():
+        items = before.get(user, {})
+        assert len(r["hist_items"]) == min(5, len(items)) == len(r["hist_ages"])
+        assert all(item in items and (cut - items[item]).days == age for item, age in zip(r["hist_items"], r["hist_ages"]))
+        assert r["hist_ages"] == sorted(r["hist_ages"])  # newest first
+        if len(items) > 5:  # the 5 kept are the newest
+            assert max(r["hist_ages"]) <= sorted((cut - d).days for d in items.values())[4]
+        assert set(r["bought"]) == bought_before.get(user, set())
+        assert set(r["next_items"]) == bought_after.get(user, set()) - bought_before.get(user, set())
+        checked += bool(r["next_items"])
+    assert checked > 20
 
 
 def test_numeric_features_are_finite_and_named(spark, warehouse):

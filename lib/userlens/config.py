@@ -255,6 +255,29 @@ class DPSettings(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
 
 
+class AlsSettings(_Strict):
+    """Spark MLlib ALS (implicit feedback), the collaborative-filtering baseline of the recommender."""
+
+    rank: int = Field(32, ge=1)
+    max_iter: int = Field(10, ge=1)
+    reg_param: float = Field(0.05, ge=0)
+    alpha: float = Field(10.0, gt=0)
+
+
+class RecommendSettings(_Strict):
+    """The two-tower recommendation head trained in the train stage's TorchDistributor run."""
+
+    enabled: bool = True
+    k: int = Field(10, ge=1, le=1000)            # items published per user and evaluated (recall@k, nDCG@k)
+    dim: int = Field(64, ge=4)                   # the towers' output dimension
+    hidden: int = Field(256, ge=4)               # the user tower's hidden width
+    history: int = Field(50, ge=1)               # newest distinct items of a user's history that are pooled
+    history_half_life_days: float = Field(14.0, gt=0)
+    weight: float = Field(1.0, gt=0)             # the recommendation loss's weight beside the task losses
+    eval_users: int = Field(20_000, ge=1)        # test users evaluated (a hash sample above this)
+    als: AlsSettings = AlsSettings()
+
+
 class MlflowSettings(_Strict):
     enabled: bool = False
     tracking_uri: str | None = None
@@ -286,6 +309,7 @@ class TrainSettings(_Strict):
     # a new model is trained when none exists or the newest is at least this many days old
     retrain_days: int = Field(7, ge=1)
     dp: DPSettings = DPSettings()
+    recommend: RecommendSettings = RecommendSettings()
     mlflow: MlflowSettings = MlflowSettings()
 
 
@@ -302,6 +326,43 @@ class NightlySettings(_Strict):
     report_dir: str = "./reports"
 
 
+DatasetAdapter = Literal["movielens-100k", "movielens", "amazon", "sequences", "retailrocket"]
+
+
+class DatasetSettings(_Strict):
+    """A public dataset read as distributed (presets: conf/datasets/<name>.yaml; docs/datasets.md).
+
+    With an adapter set, ingest and ``userlens evaluate`` read ``source.path`` through
+    :mod:`userlens.datasets` instead of ``source.format`` / ``source.mapping``."""
+
+    adapter: DatasetAdapter | None = None
+    # relative to source.path (or absolute); null: the adapter's own file names
+    events_file: str | None = None
+    items_file: str | None = None
+    # text encoding of the item file; null: ISO-8859-1 for MovieLens u.item and .dat files, else UTF-8
+    encoding: str | None = None
+
+
+class EvaluateSettings(_Strict):
+    """``userlens evaluate``: what counts as an interaction, the seed, and the baselines' parameters."""
+
+    # event types that are interactions in the ranking protocols (empty: ingest.item_event_types)
+    interactions: list[str] = []
+    seed: int = 13
+    # next-window: the H of "active / purchase in the next H days" (null: train.horizon_days)
+    horizon_days: int | None = Field(None, ge=1)
+    # Spark MLlib ALS, implicit feedback (the count of a user's events with an item is the rating)
+    als_rank: int = Field(64, ge=1)
+    als_max_iter: int = Field(15, ge=1)
+    als_reg_param: float = Field(0.05, ge=0)
+    als_alpha: float = Field(10.0, gt=0)
+    # item-kNN (SAR-style): Jaccard item co-occurrence, user affinity decayed with this half-life (null: none)
+    knn_half_life_days: float | None = Field(30.0, gt=0)
+    knn_neighbors: int = Field(100, ge=1)        # most similar items kept per item
+    knn_history: int = Field(200, ge=1)          # newest distinct items per user counted in co-occurrence
+    userlens: bool = True                        # the userlens rows (false: baselines only)
+
+
 class Settings(_Strict):
     env: Literal["local", "cluster", "databricks"] = "local"
     spark: SparkSettings = SparkSettings()
@@ -315,6 +376,8 @@ class Settings(_Strict):
     train: TrainSettings = TrainSettings()
     profile: ProfileSettings = ProfileSettings()
     nightly: NightlySettings = NightlySettings()
+    dataset: DatasetSettings = DatasetSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
 
 
 # Fields whose value is a free-form map: a dotted --set key below them is one map key.

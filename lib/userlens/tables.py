@@ -71,7 +71,8 @@ TABLES: dict[str, TableSpec] = {
     "user_scores": TableSpec(
         _s(("user_key", STR, False), ("as_of_date", DATE, False), ("model_version", STR, False),
            ("text_hash", STR, False), ("purchase_propensity", DBL, True), ("churn_risk", DBL, True),
-           ("next_category", STR, True), ("next_category_p", DBL, True), ("scored_at", TS, False)),
+           ("next_category", STR, True), ("next_category_p", DBL, True), ("scored_at", TS, False),
+           ("recommended_items", STRINGS, True)),
         key=("user_key", "as_of_date"), partition_by=("as_of_date",)),
     "segments": TableSpec(
         _s(("segment_id", INT, False), ("as_of_date", DATE, False), ("users", LONG, False),
@@ -108,6 +109,7 @@ class Tables:
         if not self.use_catalog and not storage.warehouse:
             raise UserlensError("storage.warehouse is empty; set it, or storage.catalog and storage.schema")
         self._existing: set[str] = set()
+        self._upgraded: set[str] = set()
         self.root = storage.warehouse if _SCHEME.match(storage.warehouse or "") else os.path.abspath(storage.warehouse)
 
     # -- names -------------------------------------------------------------
@@ -141,6 +143,10 @@ class Tables:
         """The table as a DataFrame; an empty one with the declared schema if it does not exist yet."""
         if not self.exists(table):
             return self.spark.createDataFrame([], _spec(table).schema)
+        self._add_new_columns(table, _spec(table))
+        return self._load(table)
+
+    def _load(self, table: str) -> "DataFrame":
         if self.use_catalog:
             return self.spark.read.table(self.location(table))
         return self.spark.read.format("delta").load(self.location(table))
@@ -155,11 +161,13 @@ class Tables:
 
     # -- writing -----------------------------------------------------------
     def ensure(self, table: str) -> None:
-        """Create the table with its declared schema if it does not exist."""
+        """Create the table with its declared schema if it does not exist; add the nullable columns a
+        newer userlens declares to a table that does."""
         from delta.tables import DeltaTable
 
         spec = _spec(table)
         if self.exists(table):
+            self._add_new_columns(table, spec)
             return
         builder = DeltaTable.createIfNotExists(self.spark)
         builder = builder.tableName(self.location(table)) if self.use_catalog else builder.location(self.location(table))
@@ -171,6 +179,22 @@ class Tables:
         builder.execute()
         self._existing.add(table)
         log.info("created table %s", self.location(table))
+
+    def _add_new_columns(self, table: str, spec: TableSpec) -> None:
+        """Columns a newer userlens declares (always nullable) are added to an existing table, once."""
+        if table in self._upgraded:
+            return
+        have = {f.name for f in self._load(table).schema.fields}
+        new = [f for f in spec.schema.fields if f.name not in have]
+        if new:
+            bad = [f.name for f in new if not f.nullable]
+            if bad:
+                raise UserlensError(f"table {self.location(table)} lacks required column(s) {', '.join(bad)}: "
+                                    "it was written by another userlens; rebuild it")
+            columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in new)
+            self.spark.sql(f"ALTER TABLE {self.sql_name(table)} ADD COLUMNS ({columns})")
+            log.info("table %s: added column(s) %s", self.location(table), ", ".join(f.name for f in new))
+        self._upgraded.add(table)
 
     def replace_where(self, table: str, df: "DataFrame", condition: str,
                       unless_same: tuple[str, ...] | None = None) -> dict[str, int]:

@@ -2,8 +2,9 @@
 
 Model: ``embedding ⊕ standardized numeric features -> MLP -> one head per
 task``; binary tasks (purchase, churn) give one logit, ``next_category`` one
-logit per class. Another head (e.g. a two-tower recommendation head) is one
-more entry in ``HEADS``.
+logit per class. With ``config.rec`` set, a two-tower recommendation head
+(:mod:`userlens.models.recommend`) shares the model's input and is trained in
+the same DDP run.
 
 Artifact (``<storage.models>/<version>/``)::
 
@@ -11,6 +12,7 @@ Artifact (``<storage.models>/<version>/``)::
     model.json          format version, architecture, tasks, classes, embed model id
     feature_spec.json   feature names, transform (log1p) and normalization stats
     metrics.json        test metrics of the model and of the baseline, data counts, DP
+    items.parquet       the recommendation head's training catalogue: item_id, embedding, log_q
     test_predictions.npz, baseline_predictions.npz
                         test labels and probabilities per task (``<task>.y``, ``<task>.p``;
                         no user keys), for the report's ROC and calibration curves
@@ -64,6 +66,7 @@ class ModelConfig:
     numeric_dim: int = 0
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    rec: dict[str, Any] | None = None  # RecConfig as a dict: the two-tower recommendation head
 
     def head_sizes(self) -> dict[str, int]:
         return {t: (len(self.classes) if t in MULTICLASS_TASKS else 1) for t in self.tasks}
@@ -72,8 +75,11 @@ class ModelConfig:
 class BehaviourModel(nn.Module):
     """Shared MLP trunk with one linear head per task (wide & deep when ``numeric_dim`` > 0)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, catalogue: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         super().__init__()
+        from userlens.models.recommend import RecConfig, TwoTower
+
+        self.rec = TwoTower(RecConfig(**config.rec), *(catalogue or (None, None))) if config.rec else None
         layers: list[nn.Module] = []
         width = config.input_dim
         for hidden in config.hidden:
@@ -84,18 +90,31 @@ class BehaviourModel(nn.Module):
         self.heads = nn.ModuleDict({task: nn.Linear(width + config.numeric_dim, size)
                                     for task, size in config.head_sizes().items()})
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, rec: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Task logits; with ``rec`` (hist_idx, hist_w, positive) also ``recommend``: the in-batch
+        logits and targets of the two-tower head (inside forward, so DDP syncs its gradients)."""
         h = self.trunk(x)
         if self.numeric_dim:
             h = torch.cat([h, x[:, -self.numeric_dim:]], dim=1)
-        return {task: head(h).squeeze(-1) if head.out_features == 1 else head(h)
-                for task, head in self.heads.items()}
+        out: dict[str, Any] = {task: head(h).squeeze(-1) if head.out_features == 1 else head(h)
+                               for task, head in self.heads.items()}
+        if rec is not None and self.rec is not None:
+            users = self.rec.user_vectors(x, rec["hist_idx"], rec["hist_w"])
+            out["recommend"] = self.rec.in_batch(users, rec["positive"])
+        return out
 
 
-def task_loss(outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over tasks: BCE for binary tasks, cross-entropy for classes (label -1 = no label)."""
-    total = torch.zeros((), device=next(iter(outputs.values())).device)
+def task_loss(outputs: dict[str, Any], labels: dict[str, torch.Tensor], rec_weight: float = 1.0) -> torch.Tensor:
+    """Sum over tasks: BCE for binary tasks, cross-entropy for classes (label -1 = no label), and the
+    recommendation head's in-batch softmax (times ``rec_weight``) when present."""
+    from userlens.models.recommend import rec_loss
+
+    first = next(iter(outputs.values()))
+    total = torch.zeros((), device=(first[0] if isinstance(first, tuple) else first).device)
     for task, logits in outputs.items():
+        if task == "recommend":
+            total = total + rec_weight * rec_loss(*logits)
+            continue
         y = labels[task]
         if task in MULTICLASS_TASKS:
             mask = y >= 0
@@ -192,13 +211,52 @@ class Artifact:
     model: BehaviourModel
     metrics: dict[str, Any]
 
+    item_ids: list[str] = field(default_factory=list)  # the recommendation head's training catalogue
+
     def inputs(self, embedding: np.ndarray, raw_features: np.ndarray) -> np.ndarray:
         return np.concatenate([embedding.astype(np.float32), self.features.transform(raw_features)], axis=1)
 
 
+def write_catalogue(uri: str, item_ids: list[str], embeddings: np.ndarray, log_q: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, d = embeddings.shape
+    table = pa.table({"item_id": pa.array(item_ids, pa.string()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(
+                          pa.array(np.ascontiguousarray(embeddings, np.float32).reshape(-1)), d),
+                      "log_q": pa.array(np.asarray(log_q, np.float64))})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(uri, buffer.getvalue())
+
+
+def read_catalogue(uri: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(item ids, embeddings (n, d) float32, log q) of a catalogue file or folder of Parquet files,
+    sorted by item id (the head's item index)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [uri] if uri.endswith(".parquet") else list_files(uri)
+    parts = []
+    for f in files:
+        fs, path = _fs(f)
+        with fs.open_input_file(path) as handle:
+            parts.append(pq.read_table(handle))
+    table = pa.concat_tables(parts, promote_options="permissive").sort_by("item_id") if parts else None
+    if table is None or table.num_rows == 0:
+        return [], np.zeros((0, 0), np.float32), np.zeros(0)
+    n = table.num_rows
+    emb = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    log_q = (table.column("log_q").to_numpy() if "log_q" in table.column_names else np.zeros(n))
+    return table.column("item_id").to_pylist(), emb.reshape(n, -1).astype(np.float32), log_q
+
+
 def write_artifact(path: str, config: ModelConfig, features: FeatureSpec, state: dict[str, Any],
-                   metrics: dict[str, Any]) -> None:
+                   metrics: dict[str, Any], catalogue: tuple[list[str], np.ndarray, np.ndarray] | None = None) -> None:
     """Weights, configs and metrics; ``model.json`` last, so a complete directory has it."""
+    if catalogue is not None:
+        write_catalogue(f"{path}/items.parquet", *catalogue)
     save_state(f"{path}/model.pt", state)
     write_json(f"{path}/feature_spec.json", asdict(features))
     write_json(f"{path}/metrics.json", metrics)
@@ -216,8 +274,13 @@ def load_artifact(path: str) -> Artifact:
                             f"version {FORMAT_VERSION} (retrain with `userlens train`)")
     config = ModelConfig(**raw)
     features = FeatureSpec(**read_json(f"{path}/feature_spec.json"))
-    model = BehaviourModel(config)
+    item_ids: list[str] = []
+    catalogue = None
+    if config.rec:
+        item_ids, embeddings, log_q = read_catalogue(f"{path}/items.parquet")
+        catalogue = (embeddings, log_q)
+    model = BehaviourModel(config, catalogue)
     model.load_state_dict(load_state(f"{path}/model.pt"))
     model.eval()
     metrics = read_json(f"{path}/metrics.json") if exists(f"{path}/metrics.json") else {}
-    return Artifact(path, path.rstrip("/").rsplit("/", 1)[-1], config, features, model, metrics)
+    return Artifact(path, path.rstrip("/").rsplit("/", 1)[-1], config, features, model, metrics, item_ids)

@@ -36,15 +36,55 @@ log = logging.getLogger("userlens.train")
 SHUFFLE_BUFFER_ROWS = 65_536
 READ_BATCH_ROWS = 8_192
 LABELS = ("purchase", "churn", "next_category")
+VALID_BATCH_ROWS = 4096
+
+
+NEXT_ITEMS = 20     # next purchases kept per user (positives, and the relevant set of the evaluation)
+BOUGHT_ITEMS = 200  # earlier purchases kept per user (excluded from recommendations)
+REC_COLUMNS = ("hist_items", "hist_ages", "next_items", "bought", "rec_eval")
+
+
+class Catalogue:
+    """The recommendation head's item index (item id -> row of the catalogue, ``pad`` = unknown)."""
+
+    def __init__(self, item_ids: list[str], embeddings: np.ndarray, log_q: np.ndarray, history: int,
+                 half_life_days: float) -> None:
+        import pandas as pd
+
+        self.item_ids, self.embeddings, self.log_q = item_ids, embeddings, log_q
+        self.lookup = pd.Index(item_ids)
+        self.pad = len(item_ids)
+        self.history, self.half_life_days = history, half_life_days
+
+    def arrays(self, batch: Any) -> dict[str, np.ndarray]:
+        """hist_idx, hist_w (n, history), bought (n, BOUGHT_ITEMS), and where the batch has them
+        next (n, NEXT_ITEMS) and rec_eval (n,)."""
+        from userlens.models.recommend import list_column, padded_indices, recency_weights
+
+        hist = padded_indices(*list_column(batch.column("hist_items")), self.lookup, self.history, self.pad)
+        ages_flat, lengths = list_column(batch.column("hist_ages"))
+        ages = np.zeros(hist.shape, np.float32)
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        pos = np.arange(len(ages_flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        keep = pos < self.history
+        ages[rows[keep], pos[keep]] = ages_flat[keep]
+        out = {"hist_idx": hist, "hist_w": recency_weights(ages, hist, self.pad, self.half_life_days),
+               "bought": padded_indices(*list_column(batch.column("bought")), self.lookup, BOUGHT_ITEMS, self.pad)}
+        if "next_items" in batch.schema.names:
+            out["next"] = padded_indices(*list_column(batch.column("next_items")), self.lookup, NEXT_ITEMS, self.pad)
+        if "rec_eval" in batch.schema.names:
+            out["rec_eval"] = batch.column("rec_eval").to_numpy(zero_copy_only=False).astype(bool)
+        return out
 
 
 class ShardReader:
     """Streams (x, labels) mini-batches from some Parquet files of a snapshot split."""
 
-    def __init__(self, files: list[str], features: Any, tasks: list[str]) -> None:
+    def __init__(self, files: list[str], features: Any, tasks: list[str], catalogue: Catalogue | None = None) -> None:
         self.files = files
         self.features = features
         self.tasks = tasks
+        self.catalogue = catalogue
 
     def rows(self) -> int:
         import pyarrow.parquet as pq
@@ -63,7 +103,7 @@ class ShardReader:
 
         from userlens.models.predictor import _fs
 
-        columns = ["embedding", "features", *self.tasks]
+        columns = ["embedding", "features", *self.tasks, *(REC_COLUMNS if self.catalogue else ())]
         for uri in order:
             fs, path = _fs(uri)
             with fs.open_input_file(path) as f:
@@ -77,6 +117,8 @@ class ShardReader:
         out = {"x": np.concatenate([emb.astype(np.float32), self.features.transform(raw)], axis=1)}
         for task in self.tasks:
             out[task] = batch.column(task).to_numpy(zero_copy_only=False).astype(np.int64)
+        if self.catalogue is not None:
+            out.update(self.catalogue.arrays(batch))
         return out
 
     def batches(self, batch_size: int, rng: np.random.Generator | None) -> Iterator[dict[str, np.ndarray]]:
@@ -119,6 +161,21 @@ def _tensors(batch: dict[str, np.ndarray], tasks: list[str], device: Any) -> tup
     return x, {t: torch.from_numpy(batch[t]).to(device, non_blocking=True) for t in tasks}
 
 
+def _rec_tensors(batch: dict[str, np.ndarray], catalogue: Catalogue | None, rng: np.random.Generator,
+                 device: Any) -> dict[str, Any] | None:
+    """The two-tower head's inputs: history and one sampled next purchase per user (pad: none)."""
+    import torch
+
+    from userlens.models.recommend import sample_positive
+
+    if catalogue is None:
+        return None
+    positive = sample_positive(batch["next"], catalogue.pad, rng)
+    return {"hist_idx": torch.from_numpy(batch["hist_idx"]).to(device),
+            "hist_w": torch.from_numpy(batch["hist_w"]).to(device),
+            "positive": torch.from_numpy(positive).to(device)}
+
+
 def train_main(job: dict[str, Any]) -> dict[str, Any]:
     """Entry point for ``TorchDistributor.run``; rank 0 writes the artifact and returns a small summary."""
     import torch
@@ -148,7 +205,16 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
         tasks = list(config.tasks)
         started = time.perf_counter()
 
-        model: torch.nn.Module = BehaviourModel(config).to(device)
+        catalogue = None
+        if config.rec:
+            from userlens.models.predictor import read_catalogue
+
+            rec = job["recommend"]
+            catalogue = Catalogue(*read_catalogue(f"{job['snapshot']}/items"), rec["history"],
+                                  rec["history_half_life_days"])
+        model: torch.nn.Module = BehaviourModel(
+            config, (catalogue.embeddings, catalogue.log_q) if catalogue else None).to(device)
+        rec_weight = float(job.get("recommend", {}).get("weight", 1.0))
         optimizer = torch.optim.AdamW(model.parameters(), lr=job["learning_rate"], weight_decay=job["weight_decay"])
         train_files = list_files(f"{job['snapshot']}/split=train")
         valid_files = list_files(f"{job['snapshot']}/split=valid")
@@ -160,9 +226,9 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
             steps = len(loader)
             train_batches = None
         else:
-            if distributed:
-                model = torch.nn.parallel.DistributedDataParallel(model)
-            reader = ShardReader(train_files[rank::world], features, tasks)
+            if distributed:  # the head sees no positive in some batches: its parameters go unused there
+                model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=catalogue is not None)
+            reader = ShardReader(train_files[rank::world], features, tasks, catalogue)
             steps = math.ceil(reader.rows() / job["batch_size"])
             if distributed:  # every rank runs the same number of steps
                 t = torch.tensor([steps], device=device)
@@ -171,7 +237,7 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
             loader = None
         if steps < 1:
             raise ValueError(f"rank {rank} has no training rows in {job['snapshot']}/train")
-        valid = ShardReader(valid_files[rank::world], features, tasks)
+        valid = ShardReader(valid_files[rank::world], features, tasks, catalogue)
 
         rng = np.random.default_rng([job["seed"], rank])
         best_loss, best_epoch, best_state, bad_epochs = math.inf, -1, None, 0
@@ -191,14 +257,14 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
                     continue
                 x, y = _tensors(batch, tasks, device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = task_loss(model(x), y)
+                loss = task_loss(model(x, _rec_tensors(batch, catalogue, rng, device)), y, rec_weight)
                 loss.backward()
                 optimizer.step()
                 train_loss += float(loss.detach())
                 samples += len(batch["x"])
                 n_steps += 1
             fit_seconds += time.perf_counter() - epoch_start
-            val_loss = _validation_loss(model, valid, tasks, device, distributed)
+            val_loss = _validation_loss(model, valid, tasks, device, distributed, catalogue, job["seed"], rec_weight)
             history.append({"epoch": epoch, "train_loss": train_loss / max(n_steps, 1), "valid_loss": val_loss})
             if rank == 0:
                 log.info("epoch %d: train loss %.4f, valid loss %.4f (%d steps/rank)", epoch,
@@ -232,14 +298,24 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
                              "target_epsilon": dp["target_epsilon"], "max_grad_norm": dp["max_grad_norm"],
                              "noise_multiplier": float(optimizer.noise_multiplier),
                              "accountant": "rdp", "sampling": "poisson", "unit": "user"}
-        final = BehaviourModel(config)
+        final = BehaviourModel(config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
         final.load_state_dict(best_state)
-        test_metrics = evaluate_files(final, config, features, list_files(f"{job['snapshot']}/split=test"),
+        test_files = list_files(f"{job['snapshot']}/split=test")
+        test_metrics = evaluate_files(final, config, features, test_files,
                                       predictions_to=f"{job['artifact']}/test_predictions.npz")
-        metrics = {"model": test_metrics, "baseline": job.get("baseline", {}), "data": job.get("data", {}),
+        if catalogue is not None:
+            test_metrics["recommend"] = evaluate_recommendations(final, features, tasks, test_files, catalogue,
+                                                                 job["recommend"]["k"])
+        baseline = job.get("baseline", {})
+        metrics = {"model": test_metrics, "baseline": baseline, "data": job.get("data", {}),
                    "training": {k: v for k, v in summary.items() if k != "history"}, "history": history,
                    "snapshot_id": job["snapshot_id"], "version": job["version"]}
-        write_artifact(job["artifact"], config, features, best_state, metrics)
+        if catalogue is not None:  # side by side, for the report
+            metrics["recommendations"] = {"two-tower": test_metrics["recommend"],
+                                          "popularity": baseline.get("recommend_popularity", {}),
+                                          "ALS": baseline.get("recommend_als", {})}
+        write_artifact(job["artifact"], config, features, best_state, metrics,
+                       (catalogue.item_ids, catalogue.embeddings, catalogue.log_q) if catalogue else None)
         summary["train_seconds"] = time.perf_counter() - started
         summary["test"] = test_metrics
         return summary
@@ -269,6 +345,45 @@ def evaluate_files(model: Any, config: Any, features: Any, files: list[str],
             for task in tasks}
 
 
+def evaluate_recommendations(model: Any, features: Any, tasks: list[str], files: list[str], catalogue: Catalogue,
+                             k: int) -> dict[str, float]:
+    """recall@k, nDCG@k and hit rate@k of the two-tower head on the test users marked ``rec_eval``
+    (next purchases not bought before), ranking the whole catalogue minus earlier purchases."""
+    import torch
+
+    from userlens.models.recommend import top_k
+
+    reader = ShardReader(files, features, tasks, catalogue)
+    ranked: list[list[int]] = []
+    relevant: list[set[int]] = []
+    model.eval()
+    with torch.inference_mode():
+        items = model.rec.item_vectors(model.rec.item_text[:catalogue.pad], torch.arange(catalogue.pad))
+        for batch in reader.batches(VALID_BATCH_ROWS, None):
+            keep = batch["rec_eval"]
+            if not keep.any():
+                continue
+            users = model.rec.user_vectors(torch.from_numpy(batch["x"][keep]), torch.from_numpy(batch["hist_idx"][keep]),
+                                           torch.from_numpy(batch["hist_w"][keep]))
+            bought = batch["bought"][keep]
+            top = top_k(users, items, np.where(bought == catalogue.pad, -1, bought), k)
+            ranked += [[i for i in row if i >= 0] for row in top]
+            relevant += [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
+    return ranking_summary(ranked, relevant, k)
+
+
+def ranking_summary(ranked: list[list[Any]], relevant: list[set[Any]], k: int) -> dict[str, float]:
+    """recall@k, ndcg@k, hit_rate@k over users with at least one relevant item, and their count."""
+    from userlens.models import metrics as M
+
+    pairs = [(r, s) for r, s in zip(ranked, relevant) if s]
+    if not pairs:
+        return {"users": 0}
+    r, s = [p[0] for p in pairs], [p[1] for p in pairs]
+    return {f"recall@{k}": M.recall_at_k(r, s, k), f"ndcg@{k}": M.ndcg_at_k(r, s, k),
+            f"hit_rate@{k}": M.hit_rate_at_k(r, s, k), "users": len(pairs)}
+
+
 def save_predictions(uri: str, labels: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> None:
     """``<task>.y`` and ``<task>.p`` arrays in one .npz file (no user keys)."""
     import io
@@ -290,7 +405,8 @@ def _as_numpy_batch(batch: Any, tasks: list[str]) -> dict[str, np.ndarray]:
     return {"x": x.numpy(), **{t: y.numpy() for t, y in zip(tasks, labels)}}
 
 
-def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: Any, distributed: bool) -> float:
+def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: Any, distributed: bool,
+                     catalogue: Catalogue | None = None, seed: int = 0, rec_weight: float = 1.0) -> float:
     import torch
     import torch.distributed as dist
 
@@ -299,10 +415,11 @@ def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: A
     inner = _unwrap(model)
     inner.eval()
     sums = torch.zeros(2, dtype=torch.float64)
+    rng = np.random.default_rng(seed)  # the same positives every epoch
     with torch.inference_mode():
-        for batch in valid.batches(4096, None):
+        for batch in valid.batches(VALID_BATCH_ROWS, None):
             x, y = _tensors(batch, tasks, device)
-            sums[0] += float(task_loss(inner(x), y)) * len(x)
+            sums[0] += float(task_loss(inner(x, _rec_tensors(batch, catalogue, rng, device)), y, rec_weight)) * len(x)
             sums[1] += len(x)
     if distributed:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)

@@ -184,14 +184,14 @@ def run_profile(spark: "SparkSession", settings: Settings, run: StageRun,
                                  "as_of_date")
         profile = (embeddings.select("user_key", "embedding")
                    .join(scores.select("user_key", "purchase_propensity", "churn_risk", "next_category",
-                                       "model_version"), "user_key", "left")
+                                       "recommended_items", "model_version"), "user_key", "left")
                    .join(user_interests, "user_key", "left")
                    .join(assigned, "user_key", "left")
                    .join(rfm(events, as_of), "user_key", "left")
                    .select("user_key", F.lit(as_of).alias("as_of_date"), "embedding", "purchase_propensity",
                            "churn_risk", "next_category", "top_categories",
                            F.when(F.col("segment_id").isin(published_ids), F.col("segment_id")).alias("segment_id"),
-                           F.lit(None).cast("array<string>").alias("recommended_items"),
+                           "recommended_items",
                            "recency_days", "frequency_30d", "monetary_30d", "model_version",
                            F.current_timestamp().alias("updated_at")))
         metrics = tables.merge("user_profiles", profile, ignore_changes=("updated_at",))

@@ -27,7 +27,7 @@ from pyspark.sql import types as T
 from userlens.config import Settings
 from userlens.errors import UserlensError
 from userlens.runs import StageRun
-from userlens.stages.train import latest_version, models_root, numeric_features
+from userlens.stages.train import item_history, latest_version, models_root, numeric_features
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ SCORES_SCHEMA = T.StructType([
     T.StructField("churn_risk", T.DoubleType()),
     T.StructField("next_category", T.StringType()),
     T.StructField("next_category_p", T.DoubleType()),
+    T.StructField("recommended_items", T.ArrayType(T.StringType())),
 ])
 _LOADED: dict[str, Any] = {}
 
@@ -56,7 +57,46 @@ def _artifact(path: str) -> Any:
     return _LOADED[path]
 
 
-def _score_fn(path: str):
+def _recommender(artifact: Any) -> tuple[Any, Any] | None:
+    """(catalogue, (item vectors, biases)) of the artifact's two-tower head, once per worker; None without one."""
+    if artifact.model.rec is None:
+        return None
+    key = ("rec", artifact.path)
+    if key not in _LOADED:
+        import torch
+
+        from userlens.models.training import Catalogue
+
+        rec = artifact.model.rec
+        n = rec.config.n_items
+        catalogue = Catalogue(artifact.item_ids, rec.item_text[:n].numpy(), rec.log_q[:n].numpy(),
+                              rec.config.history, rec.config.half_life_days)
+        with torch.inference_mode():
+            _LOADED[key] = (catalogue, rec.item_vectors(rec.item_text[:n], torch.arange(n)))
+    return _LOADED[key]
+
+
+def _recommend(artifact: Any, x: Any, batch: "pa.RecordBatch", k: int) -> "pa.Array":
+    """Top-k item ids per user (earlier purchases excluded), as an Arrow list array."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from userlens.models.recommend import top_k
+
+    catalogue, items = _recommender(artifact)
+    arrays = catalogue.arrays(batch)
+    with torch.inference_mode():
+        users = artifact.model.rec.user_vectors(torch.from_numpy(x), torch.from_numpy(arrays["hist_idx"]),
+                                                torch.from_numpy(arrays["hist_w"]))
+    bought = arrays["bought"]
+    top = top_k(users, items, np.where(bought == catalogue.pad, -1, bought), k)
+    ids = np.array(catalogue.item_ids, dtype=object)
+    offsets = np.concatenate([[0], np.cumsum((top >= 0).sum(1))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[top[top >= 0]].tolist(), pa.string()))
+
+
+def _score_fn(path: str, k: int):
     def score_batches(batches: Iterator["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
         import numpy as np
         import pyarrow as pa
@@ -71,7 +111,8 @@ def _score_fn(path: str):
                 continue
             emb = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
             raw = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
-            probs = predict(artifact.model, artifact.inputs(emb, raw))
+            x = artifact.inputs(emb, raw)
+            probs = predict(artifact.model, x)
             out = {"user_key": batch.column("user_key")}
             for task, column in (("purchase", "purchase_propensity"), ("churn", "churn_risk")):
                 out[column] = pa.array(probs[task].astype(np.float64)) if task in probs else pa.nulls(n, pa.float64())
@@ -81,15 +122,20 @@ def _score_fn(path: str):
                 out["next_category_p"] = pa.array(probs["next_category"].max(axis=1).astype(np.float64))
             else:
                 out["next_category"], out["next_category_p"] = pa.nulls(n, pa.string()), pa.nulls(n, pa.float64())
+            out["recommended_items"] = (_recommend(artifact, x, batch, k) if artifact.model.rec is not None
+                                        else pa.nulls(n, pa.list_(pa.string())))
             yield pa.RecordBatch.from_pydict(out)
 
     return score_batches
 
 
-def score_users(users: DataFrame, artifact_path: str) -> DataFrame:
-    """(user_key, embedding, features) -> (user_key, purchase_propensity, churn_risk, next_category,
-    next_category_p) with the model at ``artifact_path``."""
-    return users.select("user_key", "embedding", "features").mapInArrow(_score_fn(artifact_path), SCORES_SCHEMA)
+def score_users(users: DataFrame, artifact_path: str, k: int = 10) -> DataFrame:
+    """(user_key, embedding, features[, hist_items, hist_ages, bought]) -> (user_key, purchase_propensity,
+    churn_risk, next_category, next_category_p, recommended_items) with the model at ``artifact_path``;
+    the recommendation columns are needed when the model has a two-tower head."""
+    extra = [c for c in ("hist_items", "hist_ages", "bought") if c in users.columns]
+    return users.select("user_key", "embedding", "features", *extra).mapInArrow(_score_fn(artifact_path, k),
+                                                                               SCORES_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -152,10 +198,17 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
                             F.sum(F.col("features").isNull().cast("int")).alias("no_features")).first()
         todo = tagged.where("_todo").withColumn(
             "features", F.coalesce("features", F.array_repeat(F.lit(0.0), len(artifact.features.names))))
-        scores = score_users(todo, path)
+        if artifact.config.rec:  # the recommendation head reads the user's item history as of D
+            empty = F.array().cast("array<string>")
+            history = item_history(events, as_of, as_of, artifact.config.rec["history"]).drop("next_items")
+            todo = todo.join(history, "user_key", "left").select(
+                *todo.columns, F.coalesce("hist_items", empty).alias("hist_items"),
+                F.coalesce("hist_ages", F.array().cast("array<int>")).alias("hist_ages"),
+                F.coalesce("bought", empty).alias("bought"))
+        scores = score_users(todo, path, settings.train.recommend.k)
         rows = scores.join(todo.select("user_key", "text_hash"), "user_key").select(
             "user_key", F.lit(as_of).alias("as_of_date"), F.lit(version).alias("model_version"), "text_hash",
-            "purchase_propensity", "churn_risk", "next_category", "next_category_p",
+            "purchase_propensity", "churn_risk", "next_category", "next_category_p", "recommended_items",
             F.current_timestamp().alias("scored_at"))
         written = tables.merge("user_scores", rows) if (counts["todo"] or 0) > 0 else {}
     finally:

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from userlens.config import Settings, TrainSettings
@@ -100,6 +100,38 @@ def labels(events: DataFrame, cut: dt.date, as_of: dt.date) -> DataFrame:
     return window.groupBy("user_key").agg(
         F.max((F.col("event_type") == "purchase").cast("int")).alias("purchase"),
         F.coalesce(first_category("purchase"), first_category("view")).alias("next_category_name"))
+
+
+def item_history(events: DataFrame, cut: dt.date, as_of: dt.date, history: int) -> DataFrame:
+    """The recommendation head's inputs and labels, one row per user with an item event:
+
+    * ``hist_items`` / ``hist_ages``: the newest ``history`` distinct items of any event up to ``cut``,
+      newest first, and the days between their last event and ``cut``;
+    * ``bought``: items purchased up to ``cut`` (never recommended again);
+    * ``next_items``: items purchased in (cut, as_of] that were not bought before (the positives).
+    """
+    c = F.lit(cut)
+    with_item = events.where(F.col("item_id").isNotNull())
+    purchase = (F.col("event_type") == "purchase").cast("int")
+    past = (with_item.where(F.col("event_date") <= c).groupBy("user_key", "item_id")
+            .agg(F.max("event_time").alias("last"), F.max("event_date").alias("last_date"),
+                 F.max(purchase).alias("was_bought")))
+    newest = F.slice(F.sort_array(F.collect_list(F.struct("last", "item_id", "last_date")), asc=False), 1, history)
+    hist = past.groupBy("user_key").agg(
+        newest.alias("_h"),
+        F.array_sort(F.collect_list(F.when(F.col("was_bought") == 1, F.col("item_id")))).alias("bought"))
+    hist = hist.select("user_key", F.transform("_h", lambda x: x["item_id"]).alias("hist_items"),
+                       F.transform("_h", lambda x: F.datediff(c, x["last_date"])).alias("hist_ages"), "bought")
+    future = (with_item.where((F.col("event_date") > c) & (F.col("event_date") <= F.lit(as_of))
+                              & (F.col("event_type") == "purchase"))
+              .groupBy("user_key").agg(F.array_sort(F.collect_set("item_id")).alias("_next")))
+    empty = F.array().cast("array<string>")
+    joined = hist.join(future, "user_key", "full")
+    return joined.select(
+        "user_key", F.coalesce("hist_items", empty).alias("hist_items"),
+        F.coalesce("hist_ages", F.array().cast("array<int>")).alias("hist_ages"),
+        F.coalesce("bought", empty).alias("bought"),
+        F.array_except(F.coalesce("_next", empty), F.coalesce("bought", empty)).alias("next_items"))
 
 
 def split_of(user_key: Column, split: Any) -> Column:
@@ -173,6 +205,9 @@ def check_train_settings(settings: Settings) -> None:
                               "the processes there)")
     if "next_category" not in train.tasks and not any(t in BINARY_TASKS for t in train.tasks):
         raise ConfigError("train.tasks: no task to train")
+    if train.dp.enabled and train.recommend.enabled:
+        raise ConfigError("train.recommend.enabled: the two-tower head's in-batch negatives mix users, so it "
+                          "cannot be trained with DP-SGD (train.dp.enabled); set train.recommend.enabled=false")
 
 
 def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> TrainResult:
@@ -208,6 +243,9 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     texts = build_user_texts(events.where(F.col("event_date") <= F.lit(cut)), tables.read("items"),
                              settings.textualize, settings.ingest.event_types, cut)
     frame = frame.join(texts.select("user_key", "text", "text_hash"), "user_key")
+    rec = train.recommend if train.recommend.enabled else None
+    if rec is not None:
+        frame = _with_item_history(frame, item_history(events, cut, as_of, rec.history), rec.eval_users)
     frame = frame.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         counts = _split_counts(frame)
@@ -216,26 +254,37 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         vectors = _embeddings(tables, embedder, frame, model_id)
         snap = frame.join(vectors, "text_hash").select(
             "user_key", "split", "embedding", "features", "purchase", "churn",
-            _class_index(F.col("next_category_name"), classes).alias("next_category"))
+            _class_index(F.col("next_category_name"), classes).alias("next_category"),
+            *(REC_COLUMNS if rec is not None else ()))
         n_users = sum(c["users"] for c in counts.values())
         files = max(train.num_processes, math.ceil(n_users / train.snapshot_rows_per_file))
         snap.repartition(files).write.mode("errorifexists").partitionBy("split").parquet(snapshot)
     finally:
         frame.unpersist()
+    if rec is not None:
+        n_items = _write_catalogue(spark, tables, embedder, settings, model_id, snapshot)
     timings["snapshot_seconds"] = time.perf_counter() - started
     log.info("train: snapshot %s written (%s)", snapshot_id,
              ", ".join(f"{s} {counts.get(s, {}).get('users', 0)} users" for s in SPLITS))
 
     names = feature_names(settings.ingest.event_types)
-    stored = spark.read.parquet(snapshot)
+    stored = read_snapshot(spark, snapshot)
     mean, std = _normalization(stored.where(F.col("split") == "train"), len(names))
     dim = len(stored.select("embedding").first()[0])
     features = FeatureSpec(names, mean, std, dim, model_id)
+    rec_config = None
+    if rec is not None:
+        from userlens.models.recommend import RecConfig
+
+        rec_config = asdict(RecConfig(n_items, dim, dim + len(names), rec.dim, rec.hidden, rec.history,
+                                      rec.history_half_life_days))
     config = ModelConfig(tasks=list(train.tasks), classes=classes, hidden=list(train.hidden), dropout=train.dropout,
-                         input_dim=dim + len(names), numeric_dim=len(names))
+                         input_dim=dim + len(names), numeric_dim=len(names), rec=rec_config)
 
     t0 = time.perf_counter()
     baseline = fit_baseline(stored, train.tasks, len(classes), predictions_to=f"{artifact}/baseline_predictions.npz")
+    if rec is not None:
+        baseline.update(recommendation_baselines(stored, events, cut, rec))
     timings["baseline_seconds"] = time.perf_counter() - t0
 
     n_train = counts["train"]["users"]
@@ -250,6 +299,8 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         "batch_size": train.batch_size, "epochs": train.epochs, "patience": train.patience,
         "learning_rate": train.learning_rate, "weight_decay": train.weight_decay, "seed": train.seed,
         "dp": dp, "baseline": baseline,
+        "recommend": {"k": rec.k, "history": rec.history, "history_half_life_days": rec.history_half_life_days,
+                      "weight": rec.weight} if rec is not None else {},
         "data": {"as_of_date": as_of.isoformat(), "cutoff": cut.isoformat(), "horizon_days": train.horizon_days,
                  "splits": counts, "embed_model_id": model_id},
     }
@@ -278,7 +329,18 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         key = "accuracy" if task in MULTICLASS_TASKS else "auc"
         log.info("train: %s test %s %.4f (baseline %.4f)", task, key, summary["test"][task][key],
                  baseline.get(task, {}).get(key, float("nan")))
+    if rec is not None:
+        key = f"recall@{rec.k}"
+        log.info("train: recommendations test %s: two-tower %.4f, popularity %.4f, ALS %.4f (%d users)", key,
+                 summary["test"]["recommend"].get(key, float("nan")),
+                 baseline["recommend_popularity"].get(key, float("nan")),
+                 baseline["recommend_als"].get(key, float("nan")), summary["test"]["recommend"].get("users", 0))
     return result
+
+
+def read_snapshot(spark: "SparkSession", snapshot: str) -> DataFrame:
+    """The snapshot's user rows (``split=*`` folders; ``items/`` beside them is the item catalogue)."""
+    return spark.read.option("basePath", snapshot).parquet(f"{snapshot}/split=*")
 
 
 def distributed_fit(job: dict[str, Any], train: TrainSettings) -> dict[str, Any]:
@@ -294,6 +356,97 @@ def distributed_fit(job: dict[str, Any], train: TrainSettings) -> dict[str, Any]
     if not isinstance(summary, dict):
         raise UserlensError("train: the training processes returned no summary (see their log above)")
     return summary
+
+
+REC_COLUMNS = ("hist_items", "hist_ages", "bought", "next_items", "rec_eval")
+
+
+def _with_item_history(frame: DataFrame, history: DataFrame, eval_users: int) -> DataFrame:
+    """Add the REC_COLUMNS; ``rec_eval`` marks the test users the recommenders are evaluated on: those
+    with a next purchase, a hash sample of about ``eval_users`` of them when there are more."""
+    empty = F.array().cast("array<string>")
+    joined = frame.join(history, "user_key", "left").select(
+        *frame.columns, *[F.coalesce(c, empty if c != "hist_ages" else F.array().cast("array<int>")).alias(c)
+                          for c in ("hist_items", "hist_ages", "bought", "next_items")])
+    candidates = (F.col("split") == "test") & (F.size("next_items") > 0)
+    n = joined.where(candidates).count()
+    share = min(1.0, eval_users / n) if n else 1.0
+    sampled = F.pmod(F.xxhash64(F.lit("rec-eval"), "user_key"), F.lit(1_000_000)) < F.lit(int(share * 1_000_000))
+    return joined.withColumn("rec_eval", candidates & (sampled if share < 1.0 else F.lit(True)))
+
+
+def _write_catalogue(spark: "SparkSession", tables: Tables, embedder: Any, settings: Settings, model_id: str,
+                     snapshot: str) -> int:
+    """``<snapshot>/items``: item_id, embedding and log q (the item's share of the train split's next
+    purchases, +1 smoothed) of every catalogue item with a text; the item embeddings in
+    ``item_embeddings`` are reused, the rest embedded now."""
+    from userlens.stages.embed import is_empty_text, item_texts
+
+    if not tables.exists("items"):
+        raise UserlensError("train.recommend.enabled: no items table: run `userlens ingest` with an item catalog, "
+                            "or set train.recommend.enabled=false")
+    texts = item_texts(tables.read("items"), settings.embed.item_text_fields).where(~is_empty_text("text"))
+    vectors = _embeddings(tables, embedder, texts, model_id, table="item_embeddings")
+    positives = (read_snapshot(spark, snapshot).where(F.col("split") == "train")
+                 .select(F.explode("next_items").alias("item_id")).groupBy("item_id").count())
+    items = (texts.join(vectors, "text_hash").select("item_id", "embedding").dropDuplicates(["item_id"])
+             .join(positives, "item_id", "left").withColumn("count", F.coalesce("count", F.lit(0)) + 1))
+    total = F.sum("count").over(Window.partitionBy())
+    items = items.select("item_id", "embedding", F.log(F.col("count") / total).alias("log_q"))
+    items = items.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        n = items.count()
+        if n < 2:
+            raise UserlensError(f"train.recommend.enabled: the item catalog has {n} item(s) with a text; "
+                                "need at least 2 (or set train.recommend.enabled=false)")
+        items.coalesce(max(1, math.ceil(n / 200_000))).write.mode("errorifexists").parquet(f"{snapshot}/items")
+    finally:
+        items.unpersist()
+    return n
+
+
+def recommendation_baselines(snapshot: DataFrame, events: DataFrame, cut: dt.date,
+                             rec: Any) -> dict[str, dict[str, float]]:
+    """Popularity and Spark MLlib ALS (implicit) on everything known at ``cut``, evaluated like the
+    two-tower head: the ``rec_eval`` test users, earlier purchases excluded, next purchases relevant."""
+    from pyspark.ml.feature import StringIndexer
+    from pyspark.ml.recommendation import ALS
+
+    from userlens.models.training import ranking_summary
+
+    k = rec.k
+    users = snapshot.where("rec_eval").select("user_key", "bought", "next_items").collect()
+    if not users:
+        return {"recommend_popularity": {"users": 0}, "recommend_als": {"users": 0}}
+    relevant = [set(u["next_items"]) for u in users]
+    bought = [set(u["bought"]) for u in users]
+    known = events.where((F.col("event_date") <= F.lit(cut)) & F.col("item_id").isNotNull())
+
+    depth = k + max(len(b) for b in bought)
+    popular = [r["item_id"] for r in known.where(F.col("event_type") == "purchase").groupBy("item_id").count()
+               .orderBy(F.desc("count"), "item_id").limit(depth).collect()]
+    pop_ranked = [[i for i in popular if i not in b][:k] for b in bought]
+
+    # implicit feedback: a purchase counts 4, a cart 2, anything else with an item 1
+    weight = (F.when(F.col("event_type") == "purchase", 4.0).when(F.col("event_type") == "cart", 2.0)
+              .otherwise(1.0))
+    ratings = known.groupBy("user_key", "item_id").agg(F.sum(weight).alias("rating"))
+    user_ix = StringIndexer(inputCol="user_key", outputCol="u").fit(ratings)
+    item_ix = StringIndexer(inputCol="item_id", outputCol="i").fit(ratings)
+    data = item_ix.transform(user_ix.transform(ratings)).select(
+        F.col("u").cast("int").alias("u"), F.col("i").cast("int").alias("i"), "rating")
+    als = ALS(userCol="u", itemCol="i", ratingCol="rating", implicitPrefs=True, rank=rec.als.rank,
+              maxIter=rec.als.max_iter, regParam=rec.als.reg_param, alpha=rec.als.alpha, seed=13,
+              coldStartStrategy="drop").fit(data)
+    wanted = user_ix.transform(snapshot.where("rec_eval").select("user_key")).select(
+        F.col("u").cast("int").alias("u"), "user_key")
+    recs = als.recommendForUserSubset(wanted, depth)
+    labels = item_ix.labels
+    by_user = {r["user_key"]: [labels[x["i"]] for x in r["recommendations"]]
+               for r in recs.join(wanted, "u").select("user_key", "recommendations").collect()}
+    als_ranked = [[i for i in by_user.get(u["user_key"], []) if i not in b][:k] for u, b in zip(users, bought)]
+    return {"recommend_popularity": ranking_summary(pop_ranked, relevant, k),
+            "recommend_als": ranking_summary(als_ranked, relevant, k)}
 
 
 def _split_counts(frame: DataFrame) -> dict[str, dict[str, int]]:
@@ -349,20 +502,21 @@ def _class_index(name: Column, classes: list[str]) -> Column:
     return F.when(name.isNull(), -1).otherwise(F.coalesce(F.element_at(mapping, name), fallback))
 
 
-def _embeddings(tables: Tables, embedder: Any, frame: DataFrame, model_id: str) -> DataFrame:
-    """(text_hash, embedding) for every text of ``frame``: stored ones reused, the rest embedded now."""
+def _embeddings(tables: Tables, embedder: Any, frame: DataFrame, model_id: str,
+                table: str = "user_embeddings") -> DataFrame:
+    """(text_hash, embedding) for every text of ``frame``: those in ``table`` reused, the rest embedded now."""
     from userlens.stages.embed import distinct_texts
 
     wanted = frame.select("text_hash", "text").dropDuplicates(["text_hash"])
-    if tables.exists("user_embeddings"):
-        stored = (tables.read("user_embeddings").where(F.col("model_id") == model_id)
+    if tables.exists(table):
+        stored = (tables.read(table).where(F.col("model_id") == model_id)
                   .select("text_hash", "embedding").dropDuplicates(["text_hash"])
                   .join(wanted.select("text_hash"), "text_hash"))
     else:
         stored = None
     missing = wanted if stored is None else wanted.join(stored.select("text_hash"), "text_hash", "left_anti")
     n_missing = missing.count()
-    log.info("train: embedding %d texts as of the cutoff (the rest are reused from user_embeddings)", n_missing)
+    log.info("train: embedding %d texts (the rest are reused from %s)", n_missing, table)
     if n_missing == 0:
         return stored
     fresh = embedder(distinct_texts(missing, embedder.partitions(n_missing)))
