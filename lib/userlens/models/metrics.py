@@ -275,6 +275,18 @@ def mrr(ranked: Ranked, relevant: Relevant) -> float:
     return float(np.mean([_reciprocal_rank(_gains(row, rel, None)) for row, rel in users]))
 
 
+def mrr_from_ranks(first_ranks: npt.ArrayLike) -> float:
+    """Mean reciprocal rank from each user's 1-based rank of their first relevant item in a full ranking
+    (``inf``: never ranked, counts 0). Equals :func:`mrr` given the full rankings, without building them."""
+    ranks = np.asarray(first_ranks, dtype=float)
+    if ranks.ndim != 1 or len(ranks) == 0:
+        raise MetricInputError(f"mrr_from_ranks: needs a non-empty 1-D array of ranks, got shape {ranks.shape}")
+    finite = ranks[np.isfinite(ranks)]
+    if np.isnan(ranks).any() or (finite < 1).any() or (finite != np.floor(finite)).any():
+        raise MetricInputError("mrr_from_ranks: ranks must be integers >= 1 (or inf for never ranked)")
+    return float(np.mean(np.where(np.isfinite(ranks), 1.0 / ranks, 0.0)))
+
+
 def ranking_metrics(ranked: Ranked, relevant: Relevant, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
     """hr@k, recall@k, precision@k, ndcg@k, map@k for each k in ks, plus mrr and users (those evaluated)."""
     for k in ks:
