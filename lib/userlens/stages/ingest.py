@@ -277,9 +277,16 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
 
     tables = Tables(spark, settings.storage)
     source = settings.source
-    events_path = source.events_location()
-    partition_dates = list_partition_dates(spark, events_path, source.date_partition)
-    raw = read_raw(spark, events_path, source.format, source.mapping.model_dump(), source)
+    if settings.dataset.adapter:
+        from userlens.datasets import read_events
+
+        dataset = read_events(spark, settings)  # a missing file or a wrong format fails here, before any write
+        raw, user_field, partition_dates = dataset.frame, dataset.user_field, None
+    else:
+        events_path = source.events_location()
+        partition_dates = list_partition_dates(spark, events_path, source.date_partition)
+        raw = read_raw(spark, events_path, source.format, source.mapping.model_dump(), source)
+        user_field = source.mapping.user_id
     if partition_dates is not None:
         raw_dates = partition_dates
         date_of_raw = F.col("source_date")
@@ -321,7 +328,7 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
         events = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run.run_id))
         now = dt.datetime.now(dt.timezone.utc)
         # raw is JSON for every format (non-JSON rows are rendered with to_json)
-        quarantine = quarantine_rows(classified, "events", source.mapping.user_id, run.run_id, now)
+        quarantine = quarantine_rows(classified, "events", user_field, run.run_id, now)
         if full:
             written = tables.overwrite("events", events)
             q_condition = "source = 'events'"
@@ -358,8 +365,13 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
 def ingest_items(spark: "SparkSession", settings: Settings, tables: Tables, run_id: str) -> tuple[int, int]:
     """Replace ``items`` with the current catalog snapshot; bad rows go to quarantine."""
     source = settings.source
-    fmt = source.items_format or source.format
-    raw = read_raw(spark, source.items_location(), fmt, source.items_mapping.model_dump(), source)
+    if settings.dataset.adapter:
+        from userlens.datasets import read_items
+
+        raw = read_items(spark, settings).frame
+    else:
+        fmt = source.items_format or source.format
+        raw = read_raw(spark, source.items_location(), fmt, source.items_mapping.model_dump(), source)
     classified = classify_items(raw)
     items = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run_id))
     if tables.exists("items") and same_rows(tables.read("items"), items, ("run_id",)):
