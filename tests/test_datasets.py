@@ -194,6 +194,22 @@ def test_missing_file_and_wrong_format_fail_before_any_job_naming_file_and_prese
         datasets.read_events(spark, preset_settings("retailrocket", csv, "dataset.events_file=ratings.csv"))
 
 
+def test_cli_errors_are_one_line(spark, tmp_path, capsys):
+    wrong = D.write_ml100k(tmp_path / "wrong")
+    (wrong / "u.data").write_text("1,1,5,881250949\n")
+    common = ["--protocol", "loo-full", *[x for o in SPARK_OVERRIDES for x in ("--set", o)],
+              "--set", f"storage.warehouse={tmp_path / 'wh'}"]
+    code = main(["evaluate", "--dataset", "movielens-100k", "--path", str(wrong), *common])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("userlens: ")]
+    assert code == 1 and err == [
+        f"userlens: error: movielens-100k: {wrong}/u.data is not a MovieLens 100K u.data file (tab-separated "
+        f"user id, item id, rating, timestamp); its first line is '1,1,5,881250949'"]
+    code = main(["evaluate", "--dataset", "movielens-1b", "--path", str(wrong), *common])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("userlens: ")]
+    assert code == 2 and err == ["userlens: error: --dataset: unknown dataset 'movielens-1b'; presets: amazon, "
+                                 "movielens, movielens-100k, retailrocket, sequences (or a YAML file)"]
+
+
 def test_presets_load_and_name_their_adapter():
     for path in sorted((CONF_DIR / "datasets").glob("*.yaml")):
         settings = load_settings([LOCAL, path])

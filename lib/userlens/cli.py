@@ -82,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common], help="sample data + the pipeline on the embedded default")
     demo.add_argument("--users", type=int, help="number of sample users (default: sample.users)")
+
+    evaluate = sub.add_parser("evaluate", parents=[common],
+                              help="a public dataset under a published protocol: userlens beside baselines")
+    evaluate.add_argument("--dataset", required=True, metavar="NAME",
+                          help="a preset in conf/datasets (movielens-100k, movielens, amazon, sequences, "
+                               "retailrocket) or a preset YAML file; docs/datasets.md")
+    evaluate.add_argument("--path", required=True, metavar="DIR", help="your downloaded copy (sets source.path)")
+    evaluate.add_argument("--protocol", required=True, choices=["loo-full", "stratified-75", "next-window"])
+    evaluate.add_argument("--k", type=int, nargs="+", metavar="K",
+                          help="cut-offs (default: 5 10 20 for loo-full, 10 for stratified-75)")
+    evaluate.add_argument("--date", type=_date, help="next-window as-of date; the cutoff is date - "
+                                                     "evaluate.horizon_days (default: the latest event date)")
+    evaluate.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
     return parser
 
 
@@ -315,10 +328,40 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+    from pathlib import Path
+
+    from userlens.config import DEFAULT_CONF
+    from userlens.datasets import preset_path
+    from userlens.errors import ConfigError
+    from userlens.privacy import load_key
+    from userlens.stages.evaluate import run_evaluate
+
+    if args.k and min(args.k) < 1:
+        raise ConfigError(f"--k: cut-offs must be >= 1, got {' '.join(map(str, args.k))}")
+    preset = preset_path(args.dataset)
+    # the preset layers over the --conf files; --path and then --set win over both
+    settings = load_settings([*(args.conf or [DEFAULT_CONF]), preset],
+                             [f"source.path={json.dumps(args.path)}", *args.overrides])
+    key = load_key(settings.privacy)
+    spark = _spark(settings)
+    result = _stage("evaluate", settings, spark, lambda run: run_evaluate(
+        spark, settings, key, run, preset.stem, args.protocol, args.k, args.date))
+    print(result.table, end="")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(result.table, encoding="utf-8")
+        print(f"evaluate: table written to {out}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "sample": cmd_sample, "ingest": cmd_ingest, "textualize": cmd_textualize, "embed": cmd_embed,
     "train": cmd_train, "score": cmd_score, "profile": cmd_profile, "nightly": cmd_nightly,
     "forget": cmd_forget, "report": cmd_report, "demo": cmd_demo,
+    "evaluate": cmd_evaluate,
 }
 
 
