@@ -4,17 +4,16 @@ for 1% of users re-embeds and re-scores only those; profiles are readable by an 
 from __future__ import annotations
 
 import datetime as dt
-import json
-from pathlib import Path
+import threading
 
 import pytest
 from pyspark.sql import functions as F
 
 from conftest import make_settings
-from userlens.errors import UserlensError
+from userlens.errors import ConcurrentRunError, UserlensError
 from userlens.privacy import load_key
-from userlens.runs import StageRun
-from userlens.sample import SampleSpec, generate_sample
+from userlens.runs import RunLock, StageRun
+from userlens.sample import SampleSpec, generate_sample, replay_day
 from userlens.stages.nightly import run_nightly, train_due
 from userlens.stages.score import run_score
 from userlens.tables import TABLES, Tables
@@ -23,7 +22,7 @@ USERS, DAYS, START = 200, 14, dt.date(2026, 10, 1)
 LAST = START + dt.timedelta(days=DAYS - 1)
 OVERRIDES = ["train.epochs=4", "train.patience=2", "train.batch_size=32", "train.min_users=40",
              "train.min_class_users=3", "profile.segments=4", "privacy.min_segment_size=10", "nightly.report=false"]
-DATA_TABLES = [t for t in TABLES if t != "pipeline_runs"]
+DATA_TABLES = [t for t in TABLES if t not in ("pipeline_runs", "run_locks")]  # bookkeeping changes every run
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +104,7 @@ def test_next_day_with_one_percent_active_reembeds_and_rescores_only_them(spark,
     root, settings, first = night
     tables = Tables(spark, settings.storage)
     day = LAST + dt.timedelta(days=1)
-    active = _copy_events_to(Path(settings.source.path), LAST, day, n_users=2)
+    active = replay_day(settings.source.path, LAST, day, n_users=2)
     assert train_due(settings, day) is None
     result = run_nightly(spark, settings, load_key(settings.privacy), day)
     assert result.stages["ingest"].rows_out > 0
@@ -132,35 +131,60 @@ def test_a_table_from_an_older_userlens_gains_the_new_columns(spark, tmp_path):
     assert upgraded.count() == 1 and upgraded.first()["recommended_items"] is None
 
 
+def test_a_second_nightly_while_one_holds_the_lock_fails_in_one_line_and_changes_nothing(spark, night):
+    _, settings, _ = night
+    tables = Tables(spark, settings.storage)
+    before = data_files(tables)
+    with RunLock(tables, "nightly", "other-run", lease_hours=1):
+        with pytest.raises(ConcurrentRunError, match=r"^another nightly run \(other-run on .*\) holds the "
+                                                     r"warehouse's run lock until .*; this run did nothing") as err:
+            run_nightly(spark, settings, load_key(settings.privacy), LAST)
+        assert "\n" not in str(err.value)
+    assert data_files(tables) == before
+    assert tables.read("run_locks").count() == 0  # released
+
+
+def test_exactly_one_of_two_simultaneous_lock_takers_wins(spark, night):
+    """Two runs take the lock at the same moment: Delta orders them; one holds it, the other fails."""
+    _, settings, _ = night
+    tables = Tables(spark, settings.storage)
+    start = threading.Barrier(2)
+    outcome: dict[str, str] = {}
+
+    def take(run_id: str) -> None:
+        lock = RunLock(Tables(spark, settings.storage), "race", run_id, lease_hours=1)
+        start.wait()
+        try:
+            lock.acquire()
+            outcome[run_id] = "held"
+        except ConcurrentRunError as exc:
+            outcome[run_id] = str(exc)
+
+    threads = [threading.Thread(target=take, args=(f"run-{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r, o in outcome.items() if o == "held"]
+    assert len(outcome) == 2 and len(winners) == 1, outcome
+    loser = next(o for o in outcome.values() if o != "held")
+    assert loser.startswith("another race run") and "\n" not in loser
+    assert [r["run_id"] for r in tables.read("run_locks").where("name = 'race'").collect()] == winners
+
+
+def test_an_expired_lock_is_taken_over(spark, night):
+    _, settings, _ = night
+    tables = Tables(spark, settings.storage)
+    dead = RunLock(tables, "stale", "dead-run", lease_hours=1e-9)
+    dead.acquire()  # its lease expires at once; its holder never releases it
+    fresh = RunLock(tables, "stale", "new-run", lease_hours=1)
+    fresh.acquire()
+    assert [r["run_id"] for r in tables.read("run_locks").where("name = 'stale'").collect()] == ["new-run"]
+    fresh.release()
+    assert tables.read("run_locks").where("name = 'stale'").count() == 0
+
+
 def test_score_without_a_model_names_the_command(spark, tmp_path):
     settings = make_settings(tmp_path)
     with pytest.raises(UserlensError, match=r"^no model in .*: run `userlens train` first$"):
         run_score(spark, settings, StageRun("score", "r"))
-
-
-def _copy_events_to(raw: Path, source_day: dt.date, day: dt.date, n_users: int) -> set[str]:
-    """Raw lines of ``n_users`` users from ``source_day`` rewritten as events of ``day``."""
-    lines = []
-    for path in sorted((raw / "events" / f"event_date={source_day}").glob("part-*")):
-        lines += [line for line in path.read_text().splitlines() if line.strip()]
-    chosen: list[str] = []
-    out = []
-    for line in lines:
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        user = event.get("user_id")
-        if not user or not str(event.get("ts", "")).startswith(source_day.isoformat()):
-            continue
-        if user not in chosen:
-            if len(chosen) == n_users:
-                continue
-            chosen.append(user)
-        event["ts"] = day.isoformat() + event["ts"][10:]
-        event["event_id"] = "next" + event["event_id"]
-        out.append(json.dumps(event, sort_keys=True, separators=(",", ":")))
-    folder = raw / "events" / f"event_date={day}"
-    folder.mkdir(parents=True)
-    (folder / "part-00000.txt").write_text("\n".join(out) + "\n")
-    return set(chosen)

@@ -208,6 +208,8 @@ def _print_train(result: object) -> None:
           ", ".join(f"{s} {n}" for s, n in result.users.items()))
     for task, values in result.model.items():
         base = result.baseline.get(task, {})
+        if task == "recommend":
+            continue
         if "auc" in values:
             print(f"  {task:<14} test AUC {values['auc']:.3f}  PR-AUC {values['pr_auc']:.3f}  "
                   f"log loss {values['log_loss']:.3f}  ECE {values['ece']:.3f}   "
@@ -215,6 +217,13 @@ def _print_train(result: object) -> None:
         else:
             print(f"  {task:<14} test accuracy {values['accuracy']:.3f}  top-3 {values['top3_accuracy']:.3f}   "
                   f"baseline {base.get('accuracy', float('nan')):.3f} / {base.get('top3_accuracy', float('nan')):.3f}")
+    if "recommend" in result.model:
+        methods = {"two-tower": result.model["recommend"], "popularity": result.baseline.get("recommend_popularity", {}),
+                   "ALS": result.baseline.get("recommend_als", {})}
+        names = [n for n in result.model["recommend"] if n != "users"]
+        print(f"  recommendations ({result.model['recommend'].get('users', 0)} test users with a next purchase): " +
+              "; ".join(f"{m} " + " ".join(f"{n} {v.get(n, float('nan')):.3f}" for n in names)
+                        for m, v in methods.items()))
     if result.dp:
         print(f"  DP-SGD: epsilon {result.dp['epsilon']:.2f} at delta {result.dp['delta']:g}")
 

@@ -324,6 +324,8 @@ class ProfileSettings(_Strict):
 class NightlySettings(_Strict):
     report: bool = True                           # write the HTML report as the last stage
     report_dir: str = "./reports"
+    # one nightly at a time per warehouse (run_locks); a run that died holds the lock this long
+    lock_hours: float = Field(12.0, gt=0)
 
 
 DatasetAdapter = Literal["movielens-100k", "movielens", "amazon", "sequences", "retailrocket"]

@@ -54,3 +54,9 @@ class SecretError(UserlensError):
     """A secret (the pseudonymization key) is missing or unusable."""
 
     exit_code = 2
+
+
+class ConcurrentRunError(UserlensError):
+    """Another run holds the warehouse's run lock, or wrote the same Delta table at the same time."""
+
+    exit_code = 3

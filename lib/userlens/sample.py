@@ -787,6 +787,38 @@ def _partition_fn(spec: SampleSpec, catalog: _Catalog
 # --------------------------------------------------------------------------
 
 
+def replay_day(raw_dir: str, source_day: datetime.date, day: datetime.date, n_users: int) -> set[str]:
+    """Add a raw day ``day`` to a local sample: the events of the first ``n_users`` users active on
+    ``source_day``, moved to ``day`` with new event ids. Returns their raw user ids. For incremental
+    runs (the nightly tests and benchmark: "new events for 1% of users")."""
+    from pathlib import Path
+
+    lines: list[str] = []
+    for path in sorted((Path(raw_dir) / "events" / f"event_date={source_day}").glob("part-*")):
+        lines += [line for line in path.read_text().splitlines() if line.strip()]
+    chosen: list[str] = []
+    out = []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the sample's malformed lines stay where they are
+        user = event.get("user_id")
+        if not user or not isinstance(event.get("ts"), str) or not event["ts"].startswith(source_day.isoformat()):
+            continue
+        if user not in chosen:
+            if len(chosen) == n_users:
+                continue
+            chosen.append(user)
+        event["ts"] = day.isoformat() + event["ts"][10:]
+        event["event_id"] = f"replay-{day}-{event['event_id']}"
+        out.append(json.dumps(event, sort_keys=True, separators=(",", ":")))
+    folder = Path(raw_dir) / "events" / f"event_date={day}"
+    folder.mkdir(parents=True, exist_ok=False)
+    (folder / "part-00000.txt").write_text("\n".join(out) + "\n")
+    return set(chosen)
+
+
 def generate_sample(spark: "SparkSession", out_dir: str, spec: SampleSpec) -> SampleSummary:
     """Write the events and items datasets under ``out_dir`` and summarise them.
 

@@ -89,6 +89,10 @@ TABLES: dict[str, TableSpec] = {
         _s(("user_key", STR, False), ("requested_at", TS, False), ("rows_found", LONG, False),
            ("tables", STR, False), ("files_purged", BOOL, False), ("run_id", STR, False)),
         key=("user_key", "requested_at")),
+    "run_locks": TableSpec(
+        _s(("name", STR, False), ("run_id", STR, False), ("holder", STR, False), ("acquired_at", TS, False),
+           ("expires_at", TS, False)),
+        key=("name",)),
     "pipeline_runs": TableSpec(
         _s(("run_id", STR, False), ("stage", STR, False), ("as_of_date", DATE, True), ("status", STR, False),
            ("started_at", TS, False), ("finished_at", TS, True), ("rows_in", LONG, True),

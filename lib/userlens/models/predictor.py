@@ -100,7 +100,7 @@ class BehaviourModel(nn.Module):
                                for task, head in self.heads.items()}
         if rec is not None and self.rec is not None:
             users = self.rec.user_vectors(x, rec["hist_idx"], rec["hist_w"])
-            out["recommend"] = self.rec.in_batch(users, rec["positive"])
+            out["recommend"] = self.rec.in_batch(users, rec["positive"], rec["hist_idx"], rec["hist_w"])
         return out
 
 

@@ -13,6 +13,10 @@ in-batch softmax that corrects for popularity (logQ).
 * **Item tower:** ``Linear(item text embedding) + id vector``, plus a scalar
   bias. Items unknown at training time (new in the catalogue) get the padding
   id (zero vector, zero bias): they are ranked by their text alone.
+* **Repeat term:** ``+ repeat * h_u(i)``, the recency weight of item i in the
+  user's own history (0 when absent), with ``repeat`` learned: people come
+  back to what they viewed or carted, which a dot product of pooled vectors
+  captures poorly (implicit ALS and co-occurrence baselines get it for free).
 * **Loss:** in-batch softmax over the batch's positive items with
   ``logit - log q(item)`` (q = the item's share of training positives); a
   repeated item is not a negative of itself.
@@ -71,6 +75,7 @@ class TwoTower(nn.Module):
             self.item_id.weight[n].zero_()
         self.user_mlp = nn.Sequential(nn.Linear(config.user_dim + d + config.dim, config.hidden), nn.ReLU(),
                                       nn.Linear(config.hidden, config.dim))
+        self.repeat = nn.Parameter(torch.tensor(1.0))
 
     def set_catalogue(self, item_text: np.ndarray, log_q: np.ndarray | None = None) -> None:
         n = self.config.n_items
@@ -93,12 +98,18 @@ class TwoTower(nn.Module):
         """(vectors (N, dim), biases (N,)) of items with these text embeddings and training ids (pad: unknown)."""
         return self.item_proj(text) + self.item_id(idx), self.item_bias(idx).squeeze(-1)
 
-    def in_batch(self, users: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (P, P) and targets (P,) over the rows with a positive (index < pad), logQ-corrected."""
+    def in_batch(self, users: torch.Tensor, positives: torch.Tensor, hist_idx: torch.Tensor | None = None,
+                 hist_w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (P, P) and targets (P,) over the rows with a positive (index < pad), logQ-corrected,
+        with the repeat term when the history is given."""
         has = positives < self.config.pad
         u, p = users[has], positives[has]
         v, b = self.item_vectors(self.item_text[p], p)
         logits = u @ v.T + b - self.log_q[p]
+        if hist_idx is not None and hist_w is not None:
+            # h[r, j] = weight of item p[j] in row r's history
+            h = ((hist_idx[has].unsqueeze(1) == p.view(1, -1, 1)) * hist_w[has].unsqueeze(1)).sum(-1)
+            logits = logits + self.repeat * h
         same = (p.unsqueeze(0) == p.unsqueeze(1)) & ~torch.eye(len(p), dtype=torch.bool, device=p.device)
         return logits.masked_fill(same, float("-inf")), torch.arange(len(p), device=p.device)
 
@@ -111,15 +122,22 @@ def rec_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def top_k(users: torch.Tensor, items: tuple[torch.Tensor, torch.Tensor], exclude: np.ndarray,
-          k: int, batch_size: int = 4096) -> np.ndarray:
+          k: int, batch_size: int = 4096,
+          repeat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
     """Top-``k`` candidate positions per user (U, k), best first; ``exclude`` (U, M) holds candidate
     positions to leave out (-1 = none); -1 fills a row when fewer than ``k`` candidates remain.
-    ``items`` = (vectors, biases) of the candidates."""
+    ``items`` = (vectors, biases) of the candidates. ``repeat`` = (history indices (U, L) into the
+    candidates, pad = len(candidates); their weights (U, L); the learned scale): the repeat term."""
     vectors, biases = items
     k = min(k, len(biases))
     out = np.empty((len(users), k), np.int64)
     for start in range(0, len(users), batch_size):
         scores = users[start:start + batch_size] @ vectors.T + biases
+        if repeat is not None:
+            idx, w, scale = repeat
+            extra = torch.zeros(len(scores), len(biases) + 1, dtype=scores.dtype, device=scores.device)
+            extra.scatter_add_(1, idx[start:start + batch_size], w[start:start + batch_size].to(scores.dtype))
+            scores = scores + scale * extra[:, :-1]
         mask = torch.from_numpy(exclude[start:start + batch_size]).to(scores.device)
         rows = torch.arange(len(scores), device=scores.device).unsqueeze(1).expand_as(mask)
         keep = mask >= 0
@@ -234,8 +252,8 @@ class TextTwoTower:
             order = rng.permutation(len(pos))
             for start in range(0, len(order), self.batch_size):
                 take = order[start:start + self.batch_size]
-                u = model.user_vectors(None, torch.from_numpy(hist[take]), torch.from_numpy(weights[take]))
-                loss = rec_loss(*model.in_batch(u, torch.from_numpy(pos[take])))
+                h, w = torch.from_numpy(hist[take]), torch.from_numpy(weights[take])
+                loss = rec_loss(*model.in_batch(model.user_vectors(None, h, w), torch.from_numpy(pos[take]), h, w))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -292,10 +310,11 @@ class TextTwoTower:
                 found = found[found >= 0]
                 row[:len(found)] = found
             masks.append(row)
+        h, w = torch.from_numpy(np.array(hist)), torch.from_numpy(np.array(weights))
         with torch.inference_mode():
-            uv = self.model.user_vectors(None, torch.from_numpy(np.array(hist)), torch.from_numpy(np.array(weights)))
+            uv = self.model.user_vectors(None, h, w)
             all_idx = torch.arange(config.n_items)
             vectors = self.model.item_vectors(self.model.item_text[:config.n_items], all_idx)
-        ranked = top_k(uv, vectors, np.array(masks), k)
+        ranked = top_k(uv, vectors, np.array(masks), k, repeat=(h, w, self.model.repeat.detach()))
         return {u: [self.items[i] for i in row if i >= 0] for u, row in zip(users, ranked)}
 

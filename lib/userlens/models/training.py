@@ -240,7 +240,10 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
         valid = ShardReader(valid_files[rank::world], features, tasks, catalogue)
 
         rng = np.random.default_rng([job["seed"], rank])
-        best_loss, best_epoch, best_state, bad_epochs = math.inf, -1, None, 0
+        # the task heads and the recommendation head share no parameter (the head reads the input, not the
+        # trunk), so each keeps the weights of its own best validation epoch and its own patience
+        best = {"tasks": _Best(), "recommend": _Best()}
+        parts = ("tasks", "recommend") if catalogue is not None else ("tasks",)
         samples, fit_seconds, history = 0, 0.0, []
         for epoch in range(job["epochs"]):
             epoch_start = time.perf_counter()
@@ -264,22 +267,26 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
                 samples += len(batch["x"])
                 n_steps += 1
             fit_seconds += time.perf_counter() - epoch_start
-            val_loss = _validation_loss(model, valid, tasks, device, distributed, catalogue, job["seed"], rec_weight)
-            history.append({"epoch": epoch, "train_loss": train_loss / max(n_steps, 1), "valid_loss": val_loss})
+            losses = _validation_loss(model, valid, tasks, device, distributed, catalogue, job["seed"])
+            history.append({"epoch": epoch, "train_loss": train_loss / max(n_steps, 1),
+                            "valid_loss": losses["tasks"], **({"valid_rec_loss": losses["recommend"]}
+                                                              if catalogue is not None else {})})
             if rank == 0:
-                log.info("epoch %d: train loss %.4f, valid loss %.4f (%d steps/rank)", epoch,
-                         train_loss / max(n_steps, 1), val_loss, n_steps)
-            if val_loss < best_loss - 1e-6:
-                best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-            else:
-                bad_epochs += 1
+                log.info("epoch %d: train loss %.4f, valid loss %.4f%s (%d steps/rank)", epoch,
+                         train_loss / max(n_steps, 1), losses["tasks"],
+                         f", recommendation {losses['recommend']:.4f}" if catalogue is not None else "", n_steps)
+            state = _unwrap(model).state_dict()
+            for part in parts:
+                best[part].update(epoch, losses[part], {k: v for k, v in state.items()
+                                                        if k.startswith("rec.") == (part == "recommend")})
             if rank == 0:
                 save_state(f"{job['artifact']}/checkpoints/last.pt",
-                           {"epoch": epoch, "model": _unwrap(model).state_dict(),
-                            "optimizer": optimizer.state_dict(), "best_epoch": best_epoch, "best_loss": best_loss})
-            if bad_epochs >= job["patience"]:
+                           {"epoch": epoch, "model": state, "optimizer": optimizer.state_dict(),
+                            "best_epoch": best["tasks"].epoch, "best_loss": best["tasks"].loss})
+            if all(best[part].bad >= job["patience"] for part in parts):
                 break
+        best_epoch, best_loss = best["tasks"].epoch, best["tasks"].loss
+        best_state = {k: v for part in parts for k, v in best[part].state.items()}
 
         totals = torch.tensor([samples, fit_seconds], dtype=torch.float64)
         if distributed:
@@ -289,6 +296,8 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
             return None
         summary: dict[str, Any] = {
             "best_epoch": best_epoch, "best_valid_loss": best_loss, "epochs_run": len(history),
+            **({"best_rec_epoch": best["recommend"].epoch, "best_valid_rec_loss": best["recommend"].loss}
+               if catalogue is not None else {}),
             "samples": int(totals[0]), "fit_seconds": float(totals[1]) / world,
             "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9),
             "world_size": world, "device": str(device), "history": history,
@@ -363,10 +372,11 @@ def evaluate_recommendations(model: Any, features: Any, tasks: list[str], files:
             keep = batch["rec_eval"]
             if not keep.any():
                 continue
-            users = model.rec.user_vectors(torch.from_numpy(batch["x"][keep]), torch.from_numpy(batch["hist_idx"][keep]),
-                                           torch.from_numpy(batch["hist_w"][keep]))
+            hist, weights = torch.from_numpy(batch["hist_idx"][keep]), torch.from_numpy(batch["hist_w"][keep])
+            users = model.rec.user_vectors(torch.from_numpy(batch["x"][keep]), hist, weights)
             bought = batch["bought"][keep]
-            top = top_k(users, items, np.where(bought == catalogue.pad, -1, bought), k)
+            top = top_k(users, items, np.where(bought == catalogue.pad, -1, bought), k,
+                        repeat=(hist, weights, model.rec.repeat.detach()))
             ranked += [[i for i in row if i >= 0] for row in top]
             relevant += [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
     return ranking_summary(ranked, relevant, k)
@@ -405,27 +415,50 @@ def _as_numpy_batch(batch: Any, tasks: list[str]) -> dict[str, np.ndarray]:
     return {"x": x.numpy(), **{t: y.numpy() for t, y in zip(tasks, labels)}}
 
 
+class _Best:
+    """The best validation epoch of one part of the model, its weights, and epochs since."""
+
+    def __init__(self) -> None:
+        self.loss, self.epoch, self.bad, self.state = math.inf, -1, 0, {}
+
+    def update(self, epoch: int, loss: float, state: dict[str, Any]) -> None:
+        if loss < self.loss - 1e-6 or self.epoch < 0:  # the first epoch counts even without a finite loss
+            self.loss, self.epoch, self.bad = loss, epoch, 0
+            self.state = {k: v.detach().cpu().clone() for k, v in state.items()}
+        else:
+            self.bad += 1
+
+
 def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: Any, distributed: bool,
-                     catalogue: Catalogue | None = None, seed: int = 0, rec_weight: float = 1.0) -> float:
+                     catalogue: Catalogue | None = None, seed: int = 0) -> dict[str, float]:
+    """Mean validation loss of the task heads per user, and of the recommendation head per positive
+    (the same sampled positives every epoch); sums all-reduced over ranks."""
     import torch
     import torch.distributed as dist
 
     from userlens.models.predictor import task_loss
+    from userlens.models.recommend import rec_loss
 
     inner = _unwrap(model)
     inner.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
-    rng = np.random.default_rng(seed)  # the same positives every epoch
+    sums = torch.zeros(4, dtype=torch.float64)
+    rng = np.random.default_rng(seed)
     with torch.inference_mode():
         for batch in valid.batches(VALID_BATCH_ROWS, None):
             x, y = _tensors(batch, tasks, device)
-            sums[0] += float(task_loss(inner(x, _rec_tensors(batch, catalogue, rng, device)), y, rec_weight)) * len(x)
+            out = inner(x, _rec_tensors(batch, catalogue, rng, device))
+            rec = out.pop("recommend", None)
+            sums[0] += float(task_loss(out, y)) * len(x)
             sums[1] += len(x)
+            if rec is not None and len(rec[1]) >= 2:
+                sums[2] += float(rec_loss(*rec)) * len(rec[1])
+                sums[3] += len(rec[1])
     if distributed:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     if sums[1] == 0:
         raise ValueError("the validation split is empty")
-    return float(sums[0] / sums[1])
+    return {"tasks": float(sums[0] / sums[1]),
+            "recommend": float(sums[2] / sums[3]) if sums[3] > 0 else math.inf}
 
 
 def _make_private(model: Any, optimizer: Any, train_files: list[str], features: Any, tasks: list[str],

@@ -8,6 +8,11 @@ text_hash and model version), so a failed night is re-run with the same
 command and continues correctly, and a second run for the same date changes
 no data. Training is due when there is no model, or the newest model's as-of
 date is ``train.retrain_days`` or more before this one.
+
+One nightly runs at a time per warehouse: it holds a lease in ``run_locks``
+(:class:`userlens.runs.RunLock`). Any other Delta write conflict (a forget
+running beside it, say) fails that stage with one line; Delta's optimistic
+concurrency leaves every table as the run that committed first wrote it.
 """
 from __future__ import annotations
 
@@ -50,7 +55,17 @@ class NightlyResult:
 
 def run_nightly(spark: "SparkSession", settings: Settings, key: PseudonymKey, date: dt.date | None = None,
                 report_path: str | None = None) -> NightlyResult:
-    """All stages for ``date`` (default: the newest raw date); returns each stage's result."""
+    """All stages for ``date`` (default: the newest raw date) under the warehouse's nightly run lock
+    (a second nightly at the same time fails with one line naming the holder); each stage's result."""
+    from userlens.runs import RunLock, new_run_id
+    from userlens.tables import Tables
+
+    with RunLock(Tables(spark, settings.storage), "nightly", new_run_id(), settings.nightly.lock_hours):
+        return _nightly(spark, settings, key, date, report_path)
+
+
+def _nightly(spark: "SparkSession", settings: Settings, key: PseudonymKey, date: dt.date | None,
+             report_path: str | None) -> NightlyResult:
     from userlens.stages.embed import run_embed
     from userlens.stages.ingest import run_ingest
     from userlens.stages.profile import run_profile

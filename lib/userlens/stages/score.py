@@ -86,11 +86,12 @@ def _recommend(artifact: Any, x: Any, batch: "pa.RecordBatch", k: int) -> "pa.Ar
 
     catalogue, items = _recommender(artifact)
     arrays = catalogue.arrays(batch)
+    hist, weights = torch.from_numpy(arrays["hist_idx"]), torch.from_numpy(arrays["hist_w"])
     with torch.inference_mode():
-        users = artifact.model.rec.user_vectors(torch.from_numpy(x), torch.from_numpy(arrays["hist_idx"]),
-                                                torch.from_numpy(arrays["hist_w"]))
+        users = artifact.model.rec.user_vectors(torch.from_numpy(x), hist, weights)
     bought = arrays["bought"]
-    top = top_k(users, items, np.where(bought == catalogue.pad, -1, bought), k)
+    top = top_k(users, items, np.where(bought == catalogue.pad, -1, bought), k,
+                repeat=(hist, weights, artifact.model.rec.repeat.detach()))
     ids = np.array(catalogue.item_ids, dtype=object)
     offsets = np.concatenate([[0], np.cumsum((top >= 0).sum(1))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[top[top >= 0]].tolist(), pa.string()))
