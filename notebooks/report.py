@@ -1,0 +1,33 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # userlens: report
+# MAGIC
+# MAGIC One self-contained HTML report: model vs baseline, scores, segments, runs. Same as `userlens report`.
+# MAGIC
+# MAGIC Widgets (job parameters of the same name):
+# MAGIC
+# MAGIC | widget | meaning |
+# MAGIC |---|---|
+# MAGIC | `out` | report file (empty: `<nightly.report_dir>/userlens-report-<date>.html`) |
+# MAGIC | `conf` | config files layered over `base.yaml`, comma-separated; a bare name is a file shipped with userlens (default `databricks.yaml`; GPU tasks add `databricks-gpu.yaml`), anything else a path |
+# MAGIC | `set` | overrides `dotted.key=value`, separated by `;` (e.g. `storage.schema=userlens_dev; train.epochs=10`) |
+# MAGIC
+# MAGIC The widgets are checked by `userlens.notebook`; the work is done by the library. Run on a cluster with the userlens wheel installed (`databricks.yml`).
+
+# COMMAND ----------
+
+from userlens import notebook
+
+notebook.log_progress()
+params = notebook.read_widgets(dbutils, "report")
+settings = notebook.load_notebook_settings(params)
+
+# COMMAND ----------
+
+from userlens.report import build_report
+from userlens.runs import run_stage
+from userlens.spark import get_spark
+
+spark = get_spark(settings)
+result = run_stage("report", settings, spark, lambda run: build_report(spark, settings, params.out))
+print(f"report: {result.path}")

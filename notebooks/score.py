@@ -1,0 +1,35 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # userlens: score
+# MAGIC
+# MAGIC The latest model over changed users → `user_scores`. Same as `userlens score`.
+# MAGIC
+# MAGIC Widgets (job parameters of the same name):
+# MAGIC
+# MAGIC | widget | meaning |
+# MAGIC |---|---|
+# MAGIC | `date` | as-of date (empty: the newest embedding date) |
+# MAGIC | `conf` | config files layered over `base.yaml`, comma-separated; a bare name is a file shipped with userlens (default `databricks.yaml`; GPU tasks add `databricks-gpu.yaml`), anything else a path |
+# MAGIC | `set` | overrides `dotted.key=value`, separated by `;` (e.g. `storage.schema=userlens_dev; train.epochs=10`) |
+# MAGIC
+# MAGIC The widgets are checked by `userlens.notebook`; the work is done by the library. Run on a cluster with the userlens wheel installed (`databricks.yml`).
+
+# COMMAND ----------
+
+from userlens import notebook
+from userlens.stages.score import require_model
+
+notebook.log_progress()
+params = notebook.read_widgets(dbutils, "score")
+settings = notebook.load_notebook_settings(params)
+require_model(settings)  # a model must exist before any Spark job
+
+# COMMAND ----------
+
+from userlens.runs import run_stage
+from userlens.spark import get_spark
+from userlens.stages.score import run_score
+
+spark = get_spark(settings)
+result = run_stage("score", settings, spark, lambda run: run_score(spark, settings, run, params.date))
+print(result)

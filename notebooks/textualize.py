@@ -1,0 +1,33 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # userlens: textualize
+# MAGIC
+# MAGIC `events` → `user_texts`: one newest-first text per user as of a date. Same as `userlens textualize`.
+# MAGIC
+# MAGIC Widgets (job parameters of the same name):
+# MAGIC
+# MAGIC | widget | meaning |
+# MAGIC |---|---|
+# MAGIC | `date` | as-of date (empty: the latest event date) |
+# MAGIC | `conf` | config files layered over `base.yaml`, comma-separated; a bare name is a file shipped with userlens (default `databricks.yaml`; GPU tasks add `databricks-gpu.yaml`), anything else a path |
+# MAGIC | `set` | overrides `dotted.key=value`, separated by `;` (e.g. `storage.schema=userlens_dev; train.epochs=10`) |
+# MAGIC
+# MAGIC The widgets are checked by `userlens.notebook`; the work is done by the library. Run on a cluster with the userlens wheel installed (`databricks.yml`).
+
+# COMMAND ----------
+
+from userlens import notebook
+
+notebook.log_progress()
+params = notebook.read_widgets(dbutils, "textualize")
+settings = notebook.load_notebook_settings(params)
+
+# COMMAND ----------
+
+from userlens.runs import run_stage
+from userlens.spark import get_spark
+from userlens.stages.textualize import run_textualize
+
+spark = get_spark(settings)
+result = run_stage("textualize", settings, spark, lambda run: run_textualize(spark, settings, run, params.date))
+print(result)
