@@ -101,8 +101,9 @@ PII_PATTERNS: list[tuple[str, str, str]] = [
              r"(?:[A-Z0-9]{1,3}| (?=[A-Z]{0,2}\d)[A-Z0-9]{1,3})?\b", "<iban>"),
     # 13-19 digits, plain or grouped 4-4-4-4(-3) / 4-6-5 (12 when grouped by fours): masked
     # whether or not they pass Luhn (fail safe; a regex cannot check Luhn). Not after a
-    # "+44 " country code, where the digits are a phone number.
-    ("card", r"(?<![\w+-])(?<!\+\d{1,3}[ .-])" + _NOT_PRODUCT_CODE
+    # "+44 " country code, where the digits are a phone number, nor after "0." / "3,", where
+    # they are the fraction of a decimal number (0.8947368421052632).
+    ("card", r"(?<![\w+-])(?<!\+\d{1,3}[ .-])(?<!\d[.,])" + _NOT_PRODUCT_CODE
      + r"(?:\d{13,19}|\d{4}[ -]\d{4}[ -]\d{4}(?:[ -]\d{1,4}(?:[ -]\d{1,3})?)?|\d{4}[ -]\d{6}[ -]\d{4,5})"
      + r"(?![\w-]|[.,]\d)", "<card>"),
     # IPv6: IPv4-mapped (::ffff:192.0.2.1), full, compressed.
