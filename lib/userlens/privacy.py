@@ -11,12 +11,16 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 
 from userlens.config import PrivacySettings
 from userlens.errors import SecretError
+
+if TYPE_CHECKING:
+    from userlens.tables import Tables
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +140,45 @@ def scrub_pii(text: Column) -> Column:
     for _, pattern, placeholder in PII_PATTERNS:
         scrubbed = F.regexp_replace(scrubbed, pattern, placeholder)
     return F.when(text.rlike(_PII_TRIGGER), scrubbed).otherwise(text)
+
+
+# --------------------------------------------------------------------------
+# which key a warehouse was built with
+# --------------------------------------------------------------------------
+KEY_ID_PROPERTY = "userlens.key_id"  # a table property of ``events``
+ROTATION_DOC = 'docs/privacy.md, "Rotating the key"'
+
+
+def warehouse_key_id(tables: "Tables") -> str | None:
+    """The key id the warehouse's events were pseudonymized with; None for a new warehouse.
+
+    The ``events`` table property ``userlens.key_id``, or, for a warehouse written
+    before that property, the key id of its latest successful ingest run.
+    """
+    if not tables.exists("events"):
+        return None
+    stored = tables.properties("events").get(KEY_ID_PROPERTY)
+    if stored or not tables.exists("pipeline_runs"):
+        return stored
+    row = (tables.read("pipeline_runs").where("stage = 'ingest' AND status = 'succeeded'")
+           .select(F.get_json_object("details", "$.key_id").alias("key_id"), "started_at")
+           .where("key_id IS NOT NULL").orderBy(F.desc("started_at")).first())
+    return row["key_id"] if row is not None else None
+
+
+def require_same_key(tables: "Tables", key: PseudonymKey, key_env: str) -> None:
+    """Refuse (one line) a key other than the one the warehouse's events were made with."""
+    stored = warehouse_key_id(tables)
+    if stored is not None and stored != key.key_id:
+        where = "privacy.dev_key" if key.is_dev_key else key_env
+        raise SecretError(
+            f"the events in {tables.location('events')} were pseudonymized with key id {stored}, but the key in "
+            f"{where} has key id {key.key_id}: mixing keys would split every user in two. Set the key the "
+            f"warehouse was built with, or rotate the key as {ROTATION_DOC} describes")
+
+
+def record_key_id(tables: "Tables", key: PseudonymKey) -> None:
+    """Store the key id as the ``events`` table property ``userlens.key_id`` (no commit when unchanged)."""
+    if tables.exists("events"):
+        tables.set_properties("events", {KEY_ID_PROPERTY: key.key_id})
+

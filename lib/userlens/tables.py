@@ -268,6 +268,31 @@ class Tables:
                 self.spark.conf.set(conf_key, previous)
         return self._commit_metrics(table, token)
 
+    # -- table properties --------------------------------------------------
+    def properties(self, table: str) -> dict[str, str]:
+        """The table's Delta properties (TBLPROPERTIES); {} when the table does not exist."""
+        if not self.exists(table):
+            return {}
+        row = self.delta(table).detail().select("properties").first()
+        return dict(row[0] or {}) if row is not None else {}
+
+    def set_properties(self, table: str, values: dict[str, str | None]) -> dict[str, str | None]:
+        """Set the properties in ``values`` that differ from the table's (``None``: unset); returns those.
+
+        Equal values commit nothing: no new table version."""
+        current = self.properties(table)
+        changed = {k: v for k, v in values.items() if current.get(k) != v}
+        to_set = {k: v for k, v in changed.items() if v is not None}
+        to_unset = sorted(k for k, v in changed.items() if v is None)
+        self.ensure(table)
+        if to_set:
+            pairs = ", ".join(f"{_sql_string(k)} = {_sql_string(v)}" for k, v in sorted(to_set.items()))
+            self.spark.sql(f"ALTER TABLE {self.sql_name(table)} SET TBLPROPERTIES ({pairs})")
+        if to_unset:
+            keys = ", ".join(_sql_string(k) for k in to_unset)
+            self.spark.sql(f"ALTER TABLE {self.sql_name(table)} UNSET TBLPROPERTIES IF EXISTS ({keys})")
+        return changed
+
     def _writer(self, table: str, df: "DataFrame", token: str) -> Any:
         writer = self._conformed(table, df).write.format("delta").mode("overwrite").option("userMetadata", token)
         if _spec(table).partition_by:
@@ -325,3 +350,8 @@ def _spec(table: str) -> TableSpec:
 def table_schema(table: str) -> T.StructType:
     """The declared schema of a logical table."""
     return _spec(table).schema
+
+
+def _sql_string(text: str) -> str:
+    """A Spark SQL string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -21,7 +21,7 @@ from pyspark.sql import types as T
 
 from userlens.config import IngestSettings, Settings, SourceSettings
 from userlens.errors import SourceError, UserlensError, first_line
-from userlens.privacy import PseudonymKey, pseudonymize, scrub_pii
+from userlens.privacy import PseudonymKey, pseudonymize, record_key_id, require_same_key, scrub_pii
 from userlens.runs import StageRun
 from userlens.tables import Tables, same_rows
 
@@ -276,6 +276,7 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
     from pyspark import StorageLevel
 
     tables = Tables(spark, settings.storage)
+    require_same_key(tables, key, settings.privacy.key_env)  # before any write
     source = settings.source
     if settings.dataset.adapter:
         from userlens.datasets import read_events
@@ -309,6 +310,7 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
     if not todo:
         log.info("ingest: no raw dates up to %s; refreshing the item catalog only", as_of)
         items_out, items_quarantined = ingest_items(spark, settings, tables, run.run_id)
+        record_key_id(tables, key)
         run.rows_in, run.rows_out = 0, 0
         run.details.update({"dates": [], "items_out": items_out, "items_quarantined": items_quarantined,
                             "key_id": key.key_id, "full": full})
@@ -341,6 +343,7 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
                                          unless_same=("run_id", "quarantined_at")).get("numInsertedRows", 0)
     finally:
         classified.unpersist()
+    record_key_id(tables, key)
 
     accounted = rows_out + q_written + duplicates
     if accounted != rows_in:
