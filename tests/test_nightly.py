@@ -42,7 +42,8 @@ def test_first_night_runs_every_stage(spark, night):
     _, settings, first = night
     tables = Tables(spark, settings.storage)
     assert first.as_of_date == LAST
-    assert list(first.stages) == ["ingest", "textualize", "embed", "train", "score", "profile"]
+    assert list(first.stages) == ["ingest", "textualize", "embed", "train", "score", "profile",
+                                  "quarantine_retention"]
     users = tables.read("user_embeddings").count()
     assert users > 150
     assert first.stages["score"].scored == users

@@ -127,6 +127,8 @@ class PrivacySettings(_Strict):
     pii_placeholders: bool = True
     # `userlens forget`: VACUUM keeps files removed within this many hours (Delta's own floor: 168)
     forget_retention_hours: int = Field(168, ge=0)
+    # nightly: events_quarantine rows older than this (by source_date, else quarantined_at) are deleted
+    quarantine_retention_days: int = Field(30, ge=1)
 
 
 class IngestSettings(_Strict):

@@ -1,6 +1,6 @@
 """Nightly: every stage for one as-of date, incrementally, each with its own ``pipeline_runs`` row.
 
-    ingest -> textualize -> embed -> train (when due) -> score -> profile -> report
+    ingest -> textualize -> embed -> train (when due) -> score -> profile -> quarantine_retention -> report
 
 The as-of date defaults to the newest raw date ingest finds. Every stage is
 idempotent for a date (MERGE / replaceWhere on content, incremental by
@@ -69,6 +69,7 @@ def _nightly(spark: "SparkSession", settings: Settings, key: PseudonymKey, date:
     from userlens.stages.embed import run_embed
     from userlens.stages.ingest import run_ingest
     from userlens.stages.profile import run_profile
+    from userlens.stages.retention import run_quarantine_retention
     from userlens.stages.score import run_score
     from userlens.stages.textualize import run_textualize
     from userlens.stages.train import run_train
@@ -93,6 +94,7 @@ def _nightly(spark: "SparkSession", settings: Settings, key: PseudonymKey, date:
         log.info("nightly: the current model is recent enough (train.retrain_days=%d)", settings.train.retrain_days)
     stage("score", lambda run: run_score(spark, settings, run, as_of))
     stage("profile", lambda run: run_profile(spark, settings, run, as_of))
+    stage("quarantine_retention", lambda run: run_quarantine_retention(spark, settings, run, as_of))
     if settings.nightly.report:
         from userlens.report import build_report
 

@@ -1,0 +1,91 @@
+"""Quarantine retention: ``events_quarantine`` rows older than ``privacy.quarantine_retention_days`` go.
+
+A row's age is counted from its ``source_date`` (the raw date it came from), or,
+when it has none (undated raw rows, the item catalog), from ``quarantined_at``,
+relative to the nightly's as-of date: a row expires when that date is before
+``as_of - quarantine_retention_days``. Nothing due: nothing is written (no
+Delta commit). Rows deleted: one Delta DELETE, then a VACUUM with the table's
+own retention (``delta.deletedFileRetentionDuration``, one week by default), so
+the files of the deletes before that go from storage too.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pyspark.sql import Column
+from pyspark.sql import functions as F
+
+from userlens.config import Settings
+from userlens.runs import StageRun
+from userlens.tables import Tables
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+QUARANTINE = "events_quarantine"
+_USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
+
+
+def retention_cutoff(as_of: dt.date, days: int) -> dt.date:
+    """The oldest date kept: rows dated before it expire."""
+    return as_of - dt.timedelta(days=days)
+
+
+def quarantine_expired(cutoff: dt.date) -> Column:
+    """True for ``events_quarantine`` rows dated (source_date, else quarantined_at) before ``cutoff``."""
+    return F.coalesce(F.col("source_date"), F.to_date("quarantined_at")) < F.lit(cutoff)
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    as_of_date: dt.date
+    cutoff: dt.date
+    deleted: int
+    kept: int
+
+
+def run_quarantine_retention(spark: "SparkSession", settings: Settings, run: StageRun,
+                             as_of: dt.date) -> RetentionResult:
+    """Delete the quarantine rows that have outlived ``privacy.quarantine_retention_days`` as of ``as_of``."""
+    days = settings.privacy.quarantine_retention_days
+    cutoff = retention_cutoff(as_of, days)
+    run.as_of_date = as_of
+    tables = Tables(spark, settings.storage)
+    deleted = kept = 0
+    if tables.exists(QUARANTINE):
+        counts = tables.read(QUARANTINE).agg(
+            F.count(F.lit(1)).alias("rows"), F.count(F.when(quarantine_expired(cutoff), 1)).alias("due")).first()
+        due = counts["due"]
+        if due:
+            deleted = _delete(tables, f"coalesce(source_date, to_date(quarantined_at)) < DATE'{cutoff.isoformat()}'")
+            tables.delta(QUARANTINE).vacuum()  # the table's own retention: never refused by Delta's check
+        kept = counts["rows"] - deleted
+    run.rows_in, run.rows_out = deleted + kept, kept
+    run.details.update({"retention_days": days, "cutoff": cutoff.isoformat(), "deleted": deleted, "kept": kept})
+    log.info("quarantine_retention: %d row(s) dated before %s deleted (privacy.quarantine_retention_days=%d), "
+             "%d kept", deleted, cutoff, days, kept)
+    return RetentionResult(as_of, cutoff, deleted, kept)
+
+
+def _delete(tables: Tables, condition: str) -> int:
+    """One Delta DELETE; the number of rows it deleted, from its own commit."""
+    spark = tables.spark
+    token = "userlens-retention:" + uuid.uuid4().hex
+    previous = spark.conf.get(_USER_METADATA, None)
+    spark.conf.set(_USER_METADATA, token)
+    try:
+        tables.delta(QUARANTINE).delete(condition)
+    finally:
+        if previous is None:
+            spark.conf.unset(_USER_METADATA)
+        else:
+            spark.conf.set(_USER_METADATA, previous)
+    row = (tables.delta(QUARANTINE).history(20).where(F.col("userMetadata") == token)
+           .select("operationMetrics").first())
+    return int((row[0] or {}).get("numDeletedRows", 0)) if row is not None else 0
