@@ -43,7 +43,7 @@ def test_first_night_runs_every_stage(spark, night):
     tables = Tables(spark, settings.storage)
     assert first.as_of_date == LAST
     assert list(first.stages) == ["ingest", "textualize", "embed", "train", "score", "profile",
-                                  "quarantine_retention"]
+                                  "quarantine_retention", "privacy_check"]  # local.yaml: nightly.privacy_check
     users = tables.read("user_embeddings").count()
     assert users > 150
     assert first.stages["score"].scored == users

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     forget = sub.add_parser("forget", parents=[common], help="delete one person from every table (erasure)")
     forget.add_argument("--user-id", required=True, help="the raw user id as it appears in the source logs")
 
+    sub.add_parser("privacy-check", parents=[common],
+                   help="scan every table for raw user ids and PII; a pass/fail table (exit 1 on fail)")
+
     report = sub.add_parser("report", parents=[common], help="one self-contained HTML report")
     report.add_argument("--out", metavar="FILE.html", help="output file (default: nightly.report_dir)")
 
@@ -274,7 +277,8 @@ def _run_nightly(spark: "SparkSession", settings: Settings, key: object, date: d
 
 
 def _print_nightly(result: object) -> None:
-    printers = {"embed": _print_embed, "train": _print_train, "score": _print_score, "profile": _print_profile}
+    printers = {"embed": _print_embed, "train": _print_train, "score": _print_score, "profile": _print_profile,
+                "quarantine_retention": _print_retention, "privacy_check": _print_privacy_check}
     print(f"nightly: as of {result.as_of_date}")
     for name, stage_result in result.stages.items():
         if name in printers:
@@ -291,6 +295,29 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
     spark = _spark(settings)
     result = _stage("forget", settings, spark, lambda run: run_forget(spark, settings, key, args.user_id, run))
     print(describe(result))
+    return 0
+
+
+def _print_retention(r: object) -> None:
+    print(f"quarantine_retention: {r.deleted} quarantined rows dated before {r.cutoff} deleted, {r.kept} kept")
+
+
+def _print_privacy_check(result: object) -> None:
+    from userlens.stages.privacy_check import format_table
+
+    print(format_table(result))
+
+
+def cmd_privacy_check(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.stages.privacy_check import PrivacyCheckFailed, run_privacy_check
+
+    spark = _spark(settings)
+    try:
+        result = _stage("privacy_check", settings, spark, lambda run: run_privacy_check(spark, settings, run))
+    except PrivacyCheckFailed as failed:
+        _print_privacy_check(failed.result)  # the table first; main() prints the one-line cause
+        raise
+    _print_privacy_check(result)
     return 0
 
 
@@ -369,7 +396,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "sample": cmd_sample, "ingest": cmd_ingest, "textualize": cmd_textualize, "embed": cmd_embed,
     "train": cmd_train, "score": cmd_score, "profile": cmd_profile, "nightly": cmd_nightly,
-    "forget": cmd_forget, "report": cmd_report, "demo": cmd_demo,
+    "forget": cmd_forget, "report": cmd_report, "demo": cmd_demo, "privacy-check": cmd_privacy_check,
     "evaluate": cmd_evaluate,
 }
 

@@ -129,6 +129,8 @@ class PrivacySettings(_Strict):
     forget_retention_hours: int = Field(168, ge=0)
     # nightly: events_quarantine rows older than this (by source_date, else quarantined_at) are deleted
     quarantine_retention_days: int = Field(30, ge=1)
+    # `userlens privacy-check`: raw ids shorter than this are not searched (too many chance matches)
+    check_min_id_chars: int = Field(4, ge=1)
 
 
 class IngestSettings(_Strict):
@@ -328,6 +330,7 @@ class NightlySettings(_Strict):
     report_dir: str = "./reports"
     # one nightly at a time per warehouse (run_locks); a run that died holds the lock this long
     lock_hours: float = Field(12.0, gt=0)
+    privacy_check: bool = False                   # `userlens privacy-check` as the last stage; a fail fails the night
 
 
 DatasetAdapter = Literal["movielens-100k", "movielens", "amazon", "sequences", "retailrocket"]

@@ -1,6 +1,7 @@
 """Nightly: every stage for one as-of date, incrementally, each with its own ``pipeline_runs`` row.
 
-    ingest -> textualize -> embed -> train (when due) -> score -> profile -> quarantine_retention -> report
+    ingest -> textualize -> embed -> train (when due) -> score -> profile -> quarantine_retention
+    -> report -> privacy_check (with nightly.privacy_check)
 
 The as-of date defaults to the newest raw date ingest finds. Every stage is
 idempotent for a date (MERGE / replaceWhere on content, incremental by
@@ -100,4 +101,8 @@ def _nightly(spark: "SparkSession", settings: Settings, key: PseudonymKey, date:
 
         report = stage("report", lambda run: build_report(spark, settings, report_path))
         out.report = str(getattr(report, "path", report))
+    if settings.nightly.privacy_check:  # last: it scans what every other stage wrote
+        from userlens.stages.privacy_check import run_privacy_check
+
+        stage("privacy_check", lambda run: run_privacy_check(spark, settings, run))
     return out

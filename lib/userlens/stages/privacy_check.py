@@ -1,0 +1,284 @@
+"""``userlens privacy-check``: scan every userlens table for raw user ids and PII; pass or fail.
+
+For each table of ``TABLES`` that exists, every ``string`` and ``array<string>``
+column (array elements joined by newlines) is searched, in Spark, for
+
+* **raw user ids**: the distinct raw ids of the configured source (``source.path``
+  read as ingest reads it, trimmed), as whole tokens. A token is a run of letters,
+  digits and ``_ @ + -``, with inner dots (``u12.5``, ``a@b.com`` are one token):
+  ``u12`` is found in ``"ask u12."`` and ``{"user_id":"u12"}``, not in ``u123``,
+  ``xu12``, ``u12-b`` or ``u12@mail.com``. The tables' tokens are counted per
+  (column, token) and joined to the ids on the token (an equi-join, never a
+  cross join); an id that is not one token itself (``user 7``, ``a:b``) is joined
+  on its first token and then looked up in the text. Ids shorter than
+  ``privacy.check_min_id_chars`` are not searched (and counted).
+* **PII**: ingest's own scrubber (``privacy.scrub_pii``, the ``PII_PATTERNS`` in
+  their order) run again over the stored text; the placeholders it adds, per type
+  (email, iban, card, ip, phone), are the hits. Text that ingest scrubbed is left
+  unchanged by a second scrub, so only PII that got past ingest (or was written
+  by something else) counts. Card numbers are counted as the scrubber masks them:
+  every card-shaped digit run, Luhn-valid or not (docs/privacy.md).
+
+Only counts reach the driver: per table and column, never a matched value. The
+result is a pass/fail table (:func:`format_table`); a fail raises
+:class:`PrivacyCheckFailed`, one line naming the tables and columns.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from userlens.config import Settings
+from userlens.errors import SourceError, UserlensError, first_line
+from userlens.privacy import PII_PATTERNS, scrub_pii
+from userlens.runs import StageRun
+from userlens.tables import TABLES, Tables
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+# letters, digits, _ @ + -, with dots inside (never at either end)
+_CHAR = r"[\p{L}\p{N}_@+-]"
+TOKEN = rf"{_CHAR}+(?:\.{_CHAR}+)*"
+# a text's tokens that equal a given sequence of tokens: no token character (or inner dot) on either side
+_BEFORE, _AFTER = r"(?<![\p{L}\p{N}_.@+-])", rf"(?!{_CHAR}|\.{_CHAR})"
+PII_TYPES: tuple[str, ...] = tuple(dict.fromkeys(kind for kind, _, _ in PII_PATTERNS))
+PLACEHOLDERS: dict[str, str] = {kind: placeholder for kind, _, placeholder in PII_PATTERNS}
+
+
+class PrivacyCheckFailed(UserlensError):
+    """Raw ids or PII were found; the message is one line, ``result`` holds the table."""
+
+    def __init__(self, result: "PrivacyCheckResult") -> None:
+        super().__init__(result.failure_line())
+        self.result = result
+
+
+# --------------------------------------------------------------------------
+# column helpers and transforms
+# --------------------------------------------------------------------------
+def text_columns(schema: T.StructType) -> list[str]:
+    """Names of the ``string`` and ``array<string>`` columns."""
+    return [f.name for f in schema.fields if isinstance(f.dataType, T.StringType)
+            or (isinstance(f.dataType, T.ArrayType) and isinstance(f.dataType.elementType, T.StringType))]
+
+
+def column_text(df: DataFrame, name: str) -> Column:
+    """A column as one string: array elements joined by newlines (a token never spans two)."""
+    column = F.col(f"`{name}`")
+    return F.concat_ws("\n", column) if isinstance(df.schema[name].dataType, T.ArrayType) else column
+
+
+def tokens(text: Column) -> Column:
+    """The tokens of a string (see the module docstring); an empty array for null."""
+    return F.coalesce(F.regexp_extract_all(text, F.lit(TOKEN), F.lit(0)), F.array().cast("array<string>"))
+
+
+def raw_id_table(raw_ids: DataFrame, min_chars: int) -> DataFrame:
+    """(raw_id, anchor, single, searched) from a column ``raw_id``: the first token of each id, whether
+    the id is that one token, and whether it is long enough to be searched."""
+    ids = raw_ids.select(F.trim("raw_id").alias("raw_id")).where(F.length("raw_id") > 0).distinct()
+    parts = tokens(F.col("raw_id"))
+    return ids.select(
+        "raw_id", F.element_at(parts, 1).alias("anchor"),
+        ((F.size(parts) == 1) & (F.element_at(parts, 1) == F.col("raw_id"))).alias("single"),
+        (F.length("raw_id") >= min_chars).alias("searched"))
+
+
+def whole_tokens_pattern(text: Column) -> Column:
+    """A Java regex (a Column, per row) that finds ``text`` literally, bounded as a whole token."""
+    quoted = F.concat(F.lit("\\Q"), F.replace(text, F.lit("\\E"), F.lit("\\E\\\\E\\Q")), F.lit("\\E"))
+    return F.concat(F.lit(_BEFORE), quoted, F.lit(_AFTER))
+
+
+def _tagged(column: str):
+    return lambda token: F.struct(F.lit(column).alias("column"), token.alias("token"))
+
+
+def raw_id_hits(df: DataFrame, ids: DataFrame, multi_token_ids: bool = True) -> DataFrame:
+    """(column, hits): raw ids found as whole tokens per text column of ``df``.
+
+    ``ids`` is :func:`raw_id_table` (searched ids only). One-token ids count every
+    occurrence; other ids (looked for only with ``multi_token_ids``) count the values that hold them.
+    """
+    columns = text_columns(df.schema)
+    if not columns:
+        return df.sparkSession.createDataFrame([], "column string, hits long")
+    pairs = F.flatten(F.array(*[F.transform(tokens(column_text(df, c)), _tagged(c)) for c in columns]))
+    counted = (df.select(F.explode(pairs).alias("p")).select("p.column", "p.token")
+               .groupBy("column", "token").agg(F.count(F.lit(1)).alias("n")))
+    single = ids.where("single").select(F.col("raw_id").alias("token"))
+    hits = counted.join(single, "token").select("column", "n")
+    if not multi_token_ids:
+        return hits.groupBy("column").agg(F.sum("n").cast("long").alias("hits"))
+
+    multi = ids.where(~F.col("single")).select("raw_id", F.col("anchor").alias("token"))
+    values = F.array(*[F.struct(F.lit(c).alias("column"), column_text(df, c).alias("value")) for c in columns])
+    by_value = (df.select(F.explode(values).alias("v")).select("v.column", "v.value").where("value IS NOT NULL")
+                .select("column", "value", F.explode(F.array_distinct(tokens(F.col("value")))).alias("token"))
+                .join(F.broadcast(multi), "token")
+                .where(F.rlike(F.col("value"), whole_tokens_pattern(F.col("raw_id"))))
+                .select("column", F.lit(1).cast("long").alias("n")))
+    return hits.unionByName(by_value).groupBy("column").agg(F.sum("n").cast("long").alias("hits"))
+
+
+def pii_counts(df: DataFrame) -> DataFrame:
+    """One row: ``rows`` and, per text column and PII type, ``<column>|<type>``: the placeholders a
+    second scrub adds (occurrences of PII ingest's scrubber finds in the stored text)."""
+    columns = text_columns(df.schema)
+    # scrub once per value, in a projection, then count each placeholder on its output
+    projected = df.select(F.lit(1).alias("_row"), *[
+        F.struct(column_text(df, c).alias("text"), scrub_pii(column_text(df, c)).alias("scrubbed")).alias(f"_{i}")
+        for i, c in enumerate(columns)])
+    aggregates = [F.count("_row").alias("rows")]
+    for i, c in enumerate(columns):
+        for kind in PII_TYPES:
+            placeholder = F.lit(PLACEHOLDERS[kind])
+            added = (F.regexp_count(F.col(f"_{i}.scrubbed"), placeholder)
+                     - F.regexp_count(F.col(f"_{i}.text"), placeholder))
+            aggregates.append(F.coalesce(F.sum(added), F.lit(0)).cast("long").alias(f"{c}|{kind}"))
+    return projected.agg(*aggregates)
+
+
+# --------------------------------------------------------------------------
+# raw ids of the source
+# --------------------------------------------------------------------------
+def source_raw_ids(spark: "SparkSession", settings: Settings) -> DataFrame:
+    """The raw user ids of ``source.path`` (column ``raw_id``), read the way ingest reads the source."""
+    try:
+        if settings.dataset.adapter:
+            from userlens.datasets import read_events
+
+            raw = read_events(spark, settings).frame
+        else:
+            from userlens.stages.ingest import read_raw
+
+            source = settings.source
+            raw = read_raw(spark, source.events_location(), source.format, source.mapping.model_dump(), source)
+        return raw.select(F.col("f_user_id").alias("raw_id"))
+    except UserlensError as exc:
+        raise SourceError(f"privacy-check needs the raw user ids of source.path: {first_line(exc)}") from None
+
+
+# --------------------------------------------------------------------------
+# runner
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TableCheck:
+    table: str
+    exists: bool
+    rows: int = 0
+    raw_id_hits: dict[str, int] = field(default_factory=dict)        # column -> hits (hits only)
+    pii_hits: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> type -> hits (hits only)
+
+    @property
+    def raw_ids(self) -> int:
+        return sum(self.raw_id_hits.values())
+
+    def pii(self, kind: str) -> int:
+        return sum(kinds.get(kind, 0) for kinds in self.pii_hits.values())
+
+    @property
+    def passed(self) -> bool:
+        return not self.raw_id_hits and not self.pii_hits
+
+
+@dataclass(frozen=True)
+class PrivacyCheckResult:
+    tables: list[TableCheck]
+    ids_searched: int
+    ids_skipped: int
+    min_id_chars: int
+
+    @property
+    def passed(self) -> bool:
+        return all(t.passed for t in self.tables)
+
+    def findings(self) -> list[str]:
+        """``table.column: what`` for every hit (counts only)."""
+        out = []
+        for t in self.tables:
+            for column, n in sorted(t.raw_id_hits.items()):
+                out.append(f"{t.table}.{column}: {n} raw user id(s)")
+            for column, kinds in sorted(t.pii_hits.items()):
+                out.append(f"{t.table}.{column}: " + ", ".join(f"{n} {k}" for k, n in kinds.items()))
+        return out
+
+    def failure_line(self) -> str:
+        found = self.findings()
+        shown = "; ".join(found[:6]) + (f"; and {len(found) - 6} more" if len(found) > 6 else "")
+        return f"privacy-check failed: {shown}"
+
+
+def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun) -> PrivacyCheckResult:
+    """Scan every existing table; the result, or :class:`PrivacyCheckFailed` (after logging the findings)."""
+    from pyspark import StorageLevel
+
+    tables = Tables(spark, settings.storage)
+    min_chars = settings.privacy.check_min_id_chars
+    ids = raw_id_table(source_raw_ids(spark, settings), min_chars).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        id_counts = ids.agg(F.count(F.when(F.col("searched"), 1)).alias("searched"),
+                            F.count(F.when(~F.col("searched"), 1)).alias("skipped"),
+                            F.count(F.when(F.col("searched") & ~F.col("single"), 1)).alias("multi")).first()
+        searched = ids.where("searched")
+        checks = [_check_table(tables, name, searched, id_counts["multi"] > 0) for name in TABLES]
+    finally:
+        ids.unpersist()
+    result = PrivacyCheckResult(checks, id_counts["searched"], id_counts["skipped"], min_chars)
+    run.rows_in = sum(t.rows for t in checks)
+    run.details.update({
+        "result": "pass" if result.passed else "fail", "raw_ids_searched": result.ids_searched,
+        "raw_ids_skipped": result.ids_skipped,
+        "tables": {t.table: {"rows": t.rows, "raw_ids": t.raw_id_hits, "pii": t.pii_hits}
+                   for t in checks if t.exists}})
+    log.info("privacy-check: %d table(s), %d raw ids searched (%d shorter than privacy.check_min_id_chars=%d "
+             "not searched): %s", sum(t.exists for t in checks), result.ids_searched, result.ids_skipped,
+             min_chars, "pass" if result.passed else "FAIL")
+    for finding in result.findings():
+        log.warning("privacy-check: %s", finding)
+    if not result.passed:
+        raise PrivacyCheckFailed(result)
+    return result
+
+
+def _check_table(tables: Tables, name: str, ids: DataFrame, multi_token_ids: bool) -> TableCheck:
+    if not tables.exists(name):
+        return TableCheck(name, exists=False)
+    df = tables.read(name)
+    counts = pii_counts(df).first().asDict()
+    pii: dict[str, dict[str, int]] = {}
+    for key, n in counts.items():
+        if key != "rows" and n:
+            column, kind = key.rsplit("|", 1)
+            pii.setdefault(column, {})[kind] = n
+    raw = {r["column"]: r["hits"] for r in raw_id_hits(df, ids, multi_token_ids).collect() if r["hits"]}
+    return TableCheck(name, True, counts["rows"], raw, pii)
+
+
+def format_table(result: PrivacyCheckResult) -> str:
+    """The pass/fail table: one row per table, then the findings and a summary line."""
+    head = ["table", "rows", "raw-id hits", *PII_TYPES, "result"]
+    rows = [[t.table, f"{t.rows:,}", str(t.raw_ids), *[str(t.pii(k)) for k in PII_TYPES],
+             "pass" if t.passed else "FAIL"] if t.exists else [t.table, "-", "-", *["-"] * len(PII_TYPES), "absent"]
+            for t in result.tables]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [line(head), line(["-" * w for w in widths]), *[line(r) for r in rows]]
+    out += [f"FAIL {finding}" for finding in result.findings()]
+    skipped = (f", {result.ids_skipped:,} shorter than privacy.check_min_id_chars={result.min_id_chars} not searched"
+               if result.ids_skipped else "")
+    out.append(f"privacy-check: {'pass' if result.passed else 'FAIL'} "
+               f"({sum(t.exists for t in result.tables)} tables; {result.ids_searched:,} raw user ids searched"
+               f"{skipped})")
+    return "\n".join(out)
