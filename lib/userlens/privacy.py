@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import Column
 from pyspark.sql import functions as F
@@ -182,3 +182,35 @@ def record_key_id(tables: "Tables", key: PseudonymKey) -> None:
     if tables.exists("events"):
         tables.set_properties("events", {KEY_ID_PROPERTY: key.key_id})
 
+
+# --------------------------------------------------------------------------
+# differential privacy of the models behind a table (table properties)
+# --------------------------------------------------------------------------
+MODEL_VERSION_PROPERTY = "userlens.model_version"
+DP_PROPERTY = "userlens.dp"
+DP_EPSILON_PROPERTY = "userlens.dp.epsilon"
+DP_DELTA_PROPERTY = "userlens.dp.delta"
+
+
+def model_properties(dp_by_version: dict[str, dict[str, Any] | None]) -> dict[str, str | None]:
+    """``user_profiles`` properties for the models behind its rows (None: unset).
+
+    ``dp_by_version``: model version -> its metrics.json ``training.dp`` (``{}``: trained
+    without DP; None: no metrics.json). Several versions: DP-SGD only if every one used
+    it, with the largest epsilon and delta (the weakest guarantee).
+    """
+    if not dp_by_version:
+        return dict.fromkeys((MODEL_VERSION_PROPERTY, DP_PROPERTY, DP_EPSILON_PROPERTY, DP_DELTA_PROPERTY))
+    versions = sorted(dp_by_version)
+    dps = [dp_by_version[v] for v in versions]
+    out: dict[str, str | None] = {MODEL_VERSION_PROPERTY: ",".join(versions), DP_EPSILON_PROPERTY: None,
+                                  DP_DELTA_PROPERTY: None}
+    if any(dp is None for dp in dps):
+        out[DP_PROPERTY] = "unknown"
+    elif not all(dps):
+        out[DP_PROPERTY] = "none"
+    else:
+        out[DP_PROPERTY] = "dp-sgd"
+        out[DP_EPSILON_PROPERTY] = f"{max(float(dp['epsilon']) for dp in dps):.4f}"
+        out[DP_DELTA_PROPERTY] = f"{max(float(dp['delta']) for dp in dps):g}"
+    return out

@@ -52,7 +52,8 @@ LOWER_IS_BETTER = {"log_loss", "ece"}
 SCORE_COLUMNS = ("purchase_propensity", "churn_risk")
 HISTOGRAM_BINS = 20
 EMBEDDING_SAMPLE = 2000
-STAGE_ORDER = ("sample", "ingest", "textualize", "embed", "train", "score", "profile", "nightly", "report", "forget")
+STAGE_ORDER = ("sample", "ingest", "textualize", "embed", "train", "score", "profile", "quarantine_retention",
+               "nightly", "report", "privacy_check", "forget")
 EXTRA = "pip install 'userlens[report]'"
 
 STYLE = """
@@ -196,8 +197,24 @@ class _Context:
                        f"{', max grad norm ' + _fmt(dp['max_grad_norm']) if 'max_grad_norm' in dp else ''})</p>")
         else:
             out.append("<p>trained without differential privacy</p>")
+        out.append(self._profiles_privacy())
         out.append(self._curves(path))
         return "\n".join(out)
+
+    def _profiles_privacy(self) -> str:
+        """The models behind ``user_profiles`` and their DP, from its table properties (profile stage)."""
+        from userlens.privacy import DP_DELTA_PROPERTY, DP_EPSILON_PROPERTY, DP_PROPERTY, MODEL_VERSION_PROPERTY
+
+        props = self.tables.properties("user_profiles")
+        if MODEL_VERSION_PROPERTY not in props:
+            return ""
+        text = f"<p><code>user_profiles</code> hold scores of model <code>{_e(props[MODEL_VERSION_PROPERTY])}</code>"
+        if props.get(DP_PROPERTY) == "dp-sgd":
+            text += (f", trained with DP-SGD: &epsilon; = {_e(props.get(DP_EPSILON_PROPERTY, '?'))}, "
+                     f"&delta; = {_e(props.get(DP_DELTA_PROPERTY, '?'))}")
+        else:
+            text += f", differential privacy: {_e(props.get(DP_PROPERTY, 'unknown'))}"
+        return text + " (table properties <code>userlens.dp*</code>)</p>"
 
     def _curves(self, path: str) -> str:
         predictions = {}

@@ -14,19 +14,25 @@
 One row per user; only rows whose content changed are rewritten, and only those
 get a new ``updated_at`` (the MERGE ignores ``updated_at`` when comparing), so
 a second run for the same date writes nothing.
+
+Table properties of ``user_profiles`` name the models behind its rows and their
+differential privacy (:func:`model_properties`): ``userlens.model_version``,
+``userlens.dp`` (``dp-sgd``, ``none`` or ``unknown``) and, for DP-SGD,
+``userlens.dp.epsilon`` / ``userlens.dp.delta``; set only when they change.
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from userlens.config import Settings
 from userlens.errors import UserlensError
+from userlens.privacy import model_properties
 from userlens.runs import StageRun
 from userlens.stages.score import latest_per_user
 from userlens.stages.train import models_root
@@ -130,6 +136,25 @@ def describe_segments(assigned: DataFrame, user_interests: DataFrame, min_size: 
         F.lit(version).alias("model_version"))
 
 
+def _training_dp(settings: Settings, version: str) -> dict[str, Any] | None:
+    from userlens.models.predictor import exists, read_json
+
+    path = f"{models_root(settings)}/{version}/metrics.json"
+    if not exists(path):
+        return None
+    dp = (read_json(path).get("training") or {}).get("dp")
+    return dp if isinstance(dp, dict) else {}
+
+
+def record_model_properties(tables: Tables, settings: Settings) -> dict[str, str | None]:
+    """Set the :func:`model_properties` of the versions in ``user_profiles``; returns them."""
+    versions = [r[0] for r in tables.read("user_profiles").where(F.col("model_version").isNotNull())
+                .select("model_version").distinct().collect()]
+    properties = model_properties({v: _training_dp(settings, v) for v in versions})
+    tables.set_properties("user_profiles", properties)
+    return properties
+
+
 @dataclass(frozen=True)
 class ProfileResult:
     as_of_date: dt.date
@@ -199,6 +224,7 @@ def run_profile(spark: "SparkSession", settings: Settings, run: StageRun,
     finally:
         for df in cached:
             df.unpersist()
+    properties = record_model_properties(tables, settings)
     suppressed = [r for r in seg_rows if not r["published"]]
     result = ProfileResult(as_of, users, metrics.get("numTargetRowsInserted", 0),
                            metrics.get("numTargetRowsUpdated", 0), len(published_ids), len(suppressed),
@@ -209,7 +235,8 @@ def run_profile(spark: "SparkSession", settings: Settings, run: StageRun,
                         "segments_suppressed": result.segments_suppressed,
                         "users_in_suppressed_segments": result.users_in_suppressed_segments,
                         "segment_model": seg.version, "segments_refitted": seg.fitted,
-                        "min_segment_size": settings.privacy.min_segment_size})
+                        "min_segment_size": settings.privacy.min_segment_size,
+                        "model_properties": {k: v for k, v in properties.items() if v is not None}})
     log.info("profile: %d users as of %s (%d new, %d changed rows); %d segments published, %d suppressed "
              "(%d users, below privacy.min_segment_size=%d)", users, as_of, result.inserted, result.updated,
              result.segments_published, result.segments_suppressed, result.users_in_suppressed_segments,
