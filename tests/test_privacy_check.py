@@ -1,0 +1,332 @@
+"""Privacy on a full demo run: log hygiene, key ids, `userlens privacy-check`, DP metadata of user_profiles.
+
+One `userlens demo` runs as a subprocess (small settings, DP-SGD on, a planted HMAC key) with all of its
+stdout and stderr (JVM and Python workers included) captured; every test of the first part reads that
+run's output, warehouse, models and report. The second part checks the scanner's transforms on inline
+rows. Real Spark, real Delta, real MiniLM and Opacus."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from pyspark.sql import functions as F
+
+from conftest import SPARK_OVERRIDES, make_settings
+from userlens.errors import SecretError
+from userlens.privacy import (DP_DELTA_PROPERTY, DP_EPSILON_PROPERTY, DP_PROPERTY, KEY_ID_PROPERTY,
+                              MODEL_VERSION_PROPERTY, PseudonymKey, load_key, model_properties, scrub_pii)
+from userlens.runs import StageRun
+from userlens.stages.ingest import run_ingest
+from userlens.stages.privacy_check import (PrivacyCheckFailed, format_table, pii_counts, raw_id_hits,
+                                           raw_id_table, run_privacy_check)
+from userlens.stages.profile import run_profile
+from userlens.tables import TABLES, Tables
+
+PLANTED_KEY = "pl4nted-HMAC-s3cret-9c1e77b0a2"
+USERS = 150
+DEMO = ["sample.users=150", "sample.days=14", "sample.pii_fraction=0.2", "train.epochs=2", "train.min_users=30",
+        "train.min_class_users=3", "train.num_processes=1", "train.dp.enabled=true",
+        "train.recommend.enabled=false", "profile.segments=3", "privacy.min_segment_size=5"]
+
+# the formats of lib/userlens/sample.py's _make_pii, written independently of the scrubber's patterns
+SAMPLE_PII = {
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "phone": r"\+1 \d{3}-555-\d{4}|\(\d{3}\) 555-\d{4}|\+44 20 7946 \d{4}|\b0\d{2} \d{7}\b",
+    "card": r"\b\d{4}([ -])\d{4}\1\d{4}\1\d{4}\b",
+    "ip": r"\b(?:\d{1,3}\.){3}\d{1,3}\b",
+}
+
+
+def demo_paths(root: Path) -> list[str]:
+    return [f"storage.warehouse={root / 'warehouse'}", f"storage.models={root / 'models'}",
+            f"source.path={root / 'raw'}", f"sample.out={root / 'raw'}", f"nightly.report_dir={root / 'reports'}"]
+
+
+def demo_settings(root: Path, raw: Path | None = None):
+    """In-process settings for the demo's warehouse (or a copy of it under ``root``)."""
+    settings = make_settings(root, *DEMO)
+    if raw is not None:
+        settings = make_settings(root, *DEMO, f"source.path={raw}")
+    return settings
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`userlens demo` once, in its own working directory, with everything it prints captured."""
+    root = tmp_path_factory.mktemp("demo")
+    overrides = [o for o in SPARK_OVERRIDES if not o.startswith("spark.log_level")]  # keep Spark's WARN lines
+    command = [sys.executable, "-m", "userlens.cli", "demo"]
+    for item in [*overrides, *demo_paths(root), *DEMO]:
+        command += ["--set", item]
+    env = {k: v for k, v in os.environ.items() if k != "USERLENS_RUN_ID"}
+    env.update({"USERLENS_HMAC_KEY": PLANTED_KEY, "PYTHONUNBUFFERED": "1"})
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=1800)
+    seconds = time.perf_counter() - started
+    print(f"demo: {seconds:.0f} s, exit {done.returncode}")
+    assert done.returncode == 0, done.stdout[-3000:]
+    return SimpleNamespace(root=root, output=done.stdout, seconds=seconds,
+                           key=load_key(make_settings(root).privacy, {"USERLENS_HMAC_KEY": PLANTED_KEY}))
+
+
+def raw_lines(root: Path) -> list[str]:
+    return [line for path in sorted((root / "raw" / "events").rglob("part-*"))
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def planted_secrets(root: Path) -> dict[str, set[str]]:
+    """What must never leave the pipeline: the key (and its hex and HMAC pads), raw ids, the sample's PII."""
+    key = PLANTED_KEY.encode()
+    lines = raw_lines(root)
+    ids = set(re.findall(r'"user_id":"([^"]+)"', "\n".join(lines)))
+    texts = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the sample's broken lines hold no text field that the others do not
+        texts += [record.get("query") or "", record.get("review_text") or ""]
+    pii = {kind: {m.group(0) for text in texts for m in re.finditer(pattern, text)}
+           for kind, pattern in SAMPLE_PII.items()}
+    return {"key": {PLANTED_KEY, key.hex(), bytes(b ^ 0x36 for b in key).hex(), bytes(b ^ 0x5C for b in key).hex()},
+            "raw ids": ids, **pii}
+
+
+def leaks(text: str, secrets: dict[str, set[str]]) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    lowered = text.lower()
+    for kind, values in secrets.items():
+        if kind == "raw ids":
+            hits = [v for v in values if re.search(rf"(?<![\w.@+-]){re.escape(v)}(?![\w@+-])", text)]
+        elif kind == "key":
+            hits = [v for v in values if v.lower() in lowered]
+        else:
+            hits = [v for v in values if v in text]
+        if hits:
+            found[kind] = sorted(hits)[:5]
+    return found
+
+
+def delta_rows(path: Path, column: str) -> list:
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(path)).to_pyarrow_table(columns=[column]).column(column).to_pylist()
+
+
+# --------------------------------------------------------------------------- the demo run
+
+def test_the_demo_leaks_no_key_raw_id_or_pii_into_logs_report_runs_or_metrics(demo):
+    secrets = planted_secrets(demo.root)
+    assert len(secrets["raw ids"]) >= USERS * 0.9
+    for kind in SAMPLE_PII:
+        assert len(secrets[kind]) >= 5, f"the sample planted too few {kind} values to test: {secrets[kind]}"
+    # everything was captured: our log lines, the JVM's, and the demo's closing table
+    assert "userlens INFO nightly: privacy_check" in demo.output
+    assert re.search(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (WARN|INFO|ERROR) \w+: ", demo.output, re.M), \
+        "no JVM log line captured"
+    assert "userlens demo: tables in" in demo.output
+
+    reports = sorted((demo.root / "reports").glob("*.html"))
+    assert reports
+    details = "\n".join(d or "" for d in delta_rows(demo.root / "warehouse" / "pipeline_runs", "details"))
+    assert '"key_id"' in details  # ingest's details are there
+    metrics = sorted((demo.root / "models").rglob("metrics.json"))
+    assert metrics
+    places = {"stdout+stderr": demo.output, "pipeline_runs.details": details,
+              **{str(p.relative_to(demo.root)): p.read_text(encoding="utf-8") for p in [*reports, *metrics]}}
+    found = {place: hit for place, text in places.items() if (hit := leaks(text, secrets))}
+    assert found == {}
+
+
+def test_the_key_id_is_stored_with_the_run_and_on_the_events_table(demo):
+    from deltalake import DeltaTable
+
+    warehouse = demo.root / "warehouse"
+    assert DeltaTable(str(warehouse / "events")).metadata().configuration[KEY_ID_PROPERTY] == demo.key.key_id
+    ingest = [json.loads(d) for d in delta_rows(warehouse / "pipeline_runs", "details") if d and '"full"' in d]
+    assert ingest and {d["key_id"] for d in ingest} == {demo.key.key_id}
+    assert re.fullmatch(r"[0-9a-f]{12}", demo.key.key_id) and demo.key.key_id not in PLANTED_KEY
+
+
+def test_ingest_refuses_another_key_in_one_line_and_writes_nothing(spark, demo):
+    settings = demo_settings(demo.root)
+    tables = Tables(spark, settings.storage)
+    versions = {t: tables.delta(t).history(1).first()["version"] for t in ("events", "events_quarantine", "items")}
+    other = load_key(settings.privacy, {"USERLENS_HMAC_KEY": "another-key-0123456789abcdef"})
+    with pytest.raises(SecretError, match=rf"^the events in .* were pseudonymized with key id {demo.key.key_id}, but "
+                                          rf"the key in USERLENS_HMAC_KEY has key id {other.key_id}: .*"
+                                          r'docs/privacy\.md, "Rotating the key" describes$') as err:
+        run_ingest(spark, settings, other, StageRun("ingest", "wrong-key"))
+    assert "\n" not in str(err.value)
+    assert {t: tables.delta(t).history(1).first()["version"] for t in versions} == versions
+    # the same key is accepted and, with nothing new, commits nothing
+    run_ingest(spark, settings, demo.key, StageRun("ingest", "same-key"))
+    assert {t: tables.delta(t).history(1).first()["version"] for t in versions} == versions
+
+
+def test_a_warehouse_from_before_the_key_id_property_is_checked_against_its_ingest_runs(spark, demo, tmp_path):
+    shutil.copytree(demo.root / "warehouse", tmp_path / "warehouse")
+    settings = demo_settings(tmp_path, demo.root / "raw")
+    tables = Tables(spark, settings.storage)
+    tables.set_properties("events", {KEY_ID_PROPERTY: None})
+    assert KEY_ID_PROPERTY not in tables.properties("events")
+    other = load_key(settings.privacy, {"USERLENS_HMAC_KEY": "another-key-0123456789abcdef"})
+    with pytest.raises(SecretError, match=rf"key id {demo.key.key_id}, but"):
+        run_ingest(spark, settings, other, StageRun("ingest", "wrong-key"))
+    run_ingest(spark, settings, demo.key, StageRun("ingest", "same-key"))  # the right key: accepted,
+    assert tables.properties("events")[KEY_ID_PROPERTY] == demo.key.key_id  # and the property is set again
+
+
+def test_the_nightly_ran_retention_and_privacy_check_last_and_both_passed(demo):
+    from deltalake import DeltaTable
+
+    runs = DeltaTable(str(demo.root / "warehouse" / "pipeline_runs")).to_pyarrow_table().to_pylist()
+    by_stage = {r["stage"]: r for r in runs}
+    assert by_stage["quarantine_retention"]["status"] == "succeeded"
+    assert json.loads(by_stage["quarantine_retention"]["details"])["deleted"] == 0  # 14 days < 30
+    check = by_stage["privacy_check"]
+    assert check["status"] == "succeeded"
+    assert max(r["started_at"] for r in runs) == check["started_at"]  # the last stage
+    details = json.loads(check["details"])
+    assert details["result"] == "pass" and details["raw_ids_searched"] == len(planted_secrets(demo.root)["raw ids"])
+    table = demo.output[re.search(r"^table\s+rows\s+raw-id hits\s+email", demo.output, re.M).start():]
+    for name in ("events", "events_quarantine", "items", "user_texts", "user_profiles", "pipeline_runs"):
+        assert re.search(rf"^{name}\s+[\d,]+\s+0\s+0\s+0\s+0\s+0\s+0\s+pass$", table, re.M), name
+    assert re.search(r"^privacy-check: pass \(\d+ tables; \d+ raw user ids searched\)$", table, re.M)
+
+
+def test_privacy_check_passes_on_the_demo_warehouse(spark, demo):
+    settings = demo_settings(demo.root)
+    result = run_privacy_check(spark, settings, StageRun("privacy_check", "r"))
+    assert result.passed and result.ids_skipped == 0
+    assert result.ids_searched == len(planted_secrets(demo.root)["raw ids"])
+    checked = {t.table: t for t in result.tables if t.exists}
+    assert set(checked) >= {"events", "events_quarantine", "items", "user_texts", "user_embeddings", "user_scores",
+                            "segments", "user_profiles", "pipeline_runs"}
+    assert checked["events_quarantine"].rows > 0 and checked["events"].rows > 1000
+    assert {t.table for t in result.tables} == set(TABLES)
+
+
+def plant(spark, demo, tmp_path, table: str, column: str, value: str):
+    """A copy of the demo warehouse with ``value`` written into one row's ``column`` of ``table``."""
+    shutil.copytree(demo.root / "warehouse", tmp_path / "warehouse")
+    settings = demo_settings(tmp_path, demo.root / "raw")
+    tables = Tables(spark, settings.storage)
+    first = tables.read(table).select(F.min("user_key" if table != "items" else "item_id")).first()[0]
+    key_column = "user_key" if table != "items" else "item_id"
+    tables.delta(table).update(F.col(key_column) == F.lit(first), {column: F.lit(value)})
+    return settings
+
+
+def test_privacy_check_fails_naming_table_and_column_after_a_raw_id_is_planted(spark, demo, tmp_path):
+    raw_id = sorted(planted_secrets(demo.root)["raw ids"])[7]
+    settings = plant(spark, demo, tmp_path, "items", "title", f"Gift card for {raw_id}, thanks!")
+    with pytest.raises(PrivacyCheckFailed, match=r"^privacy-check failed: items\.title: 1 raw user id\(s\)$") as err:
+        run_privacy_check(spark, settings, StageRun("privacy_check", "r"))
+    table = format_table(err.value.result)
+    assert re.search(r"^items\s+[\d,]+\s+1\s+0\s+0\s+0\s+0\s+0\s+FAIL$", table, re.M)
+    assert re.search(r"^events\s+[\d,]+\s+0\s+0\s+0\s+0\s+0\s+0\s+pass$", table, re.M)
+    assert "FAIL items.title: 1 raw user id(s)" in table and raw_id not in table
+
+    # the command line: the table on stdout, exit code 1, one line on stderr naming table and column
+    command = [sys.executable, "-m", "userlens.cli", "privacy-check"]
+    for item in [*SPARK_OVERRIDES, *demo_paths(tmp_path), f"source.path={demo.root / 'raw'}", *DEMO]:
+        command += ["--set", item]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "USERLENS_HMAC_KEY": PLANTED_KEY})
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert re.search(r"^items\s+[\d,]+\s+1\s+0\s+0\s+0\s+0\s+0\s+FAIL$", done.stdout, re.M), done.stdout
+    assert done.stderr.strip().splitlines()[-1] == \
+        "userlens: error: privacy-check failed: items.title: 1 raw user id(s)"
+    assert raw_id not in done.stdout + done.stderr
+    failed = Tables(spark, settings.storage).read("pipeline_runs").where("status = 'failed'").collect()
+    assert [r["stage"] for r in failed] == ["privacy_check"]
+    assert json.loads(failed[0]["details"])["error"] == \
+        "PrivacyCheckFailed: privacy-check failed: items.title: 1 raw user id(s)"
+
+
+def test_privacy_check_fails_naming_table_and_column_after_an_email_is_planted(spark, demo, tmp_path):
+    settings = plant(spark, demo, tmp_path, "user_texts", "text", "3 events. reach me: jane.roe@example.org")
+    with pytest.raises(PrivacyCheckFailed, match=r"^privacy-check failed: user_texts\.text: 1 email$"):
+        run_privacy_check(spark, settings, StageRun("privacy_check", "r"))
+
+
+# --------------------------------------------------------------------------- DP in user_profiles
+
+def test_user_profiles_carry_the_dp_guarantee_of_their_model_and_the_report_shows_it(demo):
+    from deltalake import DeltaTable
+
+    props = DeltaTable(str(demo.root / "warehouse" / "user_profiles")).metadata().configuration
+    version = props[MODEL_VERSION_PROPERTY]
+    dp = json.loads((demo.root / "models" / version / "metrics.json").read_text())["training"]["dp"]
+    assert props[DP_PROPERTY] == "dp-sgd"
+    assert props[DP_EPSILON_PROPERTY] == f"{dp['epsilon']:.4f}" and props[DP_DELTA_PROPERTY] == f"{dp['delta']:g}"
+    assert 0 < float(props[DP_EPSILON_PROPERTY]) <= 8.0 * 1.05
+    assert set(delta_rows(demo.root / "warehouse" / "user_profiles", "model_version")) == {version}
+    report = next((demo.root / "reports").glob("*.html")).read_text(encoding="utf-8")
+    assert (f"<code>user_profiles</code> hold scores of model <code>{version}</code>, trained with DP-SGD: "
+            f"&epsilon; = {props[DP_EPSILON_PROPERTY]}, &delta; = {props[DP_DELTA_PROPERTY]}") in report
+
+
+def test_a_second_profile_run_commits_nothing(spark, demo, tmp_path):
+    shutil.copytree(demo.root / "warehouse", tmp_path / "warehouse")
+    settings = make_settings(tmp_path, *DEMO, f"source.path={demo.root / 'raw'}",
+                             f"storage.models={demo.root / 'models'}")
+    tables = Tables(spark, settings.storage)
+    before = tables.delta("user_profiles").history(1).first()["version"]
+    as_of = tables.read("user_profiles").agg(F.max("as_of_date")).first()[0]
+    result = run_profile(spark, settings, StageRun("profile", "again"), as_of)
+    assert result.inserted == result.updated == 0
+    assert tables.delta("user_profiles").history(1).first()["version"] == before
+
+
+def test_model_properties_take_the_weakest_guarantee():
+    dp = {"epsilon": 2.5, "delta": 1e-3}
+    assert model_properties({}) == dict.fromkeys([MODEL_VERSION_PROPERTY, DP_PROPERTY, DP_EPSILON_PROPERTY,
+                                                  DP_DELTA_PROPERTY])
+    assert model_properties({"v2": {"epsilon": 7.123456, "delta": 1e-4}, "v1": dp}) == {
+        MODEL_VERSION_PROPERTY: "v1,v2", DP_PROPERTY: "dp-sgd", DP_EPSILON_PROPERTY: "7.1235",
+        DP_DELTA_PROPERTY: "0.001"}
+    assert model_properties({"v1": dp, "v2": {}})[DP_PROPERTY] == "none"
+    assert model_properties({"v1": dp, "v2": {}})[DP_EPSILON_PROPERTY] is None
+    assert model_properties({"v1": dp, "v2": None})[DP_PROPERTY] == "unknown"
+
+
+# --------------------------------------------------------------------------- the scanner's transforms
+
+def test_raw_ids_are_counted_as_whole_tokens_in_strings_and_arrays(spark):
+    rows = [("u1234 and u1234.", ["x", "(u1234)"], '{"user_id":"u1234"}'),
+            ("u12345 xu1234 u1234-b u1234.5 u1234@mail.com", ["u12345"], None),
+            ("ask user 77 please", None, "ab ab ab"),
+            (None, ["user 7"], "user 778")]
+    df = spark.createDataFrame(rows, "text string, items array<string>, raw string")
+    ids = raw_id_table(spark.createDataFrame([("u1234",), (" u1234 ",), ("user 77",), ("ab",), ("",), (None,)],
+                                             "raw_id string"), min_chars=3)
+    table = {r["raw_id"]: (r["anchor"], r["single"], r["searched"]) for r in ids.collect()}
+    assert table == {"u1234": ("u1234", True, True), "user 77": ("user", False, True), "ab": ("ab", True, False)}
+    hits = {r["column"]: r["hits"] for r in raw_id_hits(df, ids.where("searched")).collect()}
+    # "user 7" and "user 778" do not hold "user 77" as whole tokens; "ab" is too short to be searched
+    assert hits == {"text": 3, "items": 1, "raw": 1}
+
+
+def test_pii_is_what_a_second_scrub_adds(spark):
+    stored = ["<email> wrote", "call <phone>, card <card>", "order #A-10293847 on 2026-10-03 for $1,299.99",
+              "v2.10.3 firmware", None]
+    leaked = ["mail jane.doe@mail.example.com or +1 415-555-0134", "card 4111 1111 1111 1111 ip 10.0.0.1",
+              "iban DE89 3704 0044 0532 0130 00 and 2001:db8::8a2e:370:7334"]
+    df = spark.createDataFrame([(t, [t] if t else None) for t in [*stored, *leaked]], "text string, tags array<string>")
+    assert [r[0] for r in df.select(scrub_pii(F.col("text"))).collect()][:4] == stored[:4]  # already clean
+    counts = pii_counts(df).first().asDict()
+    assert counts["rows"] == 8
+    expected = {"email": 1, "phone": 1, "card": 1, "ip": 2, "iban": 1}
+    assert {k.split("|")[1]: v for k, v in counts.items() if k.startswith("text|")} == expected
+    assert {k.split("|")[1]: v for k, v in counts.items() if k.startswith("tags|")} == expected
