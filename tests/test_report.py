@@ -68,7 +68,8 @@ def _write_tables(spark, settings) -> None:
     rng = np.random.default_rng(1)
     now = dt.datetime(2026, 10, 30, 3, 0, 0)
     earlier = AS_OF - dt.timedelta(days=1)
-    scores = [(_user(i), day, VERSION, f"h{i}", float(rng.uniform()), float(rng.uniform()), "books", 0.4, now)
+    scores = [(_user(i), day, VERSION, f"h{i}", float(rng.uniform()), float(rng.uniform()), "books", 0.4, now,
+               ["i00001", "i00002"])
               for i in range(40) for day in ((earlier, AS_OF) if i % 2 else (earlier,))]
     tables.merge("user_scores", spark.createDataFrame(scores, table_schema("user_scores")))
     segments = [(0, AS_OF, 50, True, [HOSTILE, "books"], VERSION),

@@ -266,6 +266,12 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
                 train_loss += float(loss.detach())
                 samples += len(batch["x"])
                 n_steps += 1
+            if hasattr(train_batches, "close"):
+                # a rank stops after `steps` batches: finish the reader now (its open Parquet file and
+                # pyarrow's read-ahead), not at interpreter exit, where a still-running native thread
+                # aborts the process ("terminate called without an active exception") and torchrun's
+                # exit barrier then waits its full 300 s on the other ranks
+                train_batches.close()
             fit_seconds += time.perf_counter() - epoch_start
             losses = _validation_loss(model, valid, tasks, device, distributed, catalogue, job["seed"])
             history.append({"epoch": epoch, "train_loss": train_loss / max(n_steps, 1),
