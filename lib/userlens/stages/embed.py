@@ -203,7 +203,7 @@ def embed_token_ids(tokens: DataFrame, spec: EncoderSpec, profile: "ResourceProf
 # --------------------------------------------------------------------------
 # GPU checks
 # --------------------------------------------------------------------------
-def check_gpu_conf(conf: Mapping[str, str], master: str) -> float | None:
+def check_gpu_conf(conf: Mapping[str, str], master: str, why: str = "embed.device is cuda") -> float | None:
     """The GPUs per task that ``embed.device=cuda`` will ask for; None on a local master.
 
     Raises ConfigError naming the Spark key when a cluster master lacks the GPU
@@ -219,7 +219,7 @@ def check_gpu_conf(conf: Mapping[str, str], master: str) -> float | None:
         except ValueError:
             raise ConfigError(f"spark.conf: {key}: not a number (got {value!r})") from None
         if amount <= 0:
-            raise ConfigError(f"embed.device is cuda but {key} is {value or 'not set'}: set it in spark.conf "
+            raise ConfigError(f"{why} but {key} is {value or 'not set'}: set it in spark.conf "
                               "(or the launcher) to give executors and tasks a GPU")
     return float(conf[GPU_KEY])
 

@@ -210,12 +210,23 @@ def check_train_settings(settings: Settings) -> None:
                           "cannot be trained with DP-SGD (train.dp.enabled); set train.recommend.enabled=false")
 
 
+def check_train_cluster(spark: "SparkSession", train: TrainSettings) -> None:
+    """With ``use_gpu`` and ``local_mode=false`` the ranks run as a barrier stage that asks each task for
+    a GPU: the executors and tasks must have GPU resources (one line naming the Spark key otherwise)."""
+    from userlens.stages.embed import _spark_conf, check_gpu_conf
+
+    if train.use_gpu and not train.local_mode:
+        master, conf = _spark_conf(spark)
+        check_gpu_conf(conf, master, why="train.use_gpu is true with train.local_mode false")
+
+
 def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> TrainResult:
     """Build the point-in-time snapshot, fit the baseline, train with TorchDistributor, write the artifact."""
     from userlens.models.encoder import describe_model
     from userlens.stages.embed import Embedder
 
     check_train_settings(settings)
+    check_train_cluster(spark, settings.train)
     train = settings.train
     model_id = describe_model(settings.embed.model, settings.embed.normalize).model_id
     embedder = Embedder(spark, settings)
