@@ -2,7 +2,7 @@
 # MAGIC %md
 # MAGIC # userlens: nightly
 # MAGIC
-# MAGIC Every stage for one as-of date, incrementally, in one notebook: ingest → textualize → embed → train (when due) → score → profile → report. Same as `userlens nightly`. The `userlens_nightly` job in `databricks.yml` runs the stage notebooks as separate tasks instead.
+# MAGIC Every stage for one as-of date, incrementally, in one notebook: ingest → textualize → embed → train (when due) → score → profile → quarantine_retention → report → privacy_check (with `nightly.privacy_check`). Same as `userlens nightly`. The `userlens_nightly` job in `databricks.yml` runs the stage notebooks as separate tasks instead.
 # MAGIC
 # MAGIC Widgets (job parameters of the same name):
 # MAGIC

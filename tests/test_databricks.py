@@ -32,7 +32,8 @@ NOTEBOOKS = REPO / "notebooks"
 BUNDLE = REPO / "databricks.yml"
 HEADER = "# Databricks notebook source"
 CELL_BREAK = re.compile(r"^# COMMAND -{10}\s*$", re.MULTILINE)
-JOB_CHAIN = ["ingest", "textualize", "embed", "train", "score", "profile", "report"]
+JOB_CHAIN = ["ingest", "textualize", "embed", "train", "score", "profile", "quarantine_retention", "report",
+             "privacy_check"]
 GPU_STAGES = {"embed", "train"}
 
 USERS, DAYS, ITEMS, START = 60, 8, 40, dt.date(2026, 10, 1)
@@ -43,7 +44,10 @@ TINY = ["spark.shuffle_partitions=2", "spark.conf.spark.ui.showConsoleProgress=f
         "train.epochs=2", "train.patience=1", "train.batch_size=16", "train.horizon_days=3",
         "train.min_users=20", "train.min_class_users=2", "train.num_processes=1",
         "train.recommend.enabled=false", "embed.arrow_batch_size=64",
-        "profile.segments=2", "privacy.min_segment_size=5"]
+        "profile.segments=2", "privacy.min_segment_size=5",
+        # a full VACUUM (quarantine retention) lists the table with this many tasks, 10,000 by default:
+        # 30-60 s on two local cores for a table of two files
+        "spark.conf.spark.sql.sources.parallelPartitionDiscovery.parallelism=2"]
 
 
 # -- the notebooks as Databricks reads them ----------------------------------------------------------
@@ -142,6 +146,8 @@ def test_notebook_is_a_wrapper_that_reads_its_own_widgets(stage):
             bound.add(node.id)
         elif isinstance(node, ast.arg):
             bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
     free = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - bound
     assert free == set()
     # its markdown documents exactly the widgets it has
@@ -175,6 +181,8 @@ def test_widgets_parse_to_typed_values():
     assert defaults.date is None and defaults.overrides == () and defaults.conf == (CONF_DIR / "databricks.yaml",)
     gpu = parse_widgets("train", {"conf": f"databricks.yaml, databricks-gpu.yaml", "when_due": "true"})
     assert gpu.conf == (CONF_DIR / "databricks.yaml", CONF_DIR / "databricks-gpu.yaml") and gpu.when_due
+    assert parse_widgets("privacy_check", {"when_enabled": "TRUE"}).when_enabled
+    assert not parse_widgets("privacy_check", {}).when_enabled
 
 
 def test_bad_widgets_fail_in_one_line_naming_each():
@@ -233,7 +241,8 @@ userlens_logger = pytest.fixture(_restore_logger)  # a notebook's first cell add
 @pytest.fixture(scope="module")
 def restore_session(spark):
     """The notebooks overlay settings on the shared session and add a log handler: undo both afterwards."""
-    keys = ["spark.sql.shuffle.partitions", "spark.sql.session.timeZone"]
+    keys = ["spark.sql.shuffle.partitions", "spark.sql.session.timeZone",
+            "spark.sql.sources.parallelPartitionDiscovery.parallelism"]
     before = {k: spark.conf.get(k, None) for k in keys}
     yield from _restore_logger()
     for key, value in before.items():
@@ -265,18 +274,23 @@ DATA_TABLES = ("events", "user_texts", "user_embeddings", "user_scores", "user_p
 def job_run(spark, workspace):
     """The job's tasks with the parameters databricks.yml gives them (the GPU conf left out: no GPU here),
     with the nightly notebook in the middle: ingest, textualize, embed; nightly for the same date (nothing
-    left to embed; no model yet, so it trains, scores, profiles, reports); then train (when_due=true: not
-    due), score, profile, report, which find nothing to change."""
+    left to embed; no model yet, so it trains, scores, profiles, retains, reports); then train
+    (when_due=true: not due), score, profile, which find nothing to change; quarantine_retention with a
+    3-day retention (so that rows expire); report; privacy_check as the job passes it (nightly.privacy_check
+    false: skipped), then with nightly.privacy_check=true (it checks)."""
+    from pyspark.sql import functions as F
+
+    from userlens.stages.retention import QUARANTINE
     from userlens.tables import Tables
 
     _, params, settings = workspace
     tasks = {t["task_key"]: t for t in bundle()["resources"]["jobs"]["userlens_nightly"]["tasks"]}
 
-    def task(stage: str) -> dict[str, Any]:
+    def task(stage: str, *overrides: str) -> dict[str, Any]:
         base = dict(tasks[stage]["notebook_task"].get("base_parameters", {}))
         base.pop("conf")  # databricks.yaml, the default; the GPU tasks' databricks-gpu.yaml needs a GPU
         base.pop("secret_scope", None)  # ${var.secret_scope}: the test's scope is in params
-        return run_notebook(stage, {**base, **params})
+        return run_notebook(stage, {**base, **params, "set": "; ".join([params["set"], *overrides])})
 
     def data_files() -> dict[str, set[str]]:
         tables = Tables(spark, settings.storage)
@@ -286,9 +300,15 @@ def job_run(spark, workspace):
     files = {"before nightly": data_files()}
     runs["nightly"] = run_notebook("nightly", {**params, "date": LAST.isoformat()})
     files["after nightly"] = data_files()
-    runs.update({stage: task(stage) for stage in ("train", "score", "profile", "report")})
+    runs.update({stage: task(stage) for stage in ("train", "score", "profile")})
     files["after the job"] = data_files()
-    return runs, files
+    quarantine_dates = [r[0] for r in Tables(spark, settings.storage).read(QUARANTINE)
+                        .select(F.coalesce("source_date", F.to_date("quarantined_at"))).collect()]
+    runs["quarantine_retention"] = task("quarantine_retention", "privacy.quarantine_retention_days=3")
+    runs["report"] = task("report")
+    runs["privacy_check skipped"] = task("privacy_check")
+    runs["privacy_check"] = task("privacy_check", "nightly.privacy_check=true")
+    return runs, files, quarantine_dates
 
 
 def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, workspace, job_run):
@@ -300,7 +320,7 @@ def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, works
     from userlens.tables import Tables
 
     _, _, settings = workspace
-    runs, files = job_run
+    runs, files, quarantine_dates = job_run
     tables = Tables(spark, settings.storage)
     ingest, texts, embed = (runs[s]["result"] for s in ("ingest", "textualize", "embed"))
     assert ingest.as_of_date == LAST and ingest.rows_in == ingest.rows_out + ingest.quarantined + ingest.duplicates
@@ -310,7 +330,9 @@ def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, works
 
     nightly = runs["nightly"]["result"]
     assert nightly.as_of_date == LAST
-    assert [s for s in nightly.stages if s in JOB_CHAIN] == JOB_CHAIN  # trained: there was no model yet
+    # trained: there was no model yet; no privacy_check: nightly.privacy_check is false here
+    assert list(nightly.stages) == [s for s in JOB_CHAIN if s != "privacy_check"]
+    assert nightly.stages["quarantine_retention"].deleted == 0  # 30 days: nothing in 8 days of logs is due
     assert nightly.stages["textualize"].texts_inserted == nightly.stages["textualize"].texts_updated == 0
     assert nightly.stages["embed"].users.embedded == 0 and nightly.stages["embed"].users.unchanged == users
     # what the ingest, textualize and embed notebooks wrote, nightly left as it was
@@ -326,8 +348,23 @@ def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, works
     assert runs["score"]["result"].scored == 0 and runs["score"]["result"].unchanged == users
     assert runs["profile"]["result"].inserted == runs["profile"]["result"].updated == 0
     assert files["after the job"] == files["after nightly"]  # no data file written
+    # the job's quarantine_retention task, no date given: the as-of date of the newest ingest, as nightly's
+    retention = runs["quarantine_retention"]["result"]
+    cutoff = LAST - dt.timedelta(days=3)
+    assert (retention.as_of_date, retention.cutoff) == (LAST, cutoff)
+    expired = sum(d < cutoff for d in quarantine_dates)
+    assert 0 < expired < len(quarantine_dates)
+    assert (retention.deleted, retention.kept) == (expired, len(quarantine_dates) - expired)
+    left = tables.read("events_quarantine").select(F.coalesce("source_date", F.to_date("quarantined_at")).alias("d"))
+    assert left.count() == retention.kept and left.where(F.col("d") < cutoff).count() == 0
     report = Path(runs["report"]["result"].path)
     assert report.parent == Path(settings.nightly.report_dir).resolve() and report.stat().st_size > 1000
+    # the job's privacy_check task: skipped as nightly skips it, and with nightly.privacy_check=true a pass
+    assert runs["privacy_check skipped"]["result"] is None
+    assert "nightly.privacy_check is false" in runs["privacy_check skipped"]["skipped"]
+    check = runs["privacy_check"]["result"]
+    assert check.passed and check.ids_searched >= users
+    assert {t.table for t in check.tables if t.exists} >= {*DATA_TABLES, "events_quarantine", "pipeline_runs"}
 
     statuses = {(r["stage"], r["status"]) for r in tables.read("pipeline_runs").collect()}
     assert {stage for stage, _ in statuses} >= set(JOB_CHAIN)
@@ -364,6 +401,10 @@ def test_a_bad_widget_stops_the_notebook_before_it_writes(spark, restore_session
         run_notebook("ingest", params)
     with pytest.raises(SecretError, match=r"^secret 'hmac-key' in scope 'userlens-test' could not be read"):
         run_notebook("ingest", {"set": params["set"], "secret_scope": SCOPE}, secrets={})
+    # retention with no date and no ingest run to take one from: nothing to guess, nothing deleted
+    with pytest.raises(WidgetError, match=r"^quarantine_retention notebook: widget date: empty, and pipeline_runs "
+                                          r"has no succeeded ingest run"):
+        run_notebook("quarantine_retention", {"set": params["set"]})
     assert not (tmp_path / "wh").exists()
 
 
@@ -433,6 +474,7 @@ def test_bundle_job_is_the_stage_chain_on_the_right_clusters():
             assert "gpu" not in resolve(cluster["spark_version"], variables) and not gpu_conf
             assert conf == "databricks.yaml"
     assert tasks["train"]["notebook_task"]["base_parameters"]["when_due"] == "true"
+    assert tasks["privacy_check"]["notebook_task"]["base_parameters"]["when_enabled"] == "true"
     assert tasks["ingest"]["notebook_task"]["base_parameters"]["secret_scope"] == "${var.secret_scope}"
     # job parameters become widgets of the same name in every task that has one
     assert {p["name"] for p in job["parameters"]} <= {w.name for ws in WIDGETS.values() for w in ws}

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGE_NOTEBOOKS = ("ingest", "textualize", "embed", "train", "score", "profile", "report", "forget", "nightly")
+STAGE_NOTEBOOKS = ("ingest", "textualize", "embed", "train", "score", "profile", "quarantine_retention", "report",
+                   "privacy_check", "forget", "nightly")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,10 @@ WIDGETS: dict[str, tuple[Widget, ...]] = {
               CONF, SET),
     "score": (DATE, CONF, SET),
     "profile": (DATE, CONF, SET),
+    "quarantine_retention": (Widget("date", "", "As-of date, YYYY-MM-DD (empty: the newest ingest run's)"), CONF, SET),
     "report": (Widget("out", "", "Report file (empty: nightly.report_dir)"), CONF, SET),
+    "privacy_check": (Widget("when_enabled", "false", "Check only when nightly.privacy_check is true (as nightly)",
+                             ("false", "true")), CONF, SET),
     "forget": (Widget("user_id", "", "Raw user id to erase everywhere (required)"), CONF, SET,
                SECRET_SCOPE, SECRET_KEY),
     "nightly": (DATE, Widget("report_out", "", "Report file (empty: nightly.report_dir)"), CONF, SET,
@@ -77,6 +81,7 @@ class NotebookParams:
     date: dt.date | None = None
     full: bool = False
     when_due: bool = False
+    when_enabled: bool = False
     secret_scope: str | None = None
     secret_key: str | None = None
     user_id: str | None = None
@@ -116,7 +121,8 @@ def parse_widgets(stage: str, raw: dict[str, str]) -> NotebookParams:
                           f"{values['secret_scope']!r} is set; name the secret that holds the HMAC key")
     return NotebookParams(
         stage=stage, conf=values["conf"], overrides=values["set"], date=values.get("date"),
-        full=values.get("full", False), when_due=values.get("when_due", False), secret_scope=values.get("secret_scope"),
+        full=values.get("full", False), when_due=values.get("when_due", False),
+        when_enabled=values.get("when_enabled", False), secret_scope=values.get("secret_scope"),
         secret_key=values.get("secret_key"), user_id=values.get("user_id"),
         out=values.get("out") or values.get("report_out"))
 
@@ -174,6 +180,37 @@ def skip_training(spark: "SparkSession", settings: Settings, params: NotebookPar
         return None
     return (f"the newest model is recent enough for {as_of} (train.retrain_days={settings.train.retrain_days}); "
             "set the widget when_due=false to train anyway")
+
+
+def retention_as_of(spark: "SparkSession", settings: Settings, params: NotebookParams) -> dt.date:
+    """The as-of date of the quarantine_retention notebook: the ``date`` widget, else the as-of date of the
+    newest succeeded ingest run in ``pipeline_runs`` (in the job: this run's ingest task, so the same date
+    ``userlens nightly`` uses, the newest raw date). Raises :class:`WidgetError` when there is neither."""
+    from pyspark.sql import functions as F
+
+    from userlens.tables import Tables
+
+    if params.date is not None:
+        return params.date
+    tables = Tables(spark, settings.storage)
+    as_of = None
+    if tables.exists("pipeline_runs"):
+        ingests = tables.read("pipeline_runs").where(
+            (F.col("stage") == "ingest") & (F.col("status") == "succeeded") & F.col("as_of_date").isNotNull())
+        as_of = ingests.agg(F.max_by("as_of_date", "finished_at")).first()[0]
+    if as_of is None:
+        raise WidgetError(f"{params.stage} notebook: widget date: empty, and pipeline_runs has no succeeded ingest "
+                          "run to take the as-of date from; give the date, YYYY-MM-DD")
+    return as_of
+
+
+def skip_privacy_check(settings: Settings, params: NotebookParams) -> str | None:
+    """Why the privacy_check notebook checks nothing this run, or None to check. Only with
+    ``when_enabled=true``: then, as ``userlens nightly`` does, it checks when ``nightly.privacy_check`` is true."""
+    if not params.when_enabled or settings.nightly.privacy_check:
+        return None
+    return ("nightly.privacy_check is false; set it to true (conf or the widget set) to check every night, "
+            "or the widget when_enabled=false to check anyway")
 
 
 def log_progress(level: int = logging.INFO) -> None:
@@ -247,4 +284,5 @@ def _optional(text: str, widget: Widget) -> str | None:
     return text or None
 
 
-_PARSERS = {"date": _date, "full": _choice, "when_due": _choice, "conf": _conf, "set": _overrides, "user_id": _required}
+_PARSERS = {"date": _date, "full": _choice, "when_due": _choice, "when_enabled": _choice, "conf": _conf,
+            "set": _overrides, "user_id": _required}
