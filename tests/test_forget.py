@@ -17,7 +17,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from conftest import TEST_KEY, make_settings
-from userlens.errors import ConfigError
+from userlens.errors import ConfigError, SecretError
 from userlens.privacy import PseudonymKey, load_key, pseudonymize
 from userlens.runs import StageRun
 from userlens.sample import SampleSpec, generate_sample
@@ -289,3 +289,16 @@ def test_zero_retention_refused_by_delta_check_before_deleting(spark, world):
     assert "\n" not in message and OTHERS[0] not in message
     assert world.tables.read("events").where(F.col("user_key") == victim).count() > 0
     assert not world.tables.read("forget_log").where(F.col("run_id") == "r-refused").count()
+
+
+def test_forget_with_another_key_is_refused_before_deleting(spark, world):
+    """Another key gives another user_key: the person would be "not found" and stay everywhere."""
+    other = load_key(world.settings.privacy, {"USERLENS_HMAC_KEY": TEST_KEY + "-rotated"})
+    victim = world.keys[OTHERS[0]]
+    with pytest.raises(SecretError) as err:
+        run_forget(spark, world.settings, other, OTHERS[0], StageRun("forget", "r-other-key"))
+    message = str(err.value)
+    assert f"key id {world.key.key_id}" in message and f"key id {other.key_id}" in message
+    assert "\n" not in message and OTHERS[0] not in message and TEST_KEY not in message
+    assert world.tables.read("events").where(F.col("user_key") == victim).count() > 0
+    assert not world.tables.read("forget_log").where(F.col("run_id") == "r-other-key").count()

@@ -43,7 +43,7 @@ from pyspark.sql import functions as F
 
 from userlens.config import Settings
 from userlens.errors import ConfigError, UserlensError, first_line
-from userlens.privacy import PseudonymKey
+from userlens.privacy import PseudonymKey, require_same_key
 from userlens.runs import StageRun
 from userlens.stages.train import models_root
 from userlens.tables import TABLES, Tables, table_schema
@@ -128,7 +128,7 @@ def run_forget(spark: "SparkSession", settings: Settings, key: PseudonymKey, raw
     """Delete every row of one person, rewrite the snapshots that hold them, purge old files, audit."""
     user_key = user_key_of(raw_id, key)
     try:
-        return _forget(spark, settings, user_key, raw_id, run)
+        return _forget(spark, settings, key, user_key, raw_id, run)
     except Exception as exc:
         message = f"{type(exc).__name__}: {first_line(exc)}"
         if raw_id.strip(" ") in message:
@@ -137,8 +137,11 @@ def run_forget(spark: "SparkSession", settings: Settings, key: PseudonymKey, raw
         raise
 
 
-def _forget(spark: "SparkSession", settings: Settings, user_key: str, raw_id: str, run: StageRun) -> ForgetResult:
+def _forget(spark: "SparkSession", settings: Settings, key: PseudonymKey, user_key: str, raw_id: str,
+            run: StageRun) -> ForgetResult:
     tables = Tables(spark, settings.storage)
+    # another key gives another user_key: the person would be "not found" and stay in every table
+    require_same_key(tables, key, settings.privacy.key_env)
     hours = settings.privacy.forget_retention_hours
     names = [name for name, spec in TABLES.items()
              if name not in NOT_ERASED and "user_key" in spec.schema.fieldNames() and tables.exists(name)]
