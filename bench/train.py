@@ -8,6 +8,9 @@
     and with 2 processes (the same global batch of 256 per step per process).
     samples/s is counted inside the training loop of every rank (process start
     and data loading of the first step excluded); goal: 2 processes / 1 >= 1.6.
+    A third run, 1 process held to one torch thread (``torch_threads``), is the
+    per-process reference: on a machine with as many cores as processes, a
+    single process otherwise uses every core through torch's intra-op threads.
 (2) Overhead: sample logs of --users users -> ingest -> `run_train` (not
     timed before train); wall time of the stage / time of the
     TorchDistributor call, and / the time inside the training loop.
@@ -71,7 +74,7 @@ def synthetic_snapshot(root: Path, rows: int, n_features: int, files: int, seed:
             pq.write_table(table, out / f"part-{part:05d}.parquet")
 
 
-def scaling(settings, rows: int, epochs: int) -> dict[int, dict]:
+def scaling(settings, rows: int, epochs: int) -> dict[str, dict]:
     names = feature_names(settings.ingest.event_types)
     work = Path(tempfile.mkdtemp(prefix="userlens-bench-train-"))
     try:
@@ -81,20 +84,23 @@ def scaling(settings, rows: int, epochs: int) -> dict[int, dict]:
                              input_dim=DIM + len(names), numeric_dim=len(names))
         features = FeatureSpec(names, [1.0] * len(names), [1.0] * len(names), DIM, "synthetic")
         results = {}
-        for processes in (1, 2, 1, 2):  # interleaved: the machine's noise hits both
+        runs = [("1", 1, None), ("2", 2, None), ("1x1", 1, 1)] * 2  # interleaved: the noise hits all
+        for label, processes, threads in runs:
             job = {"snapshot": str(work / "snapshot"), "snapshot_id": "synthetic", "version": "bench",
                    "artifact": str(work / f"model-{processes}"), "config": asdict(config),
                    "features": asdict(features), "use_gpu": False, "batch_size": 256, "epochs": epochs,
-                   "patience": epochs, "learning_rate": 1e-3, "weight_decay": 1e-3, "seed": 1, "dp": None}
+                   "patience": epochs, "learning_rate": 1e-3, "weight_decay": 1e-3, "seed": 1, "dp": None,
+                   "torch_threads": threads}
             train = settings.train.model_copy(update={"num_processes": processes, "local_mode": True})
             start = time.perf_counter()
             summary = distributed_fit(job, train)
             wall = time.perf_counter() - start
-            best = results.get(processes)
+            best = results.get(label)
             if best is None or summary["samples_per_second"] > best["samples_per_second"]:
-                results[processes] = {"samples_per_second": summary["samples_per_second"], "wall": wall,
+                results[label] = {"samples_per_second": summary["samples_per_second"], "wall": wall,
                                       "fit_seconds": summary["fit_seconds"], "samples": summary["samples"]}
-            print(f"  {processes} process(es): {summary['samples_per_second']:,.0f} samples/s in the loop, "
+            what = f"{processes} process(es)" + (f", {threads} torch thread each" if threads else "")
+            print(f"  {what}: {summary['samples_per_second']:,.0f} samples/s in the loop, "
                   f"{wall:.1f} s for the whole TorchDistributor call", flush=True)
         return results
     finally:
@@ -127,6 +133,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--users", type=int, default=1000, help="sample users for the overhead run")
     parser.add_argument("--dp-sweep", action="store_true", help="also train with DP-SGD at epsilon 1, 3, 8")
+    parser.add_argument("--scaling-only", action="store_true", help="only (1), the DDP scaling runs")
     args = parser.parse_args()
 
     os.environ.setdefault("USERLENS_HMAC_KEY", "bench-hmac-key-0123456789abcdef")
@@ -139,8 +146,13 @@ def main() -> None:
         print(f"(1) DDP scaling: {args.rows:,} synthetic users, {args.epochs} epochs, batch 256 per process, "
               f"{os.cpu_count()} cores", flush=True)
         res = scaling(settings, args.rows, args.epochs)
-        ratio = res[2]["samples_per_second"] / res[1]["samples_per_second"]
-        print(f"    samples/s 2 processes / 1 process = {ratio:.2f}  (goal >= 1.6)\n", flush=True)
+        ratio = res["2"]["samples_per_second"] / res["1"]["samples_per_second"]
+        per_process = res["2"]["samples_per_second"] / res["1x1"]["samples_per_second"]
+        print(f"    samples/s 2 processes / 1 process = {ratio:.2f}  (goal >= 1.6)", flush=True)
+        print(f"    samples/s 2 processes / 1 process on one thread = {per_process:.2f}  (per-process scaling)\n",
+              flush=True)
+        if args.scaling_only:
+            return
 
         print(f"(2) stage overhead: {args.users} sample users", flush=True)
         generate_sample(spark, str(work / "raw"), SampleSpec(users=args.users, days=30))

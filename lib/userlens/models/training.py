@@ -194,7 +194,8 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
     else:
         device = torch.device("cpu")
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+        # the host's cores shared by its ranks, unless the job fixes it (bench/train.py's reference run)
+        torch.set_num_threads(job.get("torch_threads") or max(1, (os.cpu_count() or 1) // max(local_world, 1)))
     distributed = world > 1
     if distributed:
         dist.init_process_group("nccl" if use_gpu else "gloo")
