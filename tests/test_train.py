@@ -158,12 +158,8 @@ def test_dp_sgd_reports_its_epsilon(spark, warehouse, tmp_path):
     assert dp["noise_multiplier"] > 0
 
 
-def test_barrier_mode_run(spark, warehouse, tmp_path):
-    """local_mode=False: the processes run as a barrier Spark job on the executors, not on the driver."""
-    settings = settings_for(warehouse, tmp_path, *SMALL, "train.local_mode=false", "train.epochs=2")
-    result, run = train(spark, settings)
-    assert run.details["world_size"] == 2
-    assert load_artifact(result.path).metrics["training"]["epochs_run"] == 2
+# local_mode=False (a barrier stage on the executors) is tested on a real standalone cluster, with two
+# executors: tests/test_cluster_nightly.py
 
 
 def test_too_few_users_fails_before_training(spark, warehouse, tmp_path):
