@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 from conftest import SPARK_OVERRIDES, make_settings
 from userlens.errors import SecretError
 from userlens.privacy import (DP_DELTA_PROPERTY, DP_EPSILON_PROPERTY, DP_PROPERTY, KEY_ID_PROPERTY,
-                              MODEL_VERSION_PROPERTY, PseudonymKey, load_key, model_properties, scrub_pii)
+                              MODEL_VERSION_PROPERTY, load_key, model_properties, scrub_pii)
 from userlens.runs import StageRun
 from userlens.stages.ingest import run_ingest
 from userlens.stages.privacy_check import (PrivacyCheckFailed, format_table, pii_counts, raw_id_hits,
@@ -198,22 +198,15 @@ def test_the_nightly_ran_retention_and_privacy_check_last_and_both_passed(demo):
     assert max(r["started_at"] for r in runs) == check["started_at"]  # the last stage
     details = json.loads(check["details"])
     assert details["result"] == "pass" and details["raw_ids_searched"] == len(planted_secrets(demo.root)["raw ids"])
+    assert details["raw_ids_skipped"] == 0
+    assert set(details["tables"]) >= {"events", "events_quarantine", "items", "user_texts", "user_embeddings",
+                                      "user_scores", "segments", "user_profiles", "pipeline_runs"}
+    assert details["tables"]["events_quarantine"]["rows"] > 0 and details["tables"]["events"]["rows"] > 1000
     table = demo.output[re.search(r"^table\s+rows\s+raw-id hits\s+email", demo.output, re.M).start():]
     for name in ("events", "events_quarantine", "items", "user_texts", "user_profiles", "pipeline_runs"):
         assert re.search(rf"^{name}\s+[\d,]+\s+0\s+0\s+0\s+0\s+0\s+0\s+pass$", table, re.M), name
+    assert all(re.search(rf"^{name}\s", table, re.M) for name in TABLES)  # every table has its row
     assert re.search(r"^privacy-check: pass \(\d+ tables; \d+ raw user ids searched\)$", table, re.M)
-
-
-def test_privacy_check_passes_on_the_demo_warehouse(spark, demo):
-    settings = demo_settings(demo.root)
-    result = run_privacy_check(spark, settings, StageRun("privacy_check", "r"))
-    assert result.passed and result.ids_skipped == 0
-    assert result.ids_searched == len(planted_secrets(demo.root)["raw ids"])
-    checked = {t.table: t for t in result.tables if t.exists}
-    assert set(checked) >= {"events", "events_quarantine", "items", "user_texts", "user_embeddings", "user_scores",
-                            "segments", "user_profiles", "pipeline_runs"}
-    assert checked["events_quarantine"].rows > 0 and checked["events"].rows > 1000
-    assert {t.table for t in result.tables} == set(TABLES)
 
 
 def plant(spark, demo, tmp_path, table: str, column: str, value: str):
@@ -271,7 +264,13 @@ def test_user_profiles_carry_the_dp_guarantee_of_their_model_and_the_report_show
     dp = json.loads((demo.root / "models" / version / "metrics.json").read_text())["training"]["dp"]
     assert props[DP_PROPERTY] == "dp-sgd"
     assert props[DP_EPSILON_PROPERTY] == f"{dp['epsilon']:.4f}" and props[DP_DELTA_PROPERTY] == f"{dp['delta']:g}"
-    assert 0 < float(props[DP_EPSILON_PROPERTY]) <= 8.0 * 1.05
+    assert 0 < float(props[DP_EPSILON_PROPERTY]) <= 8.0 * 1.05  # train.dp.target_epsilon
+    metrics = json.loads((demo.root / "models" / version / "metrics.json").read_text())
+    assert dp["unit"] == "user" and dp["noise_multiplier"] > 0 and dp["accountant"] == "rdp"
+    assert dp["delta"] < 1.0 / metrics["data"]["splits"]["train"]["users"]  # user-level: delta below 1/n
+    train_run = next(r for r in DeltaTable(str(demo.root / "warehouse" / "pipeline_runs")).to_pyarrow_table()
+                     .to_pylist() if r["stage"] == "train")
+    assert json.loads(train_run["details"])["dp"] == dp  # what the run recorded is what the artifact holds
     assert set(delta_rows(demo.root / "warehouse" / "user_profiles", "model_version")) == {version}
     report = next((demo.root / "reports").glob("*.html")).read_text(encoding="utf-8")
     assert (f"<code>user_profiles</code> hold scores of model <code>{version}</code>, trained with DP-SGD: "
