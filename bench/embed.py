@@ -1,6 +1,6 @@
 """Embed stage throughput against a bare sentence-transformers encoder on the same cores.
 
-    .venv/bin/python bench/embed.py [--users 3000] [--repeat 2]
+    .venv/bin/python bench/embed.py [--users 3000] [--repeat 2] [--set KEY=VALUE ...]
 
 Texts come from the pipeline: sample logs -> ingest -> textualize (not timed).
 Then, in one process and one Spark session (local[*]):
@@ -75,6 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every session and stage, e.g. "
+                             "spark.conf.spark.executorEnv.OMP_NUM_THREADS=1")
     args = parser.parse_args()
 
     import numpy as np
@@ -83,7 +86,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="userlens-bench-embed-"))
     base = ["spark.ui=false", "spark.log_level=ERROR", "spark.conf.spark.ui.showConsoleProgress=false",
-            "embed.items=false"]
+            "embed.items=false", *args.overrides]
     spark = get_spark(load_settings(None, base))
     cores = spark.sparkContext.defaultParallelism
     key = load_key(load_settings(None, base).privacy, {"USERLENS_HMAC_KEY": "bench-key-0123456789abcdef"})
