@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +23,7 @@ from userlens.errors import MissingColumnsError, UserlensError
 
 if TYPE_CHECKING:
     from delta.tables import DeltaTable
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import Column, DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -255,18 +257,38 @@ class Tables:
             others = [c for c in spec.schema.fieldNames() if c not in keys and c not in ignore_changes]
             changed = " OR ".join(f"NOT (t.`{c}` <=> s.`{c}`)" for c in others) or None
             merge = merge.whenMatchedUpdateAll(condition=changed)
-        token = _commit_token()
-        conf_key = "spark.databricks.delta.commitInfo.userMetadata"
-        previous = self.spark.conf.get(conf_key, None)
-        self.spark.conf.set(conf_key, token)
-        try:
+        with self.tagged_commit() as token:
             merge.whenNotMatchedInsertAll().execute()
+        return self._commit_metrics(table, token)
+
+    def delete(self, table: str, condition: "str | Column") -> int:
+        """One Delta DELETE; the number of rows it deleted, read from its own commit (0: nothing matched)."""
+        with self.tagged_commit() as token:
+            self.delta(table).delete(condition)
+        return self.commit_metric(table, token, "numDeletedRows")
+
+    @contextmanager
+    def tagged_commit(self) -> Iterator[str]:
+        """Tag the commits made inside (DeltaTable operations, which take no ``userMetadata`` option) with a
+        token in ``commitInfo.userMetadata``, so that their metrics can be found."""
+        token = _commit_token()
+        previous = self.spark.conf.get(_USER_METADATA, None)
+        self.spark.conf.set(_USER_METADATA, token)
+        try:
+            yield token
         finally:
             if previous is None:
-                self.spark.conf.unset(conf_key)
+                self.spark.conf.unset(_USER_METADATA)
             else:
-                self.spark.conf.set(conf_key, previous)
-        return self._commit_metrics(table, token)
+                self.spark.conf.set(_USER_METADATA, previous)
+
+    def commit_metric(self, table: str, token: str, metric: str) -> int:
+        """``metric`` of the commit tagged ``token``; 0 when it did not commit (Delta skips empty commits)."""
+        # a few versions back: another job may have committed right after ours
+        row = (self.delta(table).history(20).where(F.col("userMetadata") == token)
+               .select("operationMetrics").first())
+        value = (row[0] or {}).get(metric) if row is not None else None
+        return int(value) if value is not None else 0
 
     # -- table properties --------------------------------------------------
     def properties(self, table: str) -> dict[str, str]:
@@ -333,6 +355,9 @@ def same_rows(a: "DataFrame", b: "DataFrame", ignore: tuple[str, ...] = ()) -> b
     columns = [c for c in a.columns if c not in ignore]
     left, right = a.select(*columns), b.select(*[F.col(c).cast(a.schema[c].dataType) for c in columns])
     return left.exceptAll(right).isEmpty() and right.exceptAll(left).isEmpty()
+
+
+_USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
 
 
 def _commit_token() -> str:

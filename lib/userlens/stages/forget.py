@@ -58,7 +58,6 @@ NOT_ERASED = frozenset({"forget_log", "pipeline_runs"})
 QUARANTINE = "events_quarantine"
 SNAPSHOTS = "snapshots"  # key of the snapshot row count in forget_log.tables
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
-_USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
 _DEFAULT_FILE_RETENTION_HOURS = 168.0  # Delta's delta.deletedFileRetentionDuration default: 1 week
 _HOURS_PER_UNIT = {"week": 168.0, "day": 24.0, "hour": 1.0, "minute": 1 / 60, "second": 1 / 3600,
                    "millisecond": 1 / 3_600_000, "microsecond": 1 / 3_600_000_000}
@@ -152,7 +151,7 @@ def _forget(spark: "SparkSession", settings: Settings, key: PseudonymKey, user_k
     rows: dict[str, int] = {}
     for name in names:
         started = time.perf_counter()
-        rows[name] = _delete_rows(tables, name, f"user_key = '{user_key}'")
+        rows[name] = tables.delete(name, f"user_key = '{user_key}'")
         if name == QUARANTINE:
             rows[name] += _delete_quarantine_by_raw_id(tables, raw_id)
         log.info("forget: %-18s %d row(s) deleted (%.1f s)", name, rows[name], time.perf_counter() - started)
@@ -227,36 +226,6 @@ def _retention_error(hours: int, floor: float | None) -> ConfigError:
         f"spark.conf.{RETENTION_CHECK}=false")
 
 
-@contextmanager
-def _tagged_commit(tables: Tables) -> Iterator[str]:
-    """Tag the next commit with a token (commitInfo.userMetadata) so its metrics can be found."""
-    token = "userlens-forget:" + uuid.uuid4().hex
-    previous = tables.spark.conf.get(_USER_METADATA, None)
-    tables.spark.conf.set(_USER_METADATA, token)
-    try:
-        yield token
-    finally:
-        if previous is None:
-            tables.spark.conf.unset(_USER_METADATA)
-        else:
-            tables.spark.conf.set(_USER_METADATA, previous)
-
-
-def _commit_metric(tables: Tables, name: str, token: str, metric: str) -> int:
-    """``metric`` of the commit tagged ``token``; 0 when it did not commit (Delta skips empty commits)."""
-    # a few versions back: another job may have committed right after ours
-    row = (tables.delta(name).history(20).where(F.col("userMetadata") == token)
-           .select("operationMetrics").first())
-    value = (row[0] or {}).get(metric) if row is not None else None
-    return int(value) if value is not None else 0
-
-
-def _delete_rows(tables: Tables, name: str, condition: str) -> int:
-    with _tagged_commit(tables) as token:
-        tables.delta(name).delete(condition)
-    return _commit_metric(tables, name, token, "numDeletedRows")
-
-
 def _delete_quarantine_by_raw_id(tables: Tables, raw_id: str) -> int:
     """Delete quarantine rows whose raw text holds the raw id, whatever their user_key.
 
@@ -265,11 +234,11 @@ def _delete_quarantine_by_raw_id(tables: Tables, raw_id: str) -> int:
     """
     matches = (tables.read(QUARANTINE).where(holds_raw_id(F.col("raw"), raw_id))
                .select("raw", "user_key").distinct())
-    with _tagged_commit(tables) as token:
+    with tables.tagged_commit() as token:
         (tables.delta(QUARANTINE).alias("t")
          .merge(matches.alias("s"), "t.raw = s.raw AND t.user_key <=> s.user_key")
          .whenMatchedDelete().execute())
-    return _commit_metric(tables, QUARANTINE, token, "numTargetRowsDeleted")
+    return tables.commit_metric(QUARANTINE, token, "numTargetRowsDeleted")
 
 
 def _purge(tables: Tables, name: str, detail: _Detail, hours: int) -> None:

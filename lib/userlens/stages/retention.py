@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUARANTINE = "events_quarantine"
-_USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
 
 
 def retention_cutoff(as_of: dt.date, days: int) -> dt.date:
@@ -63,7 +61,7 @@ def run_quarantine_retention(spark: "SparkSession", settings: Settings, run: Sta
             F.count(F.lit(1)).alias("rows"), F.count(F.when(quarantine_expired(cutoff), 1)).alias("due")).first()
         due = counts["due"]
         if due:
-            deleted = _delete(tables, f"coalesce(source_date, to_date(quarantined_at)) < DATE'{cutoff.isoformat()}'")
+            deleted = tables.delete(QUARANTINE, quarantine_expired(cutoff))
             tables.delta(QUARANTINE).vacuum()  # the table's own retention: never refused by Delta's check
         kept = counts["rows"] - deleted
     run.rows_in, run.rows_out = deleted + kept, kept
@@ -72,20 +70,3 @@ def run_quarantine_retention(spark: "SparkSession", settings: Settings, run: Sta
              "%d kept", deleted, cutoff, days, kept)
     return RetentionResult(as_of, cutoff, deleted, kept)
 
-
-def _delete(tables: Tables, condition: str) -> int:
-    """One Delta DELETE; the number of rows it deleted, from its own commit."""
-    spark = tables.spark
-    token = "userlens-retention:" + uuid.uuid4().hex
-    previous = spark.conf.get(_USER_METADATA, None)
-    spark.conf.set(_USER_METADATA, token)
-    try:
-        tables.delta(QUARANTINE).delete(condition)
-    finally:
-        if previous is None:
-            spark.conf.unset(_USER_METADATA)
-        else:
-            spark.conf.set(_USER_METADATA, previous)
-    row = (tables.delta(QUARANTINE).history(20).where(F.col("userMetadata") == token)
-           .select("operationMetrics").first())
-    return int((row[0] or {}).get("numDeletedRows", 0)) if row is not None else 0
