@@ -24,9 +24,10 @@ demo: setup
 	$(VENV)/bin/userlens demo
 
 # Test modules run in TEST_WORKERS processes (pytest-xdist), a whole module per process so that its
-# module-scoped pipeline runs once; each process has its own local Spark session (2 GiB driver). On two
-# cores: 19 min with 2, 21 min with 3, 29 min in one process (the suite is CPU-bound).
-TEST_WORKERS ?= 2
+# module-scoped pipeline runs once; each process has its own local Spark session (2 GiB driver). The
+# suite is CPU-bound: on two cores 19 min with 2, 21 min with 3, 29 min in one process. The default is
+# one per core, at most 4, and at most one per 5 GiB of memory (a Spark driver, torch and MiniLM each).
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30; print(max(1, min(len(os.sched_getaffinity(0)), 4, int(gib // 5))))' 2>/dev/null || echo 2)
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

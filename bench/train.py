@@ -1,11 +1,12 @@
 """Train stage: DDP scaling through TorchDistributor, the stage's overhead, and the DP-SGD epsilon sweep.
 
     .venv/bin/python bench/train.py [--rows 40000] [--epochs 3] [--users 1000] [--dp-sweep]
+                                    [--scaling-only] [--batch-size 256]
 
 (1) Scaling: a synthetic snapshot of --rows users (384-d embeddings, the real
     feature count, labels from a noisy linear rule) is written with pyarrow;
     TorchDistributor(local_mode=True) trains it for --epochs with 1 process
-    and with 2 processes (the same global batch of 256 per step per process).
+    and with 2 processes (the same batch, --batch-size 256, per step per process).
     samples/s is counted inside the training loop of every rank (process start
     and data loading of the first step excluded); goal: 2 processes / 1 >= 1.6.
     A third run, 1 process held to one torch thread (``torch_threads``), is the
@@ -74,7 +75,7 @@ def synthetic_snapshot(root: Path, rows: int, n_features: int, files: int, seed:
             pq.write_table(table, out / f"part-{part:05d}.parquet")
 
 
-def scaling(settings, rows: int, epochs: int) -> dict[str, dict]:
+def scaling(settings, rows: int, epochs: int, batch_size: int = 256) -> dict[str, dict]:
     names = feature_names(settings.ingest.event_types)
     work = Path(tempfile.mkdtemp(prefix="userlens-bench-train-"))
     try:
@@ -88,7 +89,7 @@ def scaling(settings, rows: int, epochs: int) -> dict[str, dict]:
         for label, processes, threads in runs:
             job = {"snapshot": str(work / "snapshot"), "snapshot_id": "synthetic", "version": "bench",
                    "artifact": str(work / f"model-{processes}"), "config": asdict(config),
-                   "features": asdict(features), "use_gpu": False, "batch_size": 256, "epochs": epochs,
+                   "features": asdict(features), "use_gpu": False, "batch_size": batch_size, "epochs": epochs,
                    "patience": epochs, "learning_rate": 1e-3, "weight_decay": 1e-3, "seed": 1, "dp": None,
                    "torch_threads": threads}
             train = settings.train.model_copy(update={"num_processes": processes, "local_mode": True})
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000, help="sample users for the overhead run")
     parser.add_argument("--dp-sweep", action="store_true", help="also train with DP-SGD at epsilon 1, 3, 8")
     parser.add_argument("--scaling-only", action="store_true", help="only (1), the DDP scaling runs")
+    parser.add_argument("--batch-size", type=int, default=256, help="per-process batch of the scaling runs")
     args = parser.parse_args()
 
     os.environ.setdefault("USERLENS_HMAC_KEY", "bench-hmac-key-0123456789abcdef")
@@ -143,9 +145,9 @@ def main() -> None:
     settings = load_settings(None, [*base, f"storage.models={work / 'models'}"])
     spark = get_spark(settings)
     try:
-        print(f"(1) DDP scaling: {args.rows:,} synthetic users, {args.epochs} epochs, batch 256 per process, "
-              f"{os.cpu_count()} cores", flush=True)
-        res = scaling(settings, args.rows, args.epochs)
+        print(f"(1) DDP scaling: {args.rows:,} synthetic users, {args.epochs} epochs, "
+              f"batch {args.batch_size} per process, {os.cpu_count()} cores", flush=True)
+        res = scaling(settings, args.rows, args.epochs, args.batch_size)
         ratio = res["2"]["samples_per_second"] / res["1"]["samples_per_second"]
         per_process = res["2"]["samples_per_second"] / res["1x1"]["samples_per_second"]
         print(f"    samples/s 2 processes / 1 process = {ratio:.2f}  (goal >= 1.6)", flush=True)

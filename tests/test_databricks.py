@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import TEST_KEY
+from conftest import SHORT_TEXTS, TEST_KEY
 from userlens.config import CONF_DIR, load_settings
 from userlens.errors import ConfigError, SecretError
 from userlens.notebook import STAGE_NOTEBOOKS, WIDGETS, WidgetError, load_notebook_key, parse_widgets
@@ -44,7 +44,7 @@ TINY = ["spark.shuffle_partitions=2", "spark.conf.spark.ui.showConsoleProgress=f
         "train.epochs=2", "train.patience=1", "train.batch_size=16", "train.horizon_days=3",
         "train.min_users=20", "train.min_class_users=2", "train.num_processes=1",
         "train.recommend.enabled=false", "embed.arrow_batch_size=64",
-        "profile.segments=2", "privacy.min_segment_size=5",
+        "profile.segments=2", "privacy.min_segment_size=5", SHORT_TEXTS,
         # a full VACUUM (quarantine retention) lists the table with this many tasks, 10,000 by default:
         # 30-60 s on two local cores for a table of two files
         "spark.conf.spark.sql.sources.parallelPartitionDiscovery.parallelism=2"]

@@ -17,7 +17,7 @@ from conftest import make_settings
 from userlens.errors import ConfigError, UserlensError
 from userlens.models.encoder import describe_model, load_encoder
 from userlens.runs import StageRun
-from userlens.stages.embed import check_gpu_conf, gpu_profile, item_texts, run_embed
+from userlens.stages.embed import check_gpu_conf, distinct_texts, gpu_profile, item_texts, run_embed
 from userlens.tables import Tables, table_schema
 
 D1 = dt.date(2026, 10, 5)
@@ -138,6 +138,17 @@ def test_bad_model_fails_with_one_line_before_any_write(spark, tmp_path):
         embed(spark, bad)
     assert str(info.value).startswith("embed.model: ") and "\n" not in str(info.value)
     assert not Path(tmp_path / "warehouse").exists()
+
+
+def test_distinct_texts_keep_every_partition_busy_after_a_join(spark):
+    """The train stage asks for the texts missing from the stored vectors (an anti-join) and embeds them:
+    each of the asked-for partitions must get texts, or the CPU-bound encoder runs on one core."""
+    texts = spark.createDataFrame([(f"h{i:03d}", f"text {i}") for i in range(120)] * 2, "text_hash string, text string")
+    stored = spark.createDataFrame([(f"h{i:03d}",) for i in range(0, 120, 6)], "text_hash string")
+    missing = texts.join(stored, "text_hash", "left_anti")
+    sizes = distinct_texts(missing, 2).rdd.glom().map(len).collect()
+    assert len(sizes) == 2 and sum(sizes) == 100
+    assert min(sizes) >= 30, f"texts per partition: {sizes}"
 
 
 def test_item_texts_join_non_blank_fields(spark):

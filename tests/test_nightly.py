@@ -9,7 +9,7 @@ import threading
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import make_settings
+from conftest import SHORT_TEXTS, make_settings
 from userlens.errors import ConcurrentRunError, UserlensError
 from userlens.privacy import load_key
 from userlens.runs import RunLock, StageRun
@@ -21,7 +21,8 @@ from userlens.tables import TABLES, Tables
 USERS, DAYS, START = 200, 14, dt.date(2026, 10, 1)
 LAST = START + dt.timedelta(days=DAYS - 1)
 OVERRIDES = ["train.epochs=4", "train.patience=2", "train.batch_size=32", "train.min_users=40",
-             "train.min_class_users=3", "profile.segments=4", "privacy.min_segment_size=10", "nightly.report=false"]
+             "train.min_class_users=3", "profile.segments=4", "privacy.min_segment_size=10", "nightly.report=false",
+             SHORT_TEXTS]
 DATA_TABLES = [t for t in TABLES if t not in ("pipeline_runs", "run_locks")]  # bookkeeping changes every run
 
 

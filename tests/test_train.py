@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import make_settings
+from conftest import SHORT_TEXTS, make_settings
 from userlens.errors import ConfigError, UserlensError
 from userlens.models.predictor import FORMAT_VERSION, list_files, load_artifact, write_json
 from userlens.models.training import Catalogue, evaluate_files, evaluate_recommendations
@@ -26,7 +26,7 @@ from userlens.stages.train import (_check_counts, check_train_settings, cutoff, 
 from userlens.tables import Tables
 
 AS_OF = dt.date(2026, 10, 21)  # the sample's last day
-SMALL = ["train.epochs=6", "train.patience=3", "train.batch_size=32", "train.min_users=40"]
+SMALL = ["train.epochs=6", "train.patience=3", "train.batch_size=32", "train.min_users=40", SHORT_TEXTS]
 
 
 @pytest.fixture(scope="module")

@@ -261,6 +261,12 @@ class Tables:
             merge.whenNotMatchedInsertAll().execute()
         return self._commit_metrics(table, token)
 
+    def append(self, table: str, df: "DataFrame") -> None:
+        """Add ``df``'s rows as they are: for rows whose keys the caller knows are new (one Delta append,
+        no read of the table, where :meth:`merge` joins against it)."""
+        self.ensure(table)
+        self._save(self._conformed(table, df).write.format("delta").mode("append"), table)
+
     def delete(self, table: str, condition: "str | Column") -> int:
         """One Delta DELETE; the number of rows it deleted, read from its own commit (0: nothing matched)."""
         with self.tagged_commit() as token:

@@ -26,6 +26,7 @@ result is a pass/fail table (:func:`format_table`); a fail raises
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 # letters, digits, _ @ + -, with dots inside (never at either end)
 _CHAR = r"[\p{L}\p{N}_@+-]"
 TOKEN = rf"{_CHAR}+(?:\.{_CHAR}+)*"
+CONCURRENT_TABLES = 4  # tables scanned at once (Spark jobs from driver threads)
 # a text's tokens that equal a given sequence of tokens: no token character (or inner dot) on either side
 _BEFORE, _AFTER = r"(?<![\p{L}\p{N}_.@+-])", rf"(?!{_CHAR}|\.{_CHAR})"
 PII_TYPES: tuple[str, ...] = tuple(dict.fromkeys(kind for kind, _, _ in PII_PATTERNS))
@@ -229,7 +231,11 @@ def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun) 
                             F.count(F.when(~F.col("searched"), 1)).alias("skipped"),
                             F.count(F.when(F.col("searched") & ~F.col("single"), 1)).alias("multi")).first()
         searched = ids.where("searched")
-        checks = [_check_table(tables, name, searched, id_counts["multi"] > 0) for name in TABLES]
+        # each table's scan is a few small Spark jobs: one table at a time leaves the executors idle
+        # between them, so up to CONCURRENT_TABLES tables are scanned at once (results in TABLES order)
+        with ThreadPoolExecutor(max_workers=CONCURRENT_TABLES, thread_name_prefix="privacy-check") as pool:
+            checks = list(pool.map(lambda name: _check_table(tables, name, searched, id_counts["multi"] > 0),
+                                   TABLES))
     finally:
         ids.unpersist()
     result = PrivacyCheckResult(checks, id_counts["searched"], id_counts["skipped"], min_chars)

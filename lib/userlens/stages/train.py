@@ -446,9 +446,12 @@ def recommendation_baselines(snapshot: DataFrame, events: DataFrame, cut: dt.dat
     item_ix = StringIndexer(inputCol="item_id", outputCol="i").fit(ratings)
     data = item_ix.transform(user_ix.transform(ratings)).select(
         F.col("u").cast("int").alias("u"), F.col("i").cast("int").alias("i"), "rating")
+    # ALS's default of 10 user and 10 item blocks: fewer where there are fewer cores (each block pair is a
+    # task in every iteration's joins; on two local cores 10 blocks made ~1,100 tasks of a few ms each)
+    blocks = max(1, min(10, snapshot.sparkSession.sparkContext.defaultParallelism))
     als = ALS(userCol="u", itemCol="i", ratingCol="rating", implicitPrefs=True, rank=rec.als.rank,
               maxIter=rec.als.max_iter, regParam=rec.als.reg_param, alpha=rec.als.alpha, seed=13,
-              coldStartStrategy="drop").fit(data)
+              numUserBlocks=blocks, numItemBlocks=blocks, coldStartStrategy="drop").fit(data)
     wanted = user_ix.transform(snapshot.where("rec_eval").select("user_key")).select(
         F.col("u").cast("int").alias("u"), "user_key")
     recs = als.recommendForUserSubset(wanted, depth)
