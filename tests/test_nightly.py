@@ -12,7 +12,7 @@ from pyspark.sql import functions as F
 from conftest import SHORT_TEXTS, make_settings
 from userlens.errors import ConcurrentRunError, UserlensError
 from userlens.privacy import load_key
-from userlens.runs import RunLock, StageRun
+from userlens.runs import RunLock, StageRun, run_stage
 from userlens.sample import SampleSpec, generate_sample, replay_day
 from userlens.stages.nightly import run_nightly, train_due
 from userlens.stages.score import run_score
@@ -184,6 +184,28 @@ def test_an_expired_lock_is_taken_over(spark, night):
     assert [r["run_id"] for r in tables.read("run_locks").where("name = 'stale'").collect()] == ["new-run"]
     fresh.release()
     assert tables.read("run_locks").where("name = 'stale'").count() == 0
+
+
+def test_a_retried_stage_under_the_same_run_id_replaces_its_row(spark, tmp_path, monkeypatch):
+    """pipeline_runs has one row per (run_id, stage): a stage's first row is appended; a retry under the
+    same run id (a Databricks task retried with its USERLENS_RUN_ID) replaces it instead of adding one."""
+    settings = make_settings(tmp_path)
+    monkeypatch.setenv("USERLENS_RUN_ID", "retried-run")
+
+    def fail(run: StageRun) -> None:
+        raise UserlensError("the first attempt fails")
+
+    def succeed(run: StageRun) -> str:
+        run.rows_out = 7
+        return "done"
+
+    with pytest.raises(UserlensError, match="first attempt"):
+        run_stage("score", settings, spark, fail)
+    assert run_stage("score", settings, spark, succeed) == "done"
+    assert run_stage("profile", settings, spark, succeed) == "done"
+    rows = Tables(spark, settings.storage).read("pipeline_runs").orderBy("stage").collect()
+    assert [(r["run_id"], r["stage"], r["status"], r["rows_out"]) for r in rows] == [
+        ("retried-run", "profile", "succeeded", 7), ("retried-run", "score", "succeeded", 7)]
 
 
 def test_score_without_a_model_names_the_command(spark, tmp_path):
