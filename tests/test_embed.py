@@ -143,7 +143,8 @@ def test_bad_model_fails_with_one_line_before_any_write(spark, tmp_path):
 def test_distinct_texts_keep_every_partition_busy_after_a_join(spark):
     """The train stage asks for the texts missing from the stored vectors (an anti-join) and embeds them:
     each of the asked-for partitions must get texts, or the CPU-bound encoder runs on one core."""
-    texts = spark.createDataFrame([(f"h{i:03d}", f"text {i}") for i in range(120)] * 2, "text_hash string, text string")
+    texts = spark.createDataFrame([(f"h{i:03d}", f"text {i}") for i in range(120)] * 2,
+                                  "text_hash string, text string")
     stored = spark.createDataFrame([(f"h{i:03d}",) for i in range(0, 120, 6)], "text_hash string")
     missing = texts.join(stored, "text_hash", "left_anti")
     sizes = distinct_texts(missing, 2).rdd.glom().map(len).collect()

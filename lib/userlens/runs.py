@@ -41,8 +41,6 @@ class StageRun:
     rows_out: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
-    _recorded: bool = field(default=False, init=False, repr=False)
-
     def _row_exists(self, tables: Tables) -> bool:
         from pyspark.sql import functions as F
 
@@ -54,11 +52,10 @@ class StageRun:
         row = (self.run_id, self.stage, self.as_of_date, status, self.started_at, finished,
                self.rows_in, self.rows_out, json.dumps(self.details, sort_keys=True, default=str))
         df = tables.spark.createDataFrame([row], table_schema("pipeline_runs"))
-        if self._recorded or self._row_exists(tables):
+        if self._row_exists(tables):
             tables.merge("pipeline_runs", df)  # a retried task with the same run id updates its row
         else:
             tables.append("pipeline_runs", df)  # the usual case: a few Spark jobs fewer than a MERGE
-        self._recorded = True
         log.info("%s %s: %s in %.1fs (rows_in=%s rows_out=%s)", self.stage, self.run_id, status,
                  (finished - self.started_at).total_seconds(), self.rows_in, self.rows_out)
 

@@ -175,11 +175,10 @@ def tag_changes(current: DataFrame, stored: DataFrame, key: str, model_id: str) 
 def distinct_texts(rows: DataFrame, partitions: int) -> DataFrame:
     """One row per text_hash (text_hash, text), hash-partitioned into ``partitions``.
 
-    The repartition comes last, on the aggregate's output: the optimizer then plans one shuffle with
-    ``partitions`` partitions, which adaptive execution leaves alone. Put before the groupBy (as it
-    was), it merged into the join shuffle under it when there was one (the train stage's reuse of
-    stored vectors), and adaptive execution coalesced that into one task: the CPU-bound embedding ran
-    on one core (191 texts in one partition of two, measured).
+    The repartition comes last, on the aggregate's output, so adaptive execution keeps its partition
+    count. Before the groupBy it merges into the shuffle of a join under it (the train stage's
+    anti-join against stored vectors), which adaptive execution may coalesce into one task: the
+    CPU-bound embedding then runs on one core.
     """
     return rows.groupBy("text_hash").agg(F.first("text").alias("text")).repartition(partitions, "text_hash")
 
