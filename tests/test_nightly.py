@@ -100,6 +100,9 @@ def test_second_run_for_the_same_date_writes_no_data(spark, night):
     assert again.stages["embed"].users.embedded == 0 and again.stages["score"].scored == 0
     assert again.stages["profile"].inserted == 0 and again.stages["profile"].updated == 0
     assert data_files(tables) == before
+    # its privacy check read only what was written since the first night's (a pipeline_runs row per stage)
+    check = again.stages["privacy_check"]
+    assert not check.scope.full and {t.table: t.rows for t in check.tables}["events"] == 0
 
 
 def test_next_day_with_one_percent_active_reembeds_and_rescores_only_them(spark, night):
@@ -116,6 +119,9 @@ def test_next_day_with_one_percent_active_reembeds_and_rescores_only_them(spark,
     assert scored_today == len(active)
     profiles = tables.read("user_profiles")
     assert profiles.where(F.col("as_of_date") == F.lit(day)).count() == profiles.count()
+    # the privacy check scanned the day's new events, not the whole table again
+    check = result.stages["privacy_check"]
+    assert not check.scope.full and {t.table: t.rows for t in check.tables}["events"] == result.stages["ingest"].rows_out
 
 
 def test_a_table_from_an_older_userlens_gains_the_new_columns(spark, tmp_path):

@@ -6,6 +6,7 @@ run's output, warehouse, models and report. The second part checks the scanner's
 rows. Real Spark, real Delta, real MiniLM and Opacus."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -25,8 +26,8 @@ from userlens.privacy import (DP_DELTA_PROPERTY, DP_EPSILON_PROPERTY, DP_PROPERT
                               MODEL_VERSION_PROPERTY, load_key, model_properties, scrub_pii)
 from userlens.runs import StageRun
 from userlens.stages.ingest import run_ingest
-from userlens.stages.privacy_check import (PrivacyCheckFailed, format_table, pii_counts, raw_id_hits,
-                                           raw_id_table, run_privacy_check)
+from userlens.stages.privacy_check import (PrivacyCheckFailed, format_table, pii_counts, plan_scope, raw_id_hits,
+                                           raw_id_table, rows_to_check, run_privacy_check)
 from userlens.stages.profile import run_profile
 from userlens.tables import TABLES, Tables
 
@@ -152,7 +153,8 @@ def test_the_key_id_is_stored_with_the_run_and_on_the_events_table(demo):
 
     warehouse = demo.root / "warehouse"
     assert DeltaTable(str(warehouse / "events")).metadata().configuration[KEY_ID_PROPERTY] == demo.key.key_id
-    ingest = [json.loads(d) for d in delta_rows(warehouse / "pipeline_runs", "details") if d and '"full"' in d]
+    runs = DeltaTable(str(warehouse / "pipeline_runs")).to_pyarrow_table(columns=["stage", "details"]).to_pylist()
+    ingest = [json.loads(r["details"]) for r in runs if r["stage"] == "ingest"]
     assert ingest and {d["key_id"] for d in ingest} == {demo.key.key_id}
     assert re.fullmatch(r"[0-9a-f]{12}", demo.key.key_id) and demo.key.key_id not in PLANTED_KEY
 
@@ -206,7 +208,9 @@ def test_the_nightly_ran_retention_and_privacy_check_last_and_both_passed(demo):
     for name in ("events", "events_quarantine", "items", "user_texts", "user_profiles", "pipeline_runs"):
         assert re.search(rf"^{name}\s+[\d,]+\s+0\s+0\s+0\s+0\s+0\s+0\s+pass$", table, re.M), name
     assert all(re.search(rf"^{name}\s", table, re.M) for name in TABLES)  # every table has its row
-    assert re.search(r"^privacy-check: pass \(\d+ tables; \d+ raw user ids searched\)$", table, re.M)
+    assert re.search(r"^privacy-check: pass \(\d+ tables, every row; \d+ raw user ids searched\)$", table, re.M)
+    assert details["scope"] == "full" and "no passing check" in details["why"]  # the first check of a warehouse
+    assert set(details["versions"]) == set(details["tables"])  # what the next check starts from
 
 
 def plant(spark, demo, tmp_path, table: str, column: str, value: str):
@@ -226,7 +230,7 @@ def test_privacy_check_fails_naming_table_and_column_after_a_raw_id_is_planted(s
 
     # the command line (one scan; the email test below runs the function in process): the table on stdout,
     # exit code 1, one line on stderr naming table and column
-    command = [sys.executable, "-m", "userlens.cli", "privacy-check"]
+    command = [sys.executable, "-m", "userlens.cli", "privacy-check", "--full"]
     for item in [*SPARK_OVERRIDES, *demo_paths(tmp_path), f"source.path={demo.root / 'raw'}", *DEMO]:
         command += ["--set", item]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
@@ -235,6 +239,7 @@ def test_privacy_check_fails_naming_table_and_column_after_a_raw_id_is_planted(s
     assert re.search(r"^items\s+[\d,]+\s+1\s+0\s+0\s+0\s+0\s+0\s+FAIL$", done.stdout, re.M), done.stdout
     assert re.search(r"^events\s+[\d,]+\s+0\s+0\s+0\s+0\s+0\s+0\s+pass$", done.stdout, re.M), done.stdout
     assert "FAIL items.title: 1 raw user id(s)" in done.stdout
+    assert "scanned: every row: full scan asked for" in done.stdout  # --full
     assert done.stderr.strip().splitlines()[-1] == \
         "userlens: error: privacy-check failed: items.title: 1 raw user id(s)"
     assert raw_id not in done.stdout + done.stderr
@@ -252,6 +257,72 @@ def test_privacy_check_fails_naming_table_and_column_after_an_email_is_planted(s
     assert re.search(r"^user_texts\s+[\d,]+\s+0\s+1\s+0\s+0\s+0\s+0\s+FAIL$", table, re.M), table
     assert re.search(r"^items\s+[\d,]+\s+0\s+0\s+0\s+0\s+0\s+0\s+pass$", table, re.M), table
     assert "FAIL user_texts.text: 1 email" in table and "jane.roe@example.org" not in table
+    # found by an incremental check (the demo's check passed; the UPDATE rewrote user_texts' file since), though
+    # the planted text kept its row's text_hash: only a text equal to a checked one is skipped
+    assert not err.value.result.scope.full
+    texts = next(t for t in err.value.result.tables if t.table == "user_texts")
+    assert texts.scanned.startswith("new since v") and texts.scanned.endswith("skipped") and texts.rows > 0
+
+
+def test_a_second_check_scans_only_the_rows_added_since_the_passing_one(spark, demo, tmp_path):
+    shutil.copytree(demo.root / "warehouse", tmp_path / "warehouse")
+    settings = demo_settings(tmp_path, demo.root / "raw")
+    tables = Tables(spark, settings.storage)
+    scope = plan_scope(tables, settings)
+    assert not scope.full and scope.since["events"] == tables.version("events")
+    runs = tables.read("pipeline_runs")
+    checked_at = runs.where("stage = 'privacy_check'").agg(F.max("started_at")).first()[0]
+    since = runs.where(F.col("started_at") >= checked_at).count()  # the check's own row, then other tests' runs
+    assert scope.since["pipeline_runs"] <= tables.version("pipeline_runs") - 1
+
+    result = run_privacy_check(spark, settings, StageRun("privacy_check", "again"))
+    by_table = {t.table: t for t in result.tables}
+    assert result.passed and not result.scope.full
+    assert by_table["events"].rows == 0 and by_table["user_texts"].rows == 0  # nothing written since
+    assert by_table["pipeline_runs"].rows == since and by_table["pipeline_runs"].scanned.startswith("new since v")
+    assert result.ids_searched == len(planted_secrets(demo.root)["raw ids"])  # every raw id, still
+    assert re.search(r"^privacy-check: pass \(\d+ tables, new rows; \d+ raw user ids searched\)$",
+                     format_table(result), re.M)
+
+    # a new night of user_texts: a text equal to one already checked is not scanned again; one changed under
+    # the same text_hash (written by something else than textualize) is
+    texts = tables.read("user_texts")
+    newest = texts.agg(F.max("as_of_date")).first()[0]
+    night = texts.where(F.col("as_of_date") == newest).withColumn("as_of_date", F.date_add("as_of_date", 1))
+    changed = night.agg(F.min("user_key")).first()[0]
+    night = night.withColumn("text", F.when(F.col("user_key") == changed, F.concat("text", F.lit(" more")))
+                             .otherwise(F.col("text")))
+    before = tables.version("user_texts")
+    tables.append("user_texts", night)
+    rows, scanned = rows_to_check(tables, "user_texts", tables.version("user_texts"), before)
+    assert scanned == f"new since v{before}; text equal to one checked on {newest} skipped"
+    assert [r["user_key"] for r in rows.where(F.col("text").isNotNull()).collect()] == [changed]
+    assert rows.count() == night.count() > 1
+
+    # more events: only the appended file is scanned, and a raw id in it is found
+    raw_id = sorted(planted_secrets(demo.root)["raw ids"])[3]
+    extra = tables.read("events").limit(5).withColumn("query", F.lit(f"orders of {raw_id}"))
+    tables.append("events", extra)
+    with pytest.raises(PrivacyCheckFailed, match=r"^privacy-check failed: events\.query: 5 raw user id\(s\)$") as err:
+        run_privacy_check(spark, settings, StageRun("privacy_check", "third"))
+    events = next(t for t in err.value.result.tables if t.table == "events")
+    assert events.rows == 5
+
+
+def test_a_full_scan_comes_back_every_check_full_every_days(spark, demo):
+    settings = demo_settings(demo.root, demo.root / "raw")
+    tables = Tables(spark, settings.storage)
+    last_full = tables.read("pipeline_runs").where("stage = 'privacy_check'").agg(F.max("started_at")).first()[0]
+    assert not plan_scope(tables, settings, today=last_full.date() + dt.timedelta(days=6)).full
+    due = plan_scope(tables, settings, today=last_full.date() + dt.timedelta(days=7))
+    assert due.full and "privacy.check_full_every_days=7" in due.why
+    always = make_settings(demo.root, *DEMO, f"source.path={demo.root / 'raw'}", "privacy.check_full_every_days=0")
+    assert plan_scope(Tables(spark, always.storage), always).full
+    assert plan_scope(tables, settings, full=True).why == "full scan asked for"
+    # a version that cannot be read back (a newer one than the table's): every row
+    version = tables.version("items")
+    rows, scanned = rows_to_check(tables, "items", version, version + 3)
+    assert scanned == "all" and rows.count() == tables.read("items").count()
 
 
 # --------------------------------------------------------------------------- DP in user_profiles

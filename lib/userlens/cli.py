@@ -77,8 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     forget = sub.add_parser("forget", parents=[common], help="delete one person from every table (erasure)")
     forget.add_argument("--user-id", required=True, help="the raw user id as it appears in the source logs")
 
-    sub.add_parser("privacy-check", parents=[common],
-                   help="scan every table for raw user ids and PII; a pass/fail table (exit 1 on fail)")
+    check = sub.add_parser("privacy-check", parents=[common],
+                           help="scan every table for raw user ids and PII; a pass/fail table (exit 1 on fail)")
+    check.add_argument("--full", action="store_true",
+                       help="scan every row, not only the rows added since the last passing check "
+                            "(see privacy.check_full_every_days)")
 
     report = sub.add_parser("report", parents=[common], help="one self-contained HTML report")
     report.add_argument("--out", metavar="FILE.html", help="output file (default: nightly.report_dir)")
@@ -313,7 +316,7 @@ def cmd_privacy_check(args: argparse.Namespace, settings: Settings) -> int:
 
     spark = _spark(settings)
     try:
-        result = _stage("privacy_check", settings, spark, lambda run: run_privacy_check(spark, settings, run))
+        result = _stage("privacy_check", settings, spark, lambda run: run_privacy_check(spark, settings, run, args.full))
     except PrivacyCheckFailed as failed:
         _print_privacy_check(failed.result)  # the table first; main() prints the one-line cause
         raise

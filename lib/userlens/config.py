@@ -131,6 +131,9 @@ class PrivacySettings(_Strict):
     quarantine_retention_days: int = Field(30, ge=1)
     # `userlens privacy-check`: raw ids shorter than this are not searched (too many chance matches)
     check_min_id_chars: int = Field(4, ge=1)
+    # `userlens privacy-check`: between full scans (every this many days; 0 = always), only the rows of
+    # the files each table gained since the last passing check are scanned
+    check_full_every_days: int = Field(7, ge=0)
 
 
 class IngestSettings(_Strict):

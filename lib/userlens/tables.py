@@ -152,6 +152,17 @@ class Tables:
         self._add_new_columns(table, _spec(table))
         return self._load(table)
 
+    def read_version(self, table: str, version: int) -> "DataFrame":
+        """The table as it was at Delta ``version`` (time travel; the table must exist)."""
+        reader = self.spark.read.option("versionAsOf", version)
+        if self.use_catalog:
+            return reader.table(self.location(table))
+        return reader.format("delta").load(self.location(table))
+
+    def version(self, table: str) -> int:
+        """The table's current Delta version (the table must exist)."""
+        return int(self.delta(table).history(1).select("version").first()[0])
+
     def _load(self, table: str) -> "DataFrame":
         if self.use_catalog:
             return self.spark.read.table(self.location(table))

@@ -22,9 +22,26 @@ column (array elements joined by newlines) is searched, in Spark, for
 Only counts reach the driver: per table and column, never a matched value. The
 result is a pass/fail table (:func:`format_table`); a fail raises
 :class:`PrivacyCheckFailed`, one line naming the tables and columns.
+
+**Full or incremental** (:func:`plan_scope`). Delta data files never change once
+written, so rows a passing check read stay checked. A passing check records each
+table's Delta version in its ``pipeline_runs`` row; the next check scans, per
+table, only the rows of the files the table's snapshot holds now and did not
+hold at that version (appends, and the files a MERGE, UPDATE or DELETE rewrote),
+against every raw id of the source. A full scan (every row) runs the first time,
+when the last full pass is ``privacy.check_full_every_days`` or more days old
+(7; 0 = always), with ``full=True`` (``userlens privacy-check --full``), and for a
+table whose recorded version cannot be read back (its log cleaned up, the table
+re-created). The full scans are what find a raw id that became a user's only
+after the text holding it had been checked. ``user_texts`` gets a new row per
+user every night, most with the text of the night before: a new row's text
+equal (as a string) to a text of the newest partition the table had at the
+checked version is not scanned again (:data:`SEEN_TEXTS`).
 """
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +66,10 @@ log = logging.getLogger(__name__)
 _CHAR = r"[\p{L}\p{N}_@+-]"
 TOKEN = rf"{_CHAR}+(?:\.{_CHAR}+)*"
 CONCURRENT_TABLES = 4  # tables scanned at once (Spark jobs from driver threads)
+# (hash, text, date partition): in an incremental check a new row's text is not scanned again when it equals
+# the text of a row with the same hash in the newest partition the table had at the checked version
+# (user_texts gets a row per user every night, most of them unchanged)
+SEEN_TEXTS: dict[str, tuple[str, str, str]] = {"user_texts": ("text_hash", "text", "as_of_date")}
 # a text's tokens that equal a given sequence of tokens: no token character (or inner dot) on either side
 _BEFORE, _AFTER = r"(?<![\p{L}\p{N}_.@+-])", rf"(?!{_CHAR}|\.{_CHAR})"
 PII_TYPES: tuple[str, ...] = tuple(dict.fromkeys(kind for kind, _, _ in PII_PATTERNS))
@@ -163,7 +184,8 @@ def source_raw_ids(spark: "SparkSession", settings: Settings) -> DataFrame:
             from userlens.stages.ingest import read_raw
 
             source = settings.source
-            raw = read_raw(spark, source.events_location(), source.format, source.mapping.model_dump(), source)
+            only_ids = {"user_id": source.mapping.model_dump()["user_id"]}  # parse one field, not the whole event
+            raw = read_raw(spark, source.events_location(), source.format, only_ids, source)
         return raw.select(F.col("f_user_id").alias("raw_id"))
     except UserlensError as exc:
         raise SourceError(f"privacy-check needs the raw user ids of source.path: {first_line(exc)}") from None
@@ -173,10 +195,24 @@ def source_raw_ids(spark: "SparkSession", settings: Settings) -> DataFrame:
 # runner
 # --------------------------------------------------------------------------
 @dataclass(frozen=True)
+class CheckScope:
+    """What a check reads: every row (``full``), or per table the files added since ``since[table]``."""
+
+    full: bool
+    why: str
+    since: dict[str, int] = field(default_factory=dict)  # table -> Delta version a passing check read
+
+    def since_version(self, table: str) -> int | None:
+        return None if self.full else self.since.get(table)
+
+
+@dataclass(frozen=True)
 class TableCheck:
     table: str
     exists: bool
-    rows: int = 0
+    rows: int = 0          # rows scanned
+    version: int | None = None  # the table's Delta version scanned
+    scanned: str = "all"   # "all", or "new since vN" (the rows of the files added after version N)
     raw_id_hits: dict[str, int] = field(default_factory=dict)        # column -> hits (hits only)
     pii_hits: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> type -> hits (hits only)
 
@@ -198,6 +234,7 @@ class PrivacyCheckResult:
     ids_searched: int
     ids_skipped: int
     min_id_chars: int
+    scope: CheckScope = field(default_factory=lambda: CheckScope(True, "full"))
 
     @property
     def passed(self) -> bool:
@@ -219,12 +256,39 @@ class PrivacyCheckResult:
         return f"privacy-check failed: {shown}"
 
 
-def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun) -> PrivacyCheckResult:
-    """Scan every existing table; the result, or :class:`PrivacyCheckFailed` (after logging the findings)."""
+def plan_scope(tables: Tables, settings: Settings, full: bool = False,
+               today: dt.date | None = None) -> CheckScope:
+    """Full or incremental, from the ``privacy_check`` rows of ``pipeline_runs`` (module docstring)."""
+    every = settings.privacy.check_full_every_days
+    if full:
+        return CheckScope(True, "full scan asked for")
+    if every == 0:
+        return CheckScope(True, "privacy.check_full_every_days is 0")
+    passed = [json.loads(r["details"] or "{}") | {"_started": r["started_at"]} for r in (
+        tables.read("pipeline_runs").where((F.col("stage") == "privacy_check") & (F.col("status") == "succeeded"))
+        .orderBy(F.col("started_at").desc()).select("details", "started_at").limit(200).collect())]
+    last_full = next((d["_started"] for d in passed if d.get("scope", "full") == "full"), None)
+    if not passed or "versions" not in passed[0] or last_full is None:
+        return CheckScope(True, "no passing check has recorded its table versions")
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    age = (today - last_full.date()).days
+    if age >= every:
+        return CheckScope(True, f"the last full scan passed {age} day(s) ago (privacy.check_full_every_days={every})")
+    return CheckScope(False, f"files added since the passing check of {passed[0]['_started']:%Y-%m-%d %H:%M} "
+                             f"(full scan {age} day(s) ago; privacy.check_full_every_days={every})",
+                      {t: int(v) for t, v in passed[0]["versions"].items()})
+
+
+def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun,
+                      full: bool = False) -> PrivacyCheckResult:
+    """Scan the tables (all rows, or those added since the last passing check: :func:`plan_scope`); the result,
+    or :class:`PrivacyCheckFailed` (after logging the findings)."""
     from pyspark import StorageLevel
 
     tables = Tables(spark, settings.storage)
     min_chars = settings.privacy.check_min_id_chars
+    scope = plan_scope(tables, settings, full)
+    log.info("privacy-check: %s: %s", "every row" if scope.full else "new rows", scope.why)
     ids = raw_id_table(source_raw_ids(spark, settings), min_chars).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         id_counts = ids.agg(F.count(F.when(F.col("searched"), 1)).alias("searched"),
@@ -234,20 +298,21 @@ def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun) 
         # each table's scan is a few small Spark jobs: one table at a time leaves the executors idle
         # between them, so up to CONCURRENT_TABLES tables are scanned at once (results in TABLES order)
         with ThreadPoolExecutor(max_workers=CONCURRENT_TABLES, thread_name_prefix="privacy-check") as pool:
-            checks = list(pool.map(lambda name: _check_table(tables, name, searched, id_counts["multi"] > 0),
-                                   TABLES))
+            checks = list(pool.map(lambda name: _check_table(tables, name, searched, id_counts["multi"] > 0,
+                                                             scope.since_version(name), scope.full), TABLES))
     finally:
         ids.unpersist()
-    result = PrivacyCheckResult(checks, id_counts["searched"], id_counts["skipped"], min_chars)
+    result = PrivacyCheckResult(checks, id_counts["searched"], id_counts["skipped"], min_chars, scope)
     run.rows_in = sum(t.rows for t in checks)
     run.details.update({
         "result": "pass" if result.passed else "fail", "raw_ids_searched": result.ids_searched,
-        "raw_ids_skipped": result.ids_skipped,
-        "tables": {t.table: {"rows": t.rows, "raw_ids": t.raw_id_hits, "pii": t.pii_hits}
+        "raw_ids_skipped": result.ids_skipped, "scope": "full" if scope.full else "incremental",
+        "why": scope.why, "versions": {t.table: t.version for t in checks if t.exists},
+        "tables": {t.table: {"rows": t.rows, "scanned": t.scanned, "raw_ids": t.raw_id_hits, "pii": t.pii_hits}
                    for t in checks if t.exists}})
-    log.info("privacy-check: %d table(s), %d raw ids searched (%d shorter than privacy.check_min_id_chars=%d "
-             "not searched): %s", sum(t.exists for t in checks), result.ids_searched, result.ids_skipped,
-             min_chars, "pass" if result.passed else "FAIL")
+    log.info("privacy-check: %d table(s), %d row(s) scanned, %d raw ids searched (%d shorter than "
+             "privacy.check_min_id_chars=%d not searched): %s", sum(t.exists for t in checks), run.rows_in,
+             result.ids_searched, result.ids_skipped, min_chars, "pass" if result.passed else "FAIL")
     for finding in result.findings():
         log.warning("privacy-check: %s", finding)
     if not result.passed:
@@ -255,10 +320,64 @@ def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun) 
     return result
 
 
-def _check_table(tables: Tables, name: str, ids: DataFrame, multi_token_ids: bool) -> TableCheck:
+def rows_to_check(tables: Tables, name: str, version: int, since: int | None) -> tuple[DataFrame | None, str]:
+    """The rows of ``name`` at ``version`` to scan, and how they were chosen: all of them (``since`` None),
+    or those of the data files the table holds at ``version`` and did not hold at ``since`` (None when
+    there are none). A ``since`` that cannot be read back (a newer version than the table's, its log
+    cleaned up) means all rows."""
+    current = tables.read_version(name, version)
+    if since is None:
+        return current, "all"
+    if since == version:
+        return None, f"new since v{since}"
+    try:
+        if since > version:
+            raise ValueError(f"the table is at version {version}")
+        before = set(tables.read_version(name, since).inputFiles())
+    except Exception as exc:  # noqa: BLE001 - any failure to read the old snapshot: scan everything
+        log.info("privacy-check: %s: version %d cannot be read back (%s); scanning every row", name, since,
+                 first_line(exc))
+        return current, "all"
+    added = [f for f in current.inputFiles() if f not in before]
+    if not added:
+        return None, f"new since v{since}"
+    if tables.use_catalog:  # a catalog table's files are not read by path; Delta prunes no file on this filter
+        return _skip_checked_texts(tables, name, current.where(F.col("_metadata.file_path").isin(added)), since)
+    # Path mode: read exactly those Parquet files with the table's schema (columns a file predates are
+    # null; partition columns, dates here, are not in the files and hold no text). Rows a deletion vector
+    # removes are read too: scanned, never missed.
+    partitions = set(TABLES[name].partition_by)
+    schema = T.StructType([f for f in current.schema.fields if f.name not in partitions])
+    return _skip_checked_texts(tables, name, tables.spark.read.schema(schema).parquet(*added), since)
+
+
+def _skip_checked_texts(tables: Tables, name: str, new: DataFrame, since: int) -> tuple[DataFrame, str]:
+    """``new`` with the text of :data:`SEEN_TEXTS` nulled where it equals (as a string: the hash only finds
+    the candidate) a text the table held at ``since`` in its newest partition, which was checked then;
+    every other column is scanned as it is."""
+    if name not in SEEN_TEXTS:
+        return new, f"new since v{since}"
+    hash_column, text_column, partition = SEEN_TEXTS[name]
+    old = tables.read_version(name, since)
+    newest = old.agg(F.max(partition)).first()[0]
+    if newest is None:
+        return new, f"new since v{since}"
+    seen = (old.where(F.col(partition) == F.lit(newest)).select(hash_column, F.col(text_column).alias("_seen"))
+            .dropDuplicates([hash_column]))
+    unseen = new.join(seen, hash_column, "left").withColumn(
+        text_column, F.when(~F.col(text_column).eqNullSafe(F.col("_seen")), F.col(text_column))).drop("_seen")
+    return unseen, f"new since v{since}; {text_column} equal to one checked on {newest} skipped"
+
+
+def _check_table(tables: Tables, name: str, ids: DataFrame, multi_token_ids: bool, since: int | None,
+                 full: bool) -> TableCheck:
     if not tables.exists(name):
         return TableCheck(name, exists=False)
-    df = tables.read(name)
+    tables.read(name)  # adds the columns a newer userlens declares (a new version) before the version is taken
+    version = tables.version(name)
+    df, scanned = rows_to_check(tables, name, version, None if full else since)
+    if df is None:
+        return TableCheck(name, True, 0, version, scanned)
     counts = pii_counts(df).first().asDict()
     pii: dict[str, dict[str, int]] = {}
     for key, n in counts.items():
@@ -266,7 +385,7 @@ def _check_table(tables: Tables, name: str, ids: DataFrame, multi_token_ids: boo
             column, kind = key.rsplit("|", 1)
             pii.setdefault(column, {})[kind] = n
     raw = {r["column"]: r["hits"] for r in raw_id_hits(df, ids, multi_token_ids).collect() if r["hits"]}
-    return TableCheck(name, True, counts["rows"], raw, pii)
+    return TableCheck(name, True, counts["rows"], version, scanned, raw, pii)
 
 
 def format_table(result: PrivacyCheckResult) -> str:
@@ -284,7 +403,8 @@ def format_table(result: PrivacyCheckResult) -> str:
     out += [f"FAIL {finding}" for finding in result.findings()]
     skipped = (f", {result.ids_skipped:,} shorter than privacy.check_min_id_chars={result.min_id_chars} not searched"
                if result.ids_skipped else "")
+    out.append(f"scanned: {'every row' if result.scope.full else 'new rows'}: {result.scope.why}")
     out.append(f"privacy-check: {'pass' if result.passed else 'FAIL'} "
-               f"({sum(t.exists for t in result.tables)} tables; {result.ids_searched:,} raw user ids searched"
-               f"{skipped})")
+               f"({sum(t.exists for t in result.tables)} tables, {'every row' if result.scope.full else 'new rows'}"
+               f"; {result.ids_searched:,} raw user ids searched{skipped})")
     return "\n".join(out)
