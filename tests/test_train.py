@@ -239,3 +239,43 @@ def test_numeric_features_are_finite_and_named(spark, warehouse):
     assert x.shape[1] == len(feature_names(settings.ingest.event_types))
     assert np.isfinite(x).all() and (x >= 0).all()
     assert (x[:, 0] <= 14).all()  # recency never exceeds the days observed before the cutoff
+
+
+def _shard(path: Path, rows: int, files: int) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.mkdir()
+    out = []
+    for f in range(files):
+        ids = np.arange(f * rows, (f + 1) * rows)
+        emb = np.repeat(ids[:, None], 4, axis=1).astype(np.float32)  # every input holds the row's id
+        table = pa.table({"embedding": pa.array(list(emb)), "features": pa.array([[0.0, 1.0]] * rows),
+                          "purchase": (ids % 2).astype(np.int32), "churn": np.zeros(rows, np.int32)})
+        pq.write_table(table, path / f"part-{f}.parquet")
+        out.append(str(path / f"part-{f}.parquet"))
+    return out
+
+
+def test_a_shard_is_decoded_once_and_every_epoch_still_sees_each_row_once(tmp_path):
+    from userlens.models.predictor import FeatureSpec
+    from userlens.models.training import ShardReader
+
+    files = _shard(tmp_path / "split=train", rows=300, files=3)
+    spec = FeatureSpec(["a", "b"], [0.0, 0.0], [1.0, 1.0], 4, "test")
+    cached = ShardReader(files, spec, ["purchase", "churn"])
+    rng = np.random.default_rng(0)
+    epochs = [[b["x"][:, 0].astype(int) for b in cached.batches(128, rng)] for _ in range(2)]
+    assert cached._cache is not None and len(cached._cache["x"]) == 900  # kept after the first epoch
+    for batches in epochs:
+        assert [len(b) for b in batches] == [128] * 7 + [4]
+        assert sorted(np.concatenate(batches)) == list(range(900))  # each row once per epoch
+    assert not np.array_equal(np.concatenate(epochs[0]), np.concatenate(epochs[1]))  # shuffled anew
+    assert not np.array_equal(np.concatenate(epochs[0]), np.arange(900))
+    labels = next(cached.batches(900, None))
+    assert np.array_equal(labels["purchase"], np.arange(900) % 2)  # labels stay with their rows
+
+    # a shard over the cache budget streams from Parquet every epoch, with the same rows
+    streamed = ShardReader(files, spec, ["purchase", "churn"], cache_bytes=1000)
+    rows = np.concatenate([b["x"][:, 0].astype(int) for b in streamed.batches(128, np.random.default_rng(0))])
+    assert streamed._cache is None and sorted(rows) == list(range(900))

@@ -35,6 +35,9 @@ log = logging.getLogger("userlens.train")
 
 SHUFFLE_BUFFER_ROWS = 65_536
 READ_BATCH_ROWS = 8_192
+# a rank keeps its decoded shard (model inputs, labels, history arrays) in memory between epochs up to this
+# many bytes; a larger shard is read from Parquet again every epoch, through the shuffle buffer
+CACHE_BYTES = 1 << 30
 LABELS = ("purchase", "churn", "next_category")
 VALID_BATCH_ROWS = 4096
 
@@ -80,11 +83,15 @@ class Catalogue:
 class ShardReader:
     """Streams (x, labels) mini-batches from some Parquet files of a snapshot split."""
 
-    def __init__(self, files: list[str], features: Any, tasks: list[str], catalogue: Catalogue | None = None) -> None:
+    def __init__(self, files: list[str], features: Any, tasks: list[str], catalogue: Catalogue | None = None,
+                 cache_bytes: int = CACHE_BYTES) -> None:
         self.files = files
         self.features = features
         self.tasks = tasks
         self.catalogue = catalogue
+        self.cache_bytes = cache_bytes
+        self._cache: dict[str, np.ndarray] | None = None
+        self._cacheable = cache_bytes > 0
 
     def rows(self) -> int:
         import pyarrow.parquet as pq
@@ -121,8 +128,30 @@ class ShardReader:
             out.update(self.catalogue.arrays(batch))
         return out
 
+    def _decode_all(self) -> dict[str, np.ndarray] | None:
+        """The whole shard as one dict of arrays, or None (and no second try) when it exceeds ``cache_bytes``."""
+        parts, size, rows = [], 0, self.rows()
+        for part in self.record_batches(list(self.files)):
+            parts.append(part)
+            size += sum(a.nbytes for a in part.values())
+            if size / sum(len(p["x"]) for p in parts) * rows > self.cache_bytes:
+                self._cacheable = False
+                return None
+        if not parts:
+            self._cacheable = False
+            return None
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
     def batches(self, batch_size: int, rng: np.random.Generator | None) -> Iterator[dict[str, np.ndarray]]:
-        """Mini-batches; shuffled through a buffer when ``rng`` is given, in file order otherwise."""
+        """Mini-batches: shuffled when ``rng`` is given (the whole shard when it is cached, else through a
+        buffer), in file order otherwise. The first call decodes the shard and keeps it when it fits
+        ``cache_bytes``: decoding (Parquet, list columns, normalisation) then happens once, not every
+        epoch; it cost about as much as the training step itself on CPU (docs/benchmarks.md)."""
+        if self._cache is None and self._cacheable:
+            self._cache = self._decode_all()
+        if self._cache is not None:
+            yield from _emit([self._cache], batch_size, rng, keep_remainder=False)
+            return
         order = list(self.files)
         if rng is not None:
             rng.shuffle(order)
@@ -140,7 +169,7 @@ class ShardReader:
 
 def _emit(buffer: list[dict[str, np.ndarray]], batch_size: int, rng: np.random.Generator | None,
           keep_remainder: bool) -> Iterator[dict[str, np.ndarray]]:
-    merged = {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
+    merged = buffer[0] if len(buffer) == 1 else {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
     n = len(merged["x"])
     index = rng.permutation(n) if rng is not None else np.arange(n)
     full = (n // batch_size) * batch_size
@@ -227,8 +256,12 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
             steps = len(loader)
             train_batches = None
         else:
-            if distributed:  # the head sees no positive in some batches: its parameters go unused there
-                model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=catalogue is not None)
+            if distributed:
+                # find_unused_parameters: the recommendation head sees no positive in some batches. Buffers
+                # (the item catalogue's vectors) are read by every rank from the snapshot and never change:
+                # broadcasting them from rank 0 before every forward (DDP's default) only moves bytes
+                model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=catalogue is not None,
+                                                                  broadcast_buffers=False)
             reader = ShardReader(train_files[rank::world], features, tasks, catalogue)
             steps = math.ceil(reader.rows() / job["batch_size"])
             if distributed:  # every rank runs the same number of steps
