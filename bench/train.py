@@ -83,14 +83,20 @@ def synthetic_snapshot(root: Path, rows: int, n_features: int, files: int, seed:
             pq.write_table(table, out / f"part-{part:05d}.parquet")
 
 
+def synthetic_config(settings) -> ModelConfig:
+    """The model of the scaling runs: the configured trunk over 384-d embeddings and the real features."""
+    names = feature_names(settings.ingest.event_types)
+    return ModelConfig(tasks=["purchase", "churn", "next_category"], classes=[f"c{i}" for i in range(8)],
+                       hidden=list(settings.train.hidden), dropout=settings.train.dropout,
+                       input_dim=DIM + len(names), numeric_dim=len(names))
+
+
 def scaling(settings, rows: int, epochs: int, batch_size: int = 256) -> dict[str, dict]:
     names = feature_names(settings.ingest.event_types)
     work = Path(tempfile.mkdtemp(prefix="userlens-bench-train-"))
     try:
         synthetic_snapshot(work / "snapshot", rows, len(names), files=4)
-        config = ModelConfig(tasks=["purchase", "churn", "next_category"], classes=[f"c{i}" for i in range(8)],
-                             hidden=list(settings.train.hidden), dropout=settings.train.dropout,
-                             input_dim=DIM + len(names), numeric_dim=len(names))
+        config = synthetic_config(settings)
         features = FeatureSpec(names, [1.0] * len(names), [1.0] * len(names), DIM, "synthetic")
         results = {}
         runs = [("1", 1, None), ("2", 2, None), ("1x1", 1, 1)] * 2  # interleaved: the noise hits all
@@ -246,11 +252,7 @@ def main() -> None:
         print(f"    samples/s 2 processes / 1 process = {ratio:.2f}  (goal >= 1.6)", flush=True)
         print(f"    samples/s 2 processes / 1 process on one thread = {per_process:.2f}  (per-process scaling)",
               flush=True)
-        names = feature_names(settings.ingest.event_types)
-        config = asdict(ModelConfig(tasks=["purchase", "churn", "next_category"], classes=[f"c{i}" for i in range(8)],
-                                    hidden=list(settings.train.hidden), dropout=settings.train.dropout,
-                                    input_dim=DIM + len(names), numeric_dim=len(names)))
-        ceiling = hardware_ceiling(config, args.batch_size)
+        ceiling = hardware_ceiling(asdict(synthetic_config(settings)), args.batch_size)
         print(f"    the machine's ceiling: 2 bare one-thread training processes / 1 = {ceiling:.2f}; "
               f"DDP reaches {per_process / ceiling:.0%} of it\n", flush=True)
         if args.scaling_only:

@@ -121,7 +121,8 @@ def test_next_day_with_one_percent_active_reembeds_and_rescores_only_them(spark,
     assert profiles.where(F.col("as_of_date") == F.lit(day)).count() == profiles.count()
     # the privacy check scanned the day's new events, not the whole table again
     check = result.stages["privacy_check"]
-    assert not check.scope.full and {t.table: t.rows for t in check.tables}["events"] == result.stages["ingest"].rows_out
+    scanned = {t.table: t.rows for t in check.tables}
+    assert not check.scope.full and scanned["events"] == result.stages["ingest"].rows_out
 
 
 def test_a_table_from_an_older_userlens_gains_the_new_columns(spark, tmp_path):

@@ -316,7 +316,8 @@ def cmd_privacy_check(args: argparse.Namespace, settings: Settings) -> int:
 
     spark = _spark(settings)
     try:
-        result = _stage("privacy_check", settings, spark, lambda run: run_privacy_check(spark, settings, run, args.full))
+        result = _stage("privacy_check", settings, spark,
+                        lambda run: run_privacy_check(spark, settings, run, args.full))
     except PrivacyCheckFailed as failed:
         _print_privacy_check(failed.result)  # the table first; main() prints the one-line cause
         raise

@@ -130,11 +130,12 @@ class ShardReader:
 
     def _decode_all(self) -> dict[str, np.ndarray] | None:
         """The whole shard as one dict of arrays, or None (and no second try) when it exceeds ``cache_bytes``."""
-        parts, size, rows = [], 0, self.rows()
+        parts, size, decoded, rows = [], 0, 0, self.rows()
         for part in self.record_batches(list(self.files)):
             parts.append(part)
             size += sum(a.nbytes for a in part.values())
-            if size / sum(len(p["x"]) for p in parts) * rows > self.cache_bytes:
+            decoded += len(part["x"])
+            if size / decoded * rows > self.cache_bytes:  # the whole shard, at this many bytes per row
                 self._cacheable = False
                 return None
         if not parts:

@@ -184,7 +184,7 @@ def source_raw_ids(spark: "SparkSession", settings: Settings) -> DataFrame:
             from userlens.stages.ingest import read_raw
 
             source = settings.source
-            only_ids = {"user_id": source.mapping.model_dump()["user_id"]}  # parse one field, not the whole event
+            only_ids = {"user_id": source.mapping.user_id}  # parse one field, not the whole event
             raw = read_raw(spark, source.events_location(), source.format, only_ids, source)
         return raw.select(F.col("f_user_id").alias("raw_id"))
     except UserlensError as exc:
@@ -234,7 +234,7 @@ class PrivacyCheckResult:
     ids_searched: int
     ids_skipped: int
     min_id_chars: int
-    scope: CheckScope = field(default_factory=lambda: CheckScope(True, "full"))
+    scope: CheckScope
 
     @property
     def passed(self) -> bool:
@@ -299,7 +299,7 @@ def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun,
         # between them, so up to CONCURRENT_TABLES tables are scanned at once (results in TABLES order)
         with ThreadPoolExecutor(max_workers=CONCURRENT_TABLES, thread_name_prefix="privacy-check") as pool:
             checks = list(pool.map(lambda name: _check_table(tables, name, searched, id_counts["multi"] > 0,
-                                                             scope.since_version(name), scope.full), TABLES))
+                                                             scope.since_version(name)), TABLES))
     finally:
         ids.unpersist()
     result = PrivacyCheckResult(checks, id_counts["searched"], id_counts["skipped"], min_chars, scope)
@@ -369,13 +369,12 @@ def _skip_checked_texts(tables: Tables, name: str, new: DataFrame, since: int) -
     return unseen, f"new since v{since}; {text_column} equal to one checked on {newest} skipped"
 
 
-def _check_table(tables: Tables, name: str, ids: DataFrame, multi_token_ids: bool, since: int | None,
-                 full: bool) -> TableCheck:
+def _check_table(tables: Tables, name: str, ids: DataFrame, multi_token_ids: bool, since: int | None) -> TableCheck:
+    """One table: every row (``since`` None) or the rows added after version ``since``."""
     if not tables.exists(name):
         return TableCheck(name, exists=False)
-    tables.read(name)  # adds the columns a newer userlens declares (a new version) before the version is taken
-    version = tables.version(name)
-    df, scanned = rows_to_check(tables, name, version, None if full else since)
+    version = tables.version(name)  # after Tables.ensure has added the columns a newer userlens declares
+    df, scanned = rows_to_check(tables, name, version, since)
     if df is None:
         return TableCheck(name, True, 0, version, scanned)
     counts = pii_counts(df).first().asDict()
