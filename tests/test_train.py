@@ -279,3 +279,47 @@ def test_a_shard_is_decoded_once_and_every_epoch_still_sees_each_row_once(tmp_pa
     streamed = ShardReader(files, spec, ["purchase", "churn"], cache_bytes=1000)
     rows = np.concatenate([b["x"][:, 0].astype(int) for b in streamed.batches(128, np.random.default_rng(0))])
     assert streamed._cache is None and sorted(rows) == list(range(900))
+
+
+def _snapshot(root: Path, rows_per_file: int, next_category: list[int]) -> None:
+    """split=train with one file per value of ``next_category`` (every row of file f has label
+    next_category[f], -1 = no label), split=valid and split=test with one labelled file each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    files = {"train": next_category, "valid": [0], "test": [1]}
+    for split, labels in files.items():
+        (root / f"split={split}").mkdir(parents=True)
+        for f, label in enumerate(labels):
+            emb = rng.normal(size=(rows_per_file, 8)).astype(np.float32)
+            purchase = (emb[:, 0] > 0).astype(np.int32)
+            pq.write_table(pa.table({
+                "embedding": pa.array(list(emb)), "features": pa.array(list(rng.random((rows_per_file, 2)))),
+                "purchase": purchase, "churn": 1 - purchase,
+                "next_category": np.full(rows_per_file, label, np.int32)}),
+                root / f"split={split}" / f"part-{f}.parquet")
+
+
+def test_ddp_survives_a_rank_whose_batches_have_no_next_category_label(spark, tmp_path):
+    """Regression: a rank whose batch had no next_category label left that head without a gradient, so
+    its DDP all-reduce never started there; gloo paired the other rank's gradients with the validation
+    all-reduce and aborted the run. Here rank 1's shard has no such label at all."""
+    from dataclasses import asdict
+
+    from userlens.models.predictor import FeatureSpec, ModelConfig
+    from userlens.stages.train import distributed_fit
+
+    _snapshot(tmp_path / "snapshot", rows_per_file=64, next_category=[1, -1])
+    config = ModelConfig(tasks=["purchase", "churn", "next_category"], classes=["a", "b"], hidden=[16],
+                         dropout=0.0, input_dim=10, numeric_dim=2)
+    job = {"snapshot": str(tmp_path / "snapshot"), "snapshot_id": "synthetic", "version": "v",
+           "artifact": str(tmp_path / "model"), "config": asdict(config),
+           "features": asdict(FeatureSpec(["a", "b"], [0.0, 0.0], [1.0, 1.0], 8, "test")), "use_gpu": False,
+           "batch_size": 16, "epochs": 3, "patience": 3, "learning_rate": 1e-2, "weight_decay": 0.0, "seed": 1,
+           "dp": None}
+    train = make_settings(tmp_path).train.model_copy(update={"num_processes": 2, "local_mode": True})
+    summary = distributed_fit(job, train)
+    assert summary["world_size"] == 2 and summary["epochs_run"] == 3
+    assert summary["samples"] == 3 * 2 * 64  # every step of every epoch on both ranks
+    assert load_artifact(str(tmp_path / "model")).metrics["model"]["next_category"]["n"] == 64

@@ -120,6 +120,12 @@ def task_loss(outputs: dict[str, Any], labels: dict[str, torch.Tensor], rec_weig
             mask = y >= 0
             if mask.any():
                 total = total + nn.functional.cross_entropy(logits[mask], y[mask], reduction="sum") / len(y)
+            else:
+                # a batch with no label for this task (e.g. an epoch's last, small batch) still touches its
+                # head, with a zero gradient: under DDP a head without a gradient on one rank leaves its
+                # all-reduce unlaunched there while the other ranks launch theirs, and gloo then pairs the
+                # next collective with it (an abort, "Received data size doesn't match expected size")
+                total = total + logits.sum() * 0.0
         else:
             total = total + nn.functional.binary_cross_entropy_with_logits(logits, y.float())
     return total
