@@ -103,31 +103,58 @@ class BehaviourModel(nn.Module):
             out["recommend"] = self.rec.in_batch(users, rec["positive"], rec["hist_idx"], rec["hist_w"])
         return out
 
+    @torch.no_grad()
+    def warm_start(self, linear: dict[str, dict[str, list]]) -> None:
+        """Start every head named in ``linear`` as that linear model of the numeric features: its wide
+        weights and bias set to ``linear[task]`` ("weight": classes x numeric_dim on the standardized
+        features, "bias": classes), its weights on the trunk zero. The model then predicts what the
+        logistic regression does until training moves it; classes beyond the given rows get weight 0
+        and a bias of -20 (the regression saw none of them)."""
+        for task, head in self.heads.items():
+            if task not in linear:
+                continue
+            weight = torch.as_tensor(linear[task]["weight"], dtype=head.weight.dtype)
+            bias = torch.as_tensor(linear[task]["bias"], dtype=head.bias.dtype)
+            if weight.shape[1] != self.numeric_dim or weight.shape[0] > head.out_features:
+                raise ValueError(f"warm start for {task}: weight {tuple(weight.shape)} does not fit a head of "
+                                 f"{head.out_features} outputs over {self.numeric_dim} numeric features")
+            head.weight.zero_()
+            head.weight[:weight.shape[0], head.in_features - self.numeric_dim:] = weight
+            head.bias.fill_(-20.0)
+            head.bias[:bias.shape[0]] = bias
 
-def task_loss(outputs: dict[str, Any], labels: dict[str, torch.Tensor], rec_weight: float = 1.0) -> torch.Tensor:
-    """Sum over tasks: BCE for binary tasks, cross-entropy for classes (label -1 = no label), and the
-    recommendation head's in-batch softmax (times ``rec_weight``) when present."""
-    from userlens.models.recommend import rec_loss
 
-    first = next(iter(outputs.values()))
-    total = torch.zeros((), device=(first[0] if isinstance(first, tuple) else first).device)
+def task_losses(outputs: dict[str, Any], labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Loss per task head: BCE for binary tasks, cross-entropy for classes (label -1 = no label, the sum
+    over labelled rows / the batch size, so a task with fewer labels weighs less)."""
+    out: dict[str, torch.Tensor] = {}
     for task, logits in outputs.items():
         if task == "recommend":
-            total = total + rec_weight * rec_loss(*logits)
             continue
         y = labels[task]
         if task in MULTICLASS_TASKS:
             mask = y >= 0
             if mask.any():
-                total = total + nn.functional.cross_entropy(logits[mask], y[mask], reduction="sum") / len(y)
+                out[task] = nn.functional.cross_entropy(logits[mask], y[mask], reduction="sum") / len(y)
             else:
                 # a batch with no label for this task (e.g. an epoch's last, small batch) still touches its
                 # head, with a zero gradient: under DDP a head without a gradient on one rank leaves its
                 # all-reduce unlaunched there while the other ranks launch theirs, and gloo then pairs the
                 # next collective with it (an abort, "Received data size doesn't match expected size")
-                total = total + logits.sum() * 0.0
+                out[task] = logits.sum() * 0.0
         else:
-            total = total + nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+            out[task] = nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+    return out
+
+
+def task_loss(outputs: dict[str, Any], labels: dict[str, torch.Tensor], rec_weight: float = 1.0) -> torch.Tensor:
+    """The training loss: the sum of :func:`task_losses`, plus the recommendation head's in-batch
+    softmax (times ``rec_weight``) when present."""
+    from userlens.models.recommend import rec_loss
+
+    total = sum(task_losses(outputs, labels).values(), torch.zeros(()))
+    if "recommend" in outputs:
+        total = total + rec_weight * rec_loss(*outputs["recommend"])
     return total
 
 

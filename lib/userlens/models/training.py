@@ -244,7 +244,10 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
             catalogue = Catalogue(*read_catalogue(f"{job['snapshot']}/items"), rec["history"],
                                   rec["history_half_life_days"])
         model: torch.nn.Module = BehaviourModel(
-            config, (catalogue.embeddings, catalogue.log_q) if catalogue else None).to(device)
+            config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
+        if job.get("warm_start"):
+            model.warm_start(job["warm_start"])
+        model = model.to(device)
         rec_weight = float(job.get("recommend", {}).get("weight", 1.0))
         optimizer = torch.optim.AdamW(model.parameters(), lr=job["learning_rate"], weight_decay=job["weight_decay"])
         train_files = list_files(f"{job['snapshot']}/split=train")
@@ -280,6 +283,18 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
         best = {"tasks": _Best(), "recommend": _Best()}
         parts = ("tasks", "recommend") if catalogue is not None else ("tasks",)
         samples, fit_seconds, history = 0, 0.0, []
+        warm: dict[str, Any] = {}
+        if job.get("warm_start"):
+            # the warm-started heads before any step (the baseline's linear models): a head ends as that
+            # linear model again when no trained epoch gives its task a lower validation loss
+            losses = _validation_loss(model, valid, tasks, device, distributed, catalogue, job["seed"])
+            state = _unwrap(model).state_dict()
+            warm = {task: (losses[f"task:{task}"], {k: v.detach().cpu().clone() for k, v in state.items()
+                                                    if k.startswith(f"heads.{task}.")})
+                    for task in job["warm_start"]}
+            if rank == 0:
+                log.info("warm start from the baseline: valid loss %s", ", ".join(
+                    f"{task} {loss:.4f}" for task, (loss, _) in warm.items()))
         for epoch in range(job["epochs"]):
             epoch_start = time.perf_counter()
             model.train()
@@ -311,7 +326,8 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
             losses = _validation_loss(model, valid, tasks, device, distributed, catalogue, job["seed"])
             history.append({"epoch": epoch, "train_loss": train_loss / max(n_steps, 1),
                             "valid_loss": losses["tasks"], **({"valid_rec_loss": losses["recommend"]}
-                                                              if catalogue is not None else {})})
+                                                              if catalogue is not None else {}),
+                            **{f"valid_loss_{task}": losses[f"task:{task}"] for task in tasks}})
             if rank == 0:
                 log.info("epoch %d: train loss %.4f, valid loss %.4f%s (%d steps/rank)", epoch,
                          train_loss / max(n_steps, 1), losses["tasks"],
@@ -328,6 +344,11 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
                 break
         best_epoch, best_loss = best["tasks"].epoch, best["tasks"].loss
         best_state = {k: v for part in parts for k, v in best[part].state.items()}
+        warm_kept = []
+        for task, (loss, head) in warm.items():
+            if history[best_epoch][f"valid_loss_{task}"] >= loss:
+                best_state.update(head)
+                warm_kept.append(task)
 
         totals = torch.tensor([samples, fit_seconds], dtype=torch.float64)
         if distributed:
@@ -343,6 +364,10 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
             "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9),
             "world_size": world, "device": str(device), "history": history,
         }
+        if warm:
+            # per warm-started task: "baseline" (no trained epoch validated better, the head is the
+            # baseline's linear model) or "trained"
+            summary["warm_start"] = {task: "baseline" if task in warm_kept else "trained" for task in warm}
         if dp:
             summary["dp"] = {"epsilon": float(epsilon), "delta": dp["target_delta"],
                              "target_epsilon": dp["target_epsilon"], "max_grad_norm": dp["max_grad_norm"],
@@ -463,7 +488,7 @@ class _Best:
         self.loss, self.epoch, self.bad, self.state = math.inf, -1, 0, {}
 
     def update(self, epoch: int, loss: float, state: dict[str, Any]) -> None:
-        if loss < self.loss - 1e-6 or self.epoch < 0:  # the first epoch counts even without a finite loss
+        if loss < self.loss - 1e-6 or not self.state:  # the first candidate counts even without a finite loss
             self.loss, self.epoch, self.bad = loss, epoch, 0
             self.state = {k: v.detach().cpu().clone() for k, v in state.items()}
         else:
@@ -472,24 +497,27 @@ class _Best:
 
 def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: Any, distributed: bool,
                      catalogue: Catalogue | None = None, seed: int = 0) -> dict[str, float]:
-    """Mean validation loss of the task heads per user, and of the recommendation head per positive
-    (the same sampled positives every epoch); sums all-reduced over ranks."""
+    """Mean validation loss of the task heads per user (``tasks``, and each task's own under
+    ``task:<name>``), and of the recommendation head per positive (the same sampled positives every
+    epoch); sums all-reduced over ranks."""
     import torch
     import torch.distributed as dist
 
-    from userlens.models.predictor import task_loss
+    from userlens.models.predictor import task_losses
     from userlens.models.recommend import rec_loss
 
     inner = _unwrap(model)
     inner.eval()
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = torch.zeros(4 + len(tasks), dtype=torch.float64)
     rng = np.random.default_rng(seed)
     with torch.inference_mode():
         for batch in valid.batches(VALID_BATCH_ROWS, None):
             x, y = _tensors(batch, tasks, device)
             out = inner(x, _rec_tensors(batch, catalogue, rng, device))
             rec = out.pop("recommend", None)
-            sums[0] += float(task_loss(out, y)) * len(x)
+            per_task = task_losses(out, y)
+            for i, task in enumerate(tasks):
+                sums[4 + i] += float(per_task[task]) * len(x)
             sums[1] += len(x)
             if rec is not None and len(rec[1]) >= 2:
                 sums[2] += float(rec_loss(*rec)) * len(rec[1])
@@ -498,7 +526,8 @@ def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: A
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     if sums[1] == 0:
         raise ValueError("the validation split is empty")
-    return {"tasks": float(sums[0] / sums[1]),
+    means = {f"task:{task}": float(sums[4 + i] / sums[1]) for i, task in enumerate(tasks)}
+    return {"tasks": sum(means.values()), **means,
             "recommend": float(sums[2] / sums[3]) if sums[3] > 0 else math.inf}
 
 

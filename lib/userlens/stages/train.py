@@ -293,7 +293,9 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
                          input_dim=dim + len(names), numeric_dim=len(names), rec=rec_config)
 
     t0 = time.perf_counter()
-    baseline = fit_baseline(stored, train.tasks, len(classes), predictions_to=f"{artifact}/baseline_predictions.npz")
+    linear: dict[str, dict[str, list]] = {}
+    baseline = fit_baseline(stored, train.tasks, len(classes), predictions_to=f"{artifact}/baseline_predictions.npz",
+                            linear_out=linear)
     if rec is not None:
         baseline.update(recommendation_baselines(stored, events, cut, rec))
     timings["baseline_seconds"] = time.perf_counter() - t0
@@ -310,6 +312,9 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         "batch_size": train.batch_size, "epochs": train.epochs, "patience": train.patience,
         "learning_rate": train.learning_rate, "weight_decay": train.weight_decay, "seed": train.seed,
         "dp": dp, "baseline": baseline,
+        # not under DP-SGD: the baseline saw the training data without noise, so starting from it would
+        # spend privacy the accountant does not count
+        "warm_start": standardized_linear(linear, features) if train.warm_start and dp is None else None,
         "recommend": {"k": rec.k, "history": rec.history, "history_half_life_days": rec.history_half_life_days,
                       "weight": rec.weight} if rec is not None else {},
         "data": {"as_of_date": as_of.isoformat(), "cutoff": cut.isoformat(), "horizon_days": train.horizon_days,
@@ -546,10 +551,12 @@ def _normalization(train_rows: DataFrame, n: int) -> tuple[list[float], list[flo
     return mean, std
 
 
-def fit_baseline(snapshot: DataFrame, tasks: list[str], n_classes: int,
-                 predictions_to: str | None = None) -> dict[str, dict[str, float]]:
+def fit_baseline(snapshot: DataFrame, tasks: list[str], n_classes: int, predictions_to: str | None = None,
+                 linear_out: dict[str, dict[str, list]] | None = None) -> dict[str, dict[str, float]]:
     """Spark MLlib logistic regression on log1p(numeric features) only: train split -> test metrics
-    (and, with ``predictions_to``, the test labels and probabilities as .npz, no user keys)."""
+    (and, with ``predictions_to``, the test labels and probabilities as .npz, no user keys). With
+    ``linear_out``, each binary task's fitted model is put there as ``{"weight": [[w...]], "bias": [b]}``
+    on the log1p scale (see :func:`standardized_linear`)."""
     import numpy as np
     from pyspark.ml.classification import LogisticRegression
     from pyspark.ml.functions import array_to_vector, vector_to_array
@@ -579,11 +586,26 @@ def fit_baseline(snapshot: DataFrame, tasks: list[str], n_classes: int,
         else:
             p = p[:, 1]
             out[task] = M.binary_metrics(y, p)
+            if linear_out is not None:
+                linear_out[task] = {"weight": [model.coefficients.toArray().tolist()], "bias": [model.intercept]}
         labels_out[task], probs_out[task] = y, p
     if predictions_to:
         from userlens.models.training import save_predictions
 
         save_predictions(predictions_to, labels_out, probs_out)
+    return out
+
+
+def standardized_linear(linear: dict[str, dict[str, list]], features: FeatureSpec) -> dict[str, dict[str, list]]:
+    """A linear model of x = log1p(features) rewritten for the model's standardized input
+    z = (x - mean) / std: weight w * std, bias b + w . mean (the same logits)."""
+    import numpy as np
+
+    mean, std = np.asarray(features.mean), np.asarray(features.std)
+    out = {}
+    for task, m in linear.items():
+        w, b = np.asarray(m["weight"], np.float64), np.asarray(m["bias"], np.float64)
+        out[task] = {"weight": (w * std).tolist(), "bias": (b + w @ mean).tolist()}
     return out
 
 
