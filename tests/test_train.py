@@ -326,28 +326,33 @@ def test_ddp_survives_a_rank_whose_batches_have_no_next_category_label(spark, tm
 
 
 def test_a_head_that_training_does_not_improve_ends_as_the_baseline(spark, warehouse, tmp_path):
-    """Warm start: the purchase and churn heads start as the Spark baseline's logistic regression; here
-    one epoch at a learning rate that wrecks the model validates worse, so both heads end as that
-    regression, and their test predictions are the baseline's."""
+    """train.baseline_fallback: one epoch at a learning rate that wrecks the model validates worse than
+    the Spark baseline's regression on purchase and churn, so both heads end as that regression and
+    give the baseline's test predictions; next_category keeps its trained head."""
     settings = settings_for(warehouse, tmp_path, *SMALL, "train.epochs=1", "train.learning_rate=3.0",
                             "train.recommend.enabled=false")
     result, run = train(spark, settings)
     metrics = load_artifact(result.path).metrics
-    assert metrics["training"]["warm_start"] == {"purchase": "baseline", "churn": "baseline"}
+    assert metrics["training"]["baseline_fallback"] == {"purchase": "baseline", "churn": "baseline"}
+    assert result.heads == run.details["baseline_fallback"] == metrics["training"]["baseline_fallback"]
     model = np.load(Path(result.path, "test_predictions.npz"))
     baseline = np.load(Path(result.path, "baseline_predictions.npz"))
     for task in ("purchase", "churn"):
         assert metrics["model"][task]["auc"] == pytest.approx(metrics["baseline"][task]["auc"], abs=1e-9)
         # the same probabilities (row order differs: the snapshot's files vs Spark's collect)
         np.testing.assert_allclose(np.sort(model[f"{task}.p"]), np.sort(baseline[f"{task}.p"]), atol=1e-5)
-    # next_category is not warm-started: its head is the trained one, far from the baseline's
-    assert "next_category" not in metrics["training"]["warm_start"]
+    # the regression's heads do not read the trunk; next_category's trained head does
+    artifact = load_artifact(result.path)
+    for task in ("purchase", "churn", "next_category"):
+        head = artifact.model.heads[task]
+        on_trunk = head.weight[:, :head.in_features - artifact.config.numeric_dim]
+        assert bool((on_trunk == 0).all()) == (task != "next_category"), task
 
 
-def test_without_warm_start_the_heads_are_trained_from_scratch(spark, warehouse, tmp_path):
+def test_without_the_fallback_a_worse_head_is_kept(spark, warehouse, tmp_path):
     settings = settings_for(warehouse, tmp_path, *SMALL, "train.epochs=1", "train.learning_rate=3.0",
-                            "train.recommend.enabled=false", "train.warm_start=false")
+                            "train.recommend.enabled=false", "train.baseline_fallback=false")
     result, _ = train(spark, settings)
     metrics = load_artifact(result.path).metrics
-    assert "warm_start" not in metrics["training"]
+    assert "baseline_fallback" not in metrics["training"]
     assert metrics["model"]["purchase"]["auc"] != pytest.approx(metrics["baseline"]["purchase"]["auc"], abs=1e-6)

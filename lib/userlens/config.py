@@ -303,9 +303,9 @@ class TrainSettings(_Strict):
     patience: int = Field(5, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-3, ge=0)
-    # purchase and churn heads start as the baseline's logistic regression (trunk weights zero) and end
-    # as it when no trained epoch lowers their validation loss
-    warm_start: bool = True
+    # a purchase or churn head whose validation loss is not below that of the baseline's logistic
+    # regression ends as that regression (off under DP-SGD)
+    baseline_fallback: bool = True
     seed: int = 13
     split: SplitSettings = SplitSettings()
     # refuse to train below these counts (per task, in the train split)

@@ -104,19 +104,18 @@ class BehaviourModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def warm_start(self, linear: dict[str, dict[str, list]]) -> None:
-        """Start every head named in ``linear`` as that linear model of the numeric features: its wide
-        weights and bias set to ``linear[task]`` ("weight": classes x numeric_dim on the standardized
-        features, "bias": classes), its weights on the trunk zero. The model then predicts what the
-        logistic regression does until training moves it; classes beyond the given rows get weight 0
-        and a bias of -20 (the regression saw none of them)."""
+    def set_linear_heads(self, linear: dict[str, dict[str, list]]) -> None:
+        """Make every head named in ``linear`` that linear model of the numeric features: its weights on
+        them and its bias set to ``linear[task]`` ("weight": classes x numeric_dim on the standardized
+        features, "bias": classes), its weights on the trunk zero, so the trunk has no effect on it.
+        Classes beyond the given rows get weight 0 and a bias of -20."""
         for task, head in self.heads.items():
             if task not in linear:
                 continue
             weight = torch.as_tensor(linear[task]["weight"], dtype=head.weight.dtype)
             bias = torch.as_tensor(linear[task]["bias"], dtype=head.bias.dtype)
             if weight.shape[1] != self.numeric_dim or weight.shape[0] > head.out_features:
-                raise ValueError(f"warm start for {task}: weight {tuple(weight.shape)} does not fit a head of "
+                raise ValueError(f"linear head for {task}: weight {tuple(weight.shape)} does not fit a head of "
                                  f"{head.out_features} outputs over {self.numeric_dim} numeric features")
             head.weight.zero_()
             head.weight[:weight.shape[0], head.in_features - self.numeric_dim:] = weight

@@ -245,8 +245,6 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
                                   rec["history_half_life_days"])
         model: torch.nn.Module = BehaviourModel(
             config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
-        if job.get("warm_start"):
-            model.warm_start(job["warm_start"])
         model = model.to(device)
         rec_weight = float(job.get("recommend", {}).get("weight", 1.0))
         optimizer = torch.optim.AdamW(model.parameters(), lr=job["learning_rate"], weight_decay=job["weight_decay"])
@@ -283,18 +281,10 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
         best = {"tasks": _Best(), "recommend": _Best()}
         parts = ("tasks", "recommend") if catalogue is not None else ("tasks",)
         samples, fit_seconds, history = 0, 0.0, []
-        warm: dict[str, Any] = {}
-        if job.get("warm_start"):
-            # the warm-started heads before any step (the baseline's linear models): a head ends as that
-            # linear model again when no trained epoch gives its task a lower validation loss
-            losses = _validation_loss(model, valid, tasks, device, distributed, catalogue, job["seed"])
-            state = _unwrap(model).state_dict()
-            warm = {task: (losses[f"task:{task}"], {k: v.detach().cpu().clone() for k, v in state.items()
-                                                    if k.startswith(f"heads.{task}.")})
-                    for task in job["warm_start"]}
-            if rank == 0:
-                log.info("warm start from the baseline: valid loss %s", ", ".join(
-                    f"{task} {loss:.4f}" for task, (loss, _) in warm.items()))
+        # the baseline's regression as the other candidate of each of its tasks: a head ends as that
+        # regression when no trained epoch gives its task a lower validation loss (its trunk weights are
+        # zero, so the candidate needs no trunk of its own, and no recommendation head)
+        fallback = _baseline_candidates(job, config, valid, tasks, device, distributed, rank)
         for epoch in range(job["epochs"]):
             epoch_start = time.perf_counter()
             model.train()
@@ -344,11 +334,11 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
                 break
         best_epoch, best_loss = best["tasks"].epoch, best["tasks"].loss
         best_state = {k: v for part in parts for k, v in best[part].state.items()}
-        warm_kept = []
-        for task, (loss, head) in warm.items():
-            if history[best_epoch][f"valid_loss_{task}"] >= loss:
+        chosen = {}
+        for task, (loss, head) in fallback.items():
+            chosen[task] = "baseline" if history[best_epoch][f"valid_loss_{task}"] >= loss else "trained"
+            if chosen[task] == "baseline":
                 best_state.update(head)
-                warm_kept.append(task)
 
         totals = torch.tensor([samples, fit_seconds], dtype=torch.float64)
         if distributed:
@@ -364,10 +354,9 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
             "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9),
             "world_size": world, "device": str(device), "history": history,
         }
-        if warm:
-            # per warm-started task: "baseline" (no trained epoch validated better, the head is the
-            # baseline's linear model) or "trained"
-            summary["warm_start"] = {task: "baseline" if task in warm_kept else "trained" for task in warm}
+        if chosen:
+            # per task: "baseline" (the head is the baseline's regression) or "trained"
+            summary["baseline_fallback"] = chosen
         if dp:
             summary["dp"] = {"epsilon": float(epsilon), "delta": dp["target_delta"],
                              "target_epsilon": dp["target_epsilon"], "max_grad_norm": dp["max_grad_norm"],
@@ -469,6 +458,30 @@ def save_predictions(uri: str, labels: dict[str, np.ndarray], probs: dict[str, n
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **{f"{t}.y": labels[t] for t in labels}, **{f"{t}.p": probs[t] for t in probs})
     write_bytes(uri, buffer.getvalue())
+
+
+def _baseline_candidates(job: dict[str, Any], config: Any, valid: ShardReader, tasks: list[str], device: Any,
+                         distributed: bool, rank: int) -> dict[str, tuple[float, dict[str, Any]]]:
+    """Per task of ``job["baseline_heads"]``: the validation loss of the baseline's regression as that
+    task's head, and the head's parameters (``heads.<task>.*``); empty without baseline heads."""
+    from dataclasses import replace
+
+    from userlens.models.predictor import BehaviourModel
+
+    linear = job.get("baseline_heads")
+    if not linear:
+        return {}
+    candidate = BehaviourModel(replace(config, rec=None))
+    candidate.set_linear_heads(linear)
+    candidate = candidate.to(device)
+    losses = _validation_loss(candidate, valid, tasks, device, distributed)
+    out = {task: (losses[f"task:{task}"], {k: v.detach().cpu().clone() for k, v in candidate.state_dict().items()
+                                           if k.startswith(f"heads.{task}.")})
+           for task in linear}
+    if rank == 0:
+        log.info("baseline's regression as the head: valid loss %s",
+                 ", ".join(f"{task} {loss:.4f}" for task, (loss, _) in out.items()))
+    return out
 
 
 def _unwrap(model: Any) -> Any:

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pyspark import StorageLevel
@@ -167,6 +167,8 @@ class TrainResult:
     baseline: dict[str, dict[str, float]]
     dp: dict[str, Any] | None
     seconds: dict[str, float]
+    # train.baseline_fallback: per task, "trained" or "baseline" (the head is the baseline's regression)
+    heads: dict[str, str] = field(default_factory=dict)
 
 
 def models_root(settings: Settings) -> str:
@@ -312,9 +314,9 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         "batch_size": train.batch_size, "epochs": train.epochs, "patience": train.patience,
         "learning_rate": train.learning_rate, "weight_decay": train.weight_decay, "seed": train.seed,
         "dp": dp, "baseline": baseline,
-        # not under DP-SGD: the baseline saw the training data without noise, so starting from it would
-        # spend privacy the accountant does not count
-        "warm_start": standardized_linear(linear, features) if train.warm_start and dp is None else None,
+        # not under DP-SGD: the baseline saw the training data without noise, so a head chosen from it
+        # would spend privacy the accountant does not count
+        "baseline_heads": standardized_linear(linear, features) if train.baseline_fallback and dp is None else None,
         "recommend": {"k": rec.k, "history": rec.history, "history_half_life_days": rec.history_half_life_days,
                       "weight": rec.weight} if rec is not None else {},
         "data": {"as_of_date": as_of.isoformat(), "cutoff": cut.isoformat(), "horizon_days": train.horizon_days,
@@ -333,13 +335,14 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         _log_mlflow(settings, job, summary, baseline, artifact)
 
     result = TrainResult(as_of, cut, version, artifact, {s: c["users"] for s, c in counts.items()},
-                         summary["test"], baseline, summary.get("dp"), timings)
+                         summary["test"], baseline, summary.get("dp"), timings, summary.get("baseline_fallback", {}))
     run.rows_in, run.rows_out = n_users, n_train
     run.details.update({
         "version": version, "cutoff": cut.isoformat(), "snapshot_id": snapshot_id, "artifact": artifact,
         "users": result.users, "model": summary["test"], "baseline": baseline, "dp": summary.get("dp"),
         "samples_per_second": summary["samples_per_second"], "epochs_run": summary["epochs_run"],
-        "best_epoch": summary["best_epoch"], "world_size": summary["world_size"], **timings,
+        "best_epoch": summary["best_epoch"], "world_size": summary["world_size"],
+        "baseline_fallback": summary.get("baseline_fallback", {}), **timings,
     })
     for task in train.tasks:
         key = "accuracy" if task in MULTICLASS_TASKS else "auc"
