@@ -338,6 +338,8 @@ def test_user_profiles_carry_the_dp_guarantee_of_their_model_and_the_report_show
     assert 0 < float(props[DP_EPSILON_PROPERTY]) <= 8.0 * 1.05  # train.dp.target_epsilon
     metrics = json.loads((demo.root / "models" / version / "metrics.json").read_text())
     assert dp["unit"] == "user" and dp["noise_multiplier"] > 0 and dp["accountant"] == "rdp"
+    # no head taken from the baseline, which is fitted without noise
+    assert "baseline_fallback" not in metrics["training"]
     assert dp["delta"] < 1.0 / metrics["data"]["splits"]["train"]["users"]  # user-level: delta below 1/n
     train_run = next(r for r in DeltaTable(str(demo.root / "warehouse" / "pipeline_runs")).to_pyarrow_table()
                      .to_pylist() if r["stage"] == "train")
