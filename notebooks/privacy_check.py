@@ -21,7 +21,7 @@ from userlens import notebook
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "privacy_check")
 settings = notebook.load_notebook_settings(params)
-skipped = notebook.skip_privacy_check(settings, params)  # before Spark: nothing to start when disabled
+skipped = notebook.skip_when_disabled(settings, params)  # before Spark: nothing to start when disabled
 
 # COMMAND ----------
 

@@ -9,6 +9,7 @@
 # MAGIC | widget | meaning |
 # MAGIC |---|---|
 # MAGIC | `out` | report file (empty: `<nightly.report_dir>/userlens-report-<date>.html`) |
+# MAGIC | `when_enabled` | `true`: write the report only when `nightly.report` is true, as `userlens nightly` does; the job passes `true` |
 # MAGIC | `conf` | config files layered over `base.yaml`, comma-separated; a bare name is a file shipped with userlens (default `databricks.yaml`; GPU tasks add `databricks-gpu.yaml`), anything else a path |
 # MAGIC | `set` | overrides `dotted.key=value`, separated by `;` (e.g. `storage.schema=userlens_dev; train.epochs=10`) |
 # MAGIC
@@ -21,6 +22,7 @@ from userlens import notebook
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "report")
 settings = notebook.load_notebook_settings(params)
+skipped = notebook.skip_when_disabled(settings, params)  # before Spark: nothing to start when disabled
 
 # COMMAND ----------
 
@@ -28,6 +30,10 @@ from userlens.report import build_report
 from userlens.runs import run_stage
 from userlens.spark import get_spark
 
-spark = get_spark(settings)
-result = run_stage("report", settings, spark, lambda run: build_report(spark, settings, params.out))
-print(f"report: {result.path}")
+if skipped:
+    result = None
+    print(f"report: nothing to do: {skipped}")
+else:
+    spark = get_spark(settings)
+    result = run_stage("report", settings, spark, lambda run: build_report(spark, settings, params.out))
+    print(f"report: {result.path}")

@@ -183,6 +183,7 @@ def test_widgets_parse_to_typed_values():
     assert gpu.conf == (CONF_DIR / "databricks.yaml", CONF_DIR / "databricks-gpu.yaml") and gpu.when_due
     assert parse_widgets("privacy_check", {"when_enabled": "TRUE"}).when_enabled
     assert not parse_widgets("privacy_check", {}).when_enabled
+    assert parse_widgets("report", {"when_enabled": "true"}).when_enabled
 
 
 def test_bad_widgets_fail_in_one_line_naming_each():
@@ -306,6 +307,7 @@ def job_run(spark, workspace):
                         .select(F.coalesce("source_date", F.to_date("quarantined_at"))).collect()]
     runs["quarantine_retention"] = task("quarantine_retention", "privacy.quarantine_retention_days=3")
     runs["report"] = task("report")
+    runs["report skipped"] = task("report", "nightly.report=false")
     runs["privacy_check skipped"] = task("privacy_check")
     runs["privacy_check"] = task("privacy_check", "nightly.privacy_check=true")
     return runs, files, quarantine_dates
@@ -359,6 +361,9 @@ def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, works
     assert left.count() == retention.kept and left.where(F.col("d") < cutoff).count() == 0
     report = Path(runs["report"]["result"].path)
     assert report.parent == Path(settings.nightly.report_dir).resolve() and report.stat().st_size > 1000
+    # with nightly.report=false the job's report task writes nothing, as nightly would not
+    assert runs["report skipped"]["result"] is None
+    assert "nightly.report is false" in runs["report skipped"]["skipped"]
     # the job's privacy_check task: skipped as nightly skips it, and with nightly.privacy_check=true a pass
     assert runs["privacy_check skipped"]["result"] is None
     assert "nightly.privacy_check is false" in runs["privacy_check skipped"]["skipped"]
@@ -475,6 +480,7 @@ def test_bundle_job_is_the_stage_chain_on_the_right_clusters():
             assert conf == "databricks.yaml"
     assert tasks["train"]["notebook_task"]["base_parameters"]["when_due"] == "true"
     assert tasks["privacy_check"]["notebook_task"]["base_parameters"]["when_enabled"] == "true"
+    assert tasks["report"]["notebook_task"]["base_parameters"]["when_enabled"] == "true"
     assert tasks["ingest"]["notebook_task"]["base_parameters"]["secret_scope"] == "${var.secret_scope}"
     # job parameters become widgets of the same name in every task that has one
     assert {p["name"] for p in job["parameters"]} <= {w.name for ws in WIDGETS.values() for w in ws}

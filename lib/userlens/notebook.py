@@ -57,7 +57,9 @@ WIDGETS: dict[str, tuple[Widget, ...]] = {
     "score": (DATE, CONF, SET),
     "profile": (DATE, CONF, SET),
     "quarantine_retention": (Widget("date", "", "As-of date, YYYY-MM-DD (empty: the newest ingest run's)"), CONF, SET),
-    "report": (Widget("out", "", "Report file (empty: nightly.report_dir)"), CONF, SET),
+    "report": (Widget("out", "", "Report file (empty: nightly.report_dir)"),
+               Widget("when_enabled", "false", "Write only when nightly.report is true (as nightly)",
+                      ("false", "true")), CONF, SET),
     "privacy_check": (Widget("when_enabled", "false", "Check only when nightly.privacy_check is true (as nightly)",
                              ("false", "true")), CONF, SET),
     "forget": (Widget("user_id", "", "Raw user id to erase everywhere (required)"), CONF, SET,
@@ -204,13 +206,19 @@ def retention_as_of(spark: "SparkSession", settings: Settings, params: NotebookP
     return as_of
 
 
-def skip_privacy_check(settings: Settings, params: NotebookParams) -> str | None:
-    """Why the privacy_check notebook checks nothing this run, or None to check. Only with
-    ``when_enabled=true``: then, as ``userlens nightly`` does, it checks when ``nightly.privacy_check`` is true."""
-    if not params.when_enabled or settings.nightly.privacy_check:
+# the stages that `userlens nightly` runs only when a setting says so: stage -> (setting, what it does)
+NIGHTLY_SWITCHES = {"report": ("report", "write the report"), "privacy_check": ("privacy_check", "check")}
+
+
+def skip_when_disabled(settings: Settings, params: NotebookParams) -> str | None:
+    """Why the report or privacy_check notebook does nothing this run, or None to go on. Only with
+    ``when_enabled=true``: then, as ``userlens nightly`` does, it runs when ``nightly.report`` /
+    ``nightly.privacy_check`` is true."""
+    key, verb = NIGHTLY_SWITCHES[params.stage]
+    if not params.when_enabled or getattr(settings.nightly, key):
         return None
-    return ("nightly.privacy_check is false; set it to true (conf or the widget set) to check every night, "
-            "or the widget when_enabled=false to check anyway")
+    return (f"nightly.{key} is false; set it to true (conf or the widget set) to {verb} every night, "
+            f"or the widget when_enabled=false to {verb} anyway")
 
 
 def log_progress(level: int = logging.INFO) -> None:
