@@ -193,7 +193,7 @@ def test_gpu_profile_asks_for_one_gpu_per_task(spark):
 def test_cuda_on_a_cluster_without_gpu_keys_fails_before_any_job(spark, tmp_path, monkeypatch):
     from userlens.stages import embed as stage
 
-    monkeypatch.setattr(stage, "_spark_conf", lambda session: ("spark://host:7077", {}))
+    monkeypatch.setattr(stage, "spark_conf", lambda session: ("spark://host:7077", {}))
     settings = make_settings(tmp_path, "embed.device=cuda")
     with pytest.raises(ConfigError, match="spark.executor.resource.gpu.amount"):
         embed(spark, settings)

@@ -233,7 +233,7 @@ def gpu_profile(gpus_per_task: float, cpus_per_task: int) -> "ResourceProfile":
     return ResourceProfileBuilder().require(requests).build
 
 
-def _spark_conf(spark: "SparkSession") -> tuple[str, dict[str, str]]:
+def spark_conf(spark: "SparkSession") -> tuple[str, dict[str, str]]:
     """(master, launch-time Spark conf): where the GPU keys live."""
     return spark.sparkContext.master, dict(spark.sparkContext.getConf().getAll())
 
@@ -268,7 +268,7 @@ class Embedder:
         self.profile: ResourceProfile | None = None
         self.gpu = settings.embed.device == "cuda"
         if self.gpu:
-            master, conf = _spark_conf(spark)
+            master, conf = spark_conf(spark)
             gpus = check_gpu_conf(conf, master)
             if gpus is not None:
                 self.profile = gpu_profile(gpus, settings.embed.gpu_task_cpus)

@@ -215,10 +215,10 @@ def check_train_settings(settings: Settings) -> None:
 def check_train_cluster(spark: "SparkSession", train: TrainSettings) -> None:
     """With ``use_gpu`` and ``local_mode=false`` the ranks run as a barrier stage that asks each task for
     a GPU: the executors and tasks must have GPU resources (one line naming the Spark key otherwise)."""
-    from userlens.stages.embed import _spark_conf, check_gpu_conf
+    from userlens.stages.embed import check_gpu_conf, spark_conf
 
     if train.use_gpu and not train.local_mode:
-        master, conf = _spark_conf(spark)
+        master, conf = spark_conf(spark)
         check_gpu_conf(conf, master, why="train.use_gpu is true with train.local_mode false")
 
 
