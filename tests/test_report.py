@@ -54,7 +54,8 @@ def _write_artifact(models: Path) -> None:
         "data": {"as_of_date": AS_OF.isoformat(), "cutoff": "2026-10-23", "horizon_days": 7,
                  "splits": {s: {"users": n, "purchase": 5, "churn": 3, "next_category": 4}
                             for s, n in (("train", 700), ("valid", 150), ("test", 200))}},
-        "training": {"dp": {"epsilon": 3.21, "delta": 1e-3, "unit": "user"}, "best_epoch": 3},
+        "training": {"dp": {"epsilon": 3.21, "delta": 1e-3, "unit": "user"}, "best_epoch": 3,
+                     "baseline_fallback": {"purchase": "trained", "churn": "baseline"}},
         "recommendations": {"<b>popularity</b>": {"hr@10": 0.1, "ndcg@10": 0.05},
                             "two-tower": {"hr@10": 0.2, "ndcg@10": 0.11}},
     })
@@ -111,6 +112,7 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     assert "1 suppressed" in page
     assert "userkey-" not in page                          # no user keys
     assert "&epsilon; = 3.2100" in page and "2026-10-23" in page
+    assert "the model's churn head is the baseline's logistic regression" in page  # and not purchase's
     assert "not available yet" not in page
     # each user's newest score: 40 users, not the 20 rescored on the latest date
     assert "purchase_propensity: 40 users" in page

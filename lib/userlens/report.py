@@ -189,6 +189,12 @@ class _Context:
                f"{_e(data.get('horizon_days', '?'))} days)</p>"]
         out.append(_splits_table(data.get("splits") or {}))
         out.append(_metrics_table(metrics.get("model") or {}, metrics.get("baseline") or {}))
+        heads = (metrics.get("training") or {}).get("baseline_fallback") or {}
+        fallen_back = sorted(t for t, head in heads.items() if head == "baseline") if isinstance(heads, dict) else []
+        if fallen_back:
+            out.append(f"<p>the model's {_e(' and '.join(fallen_back))} head{'s are' if len(fallen_back) > 1 else ' is'}"
+                       " the baseline's logistic regression: no trained epoch had a lower validation loss "
+                       "(train.baseline_fallback), so model and baseline agree there</p>")
         dp = (metrics.get("training") or {}).get("dp")
         if isinstance(dp, dict) and dp:
             out.append(f"<p>trained with DP-SGD: &epsilon; = {_fmt(dp.get('epsilon'))}, "
