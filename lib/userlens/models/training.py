@@ -466,12 +466,15 @@ def _baseline_candidates(job: dict[str, Any], config: Any, valid: ShardReader, t
     task's head, and the head's parameters (``heads.<task>.*``); empty without baseline heads."""
     from dataclasses import replace
 
+    import torch
+
     from userlens.models.predictor import BehaviourModel
 
     linear = job.get("baseline_heads")
     if not linear:
         return {}
-    candidate = BehaviourModel(replace(config, rec=None))
+    with torch.random.fork_rng(devices=[]):  # the trained model's random stream (dropout) stays as without it
+        candidate = BehaviourModel(replace(config, rec=None))
     candidate.set_linear_heads(linear)
     candidate = candidate.to(device)
     losses = _validation_loss(candidate, valid, tasks, device, distributed)
