@@ -264,6 +264,27 @@ def test_privacy_check_fails_naming_table_and_column_after_an_email_is_planted(s
     assert texts.scanned.startswith("new since v") and texts.scanned.endswith("skipped") and texts.rows > 0
 
 
+def test_the_privacy_check_notebook_prints_the_table_then_fails_in_one_line(spark, demo, tmp_path, capsys):
+    """notebooks/privacy_check.py on a warehouse with a planted email, with only dbutils faked: the pass/fail
+    table is printed, then the task fails with the one-line error naming table and column."""
+    import logging
+
+    from test_databricks import run_notebook
+
+    plant(spark, demo, tmp_path, "user_texts", "text", "3 events. reach me: jane.roe@example.org")
+    overrides = [*SPARK_OVERRIDES, *demo_paths(tmp_path), f"source.path={demo.root / 'raw'}", *DEMO]
+    logger = logging.getLogger("userlens")
+    handlers, level = list(logger.handlers), logger.level  # the notebook's first cell adds a handler
+    try:
+        with pytest.raises(PrivacyCheckFailed, match=r"^privacy-check failed: user_texts\.text: 1 email$"):
+            run_notebook("privacy_check", {"conf": "local.yaml", "set": "; ".join(overrides)})
+    finally:
+        logger.handlers[:], logger.level = handlers, level
+    printed = capsys.readouterr().out
+    assert re.search(r"^user_texts\s+[\d,]+\s+0\s+1\s+0\s+0\s+0\s+0\s+FAIL$", printed, re.M), printed
+    assert "FAIL user_texts.text: 1 email" in printed and "jane.roe@example.org" not in printed
+
+
 def test_a_second_check_scans_only_the_rows_added_since_the_passing_one(spark, demo, tmp_path):
     shutil.copytree(demo.root / "warehouse", tmp_path / "warehouse")
     settings = demo_settings(tmp_path, demo.root / "raw")
