@@ -221,7 +221,7 @@ def _print_train(result: object) -> None:
                   f"log loss {values['log_loss']:.3f}  ECE {values['ece']:.3f}   "
                   f"baseline AUC {base.get('auc', float('nan')):.3f}" +
                   ("   (head: the baseline's regression, which validated better)"
-                   if getattr(result, "heads", {}).get(task) == "baseline" else ""))
+                   if result.heads.get(task) == "baseline" else ""))
         else:
             print(f"  {task:<14} test accuracy {values['accuracy']:.3f}  top-3 {values['top3_accuracy']:.3f}   "
                   f"baseline {base.get('accuracy', float('nan')):.3f} / {base.get('top3_accuracy', float('nan')):.3f}")

@@ -206,15 +206,15 @@ def retention_as_of(spark: "SparkSession", settings: Settings, params: NotebookP
     return as_of
 
 
-# the stages that `userlens nightly` runs only when a setting says so: stage -> (setting, what it does)
-NIGHTLY_SWITCHES = {"report": ("report", "write the report"), "privacy_check": ("privacy_check", "check")}
+# the stages that `userlens nightly` runs only when nightly.<stage> is true, and what each does
+NIGHTLY_SWITCHES = {"report": "write the report", "privacy_check": "check"}
 
 
 def skip_when_disabled(settings: Settings, params: NotebookParams) -> str | None:
     """Why the report or privacy_check notebook does nothing this run, or None to go on. Only with
     ``when_enabled=true``: then, as ``userlens nightly`` does, it runs when ``nightly.report`` /
     ``nightly.privacy_check`` is true."""
-    key, verb = NIGHTLY_SWITCHES[params.stage]
+    key, verb = params.stage, NIGHTLY_SWITCHES[params.stage]
     if not params.when_enabled or getattr(settings.nightly, key):
         return None
     return (f"nightly.{key} is false; set it to true (conf or the widget set) to {verb} every night, "

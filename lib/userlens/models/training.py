@@ -244,8 +244,7 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
             catalogue = Catalogue(*read_catalogue(f"{job['snapshot']}/items"), rec["history"],
                                   rec["history_half_life_days"])
         model: torch.nn.Module = BehaviourModel(
-            config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
-        model = model.to(device)
+            config, (catalogue.embeddings, catalogue.log_q) if catalogue else None).to(device)
         rec_weight = float(job.get("recommend", {}).get("weight", 1.0))
         optimizer = torch.optim.AdamW(model.parameters(), lr=job["learning_rate"], weight_decay=job["weight_decay"])
         train_files = list_files(f"{job['snapshot']}/split=train")
@@ -478,7 +477,8 @@ def _baseline_candidates(job: dict[str, Any], config: Any, valid: ShardReader, t
     candidate.set_linear_heads(linear)
     candidate = candidate.to(device)
     losses = _validation_loss(candidate, valid, tasks, device, distributed)
-    out = {task: (losses[f"task:{task}"], {k: v.detach().cpu().clone() for k, v in candidate.state_dict().items()
+    state = candidate.state_dict()
+    out = {task: (losses[f"task:{task}"], {k: v.detach().cpu().clone() for k, v in state.items()
                                            if k.startswith(f"heads.{task}.")})
            for task in linear}
     if rank == 0:
@@ -504,7 +504,7 @@ class _Best:
         self.loss, self.epoch, self.bad, self.state = math.inf, -1, 0, {}
 
     def update(self, epoch: int, loss: float, state: dict[str, Any]) -> None:
-        if loss < self.loss - 1e-6 or not self.state:  # the first candidate counts even without a finite loss
+        if loss < self.loss - 1e-6 or self.epoch < 0:  # the first epoch counts even without a finite loss
             self.loss, self.epoch, self.bad = loss, epoch, 0
             self.state = {k: v.detach().cpu().clone() for k, v in state.items()}
         else:
@@ -524,7 +524,7 @@ def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: A
 
     inner = _unwrap(model)
     inner.eval()
-    sums = torch.zeros(4 + len(tasks), dtype=torch.float64)
+    sums = torch.zeros(3 + len(tasks), dtype=torch.float64)  # rows, rec loss, positives, then each task's loss
     rng = np.random.default_rng(seed)
     with torch.inference_mode():
         for batch in valid.batches(VALID_BATCH_ROWS, None):
@@ -533,18 +533,18 @@ def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: A
             rec = out.pop("recommend", None)
             per_task = task_losses(out, y)
             for i, task in enumerate(tasks):
-                sums[4 + i] += float(per_task[task]) * len(x)
-            sums[1] += len(x)
+                sums[3 + i] += float(per_task[task]) * len(x)
+            sums[0] += len(x)
             if rec is not None and len(rec[1]) >= 2:
-                sums[2] += float(rec_loss(*rec)) * len(rec[1])
-                sums[3] += len(rec[1])
+                sums[1] += float(rec_loss(*rec)) * len(rec[1])
+                sums[2] += len(rec[1])
     if distributed:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    if sums[1] == 0:
+    if sums[0] == 0:
         raise ValueError("the validation split is empty")
-    means = {f"task:{task}": float(sums[4 + i] / sums[1]) for i, task in enumerate(tasks)}
+    means = {f"task:{task}": float(sums[3 + i] / sums[0]) for i, task in enumerate(tasks)}
     return {"tasks": sum(means.values()), **means,
-            "recommend": float(sums[2] / sums[3]) if sums[3] > 0 else math.inf}
+            "recommend": float(sums[1] / sums[2]) if sums[2] > 0 else math.inf}
 
 
 def _make_private(model: Any, optimizer: Any, train_files: list[str], features: Any, tasks: list[str],
