@@ -15,6 +15,13 @@ Also: the model step alone (no Delta) as mapInArrow and as an iterator pandas UD
 peak measured here (goal >= 0.65); and an incremental run where 1% of users have a
 new text (a new as-of date of user_texts with 1% of texts changed) over the full
 run (goal <= 0.05 plus the fixed cost of a run that embeds nothing, shown apart).
+
+    .venv/bin/python bench/embed.py --int8 [--users 600]
+
+measures only the optional int8 CPU mode (embed.cpu_int8) against float32 on the
+same texts: the encoder alone, interleaved runs, best of --repeat; speed-up and
+mean / max 1 - cos (goal: >= 1.3x with mean 1 - cos <= 0.01), for the shipped
+layer choice and for every Linear layer quantized.
 """
 from __future__ import annotations
 
@@ -71,10 +78,44 @@ def model_flops(token_lengths: list[int], layers: int, hidden: int, ffn: int) ->
     return total
 
 
+def int8_comparison(texts: list[str], repeat: int) -> None:
+    """The int8 CPU mode against float32: the encoder alone on the same token ids, interleaved runs."""
+    import numpy as np
+
+    from userlens.models.encoder import quantize_int8
+
+    fp32 = load_encoder("builtin:minilm", device="cpu")
+    shipped = load_encoder("builtin:minilm", device="cpu", int8=True)
+    every = load_encoder("builtin:minilm", device="cpu")
+    quantize_int8(every, keep_float=lambda name: False, max_drift=1.0)
+    seven_bits = load_encoder("builtin:minilm", device="cpu")
+    quantize_int8(seven_bits, keep_float=lambda name: False, max_drift=1.0, full_range=False)
+    ids = fp32.tokenize(texts)
+    tokens = sum(len(row) for row in ids)
+    encoders = {"fp32": fp32, "shipped": shipped, "every": every, "seven_bits": seven_bits}
+    times: dict[str, list[float]] = {name: [] for name in encoders}
+    vectors: dict[str, object] = {}
+    for _ in range(repeat):
+        for name, encoder in encoders.items():
+            t, vectors[name] = timed(lambda: encoder.encode_ids(ids))
+            times[name].append(t)
+    best = {name: min(ts) for name, ts in times.items()}
+    print(f"\n{len(texts):,d} texts, {tokens:,d} tokens; best of {repeat} interleaved runs")
+    print("| encoder | texts/s | speed-up vs float32 | mean 1 - cos | max 1 - cos |")
+    print("|---|---:|---:|---:|---:|")
+    for name, label in (("fp32", "float32"), ("shipped", "int8, shipped (FFN output projection float32)"),
+                        ("every", "int8, every Linear layer"),
+                        ("seven_bits", "int8, every Linear layer, torch's default 7-bit activations")):
+        cos = (vectors["fp32"] * vectors[name]).sum(axis=1)  # both L2-normalized
+        print(f"| {label} | {len(texts) / best[name]:.1f} | {best['fp32'] / best[name]:.2f} | "
+              f"{np.mean(1 - cos):.4f} | {np.max(1 - cos):.4f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--int8", action="store_true", help="only the int8 CPU mode against float32")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every session and stage, e.g. "
                              "spark.conf.spark.executorEnv.OMP_NUM_THREADS=1")
@@ -113,6 +154,9 @@ def main() -> None:
               f"{np.mean(all_lengths):.0f}, min {min(all_lengths)}, max {max(all_lengths)}; {cores} cores; "
               f"torch threads {torch.get_num_threads()}", flush=True)
         del encoder
+        if args.int8:
+            int8_comparison(distinct, args.repeat)
+            return
 
         # -- (a) the bare encoder --------------------------------------------------
         from sentence_transformers import SentenceTransformer
@@ -230,9 +274,7 @@ def _pandas_udf(spec: EncoderSpec):
 
     @pandas_udf("array<float>")
     def embed(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        from userlens.models.encoder import cached_encoder
-
-        encoder = cached_encoder(spec.model, spec.device, spec.dtype, spec.max_batch_tokens, spec.normalize)
+        encoder = spec.load()
         for texts in batches:
             yield pd.Series(list(encoder.encode(texts.tolist())))
 

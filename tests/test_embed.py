@@ -131,6 +131,15 @@ def test_full_incremental_and_model_change(spark, tmp_path):
     assert {r[0] for r in tables.read("user_embeddings").select("model_id").distinct().collect()} == {other.model_id}
     assert run4.details["model_id"] == other.model_id
 
+    # the int8 CPU mode is a model of its own too: everyone again, close to float32
+    int8, _ = embed(spark, make_settings(tmp_path, "embed.cpu_int8=true", "embed.device=cpu"))
+    assert int8.model_id == describe_model("builtin:minilm", int8=True).model_id != result.model_id
+    assert (int8.users.embedded, int8.users.texts_embedded, int8.items.embedded) == (5, 3, 2)
+    quantized = vectors(tables, "user_embeddings", "user_key")
+    # u1's text changed since `expected`; u2 and u6 kept theirs
+    assert all(float(quantized[u] @ vector) >= 0.98 for u, vector in zip(users_in_order[1:], expected[1:]))
+    assert not np.array_equal(quantized["u2"], got["u2"])
+
 
 def test_bad_model_fails_with_one_line_before_any_write(spark, tmp_path):
     bad = make_settings(tmp_path, f"embed.model={tmp_path / 'nowhere'}")

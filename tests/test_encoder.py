@@ -2,6 +2,7 @@
 device choice (task GPU -> CUDA_VISIBLE_DEVICES -> CPU) with fake task resources. No Spark jobs."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -115,6 +116,42 @@ def test_bad_model_dir_is_one_line_config_error(minilm, tmp_path, setup, expecte
         load_encoder(str(path), device="cpu")
     message = str(info.value)
     assert message.startswith("embed.model: ") and expected in message and "\n" not in message
+
+
+# -- the int8 CPU mode (embed.cpu_int8) -------------------------------------
+
+
+def test_int8_mode_stays_within_its_drift_and_has_its_own_model_id(minilm):
+    int8 = load_encoder("builtin:minilm", device="cpu", int8=True)
+    layers = [type(m).__name__ for m in int8.model.modules()]
+    assert "FullRangeLinear" in layers and "Linear" in layers  # quantized, the FFN's output kept float32
+    texts = [t for t in TEXTS if t.strip()]
+    expected, got = minilm.encode(texts), int8.encode(texts)
+    drift = 1.0 - (got * expected).sum(axis=1)  # both L2-normalized
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert drift.mean() <= enc.INT8_MAX_DRIFT and drift.max() < 0.03, drift
+    assert not np.allclose(got, expected, atol=1e-4)  # it is not the float32 model under another name
+    assert int8.model_id.startswith("minilm-l6-v2+int8@") and int8.model_id != minilm.model_id
+    assert describe_model("builtin:minilm", int8=True).model_id == int8.model_id
+
+
+def test_int8_mode_refuses_a_model_that_drifts_too_far(minilm):
+    own = enc.Encoder(minilm.info, minilm.tokenizer, copy.deepcopy(minilm.model), "cpu", minilm.dtype,
+                      minilm.max_batch_tokens)
+    with pytest.raises(ConfigError) as info:
+        enc.quantize_int8(own, max_drift=1e-6)
+    message = str(info.value)
+    assert message.startswith("embed.cpu_int8: minilm-l6-v2 drifts ") and "\n" not in message
+    with pytest.raises(ConfigError, match="embed.cpu_int8: the int8 mode runs on CPU only"):
+        load_encoder("builtin:minilm", device="cuda:0", int8=True)
+
+
+def test_int8_mode_needs_the_cpu_device_in_config():
+    from userlens.config import load_settings
+
+    with pytest.raises(ConfigError, match="cpu_int8 runs on CPU only: set device: cpu"):
+        load_settings(None, ["embed.cpu_int8=true"])
+    assert load_settings(None, ["embed.cpu_int8=true", "embed.device=cpu"]).embed.cpu_int8
 
 
 def test_unknown_builtin():

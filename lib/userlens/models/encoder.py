@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +38,9 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "sentencepiece.bpe.model", "spiece.model", "merges.txt")
 GPU_KEY = "spark.task.resource.gpu.amount"
+# int8 CPU mode: which Linear layers stay float32, and the drift it may show (mean 1 - cos)
+INT8_SCHEME = "dynamic-per-channel-v1"
+INT8_MAX_DRIFT = 0.01
 
 
 # --------------------------------------------------------------------------
@@ -54,6 +57,7 @@ class ModelInfo:
     max_seq_length: int
     do_lower_case: bool
     normalize: bool
+    int8: bool = False
 
     @functools.cached_property
     def model_id(self) -> str:
@@ -62,7 +66,8 @@ class ModelInfo:
         Content-addressed: the same files give the same id wherever they live;
         changed weights, tokenizer, pooling, length or normalization give a new one
         (and so re-embed everything). The dtype is left out: bf16 on GPU and fp32
-        on CPU are the same model.
+        on CPU are the same model. The int8 CPU mode is not (its vectors drift up to
+        ~0.01 in cosine), so it has its own id, ``<label>+int8@<hex>``.
         """
         digest = hashlib.sha256()
         for file in _weight_files(self.path) + [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]:
@@ -72,8 +77,10 @@ class ModelInfo:
                     digest.update(block)
         settings = {"pooling": self.pooling, "max_seq_length": self.max_seq_length,
                     "do_lower_case": self.do_lower_case, "normalize": self.normalize}
+        if self.int8:
+            settings["int8"] = INT8_SCHEME
         digest.update(json.dumps(settings, sort_keys=True).encode())
-        return f"{self.label}@{digest.hexdigest()[:12]}"
+        return f"{self.label}{'+int8' if self.int8 else ''}@{digest.hexdigest()[:12]}"
 
 
 def resolve_model_dir(name: str) -> tuple[Path, str | None]:
@@ -95,7 +102,7 @@ def resolve_model_dir(name: str) -> tuple[Path, str | None]:
     return path, None
 
 
-def describe_model(name: str, normalize: bool = True) -> ModelInfo:
+def describe_model(name: str, normalize: bool = True, int8: bool = False) -> ModelInfo:
     """Read a model directory's declarations; ConfigError naming ``embed.model`` if it is not usable."""
     path, label = resolve_model_dir(name)
     if not path.is_dir():
@@ -116,7 +123,7 @@ def describe_model(name: str, normalize: bool = True) -> ModelInfo:
     if label is None:
         label = f"{config.get('model_type', 'model')}-l{config.get('num_hidden_layers', '?')}-h{config.get('hidden_size', '?')}"
     return ModelInfo(name=name, path=path, label=label, pooling=pooling, max_seq_length=int(max_seq_length),
-                     do_lower_case=bool(st_config.get("do_lower_case", False)), normalize=normalize)
+                     do_lower_case=bool(st_config.get("do_lower_case", False)), normalize=normalize, int8=int8)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -323,13 +330,20 @@ def _token_batches(sorted_lengths: np.ndarray, max_batch_tokens: int) -> list[sl
 
 
 def load_encoder(name: str, device: str | None = None, dtype: str = "auto", max_batch_tokens: int = 16384,
-                 normalize: bool = True) -> Encoder:
-    """Load ``builtin:minilm`` or a local model directory onto ``device`` (None: :func:`select_device`)."""
+                 normalize: bool = True, int8: bool = False) -> Encoder:
+    """Load ``builtin:minilm`` or a local model directory onto ``device`` (None: :func:`select_device`).
+
+    ``int8`` (``embed.cpu_int8``, CPU only): the float32 model, then its Linear layers
+    quantized to int8 (see :func:`quantize_int8`), checked against float32 on load.
+    """
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    info = describe_model(name, normalize=normalize)
+    info = describe_model(name, normalize=normalize, int8=int8)
     device = device or select_device("auto")
+    if int8 and device != "cpu":
+        raise ConfigError(f"embed.cpu_int8: the int8 mode runs on CPU only, not on {device}; "
+                          "set embed.device=cpu or turn embed.cpu_int8 off")
     torch_dtype = resolve_dtype(dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(info.path))
@@ -339,9 +353,100 @@ def load_encoder(name: str, device: str | None = None, dtype: str = "auto", max_
     model.eval().to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    encoder = Encoder(info, tokenizer, model, device, torch_dtype, max_batch_tokens)
+    if int8:
+        drift = quantize_int8(encoder)
+        log.info("encoder %s: int8 mode, mean 1 - cos %.4f against float32 on the check texts", info.label, drift)
     log.info("encoder %s loaded on %s (%s, pooling=%s, max_seq_length=%d)", info.label, device,
-             str(torch_dtype).removeprefix("torch."), info.pooling, info.max_seq_length)
-    return Encoder(info, tokenizer, model, device, torch_dtype, max_batch_tokens)
+             "int8" if int8 else str(torch_dtype).removeprefix("torch."), info.pooling, info.max_seq_length)
+    return encoder
+
+
+# Texts shaped like user texts (a header, then dated event lines), to check the int8
+# model against float32 on load. Short and long, so both padding regimes are seen.
+_CHECK_TEXTS = (
+    "12 events on 3 active days, 2026-10-01 to 2026-10-03. views 8, clicks 2, cart adds 1, purchases 1. "
+    "Top categories: outdoor, books. Spend: 89.50.\n2026-10-03: bought 1 'Ridgeline Tent M4' (outdoor, 89.50); "
+    "viewed 'Ridgeline Tent M4' (outdoor, 89.50) ×3\n2026-10-01: searched \"trail shoes\"",
+    "1 events on 1 active days, 2026-10-02 to 2026-10-02. views 1. Top categories: grocery. Spend: 0.00.",
+    "40 events on 9 active days, 2026-10-01 to 2026-10-21. views 25, clicks 6, searches 4, cart adds 3, "
+    "purchases 2. Top categories: electronics, pets, toys. Spend: 70.53.\n2026-10-21: viewed 'Playwise Robot "
+    "Kit L5' (toys, 39.01) ×2; clicked 'Bricktown Mini Plush Bear'\n2026-10-20: added to cart 'Grain-Free Dog "
+    "Food X 41' (pets, 31.52); reviewed 'Noise-Cancelling Headphones': \"Disappointed, it broke after a "
+    "week.\"\n2026-10-18: searched \"best dog bed for large dogs\"; viewed 'Orthopedic Dog Bed' (pets, 54.10)",
+    "Absolutely love this guide, exceeded my expectations.",
+    "searched \"waterproof tent\"; searched \"dog food under 21\"; viewed 'Trail Runner X' (outdoor, 89.50)",
+)
+
+
+def quantize_int8(encoder: Encoder, keep_float: "Callable[[str], bool] | None" = None,
+                  max_drift: float = INT8_MAX_DRIFT, full_range: bool = True) -> float:
+    """Quantize the encoder's Linear layers to int8 in place; the drift from float32 (mean 1 - cos).
+
+    torch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``,
+    fbgemm / oneDNN kernels): int8 weights per output channel, activations
+    quantized per batch to the full 8 bits. torch's own module uses 7 bits
+    (``reduce_range``, for CPUs without VNNI), which doubles the drift, so each
+    quantized layer runs the same kernel with 8 bits. The FFN's output
+    projection stays float32: its input (the GELU output) carries BERT's
+    activation outliers. Measured on MiniLM (docs/benchmarks.md): this choice
+    drifts ~0.003 at ~1.5x the float32 speed; every layer in int8, ~0.008 at
+    ~2x; torch's default 7 bits, 0.026.
+
+    Raises ``ConfigError`` if the drift on the check texts exceeds
+    ``max_drift``: a model, or a CPU, that does not quantize well is refused,
+    not used. ``keep_float(layer name)`` overrides the choice of float32 layers
+    and ``full_range=False`` keeps torch's 7 bits (the benchmark's variants).
+    """
+    import warnings
+
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    reference = encoder.encode(_CHECK_TEXTS)
+    keep = keep_float or _keeps_float
+    quantized = {name: per_channel_dynamic_qconfig for name, module in encoder.model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and not keep(name)}
+    with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice, once per worker
+        warnings.simplefilter("ignore")
+        model = quantize_dynamic(encoder.model, quantized, dtype=torch.qint8)
+    for parent in list(model.modules()) if full_range else ():
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, DynamicLinear):
+                setattr(parent, child_name, _full_range_linear_class()(child))
+    encoder.model = model
+    vectors = encoder.encode(_CHECK_TEXTS)
+    cos = (reference * vectors).sum(axis=1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(vectors, axis=1)).clip(min=1e-12)
+    drift = float(np.mean(1.0 - cos))
+    if drift > max_drift:
+        raise ConfigError(f"embed.cpu_int8: {encoder.info.label} drifts {drift:.4f} from float32 in int8 "
+                          f"(mean 1 - cos on the check texts; the limit is {max_drift}): turn embed.cpu_int8 off")
+    return drift
+
+
+def _keeps_float(name: str) -> bool:
+    """The FFN's output projection (BERT naming: ``layer.N.output.dense``, not ``attention.output.dense``)."""
+    return name.endswith(".output.dense") and ".attention." not in name
+
+
+@functools.cache
+def _full_range_linear_class() -> type:
+    """Defined on first use: torch is imported lazily in this module."""
+    import torch
+
+    class FullRangeLinear(torch.nn.Module):
+        """A dynamically quantized Linear run with 8-bit activations (``reduce_range=False``)."""
+
+        def __init__(self, quantized: torch.nn.Module) -> None:
+            super().__init__()
+            self.packed = quantized._packed_params._packed_params
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.quantized.linear_dynamic(x, self.packed, False)
+
+    return FullRangeLinear
 
 
 def load_tokenizer(name: str) -> Encoder:
@@ -356,7 +461,7 @@ def load_tokenizer(name: str) -> Encoder:
     return Encoder(info, tokenizer, None, "cpu", None, 0)
 
 
-_CACHE: dict[tuple[str, str, str, int, bool], Encoder] = {}
+_CACHE: dict[tuple[str, str, str, int, bool, bool], Encoder] = {}
 _TOKENIZERS: dict[str, Encoder] = {}
 
 
@@ -368,14 +473,14 @@ def cached_tokenizer(name: str) -> Encoder:
 
 
 def cached_encoder(name: str, requested_device: str = "auto", dtype: str = "auto", max_batch_tokens: int = 16384,
-                   normalize: bool = True) -> Encoder:
+                   normalize: bool = True, int8: bool = False) -> Encoder:
     """One encoder per Python process (a Spark Python worker is reused across tasks)."""
     device = select_device(requested_device)
-    key = (name, device, dtype, max_batch_tokens, normalize)
+    key = (name, device, dtype, max_batch_tokens, normalize, int8)
     encoder = _CACHE.get(key)
     if encoder is None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a worker's stderr is the executor log: no progress bars there
-        encoder = _CACHE[key] = load_encoder(name, device, dtype, max_batch_tokens, normalize)
+        encoder = _CACHE[key] = load_encoder(name, device, dtype, max_batch_tokens, normalize, int8)
     return encoder

@@ -38,7 +38,7 @@ from pyspark.sql import types as T
 
 from userlens.config import EmbedSettings, Settings
 from userlens.errors import ConfigError, UserlensError, require_columns
-from userlens.models.encoder import GPU_KEY, describe_model
+from userlens.models.encoder import GPU_KEY, Encoder, cached_encoder, describe_model
 from userlens.runs import StageRun
 from userlens.tables import VECTOR, Tables
 
@@ -69,10 +69,15 @@ class EncoderSpec:
     dtype: str = "auto"
     max_batch_tokens: int = 16384
     normalize: bool = True
+    int8: bool = False
 
     @classmethod
     def from_settings(cls, embed: EmbedSettings) -> "EncoderSpec":
-        return cls(embed.model, embed.device, embed.dtype, embed.max_batch_tokens, embed.normalize)
+        return cls(embed.model, embed.device, embed.dtype, embed.max_batch_tokens, embed.normalize, embed.cpu_int8)
+
+    def load(self) -> Encoder:
+        """This worker's encoder (loaded once per Python process)."""
+        return cached_encoder(self.model, self.device, self.dtype, self.max_batch_tokens, self.normalize, self.int8)
 
 
 # --------------------------------------------------------------------------
@@ -91,14 +96,12 @@ def _vectors_batch(text_hash: "pa.Array", vectors: "object") -> "pa.RecordBatch"
 
 def _encode_texts_fn(spec: EncoderSpec) -> Callable[[Iterator["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]:
     def encode_partition(batches: Iterator["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
-        from userlens.models.encoder import cached_encoder
-
         encoder = None
         for batch in batches:
             if batch.num_rows == 0:
                 continue
             if encoder is None:  # loaded lazily: an empty partition loads nothing
-                encoder = cached_encoder(spec.model, spec.device, spec.dtype, spec.max_batch_tokens, spec.normalize)
+                encoder = spec.load()
             texts = batch.column("text").to_pylist()
             yield _vectors_batch(batch.column("text_hash"), encoder.encode(texts))
 
@@ -127,14 +130,12 @@ def _tokenize_fn(model: str) -> Callable[[Iterator["pa.RecordBatch"]], Iterator[
 
 def _encode_ids_fn(spec: EncoderSpec) -> Callable[[Iterator["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]:
     def encode_partition(batches: Iterator["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
-        from userlens.models.encoder import cached_encoder
-
         encoder = None
         for batch in batches:
             if batch.num_rows == 0:
                 continue
             if encoder is None:
-                encoder = cached_encoder(spec.model, spec.device, spec.dtype, spec.max_batch_tokens, spec.normalize)
+                encoder = spec.load()
             column = batch.column("token_ids")
             offsets = column.offsets.to_numpy()
             values = column.values.to_numpy()
@@ -325,7 +326,7 @@ def latest_text_date(tables: Tables) -> dt.date:
 
 def run_embed(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> EmbedResult:
     """Embed changed user texts of ``as_of`` (default: the latest) and changed item texts."""
-    model_id = describe_model(settings.embed.model, settings.embed.normalize).model_id  # before any job
+    model_id = describe_model(settings.embed.model, settings.embed.normalize, settings.embed.cpu_int8).model_id  # before any job
     embedder = Embedder(spark, settings)  # GPU settings checked before any job too
     tables = Tables(spark, settings.storage)
     as_of = as_of or latest_text_date(tables)

@@ -230,7 +230,7 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     check_train_settings(settings)
     check_train_cluster(spark, settings.train)
     train = settings.train
-    model_id = describe_model(settings.embed.model, settings.embed.normalize).model_id
+    model_id = describe_model(settings.embed.model, settings.embed.normalize, settings.embed.cpu_int8).model_id
     embedder = Embedder(spark, settings)
     tables = Tables(spark, settings.storage)
     if not tables.exists("events"):
