@@ -236,7 +236,7 @@ class EmbedSettings(_Strict):
     items: bool = True
     item_text_fields: list[Literal["title", "category", "brand", "description"]] = [
         "title", "category", "brand", "description"]
-    # CPU only: int8 Linear layers (torch dynamic quantization), ~1.5x faster, mean 1 - cos ~0.003 from
+    # CPU only: int8 Linear layers (torch dynamic quantization), ~1.45x faster, mean 1 - cos ~0.003 from
     # float32 (refused on load above 0.01); a model id of its own, so switching it re-embeds everyone
     cpu_int8: bool = False
 

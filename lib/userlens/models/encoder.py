@@ -386,12 +386,12 @@ def quantize_int8(encoder: Encoder, keep_float: "Callable[[str], bool] | None" =
     torch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``,
     fbgemm / oneDNN kernels): int8 weights per output channel, activations
     quantized per batch to the full 8 bits. torch's own module uses 7 bits
-    (``reduce_range``, for CPUs without VNNI), which doubles the drift, so each
+    (``reduce_range``, for CPUs without VNNI), which drifts four times as far, so each
     quantized layer runs the same kernel with 8 bits. The FFN's output
     projection stays float32: its input (the GELU output) carries BERT's
     activation outliers. Measured on MiniLM (docs/benchmarks.md): this choice
-    drifts ~0.003 at ~1.5x the float32 speed; every layer in int8, ~0.008 at
-    ~2x; torch's default 7 bits, 0.026.
+    drifts ~0.003 at 1.44-1.53x the float32 speed; every layer in int8, ~0.007 at
+    ~1.9x; torch's default 7 bits, 0.027.
 
     Raises ``ConfigError`` if the drift on the check texts exceeds
     ``max_drift``: a model, or a CPU, that does not quantize well is refused,
