@@ -1,11 +1,14 @@
 """The GPU cluster configuration, checked without a GPU: conf/cluster-gpu.yaml layers over cluster.yaml,
 train refuses a barrier-mode GPU run whose executors have no GPU resources (one line naming the Spark key),
-and the discovery script prints what Spark expects. The only stand-in is nvidia-smi (there is no GPU here)."""
+the discovery script prints what Spark expects, and on a local-cluster whose workers discover fake GPUs
+each Spark task's encoder picks the GPU Spark gave it. The stand-ins: nvidia-smi, a discovery script and
+torch's CUDA check (there is no GPU here)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,19 @@ def test_discovery_script_without_a_driver_fails_in_one_line(tmp_path):
                             text=True)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "nvidia-smi not found" in result.stderr
+
+
+def test_each_spark_task_picks_the_gpu_spark_assigned_it(tmp_path):
+    """Spark's own resource scheduling, as its TorchDistributor tests do: a local-cluster of two workers,
+    each discovering one fake GPU (addresses 0 and 1); a barrier stage puts one task on each executor."""
+    script = tmp_path / "discover.sh"
+    script.write_text('#!/bin/sh\nif mkdir "$(dirname "$0")/gpu0.taken" 2>/dev/null; then a=0; else a=1; fi\n'
+                      'echo "{\\"name\\": \\"gpu\\", \\"addresses\\": [\\"$a\\"]}"\n')
+    script.chmod(0o755)
+    out = tmp_path / "choices.json"
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    result = subprocess.run([sys.executable, str(REPO / "tests/gpu_task_choice.py"), str(script), str(out)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    choices = sorted(json.loads(out.read_text()), key=lambda row: row["address"])
+    assert choices == [{"address": "0", "device": "cuda:0"}, {"address": "1", "device": "cuda:1"}]
