@@ -38,7 +38,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "sentencepiece.bpe.model", "spiece.model", "merges.txt")
 GPU_KEY = "spark.task.resource.gpu.amount"
-# int8 CPU mode: which Linear layers stay float32, and the drift it may show (mean 1 - cos)
+# int8 CPU mode: its version in the model id (bump it when the quantization changes), and the most
+# drift from float32 it may show on the check texts (mean 1 - cos)
 INT8_SCHEME = "dynamic-per-channel-v1"
 INT8_MAX_DRIFT = 0.01
 

@@ -75,6 +75,11 @@ class EncoderSpec:
     def from_settings(cls, embed: EmbedSettings) -> "EncoderSpec":
         return cls(embed.model, embed.device, embed.dtype, embed.max_batch_tokens, embed.normalize, embed.cpu_int8)
 
+    @property
+    def model_id(self) -> str:
+        """The id the vectors are stored under (files only: cheap enough for the driver)."""
+        return describe_model(self.model, self.normalize, self.int8).model_id
+
     def load(self) -> Encoder:
         """This worker's encoder (loaded once per Python process)."""
         return cached_encoder(self.model, self.device, self.dtype, self.max_batch_tokens, self.normalize, self.int8)
@@ -326,7 +331,7 @@ def latest_text_date(tables: Tables) -> dt.date:
 
 def run_embed(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> EmbedResult:
     """Embed changed user texts of ``as_of`` (default: the latest) and changed item texts."""
-    model_id = describe_model(settings.embed.model, settings.embed.normalize, settings.embed.cpu_int8).model_id  # before any job
+    model_id = EncoderSpec.from_settings(settings.embed).model_id  # before any job
     embedder = Embedder(spark, settings)  # GPU settings checked before any job too
     tables = Tables(spark, settings.storage)
     as_of = as_of or latest_text_date(tables)

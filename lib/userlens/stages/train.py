@@ -224,13 +224,12 @@ def check_train_cluster(spark: "SparkSession", train: TrainSettings) -> None:
 
 def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> TrainResult:
     """Build the point-in-time snapshot, fit the baseline, train with TorchDistributor, write the artifact."""
-    from userlens.models.encoder import describe_model
-    from userlens.stages.embed import Embedder
+    from userlens.stages.embed import Embedder, EncoderSpec
 
     check_train_settings(settings)
     check_train_cluster(spark, settings.train)
     train = settings.train
-    model_id = describe_model(settings.embed.model, settings.embed.normalize, settings.embed.cpu_int8).model_id
+    model_id = EncoderSpec.from_settings(settings.embed).model_id
     embedder = Embedder(spark, settings)
     tables = Tables(spark, settings.storage)
     if not tables.exists("events"):
