@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -304,11 +305,13 @@ def _snapshot(root: Path, rows_per_file: int, next_category: list[int]) -> None:
 def test_ddp_survives_a_rank_whose_batches_have_no_next_category_label(spark, tmp_path):
     """Regression: a rank whose batch had no next_category label left that head without a gradient, so
     its DDP all-reduce never started there; gloo paired the other rank's gradients with the validation
-    all-reduce and aborted the run. Here rank 1's shard has no such label at all."""
+    all-reduce and aborted the run. Here rank 1's shard has no such label at all. It also checks that
+    every rank returns rank 0's summary."""
     from dataclasses import asdict
 
+    from pyspark.ml.torch.distributor import TorchDistributor
+
     from userlens.models.predictor import FeatureSpec, ModelConfig
-    from userlens.stages.train import distributed_fit
 
     _snapshot(tmp_path / "snapshot", rows_per_file=64, next_category=[1, -1])
     config = ModelConfig(tasks=["purchase", "churn", "next_category"], classes=["a", "b"], hidden=[16],
@@ -318,9 +321,26 @@ def test_ddp_survives_a_rank_whose_batches_have_no_next_category_label(spark, tm
            "features": asdict(FeatureSpec(["a", "b"], [0.0, 0.0], [1.0, 1.0], 8, "test")), "use_gpu": False,
            "batch_size": 16, "epochs": 3, "patience": 3, "learning_rate": 1e-2, "weight_decay": 0.0, "seed": 1,
            "dp": None}
-    train = make_settings(tmp_path).train.model_copy(update={"num_processes": 2, "local_mode": True})
-    summary = distributed_fit(job, train)
+    returned = tmp_path / "returned"
+    returned.mkdir()
+
+    def each_rank(job):  # train_main, keeping each rank's return value (a closure: pickled by value)
+        import os
+        import pickle
+
+        from userlens.models.training import train_main
+
+        summary = train_main(job)
+        (returned / f"rank-{os.environ['RANK']}.pkl").write_bytes(pickle.dumps(summary))
+        return summary
+
+    summary = TorchDistributor(num_processes=2, local_mode=True, use_gpu=False).run(each_rank, job)
     assert summary["world_size"] == 2 and summary["epochs_run"] == 3
+    # the local mode pickles every rank's return value to one file and the last one written wins: a rank
+    # returning None instead of rank 0's summary failed CI once (distributed_fit: "returned no summary")
+    ranks = sorted(returned.iterdir())
+    assert [p.name for p in ranks] == ["rank-0.pkl", "rank-1.pkl"]
+    assert [repr(pickle.loads(p.read_bytes())) for p in ranks] == [repr(summary)] * 2
     assert summary["samples"] == 3 * 2 * 64  # every step of every epoch on both ranks
     assert "baseline_fallback" not in summary  # a job without baseline heads (train.baseline_fallback=false)
     assert load_artifact(str(tmp_path / "model")).metrics["model"]["next_category"]["n"] == 64

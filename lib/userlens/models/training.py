@@ -15,7 +15,9 @@ the driver or the arguments. Each rank
   every rank takes the same early-stopping decision.
 
 Rank 0 writes a checkpoint every epoch, then the artifact directory with the
-best epoch's weights and the test metrics, and returns a small summary.
+best epoch's weights and the test metrics, and hands a small summary to every
+rank, which all return it (TorchDistributor's local mode keeps whichever
+rank's return value is pickled last).
 
 DP-SGD (Opacus) samples users with Poisson sampling over the whole training
 set, as its accountant assumes: in that mode each rank loads the full train
@@ -23,6 +25,7 @@ split in memory and Opacus' distributed sampler picks each rank's part.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -38,6 +41,8 @@ READ_BATCH_ROWS = 8_192
 # a rank keeps its decoded shard (model inputs, labels, history arrays) in memory between epochs up to this
 # many bytes; a larger shard is read from Parquet again every epoch, through the shuffle buffer
 CACHE_BYTES = 1 << 30
+# how long the other ranks wait for rank 0 to evaluate the test split and write the artifact
+HANDOFF_TIMEOUT_HOURS = 4
 LABELS = ("purchase", "churn", "next_category")
 VALID_BATCH_ROWS = 4096
 
@@ -207,7 +212,7 @@ def _rec_tensors(batch: dict[str, np.ndarray], catalogue: Catalogue | None, rng:
 
 
 def train_main(job: dict[str, Any]) -> dict[str, Any]:
-    """Entry point for ``TorchDistributor.run``; rank 0 writes the artifact and returns a small summary."""
+    """Entry point for ``TorchDistributor.run``; rank 0 writes the artifact, every rank returns its summary."""
     import torch
     import torch.distributed as dist
 
@@ -229,6 +234,10 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
     distributed = world > 1
     if distributed:
         dist.init_process_group("nccl" if use_gpu else "gloo")
+        # at the end rank 0 alone evaluates the test split and writes the artifact while the other ranks
+        # wait to be handed its summary: that wait has its own CPU group, with a timeout sized for it
+        # rather than the training collectives' (NCCL's is 10 minutes)
+        handoff = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=HANDOFF_TIMEOUT_HOURS))
     try:
         torch.manual_seed(job["seed"])  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
         config = ModelConfig(**job["config"])
@@ -343,44 +352,51 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
         if distributed:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         epsilon = privacy_engine.get_epsilon(dp["target_delta"]) if privacy_engine is not None else None
-        if rank != 0:
-            return None
-        summary: dict[str, Any] = {
-            "best_epoch": best_epoch, "best_valid_loss": best_loss, "epochs_run": len(history),
-            **({"best_rec_epoch": best["recommend"].epoch, "best_valid_rec_loss": best["recommend"].loss}
-               if catalogue is not None else {}),
-            "samples": int(totals[0]), "fit_seconds": float(totals[1]) / world,
-            "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9),
-            "world_size": world, "device": str(device), "history": history,
-        }
-        if chosen:
-            # per task: "baseline" (the head is the baseline's regression) or "trained"
-            summary["baseline_fallback"] = chosen
-        if dp:
-            summary["dp"] = {"epsilon": float(epsilon), "delta": dp["target_delta"],
-                             "target_epsilon": dp["target_epsilon"], "max_grad_norm": dp["max_grad_norm"],
-                             "noise_multiplier": float(optimizer.noise_multiplier),
-                             "accountant": "rdp", "sampling": "poisson", "unit": "user"}
-        final = BehaviourModel(config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
-        final.load_state_dict(best_state)
-        test_files = list_files(f"{job['snapshot']}/split=test")
-        test_metrics = evaluate_files(final, config, features, test_files,
-                                      predictions_to=f"{job['artifact']}/test_predictions.npz")
-        if catalogue is not None:
-            test_metrics["recommend"] = evaluate_recommendations(final, features, tasks, test_files, catalogue,
-                                                                 job["recommend"]["k"])
-        baseline = job.get("baseline", {})
-        metrics = {"model": test_metrics, "baseline": baseline, "data": job.get("data", {}),
-                   "training": {k: v for k, v in summary.items() if k != "history"}, "history": history,
-                   "snapshot_id": job["snapshot_id"], "version": job["version"]}
-        if catalogue is not None:  # side by side, for the report
-            metrics["recommendations"] = {"two-tower": test_metrics["recommend"],
-                                          "popularity": baseline.get("recommend_popularity", {}),
-                                          "ALS": baseline.get("recommend_als", {})}
-        write_artifact(job["artifact"], config, features, best_state, metrics,
-                       (catalogue.item_ids, catalogue.embeddings, catalogue.log_q) if catalogue else None)
-        summary["train_seconds"] = time.perf_counter() - started
-        summary["test"] = test_metrics
+        summary: dict[str, Any] | None = None
+        if rank == 0:
+            summary = {
+                "best_epoch": best_epoch, "best_valid_loss": best_loss, "epochs_run": len(history),
+                **({"best_rec_epoch": best["recommend"].epoch, "best_valid_rec_loss": best["recommend"].loss}
+                   if catalogue is not None else {}),
+                "samples": int(totals[0]), "fit_seconds": float(totals[1]) / world,
+                "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9),
+                "world_size": world, "device": str(device), "history": history,
+            }
+            if chosen:
+                # per task: "baseline" (the head is the baseline's regression) or "trained"
+                summary["baseline_fallback"] = chosen
+            if dp:
+                summary["dp"] = {"epsilon": float(epsilon), "delta": dp["target_delta"],
+                                 "target_epsilon": dp["target_epsilon"], "max_grad_norm": dp["max_grad_norm"],
+                                 "noise_multiplier": float(optimizer.noise_multiplier),
+                                 "accountant": "rdp", "sampling": "poisson", "unit": "user"}
+            final = BehaviourModel(config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
+            final.load_state_dict(best_state)
+            test_files = list_files(f"{job['snapshot']}/split=test")
+            test_metrics = evaluate_files(final, config, features, test_files,
+                                          predictions_to=f"{job['artifact']}/test_predictions.npz")
+            if catalogue is not None:
+                test_metrics["recommend"] = evaluate_recommendations(final, features, tasks, test_files, catalogue,
+                                                                     job["recommend"]["k"])
+            baseline = job.get("baseline", {})
+            metrics = {"model": test_metrics, "baseline": baseline, "data": job.get("data", {}),
+                       "training": {k: v for k, v in summary.items() if k != "history"}, "history": history,
+                       "snapshot_id": job["snapshot_id"], "version": job["version"]}
+            if catalogue is not None:  # side by side, for the report
+                metrics["recommendations"] = {"two-tower": test_metrics["recommend"],
+                                              "popularity": baseline.get("recommend_popularity", {}),
+                                              "ALS": baseline.get("recommend_als", {})}
+            write_artifact(job["artifact"], config, features, best_state, metrics,
+                           (catalogue.item_ids, catalogue.embeddings, catalogue.log_q) if catalogue else None)
+            summary["train_seconds"] = time.perf_counter() - started
+            summary["test"] = test_metrics
+        if distributed:
+            # TorchDistributor runs every rank through one generated script that pickles the rank's return
+            # value to one output file per Spark task; in local mode all ranks share that task, so the last
+            # rank to exit wins. Every rank returns rank 0's summary, whichever that is.
+            box = [summary]
+            dist.broadcast_object_list(box, src=0, group=handoff)
+            summary = box[0]
         return summary
     finally:
         if distributed:
