@@ -26,6 +26,7 @@ split in memory and Opacus' distributed sampler picks each rank's part.
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 import math
 import os
@@ -270,8 +271,11 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
                 # find_unused_parameters: the recommendation head sees no positive in some batches. Buffers
                 # (the item catalogue's vectors) are read by every rank from the snapshot and never change:
                 # broadcasting them from rank 0 before every forward (DDP's default) only moves bytes
-                model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=catalogue is not None,
-                                                                  broadcast_buffers=False)
+                # (torch 2.15 renamed broadcast_buffers, which now warns, to forward_sync_buffers)
+                ddp = torch.nn.parallel.DistributedDataParallel
+                no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                           else "broadcast_buffers")
+                model = ddp(model, find_unused_parameters=catalogue is not None, **{no_sync: False})
             reader = ShardReader(train_files[rank::world], features, tasks, catalogue)
             steps = math.ceil(reader.rows() / job["batch_size"])
             if distributed:  # every rank runs the same number of steps
