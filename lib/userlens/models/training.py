@@ -237,7 +237,7 @@ def train_main(job: dict[str, Any]) -> dict[str, Any]:
         dist.init_process_group("nccl" if use_gpu else "gloo")
         # at the end rank 0 alone evaluates the test split and writes the artifact while the other ranks
         # wait to be handed its summary: that wait has its own CPU group, with a timeout sized for it
-        # rather than the training collectives' (NCCL's is 10 minutes)
+        # rather than the default group's (torch: 30 minutes on gloo, 10 on NCCL)
         handoff = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=HANDOFF_TIMEOUT_HOURS))
     try:
         torch.manual_seed(job["seed"])  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
