@@ -84,7 +84,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n| raw lines | events out | ingest s | events/s/core | ingest ÷ read+count | ingest ÷ read+parse |")
+    print("\n| raw lines | events out | ingest s | events/s/core | ingest ÷ read+count | ingest ÷ read+parse |")
     print("|---:|---:|---:|---:|---:|---:|")
     for size, n, out, t_count, t_parse, t_ingest in rows:
         print(f"| {n:,d} | {out:,d} | {t_ingest:.1f} | {n / t_ingest / cores:,.0f} | {t_ingest / t_count:.1f} | "

@@ -179,7 +179,7 @@ def test_widgets_parse_to_typed_values():
     assert params.secret_scope is None
     defaults = parse_widgets("textualize", {})
     assert defaults.date is None and defaults.overrides == () and defaults.conf == (CONF_DIR / "databricks.yaml",)
-    gpu = parse_widgets("train", {"conf": f"databricks.yaml, databricks-gpu.yaml", "when_due": "true"})
+    gpu = parse_widgets("train", {"conf": "databricks.yaml, databricks-gpu.yaml", "when_due": "true"})
     assert gpu.conf == (CONF_DIR / "databricks.yaml", CONF_DIR / "databricks-gpu.yaml") and gpu.when_due
     assert parse_widgets("privacy_check", {"when_enabled": "TRUE"}).when_enabled
     assert not parse_widgets("privacy_check", {}).when_enabled

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 from conftest import TEST_KEY, make_settings

@@ -337,7 +337,6 @@ def load_encoder(name: str, device: str | None = None, dtype: str = "auto", max_
     ``int8`` (``embed.cpu_int8``, CPU only): the float32 model, then its Linear layers
     quantized to int8 (see :func:`quantize_int8`), checked against float32 on load.
     """
-    import torch
     from transformers import AutoModel, AutoTokenizer
 
     info = describe_model(name, normalize=normalize, int8=int8)
