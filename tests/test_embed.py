@@ -71,7 +71,7 @@ def _copy_with_shorter_length(tmp_path: Path) -> Path:
 def test_full_incremental_and_model_change(spark, tmp_path):
     # one warehouse for the whole story: Delta table creation dominates small runs
     settings = make_settings(tmp_path)
-    with pytest.raises(UserlensError, match=r"^no user_texts: run `userlens textualize` first$"):
+    with pytest.raises(UserlensError, match=r"^no user_texts table: run `userlens textualize` first$"):
         embed(spark, settings)
     tables = write_inputs(spark, settings)
 

@@ -178,3 +178,14 @@ def test_users_with_only_quarantined_rows_are_counted(spark, tmp_path):
 def test_unknown_template_placeholder_is_a_config_error():
     with pytest.raises(ConfigError, match=r"textualize.templates.en: .*events.view uses unknown placeholder \{titel\}"):
         load_settings(None, ["textualize.templates.en.events.view=viewed {titel}"])
+
+
+def test_missing_or_empty_events_name_the_command_to_run_first(spark, tmp_path):
+    from userlens.errors import UserlensError
+
+    settings = make_settings(tmp_path)
+    with pytest.raises(UserlensError, match=r"^no events table: run `userlens ingest` first$"):
+        run_textualize(spark, settings, StageRun("textualize", "r1"), AS_OF)  # even with a date
+    Tables(spark, settings.storage).ensure("events")
+    with pytest.raises(UserlensError, match=r"^the events table is empty: run `userlens ingest` first$"):
+        run_textualize(spark, settings, StageRun("textualize", "r2"))

@@ -152,6 +152,19 @@ class Tables:
         self._add_new_columns(table, _spec(table))
         return self._load(table)
 
+    def as_of_date(self, table: str, column: str, produced_by: str, given: Any = None) -> Any:
+        """A stage's as-of date: ``given``, else the largest ``column`` of its input ``table``. Either way
+        a UserlensError naming the command ``produced_by`` to run first when the table does not exist
+        (or, without ``given``, is empty)."""
+        if not self.exists(table):
+            raise UserlensError(f"no {table} table: run `userlens {produced_by}` first")
+        if given is not None:
+            return given
+        latest = self.read(table).agg(F.max(column)).first()[0]
+        if latest is None:
+            raise UserlensError(f"the {table} table is empty: run `userlens {produced_by}` first")
+        return latest
+
     def read_version(self, table: str, version: int) -> "DataFrame":
         """The table as it was at Delta ``version`` (time travel; the table must exist)."""
         reader = self.spark.read.option("versionAsOf", version)

@@ -319,22 +319,12 @@ def _embed_changes(tables: Tables, embedder: Embedder, current: DataFrame, store
     return EmbedCounts(rows, embedded, texts_embedded, counts.get(UNCHANGED, 0), counts.get(EMPTY, 0))
 
 
-def latest_text_date(tables: Tables) -> dt.date:
-    """The newest as_of_date in user_texts; UserlensError if there is none."""
-    if not tables.exists("user_texts"):
-        raise UserlensError("no user_texts: run `userlens textualize` first")
-    latest = tables.read("user_texts").agg(F.max("as_of_date")).first()[0]
-    if latest is None:
-        raise UserlensError("no user_texts: run `userlens textualize` first")
-    return latest
-
-
 def run_embed(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> EmbedResult:
     """Embed changed user texts of ``as_of`` (default: the latest) and changed item texts."""
     model_id = EncoderSpec.from_settings(settings.embed).model_id  # before any job
     embedder = Embedder(spark, settings)  # GPU settings checked before any job too
     tables = Tables(spark, settings.storage)
-    as_of = as_of or latest_text_date(tables)
+    as_of = tables.as_of_date("user_texts", "as_of_date", "textualize", as_of)
     run.as_of_date = as_of
     texts = tables.read("user_texts").where(F.col("as_of_date") == F.lit(as_of))
     log.info("embed: user texts as of %s with %s on %s", as_of, model_id, settings.embed.device)

@@ -174,15 +174,10 @@ def run_profile(spark: "SparkSession", settings: Settings, run: StageRun,
     from pyspark import StorageLevel
 
     tables = Tables(spark, settings.storage)
-    if not tables.exists("user_embeddings"):
-        raise UserlensError("no user_embeddings: run `userlens embed` first")
-    embeddings = tables.read("user_embeddings")
-    if as_of is None:
-        as_of = embeddings.agg(F.max("as_of_date")).first()[0]
-        if as_of is None:
-            raise UserlensError("user_embeddings is empty: run `userlens embed` first")
+    as_of = tables.as_of_date("user_embeddings", "as_of_date", "embed", as_of)
     run.as_of_date = as_of
-    embeddings = embeddings.where(F.col("as_of_date") <= F.lit(as_of)).select("user_key", "model_id", "embedding")
+    embeddings = (tables.read("user_embeddings").where(F.col("as_of_date") <= F.lit(as_of))
+                  .select("user_key", "model_id", "embedding"))
     model_ids = [r[0] for r in embeddings.select("model_id").distinct().collect()]
     if len(model_ids) != 1:
         raise UserlensError(f"user_embeddings holds {len(model_ids)} encoders ({', '.join(model_ids)}): "

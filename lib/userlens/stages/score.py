@@ -172,13 +172,8 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     version, path = require_model(settings)
     artifact = load_artifact(path)  # on the driver only to check it (refuses other format versions)
     tables = Tables(spark, settings.storage)
-    if not tables.exists("user_embeddings"):
-        raise UserlensError("no user_embeddings: run `userlens embed` first")
+    as_of = tables.as_of_date("user_embeddings", "as_of_date", "embed", as_of)
     events = tables.read("events")
-    if as_of is None:
-        as_of = tables.read("user_embeddings").agg(F.max("as_of_date")).first()[0]
-        if as_of is None:
-            raise UserlensError("user_embeddings is empty: run `userlens embed` first")
     run.as_of_date = as_of
     model_id = artifact.features.embed_model_id
     embeddings = tables.read("user_embeddings").where(F.col("as_of_date") <= F.lit(as_of))

@@ -35,7 +35,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from userlens.config import Settings, TemplateSet, TextualizeSettings
-from userlens.errors import UserlensError, require_columns
+from userlens.errors import require_columns
 from userlens.runs import StageRun
 from userlens.tables import Tables
 from userlens.text.templates import render
@@ -222,13 +222,8 @@ def run_textualize(spark: "SparkSession", settings: Settings, run: StageRun,
     from pyspark import StorageLevel
 
     tables = Tables(spark, settings.storage)
-    if not tables.exists("events"):
-        raise UserlensError("no events table: run `userlens ingest` first")
+    as_of = tables.as_of_date("events", "event_date", "ingest", as_of)
     events = tables.read("events")
-    if as_of is None:
-        as_of = events.agg(F.max("event_date")).first()[0]
-        if as_of is None:
-            raise UserlensError("the events table is empty: run `userlens ingest` first")
     run.as_of_date = as_of
     texts = build_user_texts(events.where(F.col("event_date") <= F.lit(as_of)), tables.read("items"),
                              settings.textualize, settings.ingest.event_types, as_of)

@@ -232,13 +232,8 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     model_id = EncoderSpec.from_settings(settings.embed).model_id
     embedder = Embedder(spark, settings)
     tables = Tables(spark, settings.storage)
-    if not tables.exists("events"):
-        raise UserlensError("no events table: run `userlens ingest` first")
+    as_of = tables.as_of_date("events", "event_date", "ingest", as_of)
     events = tables.read("events")
-    if as_of is None:
-        as_of = events.agg(F.max("event_date")).first()[0]
-        if as_of is None:
-            raise UserlensError("the events table is empty: run `userlens ingest` first")
     cut = cutoff(as_of, train.horizon_days)
     run.as_of_date = as_of
     version = run.run_id
