@@ -4,6 +4,7 @@ warehouse under tmp_path."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,50 @@ def make_settings(tmp_path: Path, *overrides: str) -> Settings:
          f"source.path={tmp_path / 'raw'}",
          *overrides],
     )
+
+
+@contextmanager
+def session_conf(spark, conf: dict[str, str]):
+    """What get_spark does with a settings' spark.conf (the test session is shared), undone afterwards."""
+    previous = {k: spark.conf.get(k, None) for k in conf}
+    for k, v in conf.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            spark.conf.unset(k) if v is None else spark.conf.set(k, v)
+
+
+def data_files(tables) -> dict[str, set[str]]:
+    """The data files of every table that exists, bookkeeping (pipeline_runs, run_locks) left out: a run
+    that writes no data leaves this unchanged."""
+    from userlens.tables import TABLES
+
+    return {t: set(tables.read(t).inputFiles()) for t in TABLES
+            if t not in ("pipeline_runs", "run_locks") and tables.exists(t)}
+
+
+def files_holding(folder: Path, column: str, hit) -> set[Path]:
+    """The Parquet data files under a table folder (change data included, read past Delta) in which
+    ``hit(column values)`` is true for some row."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    found = set()
+    for path in sorted(folder.rglob("*.parquet")):
+        if "_delta_log" in path.parts or path.name.startswith("."):
+            continue
+        parquet = pq.ParquetFile(path)
+        if column in parquet.schema_arrow.names and pc.any(hit(parquet.read(columns=[column]).column(column))).as_py():
+            found.add(path)
+    return found
+
+
+def is_key(key: str):
+    import pyarrow.compute as pc
+
+    return lambda values: pc.equal(values, key)
 
 
 @pytest.fixture(scope="session")

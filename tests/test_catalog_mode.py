@@ -5,22 +5,19 @@ no row and no file of the person. Nothing may be written by path under storage.w
 from __future__ import annotations
 
 import datetime as dt
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import SHORT_TEXTS, make_settings
+from conftest import SHORT_TEXTS, data_files, files_holding, is_key, make_settings, session_conf
 from userlens.privacy import load_key
 from userlens.runs import StageRun
 from userlens.sample import SampleSpec, generate_sample
 from userlens.stages.forget import RETENTION_CHECK, run_forget, user_key_of
 from userlens.stages.nightly import run_nightly
-from userlens.tables import TABLES, Tables
+from userlens.tables import Tables
 
 CATALOG, SCHEMA = "spark_catalog", "userlens_catalog_mode"
 USERS, DAYS, START = 120, 10, dt.date(2026, 10, 1)
@@ -29,28 +26,6 @@ OVERRIDES = ["train.epochs=2", "train.patience=1", "train.batch_size=32", "train
              "train.min_class_users=3", "profile.segments=3", "privacy.min_segment_size=5", "nightly.report=false",
              "privacy.forget_retention_hours=0", f"spark.conf.{RETENTION_CHECK}=false", SHORT_TEXTS]
 PERSONAL = ["events", "user_texts", "user_embeddings", "user_scores", "user_profiles"]
-
-
-@contextmanager
-def retention_check_off(spark):
-    """What get_spark does with the settings' spark.conf (the session is shared), undone afterwards."""
-    previous = spark.conf.get(RETENTION_CHECK, None)
-    spark.conf.set(RETENTION_CHECK, "false")
-    try:
-        yield
-    finally:
-        spark.conf.unset(RETENTION_CHECK) if previous is None else spark.conf.set(RETENTION_CHECK, previous)
-
-
-def data_files(tables: Tables) -> dict[str, set[str]]:
-    return {t: set(tables.read(t).inputFiles()) for t in TABLES
-            if t not in ("pipeline_runs", "run_locks") and tables.exists(t)}
-
-
-def files_with(folder: Path, user_key: str) -> list[Path]:
-    return [p for p in folder.rglob("*.parquet") if "_delta_log" not in p.parts
-            and "user_key" in pq.read_schema(p).names
-            and pc.any(pc.equal(pq.read_table(p, columns=["user_key"])["user_key"], user_key)).as_py()]
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +44,9 @@ def world(spark, tmp_path_factory):
     w.target = user_key_of(RAW_ID, key)
     w.folders = {t: Path(w.tables.delta(t).detail().select("location").first()[0].removeprefix("file:"))
                  for t in PERSONAL}
-    w.held = {t: files_with(w.folders[t], w.target) for t in PERSONAL}
+    w.held = {t: files_holding(w.folders[t], "user_key", is_key(w.target)) for t in PERSONAL}
     w.before = {t: w.tables.read(t).where(F.col("user_key") == w.target).count() for t in PERSONAL}
-    with retention_check_off(spark):
+    with session_conf(spark, {RETENTION_CHECK: "false"}):
         w.forgot = run_forget(spark, settings, key, RAW_ID, StageRun("forget", "r-forget"))
     yield w
     spark.sql(f"DROP SCHEMA IF EXISTS {CATALOG}.{SCHEMA} CASCADE")
@@ -107,7 +82,7 @@ def test_forget_leaves_no_row_and_no_file_of_the_person(world):
     for t in PERSONAL:
         assert tables.read(t).where(F.col("user_key") == target).count() == 0, t
         assert world.held[t] and not [p for p in world.held[t] if p.exists()], t  # vacuumed from disk
-        assert not files_with(world.folders[t], target), t
+        assert not files_holding(world.folders[t], "user_key", is_key(target)), t
     assert world.forgot.rows_found >= sum(world.before.values())
     audit = tables.read("forget_log").where(F.col("user_key") == target).collect()
     assert len(audit) == 1 and audit[0].run_id == "r-forget"

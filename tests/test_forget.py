@@ -6,17 +6,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import TEST_KEY, make_settings
+from conftest import TEST_KEY, files_holding, is_key, make_settings, session_conf
 from userlens.errors import ConfigError, SecretError
 from userlens.privacy import PseudonymKey, load_key, pseudonymize
 from userlens.runs import StageRun
@@ -78,19 +76,6 @@ def test_file_retention_hours():
 # --------------------------------------------------------------------------
 # the warehouse, forgotten once
 # --------------------------------------------------------------------------
-@contextmanager
-def session_conf(spark, conf: dict[str, str]):
-    """What get_spark does with spark.conf, undone afterwards."""
-    previous = {k: spark.conf.get(k, None) for k in conf}
-    for k, v in conf.items():
-        spark.conf.set(k, v)
-    try:
-        yield
-    finally:
-        for k, v in previous.items():
-            spark.conf.unset(k) if v is None else spark.conf.set(k, v)
-
-
 class Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -98,26 +83,6 @@ class Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage() + (self.format(record) if record.exc_info else ""))
-
-
-def data_files(folder: Path) -> list[Path]:
-    """Every Parquet data file under a table folder (change data included), read past Delta."""
-    return sorted(p for p in folder.rglob("*.parquet") if "_delta_log" not in p.parts and not p.name.startswith("."))
-
-
-def files_holding(folder: Path, column: str, hit) -> set[Path]:
-    found = set()
-    for path in data_files(folder):
-        parquet = pq.ParquetFile(path)
-        if column in parquet.schema_arrow.names:
-            values = parquet.read(columns=[column]).column(column)
-            if pc.any(hit(values)).as_py():
-                found.add(path)
-    return found
-
-
-def is_key(key):
-    return lambda values: pc.equal(values, key)
 
 
 def is_erased_line(values):

@@ -9,7 +9,7 @@ import threading
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import SHORT_TEXTS, make_settings
+from conftest import SHORT_TEXTS, data_files, make_settings
 from userlens.errors import ConcurrentRunError, UserlensError
 from userlens.privacy import load_key
 from userlens.runs import RunLock, StageRun, run_stage
@@ -23,7 +23,6 @@ LAST = START + dt.timedelta(days=DAYS - 1)
 OVERRIDES = ["train.epochs=4", "train.patience=2", "train.batch_size=32", "train.min_users=40",
              "train.min_class_users=3", "profile.segments=4", "privacy.min_segment_size=10", "nightly.report=false",
              SHORT_TEXTS]
-DATA_TABLES = [t for t in TABLES if t not in ("pipeline_runs", "run_locks")]  # bookkeeping changes every run
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +32,6 @@ def night(spark, tmp_path_factory):
     generate_sample(spark, settings.source.path, SampleSpec(users=USERS, days=DAYS, seed=5, start_date=START))
     first = run_nightly(spark, settings, load_key(settings.privacy))
     return root, settings, first
-
-
-def data_files(tables: Tables) -> dict[str, set[str]]:
-    return {t: set(tables.read(t).inputFiles()) for t in DATA_TABLES if tables.exists(t)}
 
 
 def test_first_night_runs_every_stage(spark, night):
