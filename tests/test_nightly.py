@@ -4,6 +4,7 @@ for 1% of users re-embeds and re-scores only those; profiles are readable by an 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 
 import pytest
@@ -66,6 +67,10 @@ def test_first_night_runs_every_stage(spark, night):
     assert {r["stage"] for r in runs.select("stage").collect()} >= {"ingest", "textualize", "embed", "train",
                                                                    "score", "profile"}
     assert runs.where(F.col("status") != "succeeded").count() == 0
+    # the train stage embedded only the cutoff texts that user_embeddings did not hold: those of users
+    # with no event since the cutoff (the churned: both classes are in the set) are today's texts
+    trained = json.loads(runs.where(F.col("stage") == "train").first()["details"])
+    assert 0 < trained["cutoff_texts_embedded"] < sum(trained["users"].values())
     # segments below privacy.min_segment_size are published nowhere
     small = tables.read("segments").where(F.col("users") < 10)
     assert small.where(F.col("published") | F.col("top_categories").isNotNull()).count() == 0

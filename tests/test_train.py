@@ -144,6 +144,15 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
 
     details = run.details  # what the CLI records in pipeline_runs
     assert details["version"] == result.version and details["world_size"] == 2
+    # no user_embeddings in this warehouse: every distinct text as of the cutoff was embedded, once
+    events = Tables(spark, settings.storage).read("events")
+    users = labelled_users(events, result.cutoff, AS_OF, settings.ingest.event_types, settings.train)
+    texts = build_user_texts(events.where(F.col("event_date") <= F.lit(result.cutoff)),
+                             Tables(spark, settings.storage).read("items"), settings.textualize,
+                             settings.ingest.event_types, result.cutoff)
+    distinct = users.join(texts, "user_key").select("text_hash").distinct().count()
+    assert details["cutoff_texts_embedded"] == distinct > 200
+    assert 0.0 < details["cutoff_embed_seconds"] < details["snapshot_seconds"]
     assert details["model"]["churn"]["auc"] == metrics["model"]["churn"]["auc"]
     assert details["baseline"]["purchase"]["auc"] == metrics["baseline"]["purchase"]["auc"]
 

@@ -254,11 +254,14 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     if rec is not None:
         frame = _with_item_history(frame, item_history(events, cut, as_of, rec.history), rec.eval_users)
     frame = frame.persist(StorageLevel.MEMORY_AND_DISK)
+    fresh = None
     try:
         counts = _split_counts(frame)
         classes = _category_classes(frame, train.max_categories) if "next_category" in train.tasks else []
         _check_counts(counts, train, classes)
-        vectors = _embeddings(tables, embedder, frame, model_id)
+        t0 = time.perf_counter()
+        vectors, fresh, cutoff_texts_embedded = _embeddings(tables, embedder, frame, model_id)
+        timings["cutoff_embed_seconds"] = time.perf_counter() - t0
         snap = frame.join(vectors, "text_hash").select(
             "user_key", "split", "embedding", "features", "purchase", "churn",
             _class_index(F.col("next_category_name"), classes).alias("next_category"),
@@ -268,6 +271,8 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         snap.repartition(files).write.mode("errorifexists").partitionBy("split").parquet(snapshot)
     finally:
         frame.unpersist()
+        if fresh is not None:
+            fresh.unpersist()
     if rec is not None:
         n_items = _write_catalogue(spark, tables, embedder, settings, model_id, snapshot)
     timings["snapshot_seconds"] = time.perf_counter() - started
@@ -336,7 +341,8 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         "users": result.users, "model": summary["test"], "baseline": baseline, "dp": summary.get("dp"),
         "samples_per_second": summary["samples_per_second"], "epochs_run": summary["epochs_run"],
         "best_epoch": summary["best_epoch"], "world_size": summary["world_size"],
-        "baseline_fallback": summary.get("baseline_fallback", {}), **timings,
+        "baseline_fallback": summary.get("baseline_fallback", {}), "cutoff_texts_embedded": cutoff_texts_embedded,
+        **timings,
     })
     for task in train.tasks:
         key = "accuracy" if task in MULTICLASS_TASKS else "auc"
@@ -399,7 +405,7 @@ def _write_catalogue(spark: "SparkSession", tables: Tables, embedder: Any, setti
         raise UserlensError("train.recommend.enabled: no items table: run `userlens ingest` with an item catalog, "
                             "or set train.recommend.enabled=false")
     texts = item_texts(tables.read("items"), settings.embed.item_text_fields).where(~is_empty_text("text"))
-    vectors = _embeddings(tables, embedder, texts, model_id, table="item_embeddings")
+    vectors, fresh, _ = _embeddings(tables, embedder, texts, model_id, table="item_embeddings")
     positives = (read_snapshot(spark, snapshot).where(F.col("split") == "train")
                  .select(F.explode("next_items").alias("item_id")).groupBy("item_id").count())
     items = (texts.join(vectors, "text_hash").select("item_id", "embedding").dropDuplicates(["item_id"])
@@ -415,6 +421,8 @@ def _write_catalogue(spark: "SparkSession", tables: Tables, embedder: Any, setti
         items.coalesce(max(1, math.ceil(n / 200_000))).write.mode("errorifexists").parquet(f"{snapshot}/items")
     finally:
         items.unpersist()
+        if fresh is not None:
+            fresh.unpersist()
     return n
 
 
@@ -519,8 +527,12 @@ def _class_index(name: Column, classes: list[str]) -> Column:
 
 
 def _embeddings(tables: Tables, embedder: Any, frame: DataFrame, model_id: str,
-                table: str = "user_embeddings") -> DataFrame:
-    """(text_hash, embedding) for every text of ``frame``: those in ``table`` reused, the rest embedded now."""
+                table: str = "user_embeddings") -> tuple[DataFrame, DataFrame | None, int]:
+    """(text_hash, embedding) for every text of ``frame``: those in ``table`` reused, the rest embedded now.
+
+    Also returns the newly embedded vectors, persisted and counted (the encoder has run when this
+    returns, so the caller can time it), for the caller to unpersist (None when every text was
+    reused), and their number."""
     from userlens.stages.embed import distinct_texts
 
     wanted = frame.select("text_hash", "text").dropDuplicates(["text_hash"])
@@ -534,9 +546,10 @@ def _embeddings(tables: Tables, embedder: Any, frame: DataFrame, model_id: str,
     n_missing = missing.count()
     log.info("train: embedding %d texts (the rest are reused from %s)", n_missing, table)
     if n_missing == 0:
-        return stored
-    fresh = embedder(distinct_texts(missing, embedder.partitions(n_missing)))
-    return fresh if stored is None else fresh.unionByName(stored)
+        return stored, None, 0
+    fresh = embedder(distinct_texts(missing, embedder.partitions(n_missing))).persist(StorageLevel.MEMORY_AND_DISK)
+    fresh.count()  # runs the model once; the snapshot reads the cached vectors
+    return (fresh if stored is None else fresh.unionByName(stored)), fresh, n_missing
 
 
 def _normalization(train_rows: DataFrame, n: int) -> tuple[list[float], list[float]]:
