@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,17 +30,18 @@ class _Strict(BaseModel):
 
 
 class SparkSettings(_Strict):
-    master: str | None = None
-    app_name: str = "userlens"
-    driver_memory: str = "4g"
-    shuffle_partitions: int = Field(8, ge=1)
-    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = "WARN"
-    ui: bool = True
-    # pip: fetch the io.delta jar matching the installed delta-spark from Maven
-    # (local runs); provided: the cluster or platform already has Delta.
-    delta_jars: Literal["pip", "provided"] = "pip"
-    jars: list[str] = []
-    conf: dict[str, str] = {}
+    master: str | None = Field(None, description="null: take the session of spark-submit / Databricks")
+    app_name: str = Field("userlens", description="Spark application name")
+    driver_memory: str = Field("4g", description="driver memory (local sessions only)")
+    shuffle_partitions: int = Field(8, ge=1, description="spark.sql.shuffle.partitions")
+    log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = Field(
+        "WARN", description="Spark log level: ERROR, WARN, INFO or DEBUG")
+    ui: bool = Field(True, description="Spark UI for local sessions")
+    delta_jars: Literal["pip", "provided"] = Field(
+        "pip", description="pip: fetch the io.delta jar matching the installed delta-spark from Maven (local runs); "
+                           "provided: the cluster or platform already has Delta")
+    jars: list[str] = Field([], description="local jar files (offline Delta jars)")
+    conf: dict[str, str] = Field({}, description="any Spark conf, overlaid on the session")
 
     @field_validator("conf", mode="before")
     @classmethod
@@ -56,56 +58,59 @@ def _spark_value(value: Any) -> str:
 
 
 class StorageSettings(_Strict):
-    warehouse: str = "./warehouse"
-    catalog: str | None = None
-    schema_name: str | None = Field(None, alias="schema")
-    models: str = "./models"
+    warehouse: str = Field("./warehouse", description="Delta root (local, cluster)")
+    catalog: str | None = Field(
+        None, description="Unity Catalog catalog (Databricks); with storage.schema set, tables are "
+                          "`catalog.schema.name`; `spark_catalog` is Spark's own catalog")
+    schema_name: str | None = Field(
+        None, alias="schema", description="Unity Catalog schema (Databricks; the schema must exist)")
+    models: str = Field("./models", description="model artifacts")
 
 
 class EventMapping(_Strict):
     """Canonical event field -> source column name (null: the source has none)."""
 
-    event_id: str | None = "event_id"
-    user_id: str = "user_id"
-    event_time: str = "ts"
-    event_type: str = "event_type"
-    item_id: str | None = "item_id"
-    category: str | None = "category"
-    price: str | None = "price"
-    quantity: str | None = "quantity"
-    query: str | None = "query"
-    text: str | None = "review_text"
+    event_id: str | None = Field("event_id", description="source column of the event id (null: absent)")
+    user_id: str = Field("user_id", description="source column of the user id")
+    event_time: str = Field("ts", description="source column of the event time")
+    event_type: str = Field("event_type", description="source column of the event type")
+    item_id: str | None = Field("item_id", description="source column of the item id (null: absent)")
+    category: str | None = Field("category", description="source column of the category (null: absent)")
+    price: str | None = Field("price", description="source column of the price (null: absent)")
+    quantity: str | None = Field("quantity", description="source column of the quantity (null: absent)")
+    query: str | None = Field("query", description="source column of the search query (null: absent)")
+    text: str | None = Field("review_text", description="source column of the review text (null: absent)")
 
 
 class ItemMapping(_Strict):
     """Canonical item field -> source column name."""
 
-    item_id: str = "item_id"
-    title: str | None = "title"
-    category: str | None = "category"
-    brand: str | None = "brand"
-    price: str | None = "price"
-    description: str | None = "description"
+    item_id: str = Field("item_id", description="source column of the item id")
+    title: str | None = Field("title", description="source column of the title (null: absent)")
+    category: str | None = Field("category", description="source column of the category (null: absent)")
+    brand: str | None = Field("brand", description="source column of the brand (null: absent)")
+    price: str | None = Field("price", description="source column of the price (null: absent)")
+    description: str | None = Field("description", description="source column of the description (null: absent)")
 
 
 SourceFormat = Literal["json", "parquet", "csv", "delta"]
 
 
 class SourceSettings(_Strict):
-    path: str = "./data/sample"
-    format: SourceFormat = "json"
-    events_path: str | None = None
-    items_path: str | None = None
-    items_format: SourceFormat | None = None
-    mapping: EventMapping = EventMapping()
-    items_mapping: ItemMapping = ItemMapping()
-    # null: ISO-8601 text; epoch_s / epoch_ms: numbers; anything else: a Spark datetime pattern
-    timestamp_format: str | None = None
-    event_type_map: dict[str, str] = {}
-    # a date-valued partition column of the raw layout (event_date=YYYY-MM-DD/);
+    path: str = Field("./data/sample", description="raw root with `events/` and `items/`")
+    format: SourceFormat = Field("json", description="json, parquet, csv or delta")
+    events_path: str | None = Field(None, description="overrides `<path>/events`")
+    items_path: str | None = Field(None, description="overrides `<path>/items`")
+    items_format: SourceFormat | None = Field(None, description="format of the items (null: source.format)")
+    mapping: EventMapping = Field(EventMapping(), description="canonical event field -> source column")
+    items_mapping: ItemMapping = Field(ItemMapping(), description="canonical item field -> source column")
+    timestamp_format: str | None = Field(
+        None, description="null: ISO-8601 text; epoch_s / epoch_ms: numbers; anything else: a Spark datetime pattern")
+    event_type_map: dict[str, str] = Field({}, description="source event type -> canonical type")
     # when absent from the data the date comes from the event time
-    date_partition: str = "event_date"
-    csv_header: bool = True
+    date_partition: str = Field(
+        "event_date", description="date-valued partition column of the raw layout (event_date=YYYY-MM-DD/)")
+    csv_header: bool = Field(True, description="csv files have a header row")
 
     def events_location(self) -> str:
         return self.events_path or _join(self.path, "events")
@@ -119,38 +124,70 @@ def _join(root: str, name: str) -> str:
 
 
 class PrivacySettings(_Strict):
-    key_env: str = "USERLENS_HMAC_KEY"
-    # Only for the embedded local default: used, with a loud warning, when the
-    # env var is unset. Cluster and Databricks configs leave it null.
-    dev_key: str | None = None
-    min_segment_size: int = Field(20, ge=1)
-    pii_placeholders: bool = True
-    # `userlens forget`: VACUUM keeps files removed within this many hours (Delta's own floor: 168)
-    forget_retention_hours: int = Field(168, ge=0)
-    # nightly: events_quarantine rows older than this (by source_date, else quarantined_at) are deleted
-    quarantine_retention_days: int = Field(30, ge=1)
-    # `userlens privacy-check`: raw ids shorter than this are not searched (too many chance matches)
-    check_min_id_chars: int = Field(4, ge=1)
-    # `userlens privacy-check`: between full scans (every this many days; 0 = always), only the rows of
-    # the files each table gained since the last passing check are scanned
-    check_full_every_days: int = Field(7, ge=0)
+    key_env: str = Field("USERLENS_HMAC_KEY", description="env var holding the HMAC key (>= 16 bytes)")
+    # Only for the embedded local default. Cluster and Databricks configs leave it null.
+    dev_key: str | None = Field(None, description="used, with a loud warning, when the env var is unset")
+    min_segment_size: int = Field(20, ge=1, description="smallest published group")
+    pii_placeholders: bool = Field(
+        True, description="not read: ingest always replaces PII in free texts by typed placeholders")
+    forget_retention_hours: int = Field(
+        168, ge=0, description="`userlens forget`: VACUUM keeps files removed within this many hours "
+                               "(Delta's own floor: 168)")
+    quarantine_retention_days: int = Field(
+        30, ge=1, description="nightly: events_quarantine rows older than this (by source_date, else "
+                              "quarantined_at) are deleted")
+    # too many chance matches below this
+    check_min_id_chars: int = Field(
+        4, ge=1, description="`userlens privacy-check`: raw ids shorter than this are not searched")
+    check_full_every_days: int = Field(
+        7, ge=0, description="`userlens privacy-check`: full scans every this many days (0: always); in between "
+                             "only the rows of the files each table gained since the last passing check")
+
+
+# why ingest refuses a row (events_quarantine.reason; docs/own-data.md says what each means)
+QUARANTINE_REASONS = ("malformed_record", "missing_user_id", "bad_timestamp", "missing_event_type",
+                      "unknown_event_type", "missing_item_id", "bad_price", "negative_price", "bad_quantity")
 
 
 class IngestSettings(_Strict):
-    event_types: list[str] = ["view", "click", "search", "add_to_cart", "purchase", "review"]
-    item_event_types: list[str] = ["view", "click", "add_to_cart", "purchase", "review"]
-    max_quantity: int = Field(10_000, ge=1)
+    event_types: list[str] = Field(
+        ["view", "click", "search", "add_to_cart", "purchase", "review"], description="accepted event types")
+    item_event_types: list[str] = Field(
+        ["view", "click", "add_to_cart", "purchase", "review"], description="event types that need an item_id")
+    max_quantity: int = Field(10_000, ge=1, description="largest accepted quantity")
+    # a wrong mapping or a broken export should stop the run rather than fill the quarantine
+    max_quarantine_fraction: float = Field(
+        0.5, ge=0, le=1, description="a run that quarantines more than this share of its rows writes no events "
+                                     "and fails; the quarantine rows are kept")
+    max_reason_fraction: dict[str, float] = Field(
+        {}, description="the same limit for one reason (e.g. {bad_timestamp: 0.05}); a reason not listed "
+                        "has only the total limit")
+    on_unreadable_file: Literal["fail", "skip"] = Field(
+        "fail", description="a raw file Spark cannot read (corrupt block, bad compression): fail the run, or skip "
+                            "the file and record it in pipeline_runs.details.skipped_files")
+
+    @field_validator("max_reason_fraction")
+    @classmethod
+    def _known_reasons(cls, value: dict[str, float]) -> dict[str, float]:
+        for reason, fraction in value.items():
+            if reason not in QUARANTINE_REASONS:
+                raise ValueError(f"unknown quarantine reason {reason!r}; reasons: {', '.join(QUARANTINE_REASONS)}")
+            if not 0 <= fraction <= 1:
+                raise ValueError(f"{reason}: a fraction between 0 and 1, got {fraction}")
+        return value
 
 
 class SampleSettings(_Strict):
-    out: str = "./data/sample"
-    users: int = Field(1000, ge=1)
-    days: int = Field(30, ge=1)
-    seed: int = Field(7, ge=0)
-    start_date: dt.date = dt.date(2026, 10, 1)
-    items: int = Field(400, ge=12)
-    malformed_fraction: float = Field(0.01, ge=0.0, le=0.5)
-    pii_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    out: str = Field("./data/sample", description="`userlens sample` / `demo`: output root")
+    users: int = Field(1000, ge=1, description="`userlens sample`: users generated")
+    days: int = Field(30, ge=1, description="`userlens sample`: days of events")
+    seed: int = Field(7, ge=0, description="`userlens sample`: random seed")
+    start_date: dt.date = Field(dt.date(2026, 10, 1), description="`userlens sample`: first day of events")
+    items: int = Field(400, ge=12, description="`userlens sample`: catalog size")
+    malformed_fraction: float = Field(
+        0.01, ge=0.0, le=0.5, description="`userlens sample`: share of raw lines made malformed")
+    pii_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="`userlens sample`: share of free texts (queries, reviews) with PII")
 
 
 # Fields an event template may use; the header template has its own set.
@@ -173,18 +210,18 @@ def template_fields(template: str) -> list[str]:
 class TemplateSet(_Strict):
     """Text templates for one language. Placeholders are ``{name}``."""
 
-    header: str
-    count_item: str = "{label}: {count}"
-    count_separator: str = ", "
-    category_separator: str = ", "
-    labels: dict[str, str] = {}
-    events: dict[str, str]
-    default_event: str = "{event_type} {title}"
-    repeat: str = " x{count}"
-    day_prefix: str = "{date}: "
-    event_separator: str = "; "
-    # characters per encoder token, for the approximate token budget
-    chars_per_token: float = Field(3.0, gt=0)
+    header: str = Field(description="first sentence of a user's text (n_events, active_days, counts, ...)")
+    count_item: str = Field("{label}: {count}", description="one event type's count in the header")
+    count_separator: str = Field(", ", description="between count items")
+    category_separator: str = Field(", ", description="between top categories")
+    labels: dict[str, str] = Field({}, description="event type -> label in the counts")
+    events: dict[str, str] = Field(description="event type -> event template")
+    default_event: str = Field("{event_type} {title}", description="template of an event type without one")
+    repeat: str = Field(" x{count}", description="suffix of a repeated event")
+    day_prefix: str = Field("{date}: ", description="before each day's events")
+    event_separator: str = Field("; ", description="between events")
+    chars_per_token: float = Field(3.0, gt=0, description="characters per encoder token, for the approximate "
+                                                          "token budget")
 
     @model_validator(mode="after")
     def _known_placeholders(self) -> "TemplateSet":
@@ -201,13 +238,16 @@ class TemplateSet(_Strict):
 
 
 class TextualizeSettings(_Strict):
-    language: str = "en"
-    template_version: str = "1"
-    max_events: int = Field(200, ge=1, le=1000)
-    max_tokens: int = Field(256, ge=16)
-    top_categories: int = Field(3, ge=1)
-    max_field_chars: int = Field(160, ge=8)
-    templates: dict[str, TemplateSet] = {}
+    language: str = Field("en", description="language of the templates used (a key of textualize.templates)")
+    template_version: str = Field(
+        "1", description="part of the text id: bump to re-text (and so re-embed) every user after changing a template")
+    max_events: int = Field(200, ge=1, le=1000, description="newest events kept per user")
+    max_tokens: int = Field(256, ge=16, description="approximate token budget per text")
+    top_categories: int = Field(3, ge=1, description="categories named in the header")
+    max_field_chars: int = Field(160, ge=8, description="queries and review texts are cut to this length")
+    templates: dict[str, TemplateSet] = Field(
+        {}, description="language -> templates (header, count_item, labels, events, default_event, repeat, "
+                        "day_prefix, separators, chars_per_token)")
 
     @model_validator(mode="after")
     def _language_exists(self) -> "TextualizeSettings":
@@ -218,27 +258,32 @@ class TextualizeSettings(_Strict):
 
 
 class EmbedSettings(_Strict):
-    model: str = "builtin:minilm"
-    # auto: the task's GPU if Spark gave it one (or CUDA_VISIBLE_DEVICES), else CPU;
-    # cuda: a GPU is required (validated against the Spark GPU keys before any job)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: float32 on CPU, bfloat16 (float16 where unsupported) on GPU; CPU always runs float32
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    normalize: bool = True
-    # padded tokens per forward pass (rows x longest row of a length-sorted micro-batch)
-    max_batch_tokens: int = Field(16384, ge=512)
-    # rows per Arrow batch handed to a Python worker (spark.sql.execution.arrow.maxRecordsPerBatch)
-    arrow_batch_size: int = Field(1024, ge=1)
-    # GPU only: tasks of the forward-pass stage (default: spark.default.parallelism)
-    gpu_partitions: int | None = Field(None, ge=1)
-    # GPU only: CPU cores each forward-pass task holds besides its GPU
-    gpu_task_cpus: int = Field(1, ge=1)
-    items: bool = True
-    item_text_fields: list[Literal["title", "category", "brand", "description"]] = [
-        "title", "category", "brand", "description"]
-    # CPU only: int8 Linear layers (torch dynamic quantization), ~1.45x faster, mean 1 - cos ~0.003 from
-    # float32 (refused on load above 0.01); a model id of its own, so switching it re-embeds everyone
-    cpu_int8: bool = False
+    model: str = Field(
+        "builtin:minilm",
+        description="`builtin:minilm` or a local Hugging Face / sentence-transformers model directory")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: the task's GPU if Spark gave it one (or CUDA_VISIBLE_DEVICES), else CPU; "
+                            "cuda: a GPU is required (Spark GPU keys checked before any job)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 (float16 where unsupported) on GPU; "
+                            "CPU always runs float32")
+    normalize: bool = Field(True, description="L2-normalize embeddings")
+    max_batch_tokens: int = Field(
+        16384, ge=512, description="padded tokens per forward pass (rows x longest row of a length-sorted "
+                                   "micro-batch)")
+    arrow_batch_size: int = Field(
+        1024, ge=1, description="rows per Arrow batch handed to a Python worker "
+                                "(spark.sql.execution.arrow.maxRecordsPerBatch)")
+    gpu_partitions: int | None = Field(
+        None, ge=1, description="GPU only: tasks of the forward-pass stage (null: spark.default.parallelism)")
+    gpu_task_cpus: int = Field(1, ge=1, description="GPU only: CPU cores each forward-pass task holds besides its GPU")
+    items: bool = Field(True, description="embed the item catalog too")
+    item_text_fields: list[Literal["title", "category", "brand", "description"]] = Field(
+        ["title", "category", "brand", "description"], description="item fields in an item's text")
+    # a model id of its own, so switching it re-embeds everyone
+    cpu_int8: bool = Field(
+        False, description="CPU only: int8 Linear layers (torch dynamic quantization), ~1.45x faster, "
+                           "mean 1 - cos ~0.003 from float32 (refused on load above 0.01)")
 
     @model_validator(mode="after")
     def _int8_on_cpu(self) -> "EmbedSettings":
@@ -250,9 +295,9 @@ class EmbedSettings(_Strict):
 class SplitSettings(_Strict):
     """Users go to train / valid / test by a salted hash of user_key (test gets the rest)."""
 
-    train: float = Field(0.7, gt=0, lt=1)
-    valid: float = Field(0.15, gt=0, lt=1)
-    salt: str = "userlens-split-v1"
+    train: float = Field(0.7, gt=0, lt=1, description="share of users in the train split")
+    valid: float = Field(0.15, gt=0, lt=1, description="share of users in the validation split (test: the rest)")
+    salt: str = Field("userlens-split-v1", description="salt of the user_key hash that splits users")
 
     @model_validator(mode="after")
     def _leaves_a_test_split(self) -> "SplitSettings":
@@ -264,88 +309,95 @@ class SplitSettings(_Strict):
 class DPSettings(_Strict):
     """DP-SGD with Opacus (extra ``privacy``); one training sample per user, so epsilon is user-level."""
 
-    enabled: bool = False
-    target_epsilon: float = Field(8.0, gt=0)
-    # None: 1 / (number of training users), rounded down to a power of ten
-    target_delta: float | None = Field(None, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    enabled: bool = Field(False, description="DP-SGD with Opacus (extra `privacy`); epsilon is user-level")
+    target_epsilon: float = Field(8.0, gt=0, description="DP-SGD privacy budget epsilon")
+    target_delta: float | None = Field(
+        None, gt=0, lt=1, description="DP-SGD delta (null: 1 / (number of training users), rounded down to a "
+                                      "power of ten)")
+    max_grad_norm: float = Field(1.0, gt=0, description="DP-SGD per-sample gradient clipping norm")
 
 
 class AlsSettings(_Strict):
     """Spark MLlib ALS (implicit feedback), the collaborative-filtering baseline of the recommender."""
 
-    rank: int = Field(32, ge=1)
-    max_iter: int = Field(10, ge=1)
-    reg_param: float = Field(0.05, ge=0)
-    alpha: float = Field(10.0, gt=0)
+    rank: int = Field(32, ge=1, description="ALS baseline of the recommender: rank")
+    max_iter: int = Field(10, ge=1, description="ALS baseline of the recommender: iterations")
+    reg_param: float = Field(0.05, ge=0, description="ALS baseline of the recommender: regularization")
+    alpha: float = Field(10.0, gt=0, description="ALS baseline of the recommender: implicit-feedback confidence")
 
 
 class RecommendSettings(_Strict):
     """The two-tower recommendation head trained in the train stage's TorchDistributor run."""
 
-    enabled: bool = True
-    k: int = Field(10, ge=1, le=1000)            # items published per user and evaluated (recall@k, nDCG@k)
-    dim: int = Field(64, ge=4)                   # the towers' output dimension
-    hidden: int = Field(256, ge=4)               # the user tower's hidden width
-    history: int = Field(50, ge=1)               # newest distinct items of a user's history that are pooled
-    history_half_life_days: float = Field(14.0, gt=0)
-    weight: float = Field(1.0, gt=0)             # the recommendation loss's weight beside the task losses
-    eval_users: int = Field(20_000, ge=1)        # test users evaluated (a hash sample above this)
-    als: AlsSettings = AlsSettings()
+    enabled: bool = Field(True, description="the two-tower recommendation head (off with DP-SGD)")
+    k: int = Field(10, ge=1, le=1000, description="items published per user and evaluated (recall@k, nDCG@k)")
+    dim: int = Field(64, ge=4, description="the towers' output dimension")
+    hidden: int = Field(256, ge=4, description="the user tower's hidden width")
+    history: int = Field(50, ge=1, description="newest distinct items of a user's history that are pooled")
+    history_half_life_days: float = Field(14.0, gt=0, description="recency half-life of the pooled history")
+    weight: float = Field(1.0, gt=0, description="the recommendation loss's weight beside the task losses")
+    eval_users: int = Field(20_000, ge=1, description="test users evaluated (a hash sample above this)")
+    als: AlsSettings = Field(AlsSettings(), description="the Spark MLlib ALS baseline")
 
 
 class MlflowSettings(_Strict):
-    enabled: bool = False
-    tracking_uri: str | None = None
-    experiment: str = "userlens"
+    enabled: bool = Field(False, description="MLflow logging (extra `mlflow`)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (null: MLflow's default)")
+    experiment: str = Field("userlens", description="MLflow experiment name")
 
 
 class TrainSettings(_Strict):
-    horizon_days: int = Field(7, ge=1)
-    tasks: list[Literal["purchase", "churn", "next_category"]] = ["purchase", "churn", "next_category"]
-    # next_category classes: the most frequent label categories; the rest fall into "other"
-    max_categories: int = Field(50, ge=2)
-    hidden: list[int] = [128]
-    dropout: float = Field(0.3, ge=0, lt=1)
-    batch_size: int = Field(256, ge=1)
-    epochs: int = Field(40, ge=1)
-    patience: int = Field(5, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-3, ge=0)
-    # a purchase or churn head whose validation loss is not below that of the baseline's logistic
-    # regression ends as that regression (off under DP-SGD)
-    baseline_fallback: bool = True
-    seed: int = 13
-    split: SplitSettings = SplitSettings()
-    # refuse to train below these counts (per task, in the train split)
-    min_users: int = Field(50, ge=2)
-    min_class_users: int = Field(5, ge=1)
-    # TorchDistributor(num_processes, local_mode, use_gpu)
-    num_processes: int = Field(2, ge=1)
-    local_mode: bool = True
-    use_gpu: bool = False
-    snapshot_rows_per_file: int = Field(200_000, ge=1000)
-    # a new model is trained when none exists or the newest is at least this many days old
-    retrain_days: int = Field(7, ge=1)
-    dp: DPSettings = DPSettings()
-    recommend: RecommendSettings = RecommendSettings()
-    mlflow: MlflowSettings = MlflowSettings()
+    horizon_days: int = Field(
+        7, ge=1, description="cutoff C = as-of - horizon; features <= C, labels in (C, as-of]")
+    tasks: list[Literal["purchase", "churn", "next_category"]] = Field(
+        ["purchase", "churn", "next_category"], description="heads of the model")
+    max_categories: int = Field(
+        50, ge=2, description="next_category classes: the most frequent label categories; the rest fall into "
+                              "\"other\"")
+    hidden: list[int] = Field(
+        [128], description="MLP trunk widths; the numeric features also feed the heads directly")
+    dropout: float = Field(0.3, ge=0, lt=1, description="dropout of the MLP trunk")
+    batch_size: int = Field(256, ge=1, description="rows per step per process")
+    epochs: int = Field(40, ge=1, description="most epochs")
+    patience: int = Field(5, ge=1, description="epochs without a better validation loss before stopping")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-3, ge=0, description="AdamW weight decay")
+    baseline_fallback: bool = Field(
+        True, description="a purchase or churn head whose validation loss is not below that of the baseline's "
+                          "logistic regression ends as that regression (off under DP-SGD)")
+    seed: int = Field(13, description="training seed")
+    split: SplitSettings = Field(SplitSettings(), description="hash split of user_key")
+    min_users: int = Field(50, ge=2, description="refuse to train below this many users (per task, train split)")
+    min_class_users: int = Field(
+        5, ge=1, description="refuse to train below this many users per class (per task, train split)")
+    num_processes: int = Field(2, ge=1, description="TorchDistributor(num_processes)")
+    local_mode: bool = Field(True, description="TorchDistributor(local_mode)")
+    use_gpu: bool = Field(False, description="TorchDistributor(use_gpu)")
+    snapshot_rows_per_file: int = Field(
+        200_000, ge=1000, description="snapshot files = max(num_processes, users / this)")
+    retrain_days: int = Field(
+        7, ge=1, description="a new model is trained when none exists or the newest is at least this many days old")
+    dp: DPSettings = Field(DPSettings(), description="DP-SGD")
+    recommend: RecommendSettings = Field(RecommendSettings(), description="the two-tower recommendation head")
+    mlflow: MlflowSettings = Field(MlflowSettings(), description="MLflow logging")
 
 
 class ProfileSettings(_Strict):
-    # k-means on user embeddings; refit when the newest segment model is this old or the encoder changed
-    segments: int = Field(8, ge=2)
-    segment_refit_days: int = Field(7, ge=1)
-    interests: int = Field(3, ge=1)              # top categories per user
-    interest_half_life_days: float = Field(14.0, gt=0)
+    segments: int = Field(8, ge=2, description="k of the k-means on user embeddings")
+    segment_refit_days: int = Field(
+        7, ge=1, description="refit the segments when the newest segment model is this old (or the encoder changed)")
+    interests: int = Field(3, ge=1, description="top categories per user")
+    interest_half_life_days: float = Field(14.0, gt=0, description="recency half-life of the interests")
 
 
 class NightlySettings(_Strict):
-    report: bool = True                           # write the HTML report as the last stage
-    report_dir: str = "./reports"
-    # one nightly at a time per warehouse (run_locks); a run that died holds the lock this long
-    lock_hours: float = Field(12.0, gt=0)
-    privacy_check: bool = False                   # `userlens privacy-check` as the last stage; a fail fails the night
+    report: bool = Field(True, description="write the HTML report as the last stage")
+    report_dir: str = Field("./reports", description="where the HTML reports go")
+    lock_hours: float = Field(
+        12.0, gt=0, description="one nightly at a time per warehouse (run_locks); a run that died holds the lock "
+                                "this long")
+    privacy_check: bool = Field(
+        False, description="`userlens privacy-check` as the last stage; a fail fails the night")
 
 
 DatasetAdapter = Literal["movielens-100k", "movielens", "amazon", "sequences", "retailrocket"]
@@ -357,53 +409,61 @@ class DatasetSettings(_Strict):
     With an adapter set, ingest and ``userlens evaluate`` read ``source.path`` through
     :mod:`userlens.datasets` instead of ``source.format`` / ``source.mapping``."""
 
-    adapter: DatasetAdapter | None = None
-    # relative to source.path (or absolute); null: the adapter's own file names
-    events_file: str | None = None
-    items_file: str | None = None
-    # text encoding of the item file; null: ISO-8859-1 for MovieLens u.item and .dat files, else UTF-8
-    encoding: str | None = None
+    adapter: DatasetAdapter | None = Field(
+        None, description="a public dataset's reader (movielens-100k, movielens, amazon, sequences, retailrocket; "
+                          "presets in conf/datasets/): ingest and `evaluate` read source.path through it")
+    events_file: str | None = Field(
+        None, description="relative to source.path (or absolute); null: the adapter's own file name")
+    items_file: str | None = Field(
+        None, description="relative to source.path (or absolute); null: the adapter's own file name")
+    encoding: str | None = Field(
+        None, description="text encoding of the item file; null: ISO-8859-1 for MovieLens u.item and .dat "
+                          "files, else UTF-8")
 
 
 class EvaluateSettings(_Strict):
     """``userlens evaluate``: what counts as an interaction, the seed, and the baselines' parameters."""
 
-    # event types that are interactions in the ranking protocols (empty: ingest.item_event_types)
-    interactions: list[str] = []
-    seed: int = 13
-    # next-window: the H of "active / purchase in the next H days" (null: train.horizon_days)
-    horizon_days: int | None = Field(None, ge=1)
-    # Spark MLlib ALS, implicit feedback (the count of a user's events with an item is the rating)
-    als_rank: int = Field(64, ge=1)
-    als_max_iter: int = Field(15, ge=1)
-    als_reg_param: float = Field(0.05, ge=0)
-    als_alpha: float = Field(10.0, gt=0)
-    # item-kNN (SAR-style): Jaccard item co-occurrence, user affinity decayed with this half-life (null: none)
-    knn_half_life_days: float | None = Field(30.0, gt=0)
-    knn_neighbors: int = Field(100, ge=1)        # most similar items kept per item
-    knn_history: int = Field(200, ge=1)          # newest distinct items per user counted in co-occurrence
-    userlens: bool = True                        # the userlens rows (false: baselines only)
+    interactions: list[str] = Field(
+        [], description="event types that are interactions in the ranking protocols (empty: "
+                        "ingest.item_event_types)")
+    seed: int = Field(13, description="stratified-75 split, next-window user split, ALS")
+    horizon_days: int | None = Field(
+        None, ge=1, description="next-window: the H of \"active / purchase in the next H days\" (null: "
+                                "train.horizon_days)")
+    # the count of a user's events with an item is the rating
+    als_rank: int = Field(64, ge=1, description="Spark MLlib ALS baseline (implicit feedback): rank")
+    als_max_iter: int = Field(15, ge=1, description="Spark MLlib ALS baseline: iterations")
+    als_reg_param: float = Field(0.05, ge=0, description="Spark MLlib ALS baseline: regularization")
+    als_alpha: float = Field(10.0, gt=0, description="Spark MLlib ALS baseline: implicit-feedback confidence")
+    knn_half_life_days: float | None = Field(
+        30.0, gt=0, description="item-kNN (SAR-style, Jaccard co-occurrence) baseline: user affinity half-life "
+                                "(null: no decay)")
+    knn_neighbors: int = Field(100, ge=1, description="item-kNN: most similar items kept per item")
+    knn_history: int = Field(200, ge=1, description="item-kNN: newest distinct items per user counted in "
+                                                    "co-occurrence")
+    userlens: bool = Field(True, description="the userlens rows of `userlens evaluate` (false: baselines only)")
 
 
 class Settings(_Strict):
-    env: Literal["local", "cluster", "databricks"] = "local"
-    spark: SparkSettings = SparkSettings()
-    storage: StorageSettings = StorageSettings()
-    source: SourceSettings = SourceSettings()
-    privacy: PrivacySettings = PrivacySettings()
-    ingest: IngestSettings = IngestSettings()
-    sample: SampleSettings = SampleSettings()
-    textualize: TextualizeSettings
-    embed: EmbedSettings = EmbedSettings()
-    train: TrainSettings = TrainSettings()
-    profile: ProfileSettings = ProfileSettings()
-    nightly: NightlySettings = NightlySettings()
-    dataset: DatasetSettings = DatasetSettings()
-    evaluate: EvaluateSettings = EvaluateSettings()
+    env: Literal["local", "cluster", "databricks"] = Field("local", description="local, cluster or databricks")
+    spark: SparkSettings = Field(SparkSettings(), description="the Spark session")
+    storage: StorageSettings = Field(StorageSettings(), description="where tables and models live")
+    source: SourceSettings = Field(SourceSettings(), description="the raw events and items")
+    privacy: PrivacySettings = Field(PrivacySettings(), description="pseudonyms, PII, retention")
+    ingest: IngestSettings = Field(IngestSettings(), description="the ingest stage")
+    sample: SampleSettings = Field(SampleSettings(), description="`userlens sample` / `demo`")
+    textualize: TextualizeSettings = Field(description="user texts")
+    embed: EmbedSettings = Field(EmbedSettings(), description="the text encoder")
+    train: TrainSettings = Field(TrainSettings(), description="the model")
+    profile: ProfileSettings = Field(ProfileSettings(), description="segments and interests")
+    nightly: NightlySettings = Field(NightlySettings(), description="the nightly run")
+    dataset: DatasetSettings = Field(DatasetSettings(), description="a public dataset as the source")
+    evaluate: EvaluateSettings = Field(EvaluateSettings(), description="`userlens evaluate`")
 
 
 # Fields whose value is a free-form map: a dotted --set key below them is one map key.
-_MAP_FIELDS = {("spark", "conf"), ("source", "event_type_map")}
+_MAP_FIELDS = {("spark", "conf"), ("source", "event_type_map"), ("ingest", "max_reason_fraction")}
 # (templates are nested models, so dotted --set keys below them work as usual)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -547,3 +607,70 @@ def _describe(exc: ValidationError, origin: dict[tuple[str, ...], str]) -> str:
             message += f" (got {first['input']!r})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{source}: {'.'.join(loc)}: {message}{more}"
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One key of docs/configuration.md: its dotted name, its default as shown there, and its meaning."""
+
+    key: str
+    default: str
+    description: str
+
+
+# a default longer than this (the templates) is shown as a pointer to the file
+_SHOWN_DEFAULT_CHARS = 80
+
+
+def settings_reference() -> list[KeyDoc]:
+    """Every key of :class:`Settings`, in model order, as ``KeyDoc`` rows (scripts/config_reference.py).
+
+    Nested models become dotted keys (``train.recommend.als.rank``); a map field (``spark.conf``,
+    ``textualize.templates``) is one key; aliased fields go by their alias (``storage.schema``). The
+    default is that of conf/base.yaml over the model defaults, with conf/local.yaml's value added
+    where it differs.
+    """
+    base = Settings.model_validate(_expand(_read_yaml(BASE_CONF), {}, "conf/base.yaml", ()))
+    local = load_settings([DEFAULT_CONF], env={})
+    return list(_reference_rows(Settings, base, local, ""))
+
+
+def _reference_rows(model: type[BaseModel], base: BaseModel, local: BaseModel, prefix: str):
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        base_value, local_value = getattr(base, name), getattr(local, name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _reference_rows(annotation, base_value, local_value, key + ".")
+            continue
+        shown = _shown_default(base_value, "conf/base.yaml")
+        if local_value != base_value:
+            shown += f" (local.yaml: {_shown_default(local_value, 'conf/local.yaml')})"
+        yield KeyDoc(key, shown, field.description or "")
+
+
+def _shown_default(value: Any, source: str) -> str:
+    text = _yaml_style(value)
+    return text if len(text) <= _SHOWN_DEFAULT_CHARS else f"see {source}"
+
+
+def _yaml_style(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, BaseModel):
+        value = value.model_dump(by_alias=True)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_yaml_style(k)}: {_yaml_style(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_style(v) for v in value) + "]"
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, str):
+        try:
+            plain = yaml.safe_load(value) == value and value == value.strip() and "," not in value
+        except yaml.YAMLError:
+            plain = False
+        return value if plain else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
