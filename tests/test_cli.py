@@ -7,18 +7,22 @@ import sys
 from userlens.cli import main
 
 
-def test_missing_source_path_is_one_line_and_writes_nothing(spark, tmp_path, capsys):
+def test_missing_source_path_is_one_line_and_writes_nothing(tmp_path, capsys):
     code = main(["ingest", "--set", "spark.master=local[2]", "--set", f"storage.warehouse={tmp_path / 'wh'}",
                  "--set", f"source.path={tmp_path / 'nowhere'}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("userlens: ")]
-    assert code == 1
+    assert code == 2
     assert err == [f"userlens: error: source.path: {tmp_path / 'nowhere' / 'events'} does not exist"]
-    # the failed run is recorded; no data table was written
-    assert not (tmp_path / "wh" / "events").exists()
-    assert not (tmp_path / "wh" / "events_quarantine").exists()
+    assert not (tmp_path / "wh").exists()  # the pre-flight runs before Spark: not even a run row
 
 
-def test_textualize_without_events_names_the_command_to_run(spark, tmp_path, capsys):
+def test_textualize_without_a_warehouse_or_events_names_the_command_to_run(spark, tmp_path, capsys):
+    code = main(["textualize", "--set", f"storage.warehouse={tmp_path / 'wh'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("userlens: ")]
+    assert code == 2 and err == [f"userlens: error: storage.warehouse: {tmp_path / 'wh'} does not exist: run "
+                                 "`userlens ingest` (or `userlens demo`) first, or point storage.warehouse at a "
+                                 "warehouse"]
+    (tmp_path / "wh").mkdir()
     code = main(["textualize", "--set", f"storage.warehouse={tmp_path / 'wh'}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("userlens: ")]
     assert code == 1 and err == ["userlens: error: no events table: run `userlens ingest` first"]

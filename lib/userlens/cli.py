@@ -101,7 +101,45 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--date", type=_date, help="next-window as-of date; the cutoff is date - "
                                                      "evaluate.horizon_days (default: the latest event date)")
     evaluate.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
+
+    sub.add_parser("check-source", parents=[common],
+                   help="check source.path and source.mapping and print 5 mapped rows, pseudonymized "
+                        "(docs/own-data.md)")
     return parser
+
+
+def _source_preflight(items: bool) -> Callable[[argparse.Namespace, Settings], None]:
+    def check(args: argparse.Namespace, settings: Settings) -> None:
+        from userlens.sources.preflight import check_source
+
+        check_source(settings, items=items)
+    return check
+
+
+def _warehouse_preflight(args: argparse.Namespace, settings: Settings) -> None:
+    from userlens.sources.preflight import check_warehouse
+
+    check_warehouse(settings)
+
+
+def _privacy_check_preflight(args: argparse.Namespace, settings: Settings) -> None:
+    _warehouse_preflight(args, settings)
+    _source_preflight(items=False)(args, settings)
+
+
+def _evaluate_preflight(args: argparse.Namespace, settings: Settings) -> None:
+    from userlens.sources.preflight import require_local_path
+
+    require_local_path(args.path, "--path")
+
+
+# Checks that need no Spark: a missing path or a wrong mapping fails in a second, before a session starts
+PREFLIGHT: dict[str, Callable[[argparse.Namespace, Settings], None]] = {
+    "ingest": _source_preflight(items=True), "nightly": _source_preflight(items=True),
+    "check-source": _source_preflight(items=True), "privacy-check": _privacy_check_preflight,
+    "evaluate": _evaluate_preflight,
+    **dict.fromkeys(("textualize", "embed", "train", "score", "profile", "report", "forget"), _warehouse_preflight),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         settings = load_settings(args.conf or None, args.overrides)
+        if args.command in PREFLIGHT:
+            PREFLIGHT[args.command](args, settings)
         return COMMANDS[args.command](args, settings)
     except UserlensError as exc:
         log.debug("failure", exc_info=True)
@@ -168,7 +208,17 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     spark = _spark(settings)
     result = _stage("ingest", settings, spark, lambda run: run_ingest(spark, settings, key, run, args.date, args.full))
     print(f"ingest: {result.rows_in} rows in -> {result.rows_out} events, {result.quarantined} quarantined, "
-          f"{result.duplicates} duplicates; {result.items_out} items (as of {result.as_of_date})")
+          f"{result.duplicates} duplicates; {result.items_out} items (as of {result.as_of_date})"
+          + (f"; {len(result.skipped_files)} unreadable file(s) skipped" if result.skipped_files else ""))
+    return 0
+
+
+def cmd_check_source(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.privacy import load_key
+    from userlens.stages.ingest import check_source_sample
+
+    key = load_key(settings.privacy)
+    print(check_source_sample(_spark(settings), settings, key).describe())
     return 0
 
 
@@ -403,7 +453,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "sample": cmd_sample, "ingest": cmd_ingest, "textualize": cmd_textualize, "embed": cmd_embed,
     "train": cmd_train, "score": cmd_score, "profile": cmd_profile, "nightly": cmd_nightly,
     "forget": cmd_forget, "report": cmd_report, "demo": cmd_demo, "privacy-check": cmd_privacy_check,
-    "evaluate": cmd_evaluate,
+    "evaluate": cmd_evaluate, "check-source": cmd_check_source,
 }
 
 

@@ -1,6 +1,7 @@
 """Error types whose message is the one line a user sees."""
 
 
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -13,6 +14,34 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when the message is empty."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+_FAILED_READ = re.compile(r"FAILED_READ_FILE\S*\]?\s*Encountered error while reading file (\S+?)\.?(?:\s|$)")
+
+
+def unreadable_file(exc: BaseException) -> tuple[str, str] | None:
+    """(file, root cause) when ``exc`` is Spark failing to read one file (``FAILED_READ_FILE``: a corrupt
+    block, a checksum or compression error), else None. Works on the Py4J error of a failed action."""
+    found = _FAILED_READ.search(str(exc))
+    if found is None:
+        return None
+    cause = "unknown cause"
+    java = getattr(exc, "java_exception", None)
+    try:
+        deepest = java
+        while deepest is not None and deepest.getCause() is not None:
+            deepest = deepest.getCause()
+        if deepest is not None and deepest is not java:
+            name = str(deepest.getClass().getName()).rsplit(".", 1)[-1]
+            cause = f"{name}: {deepest.getMessage()}" if deepest.getMessage() else name
+    except Exception:  # noqa: BLE001 - the JVM may be gone; the file name alone still helps
+        pass
+    if cause == "unknown cause":
+        caused = re.findall(r"Caused by: ([\w.$]+(?:: [^\n]*)?)", str(exc))
+        if caused:
+            cause = caused[-1].split(".")[-1] if ": " not in caused[-1] else caused[-1].split(": ", 1)[0].rsplit(
+                ".", 1)[-1] + ": " + caused[-1].split(": ", 1)[1]
+    return found.group(1), cause.strip()
 
 
 def require_columns(df: _HasColumns, columns: Sequence[str], what: str) -> None:
@@ -48,6 +77,10 @@ class MissingColumnsError(UserlensError, ValueError):
 
 class SourceError(UserlensError):
     """The raw source cannot be read (missing path, unreadable format)."""
+
+
+class QuarantineLimitError(UserlensError):
+    """An ingest run quarantined more of its input than ``ingest.max_quarantine_fraction`` allows."""
 
 
 class SecretError(UserlensError):

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from userlens.config import IngestSettings, Settings, SourceSettings
-from userlens.errors import SourceError, UserlensError, first_line
+from userlens.errors import QuarantineLimitError, SourceError, UserlensError, first_line, unreadable_file
 from userlens.privacy import PseudonymKey, pseudonymize, record_key_id, require_same_key, scrub_pii
+from userlens.sources.preflight import check_source, field_roles
+from userlens.sources.redact import redact_raw_record
 from userlens.runs import StageRun
 from userlens.tables import Tables, same_rows
 
@@ -42,24 +46,33 @@ OK, QUARANTINED, DUPLICATE = "ok", "quarantined", "duplicate"
 # reading: any format -> (raw, source_date, corrupt, f_<canonical> strings)
 # --------------------------------------------------------------------------
 def read_raw(spark: "SparkSession", path: str, fmt: str, mapping: dict[str, str | None],
-             source: SourceSettings) -> DataFrame:
+             source: SourceSettings, exclude: Sequence[str] = ()) -> DataFrame:
     """Read a raw source into canonical string columns ``f_<field>``.
 
     Output columns: ``raw`` (the original record as text), ``source_date`` (the
     date partition of the raw layout, or null), ``corrupt`` (record could not be
     parsed), and one string column ``f_<field>`` per canonical field (null when
-    unmapped or absent).
+    unmapped or absent). ``exclude``: files left out (``ingest.on_unreadable_file: skip``).
     """
+    target: str | list[str] = path
+    if exclude:
+        if fmt == "delta":
+            raise SourceError(f"cannot skip {exclude[0]}: a Delta source is read as one table")
+        skipped = {_file_path(f) for f in exclude}
+        target = [f for f in list_data_files(spark, path) if _file_path(f) not in skipped]
+        if not target:
+            raise SourceError(f"no readable file left in {path} after skipping {len(skipped)} unreadable one(s)")
     try:
+        reader = spark.read.option("basePath", path) if exclude else spark.read
         if fmt == "json":
-            df = spark.read.text(path)
+            df = reader.text(target)
         elif fmt == "csv":
-            df = (spark.read.option("header", str(source.csv_header).lower()).option("mode", "PERMISSIVE")
-                  .option("inferSchema", "false").csv(path))
+            df = (reader.option("header", str(source.csv_header).lower()).option("mode", "PERMISSIVE")
+                  .option("inferSchema", "false").csv(target))
         else:
-            df = spark.read.format(fmt).load(path)
+            df = reader.format(fmt).load(target)
     except Exception as exc:  # noqa: BLE001 - surfaced as one line
-        raise SourceError(f"cannot read {fmt} source at {path}: {first_line(exc)}") from None
+        raise SourceError(f"cannot read {fmt} source at {path}: {first_line(exc)}") from exc
 
     part = source.date_partition
     has_part = part in df.columns
@@ -109,11 +122,23 @@ def _blank_to_null(column: Column) -> Column:
     return F.when(F.length(trimmed) > 0, trimmed)
 
 
-def redact_user_field(raw: Column, user_field: str, user_key: Column) -> Column:
-    """Replace the value of the user-id field inside raw JSON text with the user_key (or <redacted>)."""
-    pattern = r'("' + user_field.replace("\\", "\\\\") + r'"\s*:\s*)("(?:[^"\\]|\\.)*"?|[^,}\s]*)'
-    replacement = F.concat(F.lit('$1"'), F.coalesce(user_key, F.lit("<redacted>")), F.lit('"'))
-    return F.regexp_replace(raw, F.lit(pattern), replacement)
+def _file_path(location: str) -> str:
+    """A file's path without its ``file:`` scheme (Spark writes file:///x, Hadoop lists file:/x)."""
+    return re.sub(r"^file:/*", "/", location)
+
+
+def list_data_files(spark: "SparkSession", path: str) -> list[str]:
+    """Every data file under ``path`` as Spark reads them (names starting with ``.`` or ``_`` skipped)."""
+    jvm = spark.sparkContext._jvm
+    root = jvm.org.apache.hadoop.fs.Path(path)
+    fs = root.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    files, listing = [], fs.listFiles(root, True)
+    while listing.hasNext():
+        file_path = listing.next().getPath()
+        relative = str(file_path.toUri().getPath())[len(str(root.toUri().getPath())):]
+        if not any(part.startswith((".", "_")) for part in relative.split("/") if part):
+            files.append(str(file_path))
+    return sorted(files)
 
 
 # --------------------------------------------------------------------------
@@ -176,15 +201,14 @@ def classify_events(raw: DataFrame, settings: Settings, key: PseudonymKey) -> Da
     )
 
 
-def quarantine_rows(classified: DataFrame, source_name: str, user_field: str | None, run_id: str,
-                    now: dt.datetime) -> DataFrame:
-    """Quarantined rows as ``events_quarantine`` rows: raw text scrubbed, user id replaced by its key."""
-    raw = F.col("raw")
-    if user_field:
-        raw = redact_user_field(raw, user_field, F.col("user_key"))
+def quarantine_rows(classified: DataFrame, source_name: str, roles: dict[str, str], key: PseudonymKey,
+                    run_id: str, now: dt.datetime) -> DataFrame:
+    """Quarantined rows as ``events_quarantine`` rows; the raw text keeps no value that could identify a
+    person, whatever the mapping (:mod:`userlens.sources.redact`)."""
     return classified.where(F.col("status") == QUARANTINED).select(
-        scrub_pii(raw).alias("raw"), "reason", F.lit(source_name).alias("source"), F.lit(run_id).alias("run_id"),
-        "source_date", "user_key", F.lit(now).cast(T.TimestampType()).alias("quarantined_at"),
+        redact_raw_record(F.col("raw"), roles, key).alias("raw"), "reason", F.lit(source_name).alias("source"),
+        F.lit(run_id).alias("run_id"), "source_date", "user_key",
+        F.lit(now).cast(T.TimestampType()).alias("quarantined_at"),
     )
 
 
@@ -268,6 +292,89 @@ class IngestResult:
     reasons: dict[str, int]
     items_out: int
     items_quarantined: int
+    skipped_files: tuple[str, ...] = ()
+
+
+MAX_SKIPPED_FILES = 1000  # ingest.on_unreadable_file: skip gives up (and fails) past this many
+T_ = TypeVar("T_")
+
+
+def read_skipping_unreadable(build: Callable[[list[str]], T_], policy: str, what: str) -> tuple[T_, list[str]]:
+    """``build(skipped)``, where a file Spark cannot read fails the run with one line naming it
+    (``policy`` fail) or is left out and ``build`` retried without it (skip); (result, skipped files)."""
+    skipped: list[str] = []
+    while True:
+        try:
+            return build(list(skipped)), skipped
+        except Exception as exc:
+            found = unreadable_file(exc)
+            if found is None:
+                raise
+            path, cause = found
+            if policy == "skip" and path not in skipped and len(skipped) < MAX_SKIPPED_FILES:
+                log.warning("ingest: skipping the unreadable %s file %s (%s; ingest.on_unreadable_file=skip)",
+                            what, path, cause)
+                skipped.append(path)
+                continue
+            hint = ("set ingest.on_unreadable_file=skip to ingest the other files" if policy == "fail"
+                    else f"it stayed unreadable after {len(skipped)} file(s) were skipped")
+            raise SourceError(f"cannot read the {what} file {path}: {cause}; nothing was written ({hint})") from exc
+
+
+def check_quarantine_limits(ingest: IngestSettings, rows_in: int, reasons: dict[str, int]) -> str | None:
+    """Why the run's quarantine is over ``ingest.max_quarantine_fraction`` / ``max_reason_fraction``, or None."""
+    if not rows_in:
+        return None
+    total = sum(reasons.values())
+    listed = ", ".join(f"{r} {n:,}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    if total / rows_in > ingest.max_quarantine_fraction:
+        return (f"{total:,} of {rows_in:,} rows ({total / rows_in:.1%}) were quarantined, above "
+                f"ingest.max_quarantine_fraction={ingest.max_quarantine_fraction:g} ({listed})")
+    for reason, limit in sorted(ingest.max_reason_fraction.items()):
+        n = reasons.get(reason, 0)
+        if n / rows_in > limit:
+            return (f"{n:,} of {rows_in:,} rows ({n / rows_in:.1%}) were quarantined as {reason}, above "
+                    f"ingest.max_reason_fraction.{reason}={limit:g}")
+    return None
+
+
+@dataclass(frozen=True)
+class _Events:
+    """The source as read for one run: rows in the raw contract and what quarantine redaction needs."""
+
+    raw: DataFrame
+    roles: dict[str, str]
+    partition_dates: list[dt.date] | None
+
+
+def _read_events(spark: "SparkSession", settings: Settings, skipped: Sequence[str]) -> _Events:
+    source = settings.source
+    if settings.dataset.adapter:
+        from userlens.datasets import read_events
+
+        if skipped:
+            raise SourceError(f"cannot skip {skipped[0]}: a dataset adapter reads fixed files")
+        dataset = read_events(spark, settings)  # a missing file or a wrong format fails here, before any write
+        roles = {dataset.user_field: "user_id"} if dataset.user_field else {}
+        return _Events(dataset.frame, roles, None)
+    events_path = source.events_location()
+    mapping = source.mapping.model_dump()
+    return _Events(read_raw(spark, events_path, source.format, mapping, source, skipped), field_roles(mapping),
+                   list_partition_dates(spark, events_path, source.date_partition))
+
+
+def _done_dates(tables: Tables) -> set[dt.date]:
+    """Dates already ingested: in events, or (every row refused) in the quarantine of a run that did not fail."""
+    done: set[dt.date] = set()
+    if tables.exists("events"):
+        done |= {r[0] for r in tables.read("events").select("event_date").distinct().collect()}
+    if tables.exists("events_quarantine"):
+        quarantined = tables.read("events_quarantine").where("source = 'events' AND source_date IS NOT NULL")
+        if tables.exists("pipeline_runs"):
+            failed = tables.read("pipeline_runs").where("stage = 'ingest' AND status = 'failed'").select("run_id")
+            quarantined = quarantined.join(failed, "run_id", "left_anti")
+        done |= {r[0] for r in quarantined.select("source_date").distinct().collect()}
+    return done
 
 
 def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run: StageRun,
@@ -277,67 +384,82 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
 
     tables = Tables(spark, settings.storage)
     require_same_key(tables, key, settings.privacy.key_env)  # before any write
+    check_source(settings, spark)  # paths and mapping, before any read of the data
     source = settings.source
-    if settings.dataset.adapter:
-        from userlens.datasets import read_events
+    done = set() if full else _done_dates(tables)
 
-        dataset = read_events(spark, settings)  # a missing file or a wrong format fails here, before any write
-        raw, user_field, partition_dates = dataset.frame, dataset.user_field, None
-    else:
-        events_path = source.events_location()
-        partition_dates = list_partition_dates(spark, events_path, source.date_partition)
-        raw = read_raw(spark, events_path, source.format, source.mapping.model_dump(), source)
-        user_field = source.mapping.user_id
-    if partition_dates is not None:
-        raw_dates = partition_dates
-        date_of_raw = F.col("source_date")
-    else:
-        # no date folders: the date comes from the event time (a full scan of one column)
-        date_of_raw = F.to_date(parse_event_time(F.col("f_event_time"), source.timestamp_format))
-        raw_dates = sorted(r[0] for r in raw.select(date_of_raw.alias("d")).where("d IS NOT NULL")
-                           .distinct().collect())
-    done: set[dt.date] = set()
-    if not full and tables.exists("events"):
-        done |= {r[0] for r in tables.read("events").select("event_date").distinct().collect()}
-    if not full and tables.exists("events_quarantine"):
-        done |= {r[0] for r in tables.read("events_quarantine").where("source = 'events'")
-                 .select("source_date").distinct().collect() if r[0] is not None}
-    as_of, todo = dates_to_ingest(raw_dates, done, as_of, full)
+    def classify(skipped: list[str]) -> tuple[_Events, dt.date, list[dt.date], DataFrame | None, dict]:
+        read = _read_events(spark, settings, skipped)
+        if read.partition_dates is not None:
+            raw_dates, date_of_raw = read.partition_dates, F.col("source_date")
+        else:
+            # no date folders: the date comes from the event time (a full scan of one column)
+            date_of_raw = F.to_date(parse_event_time(F.col("f_event_time"), source.timestamp_format))
+            raw_dates = sorted(r[0] for r in read.raw.select(date_of_raw.alias("d")).where("d IS NOT NULL")
+                               .distinct().collect())
+        as_of_date, todo = dates_to_ingest(raw_dates, done, as_of, full)
+        if not todo:
+            return read, as_of_date, todo, None, {}
+        in_scope = date_of_raw.isin(*todo)
+        if read.partition_dates is None:
+            in_scope = in_scope | date_of_raw.isNull()  # undated bad rows are re-quarantined, idempotently
+        classified = classify_events(read.raw.where(in_scope), settings, key).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            counts = {(r["status"], r["reason"]): r["n"] for r in
+                      classified.groupBy("status", "reason").agg(F.count(F.lit(1)).alias("n")).collect()}
+        except Exception:
+            classified.unpersist()
+            raise
+        return read, as_of_date, todo, classified, counts
+
+    (read, as_of, todo, classified, counts), skipped = read_skipping_unreadable(
+        classify, settings.ingest.on_unreadable_file, "events")
     run.as_of_date = as_of
     log.info("ingest: %d raw date(s) to process up to %s: %s", len(todo), as_of,
              ", ".join(d.isoformat() for d in todo) or "none")
+    if skipped:
+        run.details["skipped_files"] = skipped
 
-    if not todo:
+    if classified is None:
         log.info("ingest: no raw dates up to %s; refreshing the item catalog only", as_of)
-        items_out, items_quarantined = ingest_items(spark, settings, tables, run.run_id)
+        items_out, items_quarantined, items_skipped = ingest_items(spark, settings, tables, run.run_id, key)
         record_key_id(tables, key)
         run.rows_in, run.rows_out = 0, 0
         run.details.update({"dates": [], "items_out": items_out, "items_quarantined": items_quarantined,
-                            "key_id": key.key_id, "full": full})
-        return IngestResult(as_of, [], 0, 0, 0, 0, {}, items_out, items_quarantined)
+                            "key_id": key.key_id, "full": full, **_skipped_detail(skipped, items_skipped)})
+        return IngestResult(as_of, [], 0, 0, 0, 0, {}, items_out, items_quarantined,
+                            tuple(skipped + items_skipped))
 
-    in_scope = date_of_raw.isin(*todo)
-    if partition_dates is None:
-        in_scope = in_scope | date_of_raw.isNull()  # undated bad rows are re-quarantined, idempotently
-    classified = classify_events(raw.where(in_scope), settings, key).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        counts = {(r["status"], r["reason"]): r["n"]
-                  for r in classified.groupBy("status", "reason").agg(F.count(F.lit(1)).alias("n")).collect()}
         rows_in = sum(counts.values())
         duplicates = sum(n for (status, _), n in counts.items() if status == DUPLICATE)
         reasons = {reason: n for (status, reason), n in counts.items() if status == QUARANTINED}
+        run.rows_in = rows_in
+        run.details.update({"dates": [d.isoformat() for d in todo], "duplicates": duplicates, "reasons": reasons,
+                            "key_id": key.key_id, "full": full})
+        over_limit = check_quarantine_limits(settings.ingest, rows_in, reasons)
 
-        events = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run.run_id))
         now = dt.datetime.now(dt.timezone.utc)
         # raw is JSON for every format (non-JSON rows are rendered with to_json)
-        quarantine = quarantine_rows(classified, "events", user_field, run.run_id, now)
+        quarantine = quarantine_rows(classified, "events", read.roles, key, run.run_id, now)
+        q_condition = ("source = 'events'" if full else
+                       f"source = 'events' AND (source_date IN ({_sql_dates(todo)}) OR source_date IS NULL)")
+        if over_limit:
+            # nothing goes to events; the refused rows are kept (redacted) for the diagnosis, beside the rows
+            # of the run that last ingested these dates (a good run replaces both)
+            q_written = tables.replace_where("events_quarantine", quarantine,
+                                             f"{q_condition} AND run_id = '{run.run_id}'").get("numInsertedRows", 0)
+            run.rows_out = 0
+            run.details["quarantined"] = q_written
+            raise QuarantineLimitError(
+                f"ingest: {over_limit}; nothing was written to events, the rows are in events_quarantine "
+                f"(run_id {run.run_id}). Check source.mapping with `userlens check-source`")
+        events = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run.run_id))
         if full:
             written = tables.overwrite("events", events)
-            q_condition = "source = 'events'"
         else:
             written = tables.replace_where("events", events, f"event_date IN ({_sql_dates(todo)})",
                                            unless_same=("run_id",))
-            q_condition = f"source = 'events' AND (source_date IN ({_sql_dates(todo)}) OR source_date IS NULL)"
         rows_out = written.get("numInsertedRows", 0)
         q_written = tables.replace_where("events_quarantine", quarantine, q_condition,
                                          unless_same=("run_id", "quarantined_at")).get("numInsertedRows", 0)
@@ -355,36 +477,135 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
     for reason, n in sorted(reasons.items()):
         log.info("ingest: quarantined %-20s %d", reason, n)
 
-    items_out, items_quarantined = ingest_items(spark, settings, tables, run.run_id)
+    items_out, items_quarantined, items_skipped = ingest_items(spark, settings, tables, run.run_id, key)
     result = IngestResult(as_of, todo, rows_in, rows_out, q_written, duplicates, reasons, items_out,
-                          items_quarantined)
-    run.rows_in, run.rows_out = rows_in, rows_out
-    run.details.update({"dates": [d.isoformat() for d in todo], "quarantined": q_written, "duplicates": duplicates,
-                        "reasons": reasons, "items_out": items_out, "items_quarantined": items_quarantined,
-                        "key_id": key.key_id, "full": full})
+                          items_quarantined, tuple(skipped + items_skipped))
+    run.rows_out = rows_out
+    run.details.update({"quarantined": q_written, "items_out": items_out, "items_quarantined": items_quarantined,
+                        **_skipped_detail(skipped, items_skipped)})
     return result
 
 
-def ingest_items(spark: "SparkSession", settings: Settings, tables: Tables, run_id: str) -> tuple[int, int]:
-    """Replace ``items`` with the current catalog snapshot; bad rows go to quarantine."""
-    source = settings.source
-    if settings.dataset.adapter:
-        from userlens.datasets import read_items
+def _skipped_detail(events: list[str], items: list[str]) -> dict[str, object]:
+    return {"skipped_files": events + items, "files_skipped": len(events) + len(items)} if events or items else {}
 
-        raw = read_items(spark, settings).frame
-    else:
-        fmt = source.items_format or source.format
-        raw = read_raw(spark, source.items_location(), fmt, source.items_mapping.model_dump(), source)
-    classified = classify_items(raw)
-    items = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run_id))
-    if tables.exists("items") and same_rows(tables.read("items"), items, ("run_id",)):
-        written = tables.read("items").count()  # unchanged: no new table version, no new files
-        log.info("ingest: the item catalog is unchanged")
-    else:
-        written = tables.overwrite("items", items).get("numInsertedRows", 0)
-    now = dt.datetime.now(dt.timezone.utc)
-    quarantine = quarantine_rows(classified, "items", None, run_id, now)
-    q_written = tables.replace_where("events_quarantine", quarantine, "source = 'items'",
-                                     unless_same=("run_id", "quarantined_at")).get("numInsertedRows", 0)
+
+def ingest_items(spark: "SparkSession", settings: Settings, tables: Tables, run_id: str,
+                 key: PseudonymKey) -> tuple[int, int, list[str]]:
+    """Replace ``items`` with the current catalog snapshot; bad rows go to quarantine.
+    (items written, items quarantined, unreadable item files skipped)."""
+    from pyspark import StorageLevel
+
+    source = settings.source
+
+    def classify(skipped: list[str]) -> tuple[DataFrame, dict[str, str]]:
+        if settings.dataset.adapter:
+            from userlens.datasets import read_items
+
+            raw, roles = read_items(spark, settings).frame, {}
+        else:
+            fmt = source.items_format or source.format
+            mapping = source.items_mapping.model_dump()
+            raw = read_raw(spark, source.items_location(), fmt, mapping, source, skipped)
+            roles = field_roles(mapping)
+        classified = classify_items(raw).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            classified.count()  # reads every file once: an unreadable one fails here, before any write
+        except Exception:
+            classified.unpersist()
+            raise
+        return classified, roles
+
+    (classified, roles), skipped = read_skipping_unreadable(classify, settings.ingest.on_unreadable_file, "items")
+    try:
+        items = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run_id))
+        if tables.exists("items") and same_rows(tables.read("items"), items, ("run_id",)):
+            written = tables.read("items").count()  # unchanged: no new table version, no new files
+            log.info("ingest: the item catalog is unchanged")
+        else:
+            written = tables.overwrite("items", items).get("numInsertedRows", 0)
+        now = dt.datetime.now(dt.timezone.utc)
+        quarantine = quarantine_rows(classified, "items", roles, key, run_id, now)
+        q_written = tables.replace_where("events_quarantine", quarantine, "source = 'items'",
+                                         unless_same=("run_id", "quarantined_at")).get("numInsertedRows", 0)
+    finally:
+        classified.unpersist()
     log.info("ingest: items %d, quarantined %d", written, q_written)
-    return written, q_written
+    return written, q_written, skipped
+
+
+# --------------------------------------------------------------------------
+# userlens check-source
+# --------------------------------------------------------------------------
+SAMPLE_ROWS = 1000
+SHOWN_ROWS = 5
+_SHOWN = ("user_key", "event_time", "event_type", "item_id", "category", "price", "quantity", "query", "text")
+
+
+@dataclass(frozen=True)
+class SourceCheck:
+    """What ``userlens check-source`` found: the columns, the mapping, and a classified sample."""
+
+    location: str
+    format: str
+    columns: tuple[str, ...]
+    mapping: dict[str, str | None]
+    sampled: int
+    statuses: dict[str, int]
+    reasons: dict[str, int]
+    rows: list[dict[str, object]]
+    warnings: list[str]
+
+    def describe(self) -> str:
+        mapped = ", ".join(f"{field} <- {column}" for field, column in self.mapping.items() if column)
+        unmapped = ", ".join(field for field, column in self.mapping.items() if not column)
+        refused = (" (" + ", ".join(f"{r} {n:,}" for r, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
+                   + ")") if self.reasons else ""
+        lines = [f"source: {self.location} ({self.format}; columns: {', '.join(self.columns) or 'none'})",
+                 f"mapping: {mapped}" + (f"; unmapped: {unmapped}" if unmapped else ""),
+                 *[f"warning: {w}" for w in self.warnings],
+                 f"sample: the first {self.sampled:,} rows: " + ", ".join(
+                     f"{n:,} {status}" for status, n in sorted(self.statuses.items())) + refused]
+        if self.rows:
+            table = [[*_SHOWN, "status"]] + [[_cell(row.get(c)) for c in [*_SHOWN, "status"]] for row in self.rows]
+            widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+            lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+        return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    return text if len(text) <= 24 else text[:12] + "…" + text[-4:] if text.isalnum() else text[:23] + "…"
+
+
+def check_source_sample(spark: "SparkSession", settings: Settings, key: PseudonymKey) -> SourceCheck:
+    """The pre-flight, then the first SAMPLE_ROWS raw events classified as ingest would; nothing is written."""
+    warnings = check_source(settings, spark)
+    source = settings.source
+    read = _read_events(spark, settings, ())
+    sample = read.raw.limit(SAMPLE_ROWS)
+    classified = classify_events(sample, settings, key).withColumn(
+        "status", F.when(F.col("status") == QUARANTINED, F.concat(F.lit("quarantined: "), F.col("reason")))
+        .otherwise(F.col("status"))).cache()
+    try:
+        counts = {(r["s"], r["reason"]): r["n"] for r in classified.groupBy(
+            F.split("status", ":")[0].alias("s"), "reason").agg(F.count(F.lit(1)).alias("n")).collect()}
+        rows = [r.asDict() for r in classified.orderBy(F.col("status") != "ok", "event_time")
+                .select(*_SHOWN, "status").limit(SHOWN_ROWS).collect()]
+    finally:
+        classified.unpersist()
+    statuses: dict[str, int] = {}
+    for (status, _), n in counts.items():
+        statuses[status] = statuses.get(status, 0) + n
+    columns = read.raw.columns if settings.dataset.adapter else ()
+    if not settings.dataset.adapter:
+        from userlens.sources.preflight import source_columns
+
+        found = source_columns(settings, spark, items=False).get("events")
+        columns = found.columns if found else ()
+    return SourceCheck(source.path if settings.dataset.adapter else source.events_location(),
+                       settings.dataset.adapter or source.format, tuple(columns),
+                       {} if settings.dataset.adapter else source.mapping.model_dump(), sum(statuses.values()),
+                       statuses, {r: n for (s, r), n in counts.items() if s == QUARANTINED}, rows, warnings)

@@ -54,6 +54,8 @@ from pyspark.sql import types as T
 from userlens.config import Settings
 from userlens.errors import SourceError, UserlensError, first_line
 from userlens.privacy import PII_PATTERNS, scrub_pii
+from userlens.sources.preflight import check_source
+from userlens.sources.redact import without_epoch_values
 from userlens.runs import StageRun
 from userlens.tables import TABLES, Tables
 
@@ -109,9 +111,10 @@ def raw_id_table(raw_ids: DataFrame, min_chars: int) -> DataFrame:
     the id is that one token, and whether it is long enough to be searched."""
     ids = raw_ids.select(F.trim("raw_id").alias("raw_id")).where(F.length("raw_id") > 0).distinct()
     parts = tokens(F.col("raw_id"))
+    first = F.try_element_at(parts, F.lit(1))  # null for an id without a token character
     return ids.select(
-        "raw_id", F.element_at(parts, 1).alias("anchor"),
-        ((F.size(parts) == 1) & (F.element_at(parts, 1) == F.col("raw_id"))).alias("single"),
+        "raw_id", first.alias("anchor"),
+        ((F.size(parts) == 1) & (first == F.col("raw_id"))).alias("single"),
         (F.length("raw_id") >= min_chars).alias("searched"))
 
 
@@ -152,13 +155,23 @@ def raw_id_hits(df: DataFrame, ids: DataFrame, multi_token_ids: bool = True) -> 
     return hits.unionByName(by_value).groupBy("column").agg(F.sum("n").cast("long").alias("hits"))
 
 
-def pii_counts(df: DataFrame) -> DataFrame:
+# columns whose text is a redacted raw record: the epoch times it keeps on purpose are not card numbers
+RAW_RECORDS: dict[str, tuple[str, ...]] = {"events_quarantine": ("raw",)}
+
+
+def pii_counts(df: DataFrame, raw_records: tuple[str, ...] = ()) -> DataFrame:
     """One row: ``rows`` and, per text column and PII type, ``<column>|<type>``: the placeholders a
-    second scrub adds (occurrences of PII ingest's scrubber finds in the stored text)."""
+    second scrub adds (occurrences of PII ingest's scrubber finds in the stored text). In the
+    ``raw_records`` columns, JSON values that are whole epoch times are not scanned
+    (:func:`userlens.sources.redact.without_epoch_values`)."""
     columns = text_columns(df.schema)
+
+    def text(c: str) -> Column:
+        return without_epoch_values(column_text(df, c)) if c in raw_records else column_text(df, c)
+
     # scrub once per value, in a projection, then count each placeholder on its output
     projected = df.select(F.lit(1).alias("_row"), *[
-        F.struct(column_text(df, c).alias("text"), scrub_pii(column_text(df, c)).alias("scrubbed")).alias(f"_{i}")
+        F.struct(text(c).alias("text"), scrub_pii(text(c)).alias("scrubbed")).alias(f"_{i}")
         for i, c in enumerate(columns)])
     aggregates = [F.count("_row").alias("rows")]
     for i, c in enumerate(columns):
@@ -175,6 +188,7 @@ def pii_counts(df: DataFrame) -> DataFrame:
 # --------------------------------------------------------------------------
 def source_raw_ids(spark: "SparkSession", settings: Settings) -> DataFrame:
     """The raw user ids of ``source.path`` (column ``raw_id``), read the way ingest reads the source."""
+    check_source(settings, spark, items=False)  # a mapping that names no column of the source: one line
     try:
         if settings.dataset.adapter:
             from userlens.datasets import read_events
@@ -188,7 +202,7 @@ def source_raw_ids(spark: "SparkSession", settings: Settings) -> DataFrame:
             raw = read_raw(spark, source.events_location(), source.format, only_ids, source)
         return raw.select(F.col("f_user_id").alias("raw_id"))
     except UserlensError as exc:
-        raise SourceError(f"privacy-check needs the raw user ids of source.path: {first_line(exc)}") from None
+        raise SourceError(f"privacy-check needs the raw user ids of source.path: {first_line(exc)}") from exc
 
 
 # --------------------------------------------------------------------------
@@ -294,6 +308,11 @@ def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun,
         id_counts = ids.agg(F.count(F.when(F.col("searched"), 1)).alias("searched"),
                             F.count(F.when(~F.col("searched"), 1)).alias("skipped"),
                             F.count(F.when(F.col("searched") & ~F.col("single"), 1)).alias("multi")).first()
+        if id_counts["searched"] + id_counts["skipped"] == 0:
+            # nothing to search for would pass every table: the mapping or the source is wrong
+            raise SourceError(f"privacy-check: 0 raw ids read from the source "
+                              f"({settings.source.path if settings.dataset.adapter else settings.source.events_location()}):"
+                              f" check source.mapping.user_id")
         searched = ids.where("searched")
         # each table's scan is a few small Spark jobs: one table at a time leaves the executors idle
         # between them, so up to CONCURRENT_TABLES tables are scanned at once (results in TABLES order)
@@ -377,7 +396,7 @@ def _check_table(tables: Tables, name: str, ids: DataFrame, multi_token_ids: boo
     df, scanned = rows_to_check(tables, name, version, since)
     if df is None:
         return TableCheck(name, True, 0, version, scanned)
-    counts = pii_counts(df).first().asDict()
+    counts = pii_counts(df, RAW_RECORDS.get(name, ())).first().asDict()
     pii: dict[str, dict[str, int]] = {}
     for key, n in counts.items():
         if key != "rows" and n:
