@@ -9,6 +9,14 @@ quantities, ...), and the Luhn-invalid card-like numbers, which count as neither
 the scrubber masks every card-shaped digit run because a Spark regex cannot
 check Luhn (docs/privacy.md).
 
+Those makers are written by the same hands as the patterns, so their corpus cannot
+find a format the patterns do not know. ``generate_oracle_corpus(n, seed)`` (or
+``generate_corpus(n, seed, source="oracle")``) takes its PII from libraries that
+know the world's formats instead: phone numbers of 55 regions from libphonenumber
+(``phonenumbers``), emails, IBANs, card numbers and IP addresses from Faker's
+locales; its hard negatives add dates, times, prices, postcodes and figures in many
+more formats. Both libraries are test and benchmark dependencies (the ``dev`` extra).
+
 ``score_scrubber(spark, records)`` runs a scrubber (default: the real
 ``scrub_pii``) over the corpus in one Spark job and scores it. The scrubber only
 replaces substrings by placeholders, so the input ranges it replaced are recovered
@@ -24,6 +32,7 @@ for neither. A hard negative is kept when no replaced range touches it.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -332,8 +341,10 @@ class _Builder:
                          tuple(self.spans["ignored"]))
 
 
-def _phrase(r: random.Random, group: str, kind: str, value: str) -> list[tuple[str, str, str] | str]:
-    contexts = {"pii": _PII_CONTEXTS, "neg": _NEGATIVE_CONTEXTS}.get(group, {}).get(kind, _LUHN_INVALID_CONTEXTS)
+def _phrase(r: random.Random, group: str, kind: str, value: str,
+            pii_contexts: dict[str, tuple[str, ...]] = _PII_CONTEXTS,
+            negative_contexts: dict[str, tuple[str, ...]] = _NEGATIVE_CONTEXTS) -> list[tuple[str, str, str] | str]:
+    contexts = {"pii": pii_contexts, "neg": negative_contexts}.get(group, {}).get(kind, _LUHN_INVALID_CONTEXTS)
     before, after = r.choice(contexts).split("{}")
     return [p for p in (before, (group, kind, value), after) if p]
 
@@ -355,20 +366,41 @@ def _emit(b: _Builder, phrases: list[list], review: bool) -> None:
             b.literal("!" if len(phrase) % 3 == 0 and isinstance(phrase[-1], str) else ".")
 
 
-def _record(r: random.Random) -> PiiRecord:
+@dataclass(frozen=True)
+class _Source:
+    """Where a corpus takes its values and contexts from (the internal makers or the oracle's)."""
+
+    makers: dict[str, Callable[[random.Random], str]]
+    negative: Callable[[random.Random, str], str]
+    negative_kinds: tuple[str, ...]
+    pii_contexts: dict[str, tuple[str, ...]]
+    negative_contexts: dict[str, tuple[str, ...]]
+
+
+_INTERNAL = _Source(_PII_MAKERS, _negative, NEGATIVE_KINDS, _PII_CONTEXTS, _NEGATIVE_CONTEXTS)
+
+
+def _record(r: random.Random, source: _Source = _INTERNAL,
+            planted: tuple[str, str] | None = None) -> PiiRecord:
+    """One record; ``planted`` (type, value) replaces the random PII of the record by that one value."""
     roll = r.random()
     n_pii = 0 if roll < 0.1 else 1 if roll < 0.75 else 2
     roll = r.random()
     n_neg = 0 if roll < 0.15 else 1 if roll < 0.65 else 2
     phrases = []
-    for _ in range(n_pii):
-        kind = r.choice(PII_TYPES)
-        phrases.append(_phrase(r, "pii", kind, _PII_MAKERS[kind](r)))
+    phrase = lambda group, kind, value: _phrase(  # noqa: E731
+        r, group, kind, value, source.pii_contexts, source.negative_contexts)
+    if planted is not None:
+        phrases.append(phrase("pii", *planted))
+    else:
+        for _ in range(n_pii):
+            kind = r.choice(PII_TYPES)
+            phrases.append(phrase("pii", kind, source.makers[kind](r)))
     for _ in range(n_neg):
-        kind = r.choice(NEGATIVE_KINDS)
-        phrases.append(_phrase(r, "neg", kind, _negative(r, kind)))
+        kind = r.choice(source.negative_kinds)
+        phrases.append(phrase("neg", kind, source.negative(r, kind)))
     if r.random() < 0.08:
-        phrases.append(_phrase(r, "ignored", LUHN_INVALID, _luhn_invalid_card(r)))
+        phrases.append(phrase("ignored", LUHN_INVALID, _luhn_invalid_card(r)))
     r.shuffle(phrases)
     b = _Builder()
     if r.random() < 0.5:  # a search query
@@ -384,12 +416,289 @@ def _record(r: random.Random) -> PiiRecord:
     return b.record()
 
 
-def generate_corpus(n: int, seed: int) -> list[PiiRecord]:
-    """``n`` labelled query and review texts; the same (n, seed) always gives the same records."""
+def generate_corpus(n: int, seed: int, source: str = "internal") -> list[PiiRecord]:
+    """``n`` labelled query and review texts; the same (n, seed, source) always gives the same records.
+
+    ``source="internal"``: PII from this module's own makers (the formats the patterns
+    were written for). ``source="oracle"``: PII from phonenumbers and Faker, see
+    ``generate_oracle_corpus``.
+    """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if source == "oracle":
+        return generate_oracle_corpus(n, seed)
+    if source != "internal":
+        raise ValueError(f"source must be 'internal' or 'oracle', got {source!r}")
     r = random.Random(seed)
     return [_record(r) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- oracle corpus
+#
+# The makers above are written by the same hands as PII_PATTERNS, so a corpus of theirs
+# cannot find a format the patterns do not know. The oracle corpus takes its PII from
+# libraries that know the world's formats: phone numbers from libphonenumber (the Python
+# port ``phonenumbers``), emails, IBANs, card numbers and IP addresses from Faker's locales.
+# Both are test and benchmark dependencies (setup.py's ``dev`` extra), imported here only.
+
+# The 32 largest countries by population and the 30 largest economies (2024 estimates,
+# overlapping), and more of Europe.
+ORACLE_REGIONS: tuple[str, ...] = (
+    # population
+    "IN", "CN", "US", "ID", "PK", "NG", "BR", "BD", "RU", "ET", "MX", "JP", "EG", "PH", "CD", "VN",
+    "IR", "TR", "DE", "TH", "TZ", "GB", "FR", "ZA", "IT", "KE", "MM", "CO", "KR", "SD", "UG", "ES",
+    # economy (GDP), where not above
+    "CA", "AU", "NL", "SA", "CH", "PL", "TW", "BE", "AR", "SE", "IE", "IL", "AE", "SG", "AT", "NO",
+    # more of Europe
+    "PT", "GR", "CZ", "RO", "HU", "DK", "FI",
+)
+ORACLE_PHONE_TYPES: tuple[str, ...] = ("FIXED_LINE", "MOBILE", "TOLL_FREE")
+# "00": the international form with 00 for the + (0049 30 123456), as dialled from most of
+# the world; "00 ": libphonenumber's own out-of-country form from Europe (00 49 30 123456).
+ORACLE_PHONE_FORMATS: tuple[str, ...] = ("NATIONAL", "INTERNATIONAL", "E164", "00", "00 ")
+# Faker locales for emails (names and free-mail domains differ by locale).
+ORACLE_EMAIL_LOCALES: tuple[str, ...] = (
+    "en_US", "en_GB", "en_IN", "en_AU", "en_CA", "en_IE", "en_NG", "en_PH", "en_PK", "en_KE", "de_DE",
+    "de_AT", "de_CH", "fr_FR", "fr_CA", "fr_BE", "it_IT", "es_ES", "es_MX", "es_AR", "es_CO", "pt_BR",
+    "pt_PT", "nl_NL", "nl_BE", "pl_PL", "cs_CZ", "sk_SK", "hu_HU", "ro_RO", "bg_BG", "el_GR", "tr_TR",
+    "ru_RU", "uk_UA", "sv_SE", "da_DK", "no_NO", "fi_FI", "ja_JP", "ko_KR", "zh_CN", "zh_TW", "th_TH",
+    "vi_VN", "id_ID", "hi_IN", "bn_BD", "fa_IR", "ar_EG", "ar_SA", "he_IL", "am_ET", "sw", "zu_ZA",
+)
+# Faker locales whose bank provider has its own IBAN country (the others fall back to GB).
+# AR, BD, CO, PH and TH do not use IBANs; Faker makes IBAN-shaped account numbers for them.
+ORACLE_IBAN_LOCALES: tuple[str, ...] = (
+    "en_GB", "en_IE", "de_DE", "de_AT", "de_CH", "fr_FR", "it_IT", "es_ES", "pt_PT", "pt_BR", "nl_NL",
+    "nl_BE", "pl_PL", "cs_CZ", "sk_SK", "da_DK", "fi_FI", "no_NO", "el_GR", "ro_RO", "tr_TR", "ru_RU",
+    "uk_UA", "az_AZ", "fa_IR", "mk_MK", "es_AR", "bn_BD", "es_CO", "en_PH", "th_TH",
+)
+# Faker's credit card providers (card_type names of faker.providers.credit_card).
+ORACLE_CARD_TYPES: tuple[str, ...] = ("maestro", "mastercard", "visa13", "visa16", "visa19", "amex",
+                                      "discover", "diners", "jcb15", "jcb16")
+ORACLE_NEGATIVE_KINDS = NEGATIVE_KINDS + ("postcode", "figure")
+
+
+def oracle_phone_examples() -> list[tuple[str, str, str, str]]:
+    """libphonenumber's own example number of every region, type and format, as (region, type, format, text).
+
+    Regions without a number of a type (no toll-free example for ET, CD and IR) are left out.
+    """
+    import phonenumbers
+
+    out = []
+    for region in ORACLE_REGIONS:
+        for type_name in ORACLE_PHONE_TYPES:
+            number = phonenumbers.example_number_for_type(region, getattr(phonenumbers.PhoneNumberType, type_name))
+            if number is None:
+                continue
+            for fmt in ORACLE_PHONE_FORMATS:
+                out.append((region, type_name, fmt, _format_phone(number, fmt)))
+    return out
+
+
+def _format_phone(number, fmt: str) -> str:  # noqa: ANN001 (a phonenumbers.PhoneNumber)
+    import phonenumbers
+
+    if fmt in ("00", "00 "):
+        return fmt + phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)[1:]
+    return phonenumbers.format_number(number, getattr(phonenumbers.PhoneNumberFormat, fmt))
+
+
+_FAKERS: dict = {}  # locale -> Faker, reused across corpora (reseeded by each _Oracle)
+
+
+class _Oracle:
+    """Seeded makers of oracle PII values; the same seed gives the same values in the same order."""
+
+    def __init__(self, seed: int) -> None:
+        import phonenumbers
+        from faker import Faker
+
+        # Faker's en_PH iban() logs "purely hypothetical" on every call.
+        logging.getLogger("faker.providers.bank.en_PH").setLevel(logging.ERROR)
+        self.pn = phonenumbers
+        self.r = random.Random(f"oracle-{seed}")
+        self.fakers: dict[str, Faker] = {}
+        for i, locale in enumerate(dict.fromkeys(ORACLE_EMAIL_LOCALES + ORACLE_IBAN_LOCALES)):
+            if locale not in _FAKERS:  # building one takes ~30 ms; seeding it resets all its state
+                _FAKERS[locale] = Faker(locale)
+            self.fakers[locale] = _FAKERS[locale]
+            self.fakers[locale].seed_instance(seed * 1000 + i)
+        self.examples = []  # (region, type, example number)
+        for region in ORACLE_REGIONS:
+            for type_name in ORACLE_PHONE_TYPES:
+                ptype = getattr(phonenumbers.PhoneNumberType, type_name)
+                number = phonenumbers.example_number_for_type(region, ptype)
+                if number is not None:
+                    self.examples.append((region, ptype, number))
+        self.deck: list[tuple[int, str]] = []
+        self.passes = 0
+
+    def phone(self, r: random.Random) -> str:
+        """The next (region, type, format) of a shuffled deck of all of them: libphonenumber's
+        example number on the first pass through the deck, then a random valid number of
+        that region and type (the example with its last digits redrawn, kept only when
+        libphonenumber calls it valid and of the same type)."""
+        if not self.deck:
+            self.deck = [(i, fmt) for i in range(len(self.examples)) for fmt in ORACLE_PHONE_FORMATS]
+            self.r.shuffle(self.deck)
+            self.passes += 1
+        i, fmt = self.deck.pop()
+        _, ptype, number = self.examples[i]
+        if self.passes > 1:
+            number = self._variant(number, ptype)
+        return _format_phone(number, fmt)
+
+    def _variant(self, example, ptype):  # noqa: ANN001
+        pn = self.pn
+        nsn = pn.national_significant_number(example)
+        accepted = {ptype, pn.PhoneNumberType.FIXED_LINE_OR_MOBILE}
+        for _ in range(30):
+            k = self.r.randint(2, max(2, min(6, len(nsn) - 3)))
+            candidate = nsn[:-k] + "".join(str(self.r.randrange(10)) for _ in range(k))
+            number = pn.parse(f"+{example.country_code}{candidate}")
+            if pn.is_valid_number(number) and pn.number_type(number) in accepted:
+                return number
+        return example
+
+    def email(self, r: random.Random) -> str:
+        fake = self.fakers[self.r.choice(ORACLE_EMAIL_LOCALES)]
+        return self.r.choice((fake.email, fake.free_email, fake.company_email, fake.safe_email))()
+
+    def iban(self, r: random.Random) -> str:
+        """Faker's IBAN of a random locale, compact or in the printed blocks of four."""
+        iban = self.fakers[self.r.choice(ORACLE_IBAN_LOCALES)].iban()
+        if self.r.random() < 0.5:
+            return iban
+        return " ".join(iban[i:i + 4] for i in range(0, len(iban), 4))
+
+    def card(self, r: random.Random) -> str:
+        """Faker's number of a random card provider, plain or grouped as printed on the card
+        (4-6-5 for 15 digits, 4-6-4 for 14, fours otherwise) by spaces or dashes."""
+        number = self.fakers["en_US"].credit_card_number(self.r.choice(ORACLE_CARD_TYPES))
+        sep = self.r.choice(("", "", " ", " ", "-"))
+        if not sep:
+            return number
+        sizes = {15: (4, 6, 5), 14: (4, 6, 4)}.get(len(number), (4,) * 5)
+        groups, pos = [], 0
+        for size in sizes:
+            if pos < len(number):
+                groups.append(number[pos:pos + size])
+                pos += size
+        return sep.join(groups)
+
+    def ipv4(self, r: random.Random) -> str:
+        fake = self.fakers["en_US"]
+        return self.r.choice((fake.ipv4, fake.ipv4_private, fake.ipv4_public))()
+
+    def ipv6(self, r: random.Random) -> str:
+        """Faker's IPv6 (compressed, lower case), sometimes written out in full or in upper case."""
+        text = self.fakers["en_US"].ipv6()
+        roll = self.r.random()
+        if roll < 0.15:
+            return ipaddress.IPv6Address(text).exploded
+        return text.upper() if roll < 0.3 else text
+
+    def makers(self) -> dict[str, Callable[[random.Random], str]]:
+        return {"email": self.email, "phone": self.phone, "card": self.card, "iban": self.iban,
+                "ipv4": self.ipv4, "ipv6": self.ipv6}
+
+
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")
+
+
+def _oracle_negative(r: random.Random, kind: str) -> str:
+    """The hard negatives of the oracle corpus: those of ``_negative`` and more numbers a wide
+    phone pattern could take (dates and times in many formats, prices with thousands
+    separators, sizes, ranks, year ranges, postcodes)."""
+    d = lambda n: _digits(r, n)  # noqa: E731
+    if kind == "date" and r.random() < 0.7:
+        y, m, day = r.randrange(2019, 2028), r.randrange(1, 13), r.randrange(1, 29)
+        month, h, mi = _MONTHS[m - 1], r.randrange(24), r.randrange(60)
+        return r.choice((
+            f"{y}-{m:02d}-{day:02d}", f"{day:02d}/{m:02d}/{y}", f"{m:02d}/{day:02d}/{y}", f"{m}/{day}/{y}",
+            f"{day}.{m}.{y}", f"{day:02d}.{m:02d}.{y}", f"{day:02d}-{m:02d}-{y}", f"{y}/{m:02d}/{day:02d}",
+            f"{y}.{m:02d}.{day:02d}", f"{day:02d}.{m:02d}.{y % 100:02d}", f"{m}/{day}/{y % 100:02d}",
+            f"{day}/{m}/{y % 100:02d}", f"{y}{m:02d}{day:02d}", f"{day} {month[:3]} {y}", f"{month} {day}, {y}",
+            f"{day}. {month} {y}", f"{y}-{m:02d}-{day:02d}T{h:02d}:{mi:02d}:00Z",
+            f"{y}-{m:02d}-{day:02d} {h:02d}:{mi:02d}", f"{day:02d}.{m:02d}.{y} {h:02d}:{mi:02d}", f"{y}年{m}月{day}日",
+            f"{month[:3]} {y}", f"{m:02d}/{y}", f"{day:02d} {m:02d} {y}",
+        ))
+    if kind == "time" and r.random() < 0.7:
+        h, mi = r.randrange(24), r.randrange(60)
+        return r.choice((f"{h:02d}:{mi:02d}", f"{h % 12 + 1}:{mi:02d} PM", f"{h:02d}h{mi:02d}",
+                         f"{h:02d}.{mi:02d} Uhr", f"{h % 12 + 1}am", f"{h:02d}:{mi:02d}–{(h + 2) % 24:02d}:{mi:02d}",
+                         f"{h:02d}:{mi:02d} - {(h + 1) % 24:02d}:{mi:02d}",
+                         f"{h:02d}:{mi:02d}:{r.randrange(60):02d}.{d(3)}"))
+    if kind == "price" and r.random() < 0.6:
+        whole, cents = r.randrange(1000, 100000), r.randrange(100)
+        return r.choice((f"{whole:,} €".replace(",", " "), f"{whole:,}".replace(",", " ") + f",{cents:02d} €",
+                         f"R$ {whole:,}".replace(",", ".") + f",{cents:02d}",
+                         f"₹{whole:,}", f"¥{whole:,}", f"{whole:,} ₽".replace(",", " "),
+                         f"CHF {whole:,}.{cents:02d}".replace(",", "'"),
+                         f"{r.randrange(1, 100)}.{d(3)}.000 ₫", f"{r.randrange(1, 10)} {d(3)} {d(3)} Ft",
+                         f"{whole:,}.{cents:02d} USD"))
+    if kind == "figure":
+        y = r.randrange(2000, 2025)
+        return r.choice((f"size {r.choice((38, 40, 42))} {r.choice((44, 46))} {r.choice((48, 50))}",
+                         f"ranked {r.randrange(1, 10)} of {r.randrange(100, 1000)}", f"{y}-{y + r.randrange(1, 10)}",
+                         f"{y}/{(y + 1) % 100:02d}",
+                         f"{r.choice((1000, 1500, 2000))}-{r.choice((3000, 4000, 6000))} rpm",
+                         f"pages {r.randrange(10, 200)}-{r.randrange(200, 400)}",
+                         f"sizes {r.randrange(30, 40)}-{r.randrange(40, 48)}",
+                         f"{r.randrange(2, 10)} for {r.randrange(10, 100)}", f"{r.randrange(100, 999)} reviews",
+                         f"top {r.choice((5, 10, 50))} of {y}",
+                         f"{r.randrange(1, 5)} {r.randrange(5, 9)} {r.randrange(9, 13)} months"))
+    if kind == "postcode":
+        return r.choice(("10115 Berlin", "SW1A 1AA", "EC1A 1BB", f"{r.randrange(75001, 75021)} Paris",
+                         f"{r.randrange(10000, 99999)}-{d(4)}", f"0{r.randrange(1000, 9999)}-{d(3)}",
+                         f"{r.randrange(100, 999)}-{d(4)}", f"{r.randrange(10, 99)}-{d(3)} Warszawa",
+                         f"{r.randrange(1010, 1240, 10)} Wien", f"{r.randrange(110001, 855999)}", "M5V 3L9",
+                         f"{r.randrange(100, 999)} {d(2)} Stockholm", f"{r.randrange(1000, 9999)} AB Amsterdam",
+                         "D02 X285", f"{r.randrange(28001, 28080)} Madrid"))
+    return _negative(r, kind)
+
+
+_ORACLE_PII_CONTEXTS = {k: v + {
+    "email": ("schreib mir an {}", "mon adresse: {}", "mi correo es {}"),
+    "phone": ("ruf mich an unter {}", "appelez-moi au {}", "llámame al {}", "Tel.: {}", "bel {} na 18 uur"),
+    "card": ("Karte {} belastet", "carte {} débitée", "charged to {} twice"),
+    "iban": ("Überweisung an {}", "virement sur {}", "IBAN {} please"),
+    "ipv4": ("blocked IP {}", "gateway {} unreachable"),
+    "ipv6": ("blocked IP {}", "gateway {} unreachable"),
+}[k] for k, v in _PII_CONTEXTS.items()}
+_ORACLE_NEGATIVE_CONTEXTS = {**_NEGATIVE_CONTEXTS,
+                             "postcode": ("ship to {}", "store in {}", "deliver to {} please", "postcode {}"),
+                             "figure": ("{}", "my kids wear {}", "{} was fine", "{} on the list")}
+
+
+def _oracle_source(seed: int) -> _Source:
+    return _Source(_Oracle(seed).makers(), _oracle_negative, ORACLE_NEGATIVE_KINDS, _ORACLE_PII_CONTEXTS,
+                   _ORACLE_NEGATIVE_CONTEXTS)
+
+
+def generate_oracle_corpus(n: int, seed: int) -> list[PiiRecord]:
+    """``n`` labelled texts like ``generate_corpus``'s, with PII from independent libraries.
+
+    Phones: libphonenumber's numbers of FIXED_LINE, MOBILE and TOLL_FREE type of every
+    region in ``ORACLE_REGIONS``, formatted NATIONAL, INTERNATIONAL, E164 and with 00 for
+    the + (``_Oracle.phone``: each region, type and format once before any repeats, the
+    examples first). Emails, IBANs, cards, IPv4 and IPv6: Faker, of the locales and card
+    providers listed above. Hard negatives: ``_oracle_negative``. Needs phonenumbers and
+    Faker (the ``dev`` extra); Faker is seeded, so the same (n, seed) gives the same records.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    source = _oracle_source(seed)
+    r = random.Random(seed)
+    return [_record(r, source) for _ in range(n)]
+
+
+def oracle_records(values: Sequence[tuple[str, str]], seed: int = 0) -> list[PiiRecord]:
+    """One labelled text per (PII type, value), with the oracle corpus's contexts and hard negatives."""
+    source = _oracle_source(seed)
+    r = random.Random(seed)
+    return [_record(r, source, planted=value) for value in values]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -435,7 +744,7 @@ class ScrubberScore:
     placeholders: dict[str, PlaceholderScore] = field(
         default_factory=lambda: {p: PlaceholderScore() for p in dict.fromkeys(PLACEHOLDERS.values())})
     # kind -> [total, kept]
-    negatives: dict[str, list[int]] = field(default_factory=lambda: {k: [0, 0] for k in NEGATIVE_KINDS})
+    negatives: dict[str, list[int]] = field(default_factory=lambda: {k: [0, 0] for k in ORACLE_NEGATIVE_KINDS})
     luhn_invalid: list[int] = field(default_factory=lambda: [0, 0])  # [total, masked]
     misses: list[tuple[str, str, str]] = field(default_factory=list)  # (type, value, output) examples
     damaged: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, value, output) examples
@@ -476,7 +785,7 @@ class ScrubberScore:
         lines += ["", f"hard negatives kept verbatim: {kept:,d} / {total:,d} = {fmt(self.negative_retention)} "
                       f"(goal >= {RETENTION_GOAL})",
                   "by kind: " + ", ".join(f"{k} {fmt(kk / t if t else None)} ({t:,d})"
-                                          for k, (t, kk) in self.negatives.items()),
+                                          for k, (t, kk) in self.negatives.items() if t or k in NEGATIVE_KINDS),
                   "placeholders emitted: " + ", ".join(f"`{p}` {s.emitted:,d} ({s.false_positive:,d} false positive)"
                                                         for p, s in self.placeholders.items()),
                   f"Luhn-invalid card-like numbers masked (counted as neither): {self.luhn_invalid[1]:,d} / "
