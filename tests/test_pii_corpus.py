@@ -41,6 +41,9 @@ def test_scrub_pii_meets_goals(spark):
     assert all(r >= RECALL_GOAL for r in recalls.values()), (recalls, score.misses)
     assert score.negative_retention >= RETENTION_GOAL, score.damaged
     assert score.meets_goals()
+    # What the patterns reach today (docs/privacy.md): a regression shows here before it reaches the goals.
+    assert all(r == 1.0 for r in recalls.values()), (recalls, score.misses)
+    assert score.negative_retention >= 0.99, score.damaged
 
 
 def test_scorer_fails_broken_scrubbers(spark):

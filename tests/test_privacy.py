@@ -43,10 +43,31 @@ CASES = [
     ("from 192.168.10.23.", "from <ip>."),
     ("v6 2001:db8:85a3::8a2e:370:7334 x", "v6 <ip> x"),
     ("iban DE89 3704 0044 0532 0130 00", "iban <iban>"),
+    # formats the patterns learnt from the oracle corpus (libphonenumber, Faker)
+    ("ruf 0049 30 123456 an", "ruf <phone> an"),
+    ("ruf 00 49 30 123456 an", "ruf <phone> an"),
+    ("chiama 02 1234 5678", "chiama <phone>"),
+    ("bel 06 12345678", "bel <phone>"),
+    ("tel. 512 345 678", "tel. <phone>"),
+    ("zvonite 8 (912) 345-67-89", "zvonite <phone>"),
+    ("ligue (11) 96123-4567", "ligue <phone>"),
+    ("hívjon (06 1) 234 5678", "hívjon <phone>"),
+    ("call 1-800-123-456", "call <phone>"),
+    ("mail jürgen@abramenko.укр", "mail <email>"),
+    ("IBAN RU98 0400 8556 5930 50MU LJCK VIRF OXJA C", "IBAN <iban>"),
+    ("IBAN DE89 3704 0044 0532 0130 00 BIC GKCCBEBB", "IBAN <iban> BIC GKCCBEBB"),
+    ("maestro 503888215517 ok", "maestro <card> ok"),
     # hard negatives: must survive unchanged
     ("order 2026-10-03 at 14:02:11 cost 19.99", "order 2026-10-03 at 14:02:11 cost 19.99"),
     ("version 1.2.3 model XR-200 qty 12", "version 1.2.3 model XR-200 qty 12"),
     ("order #12345678", "order #12345678"),
+    ("order 114-2345678-9012345, 007-9210020-2574923", "order 114-2345678-9012345, 007-9210020-2574923"),
+    ("from 2019-2023, 2019/2020, 1500-6000 rpm", "from 2019-2023, 2019/2020, 1500-6000 rpm"),
+    ("on 03.10.2026 14:30, 10/03/26, 2026-13-01", "on 03.10.2026 14:30, 10/03/26, 2026-13-01"),
+    ("zip 94105-1234, CEP 01310-100, 10115 Berlin", "zip 94105-1234, CEP 01310-100, 10115 Berlin"),
+    ("12.499.000 ₫, 12 499 000 ₫, pi 3.14159265", "12.499.000 ₫, 12 499 000 ₫, pi 3.14159265"),
+    ("size 38 40 42 44 46, draw 1 10 11 12 10", "size 38 40 42 44 46, draw 1 10 11 12 10"),
+    ("app 0.12.11.21-beta", "app 0.12.11.21-beta"),
 ]
 
 

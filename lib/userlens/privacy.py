@@ -90,41 +90,111 @@ def pseudonymize(user_id: Column, key: PseudonymKey) -> Column:
 # first so that, e.g., a card number is not half-eaten by the phone pattern.
 # Number patterns end with (?!\w|[.-]\d)-style lookaheads so that a sentence's
 # full stop does not stop a match, while a longer number is never cut in two.
-# Measured on a labelled corpus by bench/pii.py (docs/privacy.md).
+# Measured by bench/pii.py on two labelled corpora (docs/privacy.md): one whose PII
+# comes from libphonenumber and Faker (the world's formats) and our own.
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _H = r"[0-9A-Fa-f]{1,4}"
 # Digits introduced by a product-code keyword ("SKU 4006381333931", "EAN: ...") are not PII.
 _NOT_PRODUCT_CODE = r"(?<!(?i:sku|ean|gtin|upc|isbn)[ :#]{1,3})"
-_PHONE_END = r"(?!\w|[.-]\d)"
+# IBAN length by country (SWIFT IBAN registry). An IBAN of a listed country is matched
+# at exactly its length, compact or in blocks of four, so that its blocks may be all
+# letters (RU, UA) while a following word ("... 00 BIC GKCCBEBB") is never taken.
+_IBAN_LENGTHS = {
+    15: "NO", 16: "BE", 18: "DK FI FO GL NL", 19: "MK SI", 20: "AT BA EE KZ LT LU XK",
+    21: "CH HR LI LV", 22: "BG BH CR DE GB GE IE ME RS VA", 23: "AE GI IL IQ TL",
+    24: "AD CZ ES MD PK RO SA SE SK TN VG", 25: "LY PT ST", 26: "IS TR", 27: "FR GR IT MC MR SM",
+    28: "AL AZ BY CY DO GT HU LB PL SV", 29: "BR EG PS QA UA", 30: "JO KW MU", 31: "MT SC", 32: "LC",
+    33: "RU",
+}
+_IBAN_EXACT = "|".join(
+    rf"(?:{'|'.join(countries.split())})\d{{2}}(?: ?[A-Z0-9]{{4}}){{{(n - 4) // 4}}}"
+    + (rf" ?[A-Z0-9]{{{(n - 4) % 4}}}" if (n - 4) % 4 else "")
+    for n, countries in _IBAN_LENGTHS.items())
+# Phone numbers are runs of digit groups. Between two groups: one space, dot, slash or
+# dash, or a parenthesis with at most one of them ("+49 (0)30", "(0212) 345", "8 (301) 123").
+_SEP = r"(?:[ ./-]?\(|\)[ ./-]?|[ ./-])"
+_RUN = rf"\(?\d(?:{_SEP}?\d)*"
+# A run is taken whole or not at all: it never starts after a group (the national and 00
+# patterns), never ends before a next group or a decimal part, nor before a version suffix
+# (0.12.11.21-beta).
+_RUN_END = rf"(?!\w|{_SEP}?\d|,\d|[-+][A-Za-z])"
+# The country codes of E.164 (ITU): 1 and 7, the assigned two-digit ones, three digits otherwise.
+_COUNTRY_CODE = (r"(?:[17]|2[07]|3[0-469]|4[013-9]|5[1-8]|6[0-6]|8[1246]|9[0-58]"
+                 r"|(?:2[1-689]|3[578]|42|5[09]|6[7-9]|8[0578]|9[679])\d)")
+
+
+def _digit_count(low: int, high: int, trunk_low: int | None = None) -> str:
+    """Lookahead: the run starting here has ``low``-``high`` digits (``trunk_low``-``high`` from a 0)."""
+    count = rf"(?:{_SEP}?\d){{{low},{high}}}"
+    if trunk_low is not None:
+        count = rf"\(?(?:0(?:{_SEP}?\d){{{trunk_low - 1},{high - 1}}}|[1-9](?:{_SEP}?\d){{{low - 1},{high - 1}}})"
+    return rf"(?={count}(?!{_SEP}?\d))"
+
+
+# An order number like Amazon's has 17 digits (114-2345678-9012345), too many for a phone
+# number, unless its 00 is taken for the + (007-9210020-2574923 would pass for 00 7 ...).
+_NOT_ORDER = r"(?!\d{3}-\d{7}-\d{7}(?!\d))"
+# Runs that a national phone number is not: dates, valid or not (3.10.2026, 10/03/26,
+# 2026-10-03, 2026-13-01, 03 10 2026; one more group after the year makes it a phone number
+# again: 06.12.34.56.78), ranges, ZIP+4 and CEP postcodes (2019-2023, 1500-6000, 94105-1234,
+# 01310-100; not 089-12345), two short numbers and a slash (2019/2020, 1920/1080; not
+# 030/1234567), decimal numbers (3.14159265, 0.12.11.21), thousands (12.499.000), and runs
+# of one- and two-digit numbers (1 10 11 12 10, lottery numbers) unless they start with a
+# trunk 0 (FR 01 23 45 67 89) or are four pairs (DK, NO 32 12 34 56).
+_NOT_DATE_OR_FIGURE = (
+    r"(?!0\.)"
+    r"(?!\d{1,2}(?<a>[./-])\d{1,2}\k<a>(?:19|20)?\d\d(?!\d|\k<a>\d))"
+    r"(?!(?:19|20)\d\d(?<c>[./-])\d{1,2}\k<c>\d{1,2}(?!\d|\k<c>\d))"
+    r"(?!(?:0?[1-9]|[12]\d|3[01]) (?:0?[1-9]|1[0-2]) (?:19|20)\d\d(?! ?\d))"
+    rf"(?!(?:[1-9]\d{{0,4}}-\d{{1,5}}|\d{{1,5}}-\d{{1,4}}|\d{{1,4}}/\d{{1,4}}|\d+\.\d+|\d{{1,3}}(?:\.\d{{3}})+)"
+    rf"{_RUN_END})"
+    rf"(?!(?!\d\d(?<d>[ .-])\d\d\k<d>\d\d\k<d>\d\d{_RUN_END})[1-9]\d?(?:[ ./-]\d{{1,2}})+{_RUN_END})"
+)
+# Nor is a number after or before a currency sign (a price: 12 499 000 ₫, € 1 299 000).
+_NOT_PRICE = r"(?<![$€£¥₹₽₫] ?)"
+_NOT_BEFORE_PRICE = r"(?! ?(?:[$€£¥₹₽₫]|EUR|USD|GBP|CHF|Ft|zł|Kč))"
 PII_PATTERNS: list[tuple[str, str, str]] = [
-    ("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", "<email>"),
-    # After the first block, a block that follows a space holds a digit, so a following
-    # word ("... 1057 BIC GKCCBEBB") is not taken for one.
+    # Unicode letters too: IDN domains (...@abramenko.укр), and a local part such as
+    # jürgen@ is masked whole, not from its last ASCII letter on.
+    ("email", r"[\p{L}\p{N}._%+-]+@[\p{L}\p{N}-]+(?:\.[\p{L}\p{N}-]+)*\.\p{L}{2,}", "<email>"),
+    ("iban", rf"\b(?:{_IBAN_EXACT})(?![A-Za-z0-9])", "<iban>"),
+    # Other IBANs (other countries, wrong lengths): after the first block, a block that
+    # follows a space holds a digit, so a following word ("... 1057 BIC GKCCBEBB") is not
+    # taken for one.
     ("iban", r"\b[A-Z]{2}\d{2} ?[A-Z0-9]{4}(?:[A-Z0-9]{4}| (?=[A-Z]{0,3}\d)[A-Z0-9]{4}){1,6}"
              r"(?:[A-Z0-9]{1,3}| (?=[A-Z]{0,2}\d)[A-Z0-9]{1,3})?\b", "<iban>"),
-    # 13-19 digits, plain or grouped 4-4-4-4(-3) / 4-6-5 (12 when grouped by fours): masked
-    # whether or not they pass Luhn (fail safe; a regex cannot check Luhn). Not after a
-    # "+44 " country code, where the digits are a phone number, nor after "0." / "3,", where
-    # they are the fraction of a decimal number (0.8947368421052632).
+    # 13-19 digits, plain or grouped 4-4-4-4(-3) / 4-6-5 / 4-6-4 (12 when grouped by fours),
+    # and 12 plain digits of a Maestro range (50, 56-69, 0604): masked whether or not they
+    # pass Luhn (fail safe; a regex cannot check Luhn). Not after a "+44 " country code,
+    # where the digits are a phone number, nor after "0." / "3,", where they are the fraction
+    # of a decimal number (0.8947368421052632). No card number starts with 00 (0044 7400
+    # 123456 is a phone number), and 12 digits grouped by fours from a 0 other than Maestro's
+    # 0604 are one (0800 1759 1759).
     ("card", r"(?<![\w+-])(?<!\+\d{1,3}[ .-])(?<!\d[.,])" + _NOT_PRODUCT_CODE
-     + r"(?:\d{13,19}|\d{4}[ -]\d{4}[ -]\d{4}(?:[ -]\d{1,4}(?:[ -]\d{1,3})?)?|\d{4}[ -]\d{6}[ -]\d{4,5})"
+     + r"(?!00|0(?!604)\d{3}[ -]\d{4}[ -]\d{4}(?![ -]?\d))"
+     + r"(?:\d{13,19}|(?:50|5[6-9]|6\d)\d{10}|0604\d{8}|\d{4}[ -]\d{4}[ -]\d{4}(?:[ -]\d{1,4}(?:[ -]\d{1,3})?)?"
+     + r"|\d{4}[ -]\d{6}[ -]\d{4,5})"
      + r"(?![\w-]|[.,]\d)", "<card>"),
     # IPv6: IPv4-mapped (::ffff:192.0.2.1), full, compressed.
     ("ip", rf"(?<![\w:])(?:::(?:[Ff]{{4}}:(?:0{{1,4}}:)?)?{_IPV4}|(?:{_H}:){{7}}{_H}"
            rf"|(?:{_H}:){{1,6}}:(?:{_H}(?::{_H}){{0,5}})?|::(?:{_H}:){{0,6}}{_H})(?![\w:]|\.\d)", "<ip>"),
     # IPv4, but not a version string such as 1.2.3.4-beta.
     ("ip", rf"(?<![\w.]){_IPV4}(?!\w|\.\d|[-+][A-Za-z])", "<ip>"),
-    # International: +1 415-555-0134, +44 20 7946 0958, +49 (0)30 1234567, +919876543210.
-    ("phone", r"(?<![\w+])\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,5}){1,4}(?!\w)", "<phone>"),
-    ("phone", r"(?<!\w)\(\d{2,4}\)[ .-]?\d{3,4}[ .-]?\d{3,4}(?!\w)", "<phone>"),
-    # National formats: US 415.555.0134, DE 030 1234567, UK 020 7946 0958,
-    # FR 01 23 45 67 89, JP 03-1234-5678 / 090-1234-5678.
-    ("phone", r"(?<![\w.-])\d{3}([ .-])\d{3}\1\d{4}" + _PHONE_END, "<phone>"),
-    ("phone", r"(?<![\w.-])0\d{1,4}[ /-]\d{5,8}" + _PHONE_END, "<phone>"),
-    ("phone", r"(?<![\w.-])0\d{2,3} \d{3,4} \d{4}" + _PHONE_END, "<phone>"),
-    ("phone", r"(?<![\w.-])0[1-9]([ .-])\d{2}(?:\1\d{2}){3}" + _PHONE_END, "<phone>"),
-    ("phone", r"(?<![\w.-])0(?:\d-\d{4}|\d{2}-\d{3,4}|\d{3}-\d{2})-\d{4}" + _PHONE_END, "<phone>"),
+    # International, + and 6-16 digits: +1 415-555-0134, +44 20 7946 0958, +49 (0)30 1234567,
+    # +7 301 123-45-67, +919876543210, +98 9601.
+    ("phone", r"(?<![\w+])\+(?=[1-9])" + _digit_count(6, 16) + _RUN + _RUN_END, "<phone>"),
+    # International with 00 for the + and a country code, 8-15 digits: 0049 30 123456,
+    # 00 1 201-555-0123, 004915123456789.
+    ("phone", r"(?<![\w+.,/#-])(?<!\d )" + _NOT_PRODUCT_CODE + _NOT_ORDER + rf"00 ?(?={_COUNTRY_CODE})"
+     + _digit_count(8, 15) + _RUN + _RUN_END, "<phone>"),
+    # National: a run of 8-15 digits in at least two groups (7-15 from a trunk 0), whatever
+    # the grouping: US (415) 555-0134, UK 0121 234 5678, DE 030 123456, FR 01 23 45 67 89,
+    # ES 612 34 56 78, PL 512 345 678, RU 8 (912) 345-67-89, JP 03-1234-5678, CN 131 2345 6789,
+    # BR (11) 96123-4567, IN 081234 56789, HU (06 1) 234 5678, toll-free 1-800-123-456.
+    ("phone", r"(?<![\w+.,/#$€£¥₹₽₫-])(?<!\d )" + _NOT_PRICE + _NOT_PRODUCT_CODE + rf"(?=\(?\d+{_SEP}\d)"
+     + _NOT_DATE_OR_FIGURE + _digit_count(8, 15, trunk_low=7) + _RUN + _RUN_END
+     + _NOT_BEFORE_PRICE, "<phone>"),
     # A bare run of 10-12 digits is a phone number without separators (fail safe).
     ("phone", r"(?<![\w+.,-])" + _NOT_PRODUCT_CODE + r"\d{10,12}(?![\w-]|[.,]\d)", "<phone>"),
 ]
