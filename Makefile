@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.userlens-installed
 
-.PHONY: demo test setup java clean
+.PHONY: demo test test-fast lint setup java clean
 
 setup: $(STAMP) java
 
@@ -31,6 +31,16 @@ TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; gib = os.sysconf("SC_PAGE_SIZE"
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# The unit-level tests: no whole pipelines, no demo, no cluster (tests marked `pipeline` or `cluster`).
+test-fast: setup
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not pipeline and not cluster" tests
+
+# ruff (lint and format check) and mypy over lib/ (pyproject.toml)
+lint: setup
+	$(PY) -m ruff check lib tests bench scripts jobs
+	$(PY) -m ruff format --check lib tests bench scripts jobs
+	$(PY) -m mypy
 
 clean:
 	rm -rf warehouse spark-warehouse metastore_db derby.log data models reports .pytest_cache

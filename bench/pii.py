@@ -5,7 +5,7 @@
 Generates --n query and review texts with planted PII and hard negatives and runs
 the real scrub_pii expression over them in one Spark job (local[2]), per corpus:
 
-* oracle (userlens.pii_corpus.generate_oracle_corpus): PII from libraries that know
+* oracle (userlens.eval.pii_corpus.generate_oracle_corpus): PII from libraries that know
   the world's formats rather than from the code that wrote the patterns: phone
   numbers from libphonenumber (phonenumbers: fixed-line, mobile and toll-free
   numbers of 55 regions, NATIONAL, INTERNATIONAL, E164 and 00-prefixed), emails,
@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from userlens.config import load_settings  # noqa: E402
-from userlens.pii_corpus import generate_corpus, score_scrubber  # noqa: E402
+from userlens.eval.pii_corpus import generate_corpus, score_scrubber  # noqa: E402
 from userlens.spark import get_spark  # noqa: E402
 
 

@@ -29,14 +29,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +43,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from userlens.config import load_settings  # noqa: E402
-from userlens.models.predictor import FeatureSpec, ModelConfig  # noqa: E402
+from userlens.features import feature_names  # noqa: E402
+from userlens.models.contracts import DPJob, FeatureSpec, ModelConfig, ModelMetrics, TrainingData, TrainJob  # noqa: E402
 from userlens.privacy import load_key  # noqa: E402
 from userlens.runs import StageRun  # noqa: E402
 from userlens.sample import SampleSpec, generate_sample  # noqa: E402
 from userlens.spark import get_spark  # noqa: E402
 from userlens.stages.ingest import run_ingest  # noqa: E402
-from userlens.stages.train import distributed_fit, feature_names, run_train  # noqa: E402
+from userlens.stages.train import distributed_fit, run_train  # noqa: E402
 
 DIM = 384
 
@@ -101,21 +101,21 @@ def scaling(settings, rows: int, epochs: int, batch_size: int = 256) -> dict[str
         results = {}
         runs = [("1", 1, None), ("2", 2, None), ("1x1", 1, 1)] * 2  # interleaved: the noise hits all
         for label, processes, threads in runs:
-            job = {"snapshot": str(work / "snapshot"), "snapshot_id": "synthetic", "version": "bench",
-                   "artifact": str(work / f"model-{processes}"), "config": asdict(config),
-                   "features": asdict(features), "use_gpu": False, "batch_size": batch_size, "epochs": epochs,
-                   "patience": epochs, "learning_rate": 1e-3, "weight_decay": 1e-3, "seed": 1, "dp": None,
-                   "torch_threads": threads}
+            job = TrainJob(snapshot=str(work / "snapshot"), snapshot_id="synthetic", version="bench",
+                           artifact=str(work / f"model-{processes}"), config=config, features=features,
+                           data=TrainingData("", "", 0, {}, "synthetic"), batch_size=batch_size, epochs=epochs,
+                           patience=epochs, learning_rate=1e-3, weight_decay=1e-3, seed=1, torch_threads=threads)
             train = settings.train.model_copy(update={"num_processes": processes, "local_mode": True})
             start = time.perf_counter()
             summary = distributed_fit(job, train)
             wall = time.perf_counter() - start
             best = results.get(label)
-            if best is None or summary["samples_per_second"] > best["samples_per_second"]:
-                results[label] = {"samples_per_second": summary["samples_per_second"], "wall": wall,
-                                      "fit_seconds": summary["fit_seconds"], "samples": summary["samples"]}
+            info = summary.training
+            if best is None or info.samples_per_second > best["samples_per_second"]:
+                results[label] = {"samples_per_second": info.samples_per_second, "wall": wall,
+                                  "fit_seconds": info.fit_seconds, "samples": info.samples}
             what = f"{processes} process(es)" + (f", {threads} torch thread each" if threads else "")
-            print(f"  {what}: {summary['samples_per_second']:,.0f} samples/s in the loop, "
+            print(f"  {what}: {info.samples_per_second:,.0f} samples/s in the loop, "
                   f"{wall:.1f} s for the whole TorchDistributor call", flush=True)
         return results
     finally:
@@ -180,17 +180,18 @@ def stage_run(spark, settings, label: str):
     return time.perf_counter() - start, result
 
 
-def _job_of(artifact: str, settings) -> dict:
+def _job_of(artifact: str, settings) -> TrainJob:
     """The training job of a finished stage run, rebuilt from its artifact (same snapshot, same features)."""
-    from userlens.models.predictor import read_json
+    from userlens.models.storage import read_json
 
-    metrics = read_json(f"{artifact}/metrics.json")
+    metrics = ModelMetrics.from_json(read_json(f"{artifact}/metrics.json"))
     t = settings.train
-    return {"snapshot": f"{Path(artifact).parent}/snapshots/{metrics['snapshot_id']}",
-            "snapshot_id": metrics["snapshot_id"], "config": read_json(f"{artifact}/model.json"),
-            "features": read_json(f"{artifact}/feature_spec.json"), "use_gpu": False, "batch_size": t.batch_size,
-            "epochs": t.epochs, "patience": t.patience, "learning_rate": t.learning_rate,
-            "weight_decay": t.weight_decay, "seed": t.seed, "baseline": metrics["baseline"]}
+    return TrainJob(snapshot=f"{Path(artifact).parent}/snapshots/{metrics.snapshot_id}",
+                    snapshot_id=metrics.snapshot_id, artifact=artifact, version=metrics.version,
+                    config=ModelConfig(**read_json(f"{artifact}/model.json")),
+                    features=FeatureSpec(**read_json(f"{artifact}/feature_spec.json")), data=metrics.data,
+                    batch_size=t.batch_size, epochs=t.epochs, patience=t.patience, learning_rate=t.learning_rate,
+                    weight_decay=t.weight_decay, seed=t.seed, baseline=metrics.baseline)
 
 
 def split_comparison(spark, work: Path, base: list[str], users: int, splits: int) -> None:
@@ -276,23 +277,23 @@ def main() -> None:
 
         if args.dp_sweep:
             print("(3) DP-SGD sweep on the same snapshot (1 process each)", flush=True)
-            job = json.loads(json.dumps(_job_of(result.path, settings)))
+            job = _job_of(result.path, settings)
             n_train = result.users["train"]
             delta = 10.0 ** -math.ceil(math.log10(n_train))
             rows = []
             for eps in (1.0, 3.0, 8.0, None):
-                job.update(artifact=str(work / f"models-dp-{eps}"), version=f"dp-{eps}", dp=None if eps is None else
-                           {"target_epsilon": eps, "target_delta": delta, "max_grad_norm": 1.0})
-                summary = distributed_fit(job, settings.train.model_copy(update={"num_processes": 1}))
+                run_job = replace(job, artifact=str(work / f"models-dp-{eps}"), version=f"dp-{eps}",
+                                  dp=None if eps is None else DPJob(eps, delta, 1.0))
+                summary = distributed_fit(run_job, settings.train.model_copy(update={"num_processes": 1}))
                 rows.append((eps, summary))
             print(f"    {n_train} training users, δ = {delta:g}, {settings.train.epochs} epochs planned, "
                   f"batch {settings.train.batch_size}, clipping norm 1.0")
             print("| target ε | achieved ε | purchase AUC | churn AUC | next_category acc |")
             print("|---|---|---|---|---|")
             for eps, r in rows:
-                achieved = f"{r['dp']['epsilon']:.2f}" if eps is not None else "∞ (no DP)"
-                print(f"| {eps if eps is not None else '∞'} | {achieved} | {r['test']['purchase']['auc']:.3f} "
-                      f"| {r['test']['churn']['auc']:.3f} | {r['test']['next_category']['accuracy']:.3f} |")
+                achieved = f"{r.training.dp['epsilon']:.2f}" if eps is not None and r.training.dp else "∞ (no DP)"
+                print(f"| {eps if eps is not None else '∞'} | {achieved} | {r.test['purchase']['auc']:.3f} "
+                      f"| {r.test['churn']['auc']:.3f} | {r.test['next_category']['accuracy']:.3f} |")
     finally:
         spark.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -22,15 +22,7 @@ from userlens import notebook
 
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "forget")
-settings = notebook.load_notebook_settings(params)
-key = notebook.load_notebook_key(dbutils, settings, params)
 
 # COMMAND ----------
 
-from userlens.runs import run_stage
-from userlens.spark import get_spark
-from userlens.stages.forget import describe, run_forget
-
-spark = get_spark(settings)
-result = run_stage("forget", settings, spark, lambda run: run_forget(spark, settings, key, params.user_id, run))
-print(describe(result))
+result, skipped = notebook.run_stage(dbutils, params)

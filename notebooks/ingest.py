@@ -23,16 +23,7 @@ from userlens import notebook
 
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "ingest")
-settings = notebook.load_notebook_settings(params)
-key = notebook.load_notebook_key(dbutils, settings, params)  # before Spark: a missing secret writes nothing
 
 # COMMAND ----------
 
-from userlens.runs import run_stage
-from userlens.spark import get_spark
-from userlens.stages.ingest import run_ingest
-
-spark = get_spark(settings)
-result = run_stage("ingest", settings, spark,
-                   lambda run: run_ingest(spark, settings, key, run, params.date, params.full))
-print(result)
+result, skipped = notebook.run_stage(dbutils, params)

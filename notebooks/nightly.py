@@ -20,20 +20,10 @@
 # COMMAND ----------
 
 from userlens import notebook
-from userlens.stages.train import check_train_settings
 
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "nightly")
-settings = notebook.load_notebook_settings(params)
-key = notebook.load_notebook_key(dbutils, settings, params)
-check_train_settings(settings)
 
 # COMMAND ----------
 
-from userlens.spark import get_spark
-from userlens.stages.nightly import run_nightly
-
-spark = get_spark(settings)
-result = run_nightly(spark, settings, key, params.date, params.out)
-for stage, stage_result in result.stages.items():
-    print(f"{stage}: {stage_result}")
+result = notebook.run_nightly(dbutils, params)

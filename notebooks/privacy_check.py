@@ -8,6 +8,7 @@
 # MAGIC
 # MAGIC | widget | meaning |
 # MAGIC |---|---|
+# MAGIC | `full` | `true`: scan every row, not only the rows added since the last passing check |
 # MAGIC | `when_enabled` | `true`: check only when `nightly.privacy_check` is true, as `userlens nightly` does; the job passes `true` |
 # MAGIC | `conf` | config files layered over `base.yaml`, comma-separated; a bare name is a file shipped with userlens (default `databricks.yaml`; GPU tasks add `databricks-gpu.yaml`), anything else a path |
 # MAGIC | `set` | overrides `dotted.key=value`, separated by `;` (e.g. `storage.schema=userlens_dev; train.epochs=10`) |
@@ -20,23 +21,7 @@ from userlens import notebook
 
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "privacy_check")
-settings = notebook.load_notebook_settings(params)
-skipped = notebook.skip_when_disabled(settings, params)  # before Spark: nothing to start when disabled
 
 # COMMAND ----------
 
-from userlens.runs import run_stage
-from userlens.spark import get_spark
-from userlens.stages.privacy_check import PrivacyCheckFailed, format_table, run_privacy_check
-
-if skipped:
-    result = None
-    print(f"privacy_check: nothing to do: {skipped}")
-else:
-    spark = get_spark(settings)
-    try:
-        result = run_stage("privacy_check", settings, spark, lambda run: run_privacy_check(spark, settings, run))
-    except PrivacyCheckFailed as failed:
-        print(format_table(failed.result))  # the table first; the error fails the task with its one line
-        raise
-    print(format_table(result))
+result, skipped = notebook.run_stage(dbutils, params)

@@ -20,14 +20,7 @@ from userlens import notebook
 
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "profile")
-settings = notebook.load_notebook_settings(params)
 
 # COMMAND ----------
 
-from userlens.runs import run_stage
-from userlens.spark import get_spark
-from userlens.stages.profile import run_profile
-
-spark = get_spark(settings)
-result = run_stage("profile", settings, spark, lambda run: run_profile(spark, settings, run, params.date))
-print(result)
+result, skipped = notebook.run_stage(dbutils, params)

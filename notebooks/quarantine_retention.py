@@ -20,17 +20,7 @@ from userlens import notebook
 
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "quarantine_retention")
-settings = notebook.load_notebook_settings(params)
 
 # COMMAND ----------
 
-from userlens.runs import run_stage
-from userlens.spark import get_spark
-from userlens.stages.retention import run_quarantine_retention
-
-spark = get_spark(settings)
-as_of = notebook.retention_as_of(spark, settings, params)
-result = run_stage("quarantine_retention", settings, spark,
-                   lambda run: run_quarantine_retention(spark, settings, run, as_of))
-print(f"quarantine_retention: {result.deleted} quarantined rows dated before {result.cutoff} deleted, "
-      f"{result.kept} kept")
+result, skipped = notebook.run_stage(dbutils, params)

@@ -21,19 +21,7 @@ from userlens import notebook
 
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "report")
-settings = notebook.load_notebook_settings(params)
-skipped = notebook.skip_when_disabled(settings, params)  # before Spark: nothing to start when disabled
 
 # COMMAND ----------
 
-from userlens.report import build_report
-from userlens.runs import run_stage
-from userlens.spark import get_spark
-
-if skipped:
-    result = None
-    print(f"report: nothing to do: {skipped}")
-else:
-    spark = get_spark(settings)
-    result = run_stage("report", settings, spark, lambda run: build_report(spark, settings, params.out))
-    print(f"report: {result.path}")
+result, skipped = notebook.run_stage(dbutils, params)

@@ -17,19 +17,10 @@
 # COMMAND ----------
 
 from userlens import notebook
-from userlens.stages.score import require_model
 
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "score")
-settings = notebook.load_notebook_settings(params)
-require_model(settings)  # a model must exist before any Spark job
 
 # COMMAND ----------
 
-from userlens.runs import run_stage
-from userlens.spark import get_spark
-from userlens.stages.score import run_score
-
-spark = get_spark(settings)
-result = run_stage("score", settings, spark, lambda run: run_score(spark, settings, run, params.date))
-print(result)
+result, skipped = notebook.run_stage(dbutils, params)

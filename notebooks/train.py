@@ -18,24 +18,10 @@
 # COMMAND ----------
 
 from userlens import notebook
-from userlens.stages.train import check_train_settings
 
 notebook.log_progress()
 params = notebook.read_widgets(dbutils, "train")
-settings = notebook.load_notebook_settings(params)
-check_train_settings(settings)  # extras and GPU settings, before any Spark job
 
 # COMMAND ----------
 
-from userlens.runs import run_stage
-from userlens.spark import get_spark
-from userlens.stages.train import run_train
-
-spark = get_spark(settings)
-skipped = notebook.skip_training(spark, settings, params)
-if skipped:
-    result = None
-    print(f"train: nothing to do: {skipped}")
-else:
-    result = run_stage("train", settings, spark, lambda run: run_train(spark, settings, run, params.date))
-    print(result)
+result, skipped = notebook.run_stage(dbutils, params)

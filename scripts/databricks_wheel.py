@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             return done.returncode
         built = list(Path(scratch).glob("userlens-*.whl"))
         if len(built) != 1:
-            print(f"databricks_wheel: expected one userlens wheel, pip built {[p.name for p in built]}", file=sys.stderr)
+            print(f"databricks_wheel: expected one userlens wheel, pip built {[p.name for p in built]}",
+                  file=sys.stderr)
             return 1
         out.mkdir(parents=True, exist_ok=True)
         for old in out.glob("userlens-*.whl"):  # the job installs dist/databricks/*.whl: exactly one

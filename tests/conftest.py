@@ -101,17 +101,21 @@ def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where torch sees none")
-    config.addinivalue_line("markers", "cluster: starts a Spark standalone master and workers (tests/cluster.py)")
-
-
 # Modules that run whole pipelines (minutes each) go first: `make test` hands modules to its pytest-xdist
 # processes in collection order, and a long module started last would run alone at the end.
 LONG_MODULES = ("test_cluster_nightly.py", "test_privacy_check.py", "test_databricks.py", "test_nightly.py",
                 "test_train.py", "test_forget.py")
 
 
+# Modules whose tests share a whole pipeline run, the demo or a cluster (markers: pyproject.toml); `make
+# test-fast` leaves them out
+PIPELINE_MODULES = (*LONG_MODULES, "test_catalog_mode.py", "test_report.py", "test_embed.py", "test_own_data.py",
+                    "test_textualize.py", "test_ingest.py", "test_quarantine_retention.py", "test_evaluate.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in PIPELINE_MODULES:
+            item.add_marker(pytest.mark.pipeline)
     rank = {name: i for i, name in enumerate(LONG_MODULES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))  # stable: file order kept otherwise

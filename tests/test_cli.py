@@ -1,6 +1,7 @@
 """The command line: one-line errors, exit codes, nothing written on bad input."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -29,10 +30,17 @@ def test_textualize_without_a_warehouse_or_events_names_the_command_to_run(spark
 
 
 def test_help_lists_every_command():
+    from userlens.stages import STAGES
+
     out = subprocess.run([sys.executable, "-m", "userlens.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("sample", "ingest", "textualize", "embed", "train", "score", "profile", "nightly", "forget",
-                    "report", "demo"):
-        assert command in out.stdout
+    listed = re.findall(r"^    ([a-z-]+)(?:  |$)", out.stdout, re.MULTILINE)  # a line per command under COMMAND
+    expected = {"sample", "check-source", "nightly", "demo", "evaluate", *(s.command for s in STAGES)}
+    assert set(listed) == expected and len(listed) == len(expected)
+    for command in sorted(expected):  # each is a command with its own help, description and example
+        done = subprocess.run([sys.executable, "-m", "userlens.cli", command, "--help"], capture_output=True,
+                              text=True)
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: userlens {command}"), command
+        assert "example: userlens " + command in done.stdout, command
 
 
 def test_bad_date_option_exits_2():

@@ -90,7 +90,7 @@ def vectors(tables: Tables, table: str, column: str) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def clustered(spark, standalone_cluster, tmp_path_factory):
+def clustered(spark, standalone_cluster, tmp_path_factory):  # noqa: F811 (the fixture)
     """The sample, and one `spark-submit jobs/nightly.py` over it on the cluster."""
     root = tmp_path_factory.mktemp("cluster-nightly")
     settings = make_settings(root)
@@ -109,7 +109,7 @@ def test_the_documented_command_is_the_tested_one():
 
 
 @pytest.mark.cluster
-def test_spark_submit_nightly_runs_every_stage_on_the_executors(spark, standalone_cluster, clustered):
+def test_spark_submit_nightly_runs_every_stage_on_the_executors(spark, standalone_cluster, clustered):  # noqa: F811
     root, settings, _, text = clustered
     tables = Tables(spark, settings.storage)
     runs = {r["stage"]: r["status"] for r in tables.read("pipeline_runs").collect()}
@@ -145,7 +145,8 @@ def test_a_local_run_on_the_same_data_gives_the_same_results(spark, clustered, t
         assert set(there) == set(here) and len(here) > 100, table
         differ = [u for u in here if here[u] != there[u]]
         assert not differ, f"{table}: {len(differ)} users differ, e.g. {here[differ[0]]} != {there[differ[0]]}"
-    for table, column, tolerance in (("user_embeddings", "embedding", 1e-5), ("user_scores", "purchase_propensity", 1e-6),
+    for table, column, tolerance in (("user_embeddings", "embedding", 1e-5),
+                                     ("user_scores", "purchase_propensity", 1e-6),
                                      ("user_scores", "churn_risk", 1e-6)):
         there, here = vectors(cluster_tables, table, column), vectors(local_tables, table, column)
         assert set(there) == set(here)
@@ -154,7 +155,7 @@ def test_a_local_run_on_the_same_data_gives_the_same_results(spark, clustered, t
 
 
 @pytest.mark.cluster
-def test_killing_a_worker_while_embed_runs_still_gives_the_clean_embeddings(spark, standalone_cluster, clustered,
+def test_killing_a_worker_while_embed_runs_still_gives_the_clean_embeddings(spark, standalone_cluster, clustered,  # noqa: F811
                                                                              tmp_path):
     """Runs last in the module: it leaves the cluster with one worker."""
     root, settings, env, _ = clustered

@@ -61,7 +61,8 @@ def test_check_mode_passes_on_the_doc_and_fails_on_a_stale_table():
     script = _script()
     assert script.main(["--check"]) == 0
     wanted = script.render_block(script.generated_rows())
-    stale = "\n".join(line for line in wanted.splitlines() if not line.startswith("| ingest.on_unreadable_file ")) + "\n"
+    stale = "\n".join(line for line in wanted.splitlines()
+                      if not line.startswith("| ingest.on_unreadable_file ")) + "\n"
     summary = script.stale_summary(stale, wanted)
     assert summary is not None and "1 missing: ingest.on_unreadable_file" in summary and "\n" not in summary
 

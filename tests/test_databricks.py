@@ -26,14 +26,14 @@ from conftest import SHORT_TEXTS, TEST_KEY
 from userlens.config import CONF_DIR, load_settings
 from userlens.errors import ConfigError, SecretError
 from userlens.notebook import STAGE_NOTEBOOKS, WIDGETS, WidgetError, load_notebook_key, parse_widgets
+from userlens.stages import nightly_stages
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 BUNDLE = REPO / "databricks.yml"
 HEADER = "# Databricks notebook source"
 CELL_BREAK = re.compile(r"^# COMMAND -{10}\s*$", re.MULTILINE)
-JOB_CHAIN = ["ingest", "textualize", "embed", "train", "score", "profile", "quarantine_retention", "report",
-             "privacy_check"]
+JOB_CHAIN = [stage.name for stage in nightly_stages()]  # the registry's nightly chain
 GPU_STAGES = {"embed", "train"}
 
 USERS, DAYS, ITEMS, START = 60, 8, 40, dt.date(2026, 10, 1)
@@ -316,9 +316,9 @@ def job_run(spark, workspace):
 def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, workspace, job_run):
     from pyspark.sql import functions as F
 
+    from userlens.artifacts import ModelStore
     from userlens.privacy import load_key
     from userlens.stages.forget import user_key_of
-    from userlens.stages.train import latest_version
     from userlens.tables import Tables
 
     _, _, settings = workspace
@@ -346,7 +346,7 @@ def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, works
 
     # the job's train task (when_due=true) right after: not due, no new model
     assert runs["train"]["result"] is None and "recent enough" in runs["train"]["skipped"]
-    assert latest_version(settings) == version
+    assert ModelStore.of(settings).latest() == version
     assert runs["score"]["result"].scored == 0 and runs["score"]["result"].unchanged == users
     assert runs["profile"]["result"].inserted == runs["profile"]["result"].updated == 0
     assert files["after the job"] == files["after nightly"]  # no data file written

@@ -12,14 +12,14 @@ from pyspark.testing import assertDataFrameEqual
 
 import dataset_files as D
 from conftest import SPARK_OVERRIDES, TEST_KEY
-from userlens import datasets
 from userlens.cli import main
 from userlens.config import CONF_DIR, load_settings
 from userlens.errors import SourceError
 from userlens.privacy import load_key
-from userlens.stages.ingest import classify_events, classify_items
-from userlens.stages.textualize import build_user_texts
+from userlens.sources import datasets
+from userlens.sources.raw import classify_events, classify_items
 from userlens.tables import Tables
+from userlens.text.user_texts import build_user_texts
 
 KEY = load_key(load_settings().privacy, {"USERLENS_HMAC_KEY": TEST_KEY})
 LOCAL = str(CONF_DIR / "local.yaml")

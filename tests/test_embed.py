@@ -14,10 +14,11 @@ import pytest
 from pyspark.sql import functions as F
 
 from conftest import make_settings
+from userlens.embedding import check_gpu_conf, distinct_texts, gpu_profile, item_texts
 from userlens.errors import ConfigError, UserlensError
 from userlens.models.encoder import describe_model, load_encoder
 from userlens.runs import StageRun
-from userlens.stages.embed import check_gpu_conf, distinct_texts, gpu_profile, item_texts, run_embed
+from userlens.stages.embed import run_embed
 from userlens.tables import Tables, table_schema
 
 D1 = dt.date(2026, 10, 5)
@@ -169,7 +170,7 @@ def test_item_texts_join_non_blank_fields(spark):
 
 def test_gpu_design_tokenize_then_forward_equals_fused(spark):
     # the GPU path's two steps (token ids in a CPU stage, forward pass alone), run here on CPU
-    from userlens.stages.embed import EncoderSpec, embed_texts, embed_token_ids, tokenize_texts
+    from userlens.embedding import EncoderSpec, embed_texts, embed_token_ids, tokenize_texts
 
     rows = [(hashlib.sha256(t.encode()).hexdigest(), t) for t in {TEXTS["u1"], TEXTS["u2"], TEXTS["u6"]}]
     texts = spark.createDataFrame(rows, "text_hash string, text string")
@@ -200,9 +201,9 @@ def test_gpu_profile_asks_for_one_gpu_per_task(spark):
 
 
 def test_cuda_on_a_cluster_without_gpu_keys_fails_before_any_job(spark, tmp_path, monkeypatch):
-    from userlens.stages import embed as stage
+    from userlens import embedding
 
-    monkeypatch.setattr(stage, "spark_conf", lambda session: ("spark://host:7077", {}))
+    monkeypatch.setattr(embedding, "spark_conf", lambda session: ("spark://host:7077", {}))
     settings = make_settings(tmp_path, "embed.device=cuda")
     with pytest.raises(ConfigError, match="spark.executor.resource.gpu.amount"):
         embed(spark, settings)

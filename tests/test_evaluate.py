@@ -15,10 +15,10 @@ import dataset_files as D
 from conftest import SPARK_OVERRIDES, TEST_KEY
 from userlens.cli import main
 from userlens.config import CONF_DIR, load_settings
+from userlens.eval.baselines import ItemKNN, rank_batch
+from userlens.eval.evaluate import NOT_AVAILABLE, interactions, leave_one_out, load_dataset, stratified_split
 from userlens.models import metrics as M
-from userlens.models.baselines import ItemKNN, rank_batch
 from userlens.privacy import load_key
-from userlens.stages.evaluate import NOT_AVAILABLE, interactions, leave_one_out, load_dataset, stratified_split
 
 LOCAL = str(CONF_DIR / "local.yaml")
 
@@ -135,7 +135,7 @@ def test_loo_full_end_to_end_with_popularity_worked_by_hand(spark, tmp_path, cap
     # the userlens row runs in the stratified-75 test; fewer ALS sweeps keep this one quick
     table, rows = _evaluate(tmp_path, capsys, "--dataset", "movielens-100k", "--path", str(root),
                             "--protocol", "loo-full", "--k", "1", "2", "3", "--set", "evaluate.userlens=false",
-                            "--set", "evaluate.als_max_iter=5")
+                            "--set", "train.recommend.als.max_iter=5")
     assert "| method | HR@1 | HR@2 | HR@3 | NDCG@1 | NDCG@2 | NDCG@3 | MRR | valid NDCG@3 | seconds |" in table
     assert "19 rows read: 19 events, 0 quarantined, 0 duplicates; 5 users, 6 items, 19 interactions" in table
     # Test fit = all but each user's last rating. Counts: item 1: 5, 2: 4, 3: 2, 4: 2, 5: 1, 6: 0, so the

@@ -19,8 +19,15 @@ from userlens.errors import ConfigError, SecretError
 from userlens.privacy import PseudonymKey, load_key, pseudonymize
 from userlens.runs import StageRun
 from userlens.sample import SampleSpec, generate_sample
-from userlens.stages.forget import (RETENTION_CHECK, SNAPSHOTS, describe, file_retention_hours, holds_raw_id,
-                                    run_forget, user_key_of)
+from userlens.stages.forget import (
+    RETENTION_CHECK,
+    SNAPSHOTS,
+    describe,
+    file_retention_hours,
+    holds_raw_id,
+    run_forget,
+    user_key_of,
+)
 from userlens.stages.ingest import run_ingest
 from userlens.tables import Tables, table_schema
 

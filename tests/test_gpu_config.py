@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from userlens.config import load_settings
+from userlens.embedding import check_gpu_conf
 from userlens.errors import ConfigError
-from userlens.stages.embed import check_gpu_conf
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"USERLENS_WAREHOUSE": "/w", "USERLENS_SOURCE": "/s", "USERLENS_TRAIN_PROCESSES": "4"}

@@ -237,7 +237,7 @@ def test_csv_source_with_mapping(spark, tmp_path):
 
 def test_plan_has_no_python_udf(spark, day1):
     from userlens.privacy import load_key as lk
-    from userlens.stages.ingest import classify_events, read_raw
+    from userlens.sources.raw import classify_events, read_raw
 
     src = day1.source
     raw = read_raw(spark, src.events_location(), "json", src.mapping.model_dump(), src)

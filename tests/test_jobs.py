@@ -21,3 +21,17 @@ def test_every_job_script_reaches_the_cli(tmp_path):
                               cwd=tmp_path, timeout=120)
         assert done.returncode == 0, f"{script.name}: {done.stderr.strip().splitlines()[-1:]}"
         assert "usage: userlens" in done.stdout, script.name
+
+
+def job_script(stage_name: str) -> Path:
+    """jobs/<stage>.py, or jobs/profiles.py for profile (profile.py would shadow Python's profile module)."""
+    return JOBS / ("profiles.py" if stage_name == "profile" else f"{stage_name}.py")
+
+
+def test_every_stage_of_the_registry_has_a_job_script_running_its_command():
+    from userlens.stages import STAGES
+
+    for stage in STAGES:
+        script = job_script(stage.name)
+        assert script.is_file(), f"{stage.name}: no {script.name}"
+        assert f'main(["{stage.command}", *sys.argv[1:]])' in script.read_text(encoding="utf-8"), script.name

@@ -132,8 +132,8 @@ def test_missing_paths_fail_before_spark_for_every_command(tmp_path):
                             "loo-full"]
     result = run_without_spark(list(commands.values()))
     wh, events = f"{missing / 'wh'} does not exist", f"source.path: {missing / 'raw' / 'events'} does not exist"
-    expected = {"ingest": events, "nightly": events, "check-source": events, "privacy-check": f"storage.warehouse: {wh}",
-                "evaluate": f"--path: {missing / 'ml'} does not exist"}
+    expected = {"ingest": events, "nightly": events, "check-source": events,
+                "privacy-check": f"storage.warehouse: {wh}", "evaluate": f"--path: {missing / 'ml'} does not exist"}
     for run in result["runs"]:
         name = run["argv"]
         assert run["code"] == 2, run
@@ -173,8 +173,8 @@ def test_json_sample_errors_for_required_fields_and_warns_for_optional_ones(tmp_
     found = local_columns(str(tmp_path / "e"), "json")
     mapping = {"user_id": "uid", "event_time": "t", "event_type": "k", "text": "review"}
     warnings = check_mapping(found, mapping, "source.mapping", ("user_id", "event_time", "event_type"))
-    assert warnings == [f"source.mapping.text: column 'review' not seen in the first 1 lines of {tmp_path / 'e'}; "
-                        "rows without it get no text"]
+    assert warnings == [f"source.mapping: not seen in the first 1 lines of {tmp_path / 'e'}: text ('review'); "
+                        "rows without them get no value there"]
     with pytest.raises(ConfigError, match=r"^source.mapping.event_type: column 'kind' not in the first 1 lines of "
                                           r"the source \(columns: uid, t, k\)$"):
         check_mapping(found, {**mapping, "event_type": "kind"}, "source.mapping", ("event_type",))

@@ -3,9 +3,19 @@ from __future__ import annotations
 
 from pyspark.sql import functions as F
 
-from userlens.pii_corpus import (
-    LUHN_INVALID, NEGATIVE_KINDS, PII_TYPES, PLACEHOLDERS, RECALL_GOAL, RETENTION_GOAL, PiiRecord, Span,
-    generate_corpus, luhn_valid, replaced_ranges, score_scrubber,
+from userlens.eval.pii_corpus import (
+    LUHN_INVALID,
+    NEGATIVE_KINDS,
+    PII_TYPES,
+    PLACEHOLDERS,
+    RECALL_GOAL,
+    RETENTION_GOAL,
+    PiiRecord,
+    Span,
+    generate_corpus,
+    luhn_valid,
+    replaced_ranges,
+    score_scrubber,
 )
 
 N = 400

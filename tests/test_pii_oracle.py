@@ -11,9 +11,19 @@ import pytest
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 
-from userlens.pii_corpus import (
-    ORACLE_NEGATIVE_KINDS, ORACLE_PHONE_FORMATS, ORACLE_PHONE_TYPES, ORACLE_REGIONS, PII_TYPES, PLACEHOLDERS,
-    generate_corpus, generate_oracle_corpus, luhn_valid, oracle_phone_examples, oracle_records, score_scrubber,
+from userlens.eval.pii_corpus import (
+    ORACLE_NEGATIVE_KINDS,
+    ORACLE_PHONE_FORMATS,
+    ORACLE_PHONE_TYPES,
+    ORACLE_REGIONS,
+    PII_TYPES,
+    PLACEHOLDERS,
+    generate_corpus,
+    generate_oracle_corpus,
+    luhn_valid,
+    oracle_phone_examples,
+    oracle_records,
+    score_scrubber,
 )
 from userlens.privacy import PII_PATTERNS
 

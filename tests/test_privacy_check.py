@@ -22,12 +22,28 @@ from pyspark.sql import functions as F
 
 from conftest import SPARK_OVERRIDES, make_settings
 from userlens.errors import SecretError
-from userlens.privacy import (DP_DELTA_PROPERTY, DP_EPSILON_PROPERTY, DP_PROPERTY, KEY_ID_PROPERTY,
-                              MODEL_VERSION_PROPERTY, load_key, model_properties, scrub_pii)
+from userlens.privacy import (
+    DP_DELTA_PROPERTY,
+    DP_EPSILON_PROPERTY,
+    DP_PROPERTY,
+    KEY_ID_PROPERTY,
+    MODEL_VERSION_PROPERTY,
+    load_key,
+    model_properties,
+    scrub_pii,
+)
 from userlens.runs import StageRun
 from userlens.stages.ingest import run_ingest
-from userlens.stages.privacy_check import (PrivacyCheckFailed, format_table, pii_counts, plan_scope, raw_id_hits,
-                                           raw_id_table, rows_to_check, run_privacy_check)
+from userlens.stages.privacy_check import (
+    PrivacyCheckFailed,
+    format_table,
+    pii_counts,
+    plan_scope,
+    raw_id_hits,
+    raw_id_table,
+    rows_to_check,
+    run_privacy_check,
+)
 from userlens.stages.profile import run_profile
 from userlens.tables import TABLES, Tables
 
@@ -360,7 +376,7 @@ def test_user_profiles_carry_the_dp_guarantee_of_their_model_and_the_report_show
     metrics = json.loads((demo.root / "models" / version / "metrics.json").read_text())
     assert dp["unit"] == "user" and dp["noise_multiplier"] > 0 and dp["accountant"] == "rdp"
     # no head taken from the baseline, which is fitted without noise
-    assert "baseline_fallback" not in metrics["training"]
+    assert metrics["training"]["baseline_fallback"] == {}  # no fallback head under DP-SGD
     assert dp["delta"] < 1.0 / metrics["data"]["splits"]["train"]["users"]  # user-level: delta below 1/n
     train_run = next(r for r in DeltaTable(str(demo.root / "warehouse" / "pipeline_runs")).to_pyarrow_table()
                      .to_pylist() if r["stage"] == "train")

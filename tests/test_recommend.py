@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from userlens.config import load_settings
-from userlens.models.recommend import (RecConfig, TextTwoTower, TwoTower, list_column, padded_indices,
-                                       recency_weights, sample_positive, top_k)
+from userlens.models.recommend import (
+    RecConfig,
+    TextTwoTower,
+    TwoTower,
+    list_column,
+    padded_indices,
+    recency_weights,
+    sample_positive,
+    top_k,
+)
 
 
 def test_list_columns_become_padded_index_matrices():

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import make_settings
 from userlens.errors import UserlensError
-from userlens.models.predictor import write_bytes, write_json
+from userlens.models.contracts import ModelMetrics, TrainingData, TrainingInfo
+from userlens.models.storage import write_bytes, write_json
 from userlens.report import build_report, roc_points
 from userlens.tables import Tables, table_schema
 
@@ -46,19 +47,23 @@ def _write_artifact(models: Path) -> None:
     write_json(f"{root}/model.json", {"format_version": 1, "tasks": ["purchase", "churn", "next_category"],
                                       "classes": ["books", "garden", HOSTILE], "hidden": [8], "dropout": 0.1,
                                       "input_dim": 10, "numeric_dim": 2})
-    write_json(f"{root}/metrics.json", {
-        "model": {"purchase": binary, "churn": {**binary, "auc": 0.88},
-                  "next_category": {"accuracy": 0.47, "top3_accuracy": 0.81, "n": 150}},
-        "baseline": {"purchase": {**binary, "auc": 0.8}, "churn": {**binary, "auc": 0.86},
-                     "next_category": {"accuracy": 0.23, "top3_accuracy": 0.6, "n": 150}},
-        "data": {"as_of_date": AS_OF.isoformat(), "cutoff": "2026-10-23", "horizon_days": 7,
-                 "splits": {s: {"users": n, "purchase": 5, "churn": 3, "next_category": 4}
-                            for s, n in (("train", 700), ("valid", 150), ("test", 200))}},
-        "training": {"dp": {"epsilon": 3.21, "delta": 1e-3, "unit": "user"}, "best_epoch": 3,
-                     "baseline_fallback": {"purchase": "trained", "churn": "baseline"}},
-        "recommendations": {"<b>popularity</b>": {"hr@10": 0.1, "ndcg@10": 0.05},
-                            "two-tower": {"hr@10": 0.2, "ndcg@10": 0.11}},
-    })
+    info = TrainingInfo(best_epoch=3, best_valid_loss=0.5, epochs_run=5, samples=3500, fit_seconds=2.0,
+                        samples_per_second=1750.0, world_size=2, device="cpu",
+                        baseline_fallback={"purchase": "trained", "churn": "baseline"},
+                        dp={"epsilon": 3.21, "delta": 1e-3, "unit": "user"})
+    data = TrainingData(AS_OF.isoformat(), "2026-10-23", 7,
+                        {s: {"users": n, "purchase": 5, "churn": 3, "next_category": 4}
+                         for s, n in (("train", 700), ("valid", 150), ("test", 200))}, "minilm-test")
+    metrics = ModelMetrics(
+        VERSION, "snap-1",
+        model={"purchase": binary, "churn": {**binary, "auc": 0.88},
+               "next_category": {"accuracy": 0.47, "top3_accuracy": 0.81, "n": 150}},
+        baseline={"purchase": {**binary, "auc": 0.8}, "churn": {**binary, "auc": 0.86},
+                  "next_category": {"accuracy": 0.23, "top3_accuracy": 0.6, "n": 150}},
+        data=data, training=info,
+        recommendations={"<b>popularity</b>": {"hr@10": 0.1, "ndcg@10": 0.05},
+                         "two-tower": {"hr@10": 0.2, "ndcg@10": 0.11}})
+    write_json(f"{root}/metrics.json", metrics.to_json())
     write_bytes(f"{root}/test_predictions.npz", _predictions(rng, 200, 0.5))
     write_bytes(f"{root}/baseline_predictions.npz", _predictions(rng, 200, 0.3))
     write_bytes(f"{models}/LATEST", (VERSION + "\n").encode())

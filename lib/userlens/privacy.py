@@ -281,6 +281,6 @@ def model_properties(dp_by_version: dict[str, dict[str, Any] | None]) -> dict[st
         out[DP_PROPERTY] = "none"
     else:
         out[DP_PROPERTY] = "dp-sgd"
-        out[DP_EPSILON_PROPERTY] = f"{max(float(dp['epsilon']) for dp in dps):.4f}"
-        out[DP_DELTA_PROPERTY] = f"{max(float(dp['delta']) for dp in dps):g}"
+        out[DP_EPSILON_PROPERTY] = f"{max(float(dp['epsilon']) for dp in dps if dp is not None):.4f}"
+        out[DP_DELTA_PROPERTY] = f"{max(float(dp['delta']) for dp in dps if dp is not None):g}"
     return out

@@ -34,8 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from userlens.artifacts import ModelStore
 from userlens.config import Settings
 from userlens.errors import UserlensError, first_line
+from userlens.models.contracts import ModelMetrics
+from userlens.models.tasks import BINARY_TASKS
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BINARY_TASKS = ("purchase", "churn")  # as in userlens.models.predictor (not imported: it loads torch)
 TASK_ORDER = (*BINARY_TASKS, "next_category")
 BINARY_METRICS = (("auc", "AUC"), ("pr_auc", "PR-AUC"), ("log_loss", "log loss"), ("ece", "ECE"))
 MULTICLASS_METRICS = (("accuracy", "accuracy"), ("top3_accuracy", "top-3 accuracy"))
@@ -52,8 +54,7 @@ LOWER_IS_BETTER = {"log_loss", "ece"}
 SCORE_COLUMNS = ("purchase_propensity", "churn_risk")
 HISTOGRAM_BINS = 20
 EMBEDDING_SAMPLE = 2000
-STAGE_ORDER = ("sample", "ingest", "textualize", "embed", "train", "score", "profile", "quarantine_retention",
-               "nightly", "report", "privacy_check", "forget")
+
 EXTRA = "pip install 'userlens[report]'"
 
 STYLE = """
@@ -89,13 +90,14 @@ def _not_yet(stage: str, why: str = "") -> _Skip:
     return _Skip(f"not available yet: run <code>userlens {html.escape(stage)}</code>{suffix}")
 
 
-def build_report(spark: "SparkSession", settings: Settings, out_path: str | None = None) -> ReportResult:
+def build_report(spark: "SparkSession", settings: Settings, out_path: str | None = None,
+                 stage_order: tuple[str, ...] = ()) -> ReportResult:
     """Render the report from the tables and the latest model; write it to ``out_path`` (default
     ``<nightly.report_dir>/userlens-report-<as_of>.html``) and return where it went."""
     _require_matplotlib()
-    from userlens.models.predictor import write_bytes
+    from userlens.models.storage import write_bytes
 
-    context = _Context(spark, settings)
+    context = _Context(spark, settings, stage_order)
     sections = [
         ("model", "Model vs baseline", context.model_section),
         ("scores", "Score distributions", context.scores_section),
@@ -144,59 +146,59 @@ def build_report(spark: "SparkSession", settings: Settings, out_path: str | None
 def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserlensError(f"the report needs matplotlib, which is not installed: {EXTRA}") from None
+    except ImportError as exc:
+        raise UserlensError(f"the report needs matplotlib, which is not installed: {EXTRA}") from exc
 
 
 class _Context:
     """What the sections share: the session, the tables, the model's metrics, dates seen."""
 
-    def __init__(self, spark: "SparkSession", settings: Settings) -> None:
+    def __init__(self, spark: "SparkSession", settings: Settings, stage_order: tuple[str, ...] = ()) -> None:
         self.spark = spark
+        self.stage_order = stage_order  # the order runs are listed in (the registry's); others after
         self.settings = settings
         self.tables = Tables(spark, settings.storage)
         self.dates: list[dt.date] = []
-        self._metrics: tuple[str, str, dict[str, Any]] | None = None
+        self._metrics: tuple[str, str, ModelMetrics] | None = None
 
     # -- model artifact -----------------------------------------------------------------------
-    def model(self) -> tuple[str, str, dict[str, Any]]:
+    def model(self) -> tuple[str, str, ModelMetrics]:
         """(version, directory, metrics.json) of the latest model; _Skip when there is none."""
         if self._metrics is None:
-            from userlens.models.predictor import exists, read_json
-            from userlens.stages.train import latest_version, models_root
-
-            version = latest_version(self.settings)
+            store = ModelStore.of(self.settings)
+            version = store.latest()
             if version is None:
                 raise _not_yet("train", "no model yet")
-            path = f"{models_root(self.settings)}/{version}"
-            if not exists(f"{path}/metrics.json"):
-                raise _not_yet("train", f"model {version} has no metrics.json")
+            path = store.path(version)
             try:
-                metrics = read_json(f"{path}/metrics.json")
+                metrics = store.metrics(version)
             except (OSError, ValueError) as exc:
                 raise _Skip(f"could not read {html.escape(path)}/metrics.json: {html.escape(first_line(exc))}") \
-                    from None
-            self._metrics = (version, path, metrics if isinstance(metrics, dict) else {})
+                    from exc
+            if metrics is None:
+                raise _not_yet("train", f"model {version} has no metrics.json")
+            self._metrics = (version, path, metrics)
         return self._metrics
 
     def model_section(self) -> str:
         version, path, metrics = self.model()
-        data = metrics.get("data") or {}
-        if data.get("as_of_date"):
-            self.dates.append(dt.date.fromisoformat(str(data["as_of_date"])))
+        data = metrics.data
+        if data.as_of_date:
+            self.dates.append(dt.date.fromisoformat(data.as_of_date))
         out = [f"<p>model <code>{_e(version)}</code> in <code>{_e(path)}</code>; cutoff "
-               f"{_e(data.get('cutoff', '?'))} (as of {_e(data.get('as_of_date', '?'))}, horizon "
-               f"{_e(data.get('horizon_days', '?'))} days)</p>"]
-        out.append(_splits_table(data.get("splits") or {}))
-        out.append(_metrics_table(metrics.get("model") or {}, metrics.get("baseline") or {}))
-        heads = (metrics.get("training") or {}).get("baseline_fallback") or {}
-        fallen_back = sorted(t for t, head in heads.items() if head == "baseline") if isinstance(heads, dict) else []
+               f"{_e(data.cutoff or '?')} (as of {_e(data.as_of_date or '?')}, horizon "
+               f"{_e(data.horizon_days)} days)</p>"]
+        out.append(_splits_table(data.splits))
+        out.append(_metrics_table(metrics.model, metrics.baseline))
+        heads = metrics.training.baseline_fallback
+        fallen_back = sorted(t for t, head in heads.items() if head == "baseline")
         if fallen_back:
-            out.append(f"<p>the model's {_e(' and '.join(fallen_back))} head{'s are' if len(fallen_back) > 1 else ' is'}"
+            out.append(f"<p>the model's {_e(' and '.join(fallen_back))} "
+                       f"head{'s are' if len(fallen_back) > 1 else ' is'}"
                        " the baseline's logistic regression: no trained epoch had a lower validation loss "
                        "(train.baseline_fallback), so model and baseline agree there</p>")
-        dp = (metrics.get("training") or {}).get("dp")
-        if isinstance(dp, dict) and dp:
+        dp = metrics.training.dp
+        if dp:
             out.append(f"<p>trained with DP-SGD: &epsilon; = {_fmt(dp.get('epsilon'))}, "
                        f"&delta; = {_fmt(dp.get('delta'))} ({_e(dp.get('unit', 'user'))}-level"
                        f"{', noise multiplier ' + _fmt(dp['noise_multiplier']) if 'noise_multiplier' in dp else ''}"
@@ -251,7 +253,9 @@ class _Context:
         if not self.tables.exists("user_scores"):
             raise _not_yet("score", "no user_scores table")
         scores = self.tables.read("user_scores")
-        latest = scores.agg(F.max("as_of_date")).first()[0]
+        max_row = scores.agg(F.max("as_of_date")).first()
+        assert max_row is not None  # an aggregate without groupBy has one row
+        latest = max_row[0]
         if latest is None:
             raise _not_yet("score", "user_scores is empty")
         self.dates.append(latest)
@@ -282,7 +286,9 @@ class _Context:
         if not self.tables.exists("segments"):
             raise _not_yet("profile", "no segments table")
         segments = self.tables.read("segments")
-        latest = segments.agg(F.max("as_of_date")).first()[0]
+        max_row = segments.agg(F.max("as_of_date")).first()
+        assert max_row is not None  # an aggregate without groupBy has one row
+        latest = max_row[0]
         if latest is None:
             raise _not_yet("profile", "segments is empty")
         self.dates.append(latest)
@@ -327,7 +333,7 @@ class _Context:
     # -- recommendations ----------------------------------------------------------------------
     def recommendations_section(self) -> str:
         _, _, metrics = self.model()
-        recommendations = metrics.get("recommendations")
+        recommendations = metrics.recommendations
         if not isinstance(recommendations, dict) or not recommendations:
             raise _not_yet("train", "the latest model's metrics.json has no recommendation metrics")
         names: list[str] = []
@@ -357,7 +363,8 @@ class _Context:
                 .withColumn("started", F.date_format("started_at", "yyyy-MM-dd HH:mm:ss")).collect())
         if not rows:
             raise _not_yet("nightly", "pipeline_runs is empty")
-        rows.sort(key=lambda r: (STAGE_ORDER.index(r["stage"]) if r["stage"] in STAGE_ORDER else len(STAGE_ORDER),
+        order = self.stage_order
+        rows.sort(key=lambda r: (order.index(r["stage"]) if r["stage"] in order else len(order),
                                  r["stage"]))
         self.dates.extend(r["as_of_date"] for r in rows if r["as_of_date"] is not None)
         zone = self.spark.conf.get("spark.sql.session.timeZone", "UTC")
@@ -449,7 +456,7 @@ def _metrics_table(model: dict[str, Any], baseline: dict[str, Any]) -> str:
         return '<p class="na">metrics.json has no test metrics</p>'
     rows = ["<table><tr><th>task</th><th>metric</th><th>model</th><th>baseline</th></tr>"]
     for task in tasks:
-        mine, theirs = (m.get(task) if isinstance(m.get(task), dict) else {} for m in (model, baseline))
+        mine, theirs = (entry if isinstance(entry := m.get(task), dict) else {} for m in (model, baseline))
         known = BINARY_METRICS if "auc" in mine or "auc" in theirs else MULTICLASS_METRICS
         metrics = [(k, label) for k, label in known if k in mine or k in theirs]
         for key, label in metrics:
@@ -467,7 +474,7 @@ def _metrics_table(model: dict[str, Any], baseline: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- numbers
 
 def _load_npz(uri: str) -> dict[str, np.ndarray]:
-    from userlens.models.predictor import exists, read_bytes
+    from userlens.models.storage import exists, read_bytes
 
     if not exists(uri):
         raise FileNotFoundError(uri)

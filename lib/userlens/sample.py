@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -760,10 +760,10 @@ def generate_user_lines(spec: SampleSpec, user_index: int,
 
 
 def _partition_fn(spec: SampleSpec, catalog: _Catalog
-                  ) -> Callable[[Iterator["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
+                  ) -> Callable[[Iterable["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     dates = _window_dates(spec)
 
-    def gen(batches: Iterator["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
+    def gen(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
         import pandas as pd
 
         chunk_dates: list[str] = []

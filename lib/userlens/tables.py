@@ -40,7 +40,8 @@ def _s(*fields: tuple[str, T.DataType, bool]) -> T.StructType:
     return T.StructType([T.StructField(name, dtype, nullable) for name, dtype, nullable in fields])
 
 
-STR, LONG, INT, DBL, DATE, TS = T.StringType(), T.LongType(), T.IntegerType(), T.DoubleType(), T.DateType(), T.TimestampType()
+STR, LONG, INT, DBL, DATE, TS = (T.StringType(), T.LongType(), T.IntegerType(), T.DoubleType(), T.DateType(),
+                                 T.TimestampType())
 VECTOR = T.ArrayType(T.FloatType(), containsNull=False)
 STRINGS = T.ArrayType(T.StringType(), containsNull=True)
 BOOL = T.BooleanType()
@@ -161,7 +162,9 @@ class Tables:
             raise UserlensError(f"no {table} table: run `userlens {produced_by}` first")
         if given is not None:
             return given
-        latest = self.read(table).agg(F.max(column)).first()[0]
+        row = self.read(table).agg(F.max(column)).first()
+        assert row is not None  # an aggregate without groupBy has one row
+        latest = row[0]
         if latest is None:
             raise UserlensError(f"the {table} table is empty: run `userlens {produced_by}` first")
         return latest
@@ -175,7 +178,9 @@ class Tables:
 
     def version(self, table: str) -> int:
         """The table's current Delta version (the table must exist)."""
-        return int(self.delta(table).history(1).select("version").first()[0])
+        row = self.delta(table).history(1).select("version").first()
+        assert row is not None  # an existing table has at least one version
+        return int(row[0])
 
     def _load(self, table: str) -> "DataFrame":
         if self.use_catalog:
@@ -205,6 +210,7 @@ class Tables:
             # open-source Delta 4.0's builder parses tableName() as [schema.]table, so a three-part name
             # is a syntax error there (other catalogs get it as before: this is the one path the tests
             # cannot run). Spark's own session catalog needs no catalog part: the tests' catalog mode.
+            assert self.storage.catalog is not None  # use_catalog: catalog and schema are set
             if self.storage.catalog.lower() == SESSION_CATALOG:
                 builder = builder.tableName(f"`{self.storage.schema_name}`.`{table}`")
             else:

@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, cast, overload
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from userlens.errors import ConfigError, UserlensError, first_line
 
 if TYPE_CHECKING:
     import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,9 @@ def resolve_model_dir(name: str) -> tuple[Path, str | None]:
         package, label = BUILTIN_MODELS[name]
         try:
             module = __import__(package)
-        except ImportError:
-            raise ConfigError(f"embed.model: {name} needs the PyPI package {package.replace('_', '-')}") from None
+        except ImportError as exc:
+            raise ConfigError(f"embed.model: {name} needs the PyPI package {package.replace('_', '-')}") from exc
+        assert module.__file__ is not None  # a package installed from PyPI, not a namespace package
         return Path(module.__file__).resolve().parent / "model", label
     if name.startswith("builtin:"):
         raise ConfigError(f"embed.model: unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
@@ -122,7 +124,8 @@ def describe_model(name: str, normalize: bool = True, int8: bool = False) -> Mod
         declared = tokenizer_config.get("model_max_length")
         max_seq_length = min(int(declared), limit) if isinstance(declared, (int, float)) and declared < 10**6 else limit
     if label is None:
-        label = f"{config.get('model_type', 'model')}-l{config.get('num_hidden_layers', '?')}-h{config.get('hidden_size', '?')}"
+        label = (f"{config.get('model_type', 'model')}-l{config.get('num_hidden_layers', '?')}"
+                 f"-h{config.get('hidden_size', '?')}")
     return ModelInfo(name=name, path=path, label=label, pooling=pooling, max_seq_length=int(max_seq_length),
                      do_lower_case=bool(st_config.get("do_lower_case", False)), normalize=normalize, int8=int8)
 
@@ -135,6 +138,10 @@ def _weight_files(path: Path) -> list[Path]:
     return shards
 
 
+@overload
+def _read_json(file: Path, name: str, required: Literal[True]) -> dict[str, Any]: ...
+@overload
+def _read_json(file: Path, name: str, required: bool = False) -> dict[str, Any] | None: ...
 def _read_json(file: Path, name: str, required: bool = False) -> dict[str, Any] | None:
     if not file.is_file():
         if required:
@@ -143,7 +150,7 @@ def _read_json(file: Path, name: str, required: bool = False) -> dict[str, Any] 
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"embed.model: cannot read {file}: {type(exc).__name__}") from None
+        raise ConfigError(f"embed.model: cannot read {file}: {type(exc).__name__}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"embed.model: {file} is not a JSON object")
     return data
@@ -152,9 +159,10 @@ def _read_json(file: Path, name: str, required: bool = False) -> dict[str, Any] 
 def _pooling_mode(path: Path, name: str) -> str:
     pooling_dir = "1_Pooling"
     try:
-        modules = json.loads((path / "modules.json").read_text(encoding="utf-8")) if (path / "modules.json").is_file() else []
+        modules = (json.loads((path / "modules.json").read_text(encoding="utf-8"))
+                   if (path / "modules.json").is_file() else [])
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"embed.model: cannot read {path / 'modules.json'}: {type(exc).__name__}") from None
+        raise ConfigError(f"embed.model: cannot read {path / 'modules.json'}: {type(exc).__name__}") from exc
     for entry in modules if isinstance(modules, list) else []:
         if isinstance(entry, dict) and str(entry.get("type", "")).endswith("Pooling"):
             pooling_dir = entry.get("path") or pooling_dir
@@ -250,7 +258,8 @@ class Encoder:
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.dimension = int(model.config.hidden_size) if model is not None else 0
+        # cast: a Hugging Face model's ``config`` is a plain attribute; torch types Module attributes Tensor | Module
+        self.dimension = int(cast(Any, model).config.hidden_size) if model is not None else 0
 
     @property
     def model_id(self) -> str:
@@ -305,6 +314,7 @@ class Encoder:
         non_blocking = self.device.startswith("cuda")
         ids = ids.to(self.device, non_blocking=non_blocking)
         mask = mask.to(self.device, non_blocking=non_blocking)
+        assert self.model is not None  # a tokenizer-only encoder (load_tokenizer) never runs a forward pass
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         if self.info.pooling == "cls":
             pooled = hidden[:, 0]
@@ -349,7 +359,7 @@ def load_encoder(name: str, device: str | None = None, dtype: str = "auto", max_
         tokenizer = AutoTokenizer.from_pretrained(str(info.path))
         model = AutoModel.from_pretrained(str(info.path), dtype=torch_dtype)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"embed.model: cannot load {name}: {first_line(exc)}") from None
+        raise ConfigError(f"embed.model: cannot load {name}: {first_line(exc)}") from exc
     model.eval().to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -404,6 +414,7 @@ def quantize_int8(encoder: Encoder, keep_float: "Callable[[str], bool] | None" =
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    assert encoder.model is not None  # a loaded model, not a tokenizer-only encoder
     reference = encoder.encode(_CHECK_TEXTS)
     keep = keep_float or _keeps_float
     quantized = {name: per_channel_dynamic_qconfig for name, module in encoder.model.named_modules()
@@ -439,7 +450,7 @@ def _full_range_linear_class() -> type:
     class FullRangeLinear(torch.nn.Module):
         """A dynamically quantized Linear run with 8-bit activations (``reduce_range=False``)."""
 
-        def __init__(self, quantized: torch.nn.Module) -> None:
+        def __init__(self, quantized: DynamicLinear) -> None:
             super().__init__()
             self.packed = quantized._packed_params._packed_params
 
@@ -457,7 +468,7 @@ def load_tokenizer(name: str) -> Encoder:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(info.path))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"embed.model: cannot load the tokenizer of {name}: {first_line(exc)}") from None
+        raise ConfigError(f"embed.model: cannot load the tokenizer of {name}: {first_line(exc)}") from exc
     return Encoder(info, tokenizer, None, "cpu", None, 0)
 
 

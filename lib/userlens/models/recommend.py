@@ -52,6 +52,10 @@ class RecConfig:
 
 
 class TwoTower(nn.Module):
+    # buffers (register_buffer in __init__), declared for the type checker
+    item_text: torch.Tensor
+    log_q: torch.Tensor
+
     def __init__(self, config: RecConfig, item_text: np.ndarray | None = None,
                  log_q: np.ndarray | None = None) -> None:
         super().__init__()

@@ -2,8 +2,12 @@
 
 ``train_main(job)`` is pickled by the distributor and called once per rank
 with the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, ...).
-``job`` is a small dict of paths and settings: the data never passes through
-the driver or the arguments. Each rank
+``job`` is a :class:`~userlens.models.contracts.TrainJob` of paths and settings:
+the data never passes through the driver or the arguments. ``train_main`` is a
+short driver over steps that each run in-process too (tests call them on CPU
+without TorchDistributor): :func:`init_process`, :func:`build`,
+:func:`fit_epochs` (:func:`train_epoch` per epoch), :func:`reduce_totals`,
+:func:`choose_heads`, :func:`finalize` (rank 0) and :func:`hand_over`. Each rank
 
 * reads only its own files of the snapshot's ``split=train`` and ``split=valid`` folders
   (``files[rank::world]``), streaming record batches with pyarrow through a
@@ -31,9 +35,14 @@ import logging
 import math
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from userlens.models.contracts import ModelMetrics, TrainingInfo, TrainJob, TrainSummary
+from userlens.models.storage import list_files, read_catalogue
 
 log = logging.getLogger("userlens.train")
 
@@ -102,7 +111,7 @@ class ShardReader:
     def rows(self) -> int:
         import pyarrow.parquet as pq
 
-        from userlens.models.predictor import _fs
+        from userlens.models.storage import _fs
 
         total = 0
         for uri in self.files:
@@ -114,7 +123,7 @@ class ShardReader:
     def record_batches(self, order: list[str]) -> Iterator[dict[str, np.ndarray]]:
         import pyarrow.parquet as pq
 
-        from userlens.models.predictor import _fs
+        from userlens.models.storage import _fs
 
         columns = ["embedding", "features", *self.tasks, *(REC_COLUMNS if self.catalogue else ())]
         for uri in order:
@@ -175,7 +184,7 @@ class ShardReader:
 
 
 def _emit(buffer: list[dict[str, np.ndarray]], batch_size: int, rng: np.random.Generator | None,
-          keep_remainder: bool) -> Iterator[dict[str, np.ndarray]]:
+          keep_remainder: bool) -> Generator[dict[str, np.ndarray], None, dict[str, np.ndarray] | None]:
     merged = buffer[0] if len(buffer) == 1 else {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
     n = len(merged["x"])
     index = rng.permutation(n) if rng is not None else np.arange(n)
@@ -212,199 +221,293 @@ def _rec_tensors(batch: dict[str, np.ndarray], catalogue: Catalogue | None, rng:
             "positive": torch.from_numpy(positive).to(device)}
 
 
-def train_main(job: dict[str, Any]) -> dict[str, Any]:
-    """Entry point for ``TorchDistributor.run``; rank 0 writes the artifact, every rank returns its summary."""
+@dataclass
+class Process:
+    """This rank's place in the run: its rank, the world, its device, and the groups it talks over."""
+
+    rank: int
+    world: int
+    device: Any
+    handoff: Any = None  # a gloo group for rank 0's summary (its own timeout), when distributed
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+@dataclass
+class Setup:
+    """What a rank trains: the model, its optimizer, its data, and the baseline heads to beat."""
+
+    model: Any
+    optimizer: Any
+    catalogue: Catalogue | None
+    reader: ShardReader | None   # this rank's train shard (None under DP-SGD: ``loader``)
+    loader: Any                  # Opacus' Poisson-sampling loader under DP-SGD
+    privacy_engine: Any
+    valid: ShardReader
+    steps: int                   # training steps per epoch, the same on every rank
+    fallback: dict[str, tuple[float, dict[str, Any]]]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return ("tasks", "recommend") if self.catalogue is not None else ("tasks",)
+
+
+@dataclass
+class Fit:
+    """What the epochs left: per-epoch history, the best epoch of each part, samples and time."""
+
+    history: list[dict[str, float]]
+    best: dict[str, "_Best"]
+    samples: int
+    fit_seconds: float
+
+
+def train_main(job: TrainJob) -> TrainSummary:
+    """Entry point for ``TorchDistributor.run``: one rank's run; rank 0 writes the artifact, every rank
+    returns rank 0's summary."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s userlens.train %(message)s", datefmt="%H:%M:%S")
+    process = init_process(job)
+    try:
+        started = time.perf_counter()
+        setup = build(job, process)
+        fit = reduce_totals(process, fit_epochs(job, process, setup))
+        state, heads = choose_heads(fit, setup.fallback)
+        summary = finalize(job, process, setup, fit, state, heads, started) if process.rank == 0 else None
+        return hand_over(process, summary)
+    finally:
+        if process.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def init_process(job: TrainJob, environ: dict[str, str] | None = None) -> Process:
+    """Rank, world and device from torchrun's environment; the process group when there are several."""
     import torch
     import torch.distributed as dist
 
-    from userlens.models.predictor import (BehaviourModel, FeatureSpec, ModelConfig, list_files, save_state,
-                                           task_loss, write_artifact)
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s userlens.train %(message)s", datefmt="%H:%M:%S")
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_gpu = bool(job["use_gpu"])
-    if use_gpu:
+    env = os.environ if environ is None else environ
+    rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if job.use_gpu:
         device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
         # the host's cores shared by its ranks, unless the job fixes it (bench/train.py's reference run)
-        torch.set_num_threads(job.get("torch_threads") or max(1, (os.cpu_count() or 1) // max(local_world, 1)))
-    distributed = world > 1
-    if distributed:
-        dist.init_process_group("nccl" if use_gpu else "gloo")
+        torch.set_num_threads(job.torch_threads or max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    process = Process(rank, world, device)
+    if process.distributed:
+        dist.init_process_group("nccl" if job.use_gpu else "gloo")
         # at the end rank 0 alone evaluates the test split and writes the artifact while the other ranks
         # wait to be handed its summary: that wait has its own CPU group, with a timeout sized for it
         # rather than the default group's (torch: 30 minutes on gloo, 10 on NCCL)
-        handoff = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=HANDOFF_TIMEOUT_HOURS))
-    try:
-        torch.manual_seed(job["seed"])  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
-        config = ModelConfig(**job["config"])
-        features = FeatureSpec(**job["features"])
-        tasks = list(config.tasks)
-        started = time.perf_counter()
+        process.handoff = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=HANDOFF_TIMEOUT_HOURS))
+    return process
 
-        catalogue = None
-        if config.rec:
-            from userlens.models.predictor import read_catalogue
 
-            rec = job["recommend"]
-            catalogue = Catalogue(*read_catalogue(f"{job['snapshot']}/items"), rec["history"],
-                                  rec["history_half_life_days"])
-        model: torch.nn.Module = BehaviourModel(
-            config, (catalogue.embeddings, catalogue.log_q) if catalogue else None).to(device)
-        rec_weight = float(job.get("recommend", {}).get("weight", 1.0))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=job["learning_rate"], weight_decay=job["weight_decay"])
-        train_files = list_files(f"{job['snapshot']}/split=train")
-        valid_files = list_files(f"{job['snapshot']}/split=valid")
-        dp = job.get("dp")
-        privacy_engine = None
-        if dp:
-            model, optimizer, loader, privacy_engine = _make_private(model, optimizer, train_files, features, tasks,
-                                                                     job, distributed)
-            steps = len(loader)
-            train_batches = None
-        else:
-            if distributed:
-                # find_unused_parameters: the recommendation head sees no positive in some batches. Buffers
-                # (the item catalogue's vectors) are read by every rank from the snapshot and never change:
-                # broadcasting them from rank 0 before every forward (DDP's default) only moves bytes
-                # (torch 2.15 renamed broadcast_buffers, which now warns, to forward_sync_buffers)
-                ddp = torch.nn.parallel.DistributedDataParallel
-                no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                           else "broadcast_buffers")
-                model = ddp(model, find_unused_parameters=catalogue is not None, **{no_sync: False})
-            reader = ShardReader(train_files[rank::world], features, tasks, catalogue)
-            steps = math.ceil(reader.rows() / job["batch_size"])
-            if distributed:  # every rank runs the same number of steps
-                t = torch.tensor([steps], device=device)
-                dist.all_reduce(t, op=dist.ReduceOp.MIN)
-                steps = int(t.item())
-            loader = None
-        if steps < 1:
-            raise ValueError(f"rank {rank} has no training rows in {job['snapshot']}/train")
-        valid = ShardReader(valid_files[rank::world], features, tasks, catalogue)
+def build(job: TrainJob, process: Process) -> Setup:
+    """The model (DDP or Opacus-wrapped), its optimizer, this rank's shards and the fallback heads."""
+    import torch
+    import torch.distributed as dist
 
-        rng = np.random.default_rng([job["seed"], rank])
-        # the task heads and the recommendation head share no parameter (the head reads the input, not the
-        # trunk), so each keeps the weights of its own best validation epoch and its own patience
-        best = {"tasks": _Best(), "recommend": _Best()}
-        parts = ("tasks", "recommend") if catalogue is not None else ("tasks",)
-        samples, fit_seconds, history = 0, 0.0, []
-        # the baseline's regression as the other candidate of each of its tasks: a head ends as that
-        # regression when no trained epoch gives its task a lower validation loss (its trunk weights are
-        # zero, so the candidate needs no trunk of its own, and no recommendation head)
-        fallback = _baseline_candidates(job, config, valid, tasks, device, distributed, rank)
-        for epoch in range(job["epochs"]):
-            epoch_start = time.perf_counter()
-            model.train()
-            if loader is not None:
-                train_batches = (_as_numpy_batch(b, tasks) for b in loader)
-            else:
-                train_batches = reader.batches(job["batch_size"], rng)
-            train_loss, n_steps = 0.0, 0
-            for batch in train_batches:
-                if n_steps == steps:
-                    break
-                if len(batch["x"]) == 0:  # Poisson sampling can draw an empty batch
-                    continue
-                x, y = _tensors(batch, tasks, device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = task_loss(model(x, _rec_tensors(batch, catalogue, rng, device)), y, rec_weight)
-                loss.backward()
-                optimizer.step()
-                train_loss += float(loss.detach())
-                samples += len(batch["x"])
-                n_steps += 1
-            if hasattr(train_batches, "close"):
-                # a rank stops after `steps` batches: finish the reader now (its open Parquet file and
-                # pyarrow's read-ahead), not at interpreter exit, where a still-running native thread
-                # aborts the process ("terminate called without an active exception") and torchrun's
-                # exit barrier then waits its full 300 s on the other ranks
-                train_batches.close()
-            fit_seconds += time.perf_counter() - epoch_start
-            losses = _validation_loss(model, valid, tasks, device, distributed, catalogue, job["seed"])
-            history.append({"epoch": epoch, "train_loss": train_loss / max(n_steps, 1),
-                            "valid_loss": losses["tasks"], **({"valid_rec_loss": losses["recommend"]}
-                                                              if catalogue is not None else {}),
+    from userlens.models.predictor import BehaviourModel
+
+    torch.manual_seed(job.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    config, features, tasks = job.config, job.features, list(job.config.tasks)
+    catalogue = None
+    if config.rec and job.recommend is not None:
+        catalogue = Catalogue(*read_catalogue(f"{job.snapshot}/items"), job.recommend.history,
+                              job.recommend.history_half_life_days)
+    model: Any = BehaviourModel(config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
+    model = model.to(process.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.learning_rate, weight_decay=job.weight_decay)
+    train_files = list_files(f"{job.snapshot}/split=train")
+    valid = ShardReader(list_files(f"{job.snapshot}/split=valid")[process.rank::process.world], features, tasks,
+                        catalogue)
+    reader, loader, engine = None, None, None
+    if job.dp is not None:
+        model, optimizer, loader, engine = _make_private(model, optimizer, train_files, features, tasks, job,
+                                                         process.distributed)
+        steps = len(loader)
+    else:
+        if process.distributed:
+            # find_unused_parameters: the recommendation head sees no positive in some batches. Buffers
+            # (the item catalogue's vectors) are read by every rank from the snapshot and never change:
+            # broadcasting them from rank 0 before every forward (DDP's default) only moves bytes
+            # (torch 2.15 renamed broadcast_buffers, which now warns, to forward_sync_buffers)
+            ddp = torch.nn.parallel.DistributedDataParallel
+            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else "broadcast_buffers")
+            sync_off: dict[str, Any] = {no_sync: False}  # Any: the keyword's name depends on the torch version
+            model = ddp(model, find_unused_parameters=catalogue is not None, **sync_off)
+        reader = ShardReader(train_files[process.rank::process.world], features, tasks, catalogue)
+        steps = math.ceil(reader.rows() / job.batch_size)
+        if process.distributed:  # every rank runs the same number of steps
+            t = torch.tensor([steps], device=process.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            steps = int(t.item())
+    if steps < 1:
+        raise ValueError(f"rank {process.rank} has no training rows in {job.snapshot}/split=train")
+    # the baseline's regression as the other candidate of each of its tasks: a head ends as that
+    # regression when no trained epoch gives its task a lower validation loss (its trunk weights are
+    # zero, so the candidate needs no trunk of its own, and no recommendation head)
+    fallback = _baseline_candidates(job, valid, tasks, process)
+    return Setup(model, optimizer, catalogue, reader, loader, engine, valid, steps, fallback)
+
+
+def fit_epochs(job: TrainJob, process: Process, setup: Setup) -> Fit:
+    """Train until every part has gone ``job.patience`` epochs without a better validation loss (or
+    ``job.epochs``); rank 0 checkpoints every epoch."""
+    from userlens.models.predictor import save_state
+
+    tasks = list(job.config.tasks)
+    rng = np.random.default_rng([job.seed, process.rank])
+    # the task heads and the recommendation head share no parameter (the head reads the input, not the
+    # trunk), so each keeps the weights of its own best validation epoch and its own patience
+    fit = Fit([], {part: _Best() for part in setup.parts}, 0, 0.0)
+    for epoch in range(job.epochs):
+        epoch_start = time.perf_counter()
+        train_loss, n_steps, samples = train_epoch(job, process, setup, rng)
+        fit.samples += samples
+        fit.fit_seconds += time.perf_counter() - epoch_start
+        losses = _validation_loss(setup.model, setup.valid, tasks, process.device, process.distributed,
+                                  setup.catalogue, job.seed)
+        fit.history.append({"epoch": epoch, "train_loss": train_loss, "valid_loss": losses["tasks"],
+                            **({"valid_rec_loss": losses["recommend"]} if setup.catalogue is not None else {}),
                             **{f"valid_loss_{task}": losses[f"task:{task}"] for task in tasks}})
-            if rank == 0:
-                log.info("epoch %d: train loss %.4f, valid loss %.4f%s (%d steps/rank)", epoch,
-                         train_loss / max(n_steps, 1), losses["tasks"],
-                         f", recommendation {losses['recommend']:.4f}" if catalogue is not None else "", n_steps)
-            state = _unwrap(model).state_dict()
-            for part in parts:
-                best[part].update(epoch, losses[part], {k: v for k, v in state.items()
+        if process.rank == 0:
+            log.info("epoch %d: train loss %.4f, valid loss %.4f%s (%d steps/rank)", epoch, train_loss,
+                     losses["tasks"], f", recommendation {losses['recommend']:.4f}"
+                     if setup.catalogue is not None else "", n_steps)
+        state = _unwrap(setup.model).state_dict()
+        for part in setup.parts:
+            fit.best[part].update(epoch, losses[part], {k: v for k, v in state.items()
                                                         if k.startswith("rec.") == (part == "recommend")})
-            if rank == 0:
-                save_state(f"{job['artifact']}/checkpoints/last.pt",
-                           {"epoch": epoch, "model": state, "optimizer": optimizer.state_dict(),
-                            "best_epoch": best["tasks"].epoch, "best_loss": best["tasks"].loss})
-            if all(best[part].bad >= job["patience"] for part in parts):
-                break
-        best_epoch, best_loss = best["tasks"].epoch, best["tasks"].loss
-        best_state = {k: v for part in parts for k, v in best[part].state.items()}
-        chosen = {}
-        for task, (loss, head) in fallback.items():
-            chosen[task] = "baseline" if history[best_epoch][f"valid_loss_{task}"] >= loss else "trained"
-            if chosen[task] == "baseline":
-                best_state.update(head)
+        if process.rank == 0:
+            save_state(f"{job.artifact}/checkpoints/last.pt",
+                       {"epoch": epoch, "model": state, "optimizer": setup.optimizer.state_dict(),
+                        "best_epoch": fit.best["tasks"].epoch, "best_loss": fit.best["tasks"].loss})
+        if all(best.bad >= job.patience for best in fit.best.values()):
+            break
+    return fit
 
-        totals = torch.tensor([samples, fit_seconds], dtype=torch.float64)
-        if distributed:
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        epsilon = privacy_engine.get_epsilon(dp["target_delta"]) if privacy_engine is not None else None
-        summary: dict[str, Any] | None = None
-        if rank == 0:
-            summary = {
-                "best_epoch": best_epoch, "best_valid_loss": best_loss, "epochs_run": len(history),
-                **({"best_rec_epoch": best["recommend"].epoch, "best_valid_rec_loss": best["recommend"].loss}
-                   if catalogue is not None else {}),
-                "samples": int(totals[0]), "fit_seconds": float(totals[1]) / world,
-                "samples_per_second": float(totals[0]) / max(float(totals[1]) / world, 1e-9),
-                "world_size": world, "device": str(device), "history": history,
-            }
-            if chosen:
-                # per task: "baseline" (the head is the baseline's regression) or "trained"
-                summary["baseline_fallback"] = chosen
-            if dp:
-                summary["dp"] = {"epsilon": float(epsilon), "delta": dp["target_delta"],
-                                 "target_epsilon": dp["target_epsilon"], "max_grad_norm": dp["max_grad_norm"],
-                                 "noise_multiplier": float(optimizer.noise_multiplier),
-                                 "accountant": "rdp", "sampling": "poisson", "unit": "user"}
-            final = BehaviourModel(config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
-            final.load_state_dict(best_state)
-            test_files = list_files(f"{job['snapshot']}/split=test")
-            test_metrics = evaluate_files(final, config, features, test_files,
-                                          predictions_to=f"{job['artifact']}/test_predictions.npz")
-            if catalogue is not None:
-                test_metrics["recommend"] = evaluate_recommendations(final, features, tasks, test_files, catalogue,
-                                                                     job["recommend"]["k"])
-            baseline = job.get("baseline", {})
-            metrics = {"model": test_metrics, "baseline": baseline, "data": job.get("data", {}),
-                       "training": {k: v for k, v in summary.items() if k != "history"}, "history": history,
-                       "snapshot_id": job["snapshot_id"], "version": job["version"]}
-            if catalogue is not None:  # side by side, for the report
-                metrics["recommendations"] = {"two-tower": test_metrics["recommend"],
-                                              "popularity": baseline.get("recommend_popularity", {}),
-                                              "ALS": baseline.get("recommend_als", {})}
-            write_artifact(job["artifact"], config, features, best_state, metrics,
-                           (catalogue.item_ids, catalogue.embeddings, catalogue.log_q) if catalogue else None)
-            summary["train_seconds"] = time.perf_counter() - started
-            summary["test"] = test_metrics
-        if distributed:
-            # TorchDistributor runs every rank through one generated script that pickles the rank's return
-            # value to one output file per Spark task; in local mode all ranks share that task, so the last
-            # rank to exit wins. Every rank returns rank 0's summary, whichever that is.
-            box = [summary]
-            dist.broadcast_object_list(box, src=0, group=handoff)
-            summary = box[0]
-        return summary
-    finally:
-        if distributed:
-            dist.destroy_process_group()
+
+def train_epoch(job: TrainJob, process: Process, setup: Setup, rng: np.random.Generator) -> tuple[float, int, int]:
+    """One pass of ``setup.steps`` steps: (mean train loss, steps, samples)."""
+    from userlens.models.predictor import task_loss
+
+    tasks = list(job.config.tasks)
+    rec_weight = job.recommend.weight if job.recommend is not None else 1.0
+    setup.model.train()
+    if setup.loader is not None:
+        batches: Iterator[dict[str, np.ndarray]] = (_as_numpy_batch(b, tasks) for b in setup.loader)
+    else:
+        assert setup.reader is not None
+        batches = setup.reader.batches(job.batch_size, rng)
+    total, steps, samples = 0.0, 0, 0
+    for batch in batches:
+        if steps == setup.steps:
+            break
+        if len(batch["x"]) == 0:  # Poisson sampling can draw an empty batch
+            continue
+        x, y = _tensors(batch, tasks, process.device)
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss = task_loss(setup.model(x, _rec_tensors(batch, setup.catalogue, rng, process.device)), y, rec_weight)
+        loss.backward()
+        setup.optimizer.step()
+        total += float(loss.detach())
+        samples += len(batch["x"])
+        steps += 1
+    close = getattr(batches, "close", None)
+    if close is not None:
+        # a rank stops after `steps` batches: finish the reader now (its open Parquet file and pyarrow's
+        # read-ahead), not at interpreter exit, where a still-running native thread aborts the process
+        # ("terminate called without an active exception") and torchrun's exit barrier then waits its full
+        # 300 s on the other ranks
+        close()
+    return total / max(steps, 1), steps, samples
+
+
+def choose_heads(fit: Fit, fallback: dict[str, tuple[float, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The final weights: each part's best epoch, and per fallback task the baseline's regression where no
+    trained epoch beat its validation loss at the best epoch; (state, task -> "trained" | "baseline")."""
+    state = {k: v for best in fit.best.values() for k, v in best.state.items()}
+    best_epoch = fit.best["tasks"].epoch
+    chosen = {}
+    for task, (loss, head) in fallback.items():
+        chosen[task] = "baseline" if fit.history[best_epoch][f"valid_loss_{task}"] >= loss else "trained"
+        if chosen[task] == "baseline":
+            state.update(head)
+    return state, chosen
+
+
+def reduce_totals(process: Process, fit: Fit) -> Fit:
+    """Samples and fit seconds summed over the ranks (a collective: every rank calls it)."""
+    if not process.distributed:
+        return fit
+    import torch
+    import torch.distributed as dist
+
+    totals = torch.tensor([fit.samples, fit.fit_seconds], dtype=torch.float64)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return Fit(fit.history, fit.best, int(totals[0]), float(totals[1]) / process.world)
+
+
+def finalize(job: TrainJob, process: Process, setup: Setup, fit: Fit, state: dict[str, Any],
+             heads: dict[str, str], started: float) -> TrainSummary:
+    """Rank 0: the test metrics of the final weights, the artifact directory, the summary."""
+    from userlens.models.predictor import BehaviourModel, write_artifact
+
+    catalogue = setup.catalogue
+    dp = None
+    if job.dp is not None:
+        dp = {"epsilon": float(setup.privacy_engine.get_epsilon(job.dp.target_delta)), "delta": job.dp.target_delta,
+              "target_epsilon": job.dp.target_epsilon, "max_grad_norm": job.dp.max_grad_norm,
+              "noise_multiplier": float(setup.optimizer.noise_multiplier), "accountant": "rdp",
+              "sampling": "poisson", "unit": "user"}
+    final = BehaviourModel(job.config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
+    final.load_state_dict(state)
+    test_files = list_files(f"{job.snapshot}/split=test")
+    test = evaluate_files(final, job.config, job.features, test_files,
+                          predictions_to=f"{job.artifact}/test_predictions.npz")
+    if catalogue is not None and job.recommend is not None:
+        test["recommend"] = evaluate_recommendations(final, job.features, list(job.config.tasks), test_files,
+                                                     catalogue, job.recommend.k)
+    rec_best = fit.best.get("recommend")
+    info = TrainingInfo(
+        best_epoch=fit.best["tasks"].epoch, best_valid_loss=fit.best["tasks"].loss, epochs_run=len(fit.history),
+        samples=fit.samples, fit_seconds=fit.fit_seconds,
+        samples_per_second=fit.samples / max(fit.fit_seconds, 1e-9), world_size=process.world,
+        device=str(process.device), train_seconds=time.perf_counter() - started,
+        best_rec_epoch=rec_best.epoch if rec_best else None, best_valid_rec_loss=rec_best.loss if rec_best else None,
+        baseline_fallback=heads, dp=dp)
+    recommendations = None
+    if catalogue is not None:  # side by side, for the report
+        recommendations = {"two-tower": test["recommend"], "popularity": job.baseline.get("recommend_popularity", {}),
+                           "ALS": job.baseline.get("recommend_als", {})}
+    metrics = ModelMetrics(job.version, job.snapshot_id, test, job.baseline, job.data, info, fit.history,
+                           recommendations)
+    write_artifact(job.artifact, job.config, job.features, state, metrics.to_json(),
+                   (catalogue.item_ids, catalogue.embeddings, catalogue.log_q) if catalogue else None)
+    return TrainSummary(info, test)
+
+
+def hand_over(process: Process, summary: TrainSummary | None) -> TrainSummary:
+    """Every rank returns rank 0's summary. TorchDistributor runs every rank through one generated script
+    that pickles the rank's return value to one output file per Spark task; in local mode all ranks share
+    that task, so the last rank to exit wins."""
+    if process.distributed:
+        import torch.distributed as dist
+
+        box = [summary]
+        dist.broadcast_object_list(box, src=0, group=process.handoff)
+        summary = box[0]
+    assert summary is not None
+    return summary
 
 
 def evaluate_files(model: Any, config: Any, features: Any, files: list[str],
@@ -413,7 +516,8 @@ def evaluate_files(model: Any, config: Any, features: Any, files: list[str],
     top-3 accuracy for next_category (users with a label only). ``predictions_to``: also write the
     labels and probabilities (no user keys) as an ``.npz`` file there, for the report's curves."""
     from userlens.models import metrics as M
-    from userlens.models.predictor import MULTICLASS_TASKS, predict
+    from userlens.models.predictor import predict
+    from userlens.models.tasks import MULTICLASS_TASKS
 
     tasks = list(config.tasks)
     parts = list(ShardReader(files, features, tasks).batches(1 << 30, None))
@@ -472,16 +576,19 @@ def save_predictions(uri: str, labels: dict[str, np.ndarray], probs: dict[str, n
     """``<task>.y`` and ``<task>.p`` arrays in one .npz file (no user keys)."""
     import io
 
-    from userlens.models.predictor import write_bytes
+    from userlens.models.storage import write_bytes
 
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{f"{t}.y": labels[t] for t in labels}, **{f"{t}.p": probs[t] for t in probs})
+    # Any: numpy types **kwds so that a dict[str, ndarray] could also fill its allow_pickle: bool
+    ys: dict[str, Any] = {f"{t}.y": labels[t] for t in labels}
+    ps: dict[str, Any] = {f"{t}.p": probs[t] for t in probs}
+    np.savez_compressed(buffer, **ys, **ps)
     write_bytes(uri, buffer.getvalue())
 
 
-def _baseline_candidates(job: dict[str, Any], config: Any, valid: ShardReader, tasks: list[str], device: Any,
-                         distributed: bool, rank: int) -> dict[str, tuple[float, dict[str, Any]]]:
-    """Per task of ``job["baseline_heads"]``: the validation loss of the baseline's regression as that
+def _baseline_candidates(job: TrainJob, valid: ShardReader, tasks: list[str],
+                         process: Process) -> dict[str, tuple[float, dict[str, Any]]]:
+    """Per task of ``job.baseline_heads``: the validation loss of the baseline's regression as that
     task's head, and the head's parameters (``heads.<task>.*``); empty without baseline heads."""
     from dataclasses import replace
 
@@ -489,19 +596,19 @@ def _baseline_candidates(job: dict[str, Any], config: Any, valid: ShardReader, t
 
     from userlens.models.predictor import BehaviourModel
 
-    linear = job.get("baseline_heads")
+    linear = job.baseline_heads
     if not linear:
         return {}
     with torch.random.fork_rng(devices=[]):  # the trained model's random stream (dropout) stays as without it
-        candidate = BehaviourModel(replace(config, rec=None))
+        candidate = BehaviourModel(replace(job.config, rec=None))
     candidate.set_linear_heads(linear)
-    candidate = candidate.to(device)
-    losses = _validation_loss(candidate, valid, tasks, device, distributed)
+    candidate = candidate.to(process.device)
+    losses = _validation_loss(candidate, valid, tasks, process.device, process.distributed)
     state = candidate.state_dict()
     out = {task: (losses[f"task:{task}"], {k: v.detach().cpu().clone() for k, v in state.items()
                                            if k.startswith(f"heads.{task}.")})
            for task in linear}
-    if rank == 0:
+    if process.rank == 0:
         log.info("baseline's regression as the head: valid loss %s",
                  ", ".join(f"{task} {loss:.4f}" for task, (loss, _) in out.items()))
     return out
@@ -521,7 +628,8 @@ class _Best:
     """The best validation epoch of one part of the model, its weights, and epochs since."""
 
     def __init__(self) -> None:
-        self.loss, self.epoch, self.bad, self.state = math.inf, -1, 0, {}
+        self.loss, self.epoch, self.bad = math.inf, -1, 0
+        self.state: dict[str, Any] = {}
 
     def update(self, epoch: int, loss: float, state: dict[str, Any]) -> None:
         if loss < self.loss - 1e-6 or self.epoch < 0:  # the first epoch counts even without a finite loss
@@ -568,22 +676,23 @@ def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: A
 
 
 def _make_private(model: Any, optimizer: Any, train_files: list[str], features: Any, tasks: list[str],
-                  job: dict[str, Any], distributed: bool) -> tuple[Any, Any, Any, Any]:
+                  job: TrainJob, distributed: bool) -> tuple[Any, Any, Any, Any]:
     import torch
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
     from torch.utils.data import DataLoader, TensorDataset
 
-    dp = job["dp"]
+    dp = job.dp
+    assert dp is not None
     parts = list(ShardReader(train_files, features, tasks).record_batches(train_files))
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     dataset = TensorDataset(torch.from_numpy(arrays["x"]), *[torch.from_numpy(arrays[t]) for t in tasks])
-    loader = DataLoader(dataset, batch_size=job["batch_size"], shuffle=True)
+    loader = DataLoader(dataset, batch_size=job.batch_size, shuffle=True)
     if distributed:
         model = DPDDP(model)
     engine = PrivacyEngine(accountant="rdp")
     model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=dp["target_epsilon"],
-        target_delta=dp["target_delta"], epochs=job["epochs"], max_grad_norm=dp["max_grad_norm"],
+        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=dp.target_epsilon,
+        target_delta=dp.target_delta, epochs=job.epochs, max_grad_norm=dp.max_grad_norm,
         poisson_sampling=True)
     return model, optimizer, loader, engine

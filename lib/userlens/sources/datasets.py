@@ -1,7 +1,7 @@
 """Public behaviour datasets, read as distributed, into ingest's raw contract.
 
 Each adapter reads one public format with Spark and returns the columns of
-:func:`userlens.stages.ingest.read_raw`: ``raw`` (the source record as JSON
+:func:`userlens.sources.raw.read_raw`: ``raw`` (the source record as JSON
 text), ``source_date`` (null), ``corrupt`` and one string column ``f_<field>``
 per canonical field. Ingest's own transforms then validate, quarantine,
 pseudonymize and scrub the rows unchanged, in ``userlens ingest`` and in
@@ -37,7 +37,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -45,7 +45,7 @@ from pyspark.sql import types as T
 
 from userlens.config import CONF_DIR, Settings
 from userlens.errors import ConfigError, SourceError
-from userlens.stages.ingest import CORRUPT, EVENT_FIELDS, ITEM_FIELDS
+from userlens.sources.raw import CORRUPT, EVENT_FIELDS, ITEM_FIELDS, blank_to_null
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -106,6 +106,7 @@ class _Files:
         self.preset = preset
         self.root = settings.source.path.rstrip("/")
         jvm = spark.sparkContext._jvm
+        assert jvm is not None  # set once the context has started
         self._path = jvm.org.apache.hadoop.fs.Path
         self._fs = self._path(self.root).getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
         if not self._fs.exists(self._path(self.root)):
@@ -151,10 +152,6 @@ class _Files:
 # --------------------------------------------------------------------------
 # column helpers and the raw contract
 # --------------------------------------------------------------------------
-def _blank_to_null(column: Column) -> Column:
-    return F.when(F.length(F.trim(column)) > 0, F.trim(column))
-
-
 def score_text(score: Column) -> Column:
     """'4/5' for '4', '4.0' or 4.0; '3.5/5' for '3.5'; null when the score is not a number."""
     number = score.cast("string").try_cast(T.DecimalType(10, 3))
@@ -284,10 +281,14 @@ def _ml100k_items(files: _Files) -> RawSource:
                                      F.concat(F.lit("Released "), F.trim("release_date"))))
     return RawSource(_items(df, ML100K_ITEM_COLS, _corrupt(df), item_id=F.col("movie_id"), title=F.col("title"),
                             category=F.try_element_at(flagged, F.lit(1)),
-                            description=_blank_to_null(description)), None)
+                            description=blank_to_null(description)), None)
 
 
 # MovieLens latest / 1M / 10M / 20M / 25M / 32M -----------------------------
+@overload
+def _ml_file(files: _Files, kind: str, configured: str | None, required: Literal[True]) -> tuple[str, bool]: ...
+@overload
+def _ml_file(files: _Files, kind: str, configured: str | None, required: bool) -> tuple[str, bool] | None: ...
 def _ml_file(files: _Files, kind: str, configured: str | None, required: bool) -> tuple[str, bool] | None:
     """(path, is_dat) of ratings / movies / tags: the configured name, else <kind>.csv, else <kind>.dat."""
     if configured:
@@ -386,8 +387,8 @@ def _amazon_events(files: _Files) -> RawSource:
         files.check_format(path, r'^\s*\{.*"reviewerID"\s*:.*"asin"\s*:|^\s*\{.*"asin"\s*:.*"reviewerID"\s*:',
                            "an Amazon review JSON-lines file (McAuley 2014/2018: reviewerID, asin, overall, ...)")
     df = _json_lines(files.spark, reviews, AMAZON_REVIEW_COLS)
-    text = F.concat_ws(". ", score_text(F.col("overall")), _blank_to_null(F.col("summary")),
-                       _blank_to_null(F.col("reviewText")))
+    text = F.concat_ws(". ", score_text(F.col("overall")), blank_to_null(F.col("summary")),
+                       blank_to_null(F.col("reviewText")))
     events = _events(df, AMAZON_REVIEW_COLS, _corrupt(df) | _score_is_bad(F.col("overall")), F.col("value"),
                      user_id=F.col("reviewerID"), item_id=F.col("asin"), event_time=F.col("unixReviewTime"),
                      event_type=F.lit("rate"), text=text)
@@ -404,8 +405,8 @@ def _amazon_items(files: _Files) -> RawSource:
     _, meta = _amazon_files(files)
     if not meta:
         return _items_from_events(_amazon_events(files).frame)
-    for path in meta:
-        files.check_format(path, r"""^\s*\{.*['"]asin['"]\s*:""",
+    for meta_file in meta:
+        files.check_format(meta_file, r"""^\s*\{.*['"]asin['"]\s*:""",
                            "an Amazon metadata JSON-lines file (asin, title, ...)")
     df = _json_lines(files.spark, meta, AMAZON_META_COLS)
     # 2018: category ["Beauty", "Skin Care", "Face"]; 2014: categories [["Beauty", "Skin Care", "Face"], ...]
@@ -413,11 +414,11 @@ def _amazon_items(files: _Files) -> RawSource:
                       F.try_element_at(F.from_json("categories", T.ArrayType(T.ArrayType(T.StringType()))), F.lit(1)))
     path = F.filter(path, lambda c: F.length(F.trim(c)) > 0)
     description = F.concat_ws(". ", F.when(F.size(path) > 0, F.array_join(path, " > ")),
-                              _blank_to_null(_json_strings(F.col("description"))))
+                              blank_to_null(_json_strings(F.col("description"))))
     return RawSource(_items(df, AMAZON_META_COLS, _corrupt(df), F.col("value"), item_id=F.col("asin"),
                             title=F.col("title"),
                             category=F.try_element_at(path, F.lit(-1)), brand=F.col("brand"),
-                            price=_amazon_price(F.col("price")), description=_blank_to_null(description)), None)
+                            price=_amazon_price(F.col("price")), description=blank_to_null(description)), None)
 
 
 # Sequence files (SASRec, S3-Rec, BERT4Rec) ---------------------------------

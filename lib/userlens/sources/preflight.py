@@ -20,10 +20,10 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from userlens.config import Settings, SourceSettings
 from userlens.errors import ConfigError
@@ -40,7 +40,7 @@ REQUIRED_ITEM_FIELDS = ("item_id",)
 JSON_SAMPLE_LINES = 2000
 JSON_SAMPLE_FILES = 8
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_OPENERS = {".gz": gzip.open, ".bz2": bz2.open}
+_OPENERS: dict[str, Callable[[Path, Literal["rb"]], gzip.GzipFile | bz2.BZ2File]] = {".gz": gzip.open, ".bz2": bz2.open}
 _UNREADABLE_HERE = {".snappy", ".zst", ".lz4", ".deflate", ".xz", ".zip"}  # Spark's codecs without a stdlib reader
 
 
@@ -274,7 +274,7 @@ def check_mapping(columns: SourceColumns, mapping: Mapping[str, str | None], key
     """Raise ConfigError for the first mapped column the source lacks; return warnings (JSON only) for
     optional fields not seen in the sample, which may still occur in later lines."""
     present = set(columns.columns)
-    warnings = []
+    unseen = []
     for field, column in mapping.items():
         if not column or column in present:
             continue
@@ -282,9 +282,11 @@ def check_mapping(columns: SourceColumns, mapping: Mapping[str, str | None], key
             where = "source" if columns.exhaustive else f"first {columns.sampled:,} lines of the source"
             raise ConfigError(f"{key}.{field}: column {column!r} not in the {where} "
                               f"({columns.describe()}){_suggestion(column, columns.columns)}")
-        warnings.append(f"{key}.{field}: column {column!r} not seen in the first {columns.sampled:,} lines of "
-                        f"{columns.location}; rows without it get no {field}")
-    return warnings
+        unseen.append(f"{field} ({column!r})")
+    if not unseen:
+        return []
+    return [f"{key}: not seen in the first {columns.sampled:,} lines of {columns.location}: {', '.join(unseen)}; "
+            "rows without them get no value there"]
 
 
 def _suggestion(column: str, names: Sequence[str]) -> str:

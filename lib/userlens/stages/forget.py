@@ -37,15 +37,15 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pyspark.sql import functions as F
 
+from userlens.artifacts import ModelStore
 from userlens.config import Settings
 from userlens.errors import ConfigError, UserlensError, first_line
 from userlens.privacy import PseudonymKey, require_same_key
 from userlens.runs import StageRun
-from userlens.stages.train import models_root
 from userlens.tables import TABLES, Tables, table_schema
 
 if TYPE_CHECKING:
@@ -151,12 +151,14 @@ def _forget(spark: "SparkSession", settings: Settings, key: PseudonymKey, user_k
     rows: dict[str, int] = {}
     for name in names:
         started = time.perf_counter()
-        rows[name] = tables.delete(name, f"user_key = '{user_key}'")
+        # a read that finds nothing costs a fraction of a DELETE's commit (an unknown id is common)
+        held = not tables.read(name).where(F.col("user_key") == F.lit(user_key)).isEmpty()
+        rows[name] = tables.delete(name, f"user_key = '{user_key}'") if held else 0
         if name == QUARANTINE:
             rows[name] += _delete_quarantine_by_raw_id(tables, raw_id)
         log.info("forget: %-18s %d row(s) deleted (%.1f s)", name, rows[name], time.perf_counter() - started)
 
-    snapshot_files, snapshot_rows = forget_in_snapshots(f"{models_root(settings)}/{SNAPSHOTS}", user_key)
+    snapshot_files, snapshot_rows = forget_in_snapshots(ModelStore.of(settings).snapshots, user_key)
     rows_found = sum(rows.values()) + snapshot_rows
     touched = [name for name in names if rows[name] > 0]
     purged = False
@@ -211,7 +213,8 @@ def file_retention_hours(properties: dict[str, str]) -> float | None:
 
 
 def _check_retention(spark: "SparkSession", details: dict[str, _Detail], hours: int) -> None:
-    if spark.conf.get(RETENTION_CHECK, "true").lower() != "true":
+    # cast: RuntimeConfig.get is typed Optional[str] even with a str default
+    if cast(str, spark.conf.get(RETENTION_CHECK, "true")).lower() != "true":
         return
     floors = [f for f in (file_retention_hours(d.properties) for d in details.values()) if f is not None]
     if floors and hours < max(floors):
@@ -234,6 +237,8 @@ def _delete_quarantine_by_raw_id(tables: Tables, raw_id: str) -> int:
     """
     matches = (tables.read(QUARANTINE).where(holds_raw_id(F.col("raw"), raw_id))
                .select("raw", "user_key").distinct())
+    if matches.isEmpty():
+        return 0
     with tables.tagged_commit() as token:
         (tables.delta(QUARANTINE).alias("t")
          .merge(matches.alias("s"), "t.raw = s.raw AND t.user_key <=> s.user_key")

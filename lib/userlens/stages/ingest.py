@@ -1,32 +1,37 @@
 """Ingest: raw logs -> ``events`` (+ ``events_quarantine``) and ``items``.
 
-Pure transforms first (DataFrame in, DataFrame out), the runner last. All
-validation, pseudonymizing and PII scrubbing are native Spark expressions.
-
-Every raw row ends up in exactly one place: ``events`` (status ``ok``),
-``events_quarantine`` (with its raw text, scrubbed, and a reason) or counted as a
-duplicate. The runner checks rows_in = rows_out + rows_quarantined + duplicates
-against the row counts Delta reports for the writes.
+The runner: the pre-flight (:mod:`userlens.sources.preflight`), the dates to process, the raw rows
+classified by :mod:`userlens.sources.raw`, the writes, and the accounting. Every raw row ends up in
+exactly one place: ``events`` (status ``ok``), ``events_quarantine`` (redacted, with a reason) or
+counted as a duplicate; rows_in = rows_out + rows_quarantined + duplicates is checked against the row
+counts Delta reports for the writes.
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
-from userlens.config import IngestSettings, Settings, SourceSettings
-from userlens.errors import QuarantineLimitError, SourceError, UserlensError, first_line, unreadable_file
-from userlens.privacy import PseudonymKey, pseudonymize, record_key_id, require_same_key, scrub_pii
-from userlens.sources.preflight import check_source, field_roles
-from userlens.sources.redact import redact_raw_record
+from userlens.config import IngestSettings, Settings
+from userlens.errors import QuarantineLimitError, SourceError, UserlensError, unreadable_file
+from userlens.privacy import PseudonymKey, record_key_id, require_same_key
 from userlens.runs import StageRun
+from userlens.sources.preflight import check_source, field_roles
+from userlens.sources.raw import (
+    DUPLICATE,
+    OK,
+    QUARANTINED,
+    classify_events,
+    classify_items,
+    parse_event_time,
+    quarantine_rows,
+    read_raw,
+)
 from userlens.tables import Tables, same_rows
 
 if TYPE_CHECKING:
@@ -34,206 +39,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EVENT_FIELDS = ("event_id", "user_id", "event_time", "event_type", "item_id", "category",
-                "price", "quantity", "query", "text")
-ITEM_FIELDS = ("item_id", "title", "category", "brand", "price", "description")
-CORRUPT = "_corrupt_record"
-
-OK, QUARANTINED, DUPLICATE = "ok", "quarantined", "duplicate"
 
 
-# --------------------------------------------------------------------------
-# reading: any format -> (raw, source_date, corrupt, f_<canonical> strings)
-# --------------------------------------------------------------------------
-def read_raw(spark: "SparkSession", path: str, fmt: str, mapping: dict[str, str | None],
-             source: SourceSettings, exclude: Sequence[str] = ()) -> DataFrame:
-    """Read a raw source into canonical string columns ``f_<field>``.
-
-    Output columns: ``raw`` (the original record as text), ``source_date`` (the
-    date partition of the raw layout, or null), ``corrupt`` (record could not be
-    parsed), and one string column ``f_<field>`` per canonical field (null when
-    unmapped or absent). ``exclude``: files left out (``ingest.on_unreadable_file: skip``).
-    """
-    target: str | list[str] = path
-    if exclude:
-        if fmt == "delta":
-            raise SourceError(f"cannot skip {exclude[0]}: a Delta source is read as one table")
-        skipped = {_file_path(f) for f in exclude}
-        target = [f for f in list_data_files(spark, path) if _file_path(f) not in skipped]
-        if not target:
-            raise SourceError(f"no readable file left in {path} after skipping {len(skipped)} unreadable one(s)")
-    try:
-        reader = spark.read.option("basePath", path) if exclude else spark.read
-        if fmt == "json":
-            df = reader.text(target)
-        elif fmt == "csv":
-            df = (reader.option("header", str(source.csv_header).lower()).option("mode", "PERMISSIVE")
-                  .option("inferSchema", "false").csv(target))
-        else:
-            df = reader.format(fmt).load(target)
-    except Exception as exc:  # noqa: BLE001 - surfaced as one line
-        raise SourceError(f"cannot read {fmt} source at {path}: {first_line(exc)}") from exc
-
-    part = source.date_partition
-    has_part = part in df.columns
-    part_col = F.col(part).cast("string").try_cast(T.DateType()) if has_part else F.lit(None).cast(T.DateType())
-    if fmt == "json":
-        names = sorted({c for c in mapping.values() if c})
-        schema = T.StructType([T.StructField(n, T.StringType()) for n in names]
-                              + [T.StructField(CORRUPT, T.StringType())])
-        parsed = F.from_json("value", schema, {"columnNameOfCorruptRecord": CORRUPT, "mode": "PERMISSIVE"})
-        df = df.select(F.col("value").alias("raw"), part_col.alias("source_date"), parsed.alias("j"))
-        out = [F.col("raw"), F.col("source_date"),
-               (F.col(f"j.{CORRUPT}").isNotNull() | F.col("j").isNull()).alias("corrupt")]
-        for field, column in mapping.items():
-            value = F.col(f"j.`{column}`") if column else F.lit(None).cast("string")
-            out.append(value.alias(f"f_{field}"))
-        return df.select(out)
-
-    data_cols = [c for c in df.columns if c not in (part, CORRUPT)]
-    corrupt = F.col(CORRUPT).isNotNull() if CORRUPT in df.columns else F.lit(False)
-    out = [F.to_json(F.struct(*[F.col(f"`{c}`") for c in data_cols])).alias("raw"),
-           part_col.alias("source_date"), corrupt.alias("corrupt")]
-    for field, column in mapping.items():
-        if column and column in df.columns:
-            out.append(F.col(f"`{column}`").cast("string").alias(f"f_{field}"))
-        else:
-            out.append(F.lit(None).cast("string").alias(f"f_{field}"))
-    return df.select(out)
 
 
-# --------------------------------------------------------------------------
-# column helpers
-# --------------------------------------------------------------------------
-def parse_event_time(raw: Column, timestamp_format: str | None) -> Column:
-    """Parse a raw time string to a timestamp; unparseable -> null (never an error)."""
-    if timestamp_format in ("epoch_s", "epoch_ms"):
-        seconds = raw.try_cast(T.DoubleType())
-        if timestamp_format == "epoch_ms":
-            seconds = seconds / 1000.0
-        return F.when(seconds.isNotNull(), F.timestamp_seconds(seconds))
-    if timestamp_format:
-        return F.try_to_timestamp(raw, F.lit(timestamp_format))
-    return F.try_to_timestamp(raw)
 
 
-def _blank_to_null(column: Column) -> Column:
-    trimmed = F.trim(column)
-    return F.when(F.length(trimmed) > 0, trimmed)
 
 
-def _file_path(location: str) -> str:
-    """A file's path without its ``file:`` scheme (Spark writes file:///x, Hadoop lists file:/x)."""
-    return re.sub(r"^file:/*", "/", location)
 
 
-def list_data_files(spark: "SparkSession", path: str) -> list[str]:
-    """Every data file under ``path`` as Spark reads them (names starting with ``.`` or ``_`` skipped)."""
-    jvm = spark.sparkContext._jvm
-    root = jvm.org.apache.hadoop.fs.Path(path)
-    fs = root.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    files, listing = [], fs.listFiles(root, True)
-    while listing.hasNext():
-        file_path = listing.next().getPath()
-        relative = str(file_path.toUri().getPath())[len(str(root.toUri().getPath())):]
-        if not any(part.startswith((".", "_")) for part in relative.split("/") if part):
-            files.append(str(file_path))
-    return sorted(files)
 
 
-# --------------------------------------------------------------------------
-# transforms
-# --------------------------------------------------------------------------
-def classify_events(raw: DataFrame, settings: Settings, key: PseudonymKey) -> DataFrame:
-    """Typed, validated, pseudonymized, scrubbed events with a ``status`` and ``reason`` per row.
-
-    ``status`` is ok, quarantined or duplicate; exact duplicates (same raw text)
-    and repeated (user_key, event_id) pairs keep one row, chosen deterministically.
-    """
-    ingest: IngestSettings = settings.ingest
-    source = settings.source
-    type_map = {k.lower(): v for k, v in source.event_type_map.items()}
-
-    event_type = F.lower(_blank_to_null(F.col("f_event_type")))
-    if type_map:
-        mapped = F.create_map(*[F.lit(x) for kv in type_map.items() for x in kv])
-        event_type = F.coalesce(F.element_at(mapped, event_type), event_type)
-    price_raw = _blank_to_null(F.col("f_price"))
-    quantity_raw = _blank_to_null(F.col("f_quantity"))
-    df = raw.select(
-        "raw", "source_date", "corrupt",
-        _blank_to_null(F.col("f_user_id")).alias("user_id"),
-        parse_event_time(_blank_to_null(F.col("f_event_time")), source.timestamp_format).alias("event_time"),
-        event_type.alias("event_type"),
-        _blank_to_null(F.col("f_item_id")).alias("item_id"),
-        _blank_to_null(F.col("f_category")).alias("category"),
-        price_raw.alias("price_raw"), price_raw.try_cast(T.DoubleType()).alias("price"),
-        quantity_raw.alias("quantity_raw"), quantity_raw.try_cast(T.IntegerType()).alias("quantity"),
-        _blank_to_null(F.col("f_query")).alias("query"),
-        _blank_to_null(F.col("f_text")).alias("text"),
-        F.coalesce(_blank_to_null(F.col("f_event_id")), F.sha2(F.col("raw"), 256)).alias("event_id"),
-    )
-    reason = (
-        F.when(F.col("corrupt"), "malformed_record")
-        .when(F.col("user_id").isNull(), "missing_user_id")
-        .when(F.col("event_time").isNull(), "bad_timestamp")
-        .when(F.col("event_type").isNull(), "missing_event_type")
-        .when(~F.col("event_type").isin(*ingest.event_types), "unknown_event_type")
-        .when(F.col("event_type").isin(*ingest.item_event_types) & F.col("item_id").isNull(), "missing_item_id")
-        .when(F.col("price_raw").isNotNull() & (F.col("price").isNull() | F.isnan("price")), "bad_price")
-        .when(F.col("price") < 0, "negative_price")
-        .when(F.col("quantity_raw").isNotNull()
-              & (F.col("quantity").isNull() | (F.col("quantity") <= 0) | (F.col("quantity") > ingest.max_quantity)),
-              "bad_quantity")
-    )
-    user_key = pseudonymize(F.col("user_id"), key)
-    df = df.withColumn("reason", reason).withColumn("user_key", user_key)
-    # Exact duplicates share the raw text; a valid event repeated with other
-    # formatting shares (user_key, event_id). One window covers both.
-    dup_key = F.when(F.col("reason").isNull(), F.concat_ws("\u0001", "user_key", "event_id")).otherwise(F.col("raw"))
-    rank = F.row_number().over(Window.partitionBy(dup_key, "source_date").orderBy("raw"))
-    event_date = F.coalesce(F.col("source_date"), F.to_date("event_time"))
-    return df.select(
-        "raw", "source_date", "reason", "user_key", "event_id", "event_time",
-        event_date.alias("event_date"), "event_type", "item_id", "category", "price", "quantity",
-        scrub_pii(F.col("query")).alias("query"), scrub_pii(F.col("text")).alias("text"),
-        F.when(rank > 1, DUPLICATE).when(F.col("reason").isNotNull(), QUARANTINED).otherwise(OK).alias("status"),
-    )
 
 
-def quarantine_rows(classified: DataFrame, source_name: str, roles: dict[str, str], key: PseudonymKey,
-                    run_id: str, now: dt.datetime) -> DataFrame:
-    """Quarantined rows as ``events_quarantine`` rows; the raw text keeps no value that could identify a
-    person, whatever the mapping (:mod:`userlens.sources.redact`)."""
-    return classified.where(F.col("status") == QUARANTINED).select(
-        redact_raw_record(F.col("raw"), roles, key).alias("raw"), "reason", F.lit(source_name).alias("source"),
-        F.lit(run_id).alias("run_id"), "source_date", "user_key",
-        F.lit(now).cast(T.TimestampType()).alias("quarantined_at"),
-    )
 
 
-def classify_items(raw: DataFrame) -> DataFrame:
-    """Typed, scrubbed catalog rows with ``status``/``reason``; one row kept per item_id."""
-    price_raw = _blank_to_null(F.col("f_price"))
-    df = raw.select(
-        "raw", "source_date", "corrupt",
-        _blank_to_null(F.col("f_item_id")).alias("item_id"),
-        scrub_pii(F.col("f_title")).alias("title"), _blank_to_null(F.col("f_category")).alias("category"),
-        _blank_to_null(F.col("f_brand")).alias("brand"),
-        price_raw.alias("price_raw"), price_raw.try_cast(T.DoubleType()).alias("price"),
-        scrub_pii(F.col("f_description")).alias("description"),
-    )
-    reason = (
-        F.when(F.col("corrupt"), "malformed_record")
-        .when(F.col("item_id").isNull(), "missing_item_id")
-        .when(F.col("price_raw").isNotNull() & (F.col("price").isNull() | F.isnan("price")), "bad_price")
-        .when(F.col("price") < 0, "negative_price")
-    )
-    df = df.withColumn("reason", reason).withColumn("user_key", F.lit(None).cast("string"))
-    dup_key = F.when(F.col("reason").isNull(), F.col("item_id")).otherwise(F.col("raw"))
-    rank = F.row_number().over(Window.partitionBy(dup_key).orderBy("raw"))
-    return df.withColumn(
-        "status", F.when(rank > 1, DUPLICATE).when(F.col("reason").isNotNull(), QUARANTINED).otherwise(OK))
+
+
 
 
 # --------------------------------------------------------------------------
@@ -245,6 +68,7 @@ def list_partition_dates(spark: "SparkSession", path: str, column: str) -> list[
     None when the layout has no such folders. Raises SourceError if ``path`` is missing.
     """
     jvm = spark.sparkContext._jvm
+    assert jvm is not None  # set once the context has started
     hpath = jvm.org.apache.hadoop.fs.Path(path)
     fs = hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     if not fs.exists(hpath):
@@ -350,7 +174,7 @@ class _Events:
 def _read_events(spark: "SparkSession", settings: Settings, skipped: Sequence[str]) -> _Events:
     source = settings.source
     if settings.dataset.adapter:
-        from userlens.datasets import read_events
+        from userlens.sources.datasets import read_events
 
         if skipped:
             raise SourceError(f"cannot skip {skipped[0]}: a dataset adapter reads fixed files")
@@ -500,7 +324,7 @@ def ingest_items(spark: "SparkSession", settings: Settings, tables: Tables, run_
 
     def classify(skipped: list[str]) -> tuple[DataFrame, dict[str, str]]:
         if settings.dataset.adapter:
-            from userlens.datasets import read_items
+            from userlens.sources.datasets import read_items
 
             raw, roles = read_items(spark, settings).frame, {}
         else:
@@ -599,7 +423,7 @@ def check_source_sample(spark: "SparkSession", settings: Settings, key: Pseudony
     statuses: dict[str, int] = {}
     for (status, _), n in counts.items():
         statuses[status] = statuses.get(status, 0) + n
-    columns = read.raw.columns if settings.dataset.adapter else ()
+    columns: Sequence[str] = read.raw.columns if settings.dataset.adapter else ()
     if not settings.dataset.adapter:
         from userlens.sources.preflight import source_columns
 

@@ -1,7 +1,9 @@
 """Nightly: every stage for one as-of date, incrementally, each with its own ``pipeline_runs`` row.
 
     ingest -> textualize -> embed -> train (when due) -> score -> profile -> quarantine_retention
-    -> report -> privacy_check (with nightly.privacy_check)
+    -> report (with nightly.report) -> privacy_check (with nightly.privacy_check)
+
+(the nightly stages of :data:`userlens.stages.STAGES`, in that order; each says when a night skips it).
 
 The as-of date defaults to the newest raw date ingest finds. Every stage is
 idempotent for a date (MERGE / replaceWhere on content, incremental by
@@ -19,9 +21,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from userlens.artifacts import ModelStore
 from userlens.config import Settings
 from userlens.privacy import PseudonymKey
 from userlens.runs import run_stage
@@ -34,17 +37,7 @@ log = logging.getLogger(__name__)
 
 def train_due(settings: Settings, as_of: dt.date) -> str | None:
     """Why a model should be trained for ``as_of`` (None: the current one is recent enough)."""
-    from userlens.models.predictor import exists, read_json
-    from userlens.stages.train import latest_version, models_root
-
-    version = latest_version(settings)
-    if version is None:
-        return "no model yet"
-    metrics = f"{models_root(settings)}/{version}/metrics.json"
-    trained = dt.date.fromisoformat(read_json(metrics)["data"]["as_of_date"]) if exists(metrics) else None
-    if trained is None or (as_of - trained).days >= settings.train.retrain_days:
-        return f"model {version} is from {trained}, {settings.train.retrain_days}+ days before {as_of}"
-    return None
+    return ModelStore.of(settings).train_due(as_of, settings.train.retrain_days)
 
 
 @dataclass
@@ -67,42 +60,22 @@ def run_nightly(spark: "SparkSession", settings: Settings, key: PseudonymKey, da
 
 def _nightly(spark: "SparkSession", settings: Settings, key: PseudonymKey, date: dt.date | None,
              report_path: str | None) -> NightlyResult:
-    from userlens.stages.embed import run_embed
-    from userlens.stages.ingest import run_ingest
-    from userlens.stages.profile import run_profile
-    from userlens.stages.retention import run_quarantine_retention
-    from userlens.stages.score import run_score
-    from userlens.stages.textualize import run_textualize
-    from userlens.stages.train import run_train
+    """The registry's nightly stages in order; ingest's as-of date is the night's when none is given."""
+    from userlens.stages import StageCall, nightly_stages
 
-    out = NightlyResult()
-
-    def stage(name: str, body: Any) -> Any:
-        log.info("nightly: %s", name)
-        out.stages[name] = run_stage(name, settings, spark, body)
-        return out.stages[name]
-
-    ingest = stage("ingest", lambda run: run_ingest(spark, settings, key, run, date, False))
-    as_of = out.as_of_date = date or ingest.as_of_date
-    log.info("nightly: as of %s", as_of)
-    stage("textualize", lambda run: run_textualize(spark, settings, run, as_of))
-    stage("embed", lambda run: run_embed(spark, settings, run, as_of))
-    reason = train_due(settings, as_of)
-    if reason:
-        log.info("nightly: training a model (%s)", reason)
-        stage("train", lambda run: run_train(spark, settings, run, as_of))
-    else:
-        log.info("nightly: the current model is recent enough (train.retrain_days=%d)", settings.train.retrain_days)
-    stage("score", lambda run: run_score(spark, settings, run, as_of))
-    stage("profile", lambda run: run_profile(spark, settings, run, as_of))
-    stage("quarantine_retention", lambda run: run_quarantine_retention(spark, settings, run, as_of))
-    if settings.nightly.report:
-        from userlens.report import build_report
-
-        report = stage("report", lambda run: build_report(spark, settings, report_path))
-        out.report = str(getattr(report, "path", report))
-    if settings.nightly.privacy_check:  # last: it scans what every other stage wrote
-        from userlens.stages.privacy_check import run_privacy_check
-
-        stage("privacy_check", lambda run: run_privacy_check(spark, settings, run))
+    out = NightlyResult(as_of_date=date)
+    call = StageCall(spark, settings, key, date, {"full": False, "out": report_path})
+    for stage in nightly_stages():
+        skip = stage.nightly_skip(call) if stage.nightly_skip is not None else None
+        if skip:
+            log.info("nightly: %s skipped: %s", stage.name, skip)
+            continue
+        log.info("nightly: %s", stage.name)
+        result = out.stages[stage.name] = run_stage(stage.name, settings, spark, lambda run: stage.run(call, run))
+        if out.as_of_date is None:  # the first stage (ingest) finds the night's date
+            out.as_of_date = result.as_of_date
+            call = replace(call, date=out.as_of_date)
+            log.info("nightly: as of %s", out.as_of_date)
+        if stage.name == "report":
+            out.report = str(result.path)
     return out

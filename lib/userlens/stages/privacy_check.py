@@ -54,9 +54,9 @@ from pyspark.sql import types as T
 from userlens.config import Settings
 from userlens.errors import SourceError, UserlensError, first_line
 from userlens.privacy import PII_PATTERNS, scrub_pii
+from userlens.runs import StageRun
 from userlens.sources.preflight import check_source
 from userlens.sources.redact import without_epoch_values
-from userlens.runs import StageRun
 from userlens.tables import TABLES, Tables
 
 if TYPE_CHECKING:
@@ -191,11 +191,11 @@ def source_raw_ids(spark: "SparkSession", settings: Settings) -> DataFrame:
     check_source(settings, spark, items=False)  # a mapping that names no column of the source: one line
     try:
         if settings.dataset.adapter:
-            from userlens.datasets import read_events
+            from userlens.sources.datasets import read_events
 
             raw = read_events(spark, settings).frame
         else:
-            from userlens.stages.ingest import read_raw
+            from userlens.sources.raw import read_raw
 
             source = settings.source
             only_ids = {"user_id": source.mapping.user_id}  # parse one field, not the whole event
@@ -308,10 +308,11 @@ def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun,
         id_counts = ids.agg(F.count(F.when(F.col("searched"), 1)).alias("searched"),
                             F.count(F.when(~F.col("searched"), 1)).alias("skipped"),
                             F.count(F.when(F.col("searched") & ~F.col("single"), 1)).alias("multi")).first()
+        assert id_counts is not None  # an aggregate without groupBy has one row
         if id_counts["searched"] + id_counts["skipped"] == 0:
             # nothing to search for would pass every table: the mapping or the source is wrong
-            raise SourceError(f"privacy-check: 0 raw ids read from the source "
-                              f"({settings.source.path if settings.dataset.adapter else settings.source.events_location()}):"
+            source = settings.source.path if settings.dataset.adapter else settings.source.events_location()
+            raise SourceError(f"privacy-check: 0 raw ids read from the source ({source}):"
                               f" check source.mapping.user_id")
         searched = ids.where("searched")
         # each table's scan is a few small Spark jobs: one table at a time leaves the executors idle
@@ -378,7 +379,9 @@ def _skip_checked_texts(tables: Tables, name: str, new: DataFrame, since: int) -
         return new, f"new since v{since}"
     hash_column, text_column, partition = SEEN_TEXTS[name]
     old = tables.read_version(name, since)
-    newest = old.agg(F.max(partition)).first()[0]
+    max_row = old.agg(F.max(partition)).first()
+    assert max_row is not None  # an aggregate without groupBy has one row
+    newest = max_row[0]
     if newest is None:
         return new, f"new since v{since}"
     seen = (old.where(F.col(partition) == F.lit(newest)).select(hash_column, F.col(text_column).alias("_seen"))
@@ -396,7 +399,9 @@ def _check_table(tables: Tables, name: str, ids: DataFrame, multi_token_ids: boo
     df, scanned = rows_to_check(tables, name, version, since)
     if df is None:
         return TableCheck(name, True, 0, version, scanned)
-    counts = pii_counts(df, RAW_RECORDS.get(name, ())).first().asDict()
+    counts_row = pii_counts(df, RAW_RECORDS.get(name, ())).first()
+    assert counts_row is not None  # an aggregate without groupBy has one row
+    counts = counts_row.asDict()
     pii: dict[str, dict[str, int]] = {}
     for key, n in counts.items():
         if key != "rows" and n:

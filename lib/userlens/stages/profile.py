@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from userlens.artifacts import ModelStore
 from userlens.config import Settings
 from userlens.errors import UserlensError
+from userlens.features import latest_per_user
 from userlens.privacy import model_properties
 from userlens.runs import StageRun
-from userlens.stages.score import latest_per_user
-from userlens.stages.train import models_root
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
@@ -84,27 +84,23 @@ def segment_model(spark: "SparkSession", settings: Settings, embeddings: DataFra
     from pyspark.ml.clustering import KMeans, KMeansModel
     from pyspark.ml.functions import array_to_vector
 
-    from userlens.models.predictor import exists, read_bytes, read_json, write_bytes, write_json
-
     cfg = settings.profile
-    root = f"{models_root(settings)}/segments"
-    pointer = f"{root}/LATEST"
-    if exists(pointer):
-        version = read_bytes(pointer).decode().strip()
-        meta = read_json(f"{root}/{version}/segments.json")
+    store = ModelStore.of(settings)
+    published = store.latest_segments()
+    if published is not None:
+        version, meta = published
         age = (as_of - dt.date.fromisoformat(meta["as_of_date"])).days
         if meta["embed_model_id"] == model_id and meta["k"] == cfg.segments and 0 <= age < cfg.segment_refit_days:
-            return SegmentModel(KMeansModel.load(f"{root}/{version}/kmeans"), version, False)
+            return SegmentModel(KMeansModel.load(f"{store.segment_path(version)}/kmeans"), version, False)
     version = f"seg-{as_of.isoformat()}"
-    vectors = embeddings.select(array_to_vector("embedding").alias("x"))
+    vectors = embeddings.select(array_to_vector(F.col("embedding")).alias("x"))
     n = vectors.count()
     if n < cfg.segments:
         raise UserlensError(f"profile: {n} users with embeddings, fewer than profile.segments={cfg.segments}")
     model = KMeans(k=cfg.segments, seed=7, featuresCol="x", maxIter=50).fit(vectors)
-    model.write().overwrite().save(f"{root}/{version}/kmeans")
-    write_json(f"{root}/{version}/segments.json", {"as_of_date": as_of.isoformat(), "embed_model_id": model_id,
-                                                   "k": cfg.segments, "users": n})
-    write_bytes(pointer, (version + "\n").encode())
+    model.write().overwrite().save(f"{store.segment_path(version)}/kmeans")
+    store.publish_segments(version, {"as_of_date": as_of.isoformat(), "embed_model_id": model_id,
+                                     "k": cfg.segments, "users": n})
     log.info("profile: fitted %d segments on %d users (%s)", cfg.segments, n, version)
     return SegmentModel(model, version, True)
 
@@ -113,7 +109,7 @@ def assign_segments(model: "KMeansModel", embeddings: DataFrame) -> DataFrame:
     """(user_key, segment_id) for every user."""
     from pyspark.ml.functions import array_to_vector
 
-    return (model.transform(embeddings.select("user_key", array_to_vector("embedding").alias("x")))
+    return (model.transform(embeddings.select("user_key", array_to_vector(F.col("embedding")).alias("x")))
             .select("user_key", F.col("prediction").cast("int").alias("segment_id")))
 
 
@@ -137,13 +133,10 @@ def describe_segments(assigned: DataFrame, user_interests: DataFrame, min_size: 
 
 
 def _training_dp(settings: Settings, version: str) -> dict[str, Any] | None:
-    from userlens.models.predictor import exists, read_json
-
-    path = f"{models_root(settings)}/{version}/metrics.json"
-    if not exists(path):
+    metrics = ModelStore.of(settings).metrics(version)
+    if metrics is None:
         return None
-    dp = (read_json(path).get("training") or {}).get("dp")
-    return dp if isinstance(dp, dict) else {}
+    return metrics.training.dp or {}
 
 
 def record_model_properties(tables: Tables, settings: Settings) -> dict[str, str | None]:

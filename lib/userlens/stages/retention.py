@@ -59,6 +59,7 @@ def run_quarantine_retention(spark: "SparkSession", settings: Settings, run: Sta
     if tables.exists(QUARANTINE):
         counts = tables.read(QUARANTINE).agg(
             F.count(F.lit(1)).alias("rows"), F.count(F.when(quarantine_expired(cutoff), 1)).alias("due")).first()
+        assert counts is not None  # an aggregate without groupBy has one row
         due = counts["due"]
         if due:
             deleted = tables.delete(QUARANTINE, quarantine_expired(cutoff))

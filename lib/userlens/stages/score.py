@@ -20,14 +20,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from userlens.artifacts import ModelStore
 from userlens.config import Settings
 from userlens.errors import UserlensError
+from userlens.features import item_history, latest_per_user, numeric_features
 from userlens.runs import StageRun
-from userlens.stages.train import item_history, latest_version, models_root, numeric_features
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ SCORES_SCHEMA = T.StructType([
     T.StructField("next_category_p", T.DoubleType()),
     T.StructField("recommended_items", T.ArrayType(T.StringType())),
 ])
-_LOADED: dict[str, Any] = {}
+_LOADED: dict[str | tuple[str, str], Any] = {}  # path -> artifact, ("rec", path) -> its recommender
 
 
 def _artifact(path: str) -> Any:
@@ -84,7 +85,9 @@ def _recommend(artifact: Any, x: Any, batch: "pa.RecordBatch", k: int) -> "pa.Ar
 
     from userlens.models.recommend import top_k
 
-    catalogue, items = _recommender(artifact)
+    recommender = _recommender(artifact)
+    assert recommender is not None  # called only for an artifact with a two-tower head
+    catalogue, items = recommender
     arrays = catalogue.arrays(batch)
     hist, weights = torch.from_numpy(arrays["hist_idx"]), torch.from_numpy(arrays["hist_w"])
     with torch.inference_mode():
@@ -151,16 +154,13 @@ class ScoreResult:
 
 def require_model(settings: Settings) -> tuple[str, str]:
     """(version, path) of the latest model; one line naming `userlens train` when there is none."""
-    version = latest_version(settings)
+    store = ModelStore.of(settings)
+    version = store.latest()
     if version is None:
-        raise UserlensError(f"no model in {models_root(settings)}: run `userlens train` first")
-    return version, f"{models_root(settings)}/{version}"
+        raise UserlensError(f"no model in {store.root}: run `userlens train` first")
+    return version, store.path(version)
 
 
-def latest_per_user(df: DataFrame, order: str) -> DataFrame:
-    """Each user's newest row by ``order``."""
-    newest = Window.partitionBy("user_key").orderBy(F.col(order).desc())
-    return df.withColumn("_rn", F.row_number().over(newest)).where("_rn = 1").drop("_rn")
 
 
 def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> ScoreResult:
@@ -192,6 +192,7 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     try:
         counts = tagged.agg(F.count(F.lit(1)).alias("users"), F.sum(F.col("_todo").cast("int")).alias("todo"),
                             F.sum(F.col("features").isNull().cast("int")).alias("no_features")).first()
+        assert counts is not None  # an aggregate without groupBy has one row
         todo = tagged.where("_todo").withColumn(
             "features", F.coalesce("features", F.array_repeat(F.lit(0.0), len(artifact.features.names))))
         if artifact.config.rec:  # the recommendation head reads the user's item history as of D

@@ -14,9 +14,8 @@ factor) ranks after every item it can, still by index.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -67,7 +66,9 @@ class ItemKNN:
         first = _first_occurrence(u_sorted * n_items + i_sorted)
         u_d, i_d = u_sorted[first], i_sorted[first]
         keep = _rank_within(u_d) < history
-        x = torch.sparse_coo_tensor(np.vstack([u_d[keep], i_d[keep]]), torch.ones(int(keep.sum())),
+        # torch documents the indices as array_like (ndarray included); its stub says Tensor
+        x = torch.sparse_coo_tensor(np.vstack([u_d[keep], i_d[keep]]),  # type: ignore[arg-type]
+                                    torch.ones(int(keep.sum())),
                                     (n_users, n_items), check_invariants=True).coalesce()
         with warnings.catch_warnings():  # torch calls its sparse x sparse product "beta"
             warnings.simplefilter("ignore", UserWarning)
@@ -85,7 +86,7 @@ class ItemKNN:
         rows, cols, jaccard = rows[order], cols[order], jaccard[order]
         keep = _rank_within(rows) < neighbors
         # stored transposed: scores.T = S.T @ affinity.T
-        self.similarity_t = torch.sparse_coo_tensor(np.vstack([cols[keep], rows[keep]]),
+        self.similarity_t = torch.sparse_coo_tensor(np.vstack([cols[keep], rows[keep]]),  # type: ignore[arg-type]
                                                     torch.from_numpy(jaccard[keep]), (n_items, n_items),
                                                     check_invariants=True).coalesce()
 

@@ -41,10 +41,11 @@ from pyspark.sql import functions as F
 
 from userlens.config import Settings
 from userlens.errors import UserlensError, first_line
+from userlens.eval import spark_baselines
+from userlens.eval.baselines import FactorScores, ItemKNN, Popularity, rank_batch
 from userlens.models import metrics as M
-from userlens.models.baselines import FactorScores, ItemKNN, Popularity, rank_batch
 from userlens.runs import StageRun
-from userlens.stages.ingest import DUPLICATE, OK, QUARANTINED, classify_events, classify_items
+from userlens.sources.raw import DUPLICATE, OK, QUARANTINED, classify_events, classify_items
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,7 +69,7 @@ class EvaluateResult:
     dataset: str
     protocol: str
     table: str                   # the markdown the command prints
-    metrics: dict[str, dict[str, Any]]
+    metrics: dict[str, dict[str, Any] | str]  # a method's metrics, or why it has none
     counts: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,7 +107,7 @@ def next_window_users(events: DataFrame, cut: dt.date, as_of: dt.date, event_typ
                       seed: int) -> DataFrame:
     """(user_key, split, features, active, purchase) for users with an event up to ``cut``; labels
     from (cut, as_of]; 'test' for a seeded-hash NEXT_WINDOW_TEST share of users."""
-    from userlens.stages.train import labels, numeric_features
+    from userlens.features import labels, numeric_features
 
     future = labels(events, cut, as_of)
     u = F.pmod(F.xxhash64(F.lit(seed), F.col("user_key")), F.lit(1_000_000)) / F.lit(1_000_000.0)
@@ -127,7 +128,7 @@ class _Data:
 
 def load_dataset(spark: "SparkSession", settings: Settings, key: "PseudonymKey") -> tuple[_Data, DataFrame]:
     """Events and items as ingest would write them, with ingest's accounting; (data, persisted frame)."""
-    from userlens.datasets import read_events, read_items
+    from userlens.sources.datasets import read_events, read_items
 
     classified = classify_events(read_events(spark, settings).frame, settings, key)
     classified = classified.persist(StorageLevel.MEMORY_AND_DISK)
@@ -213,7 +214,7 @@ def _ranking(spark: "SparkSession", settings: Settings, data: _Data, dataset: st
     inter = interactions(data.events, types)
     split = (leave_one_out(inter) if protocol == "loo-full"
              else stratified_split(inter, STRATIFIED_TRAIN, cfg.seed))
-    frame = split.select("user", "item", "ts", "event_id", "split").toPandas()
+    frame: pd.DataFrame = split.select("user", "item", "ts", "event_id", "split").toPandas()
     if frame.empty:
         raise UserlensError(f"{dataset}: no interactions of type {', '.join(types)} (evaluate.interactions)")
     frame = frame.sort_values(["user", "ts", "event_id"], kind="stable").reset_index(drop=True)
@@ -241,7 +242,7 @@ def _ranking(spark: "SparkSession", settings: Settings, data: _Data, dataset: st
             f.fit["u"].to_numpy(), f.fit["i"].to_numpy(), f.fit["ts"].to_numpy(), n_users, n_items,
             cfg.knn_half_life_days, cfg.knn_neighbors, cfg.knn_history)),
     ]
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any] | str] = {}
     for name, fit in methods:
         started = time.perf_counter()
         per_fold = {}
@@ -249,9 +250,10 @@ def _ranking(spark: "SparkSession", settings: Settings, data: _Data, dataset: st
             model = fit(f)
             tops, ranks = _rank_all(model, f, n_items, k_max, with_ranks)
             per_fold[f.name] = _fold_metrics(tops, ranks, f.targets, ks)
-        results[name] = {**per_fold["test"], "valid": per_fold.get("valid"),
-                         "seconds": time.perf_counter() - started}
-        log.info("evaluate: %s done in %.1fs", name, results[name]["seconds"])
+        row: dict[str, Any] = {**per_fold["test"], "valid": per_fold.get("valid"),
+                               "seconds": time.perf_counter() - started}
+        results[name] = row
+        log.info("evaluate: %s done in %.1fs", name, row["seconds"])
     if cfg.userlens:
         results["userlens (TextTwoTower)"] = _userlens_ranking(settings, data, folds, item_index, user_index, ks,
                                                                with_ranks)
@@ -285,24 +287,17 @@ def _fold_metrics(tops: list[list[int]], ranks: np.ndarray | None, targets: list
 
 def fit_als(spark: "SparkSession", fit: "pd.DataFrame", n_users: int, n_items: int,
             settings: Settings) -> FactorScores:
-    """Spark MLlib ALS with implicit feedback; the rating is the user's number of events with the item."""
-    from pyspark.ml.recommendation import ALS
-
-    cfg = settings.evaluate
+    """Spark MLlib ALS with implicit feedback (``train.recommend.als``, as the train stage's baseline);
+    the rating is the user's number of events with the item."""
+    als = settings.train.recommend.als
     pairs = fit.groupby(["u", "i"]).size().reset_index(name="r")
-    df = spark.createDataFrame(pairs.astype({"u": "int32", "i": "int32", "r": "float32"}))
-    # one block per core (MLlib's default of 10 is mostly overhead on small data)
-    blocks = max(1, spark.sparkContext.defaultParallelism)
-    als = ALS(rank=cfg.als_rank, maxIter=cfg.als_max_iter, regParam=cfg.als_reg_param, alpha=cfg.als_alpha,
-              implicitPrefs=True, userCol="u", itemCol="i", ratingCol="r", seed=cfg.seed,
-              coldStartStrategy="nan", numUserBlocks=blocks, numItemBlocks=blocks)
-    model = als.fit(df)
-    return FactorScores(_factors(model.userFactors, n_users, cfg.als_rank),
-                        _factors(model.itemFactors, n_items, cfg.als_rank))
+    model = spark_baselines.fit_als(spark.createDataFrame(pairs.astype({"u": "int32", "i": "int32", "r": "float32"})),
+                                    als, settings.evaluate.seed)
+    return FactorScores(_factors(model.userFactors, n_users, als.rank), _factors(model.itemFactors, n_items, als.rank))
 
 
 def _factors(factors: DataFrame, n: int, rank: int) -> np.ndarray:
-    rows = factors.toPandas()
+    rows: pd.DataFrame = factors.toPandas()
     out = np.full((n, rank), np.nan)
     if len(rows):
         out[rows["id"].to_numpy()] = np.stack(rows["features"].to_numpy())
@@ -310,7 +305,7 @@ def _factors(factors: DataFrame, n: int, rank: int) -> np.ndarray:
 
 
 def _item_texts(settings: Settings, items: DataFrame) -> dict[str, str] | None:
-    from userlens.stages.embed import item_texts
+    from userlens.embedding import item_texts
 
     rows = item_texts(items, list(settings.embed.item_text_fields)).where(F.length("text") > 0).collect()
     return {r["item_id"]: r["text"] for r in rows} or None
@@ -415,11 +410,13 @@ def _cell(value: Any) -> str:
 # --------------------------------------------------------------------------
 def _next_window(spark: "SparkSession", settings: Settings, data: _Data, dataset: str,
                  as_of: dt.date | None) -> EvaluateResult:
-    from userlens.stages.train import feature_names
+    from userlens.features import feature_names
 
     cfg = settings.evaluate
     horizon = cfg.horizon_days or settings.train.horizon_days
-    latest = data.events.agg(F.max("event_date")).first()[0]
+    max_row = data.events.agg(F.max("event_date")).first()
+    assert max_row is not None  # an aggregate without groupBy has one row
+    latest = max_row[0]
     as_of = as_of or latest
     cut = as_of - dt.timedelta(days=horizon)
     event_types = list(settings.ingest.event_types)
@@ -434,7 +431,7 @@ def _next_window(spark: "SparkSession", settings: Settings, data: _Data, dataset
                                 f"the cutoff {cut}; too few for a train and a test split")
         names = feature_names(event_types)
         recency, frequency = names.index("recency_days"), names.index("n_events")
-        test = users.where(F.col("split") == "test").select(
+        test: pd.DataFrame = users.where(F.col("split") == "test").select(
             "user_key", "active", "purchase", F.col("features")[recency].alias("recency"),
             F.col("features")[frequency].alias("frequency")).toPandas()
         targets = {"active": test["active"].to_numpy(), "purchase": test["purchase"].to_numpy()}
@@ -491,7 +488,7 @@ def _logistic(frame: DataFrame, test_users: "pd.Series", targets: dict[str, np.n
     from pyspark.ml.classification import LogisticRegression
     from pyspark.ml.functions import array_to_vector, vector_to_array
 
-    data = frame.select("user_key", "split", array_to_vector("x").alias("x"), *targets)
+    data = frame.select("user_key", "split", array_to_vector(F.col("x")).alias("x"), *targets)
     train = data.where(F.col("split") == "train")
     test = data.where(F.col("split") == "test")
     out: dict[str, np.ndarray | str] = {}
@@ -502,7 +499,7 @@ def _logistic(frame: DataFrame, test_users: "pd.Series", targets: dict[str, np.n
             continue
         model = LogisticRegression(featuresCol="x", labelCol=target, maxIter=100, regParam=1e-3).fit(
             train.withColumn(target, F.col(target).cast("double")))
-        p = model.transform(test).select("user_key", vector_to_array("probability")[1].alias("p")).toPandas()
+        p = model.transform(test).select("user_key", vector_to_array(F.col("probability"))[1].alias("p")).toPandas()
         out[target] = p.set_index("user_key")["p"].reindex(test_users).to_numpy()
     return out
 
@@ -511,8 +508,8 @@ def _with_text_embeddings(spark: "SparkSession", settings: Settings, data: _Data
                           event_types: list[str]) -> DataFrame:
     """``users`` with the embedding of each user's text as of ``cut`` (textualize, then the embed stage's
     encoder), persisted: the caller unpersists."""
-    from userlens.stages.embed import Embedder, distinct_texts
-    from userlens.stages.textualize import build_user_texts
+    from userlens.embedding import Embedder, distinct_texts
+    from userlens.text.user_texts import build_user_texts
 
     texts = build_user_texts(data.events.where(F.col("event_date") <= F.lit(cut)), data.items,
                              settings.textualize, event_types, cut).select("user_key", "text", "text_hash")

@@ -290,7 +290,7 @@ def _negative(r: random.Random, kind: str) -> str:
                      f"{r.randrange(1, 6)}/5 stars", f"{r.randrange(10, 101)}%", f"{r.randrange(1, 11)}/10"))
 
 
-_NEGATIVE_CONTEXTS = {
+_NEGATIVE_CONTEXTS: dict[str, tuple[str, ...]] = {
     "order": ("where is my order {}", "order {} not arrived", "refund for order {}", "{} still processing"),
     "price": ("paid {}", "only {} on sale", "{} is too expensive", "worth {}"),
     "date": ("delivered on {}", "expected {}", "bought it {}", "since {} no reply"),
@@ -667,7 +667,7 @@ _ORACLE_PII_CONTEXTS = {k: v + {
     "ipv4": ("blocked IP {}", "gateway {} unreachable"),
     "ipv6": ("blocked IP {}", "gateway {} unreachable"),
 }[k] for k, v in _PII_CONTEXTS.items()}
-_ORACLE_NEGATIVE_CONTEXTS = {**_NEGATIVE_CONTEXTS,
+_ORACLE_NEGATIVE_CONTEXTS: dict[str, tuple[str, ...]] = {**_NEGATIVE_CONTEXTS,
                              "postcode": ("ship to {}", "store in {}", "deliver to {} please", "postcode {}"),
                              "figure": ("{}", "my kids wear {}", "{} was fine", "{} on the list")}
 
@@ -766,7 +766,7 @@ class ScrubberScore:
 
     def meets_goals(self, recall_goal: float = RECALL_GOAL, retention_goal: float = RETENTION_GOAL) -> bool:
         """Recall >= ``recall_goal`` for every planted type and retention >= ``retention_goal``."""
-        recalls = [s.recall for s in self.types.values() if s.planted]
+        recalls = [s.recall for s in self.types.values() if s.planted and s.recall is not None]
         retention = self.negative_retention
         return (bool(recalls) and min(recalls) >= recall_goal
                 and retention is not None and retention >= retention_goal)

@@ -1,0 +1,298 @@
+"""Embedding texts with the encoder inside Spark: the encoder spec, the worker functions, the GPU checks,
+and :func:`vectors_for`, which the embed and train stages share ("reuse the stored vectors, embed the rest").
+
+The model runs in ``mapInArrow``. Measured on 2 shared cores with MiniLM
+(bench/embed.py, docs/benchmarks.md), the model step alone ran 9-11% faster as an
+iterator pandas UDF (two runs, noisy machine; not yet explained). ``mapInArrow``
+is kept for now because it returns the embeddings as one Arrow list column built
+from a flat float32 buffer with no per-row Python object, which the GPU design
+needs once the model is fast; re-measure on a quiet machine before settling.
+The encoder is loaded once per Python worker
+(:func:`userlens.models.encoder.cached_encoder`) and Spark reuses the worker
+across tasks; nothing is loaded on the driver, and embeddings never reach it.
+
+CPU: tokenizing and the forward pass are fused in one ``mapInArrow`` (a second
+Arrow round trip would only add cost on the same cores).
+GPU (``embed.device=cuda``): tokenizing runs in a CPU stage over all cores and
+emits token-id arrays; a shuffle then feeds a forward-pass-only stage that runs
+under a stage-level ``ResourceProfile`` asking for one GPU per task, so CPU
+stages never hold a GPU and the GPU never waits for the tokenizer.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from userlens.config import EmbedSettings, Settings
+from userlens.errors import ConfigError, require_columns
+from userlens.models.encoder import GPU_KEY, Encoder, cached_encoder, describe_model
+from userlens.tables import VECTOR
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyspark.resource import ResourceProfile
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+EXECUTOR_GPU_KEY = "spark.executor.resource.gpu.amount"
+
+
+ARROW_BATCH_KEY = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+
+# the table's vector type: float elements, never null (a cast cannot add that guarantee later)
+VECTORS_SCHEMA = T.StructType([T.StructField("text_hash", T.StringType()), T.StructField("embedding", VECTOR)])
+
+
+TOKENS_SCHEMA = T.StructType([T.StructField("text_hash", T.StringType()),
+                              T.StructField("token_ids", T.ArrayType(T.IntegerType(), containsNull=False))])
+
+
+# distinct texts per partition of the embedding step, past the cores of the cluster
+TEXTS_PER_PARTITION = 20_000
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Plain values shipped to the workers; each worker loads (and caches) the model itself."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_tokens: int = 16384
+    normalize: bool = True
+    int8: bool = False
+
+    @classmethod
+    def from_settings(cls, embed: EmbedSettings) -> "EncoderSpec":
+        return cls(embed.model, embed.device, embed.dtype, embed.max_batch_tokens, embed.normalize, embed.cpu_int8)
+
+    @property
+    def model_id(self) -> str:
+        """The id the vectors are stored under (files only: cheap enough for the driver)."""
+        return describe_model(self.model, self.normalize, self.int8).model_id
+
+    def load(self) -> Encoder:
+        """This worker's encoder (loaded once per Python process)."""
+        return cached_encoder(self.model, self.device, self.dtype, self.max_batch_tokens, self.normalize, self.int8)
+
+
+# --------------------------------------------------------------------------
+# worker functions (Arrow batches in, Arrow batches out)
+# --------------------------------------------------------------------------
+def _vectors_batch(text_hash: "pa.Array", vectors: "object") -> "pa.RecordBatch":
+    import numpy as np
+    import pyarrow as pa
+
+    matrix = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = matrix.shape
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+    embedding = pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
+    return pa.RecordBatch.from_arrays([text_hash, embedding], names=["text_hash", "embedding"])
+
+
+def _encode_texts_fn(spec: EncoderSpec) -> Callable[[Iterable["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]:
+    def encode_partition(batches: Iterable["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
+        encoder = None
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            if encoder is None:  # loaded lazily: an empty partition loads nothing
+                encoder = spec.load()
+            texts = batch.column("text").to_pylist()
+            yield _vectors_batch(batch.column("text_hash"), encoder.encode(texts))
+
+    return encode_partition
+
+
+def _tokenize_fn(model: str) -> Callable[[Iterable["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]:
+    def tokenize_partition(batches: Iterable["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
+        import numpy as np
+        import pyarrow as pa
+
+        from userlens.models.encoder import cached_tokenizer
+
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            ids = cached_tokenizer(model).tokenize(batch.column("text").to_pylist())
+            offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+            np.cumsum([len(row) for row in ids], out=offsets[1:])
+            values = np.fromiter((t for row in ids for t in row), dtype=np.int32, count=int(offsets[-1]))
+            token_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+            yield pa.RecordBatch.from_arrays([batch.column("text_hash"), token_ids], names=["text_hash", "token_ids"])
+
+    return tokenize_partition
+
+
+def _encode_ids_fn(spec: EncoderSpec) -> Callable[[Iterable["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]:
+    def encode_partition(batches: Iterable["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
+        encoder = None
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            if encoder is None:
+                encoder = spec.load()
+            column = batch.column("token_ids")
+            offsets = column.offsets.to_numpy()
+            values = column.values.to_numpy()
+            ids = [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
+            yield _vectors_batch(batch.column("text_hash"), encoder.encode_ids(ids))
+
+    return encode_partition
+
+
+# --------------------------------------------------------------------------
+# transforms
+# --------------------------------------------------------------------------
+def is_empty_text(text: str) -> "F.Column":
+    """True for a null or blank text (nothing for the model to read)."""
+    return F.col(text).isNull() | (F.length(F.trim(F.col(text))) == 0)
+
+
+def item_texts(items: DataFrame, fields: Sequence[str]) -> DataFrame:
+    """item_id, text (the non-blank fields joined by '. '), text_hash."""
+    require_columns(items, ("item_id", *fields), "item_texts")
+    parts = [F.when(F.length(F.trim(F.col(f))) > 0, F.trim(F.col(f))) for f in fields]
+    text = F.concat_ws(". ", *parts)
+    return items.select("item_id", text.alias("text")).withColumn("text_hash", F.sha2(F.col("text"), 256))
+
+
+def distinct_texts(rows: DataFrame, partitions: int) -> DataFrame:
+    """One row per text_hash (text_hash, text), hash-partitioned into ``partitions``.
+
+    The repartition comes last, on the aggregate's output, so adaptive execution keeps its partition
+    count. Before the groupBy it merges into the shuffle of a join under it (the train stage's
+    anti-join against stored vectors), which adaptive execution may coalesce into one task: the
+    CPU-bound embedding then runs on one core.
+    """
+    return rows.groupBy("text_hash").agg(F.first("text").alias("text")).repartition(partitions, "text_hash")
+
+
+def embed_texts(texts: DataFrame, spec: EncoderSpec) -> DataFrame:
+    """(text_hash, text) -> (text_hash, embedding): tokenize and forward pass in one Python step (CPU)."""
+    require_columns(texts, ("text_hash", "text"), "embed_texts")
+    return texts.select("text_hash", "text").mapInArrow(_encode_texts_fn(spec), VECTORS_SCHEMA)
+
+
+def tokenize_texts(texts: DataFrame, model: str) -> DataFrame:
+    """(text_hash, text) -> (text_hash, token_ids array<int>), truncated to the model's length."""
+    require_columns(texts, ("text_hash", "text"), "tokenize_texts")
+    return texts.select("text_hash", "text").mapInArrow(_tokenize_fn(model), TOKENS_SCHEMA)
+
+
+def embed_token_ids(tokens: DataFrame, spec: EncoderSpec, profile: "ResourceProfile | None" = None) -> DataFrame:
+    """(text_hash, token_ids) -> (text_hash, embedding): the forward pass only, under ``profile``."""
+    require_columns(tokens, ("text_hash", "token_ids"), "embed_token_ids")
+    return tokens.select("text_hash", "token_ids").mapInArrow(_encode_ids_fn(spec), VECTORS_SCHEMA, profile=profile)
+
+
+# --------------------------------------------------------------------------
+# GPU checks
+# --------------------------------------------------------------------------
+def check_gpu_conf(conf: Mapping[str, str], master: str, why: str = "embed.device is cuda") -> float | None:
+    """The GPUs per task that ``embed.device=cuda`` will ask for; None on a local master.
+
+    Raises ConfigError naming the Spark key when a cluster master lacks the GPU
+    settings. Local masters have no executors and no stage-level scheduling: the
+    worker finds its GPU through CUDA_VISIBLE_DEVICES (or fails naming the key).
+    """
+    if master.startswith("local"):
+        return None
+    for key in (EXECUTOR_GPU_KEY, GPU_KEY):
+        value = conf.get(key)
+        try:
+            amount = float(value) if value is not None else 0.0
+        except ValueError:
+            raise ConfigError(f"spark.conf: {key}: not a number (got {value!r})") from None
+        if amount <= 0:
+            raise ConfigError(f"{why} but {key} is {value or 'not set'}: set it in spark.conf "
+                              "(or the launcher) to give executors and tasks a GPU")
+    return float(conf[GPU_KEY])
+
+
+def gpu_profile(gpus_per_task: float, cpus_per_task: int) -> "ResourceProfile":
+    """A stage-level profile for the forward pass: ``gpus_per_task`` GPU and ``cpus_per_task`` cores per task."""
+    from pyspark.resource import ResourceProfileBuilder, TaskResourceRequests
+
+    requests = TaskResourceRequests().cpus(cpus_per_task).resource("gpu", gpus_per_task)
+    return ResourceProfileBuilder().require(requests).build
+
+
+def spark_conf(spark: "SparkSession") -> tuple[str, dict[str, str]]:
+    """(master, launch-time Spark conf): where the GPU keys live."""
+    master = spark.sparkContext.master
+    assert master is not None  # set once the context has started
+    return master, dict(spark.sparkContext.getConf().getAll())
+
+
+class Embedder:
+    """The embedding step for one run: CPU fused, or tokenize (CPU) -> forward pass (GPU profile)."""
+
+    def __init__(self, spark: "SparkSession", settings: Settings) -> None:
+        self.spark = spark
+        self.embed = settings.embed
+        self.spec = EncoderSpec.from_settings(settings.embed)
+        self.profile: ResourceProfile | None = None
+        self.gpu = settings.embed.device == "cuda"
+        if self.gpu:
+            master, conf = spark_conf(spark)
+            gpus = check_gpu_conf(conf, master)
+            if gpus is not None:
+                self.profile = gpu_profile(gpus, settings.embed.gpu_task_cpus)
+
+    def partitions(self, n_texts: int) -> int:
+        return max(self.spark.sparkContext.defaultParallelism, math.ceil(n_texts / TEXTS_PER_PARTITION))
+
+    def __call__(self, texts: DataFrame) -> DataFrame:
+        if not self.gpu:
+            return embed_texts(texts, self.spec)
+        tokens = tokenize_texts(texts, self.spec.model)
+        if self.embed.gpu_partitions:
+            tokens = tokens.repartition(self.embed.gpu_partitions)
+        else:  # a stage boundary: tokenizing keeps every core, the forward pass only GPU slots
+            tokens = tokens.repartition(self.spark.sparkContext.defaultParallelism)
+        return embed_token_ids(tokens, self.spec, self.profile)
+
+
+@dataclass
+class Vectors:
+    """(text_hash, embedding) of every text asked for; ``fresh`` holds the newly embedded ones, persisted."""
+
+    frame: DataFrame
+    fresh: DataFrame | None
+    embedded: int  # distinct texts the encoder ran on
+
+    def release(self) -> None:
+        if self.fresh is not None:
+            self.fresh.unpersist()
+
+
+def vectors_for(embedder: "Embedder", texts: DataFrame, stored: DataFrame | None, model_id: str) -> Vectors:
+    """The vectors of ``texts`` (text_hash, text): those in ``stored`` (rows with text_hash, model_id,
+    embedding: ``user_embeddings``, ``item_embeddings``) for ``model_id`` are reused, the rest embedded
+    now. The encoder has run when this returns (the new vectors are persisted and counted, so a caller
+    can time it); call :meth:`Vectors.release` when done."""
+    wanted = texts.select("text_hash", "text").dropDuplicates(["text_hash"])
+    reused = None
+    if stored is not None:
+        reused = (stored.where(F.col("model_id") == model_id).select("text_hash", "embedding")
+                  .dropDuplicates(["text_hash"]).join(wanted.select("text_hash"), "text_hash"))
+    missing = wanted if reused is None else wanted.join(reused.select("text_hash"), "text_hash", "left_anti")
+    n_missing = missing.count()
+    if n_missing == 0:
+        assert reused is not None
+        return Vectors(reused, None, 0)
+    fresh = embedder(distinct_texts(missing, embedder.partitions(n_missing))).persist(StorageLevel.MEMORY_AND_DISK)
+    fresh.count()  # runs the model once; what reads the vectors reads the cached ones
+    return Vectors(fresh if reused is None else fresh.unionByName(reused), fresh, n_missing)

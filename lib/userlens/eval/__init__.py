@@ -1,0 +1,1 @@
+"""Offline evaluation: public datasets under published protocols, the baselines, the PII corpus."""

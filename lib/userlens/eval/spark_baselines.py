@@ -1,0 +1,132 @@
+"""Baselines fitted in Spark, beside the model in the same run: the RFM logistic regression of the
+prediction tasks, popularity and Spark MLlib ALS (implicit feedback) for recommendations.
+
+The train stage reports them next to its model (and may keep the regression as a head:
+``train.baseline_fallback``); ``userlens evaluate`` fits the same ALS on public datasets.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from userlens.config import AlsSettings
+from userlens.models.contracts import FeatureSpec
+from userlens.models.tasks import MULTICLASS_TASKS
+
+if TYPE_CHECKING:
+    from pyspark.ml.recommendation import ALSModel
+
+
+def recommendation_baselines(snapshot: DataFrame, events: DataFrame, cut: dt.date,
+                             rec: Any) -> dict[str, dict[str, float]]:
+    """Popularity and Spark MLlib ALS (implicit) on everything known at ``cut``, evaluated like the
+    two-tower head: the ``rec_eval`` test users, earlier purchases excluded, next purchases relevant."""
+    from pyspark.ml.feature import StringIndexer
+
+    from userlens.models.training import ranking_summary
+
+    k = rec.k
+    users = snapshot.where("rec_eval").select("user_key", "bought", "next_items").collect()
+    if not users:
+        return {"recommend_popularity": {"users": 0}, "recommend_als": {"users": 0}}
+    relevant = [set(u["next_items"]) for u in users]
+    bought = [set(u["bought"]) for u in users]
+    known = events.where((F.col("event_date") <= F.lit(cut)) & F.col("item_id").isNotNull())
+
+    depth = k + max(len(b) for b in bought)
+    popular = [r["item_id"] for r in known.where(F.col("event_type") == "purchase").groupBy("item_id").count()
+               .orderBy(F.desc("count"), "item_id").limit(depth).collect()]
+    pop_ranked = [[i for i in popular if i not in b][:k] for b in bought]
+
+    # implicit feedback: a purchase counts 4, a cart add 2, anything else with an item 1
+    weight = (F.when(F.col("event_type") == "purchase", 4.0).when(F.col("event_type") == "add_to_cart", 2.0)
+              .otherwise(1.0))
+    ratings = known.groupBy("user_key", "item_id").agg(F.sum(weight).alias("rating"))
+    user_ix = StringIndexer(inputCol="user_key", outputCol="u").fit(ratings)
+    item_ix = StringIndexer(inputCol="item_id", outputCol="i").fit(ratings)
+    data = item_ix.transform(user_ix.transform(ratings)).select(
+        F.col("u").cast("int").alias("u"), F.col("i").cast("int").alias("i"), "rating")
+    als = fit_als(data.withColumnRenamed("rating", "r"), rec.als, seed=13)
+    wanted = user_ix.transform(snapshot.where("rec_eval").select("user_key")).select(
+        F.col("u").cast("int").alias("u"), "user_key")
+    recs = als.recommendForUserSubset(wanted, depth)
+    labels = item_ix.labels
+    by_user = {r["user_key"]: [labels[x["i"]] for x in r["recommendations"]]
+               for r in recs.join(wanted, "u").select("user_key", "recommendations").collect()}
+    als_ranked = [[i for i in by_user.get(u["user_key"], []) if i not in b][:k] for u, b in zip(users, bought)]
+    return {"recommend_popularity": ranking_summary(pop_ranked, relevant, k),
+            "recommend_als": ranking_summary(als_ranked, relevant, k)}
+
+
+def fit_baseline(snapshot: DataFrame, tasks: Sequence[str], n_classes: int, predictions_to: str | None = None,
+                 linear_out: dict[str, dict[str, list]] | None = None) -> dict[str, dict[str, float]]:
+    """Spark MLlib logistic regression on log1p(numeric features) only: train split -> test metrics
+    (and, with ``predictions_to``, the test labels and probabilities as .npz, no user keys). With
+    ``linear_out``, each binary task's fitted model is put there as ``{"weight": [[w...]], "bias": [b]}``
+    on the log1p scale (see :func:`standardized_linear`)."""
+    import numpy as np
+    from pyspark.ml.classification import LogisticRegression
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+
+    from userlens.models import metrics as M
+
+    x = array_to_vector(F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))).alias("x")
+    data = snapshot.select("split", x, *tasks)
+    train_rows, test_rows = data.where(F.col("split") == "train"), data.where(F.col("split") == "test")
+    out: dict[str, dict[str, float]] = {}
+    labels_out: dict[str, Any] = {}
+    probs_out: dict[str, Any] = {}
+    for task in tasks:
+        multiclass = task in MULTICLASS_TASKS
+        fit_rows = train_rows.where(F.col(task) >= 0) if multiclass else train_rows
+        lr = LogisticRegression(featuresCol="x", labelCol=task, maxIter=50, regParam=1e-3,
+                                family="multinomial" if multiclass else "binomial")
+        model = lr.fit(fit_rows.withColumn(task, F.col(task).cast("double")))
+        scored = model.transform(test_rows.where(F.col(task) >= 0) if multiclass else test_rows)
+        rows = scored.select(F.col(task), vector_to_array(F.col("probability")).alias("p")).collect()
+        y = np.array([r[0] for r in rows], dtype=np.int64)
+        p = np.array([r[1] for r in rows], dtype=np.float64)
+        if multiclass:
+            if p.shape[1] < n_classes:  # classes above the largest train label get probability 0
+                p = np.pad(p, ((0, 0), (0, n_classes - p.shape[1])))
+            out[task] = M.multiclass_metrics(y, p)
+        else:
+            p = p[:, 1]
+            out[task] = M.binary_metrics(y, p)
+            if linear_out is not None:
+                linear_out[task] = {"weight": [model.coefficients.toArray().tolist()], "bias": [model.intercept]}
+        labels_out[task], probs_out[task] = y, p
+    if predictions_to:
+        from userlens.models.training import save_predictions
+
+        save_predictions(predictions_to, labels_out, probs_out)
+    return out
+
+
+def standardized_linear(linear: dict[str, dict[str, list]], features: FeatureSpec) -> dict[str, dict[str, list]]:
+    """A linear model of x = log1p(features) rewritten for the model's standardized input
+    z = (x - mean) / std: weight w * std, bias b + w . mean (the same logits)."""
+    import numpy as np
+
+    mean, std = np.asarray(features.mean), np.asarray(features.std)
+    out = {}
+    for task, m in linear.items():
+        w, b = np.asarray(m["weight"], np.float64), np.asarray(m["bias"], np.float64)
+        out[task] = {"weight": (w * std).tolist(), "bias": (b + w @ mean).tolist()}
+    return out
+
+
+def fit_als(ratings: DataFrame, als: AlsSettings, seed: int) -> "ALSModel":
+    """Spark MLlib ALS with implicit feedback on (u int, i int, r float) ratings."""
+    from pyspark.ml.recommendation import ALS
+
+    # ALS's default of 10 user and 10 item blocks: fewer where there are fewer cores (each block pair is a
+    # task in every iteration's joins; on two local cores 10 blocks made ~1,100 tasks of a few ms each)
+    blocks = max(1, min(10, ratings.sparkSession.sparkContext.defaultParallelism))
+    return ALS(userCol="u", itemCol="i", ratingCol="r", implicitPrefs=True, rank=als.rank, maxIter=als.max_iter,
+               regParam=als.reg_param, alpha=als.alpha, seed=seed, numUserBlocks=blocks, numItemBlocks=blocks,
+               coldStartStrategy="drop").fit(ratings)

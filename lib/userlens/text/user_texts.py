@@ -1,0 +1,200 @@
+"""One budgeted, stable text per user, built from events and the item catalog (pure Spark transforms).
+
+A text is a header (counts by event type, top categories, spend, active days
+over the user's window) followed by one line per day, newest first, each a
+list of rendered events with consecutive repeats collapsed::
+
+    12 events on 3 active days, 2026-10-01 to 2026-10-03. views 8, ... Spend: 89.50.
+    2026-10-03: bought 1 'Trail Runner X' (outdoor, 89.50); viewed 'Trail Runner X' (outdoor, 89.50) ×3
+    2026-10-01: searched "trail shoes"
+
+Stability: the text depends only on the user's own events (absolute dates, no
+"N days ago"), the catalog and the template version, so a user without new
+events keeps a byte-identical text and text_hash.
+
+Budget and skew: each user's newest ``max_events`` events are kept with a
+``row_number`` window before any aggregation (Spark turns ``row_number <= k``
+into a per-partition group limit ahead of the shuffle, so a power user with
+millions of events costs one sort of k rows). Lines are then kept newest
+first while the whole text fits ``max_tokens * chars_per_token`` characters;
+the header always comes first, so an encoder's truncation cannot cut it.
+
+Everything is native Spark SQL: after the cap (one shuffle by user_key), each
+user's rendered events are collected into one bounded array and the header,
+repeat collapsing, budget and day lines are higher-order array functions on
+it, so the events are read, shuffled and sorted once. The textualize stage
+writes these texts; the train stage and ``userlens evaluate`` build them as of
+a cutoff.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from userlens.config import TemplateSet, TextualizeSettings
+from userlens.errors import require_columns
+from userlens.text.templates import render
+
+EVENT_COLUMNS = ("user_key", "event_id", "event_time", "event_type", "item_id", "category", "price", "quantity",
+                 "query", "text")
+
+
+ITEM_COLUMNS = ("item_id", "title", "category", "brand", "price")
+
+
+def _money(amount: Column) -> Column:
+    # "89.50": a decimal cast renders two places and is much cheaper than format_string
+    return F.round(amount, 2).cast("decimal(38,2)").cast("string")
+
+
+def cap_events(events: DataFrame, max_events: int) -> DataFrame:
+    """Each user's newest ``max_events`` events, numbered ``rn`` = 1 (newest) .. max_events."""
+    newest_first = Window.partitionBy("user_key").orderBy(F.col("event_time").desc(), F.col("event_id").desc())
+    return events.withColumn("rn", F.row_number().over(newest_first)).where(F.col("rn") <= max_events)
+
+
+def render_events(capped: DataFrame, items: DataFrame, templates: TemplateSet, max_field_chars: int) -> DataFrame:
+    """One rendered ``line`` per event, with its ``day`` and the header inputs (category, spend)."""
+    catalog = items.select(
+        "item_id", F.col("title").alias("i_title"), F.col("category").alias("i_category"),
+        F.col("brand").alias("i_brand"), F.col("price").alias("i_price"))
+    df = capped.join(catalog, "item_id", "left")
+    price = F.coalesce(F.col("price"), F.col("i_price"))
+    fields = {
+        "title": F.coalesce(F.col("i_title"), F.col("item_id")),
+        "category": F.coalesce(F.col("category"), F.col("i_category")),
+        "brand": F.col("i_brand"),
+        "price": _money(price),
+        "quantity": F.coalesce(F.col("quantity"), F.lit(1)),
+        "query": F.substring(F.col("query"), 1, max_field_chars),
+        "text": F.substring(F.col("text"), 1, max_field_chars),
+        "item_id": F.col("item_id"),
+        "event_type": F.col("event_type"),
+        "time": F.date_format("event_time", "HH:mm"),
+    }
+    line: Column | None = None
+    for event_type, template in templates.events.items():
+        rendered = render(template, fields)
+        line = F.when(F.col("event_type") == event_type, rendered) if line is None else \
+            line.when(F.col("event_type") == event_type, rendered)
+    default = render(templates.default_event, fields)
+    line = default if line is None else line.otherwise(default)
+    spend = F.when(F.col("event_type") == "purchase", price * F.coalesce(F.col("quantity"), F.lit(1)))
+    return df.select(
+        "user_key", "rn", "event_type",
+        F.to_date("event_time").cast("string").alias("day"),  # UTC session: the UTC date
+        line.alias("line"),
+        fields["category"].alias("category"),
+        spend.alias("spend"),
+        (F.col("item_id").isNotNull() & F.col("i_title").isNull()).alias("missing_item"),
+    )
+
+
+def collect_user_events(rendered: DataFrame, event_types: list[str]) -> DataFrame:
+    """(user_key, ev, n_events, first_date, last_date, n_missing_items, n_<type>...) per user.
+
+    ``ev`` is the user's rendered events as one array, newest first (rn
+    ascending), bounded by ``max_events`` (the cap ran first). The input is
+    already partitioned by user_key, so this aggregation adds no shuffle; the
+    plain counts are codegen'd aggregates rather than array functions.
+    """
+    fields = ("rn", "day", "line", "category", "spend", "event_type", "missing_item")
+    return rendered.groupBy("user_key").agg(
+        F.array_sort(F.collect_list(F.struct(*fields))).alias("ev"),
+        F.count(F.lit(1)).alias("n_events"),
+        F.min("day").alias("first_date"),
+        F.max("day").alias("last_date"),
+        F.sum(F.col("missing_item").cast("int")).alias("n_missing_items"),
+        *[F.sum(F.when(F.col("event_type") == t, 1).otherwise(0)).alias(f"n_{t}") for t in event_types],
+    )
+
+
+def texts_from_event_arrays(users: DataFrame, settings: TextualizeSettings, event_types: list[str],
+                            as_of: dt.date) -> DataFrame:
+    """Header, collapsed pieces, budget and day lines per user with higher-order array functions."""
+    templates = settings.templates[settings.language]
+    budget_chars = int(settings.max_tokens * templates.chars_per_token)
+    ev = F.col("ev")
+    days = F.transform(ev, lambda x: x["day"])
+    stats = users.select(
+        "*",
+        F.size(F.array_distinct(days)).alias("active_days"),
+        # summed in array order: deterministic, so the rendered spend never flickers
+        F.aggregate(ev, F.lit(0.0), lambda acc, x: acc + F.coalesce(x["spend"], F.lit(0.0))).alias("spend"),
+        F.transform(F.filter(ev, lambda x: x["category"].isNotNull()), lambda x: x["category"]).alias("cats"),
+        # (day, line) as one string: consecutive equal keys collapse into one piece
+        F.transform(ev, lambda x: F.concat(x["day"], F.lit("\u0001"), x["line"])).alias("keys"),
+    )
+    # top categories: by count desc, then name
+    ranked = F.array_sort(F.transform(F.array_distinct("cats"), lambda c: F.struct(
+        (-F.size(F.filter("cats", lambda y: y == c))).alias("neg_n"), c.alias("category"))))
+    count_items = [
+        F.when(F.col(f"n_{t}") > 0, render(templates.count_item, {
+            "label": F.lit(templates.labels.get(t, t)), "count": F.col(f"n_{t}")}))
+        for t in event_types
+    ]
+    header = render(templates.header, {
+        "n_events": F.col("n_events"), "active_days": F.col("active_days"),
+        "first_date": F.col("first_date"), "last_date": F.col("last_date"),
+        "counts": F.concat_ws(templates.count_separator, *count_items),
+        "top_categories": F.array_join(F.transform(F.slice(ranked, 1, settings.top_categories),
+                                                   lambda r: r["category"]), templates.category_separator),
+        "spend": _money(F.col("spend")),
+    })
+    # consecutive equal lines on the same day collapse into one piece with a repeat count
+    n = F.size(ev)
+    starts = F.filter(F.sequence(F.lit(0), n - 1), lambda i: F.when(i == 0, True).otherwise(
+        F.element_at("keys", i + 1) != F.element_at("keys", i)))
+    with_header = stats.select("user_key", "ev", "n_events", "n_missing_items", header.alias("header"),
+                               starts.alias("starts"))
+    runs = F.transform("starts", lambda start, j: F.struct(
+        start.alias("at"), (F.coalesce(F.try_element_at("starts", j + 2), n) - start).alias("repeats")))
+    pieces = F.transform(runs, lambda r: F.struct(
+        F.element_at(ev, r["at"] + 1)["day"].alias("day"),
+        F.concat(F.element_at(ev, r["at"] + 1)["line"],
+                 F.when(r["repeats"] > 1, render(templates.repeat, {"count": r["repeats"]})).otherwise(F.lit("")))
+        .alias("piece")))
+    with_pieces = with_header.select("user_key", "n_events", "n_missing_items", "header", pieces.alias("pieces"))
+
+    # exact character cost of each piece in the final text: "\n" + day prefix
+    # before a day's first piece, the separator before any other
+    def prefix(day: Column) -> Column:
+        return render(templates.day_prefix, {"date": day})
+
+    costs = F.transform("pieces", lambda p, k: F.length(p["piece"]) + F.when(
+        (k == 0) | (p["day"] != F.element_at("pieces", F.greatest(k, F.lit(1)))["day"]),
+        F.length(prefix(p["day"])) + 1).otherwise(F.lit(len(templates.event_separator))))
+    available = F.lit(budget_chars) - F.length(F.substring("header", 1, budget_chars))
+    start_acc = F.struct(F.lit(0).alias("total"), F.lit(0).alias("k"), F.lit(True).alias("open"))
+    kept_count = F.aggregate(
+        costs, start_acc,
+        lambda acc, c: F.when(acc["open"] & (acc["total"] + c <= available), F.struct(
+            (acc["total"] + c).alias("total"), (acc["k"] + 1).alias("k"), F.lit(True).alias("open")))
+        .otherwise(F.struct(acc["total"].alias("total"), acc["k"].alias("k"), F.lit(False).alias("open"))),
+        lambda acc: acc["k"])
+    kept = F.slice("pieces", 1, kept_count)
+    with_kept = with_pieces.select("user_key", "n_events", "n_missing_items", "header", kept.alias("kept"))
+    day_lines = F.transform(F.array_distinct(F.transform("kept", lambda p: p["day"])), lambda d: F.concat(
+        prefix(d), F.array_join(F.transform(F.filter("kept", lambda p: p["day"] == d), lambda p: p["piece"]),
+                                templates.event_separator)))
+    body = F.when(F.size("kept") > 0, F.array_join(day_lines, "\n"))
+    # a header alone over budget is cut; the body goes first
+    text = F.concat_ws("\n", F.substring("header", 1, budget_chars), body)
+    version = F.lit(settings.template_version)
+    return with_kept.select(
+        "user_key", F.lit(as_of).alias("as_of_date"), text.alias("text"),
+        F.sha2(F.concat_ws("\u0001", version, text), 256).alias("text_hash"),
+        F.col("n_events").cast("long").alias("n_events"), version.alias("template_version"), "n_missing_items")
+
+
+def build_user_texts(events: DataFrame, items: DataFrame, settings: TextualizeSettings, event_types: list[str],
+                     as_of: dt.date) -> DataFrame:
+    """One row per user with events: user_key, as_of_date, text, text_hash, n_events, template_version,
+    n_missing_items. ``events`` must already be limited to the as-of date."""
+    require_columns(events, EVENT_COLUMNS, "textualize events")
+    require_columns(items, ITEM_COLUMNS, "textualize items")
+    templates = settings.templates[settings.language]
+    rendered = render_events(cap_events(events, settings.max_events), items, templates, settings.max_field_chars)
+    return texts_from_event_arrays(collect_user_events(rendered, event_types), settings, event_types, as_of)
