@@ -23,6 +23,7 @@ same texts: the encoder alone, interleaved runs, best of --repeat; speed-up and
 mean / max 1 - cos (goal: >= 1.3x with mean 1 - cos <= 0.01), for the shipped
 layer choice and for every Linear layer quantized.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,12 +105,17 @@ def int8_comparison(texts: list[str], repeat: int) -> None:
     print(f"\n{len(texts):,d} texts, {tokens:,d} tokens; best of {repeat} interleaved runs")
     print("| encoder | texts/s | speed-up vs float32 | mean 1 - cos | max 1 - cos |")
     print("|---|---:|---:|---:|---:|")
-    for name, label in (("fp32", "float32"), ("shipped", "int8, shipped (FFN output projection float32)"),
-                        ("every", "int8, every Linear layer"),
-                        ("seven_bits", "int8, every Linear layer, torch's default 7-bit activations")):
+    for name, label in (
+        ("fp32", "float32"),
+        ("shipped", "int8, shipped (FFN output projection float32)"),
+        ("every", "int8, every Linear layer"),
+        ("seven_bits", "int8, every Linear layer, torch's default 7-bit activations"),
+    ):
         cos = (vectors["fp32"] * vectors[name]).sum(axis=1)  # both L2-normalized
-        print(f"| {label} | {len(texts) / best[name]:.1f} | {best['fp32'] / best[name]:.2f} | "
-              f"{np.mean(1 - cos):.4f} | {np.max(1 - cos):.4f} |")
+        print(
+            f"| {label} | {len(texts) / best[name]:.1f} | {best['fp32'] / best[name]:.2f} | "
+            f"{np.mean(1 - cos):.4f} | {np.max(1 - cos):.4f} |"
+        )
 
 
 def main() -> None:
@@ -117,9 +123,14 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--int8", action="store_true", help="only the int8 CPU mode against float32")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every session and stage, e.g. "
-                             "spark.conf.spark.executorEnv.OMP_NUM_THREADS=1")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every session and stage, e.g. spark.conf.spark.executorEnv.OMP_NUM_THREADS=1",
+    )
     args = parser.parse_args()
 
     import numpy as np
@@ -127,8 +138,13 @@ def main() -> None:
     from pyspark.sql import functions as F
 
     work = Path(tempfile.mkdtemp(prefix="userlens-bench-embed-"))
-    base = ["spark.ui=false", "spark.log_level=ERROR", "spark.conf.spark.ui.showConsoleProgress=false",
-            "embed.items=false", *args.overrides]
+    base = [
+        "spark.ui=false",
+        "spark.log_level=ERROR",
+        "spark.conf.spark.ui.showConsoleProgress=false",
+        "embed.items=false",
+        *args.overrides,
+    ]
     spark = get_spark(load_settings(None, base))
     cores = spark.sparkContext.defaultParallelism
     key = load_key(load_settings(None, base).privacy, {"USERLENS_HMAC_KEY": "bench-key-0123456789abcdef"})
@@ -151,9 +167,12 @@ def main() -> None:
         all_lengths = [len(ids) for ids in encoder.tokenize(texts)]
         cfg = encoder.model.config
         flops_distinct = model_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
-        print(f"{len(texts):,d} user texts ({len(distinct):,d} distinct), tokens per text: mean "
-              f"{np.mean(all_lengths):.0f}, min {min(all_lengths)}, max {max(all_lengths)}; {cores} cores; "
-              f"torch threads {torch.get_num_threads()}", flush=True)
+        print(
+            f"{len(texts):,d} user texts ({len(distinct):,d} distinct), tokens per text: mean "
+            f"{np.mean(all_lengths):.0f}, min {min(all_lengths)}, max {max(all_lengths)}; {cores} cores; "
+            f"torch threads {torch.get_num_threads()}",
+            flush=True,
+        )
         del encoder
         if args.int8:
             int8_comparison(distinct, args.repeat)
@@ -166,22 +185,36 @@ def main() -> None:
         reference.encode(distinct[:64], normalize_embeddings=True)
         # F821 (undefined reference) is a false positive: pyflakes sees the `del reference` below, but each
         # lambda is called at once, before the del
-        ref_distinct = min(timed(lambda: reference.encode(distinct, normalize_embeddings=True))[0]  # noqa: F821
-                           for _ in range(args.repeat))
+        ref_distinct = min(
+            timed(lambda: reference.encode(distinct, normalize_embeddings=True))[0]  # noqa: F821
+            for _ in range(args.repeat)
+        )
         has_duplicates = len(distinct) < len(texts)
-        ref_all = min(timed(lambda: reference.encode(texts, normalize_embeddings=True))[0]  # noqa: F821
-                      for _ in range(args.repeat)) if has_duplicates else ref_distinct
+        ref_all = (
+            min(
+                timed(lambda: reference.encode(texts, normalize_embeddings=True))[0]  # noqa: F821
+                for _ in range(args.repeat)
+            )
+            if has_duplicates
+            else ref_distinct
+        )
         del reference
         peak = matmul_peak()
-        print(f"(a) sentence-transformers: distinct {len(distinct) / ref_distinct:.1f} texts/s, "
-              f"all {len(texts) / ref_all:.1f} texts/s; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+        print(
+            f"(a) sentence-transformers: distinct {len(distinct) / ref_distinct:.1f} texts/s, "
+            f"all {len(texts) / ref_all:.1f} texts/s; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s",
+            flush=True,
+        )
 
         # -- (b) the stage -------------------------------------------------------------
         def fresh(name: str, source_rows):
             settings = load_settings(None, [*base, f"storage.warehouse={work}/{name}"])
             tables = Tables(spark, settings.storage)
-            df = user_texts.where(F.col("user_key").isin([r["user_key"] for r in source_rows])) \
-                if source_rows is not rows else user_texts
+            df = (
+                user_texts.where(F.col("user_key").isin([r["user_key"] for r in source_rows]))
+                if source_rows is not rows
+                else user_texts
+            )
             tables.overwrite("user_texts", df)
             tables.ensure("user_embeddings")
             return settings, tables
@@ -206,8 +239,11 @@ def main() -> None:
             t_all, res_a = stage_time(settings_a, tables_a)
         else:  # the same texts: the distinct run is the run with duplicates
             settings_a, tables_a, t_all, res_a = settings_d, tables_d, t_distinct, res_d
-        print(f"(b) stage: distinct {len(distinct) / t_distinct:.1f} texts/s ({res_d.users.texts_embedded} embedded), "
-              f"all {len(texts) / t_all:.1f} texts/s ({res_a.users.texts_embedded} distinct embedded)", flush=True)
+        print(
+            f"(b) stage: distinct {len(distinct) / t_distinct:.1f} texts/s ({res_d.users.texts_embedded} embedded), "
+            f"all {len(texts) / t_all:.1f} texts/s ({res_a.users.texts_embedded} distinct embedded)",
+            flush=True,
+        )
 
         # -- the model step alone: mapInArrow vs iterator pandas UDF ------------------
         spec = EncoderSpec.from_settings(settings_d.embed)
@@ -220,8 +256,9 @@ def main() -> None:
         pandas_embed = _pandas_udf(spec)
 
         def pandas_step():
-            step_input.select("text_hash", pandas_embed("text").alias("embedding")) \
-                .write.format("noop").mode("overwrite").save()
+            step_input.select("text_hash", pandas_embed("text").alias("embedding")).write.format("noop").mode(
+                "overwrite"
+            ).save()
 
         pandas_step()  # warms the pandas UDF's workers
         t_arrow = min(timed(arrow_step)[0] for _ in range(args.repeat))
@@ -242,10 +279,16 @@ def main() -> None:
                 hit = F.col("user_key").isin(users)
                 text, touched = F.when(hit, F.concat(text, F.lit(suffix))).otherwise(text), touched | hit
             return user_texts.select(
-                "user_key", F.lit(day).alias("as_of_date"), "n_events", "template_version", text.alias("text"),
+                "user_key",
+                F.lit(day).alias("as_of_date"),
+                "n_events",
+                "template_version",
+                text.alias("text"),
                 # textualize's hash for the changed texts; the unchanged keep theirs
                 F.when(touched, F.sha2(F.concat_ws("\u0001", "template_version", text), 256))
-                .otherwise(F.col("text_hash")).alias("text_hash"))
+                .otherwise(F.col("text_hash"))
+                .alias("text_hash"),
+            )
 
         day1, day2 = as_of + dt.timedelta(days=1), as_of + dt.timedelta(days=2)
         first_change = (keys, "; viewed 'Storm Shell' (outdoor, 129.0)")
@@ -261,25 +304,37 @@ def main() -> None:
     step_flops = flops_distinct / t_arrow
     print("\n| texts | (a) sentence-transformers texts/s | (b) embed stage texts/s | (b)/(a) | goal |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| {len(distinct):,d} all distinct | {len(distinct) / ref_distinct:.1f} | "
-          f"{len(distinct) / t_distinct:.1f} | {ref_distinct / t_distinct:.2f} | ≥ 1.0 |")
+    print(
+        f"| {len(distinct):,d} all distinct | {len(distinct) / ref_distinct:.1f} | "
+        f"{len(distinct) / t_distinct:.1f} | {ref_distinct / t_distinct:.2f} | ≥ 1.0 |"
+    )
     if has_duplicates:
-        print(f"| {len(texts):,d} with natural duplicates ({len(distinct):,d} distinct) | {len(texts) / ref_all:.1f} | "
-              f"{len(texts) / t_all:.1f} | {ref_all / t_all:.2f} | ≥ 1.2 |")
+        print(
+            f"| {len(texts):,d} with natural duplicates ({len(distinct):,d} distinct) | {len(texts) / ref_all:.1f} | "
+            f"{len(texts) / t_all:.1f} | {ref_all / t_all:.2f} | ≥ 1.2 |"
+        )
     else:
-        print(f"| (the sample's {len(texts):,d} texts have no duplicates: the system ratio equals the engine ratio) "
-              "| | | | ≥ 1.2 |")
-    print(f"\nmodel step alone, {len(distinct):,d} distinct texts into a noop sink: mapInArrow {t_arrow:.1f}s "
-          f"({len(distinct) / t_arrow:.1f} texts/s), iterator pandas UDF {t_pandas:.1f}s "
-          f"({len(distinct) / t_pandas:.1f} texts/s)")
-    print(f"utilization: stage {stage_flops / 1e9:.1f} GFLOP/s, model step {step_flops / 1e9:.1f} GFLOP/s; "
-          f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s -> stage {stage_flops / peak:.2f}, "
-          f"model step {step_flops / peak:.2f} (goal ≥ 0.65)")
-    print(f"incremental: {res_i.users.embedded} of {res_i.users.rows} users changed: {t_incremental:.1f}s vs full "
-          f"{t_all:.1f}s -> {t_incremental / t_all:.3f}; fixed costs: a run that embeds one user "
-          f"({res_1.users.embedded}) takes {t_one:.1f}s, one that embeds nothing ({res_n.users.unchanged} unchanged) "
-          f"{t_nothing:.1f}s; (incremental - one user) / full = {max(0.0, t_incremental - t_one) / t_all:.3f}, "
-          f"(incremental - nothing) / full = {max(0.0, t_incremental - t_nothing) / t_all:.3f} (goal ≤ 0.05)")
+        print(
+            f"| (the sample's {len(texts):,d} texts have no duplicates: the system ratio equals the engine ratio) "
+            "| | | | ≥ 1.2 |"
+        )
+    print(
+        f"\nmodel step alone, {len(distinct):,d} distinct texts into a noop sink: mapInArrow {t_arrow:.1f}s "
+        f"({len(distinct) / t_arrow:.1f} texts/s), iterator pandas UDF {t_pandas:.1f}s "
+        f"({len(distinct) / t_pandas:.1f} texts/s)"
+    )
+    print(
+        f"utilization: stage {stage_flops / 1e9:.1f} GFLOP/s, model step {step_flops / 1e9:.1f} GFLOP/s; "
+        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s -> stage {stage_flops / peak:.2f}, "
+        f"model step {step_flops / peak:.2f} (goal ≥ 0.65)"
+    )
+    print(
+        f"incremental: {res_i.users.embedded} of {res_i.users.rows} users changed: {t_incremental:.1f}s vs full "
+        f"{t_all:.1f}s -> {t_incremental / t_all:.3f}; fixed costs: a run that embeds one user "
+        f"({res_1.users.embedded}) takes {t_one:.1f}s, one that embeds nothing ({res_n.users.unchanged} unchanged) "
+        f"{t_nothing:.1f}s; (incremental - one user) / full = {max(0.0, t_incremental - t_one) / t_all:.3f}, "
+        f"(incremental - nothing) / full = {max(0.0, t_incremental - t_nothing) / t_all:.3f} (goal ≤ 0.05)"
+    )
 
 
 def _pandas_udf(spec: EncoderSpec):

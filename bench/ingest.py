@@ -12,6 +12,7 @@ between the largest and smallest size (linear scaling: goal <= 1.1).
 Best of --repeat runs for each figure; absolute times on a noisy machine mean
 little, the ratios are the result.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,9 +58,23 @@ def main() -> None:
     key = load_key(settings.privacy, {"USERLENS_HMAC_KEY": "bench-key-0123456789abcdef"})
     from pyspark.sql import types as T
 
-    json_schema = T.StructType([T.StructField(c, T.StringType()) for c in
-                                ("event_id", "user_id", "ts", "event_type", "item_id", "category", "price",
-                                 "quantity", "query", "review_text")])
+    json_schema = T.StructType(
+        [
+            T.StructField(c, T.StringType())
+            for c in (
+                "event_id",
+                "user_id",
+                "ts",
+                "event_type",
+                "item_id",
+                "category",
+                "price",
+                "quantity",
+                "query",
+                "review_text",
+            )
+        ]
+    )
     rows = []
     try:
         for size in sorted(args.sizes):
@@ -68,10 +83,13 @@ def main() -> None:
             summary = generate_sample(spark, str(raw), SampleSpec(users=users, days=args.days, seed=11))
             events = summary.events_dir
             t_count, n_lines = best(lambda: spark.read.text(events).count(), args.repeat)
-            t_parse, _ = best(lambda: spark.read.schema(json_schema).json(events).write.format("noop")
-                              .mode("overwrite").save(), args.repeat)
-            run_settings = load_settings(None, ["spark.ui=false", f"storage.warehouse={work}/wh-{size}",
-                                                f"source.path={raw}"])
+            t_parse, _ = best(
+                lambda: spark.read.schema(json_schema).json(events).write.format("noop").mode("overwrite").save(),
+                args.repeat,
+            )
+            run_settings = load_settings(
+                None, ["spark.ui=false", f"storage.warehouse={work}/wh-{size}", f"source.path={raw}"]
+            )
 
             def ingest_once():
                 shutil.rmtree(work / f"wh-{size}", ignore_errors=True)
@@ -79,16 +97,21 @@ def main() -> None:
 
             t_ingest, result = best(ingest_once, args.repeat)
             rows.append((size, n_lines, result.rows_out, t_count, t_parse, t_ingest))
-            print(f"size {size:>9,d}: {n_lines:,d} raw lines, ingest {t_ingest:.1f}s, read+count {t_count:.2f}s, "
-                  f"read+parse {t_parse:.2f}s", flush=True)
+            print(
+                f"size {size:>9,d}: {n_lines:,d} raw lines, ingest {t_ingest:.1f}s, read+count {t_count:.2f}s, "
+                f"read+parse {t_parse:.2f}s",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print("\n| raw lines | events out | ingest s | events/s/core | ingest ÷ read+count | ingest ÷ read+parse |")
     print("|---:|---:|---:|---:|---:|---:|")
     for size, n, out, t_count, t_parse, t_ingest in rows:
-        print(f"| {n:,d} | {out:,d} | {t_ingest:.1f} | {n / t_ingest / cores:,.0f} | {t_ingest / t_count:.1f} | "
-              f"{t_ingest / t_parse:.1f} |")
+        print(
+            f"| {n:,d} | {out:,d} | {t_ingest:.1f} | {n / t_ingest / cores:,.0f} | {t_ingest / t_count:.1f} | "
+            f"{t_ingest / t_parse:.1f} |"
+        )
     if len(rows) >= 2:
         (_, n_small, _, _, _, t_small), (_, n_big, _, _, _, t_big) = rows[0], rows[-1]
         ratio = (t_big / n_big) / (t_small / n_small)

@@ -23,6 +23,7 @@ Everything runs in one Spark session with the embedded local default
 (conf/local.yaml), CPU encoder; the sample users are scaled to the event count
 measured on a probe.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,12 @@ BASE = ["spark.ui=false", "spark.log_level=ERROR", "spark.conf.spark.ui.showCons
 def stage_details(tables: Tables, since: dt.datetime, stage: str) -> dict[str, object]:
     from pyspark.sql import functions as F
 
-    row = (tables.read("pipeline_runs").where((F.col("started_at") >= F.lit(since)) & (F.col("stage") == stage))
-           .select("details").first())
+    row = (
+        tables.read("pipeline_runs")
+        .where((F.col("started_at") >= F.lit(since)) & (F.col("stage") == stage))
+        .select("details")
+        .first()
+    )
     return json.loads(row["details"]) if row is not None and row["details"] else {}
 
 
@@ -66,21 +71,37 @@ def timed_nightly(spark, settings, key, tables: Tables, day: dt.date | None):
 def stage_seconds(tables: Tables, since: dt.datetime) -> dict[str, float]:
     from pyspark.sql import functions as F
 
-    rows = (tables.read("pipeline_runs").where(F.col("started_at") >= F.lit(since))
-            .select("stage", (F.col("finished_at").cast("double") - F.col("started_at").cast("double")).alias("s"))
-            .collect())
+    rows = (
+        tables.read("pipeline_runs")
+        .where(F.col("started_at") >= F.lit(since))
+        .select("stage", (F.col("finished_at").cast("double") - F.col("started_at").cast("double")).alias("s"))
+        .collect()
+    )
     out: dict[str, float] = {}
     for r in rows:
         out[r["stage"]] = out.get(r["stage"], 0.0) + float(r["s"])
     return out
 
 
-def one_size(spark, work: Path, events: int, users_per_event: float, days: int, active: float,
-             train_overrides: list[str], full_night: bool = True) -> dict[str, object]:
+def one_size(
+    spark,
+    work: Path,
+    events: int,
+    users_per_event: float,
+    days: int,
+    active: float,
+    train_overrides: list[str],
+    full_night: bool = True,
+) -> dict[str, object]:
     root = work / f"n{events}"
     users = max(200, round(events * users_per_event))
-    overrides = BASE + [f"storage.warehouse={root / 'warehouse'}", f"storage.models={root / 'models'}",
-                        f"source.path={root / 'raw'}", f"nightly.report_dir={root / 'reports'}", *train_overrides]
+    overrides = BASE + [
+        f"storage.warehouse={root / 'warehouse'}",
+        f"storage.models={root / 'models'}",
+        f"source.path={root / 'raw'}",
+        f"nightly.report_dir={root / 'reports'}",
+        *train_overrides,
+    ]
     settings = load_settings(None, overrides)
     key = load_key(settings.privacy, {"USERLENS_HMAC_KEY": "bench-key-0123456789abcdef"})
     spec = SampleSpec(users=users, days=days, seed=7)
@@ -96,13 +117,20 @@ def one_size(spark, work: Path, events: int, users_per_event: float, days: int, 
     replay_day(str(root / "raw"), last, day, n_active)
     second, second_wall, second_stages, _ = timed_nightly(spark, settings, key, tables, day)
     out = {
-        "raw_events": summary.lines_written, "users": users, "events_ingested": first.stages["ingest"].rows_out,
-        "first_wall": first_wall, "first_stages": first_stages,
+        "raw_events": summary.lines_written,
+        "users": users,
+        "events_ingested": first.stages["ingest"].rows_out,
+        "first_wall": first_wall,
+        "first_stages": first_stages,
         "nightly_over_embed": first_wall / first_stages["embed"],
-        "cutoff_texts_embedded": trained.get("cutoff_texts_embedded"), "cutoff_embed_seconds": cutoff_embed,
+        "cutoff_texts_embedded": trained.get("cutoff_texts_embedded"),
+        "cutoff_embed_seconds": cutoff_embed,
         "nightly_over_all_embedding": first_wall / (first_stages["embed"] + cutoff_embed),
-        "second_wall": second_wall, "second_stages": second_stages, "active_users": n_active,
-        "second_embedded": second.stages["embed"].users.embedded, "second_scored": second.stages["score"].scored,
+        "second_wall": second_wall,
+        "second_stages": second_stages,
+        "active_users": n_active,
+        "second_embedded": second.stages["embed"].users.embedded,
+        "second_scored": second.stages["score"].scored,
         "next_day_over_first": second_wall / first_wall,
         "trained_second_day": "train" in second.stages,
     }
@@ -112,11 +140,15 @@ def one_size(spark, work: Path, events: int, users_per_event: float, days: int, 
         version = str(int(settings.textualize.template_version) + 1)
         resettled = load_settings(None, overrides + [f"textualize.template_version={version}"])
         third, third_wall, third_stages, _ = timed_nightly(spark, resettled, key, tables, third_day)
-        out.update({
-            "full_wall": third_wall, "full_stages": third_stages, "full_trained": "train" in third.stages,
-            "full_embedded": third.stages["embed"].users.embedded,
-            "full_night_over_embed": third_wall / third_stages["embed"],
-        })
+        out.update(
+            {
+                "full_wall": third_wall,
+                "full_stages": third_stages,
+                "full_trained": "train" in third.stages,
+                "full_embedded": third.stages["embed"].users.embedded,
+                "full_night_over_embed": third_wall / third_stages["embed"],
+            }
+        )
     return out
 
 
@@ -125,10 +157,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--active", type=float, default=0.01)
-    parser.add_argument("--full-night", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time a third nightly that re-embeds every user without training")
-    parser.add_argument("--set", dest="train_overrides", action="append", default=[],
-                        help="extra settings (e.g. train.epochs=10)")
+    parser.add_argument(
+        "--full-night",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time a third nightly that re-embeds every user without training",
+    )
+    parser.add_argument(
+        "--set", dest="train_overrides", action="append", default=[], help="extra settings (e.g. train.epochs=10)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="userlens-bench-nightly-"))
@@ -139,23 +176,35 @@ def main() -> None:
         results = {}
         for size in sorted(args.sizes):
             print(f"== {size:,} raw events", flush=True)
-            results[size] = r = one_size(spark, work, size, users_per_event, args.days, args.active,
-                                         args.train_overrides, args.full_night)
+            results[size] = r = one_size(
+                spark, work, size, users_per_event, args.days, args.active, args.train_overrides, args.full_night
+            )
             stages = ", ".join(f"{k} {v:.0f}s" for k, v in r["first_stages"].items())
-            print(f"   {r['raw_events']:,} raw lines, {r['users']:,} users; first nightly {r['first_wall']:.0f}s "
-                  f"({stages})", flush=True)
-            print(f"   nightly ÷ embed = {r['nightly_over_embed']:.2f} (goal <= 1.5); the train stage embedded "
-                  f"{r['cutoff_texts_embedded']} texts as of the cutoff in {r['cutoff_embed_seconds']:.0f}s; "
-                  f"nightly ÷ all embedding = {r['nightly_over_all_embedding']:.2f}")
+            print(
+                f"   {r['raw_events']:,} raw lines, {r['users']:,} users; first nightly {r['first_wall']:.0f}s "
+                f"({stages})",
+                flush=True,
+            )
+            print(
+                f"   nightly ÷ embed = {r['nightly_over_embed']:.2f} (goal <= 1.5); the train stage embedded "
+                f"{r['cutoff_texts_embedded']} texts as of the cutoff in {r['cutoff_embed_seconds']:.0f}s; "
+                f"nightly ÷ all embedding = {r['nightly_over_all_embedding']:.2f}"
+            )
             stages = ", ".join(f"{k} {v:.0f}s" for k, v in r["second_stages"].items())
-            print(f"   next day, {r['active_users']} active users: {r['second_wall']:.0f}s ({stages}); "
-                  f"{r['second_embedded']} re-embedded, {r['second_scored']} re-scored; "
-                  f"next day ÷ first = {r['next_day_over_first']:.3f} (goal <= 0.1)", flush=True)
+            print(
+                f"   next day, {r['active_users']} active users: {r['second_wall']:.0f}s ({stages}); "
+                f"{r['second_embedded']} re-embedded, {r['second_scored']} re-scored; "
+                f"next day ÷ first = {r['next_day_over_first']:.3f} (goal <= 0.1)",
+                flush=True,
+            )
             if "full_wall" in r:
                 stages = ", ".join(f"{k} {v:.0f}s" for k, v in r["full_stages"].items())
-                print(f"   full night (new template, {r['full_embedded']} re-embedded, "
-                      f"{'trained' if r['full_trained'] else 'no training'}): {r['full_wall']:.0f}s ({stages}); "
-                      f"nightly ÷ embed = {r['full_night_over_embed']:.2f} (goal <= 1.5)", flush=True)
+                print(
+                    f"   full night (new template, {r['full_embedded']} re-embedded, "
+                    f"{'trained' if r['full_trained'] else 'no training'}): {r['full_wall']:.0f}s ({stages}); "
+                    f"nightly ÷ embed = {r['full_night_over_embed']:.2f} (goal <= 1.5)",
+                    flush=True,
+                )
         if len(results) > 1:
             small, large = min(results), max(results)
             per = {n: results[n]["first_wall"] / results[n]["raw_events"] for n in (small, large)}

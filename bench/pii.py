@@ -24,6 +24,7 @@ of their type), then the share of hard negatives kept verbatim. Goals: recall >=
 masked on purpose and count for neither (docs/privacy.md). Exits 1 when a goal is
 not met on any corpus.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,22 +49,36 @@ def main() -> None:
     sources = ("oracle", "internal") if args.corpus == "both" else (args.corpus,)
 
     work = tempfile.mkdtemp(prefix="userlens-bench-pii-")
-    spark = get_spark(load_settings(None, ["spark.master=local[2]", "spark.ui=false", "spark.log_level=ERROR",
-                                           "spark.conf.spark.ui.showConsoleProgress=false",
-                                           f"storage.warehouse={work}/wh"]))
+    spark = get_spark(
+        load_settings(
+            None,
+            [
+                "spark.master=local[2]",
+                "spark.ui=false",
+                "spark.log_level=ERROR",
+                "spark.conf.spark.ui.showConsoleProgress=false",
+                f"storage.warehouse={work}/wh",
+            ],
+        )
+    )
     met = True
     for source in sources:
         start = time.perf_counter()
         records = generate_corpus(args.n, args.seed, source=source)
-        print(f"## {source} corpus: {len(records):,d} records (seed {args.seed}) in "
-              f"{time.perf_counter() - start:.1f}s", flush=True)
+        print(
+            f"## {source} corpus: {len(records):,d} records (seed {args.seed}) in {time.perf_counter() - start:.1f}s",
+            flush=True,
+        )
         start = time.perf_counter()
         score = score_scrubber(spark, records)
         print(f"scrubbed and scored in {time.perf_counter() - start:.1f}s\n", flush=True)
 
         print(score.markdown())
-        for label, examples in (("missed", score.misses), ("false positive", score.false_positives),
-                                ("hard negative hit", score.damaged)):
+        for label, examples in (
+            ("missed", score.misses),
+            ("false positive", score.false_positives),
+            ("hard negative hit", score.damaged),
+        ):
             for example in examples[:10]:
                 print(f"{label}: {example}")
         print(flush=True)

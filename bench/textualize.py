@@ -12,6 +12,7 @@ largest and smallest size (goal <= 1.1). Finally one user with 10^6 events is
 added to the smallest data set and textualize runs with the default local
 settings (driver memory from conf/local.yaml).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,9 @@ def main() -> None:
             ref_times, sort_times, text_times = [], [], []
             shuffle_sort = events.repartition("user_key").sortWithinPartitions("user_key", F.desc("event_time"))
             for _ in range(args.repeat):
-                t_ref, _ = timed(lambda: events.groupBy("user_key").count().write.format("noop")
-                                 .mode("overwrite").save())
+                t_ref, _ = timed(
+                    lambda: events.groupBy("user_key").count().write.format("noop").mode("overwrite").save()
+                )
                 ref_times.append(t_ref)
                 t_sort, _ = timed(lambda: shuffle_sort.write.format("noop").mode("overwrite").save())
                 sort_times.append(t_sort)
@@ -78,8 +80,10 @@ def main() -> None:
                 t_text, result = timed(lambda: run_textualize(spark, settings, StageRun("textualize", "bench")))
                 text_times.append(t_text)
             rows.append((ingest.rows_out, result.users, min(ref_times), min(text_times), min(sort_times)))
-            print(f"events {ingest.rows_out:,d}: textualize {min(text_times):.1f}s, groupBy count "
-                  f"{min(ref_times):.2f}s", flush=True)
+            print(
+                f"events {ingest.rows_out:,d}: textualize {min(text_times):.1f}s, groupBy count {min(ref_times):.2f}s",
+                flush=True,
+            )
 
         # skew: one user with 10^6 events beside the smallest data set's users
         size = sorted(args.sizes)[0]
@@ -87,16 +91,26 @@ def main() -> None:
         tables = Tables(spark, settings.storage)
         as_of = tables.read("events").agg(F.max("event_date")).first()[0]
         power = spark.range(args.power_events).select(
-            F.lit("POWER-USER").alias("user_key"), F.format_string("pw%09d", "id").alias("event_id"),
-            F.timestamp_seconds(F.lit(int(dt.datetime(2026, 10, 1, tzinfo=dt.timezone.utc).timestamp()))
-                                + F.col("id") % (29 * 86400)).alias("event_time"),
-            F.lit(as_of).alias("event_date"), F.lit("view").alias("event_type"),
-            F.format_string("i%05d", F.col("id") % 400).alias("item_id"), F.lit(None).cast("string").alias("category"),
-            F.lit(None).cast("double").alias("price"), F.lit(None).cast("int").alias("quantity"),
-            F.lit(None).cast("string").alias("query"), F.lit(None).cast("string").alias("text"),
-            F.lit("bench").alias("run_id"))
-        tables.replace_where("events", tables.read("events").where(F.col("event_date") == F.lit(as_of))
-                             .unionByName(power), f"event_date = DATE'{as_of.isoformat()}'")
+            F.lit("POWER-USER").alias("user_key"),
+            F.format_string("pw%09d", "id").alias("event_id"),
+            F.timestamp_seconds(
+                F.lit(int(dt.datetime(2026, 10, 1, tzinfo=dt.timezone.utc).timestamp())) + F.col("id") % (29 * 86400)
+            ).alias("event_time"),
+            F.lit(as_of).alias("event_date"),
+            F.lit("view").alias("event_type"),
+            F.format_string("i%05d", F.col("id") % 400).alias("item_id"),
+            F.lit(None).cast("string").alias("category"),
+            F.lit(None).cast("double").alias("price"),
+            F.lit(None).cast("int").alias("quantity"),
+            F.lit(None).cast("string").alias("query"),
+            F.lit(None).cast("string").alias("text"),
+            F.lit("bench").alias("run_id"),
+        )
+        tables.replace_where(
+            "events",
+            tables.read("events").where(F.col("event_date") == F.lit(as_of)).unionByName(power),
+            f"event_date = DATE'{as_of.isoformat()}'",
+        )
         t_power, power_result = timed(lambda: run_textualize(spark, settings, StageRun("textualize", "bench-power")))
         power_text = tables.read("user_texts").where("user_key = 'POWER-USER'").first()
     finally:
@@ -105,15 +119,21 @@ def main() -> None:
     print("\n| events | users | groupBy count s | shuffle+sort s | textualize s | ÷ groupBy count | ÷ shuffle+sort |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n, users, t_ref, t_text, t_sort in rows:
-        print(f"| {n:,d} | {users:,d} | {t_ref:.2f} | {t_sort:.2f} | {t_text:.1f} | {t_text / t_ref:.1f} | "
-              f"{t_text / t_sort:.1f} |")
+        print(
+            f"| {n:,d} | {users:,d} | {t_ref:.2f} | {t_sort:.2f} | {t_text:.1f} | {t_text / t_ref:.1f} | "
+            f"{t_text / t_sort:.1f} |"
+        )
     if len(rows) >= 2:
         (n_small, _, _, t_small, _), (n_big, _, _, t_big, _) = rows[0], rows[-1]
-        print(f"\nper-event cost at {n_big:,d} ÷ at {n_small:,d} events: {(t_big / n_big) / (t_small / n_small):.2f} "
-              "(goal <= 1.1)")
-    print(f"power user with {args.power_events:,d} events among {rows[0][1]:,d} users: textualize completed in "
-          f"{t_power:.1f}s, its text covers n_events={power_text.n_events} ({len(power_text.text)} chars); "
-          f"users={power_result.users}")
+        print(
+            f"\nper-event cost at {n_big:,d} ÷ at {n_small:,d} events: {(t_big / n_big) / (t_small / n_small):.2f} "
+            "(goal <= 1.1)"
+        )
+    print(
+        f"power user with {args.power_events:,d} events among {rows[0][1]:,d} users: textualize completed in "
+        f"{t_power:.1f}s, its text covers n_events={power_text.n_events} ({len(power_text.text)} chars); "
+        f"users={power_result.users}"
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@
     test AUC of the model and the RFM-only baseline per split, and the mean
     difference with its standard error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,25 +71,34 @@ def synthetic_snapshot(root: Path, rows: int, n_features: int, files: int, seed:
             emb = rng.normal(size=(m, DIM)).astype(np.float32)
             feats = rng.gamma(1.0, 3.0, size=(m, n_features))
             score = np.concatenate([emb, np.log1p(feats)], axis=1) @ w / np.sqrt(DIM) + rng.normal(size=m)
-            table = pa.table({
-                "user_key": [f"u{part}-{i}" for i in range(m)],
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), DIM).cast(
-                    pa.list_(pa.float32())),
-                "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), n_features).cast(
-                    pa.list_(pa.float64())),
-                "purchase": (score > 0).astype(np.int32),
-                "churn": (score < -1).astype(np.int32),
-                "next_category": (np.abs(score * 3).astype(np.int32) % 8),
-            })
+            table = pa.table(
+                {
+                    "user_key": [f"u{part}-{i}" for i in range(m)],
+                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), DIM).cast(
+                        pa.list_(pa.float32())
+                    ),
+                    "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), n_features).cast(
+                        pa.list_(pa.float64())
+                    ),
+                    "purchase": (score > 0).astype(np.int32),
+                    "churn": (score < -1).astype(np.int32),
+                    "next_category": (np.abs(score * 3).astype(np.int32) % 8),
+                }
+            )
             pq.write_table(table, out / f"part-{part:05d}.parquet")
 
 
 def synthetic_config(settings) -> ModelConfig:
     """The model of the scaling runs: the configured trunk over 384-d embeddings and the real features."""
     names = feature_names(settings.ingest.event_types)
-    return ModelConfig(tasks=["purchase", "churn", "next_category"], classes=[f"c{i}" for i in range(8)],
-                       hidden=list(settings.train.hidden), dropout=settings.train.dropout,
-                       input_dim=DIM + len(names), numeric_dim=len(names))
+    return ModelConfig(
+        tasks=["purchase", "churn", "next_category"],
+        classes=[f"c{i}" for i in range(8)],
+        hidden=list(settings.train.hidden),
+        dropout=settings.train.dropout,
+        input_dim=DIM + len(names),
+        numeric_dim=len(names),
+    )
 
 
 def scaling(settings, rows: int, epochs: int, batch_size: int = 256) -> dict[str, dict]:
@@ -101,10 +111,22 @@ def scaling(settings, rows: int, epochs: int, batch_size: int = 256) -> dict[str
         results = {}
         runs = [("1", 1, None), ("2", 2, None), ("1x1", 1, 1)] * 2  # interleaved: the noise hits all
         for label, processes, threads in runs:
-            job = TrainJob(snapshot=str(work / "snapshot"), snapshot_id="synthetic", version="bench",
-                           artifact=str(work / f"model-{processes}"), config=config, features=features,
-                           data=TrainingData("", "", 0, {}, "synthetic"), batch_size=batch_size, epochs=epochs,
-                           patience=epochs, learning_rate=1e-3, weight_decay=1e-3, seed=1, torch_threads=threads)
+            job = TrainJob(
+                snapshot=str(work / "snapshot"),
+                snapshot_id="synthetic",
+                version="bench",
+                artifact=str(work / f"model-{processes}"),
+                config=config,
+                features=features,
+                data=TrainingData("", "", 0, {}, "synthetic"),
+                batch_size=batch_size,
+                epochs=epochs,
+                patience=epochs,
+                learning_rate=1e-3,
+                weight_decay=1e-3,
+                seed=1,
+                torch_threads=threads,
+            )
             train = settings.train.model_copy(update={"num_processes": processes, "local_mode": True})
             start = time.perf_counter()
             summary = distributed_fit(job, train)
@@ -112,11 +134,18 @@ def scaling(settings, rows: int, epochs: int, batch_size: int = 256) -> dict[str
             best = results.get(label)
             info = summary.training
             if best is None or info.samples_per_second > best["samples_per_second"]:
-                results[label] = {"samples_per_second": info.samples_per_second, "wall": wall,
-                                  "fit_seconds": info.fit_seconds, "samples": info.samples}
+                results[label] = {
+                    "samples_per_second": info.samples_per_second,
+                    "wall": wall,
+                    "fit_seconds": info.fit_seconds,
+                    "samples": info.samples,
+                }
             what = f"{processes} process(es)" + (f", {threads} torch thread each" if threads else "")
-            print(f"  {what}: {info.samples_per_second:,.0f} samples/s in the loop, "
-                  f"{wall:.1f} s for the whole TorchDistributor call", flush=True)
+            print(
+                f"  {what}: {info.samples_per_second:,.0f} samples/s in the loop, "
+                f"{wall:.1f} s for the whole TorchDistributor call",
+                flush=True,
+            )
         return results
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -135,8 +164,11 @@ def _bare_steps(config: dict, batch_size: int, seconds: float, queue) -> None:
     model = BehaviourModel(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(batch_size, cfg.input_dim)
-    y = {"purchase": torch.randint(0, 2, (batch_size,)), "churn": torch.randint(0, 2, (batch_size,)),
-         "next_category": torch.randint(0, len(cfg.classes), (batch_size,))}
+    y = {
+        "purchase": torch.randint(0, 2, (batch_size,)),
+        "churn": torch.randint(0, 2, (batch_size,)),
+        "next_category": torch.randint(0, len(cfg.classes), (batch_size,)),
+    }
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -186,12 +218,22 @@ def _job_of(artifact: str, settings) -> TrainJob:
 
     metrics = ModelMetrics.from_json(read_json(f"{artifact}/metrics.json"))
     t = settings.train
-    return TrainJob(snapshot=f"{Path(artifact).parent}/snapshots/{metrics.snapshot_id}",
-                    snapshot_id=metrics.snapshot_id, artifact=artifact, version=metrics.version,
-                    config=ModelConfig(**read_json(f"{artifact}/model.json")),
-                    features=FeatureSpec(**read_json(f"{artifact}/feature_spec.json")), data=metrics.data,
-                    batch_size=t.batch_size, epochs=t.epochs, patience=t.patience, learning_rate=t.learning_rate,
-                    weight_decay=t.weight_decay, seed=t.seed, baseline=metrics.baseline)
+    return TrainJob(
+        snapshot=f"{Path(artifact).parent}/snapshots/{metrics.snapshot_id}",
+        snapshot_id=metrics.snapshot_id,
+        artifact=artifact,
+        version=metrics.version,
+        config=ModelConfig(**read_json(f"{artifact}/model.json")),
+        features=FeatureSpec(**read_json(f"{artifact}/feature_spec.json")),
+        data=metrics.data,
+        batch_size=t.batch_size,
+        epochs=t.epochs,
+        patience=t.patience,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+        baseline=metrics.baseline,
+    )
 
 
 def split_comparison(spark, work: Path, base: list[str], users: int, splits: int) -> None:
@@ -203,8 +245,15 @@ def split_comparison(spark, work: Path, base: list[str], users: int, splits: int
     run_ingest(spark, settings, load_key(settings.privacy), StageRun("ingest", "bench-ingest"), None, True)
     diffs: dict[str, list[float]] = {"purchase": [], "churn": []}
     for i in range(splits):
-        split = load_settings(None, [*base, f"storage.models={work / 'models' / f'split{i}'}",
-                                     f"train.split.salt=bench-split-{i}", "train.recommend.enabled=false"])
+        split = load_settings(
+            None,
+            [
+                *base,
+                f"storage.models={work / 'models' / f'split{i}'}",
+                f"train.split.salt=bench-split-{i}",
+                "train.recommend.enabled=false",
+            ],
+        )
         _, result = stage_run(spark, split, f"split{i}")
         line = []
         for task in diffs:
@@ -215,8 +264,11 @@ def split_comparison(spark, work: Path, base: list[str], users: int, splits: int
     for task, d in diffs.items():
         mean = float(np.mean(d))
         se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-        print(f"    {task}: model - baseline AUC = {mean:+.3f} ± {se:.3f} (mean ± standard error over {len(d)} "
-              f"splits; {sum(x > 0 for x in d)} of {len(d)} above)", flush=True)
+        print(
+            f"    {task}: model - baseline AUC = {mean:+.3f} ± {se:.3f} (mean ± standard error over {len(d)} "
+            f"splits; {sum(x > 0 for x in d)} of {len(d)} above)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -227,17 +279,31 @@ def main() -> None:
     parser.add_argument("--dp-sweep", action="store_true", help="also train with DP-SGD at epsilon 1, 3, 8")
     parser.add_argument("--scaling-only", action="store_true", help="only (1), the DDP scaling runs")
     parser.add_argument("--batch-size", type=int, default=256, help="per-process batch of the scaling runs")
-    parser.add_argument("--splits", type=int, default=0,
-                        help="only (4): the model against the baseline on this many train/valid/test splits "
-                             "of one --users sample")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="extra settings for every run (e.g. train.dropout=0.5)")
+    parser.add_argument(
+        "--splits",
+        type=int,
+        default=0,
+        help="only (4): the model against the baseline on this many train/valid/test splits of one --users sample",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="extra settings for every run (e.g. train.dropout=0.5)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("USERLENS_HMAC_KEY", "bench-hmac-key-0123456789abcdef")
     work = Path(tempfile.mkdtemp(prefix="userlens-bench-train-wh-"))
-    base = ["spark.ui=false", "spark.log_level=ERROR", "spark.conf.spark.ui.showConsoleProgress=false",
-            f"storage.warehouse={work / 'warehouse'}", f"source.path={work / 'raw'}", *args.overrides]
+    base = [
+        "spark.ui=false",
+        "spark.log_level=ERROR",
+        "spark.conf.spark.ui.showConsoleProgress=false",
+        f"storage.warehouse={work / 'warehouse'}",
+        f"source.path={work / 'raw'}",
+        *args.overrides,
+    ]
     settings = load_settings(None, [*base, f"storage.models={work / 'models'}"])
     spark = get_spark(settings)
     try:
@@ -245,17 +311,25 @@ def main() -> None:
             print(f"(4) model vs baseline: {args.users} sample users, {args.splits} splits", flush=True)
             split_comparison(spark, work, base, args.users, args.splits)
             return
-        print(f"(1) DDP scaling: {args.rows:,} synthetic users, {args.epochs} epochs, "
-              f"batch {args.batch_size} per process, {os.cpu_count()} cores", flush=True)
+        print(
+            f"(1) DDP scaling: {args.rows:,} synthetic users, {args.epochs} epochs, "
+            f"batch {args.batch_size} per process, {os.cpu_count()} cores",
+            flush=True,
+        )
         res = scaling(settings, args.rows, args.epochs, args.batch_size)
         ratio = res["2"]["samples_per_second"] / res["1"]["samples_per_second"]
         per_process = res["2"]["samples_per_second"] / res["1x1"]["samples_per_second"]
         print(f"    samples/s 2 processes / 1 process = {ratio:.2f}  (goal >= 1.6)", flush=True)
-        print(f"    samples/s 2 processes / 1 process on one thread = {per_process:.2f}  (per-process scaling)",
-              flush=True)
+        print(
+            f"    samples/s 2 processes / 1 process on one thread = {per_process:.2f}  (per-process scaling)",
+            flush=True,
+        )
         ceiling = hardware_ceiling(asdict(synthetic_config(settings)), args.batch_size)
-        print(f"    the machine's ceiling: 2 bare one-thread training processes / 1 = {ceiling:.2f}; "
-              f"DDP reaches {per_process / ceiling:.0%} of it\n", flush=True)
+        print(
+            f"    the machine's ceiling: 2 bare one-thread training processes / 1 = {ceiling:.2f}; "
+            f"DDP reaches {per_process / ceiling:.0%} of it\n",
+            flush=True,
+        )
         if args.scaling_only:
             return
 
@@ -264,16 +338,27 @@ def main() -> None:
         run_ingest(spark, settings, load_key(settings.privacy), StageRun("ingest", "bench-ingest"), None, True)
         wall, result = stage_run(spark, settings, "full")
         t = result.seconds
-        print(f"    userlens train wall {wall:.1f} s; TorchDistributor call {t['distributor_seconds']:.1f} s; "
-              f"training loop {t['fit_seconds']:.1f} s; snapshot {t['snapshot_seconds']:.1f} s; "
-              f"baseline {t['baseline_seconds']:.1f} s", flush=True)
-        print(f"    wall / TorchDistributor call = {wall / t['distributor_seconds']:.2f}; "
-              f"wall / training loop = {wall / t['fit_seconds']:.1f}", flush=True)
-        print("    test AUC  model vs RFM logistic baseline: " + "; ".join(
-            f"{task} {result.model[task]['auc']:.3f} vs {result.baseline[task]['auc']:.3f}"
-            for task in ("purchase", "churn")) +
-            f"; next_category accuracy {result.model['next_category']['accuracy']:.3f} vs "
-            f"{result.baseline['next_category']['accuracy']:.3f}\n", flush=True)
+        print(
+            f"    userlens train wall {wall:.1f} s; TorchDistributor call {t['distributor_seconds']:.1f} s; "
+            f"training loop {t['fit_seconds']:.1f} s; snapshot {t['snapshot_seconds']:.1f} s; "
+            f"baseline {t['baseline_seconds']:.1f} s",
+            flush=True,
+        )
+        print(
+            f"    wall / TorchDistributor call = {wall / t['distributor_seconds']:.2f}; "
+            f"wall / training loop = {wall / t['fit_seconds']:.1f}",
+            flush=True,
+        )
+        print(
+            "    test AUC  model vs RFM logistic baseline: "
+            + "; ".join(
+                f"{task} {result.model[task]['auc']:.3f} vs {result.baseline[task]['auc']:.3f}"
+                for task in ("purchase", "churn")
+            )
+            + f"; next_category accuracy {result.model['next_category']['accuracy']:.3f} vs "
+            f"{result.baseline['next_category']['accuracy']:.3f}\n",
+            flush=True,
+        )
 
         if args.dp_sweep:
             print("(3) DP-SGD sweep on the same snapshot (1 process each)", flush=True)
@@ -282,18 +367,26 @@ def main() -> None:
             delta = 10.0 ** -math.ceil(math.log10(n_train))
             rows = []
             for eps in (1.0, 3.0, 8.0, None):
-                run_job = replace(job, artifact=str(work / f"models-dp-{eps}"), version=f"dp-{eps}",
-                                  dp=None if eps is None else DPJob(eps, delta, 1.0))
+                run_job = replace(
+                    job,
+                    artifact=str(work / f"models-dp-{eps}"),
+                    version=f"dp-{eps}",
+                    dp=None if eps is None else DPJob(eps, delta, 1.0),
+                )
                 summary = distributed_fit(run_job, settings.train.model_copy(update={"num_processes": 1}))
                 rows.append((eps, summary))
-            print(f"    {n_train} training users, δ = {delta:g}, {settings.train.epochs} epochs planned, "
-                  f"batch {settings.train.batch_size}, clipping norm 1.0")
+            print(
+                f"    {n_train} training users, δ = {delta:g}, {settings.train.epochs} epochs planned, "
+                f"batch {settings.train.batch_size}, clipping norm 1.0"
+            )
             print("| target ε | achieved ε | purchase AUC | churn AUC | next_category acc |")
             print("|---|---|---|---|---|")
             for eps, r in rows:
                 achieved = f"{r.training.dp['epsilon']:.2f}" if eps is not None and r.training.dp else "∞ (no DP)"
-                print(f"| {eps if eps is not None else '∞'} | {achieved} | {r.test['purchase']['auc']:.3f} "
-                      f"| {r.test['churn']['auc']:.3f} | {r.test['next_category']['accuracy']:.3f} |")
+                print(
+                    f"| {eps if eps is not None else '∞'} | {achieved} | {r.test['purchase']['auc']:.3f} "
+                    f"| {r.test['churn']['auc']:.3f} | {r.test['next_category']['accuracy']:.3f} |"
+                )
     finally:
         spark.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,5 @@
 """spark-submit entry point: `spark-submit jobs/embed.py [options]` == `userlens embed [options]`."""
+
 import sys
 
 from userlens.cli import main

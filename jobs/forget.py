@@ -1,4 +1,5 @@
 """spark-submit entry point: `spark-submit jobs/forget.py [options]` == `userlens forget [options]`."""
+
 import sys
 
 from userlens.cli import main

@@ -1,4 +1,5 @@
 """spark-submit entry point: `spark-submit jobs/ingest.py [options]` == `userlens ingest [options]`."""
+
 import sys
 
 from userlens.cli import main

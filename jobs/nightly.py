@@ -1,4 +1,5 @@
 """spark-submit entry point: `spark-submit jobs/nightly.py [options]` == `userlens nightly [options]`."""
+
 import sys
 
 from userlens.cli import main

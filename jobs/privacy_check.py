@@ -1,4 +1,5 @@
 """spark-submit entry point: `spark-submit jobs/privacy_check.py [options]` == `userlens privacy-check [options]`."""
+
 import sys
 
 from userlens.cli import main

@@ -1,5 +1,6 @@
 """spark-submit entry point: `spark-submit jobs/profiles.py [options]` (not profile.py: that name would shadow
 Python's own profile module) == `userlens profile [options]`."""
+
 import sys
 
 from userlens.cli import main

@@ -1,5 +1,6 @@
 """spark-submit entry point: `spark-submit jobs/quarantine_retention.py [options]`
 == `userlens quarantine-retention [options]`."""
+
 import sys
 
 from userlens.cli import main

@@ -1,4 +1,5 @@
 """spark-submit entry point: `spark-submit jobs/report.py [options]` == `userlens report [options]`."""
+
 import sys
 
 from userlens.cli import main

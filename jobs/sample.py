@@ -1,4 +1,5 @@
 """spark-submit entry point: `spark-submit jobs/sample.py [options]` == `userlens sample [options]`."""
+
 import sys
 
 from userlens.cli import main

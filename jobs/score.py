@@ -1,4 +1,5 @@
 """spark-submit entry point: `spark-submit jobs/score.py [options]` == `userlens score [options]`."""
+
 import sys
 
 from userlens.cli import main

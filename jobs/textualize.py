@@ -1,4 +1,5 @@
 """spark-submit entry point: `spark-submit jobs/textualize.py [options]` == `userlens textualize [options]`."""
+
 import sys
 
 from userlens.cli import main

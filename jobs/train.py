@@ -1,4 +1,5 @@
 """spark-submit entry point: `spark-submit jobs/train.py [options]` == `userlens train [options]`."""
+
 import sys
 
 from userlens.cli import main

@@ -9,6 +9,7 @@ kept as written.
     python scripts/config_reference.py          # rewrite the table
     python scripts/config_reference.py --check  # exit 1, with a one-line summary, if it is stale
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ The wheel ``pip wheel --no-deps .`` builds, less its pyspark and delta-spark req
 runtime brings its own Spark and Delta, and pip installing them from PyPI as requirements of a cluster
 library would shadow the platform's. Everything else (code, conf/, other requirements) is unchanged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "dist" / "databricks"), help="wheel folder (default: %(default)s)")
     parser.add_argument("--source", default=str(ROOT), help="project folder (default: this repository)")
-    parser.add_argument("--no-build-isolation", action="store_true",
-                        help="build with this Python's setuptools instead of a fresh one from the index (offline)")
+    parser.add_argument(
+        "--no-build-isolation",
+        action="store_true",
+        help="build with this Python's setuptools instead of a fresh one from the index (offline)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as scratch:
@@ -37,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
             return done.returncode
         built = list(Path(scratch).glob("userlens-*.whl"))
         if len(built) != 1:
-            print(f"databricks_wheel: expected one userlens wheel, pip built {[p.name for p in built]}",
-                  file=sys.stderr)
+            print(
+                f"databricks_wheel: expected one userlens wheel, pip built {[p.name for p in built]}", file=sys.stderr
+            )
             return 1
         out.mkdir(parents=True, exist_ok=True)
         for old in out.glob("userlens-*.whl"):  # the job installs dist/databricks/*.whl: exactly one
@@ -59,7 +64,7 @@ def without_requirements(wheel: Path, target: Path, names: tuple[str, ...]) -> l
     removed: list[str] = []
     kept: list[str] = []
     for line in next(data for info, data in entries if info.filename == metadata).decode("utf-8").split("\n"):
-        requirement = line[len("Requires-Dist:"):].strip() if line.startswith("Requires-Dist:") else ""
+        requirement = line[len("Requires-Dist:") :].strip() if line.startswith("Requires-Dist:") else ""
         name = re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0].lower()
         if requirement and name in names and ";" not in requirement:
             removed.append(requirement)
@@ -72,8 +77,10 @@ def without_requirements(wheel: Path, target: Path, names: tuple[str, ...]) -> l
             if info.filename == metadata:
                 data = new_metadata
             elif info.filename == record:
-                rows = [f"{metadata},sha256={digest},{len(new_metadata)}" if row.startswith(metadata + ",") else row
-                        for row in data.decode("utf-8").split("\n")]
+                rows = [
+                    f"{metadata},sha256={digest},{len(new_metadata)}" if row.startswith(metadata + ",") else row
+                    for row in data.decode("utf-8").split("\n")
+                ]
                 data = "\n".join(rows).encode("utf-8")
             dest.writestr(info, data)
     return removed

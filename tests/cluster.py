@@ -5,6 +5,7 @@ that docs/deploy.md shows.
 The fixture ``standalone_cluster`` (module scope) starts the daemons, waits until the
 master reports every worker ALIVE (its JSON UI, a bounded wait that fails with the
 daemons' log tails), and on teardown stops exactly the processes it started."""
+
 from __future__ import annotations
 
 import http.client
@@ -49,11 +50,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spark_submit_command(master_url: str, job: str, *job_args: str, confs: dict[str, str] | None = None,
-                         spark_submit: str | None = None) -> list[str]:
+def spark_submit_command(
+    master_url: str, job: str, *job_args: str, confs: dict[str, str] | None = None, spark_submit: str | None = None
+) -> list[str]:
     """``spark-submit`` for a userlens job on a standalone master, Delta from --packages."""
-    command = [spark_submit or str(Path(sys.executable).parent / "spark-submit"),
-               "--master", master_url, "--packages", DELTA_PACKAGE]
+    command = [
+        spark_submit or str(Path(sys.executable).parent / "spark-submit"),
+        "--master",
+        master_url,
+        "--packages",
+        DELTA_PACKAGE,
+    ]
     for key, value in {**DELTA_CONFS, **EXECUTOR_CONFS, **(confs or {})}.items():
         command += ["--conf", f"{key}={value}"]
     return [*command, job, *job_args]
@@ -61,8 +68,7 @@ def spark_submit_command(master_url: str, job: str, *job_args: str, confs: dict[
 
 def daemon_env() -> dict[str, str]:
     """Environment for the daemons and spark-submit: loopback only, the project's Python for workers."""
-    return {**os.environ, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": HOST,
-            "PYSPARK_PYTHON": sys.executable}
+    return {**os.environ, "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": HOST, "PYSPARK_PYTHON": sys.executable}
 
 
 @dataclass
@@ -96,7 +102,11 @@ def _launch(cluster: StandaloneCluster, name: str, main_class: str, *args: str) 
     try:
         cluster.processes[name] = subprocess.Popen(
             [str(spark_home() / "bin" / "spark-class"), main_class, *args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=daemon_env())
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=daemon_env(),
+        )
     finally:
         log.close()  # the child holds its own descriptor
 
@@ -116,24 +126,49 @@ def _wait_for_workers(cluster: StandaloneCluster, workers: int, timeout_s: float
         if alive >= workers:
             return
         time.sleep(0.5)
-    raise TimeoutError(f"{alive} of {workers} workers registered with {cluster.master_url} within "
-                       f"{timeout_s:.0f}s (last UI error: {last_error!r})\n{cluster.log_tails()}")
+    raise TimeoutError(
+        f"{alive} of {workers} workers registered with {cluster.master_url} within "
+        f"{timeout_s:.0f}s (last UI error: {last_error!r})\n{cluster.log_tails()}"
+    )
 
 
-def start_cluster(root: Path, workers: int = 2, cores: int = 1, memory: str = "1g",
-                  timeout_s: float = START_TIMEOUT_S) -> StandaloneCluster:
+def start_cluster(
+    root: Path, workers: int = 2, cores: int = 1, memory: str = "1g", timeout_s: float = START_TIMEOUT_S
+) -> StandaloneCluster:
     """Start a Master and ``workers`` Workers on 127.0.0.1 under ``root``; return when all are ALIVE."""
     port, web_port = free_port(), free_port()
     cluster = StandaloneCluster(f"spark://{HOST}:{port}", f"http://{HOST}:{web_port}", root / "work", root / "logs")
     cluster.work_dir.mkdir(parents=True)
     cluster.log_dir.mkdir(parents=True)
     try:
-        _launch(cluster, "master", "org.apache.spark.deploy.master.Master",
-                "--host", HOST, "--port", str(port), "--webui-port", str(web_port))
+        _launch(
+            cluster,
+            "master",
+            "org.apache.spark.deploy.master.Master",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--webui-port",
+            str(web_port),
+        )
         for i in range(workers):
-            _launch(cluster, f"worker-{i}", "org.apache.spark.deploy.worker.Worker", cluster.master_url,
-                    "--host", HOST, "--cores", str(cores), "--memory", memory,
-                    "--work-dir", str(cluster.work_dir), "--webui-port", str(free_port()))
+            _launch(
+                cluster,
+                f"worker-{i}",
+                "org.apache.spark.deploy.worker.Worker",
+                cluster.master_url,
+                "--host",
+                HOST,
+                "--cores",
+                str(cores),
+                "--memory",
+                memory,
+                "--work-dir",
+                str(cluster.work_dir),
+                "--webui-port",
+                str(free_port()),
+            )
         _wait_for_workers(cluster, workers, timeout_s)
     except BaseException:
         stop_cluster(cluster)

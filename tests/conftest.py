@@ -1,6 +1,7 @@
 """One Spark session for the whole test run, built by the project's own helper:
 local[2], UI off, few shuffle partitions, Delta on. Each test gets its own
 warehouse under tmp_path."""
+
 from __future__ import annotations
 
 import os
@@ -33,11 +34,13 @@ def make_settings(tmp_path: Path, *overrides: str) -> Settings:
     """Local settings with the warehouse, models and source under tmp_path."""
     return load_settings(
         None,
-        [*SPARK_OVERRIDES,
-         f"storage.warehouse={tmp_path / 'warehouse'}",
-         f"storage.models={tmp_path / 'models'}",
-         f"source.path={tmp_path / 'raw'}",
-         *overrides],
+        [
+            *SPARK_OVERRIDES,
+            f"storage.warehouse={tmp_path / 'warehouse'}",
+            f"storage.models={tmp_path / 'models'}",
+            f"source.path={tmp_path / 'raw'}",
+            *overrides,
+        ],
     )
 
 
@@ -59,8 +62,11 @@ def data_files(tables) -> dict[str, set[str]]:
     that writes no data leaves this unchanged."""
     from userlens.tables import TABLES
 
-    return {t: set(tables.read(t).inputFiles()) for t in TABLES
-            if t not in ("pipeline_runs", "run_locks") and tables.exists(t)}
+    return {
+        t: set(tables.read(t).inputFiles())
+        for t in TABLES
+        if t not in ("pipeline_runs", "run_locks") and tables.exists(t)
+    }
 
 
 def files_holding(folder: Path, column: str, hit) -> set[Path]:
@@ -103,14 +109,29 @@ def settings(tmp_path: Path) -> Settings:
 
 # Modules that run whole pipelines (minutes each) go first: `make test` hands modules to its pytest-xdist
 # processes in collection order, and a long module started last would run alone at the end.
-LONG_MODULES = ("test_cluster_nightly.py", "test_privacy_check.py", "test_databricks.py", "test_nightly.py",
-                "test_train.py", "test_forget.py")
+LONG_MODULES = (
+    "test_cluster_nightly.py",
+    "test_privacy_check.py",
+    "test_databricks.py",
+    "test_nightly.py",
+    "test_train.py",
+    "test_forget.py",
+)
 
 
 # Modules whose tests share a whole pipeline run, the demo or a cluster (markers: pyproject.toml); `make
 # test-fast` leaves them out
-PIPELINE_MODULES = (*LONG_MODULES, "test_catalog_mode.py", "test_report.py", "test_embed.py", "test_own_data.py",
-                    "test_textualize.py", "test_ingest.py", "test_quarantine_retention.py", "test_evaluate.py")
+PIPELINE_MODULES = (
+    *LONG_MODULES,
+    "test_catalog_mode.py",
+    "test_report.py",
+    "test_embed.py",
+    "test_own_data.py",
+    "test_textualize.py",
+    "test_ingest.py",
+    "test_quarantine_retention.py",
+    "test_evaluate.py",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,5 +1,6 @@
 """Run by tests/test_gpu_config.py in its own process: a local-cluster whose two workers each discover one
 fake GPU; a barrier stage of two tasks (so one on each executor) reports what the encoder's device choice saw."""
+
 import json
 import sys
 import time
@@ -7,13 +8,16 @@ import time
 from pyspark.sql import SparkSession
 
 script, out = sys.argv[1], sys.argv[2]
-spark = (SparkSession.builder.master("local-cluster[2,1,1024]").appName("userlens-gpu-choice")
-         .config("spark.ui.enabled", "false")
-         .config("spark.worker.resource.gpu.amount", "1")
-         .config("spark.worker.resource.gpu.discoveryScript", script)
-         .config("spark.executor.resource.gpu.amount", "1")
-         .config("spark.task.resource.gpu.amount", "1")
-         .getOrCreate())
+spark = (
+    SparkSession.builder.master("local-cluster[2,1,1024]")
+    .appName("userlens-gpu-choice")
+    .config("spark.ui.enabled", "false")
+    .config("spark.worker.resource.gpu.amount", "1")
+    .config("spark.worker.resource.gpu.discoveryScript", script)
+    .config("spark.executor.resource.gpu.amount", "1")
+    .config("spark.task.resource.gpu.amount", "1")
+    .getOrCreate()
+)
 sc = spark.sparkContext
 sc.setLogLevel("ERROR")
 

@@ -1,5 +1,6 @@
 """The layers of lib/userlens (docs/architecture.md): imports run downward only, stage modules are runners
 that do not import each other, there is no import cycle, and the light modules import no torch."""
+
 from __future__ import annotations
 
 import ast
@@ -27,8 +28,9 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
-                     for a in node.names]
+            names = [
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names
+            ]
         else:
             continue
         found |= {n for n in names if n.split(".")[0] == "userlens" and n in modules}
@@ -41,25 +43,34 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_no_stage_module_imports_another_stage_module():
     graph = import_graph()
-    offenders = {m: sorted(i for i in imports if i.startswith("userlens.stages.") and i not in STAGE_INDEX)
-                 for m, imports in graph.items() if m.startswith("userlens.stages.") and m not in STAGE_INDEX}
+    offenders = {
+        m: sorted(i for i in imports if i.startswith("userlens.stages.") and i not in STAGE_INDEX)
+        for m, imports in graph.items()
+        if m.startswith("userlens.stages.") and m not in STAGE_INDEX
+    }
     assert {m: i for m, i in offenders.items() if i} == {}
 
 
 def test_no_layer_below_the_stages_imports_a_stage_or_an_entry_point():
     above = ("userlens.stages", "userlens.cli", "userlens.notebook")
     graph = import_graph()
-    upward = {m: sorted(i for i in imports if i.startswith(above))
-              for m, imports in graph.items() if not m.startswith(above) and m != "userlens.report"}
+    upward = {
+        m: sorted(i for i in imports if i.startswith(above))
+        for m, imports in graph.items()
+        if not m.startswith(above) and m != "userlens.report"
+    }
     assert {m: i for m, i in upward.items() if i} == {}
 
 
 def test_models_import_no_spark_and_no_layer_above_them():
     allowed = ("userlens.models", "userlens.errors")
     for path in (PACKAGE / "models").rglob("*.py"):
-        spark = [node for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
-                 if isinstance(node, (ast.Import, ast.ImportFrom))
-                 and any((getattr(node, "module", None) or a.name).startswith("pyspark") for a in node.names)]
+        spark = [
+            node
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            and any((getattr(node, "module", None) or a.name).startswith("pyspark") for a in node.names)
+        ]
         # the one exception: the encoder reads the GPU a Spark task was given, where there is a task
         # (the one place that decides the device; it works without pyspark installed)
         expected = 1 if path.name == "encoder.py" else 0
@@ -76,7 +87,7 @@ def test_there_is_no_import_cycle():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, [*path, nxt])
         state[node] = 2
@@ -96,9 +107,10 @@ def test_the_graph_sees_real_imports():
 
 
 def test_report_profile_and_nightly_import_no_torch():
-    code = ("import sys; import userlens.report, userlens.stages.profile, userlens.stages.nightly, userlens.cli, "
-            "userlens.artifacts; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
-                          check=True)
+    code = (
+        "import sys; import userlens.report, userlens.stages.profile, userlens.stages.nightly, userlens.cli, "
+        "userlens.artifacts; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
     assert "| userlens.report" in done.stderr  # importtime ran and listed what was imported

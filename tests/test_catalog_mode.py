@@ -2,6 +2,7 @@
 (Unity Catalog on Databricks). Here the catalog is Spark's own session catalog, with Delta's catalog
 behind it: a whole nightly, a rerun of the same date that writes no data file, and a forget that leaves
 no row and no file of the person. Nothing may be written by path under storage.warehouse."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -22,9 +23,19 @@ from userlens.tables import Tables
 CATALOG, SCHEMA = "spark_catalog", "userlens_catalog_mode"
 USERS, DAYS, START = 120, 10, dt.date(2026, 10, 1)
 RAW_ID = "u0000007"
-OVERRIDES = ["train.epochs=2", "train.patience=1", "train.batch_size=32", "train.min_users=30",
-             "train.min_class_users=3", "profile.segments=3", "privacy.min_segment_size=5", "nightly.report=false",
-             "privacy.forget_retention_hours=0", f"spark.conf.{RETENTION_CHECK}=false", SHORT_TEXTS]
+OVERRIDES = [
+    "train.epochs=2",
+    "train.patience=1",
+    "train.batch_size=32",
+    "train.min_users=30",
+    "train.min_class_users=3",
+    "profile.segments=3",
+    "privacy.min_segment_size=5",
+    "nightly.report=false",
+    "privacy.forget_retention_hours=0",
+    f"spark.conf.{RETENTION_CHECK}=false",
+    SHORT_TEXTS,
+]
 PERSONAL = ["events", "user_texts", "user_embeddings", "user_scores", "user_profiles"]
 
 
@@ -42,8 +53,9 @@ def world(spark, tmp_path_factory):
     w.again = run_nightly(spark, settings, key)
     w.files_again = data_files(w.tables)
     w.target = user_key_of(RAW_ID, key)
-    w.folders = {t: Path(w.tables.delta(t).detail().select("location").first()[0].removeprefix("file:"))
-                 for t in PERSONAL}
+    w.folders = {
+        t: Path(w.tables.delta(t).detail().select("location").first()[0].removeprefix("file:")) for t in PERSONAL
+    }
     w.held = {t: files_holding(w.folders[t], "user_key", is_key(w.target)) for t in PERSONAL}
     w.before = {t: w.tables.read(t).where(F.col("user_key") == w.target).count() for t in PERSONAL}
     with session_conf(spark, {RETENTION_CHECK: "false"}):
@@ -55,8 +67,16 @@ def world(spark, tmp_path_factory):
 def test_nightly_writes_catalog_tables_only(spark, world):
     tables, first = world.tables, world.first
     assert tables.use_catalog
-    assert list(first.stages) == ["ingest", "textualize", "embed", "train", "score", "profile",
-                                  "quarantine_retention", "privacy_check"]
+    assert list(first.stages) == [
+        "ingest",
+        "textualize",
+        "embed",
+        "train",
+        "score",
+        "profile",
+        "quarantine_retention",
+        "privacy_check",
+    ]
     listed = {r.tableName for r in spark.sql(f"SHOW TABLES IN {CATALOG}.{SCHEMA}").collect()}
     assert set(PERSONAL) | {"items", "pipeline_runs", "segments"} <= listed
     assert world.users > 90 and world.profiles == world.users  # (counted before the forget below)

@@ -1,4 +1,5 @@
 """The command line: one-line errors, exit codes, nothing written on bad input."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,17 @@ from userlens.cli import main
 
 
 def test_missing_source_path_is_one_line_and_writes_nothing(tmp_path, capsys):
-    code = main(["ingest", "--set", "spark.master=local[2]", "--set", f"storage.warehouse={tmp_path / 'wh'}",
-                 "--set", f"source.path={tmp_path / 'nowhere'}"])
+    code = main(
+        [
+            "ingest",
+            "--set",
+            "spark.master=local[2]",
+            "--set",
+            f"storage.warehouse={tmp_path / 'wh'}",
+            "--set",
+            f"source.path={tmp_path / 'nowhere'}",
+        ]
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("userlens: ")]
     assert code == 2
     assert err == [f"userlens: error: source.path: {tmp_path / 'nowhere' / 'events'} does not exist"]
@@ -20,9 +30,11 @@ def test_missing_source_path_is_one_line_and_writes_nothing(tmp_path, capsys):
 def test_textualize_without_a_warehouse_or_events_names_the_command_to_run(spark, tmp_path, capsys):
     code = main(["textualize", "--set", f"storage.warehouse={tmp_path / 'wh'}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("userlens: ")]
-    assert code == 2 and err == [f"userlens: error: storage.warehouse: {tmp_path / 'wh'} does not exist: run "
-                                 "`userlens ingest` (or `userlens demo`) first, or point storage.warehouse at a "
-                                 "warehouse"]
+    assert code == 2 and err == [
+        f"userlens: error: storage.warehouse: {tmp_path / 'wh'} does not exist: run "
+        "`userlens ingest` (or `userlens demo`) first, or point storage.warehouse at a "
+        "warehouse"
+    ]
     (tmp_path / "wh").mkdir()
     code = main(["textualize", "--set", f"storage.warehouse={tmp_path / 'wh'}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("userlens: ")]
@@ -37,13 +49,13 @@ def test_help_lists_every_command():
     expected = {"sample", "check-source", "nightly", "demo", "evaluate", *(s.command for s in STAGES)}
     assert set(listed) == expected and len(listed) == len(expected)
     for command in sorted(expected):  # each is a command with its own help, description and example
-        done = subprocess.run([sys.executable, "-m", "userlens.cli", command, "--help"], capture_output=True,
-                              text=True)
+        done = subprocess.run([sys.executable, "-m", "userlens.cli", command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout.startswith(f"usage: userlens {command}"), command
         assert "example: userlens " + command in done.stdout, command
 
 
 def test_bad_date_option_exits_2():
-    out = subprocess.run([sys.executable, "-m", "userlens.cli", "ingest", "--date", "2026-13-01"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "userlens.cli", "ingest", "--date", "2026-13-01"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "expected a date YYYY-MM-DD" in out.stderr

@@ -10,6 +10,7 @@ embed stage runs.
   are SIGKILLed while the stage runs; Spark reschedules the lost tasks on the other executor and the
   embeddings equal the clean run's.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -41,24 +42,46 @@ LAST = START + dt.timedelta(days=DAYS - 1)
 # small data: Delta replays its log in 2 partitions, not 50; a lost executor's tasks are retried
 SMALL_CONFS = {"spark.databricks.delta.snapshotPartitions": "2", "spark.task.maxFailures": "4"}
 # what docs/deploy.md shows; the small-data settings keep the run short
-NIGHTLY_ARGS = ["--conf", "conf/cluster.yaml", "--set", "spark.shuffle_partitions=2",
-                "--set", "train.local_mode=false", "--set", "train.num_processes=2", "--set", "train.epochs=3",
-                "--set", "train.min_users=40", "--set", "train.min_class_users=3", "--set", "train.batch_size=32",
-                "--set", "profile.segments=4", "--set", "privacy.min_segment_size=10",
-                "--set", "nightly.report=false"]
-COMPARED = {"user_texts": ["text_hash"], "user_embeddings": ["text_hash"],
-            "user_scores": ["model_version", "next_category", "recommended_items"],
-            "user_profiles": ["segment_id", "top_categories", "recommended_items", "recency_days", "frequency_30d"]}
+NIGHTLY_ARGS = [
+    "--conf",
+    "conf/cluster.yaml",
+    "--set",
+    "spark.shuffle_partitions=2",
+    "--set",
+    "train.local_mode=false",
+    "--set",
+    "train.num_processes=2",
+    "--set",
+    "train.epochs=3",
+    "--set",
+    "train.min_users=40",
+    "--set",
+    "train.min_class_users=3",
+    "--set",
+    "train.batch_size=32",
+    "--set",
+    "profile.segments=4",
+    "--set",
+    "privacy.min_segment_size=10",
+    "--set",
+    "nightly.report=false",
+]
+COMPARED = {
+    "user_texts": ["text_hash"],
+    "user_embeddings": ["text_hash"],
+    "user_scores": ["model_version", "next_category", "recommended_items"],
+    "user_profiles": ["segment_id", "top_categories", "recommended_items", "recency_days", "frequency_30d"],
+}
 
 
-def submit(cluster, job: str, args: list[str], env: dict[str, str], log: Path,
-           during=None) -> tuple[int | str, str]:
+def submit(cluster, job: str, args: list[str], env: dict[str, str], log: Path, during=None) -> tuple[int | str, str]:
     """spark-submit ``job`` from the repository root, output to ``log``; ``during(process, log)`` runs in a
     thread while it does."""
     command = spark_submit_command(cluster.master_url, job, *args, confs=SMALL_CONFS)
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink,
-                                   stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT
+        )
         helper = threading.Thread(target=during, args=(process, log), daemon=True) if during else None
         if helper:
             helper.start()
@@ -85,8 +108,11 @@ def rows(tables: Tables, table: str, columns: list[str]) -> dict[str, tuple]:
 
 def vectors(tables: Tables, table: str, column: str) -> dict[str, np.ndarray]:
     df = tables.read(table)
-    return {r["user_key"]: np.asarray(r[column] if not isinstance(r[column], (int, float)) else [r[column]], float)
-            for r in df.select("user_key", column).collect() if r[column] is not None}
+    return {
+        r["user_key"]: np.asarray(r[column] if not isinstance(r[column], (int, float)) else [r[column]], float)
+        for r in df.select("user_key", column).collect()
+        if r[column] is not None
+    }
 
 
 @pytest.fixture(scope="module")
@@ -95,21 +121,28 @@ def clustered(spark, standalone_cluster, tmp_path_factory):  # noqa: F811 (the f
     root = tmp_path_factory.mktemp("cluster-nightly")
     settings = make_settings(root)
     generate_sample(spark, settings.source.path, SampleSpec(users=USERS, days=DAYS, seed=3, start_date=START))
-    env = {**daemon_env(), "USERLENS_HMAC_KEY": TEST_KEY, "USERLENS_WAREHOUSE": settings.storage.warehouse,
-           "USERLENS_SOURCE": settings.source.path}
+    env = {
+        **daemon_env(),
+        "USERLENS_HMAC_KEY": TEST_KEY,
+        "USERLENS_WAREHOUSE": settings.storage.warehouse,
+        "USERLENS_SOURCE": settings.source.path,
+    }
     _, text = submit(standalone_cluster, "jobs/nightly.py", NIGHTLY_ARGS, env, root / "nightly.log")
     return root, settings, env, text
 
 
 def test_the_documented_command_is_the_tested_one():
     documented = re.sub(r"\s*\\\n\s*", " ", (REPO / "docs" / "deploy.md").read_text())
-    command = shlex.join(spark_submit_command("spark://127.0.0.1:7077", "jobs/nightly.py", *NIGHTLY_ARGS,
-                                              confs=SMALL_CONFS, spark_submit="spark-submit"))
+    command = shlex.join(
+        spark_submit_command(
+            "spark://127.0.0.1:7077", "jobs/nightly.py", *NIGHTLY_ARGS, confs=SMALL_CONFS, spark_submit="spark-submit"
+        )
+    )
     assert command in documented
 
 
 @pytest.mark.cluster
-def test_spark_submit_nightly_runs_every_stage_on_the_executors(spark, standalone_cluster, clustered):  # noqa: F811
+def test_spark_submit_nightly_runs_every_stage_on_the_executors(spark, standalone_cluster, clustered):
     root, settings, _, text = clustered
     tables = Tables(spark, settings.storage)
     runs = {r["stage"]: r["status"] for r in tables.read("pipeline_runs").collect()}
@@ -145,9 +178,11 @@ def test_a_local_run_on_the_same_data_gives_the_same_results(spark, clustered, t
         assert set(there) == set(here) and len(here) > 100, table
         differ = [u for u in here if here[u] != there[u]]
         assert not differ, f"{table}: {len(differ)} users differ, e.g. {here[differ[0]]} != {there[differ[0]]}"
-    for table, column, tolerance in (("user_embeddings", "embedding", 1e-5),
-                                     ("user_scores", "purchase_propensity", 1e-6),
-                                     ("user_scores", "churn_risk", 1e-6)):
+    for table, column, tolerance in (
+        ("user_embeddings", "embedding", 1e-5),
+        ("user_scores", "purchase_propensity", 1e-6),
+        ("user_scores", "churn_risk", 1e-6),
+    ):
         there, here = vectors(cluster_tables, table, column), vectors(local_tables, table, column)
         assert set(there) == set(here)
         worst = max(float(np.max(np.abs(here[u] - there[u]))) for u in here)
@@ -155,8 +190,12 @@ def test_a_local_run_on_the_same_data_gives_the_same_results(spark, clustered, t
 
 
 @pytest.mark.cluster
-def test_killing_a_worker_while_embed_runs_still_gives_the_clean_embeddings(spark, standalone_cluster, clustered,  # noqa: F811
-                                                                             tmp_path):
+def test_killing_a_worker_while_embed_runs_still_gives_the_clean_embeddings(
+    spark,
+    standalone_cluster,
+    clustered,
+    tmp_path,
+):
     """Runs last in the module: it leaves the cluster with one worker."""
     root, settings, env, _ = clustered
     warehouse = tmp_path / "warehouse"
@@ -173,9 +212,11 @@ def test_killing_a_worker_while_embed_runs_still_gives_the_clean_embeddings(spar
         while time.monotonic() < deadline and process.poll() is None:
             started = "embed: user texts as of" in log.read_text(errors="replace")
             executors = _children(victim.pid)
-            busy = any("Running task" in p.read_text(errors="replace")
-                       for p in standalone_cluster.work_dir.glob("app-*/*/stderr")
-                       if _launched_by(p, executors))
+            busy = any(
+                "Running task" in p.read_text(errors="replace")
+                for p in standalone_cluster.work_dir.glob("app-*/*/stderr")
+                if _launched_by(p, executors)
+            )
             if started and executors and busy:
                 for pid in [*executors, victim.pid]:
                     os.kill(pid, signal.SIGKILL)
@@ -185,13 +226,19 @@ def test_killing_a_worker_while_embed_runs_still_gives_the_clean_embeddings(spar
             time.sleep(0.2)
 
     drill_env = {**env, "USERLENS_WAREHOUSE": str(warehouse)}
-    _, text = submit(standalone_cluster, "jobs/embed.py", ["--conf", "conf/cluster.yaml", "--set",
-                                                           "spark.shuffle_partitions=2", "--date", str(LAST)],
-                     drill_env, tmp_path / "embed.log", during=kill_when_embedding)
+    _, text = submit(
+        standalone_cluster,
+        "jobs/embed.py",
+        ["--conf", "conf/cluster.yaml", "--set", "spark.shuffle_partitions=2", "--date", str(LAST)],
+        drill_env,
+        tmp_path / "embed.log",
+        during=kill_when_embedding,
+    )
     assert killed, "the worker was never killed: the drill did not run"
     assert victim.wait(10) == -signal.SIGKILL
-    assert re.search(r"Lost executor|ExecutorLostFailure|Removed executor|executor .* lost", text, re.I), \
+    assert re.search(r"Lost executor|ExecutorLostFailure|Removed executor|executor .* lost", text, re.I), (
         "the driver never saw the executor go"
+    )
 
     drilled = make_settings(tmp_path, f"storage.warehouse={warehouse}")
     clean, after = Tables(spark, settings.storage), Tables(spark, drilled.storage)

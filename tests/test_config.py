@@ -1,4 +1,5 @@
 """Config layering, ${ENV} expansion and one-line errors that name file and key."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -78,8 +79,10 @@ def test_cluster_conf_requires_real_key(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("USERLENS_HMAC_KEY", raising=False)
     monkeypatch.setenv("USERLENS_WAREHOUSE", str(tmp_path / "wh"))
     monkeypatch.setenv("USERLENS_SOURCE", str(tmp_path / "raw"))
-    for name, line in (("events", '{"user_id": "u1", "ts": "2026-10-01T00:00:00Z", "event_type": "view"}'),
-                       ("items", '{"item_id": "i1"}')):  # a source that passes the pre-flight
+    for name, line in (
+        ("events", '{"user_id": "u1", "ts": "2026-10-01T00:00:00Z", "event_type": "view"}'),
+        ("items", '{"item_id": "i1"}'),
+    ):  # a source that passes the pre-flight
         (tmp_path / "raw" / name).mkdir(parents=True)
         (tmp_path / "raw" / name / "part-0.json").write_text(line + "\n", encoding="utf-8")
     code = main(["ingest", "--conf", "conf/cluster.yaml"])

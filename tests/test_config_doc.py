@@ -1,4 +1,5 @@
 """docs/configuration.md lists every config key: its table is what scripts/config_reference.py writes."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,7 +26,7 @@ def _doc_block() -> str:
     text = DOC.read_text(encoding="utf-8")
     begin, end = "<!-- keys:begin -->\n", "<!-- keys:end -->"
     assert begin in text and end in text, "docs/configuration.md lost its key table markers"
-    return text[text.index(begin) + len(begin):text.index(end)]
+    return text[text.index(begin) + len(begin) : text.index(end)]
 
 
 def _doc_keys() -> list[str]:
@@ -42,8 +43,11 @@ def _leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
-        nested = [t for t in (field.annotation, *typing.get_args(field.annotation))
-                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        nested = [
+            t
+            for t in (field.annotation, *typing.get_args(field.annotation))
+            if isinstance(t, type) and issubclass(t, BaseModel)
+        ]
         if nested and typing.get_origin(field.annotation) is not dict:
             keys += _leaf_keys(nested[0], key + ".")
         else:
@@ -61,8 +65,9 @@ def test_check_mode_passes_on_the_doc_and_fails_on_a_stale_table():
     script = _script()
     assert script.main(["--check"]) == 0
     wanted = script.render_block(script.generated_rows())
-    stale = "\n".join(line for line in wanted.splitlines()
-                      if not line.startswith("| ingest.on_unreadable_file ")) + "\n"
+    stale = (
+        "\n".join(line for line in wanted.splitlines() if not line.startswith("| ingest.on_unreadable_file ")) + "\n"
+    )
     summary = script.stale_summary(stale, wanted)
     assert summary is not None and "1 missing: ingest.on_unreadable_file" in summary and "\n" not in summary
 
@@ -71,8 +76,15 @@ def test_every_settings_key_is_in_the_doc():
     expected = _leaf_keys(Settings)
     documented = _doc_keys()
     assert len(expected) > 100  # the walk found the nested sections
-    for key in ("storage.schema", "source.mapping.event_time", "source.mapping.text", "train.recommend.als.rank",
-                "spark.conf", "textualize.templates", "ingest.max_reason_fraction"):
+    for key in (
+        "storage.schema",
+        "source.mapping.event_time",
+        "source.mapping.text",
+        "train.recommend.als.rank",
+        "spark.conf",
+        "textualize.templates",
+        "ingest.max_reason_fraction",
+    ):
         assert key in expected
     missing = [key for key in expected if key not in documented]
     assert not missing, f"keys missing from docs/configuration.md: {', '.join(missing)}"

@@ -5,6 +5,7 @@ and Delta that a Databricks runtime brings itself.
 
 The notebooks run against the Delta path warehouse of the test (``storage.catalog`` unset): open-source
 Delta's DeltaTableBuilder cannot take the three-part Unity Catalog names that conf/databricks.yaml gives."""
+
 from __future__ import annotations
 
 import ast
@@ -40,14 +41,25 @@ USERS, DAYS, ITEMS, START = 60, 8, 40, dt.date(2026, 10, 1)
 LAST = START + dt.timedelta(days=DAYS - 1)
 SAMPLE_IDS = [f"u{i:07d}" for i in range(USERS)]  # userlens.sample's raw user ids
 SCOPE, SECRET = "userlens-test", "hmac-key"
-TINY = ["spark.shuffle_partitions=2", "spark.conf.spark.ui.showConsoleProgress=false",
-        "train.epochs=2", "train.patience=1", "train.batch_size=16", "train.horizon_days=3",
-        "train.min_users=20", "train.min_class_users=2", "train.num_processes=1",
-        "train.recommend.enabled=false", "embed.arrow_batch_size=64",
-        "profile.segments=2", "privacy.min_segment_size=5", SHORT_TEXTS,
-        # a full VACUUM (quarantine retention) lists the table with this many tasks, 10,000 by default:
-        # 30-60 s on two local cores for a table of two files
-        "spark.conf.spark.sql.sources.parallelPartitionDiscovery.parallelism=2"]
+TINY = [
+    "spark.shuffle_partitions=2",
+    "spark.conf.spark.ui.showConsoleProgress=false",
+    "train.epochs=2",
+    "train.patience=1",
+    "train.batch_size=16",
+    "train.horizon_days=3",
+    "train.min_users=20",
+    "train.min_class_users=2",
+    "train.num_processes=1",
+    "train.recommend.enabled=false",
+    "embed.arrow_batch_size=64",
+    "profile.segments=2",
+    "privacy.min_segment_size=5",
+    SHORT_TEXTS,
+    # a full VACUUM (quarantine retention) lists the table with this many tasks, 10,000 by default:
+    # 30-60 s on two local cores for a table of two files
+    "spark.conf.spark.sql.sources.parallelPartitionDiscovery.parallelism=2",
+]
 
 
 # -- the notebooks as Databricks reads them ----------------------------------------------------------
@@ -111,8 +123,9 @@ class FakeDbutils:
         self.secrets = FakeSecrets(secrets if secrets is not None else {(SCOPE, SECRET): TEST_KEY})
 
 
-def run_notebook(stage: str, params: dict[str, str], secrets: dict[tuple[str, str], str] | None = None
-                 ) -> dict[str, Any]:
+def run_notebook(
+    stage: str, params: dict[str, str], secrets: dict[tuple[str, str], str] | None = None
+) -> dict[str, Any]:
     """Exec the notebook's code cells in order in one namespace holding only ``dbutils``; returns it."""
     namespace: dict[str, Any] = {"__name__": "__main__", "dbutils": FakeDbutils(params, secrets)}
     for number, cell in enumerate(code_cells(NOTEBOOKS / f"{stage}.py"), 1):
@@ -157,22 +170,34 @@ def test_notebook_is_a_wrapper_that_reads_its_own_widgets(stage):
 
 def test_docs_list_every_notebooks_widgets():
     docs = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
-    section = docs[docs.index("## Databricks"):]
+    section = docs[docs.index("## Databricks") :]
     for stage, widgets in WIDGETS.items():
         row = re.search(rf"^\| `notebooks/{stage}\.py` \|(.*)$", section, re.MULTILINE)
         assert row is not None, f"docs/deploy.md: no widgets row for notebooks/{stage}.py"
         assert set(re.findall(r"`(\w+)`", row.group(1))) == {w.name for w in widgets}, stage
-    for command in ("databricks bundle validate", "databricks bundle deploy -t dev",
-                    "databricks bundle run -t dev userlens_nightly", "databricks secrets create-scope",
-                    "databricks secrets put-secret"):
+    for command in (
+        "databricks bundle validate",
+        "databricks bundle deploy -t dev",
+        "databricks bundle run -t dev userlens_nightly",
+        "databricks secrets create-scope",
+        "databricks secrets put-secret",
+    ):
         assert command in section
 
 
 # -- widget checks (no Spark) ------------------------------------------------------------------------
 def test_widgets_parse_to_typed_values():
-    params = parse_widgets("ingest", {"date": "2026-10-08", "full": "True", "conf": "databricks.yaml",
-                                      "set": "spark.shuffle_partitions=2; train.epochs=3\nprofile.segments=4 ;",
-                                      "secret_scope": "", "secret_key": "hmac-key"})
+    params = parse_widgets(
+        "ingest",
+        {
+            "date": "2026-10-08",
+            "full": "True",
+            "conf": "databricks.yaml",
+            "set": "spark.shuffle_partitions=2; train.epochs=3\nprofile.segments=4 ;",
+            "secret_scope": "",
+            "secret_key": "hmac-key",
+        },
+    )
     assert params.date == dt.date(2026, 10, 8) and params.full is True
     assert params.conf == (CONF_DIR / "databricks.yaml",)
     assert params.overrides == ("spark.shuffle_partitions=2", "train.epochs=3", "profile.segments=4")
@@ -188,14 +213,19 @@ def test_widgets_parse_to_typed_values():
 
 def test_bad_widgets_fail_in_one_line_naming_each():
     with pytest.raises(WidgetError) as err:
-        parse_widgets("ingest", {"date": "2026-02-30", "full": "maybe", "conf": "nope.yaml",
-                                 "set": "train.epochs=3; oops"})
+        parse_widgets(
+            "ingest", {"date": "2026-02-30", "full": "maybe", "conf": "nope.yaml", "set": "train.epochs=3; oops"}
+        )
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("ingest notebook: widget date: expected a date YYYY-MM-DD")
-    for part in ("'2026-02-30'", "widget full: expected one of false, true, got 'maybe'",
-                 "widget conf: config file 'nope.yaml' not found", "databricks.yaml",
-                 "widget set: expected dotted.key=value entries separated by ';', got 'oops'"):
+    for part in (
+        "'2026-02-30'",
+        "widget full: expected one of false, true, got 'maybe'",
+        "widget conf: config file 'nope.yaml' not found",
+        "databricks.yaml",
+        "widget set: expected dotted.key=value entries separated by ';', got 'oops'",
+    ):
         assert part in message
     with pytest.raises(WidgetError, match=r"^forget notebook: widget user_id: empty; it is required$"):
         parse_widgets("forget", {})
@@ -219,8 +249,10 @@ def test_the_key_comes_from_the_secret_scope_or_else_the_environment(monkeypatch
     with pytest.raises(SecretError) as err:
         load_notebook_key(FakeDbutils({}), settings, missing)
     assert "\n" not in str(err.value)
-    assert str(err.value).startswith("secret 'hmac-key' in scope 'other' could not be read (ValueError: Secret "
-                                     "does not exist with scope: other and key: hmac-key)")
+    assert str(err.value).startswith(
+        "secret 'hmac-key' in scope 'other' could not be read (ValueError: Secret "
+        "does not exist with scope: other and key: hmac-key)"
+    )
     assert "databricks secrets put-secret other hmac-key" in str(err.value)
     short = FakeDbutils({}, {(SCOPE, SECRET): "too-short"})
     with pytest.raises(SecretError, match=r"^secret 'hmac-key' in scope 'userlens-test': .* is 9 bytes"):
@@ -242,8 +274,11 @@ userlens_logger = pytest.fixture(_restore_logger)  # a notebook's first cell add
 @pytest.fixture(scope="module")
 def restore_session(spark):
     """The notebooks overlay settings on the shared session and add a log handler: undo both afterwards."""
-    keys = ["spark.sql.shuffle.partitions", "spark.sql.session.timeZone",
-            "spark.sql.sources.parallelPartitionDiscovery.parallelism"]
+    keys = [
+        "spark.sql.shuffle.partitions",
+        "spark.sql.session.timeZone",
+        "spark.sql.sources.parallelPartitionDiscovery.parallelism",
+    ]
     before = {k: spark.conf.get(k, None) for k in keys}
     yield from _restore_logger()
     for key, value in before.items():
@@ -259,11 +294,17 @@ def workspace(spark, restore_session, tmp_path_factory):
     from userlens.sample import SampleSpec, generate_sample
 
     root = tmp_path_factory.mktemp("databricks")
-    generate_sample(spark, str(root / "raw"), SampleSpec(users=USERS, days=DAYS, items=ITEMS, seed=11,
-                                                         start_date=START))
-    overrides = ["storage.catalog=null", f"storage.warehouse={root / 'warehouse'}",
-                 f"storage.models={root / 'models'}", f"source.path={root / 'raw'}",
-                 f"nightly.report_dir={root / 'reports'}", *TINY]
+    generate_sample(
+        spark, str(root / "raw"), SampleSpec(users=USERS, days=DAYS, items=ITEMS, seed=11, start_date=START)
+    )
+    overrides = [
+        "storage.catalog=null",
+        f"storage.warehouse={root / 'warehouse'}",
+        f"storage.models={root / 'models'}",
+        f"source.path={root / 'raw'}",
+        f"nightly.report_dir={root / 'reports'}",
+        *TINY,
+    ]
     params = {"set": "; ".join(overrides), "secret_scope": SCOPE, "secret_key": SECRET}
     return root, params, load_settings([CONF_DIR / "databricks.yaml"], overrides)
 
@@ -303,8 +344,13 @@ def job_run(spark, workspace):
     files["after nightly"] = data_files()
     runs.update({stage: task(stage) for stage in ("train", "score", "profile")})
     files["after the job"] = data_files()
-    quarantine_dates = [r[0] for r in Tables(spark, settings.storage).read(QUARANTINE)
-                        .select(F.coalesce("source_date", F.to_date("quarantined_at"))).collect()]
+    quarantine_dates = [
+        r[0]
+        for r in Tables(spark, settings.storage)
+        .read(QUARANTINE)
+        .select(F.coalesce("source_date", F.to_date("quarantined_at")))
+        .collect()
+    ]
     runs["quarantine_retention"] = task("quarantine_retention", "privacy.quarantine_retention_days=3")
     runs["report"] = task("report")
     runs["report skipped"] = task("report", "nightly.report=false")
@@ -390,8 +436,9 @@ def test_forget_notebook_erases_one_person(spark, workspace, job_run):
     _, params, settings = workspace
     tables = Tables(spark, settings.storage)
     key = load_key(settings.privacy, {"USERLENS_HMAC_KEY": TEST_KEY})
-    raw_id = next(r for r in SAMPLE_IDS
-                  if tables.read("user_profiles").where(F.col("user_key") == user_key_of(r, key)).count())
+    raw_id = next(
+        r for r in SAMPLE_IDS if tables.read("user_profiles").where(F.col("user_key") == user_key_of(r, key)).count()
+    )
     user_key = user_key_of(raw_id, key)
     run_notebook("forget", {**params, "user_id": raw_id})
     for table in ("events", "user_texts", "user_embeddings", "user_scores", "user_profiles"):
@@ -401,14 +448,20 @@ def test_forget_notebook_erases_one_person(spark, workspace, job_run):
 
 def test_a_bad_widget_stops_the_notebook_before_it_writes(spark, restore_session, tmp_path):
     params = {"date": "2026/10/08", "set": f"storage.catalog=null; storage.warehouse={tmp_path / 'wh'}"}
-    with pytest.raises(WidgetError, match=r"^ingest notebook: widget date: expected a date YYYY-MM-DD "
-                                          r"\(or empty for the latest\), got '2026/10/08'$"):
+    with pytest.raises(
+        WidgetError,
+        match=r"^ingest notebook: widget date: expected a date YYYY-MM-DD "
+        r"\(or empty for the latest\), got '2026/10/08'$",
+    ):
         run_notebook("ingest", params)
     with pytest.raises(SecretError, match=r"^secret 'hmac-key' in scope 'userlens-test' could not be read"):
         run_notebook("ingest", {"set": params["set"], "secret_scope": SCOPE}, secrets={})
     # retention with no date and no ingest run to take one from: nothing to guess, nothing deleted
-    with pytest.raises(WidgetError, match=r"^quarantine_retention notebook: widget date: empty, and pipeline_runs "
-                                          r"has no succeeded ingest run"):
+    with pytest.raises(
+        WidgetError,
+        match=r"^quarantine_retention notebook: widget date: empty, and pipeline_runs "
+        r"has no succeeded ingest run",
+    ):
         run_notebook("quarantine_retention", {"set": params["set"]})
     assert not (tmp_path / "wh").exists()
 
@@ -507,13 +560,21 @@ def test_bundle_targets_dev_and_a_scheduled_prod():
 
 
 def test_databricks_conf_uses_unity_catalog_and_the_bundle_environment():
-    env = {"USERLENS_CATALOG": "cat", "USERLENS_SCHEMA": "sch", "USERLENS_MODELS": "/Volumes/cat/sch/models",
-           "USERLENS_SOURCE": "/Volumes/cat/sch/raw", "USERLENS_REPORTS": "/Volumes/cat/sch/reports",
-           "USERLENS_TRAIN_PROCESSES": "4"}
+    env = {
+        "USERLENS_CATALOG": "cat",
+        "USERLENS_SCHEMA": "sch",
+        "USERLENS_MODELS": "/Volumes/cat/sch/models",
+        "USERLENS_SOURCE": "/Volumes/cat/sch/raw",
+        "USERLENS_REPORTS": "/Volumes/cat/sch/reports",
+        "USERLENS_TRAIN_PROCESSES": "4",
+    }
     cpu = load_settings([CONF_DIR / "databricks.yaml"], env=env)
     assert (cpu.env, cpu.storage.catalog, cpu.storage.schema_name) == ("databricks", "cat", "sch")
     assert (cpu.storage.models, cpu.source.path, cpu.nightly.report_dir) == (
-        "/Volumes/cat/sch/models", "/Volumes/cat/sch/raw", "/Volumes/cat/sch/reports")
+        "/Volumes/cat/sch/models",
+        "/Volumes/cat/sch/raw",
+        "/Volumes/cat/sch/reports",
+    )
     assert cpu.spark.delta_jars == "provided" and cpu.privacy.dev_key is None
     assert cpu.embed.device == "auto" and not cpu.train.use_gpu
     gpu = load_settings([CONF_DIR / "databricks.yaml", CONF_DIR / "databricks-gpu.yaml"], env=env)
@@ -537,11 +598,25 @@ def test_bundle_wheel_builds_without_spark_and_delta(tmp_path):
     for name in ("setup.py", "README.md"):
         shutil.copy2(REPO / name, source / name)
     for name in ("lib", "conf"):  # lib/userlens/conf is a link to ../../conf
-        shutil.copytree(REPO / name, source / name, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    done = subprocess.run([sys.executable, str(REPO / command[1]), *command[2:], "--source", str(source),
-                           "--out", str(out), "--no-build-isolation"], cwd=source, capture_output=True, text=True,
-                          timeout=300)
+        shutil.copytree(
+            REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / command[1]),
+            *command[2:],
+            "--source",
+            str(source),
+            "--out",
+            str(out),
+            "--no-build-isolation",
+        ],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "requirements left to the runtime: pyspark==4.0.1, delta-spark==4.0.1" in done.stdout
     wheels = list(out.glob("userlens-*.whl"))

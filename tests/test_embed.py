@@ -1,5 +1,6 @@
 """The embed stage on real Spark, real Delta and the real MiniLM: incremental runs, one embedding per
 distinct text, empty texts, a changed model, items, GPU configuration checks (no GPU needed)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -27,12 +28,14 @@ TEXTS = {
     "u2": "1 events on 1 active days. viewed 'Deep Work' (books, 12.0)",
     "u3": "1 events on 1 active days. viewed 'Deep Work' (books, 12.0)",  # same text as u2
     "u4": "1 events on 1 active days. viewed 'Deep Work' (books, 12.0)",  # and again
-    "u5": "   ",                                                             # blank: skipped
-    "u6": "3 events on 1 active days. searched \"rain jacket\"; reviewed 'Storm Shell': \"great\" " * 30,
+    "u5": "   ",  # blank: skipped
+    "u6": '3 events on 1 active days. searched "rain jacket"; reviewed \'Storm Shell\': "great" ' * 30,
 }
-ITEMS = [("i1", "Trail Runner X", "outdoor", "Peak", 89.5, "A light trail shoe."),
-         ("i2", "Deep Work", "books", None, 12.0, None),
-         ("i3", None, None, None, 1.0, "  ")]
+ITEMS = [
+    ("i1", "Trail Runner X", "outdoor", "Peak", 89.5, "A light trail shoe."),
+    ("i2", "Deep Work", "books", None, 12.0, None),
+    ("i3", None, None, None, 1.0, "  "),
+]
 
 
 def text_rows(spark, texts: dict[str, str], as_of: dt.date = D1):
@@ -55,8 +58,10 @@ def embed(spark, settings, as_of=None):
 
 
 def vectors(tables: Tables, table: str, key: str) -> dict[str, np.ndarray]:
-    return {r[key]: np.array(r["embedding"], dtype=np.float32)
-            for r in tables.read(table).select(key, "embedding").collect()}
+    return {
+        r[key]: np.array(r["embedding"], dtype=np.float32)
+        for r in tables.read(table).select(key, "embedding").collect()
+    }
 
 
 def _copy_with_shorter_length(tmp_path: Path) -> Path:
@@ -153,8 +158,7 @@ def test_bad_model_fails_with_one_line_before_any_write(spark, tmp_path):
 def test_distinct_texts_keep_every_partition_busy_after_a_join(spark):
     """The train stage asks for the texts missing from the stored vectors (an anti-join) and embeds them:
     each of the asked-for partitions must get texts, or the CPU-bound encoder runs on one core."""
-    texts = spark.createDataFrame([(f"h{i:03d}", f"text {i}") for i in range(120)] * 2,
-                                  "text_hash string, text string")
+    texts = spark.createDataFrame([(f"h{i:03d}", f"text {i}") for i in range(120)] * 2, "text_hash string, text string")
     stored = spark.createDataFrame([(f"h{i:03d}",) for i in range(0, 120, 6)], "text_hash string")
     missing = texts.join(stored, "text_hash", "left_anti")
     sizes = distinct_texts(missing, 2).rdd.glom().map(len).collect()

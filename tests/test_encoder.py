@@ -1,5 +1,6 @@
 """The encoder against sentence-transformers on the real MiniLM, plus model loading errors and the
 device choice (task GPU -> CUDA_VISIBLE_DEVICES -> CPU) with fake task resources. No Spark jobs."""
+
 from __future__ import annotations
 
 import copy
@@ -91,13 +92,16 @@ def test_bare_hf_directory_defaults(minilm, tmp_path):
     assert info.pooling == "mean" and info.max_seq_length == 512  # tokenizer's 512, capped at 512
 
 
-@pytest.mark.parametrize("setup, expected", [
-    ("missing", "is not a directory"),
-    ("no_config", "has no config.json"),
-    ("no_weights", "has no weights"),
-    ("bad_json", "cannot read"),
-    ("two_poolings", "pooling must be exactly one of"),
-])
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        ("missing", "is not a directory"),
+        ("no_config", "has no config.json"),
+        ("no_weights", "has no weights"),
+        ("bad_json", "cannot read"),
+        ("two_poolings", "pooling must be exactly one of"),
+    ],
+)
 def test_bad_model_dir_is_one_line_config_error(minilm, tmp_path, setup, expected):
     path = tmp_path / "model"
     if setup != "missing":
@@ -109,8 +113,9 @@ def test_bad_model_dir_is_one_line_config_error(minilm, tmp_path, setup, expecte
     elif setup == "bad_json":
         (path / "sentence_bert_config.json").write_text("{not json")
     elif setup == "two_poolings":
-        (path / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}))
+        (path / "1_Pooling" / "config.json").write_text(
+            json.dumps({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True})
+        )
     with pytest.raises(ConfigError) as info:
         load_encoder(str(path), device="cpu")
     message = str(info.value)
@@ -135,8 +140,9 @@ def test_int8_mode_stays_within_its_drift_and_has_its_own_model_id(minilm):
 
 
 def test_int8_mode_refuses_a_model_that_drifts_too_far(minilm):
-    own = enc.Encoder(minilm.info, minilm.tokenizer, copy.deepcopy(minilm.model), "cpu", minilm.dtype,
-                      minilm.max_batch_tokens)
+    own = enc.Encoder(
+        minilm.info, minilm.tokenizer, copy.deepcopy(minilm.model), "cpu", minilm.dtype, minilm.max_batch_tokens
+    )
     with pytest.raises(ConfigError) as info:
         enc.quantize_int8(own, max_drift=1e-6)
     message = str(info.value)

@@ -1,5 +1,6 @@
 """`userlens evaluate`: the splits, the ranking engine, item-kNN and MRR by hand, and each protocol end to end
 on fixture files (popularity's numbers worked out by hand, or recomputed independently from the split)."""
+
 from __future__ import annotations
 
 import math
@@ -25,6 +26,7 @@ LOCAL = str(CONF_DIR / "local.yaml")
 
 # --- metric and ranking engine by hand ------------------------------------------------------------
 
+
 def test_mrr_from_ranks_by_hand_and_equal_to_mrr_over_full_rankings():
     # first relevant item at rank 1, 3, never, 2
     assert M.mrr_from_ranks([1, 3, math.inf, 2]) == pytest.approx((1 + 1 / 3 + 0 + 1 / 2) / 4)
@@ -37,8 +39,7 @@ def test_mrr_from_ranks_by_hand_and_equal_to_mrr_over_full_rankings():
 
 
 def test_rank_batch_removes_seen_breaks_ties_by_index_and_ranks_unscored_last():
-    scores = np.array([[0.5, 0.9, 0.5, -np.inf, 0.1],
-                       [1.0, 1.0, 1.0, 1.0, np.nan]])
+    scores = np.array([[0.5, 0.9, 0.5, -np.inf, 0.1], [1.0, 1.0, 1.0, 1.0, np.nan]])
     seen = [np.array([1]), np.array([0, 2])]
     targets = [np.array([3]), np.array([4, 3])]
     tops, ranks = rank_batch(scores, seen, targets, k=3)
@@ -60,8 +61,9 @@ def test_item_knn_jaccard_neighbours_and_time_decay_by_hand():
     flat = ItemKNN(users, items, ts, 3, 3, half_life_days=None)
     np.testing.assert_allclose(flat.scores(np.array([0])), [[2 / 3, 2 / 3, 1 / 3 + 2 / 3]])
     # one neighbour per item: 0 -> 1, 1 -> 0 (a tie with 2, lower index), 2 -> 1; so nothing reaches item 2
-    np.testing.assert_allclose(ItemKNN(users, items, ts, 3, 3, None, neighbors=1).scores(np.array([0])),
-                               [[2 / 3, 2 / 3, 0.0]])
+    np.testing.assert_allclose(
+        ItemKNN(users, items, ts, 3, 3, None, neighbors=1).scores(np.array([0])), [[2 / 3, 2 / 3, 0.0]]
+    )
     # half-life one day: user 0's item 0 is a day older than its item 1, so it weighs 1/2
     decayed = ItemKNN(users, items, ts, 3, 3, half_life_days=1.0)
     np.testing.assert_allclose(decayed.scores(np.array([0])), [[2 / 3, 1 / 3, 0.5 / 3 + 2 / 3]])
@@ -69,43 +71,71 @@ def test_item_knn_jaccard_neighbours_and_time_decay_by_hand():
 
 # --- splits ----------------------------------------------------------------------------------------
 
+
 def _interactions(spark, rows):
     return spark.createDataFrame(rows, "user string, item string, ts long, event_id string")
 
 
 def test_leave_one_out_takes_the_last_two_and_keeps_short_users_in_train(spark):
-    inter = _interactions(spark, [("a", "i1", 1, "e1"), ("a", "i2", 2, "e2"), ("a", "i3", 3, "e3"),
-                                  ("a", "i4", 3, "e4"),       # a tie in time: event_id decides
-                                  ("b", "i1", 5, "e5"), ("b", "i2", 6, "e6")])
-    assertDataFrameEqual(leave_one_out(inter).select("user", "item", "split"), [
-        Row(user="a", item="i1", split="train"), Row(user="a", item="i2", split="train"),
-        Row(user="a", item="i3", split="valid"), Row(user="a", item="i4", split="test"),
-        Row(user="b", item="i1", split="train"), Row(user="b", item="i2", split="train")])
+    inter = _interactions(
+        spark,
+        [
+            ("a", "i1", 1, "e1"),
+            ("a", "i2", 2, "e2"),
+            ("a", "i3", 3, "e3"),
+            ("a", "i4", 3, "e4"),  # a tie in time: event_id decides
+            ("b", "i1", 5, "e5"),
+            ("b", "i2", 6, "e6"),
+        ],
+    )
+    assertDataFrameEqual(
+        leave_one_out(inter).select("user", "item", "split"),
+        [
+            Row(user="a", item="i1", split="train"),
+            Row(user="a", item="i2", split="train"),
+            Row(user="a", item="i3", split="valid"),
+            Row(user="a", item="i4", split="test"),
+            Row(user="b", item="i1", split="train"),
+            Row(user="b", item="i2", split="train"),
+        ],
+    )
 
 
 def test_stratified_split_is_per_user_seeded_and_independent_of_partitioning(spark):
     rows = [(f"u{u}", f"i{i}", i, f"e{u}-{i}") for u in range(6) for i in range(u + 1)]
-    rows.append(("u5", "i0", 99, "again"))   # a repeated pair counts once
+    rows.append(("u5", "i0", 99, "again"))  # a repeated pair counts once
     inter = _interactions(spark, rows)
     split = stratified_split(inter, 0.75, 13)
-    counts = split.groupBy("user").agg(F.sum((F.col("split") == "train").cast("int")).alias("train"),
-                                       F.count(F.lit(1)).alias("n"))
+    counts = split.groupBy("user").agg(
+        F.sum((F.col("split") == "train").cast("int")).alias("train"), F.count(F.lit(1)).alias("n")
+    )
     per_user = {r["user"]: (r["train"], r["n"]) for r in counts.collect()}
     # round(0.75 n), half up: 1 -> 1, 2 -> 2, 3 -> 2, 4 -> 3, 5 -> 4, 6 -> 5
     assert per_user == {"u0": (1, 1), "u1": (2, 2), "u2": (2, 3), "u3": (3, 4), "u4": (4, 5), "u5": (5, 6)}
     again = stratified_split(inter.repartition(5), 0.75, 13)
     assertDataFrameEqual(again.select("user", "item", "split"), split.select("user", "item", "split"))
     other_seed = stratified_split(inter, 0.75, 14).select("user", "item", "split")
-    assert sorted(map(tuple, other_seed.collect())) != sorted(map(tuple, split.select("user", "item", "split")
-                                                                   .collect()))
+    assert sorted(map(tuple, other_seed.collect())) != sorted(
+        map(tuple, split.select("user", "item", "split").collect())
+    )
 
 
 # --- end to end ------------------------------------------------------------------------------------
 
+
 def _evaluate(tmp_path: Path, capsys, *args: str) -> tuple[str, dict[str, list[str]]]:
     out = tmp_path / "table.md"
-    code = main(["evaluate", *args, "--out", str(out), *[x for o in SPARK_OVERRIDES for x in ("--set", o)],
-                 "--set", f"storage.warehouse={tmp_path / 'wh'}"])
+    code = main(
+        [
+            "evaluate",
+            *args,
+            "--out",
+            str(out),
+            *[x for o in SPARK_OVERRIDES for x in ("--set", o)],
+            "--set",
+            f"storage.warehouse={tmp_path / 'wh'}",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     table = out.read_text()
@@ -120,7 +150,7 @@ def _evaluate(tmp_path: Path, capsys, *args: str) -> tuple[str, dict[str, list[s
 
 def _numbers(cells: list[str]) -> list[float]:
     values = [float(c) for c in cells]
-    assert all(0.0 <= v <= 1.0 for v in values[:-1])   # the last cell is seconds
+    assert all(0.0 <= v <= 1.0 for v in values[:-1])  # the last cell is seconds
     return values
 
 
@@ -133,9 +163,24 @@ def _userlens_row(cells: list[str]) -> None:
 def test_loo_full_end_to_end_with_popularity_worked_by_hand(spark, tmp_path, capsys):
     root = D.write_ml100k(tmp_path / "ml-100k")
     # the userlens row runs in the stratified-75 test; fewer ALS sweeps keep this one quick
-    table, rows = _evaluate(tmp_path, capsys, "--dataset", "movielens-100k", "--path", str(root),
-                            "--protocol", "loo-full", "--k", "1", "2", "3", "--set", "evaluate.userlens=false",
-                            "--set", "train.recommend.als.max_iter=5")
+    table, rows = _evaluate(
+        tmp_path,
+        capsys,
+        "--dataset",
+        "movielens-100k",
+        "--path",
+        str(root),
+        "--protocol",
+        "loo-full",
+        "--k",
+        "1",
+        "2",
+        "3",
+        "--set",
+        "evaluate.userlens=false",
+        "--set",
+        "train.recommend.als.max_iter=5",
+    )
     assert "| method | HR@1 | HR@2 | HR@3 | NDCG@1 | NDCG@2 | NDCG@3 | MRR | valid NDCG@3 | seconds |" in table
     assert "19 rows read: 19 events, 0 quarantined, 0 duplicates; 5 users, 6 items, 19 interactions" in table
     # Test fit = all but each user's last rating. Counts: item 1: 5, 2: 4, 3: 2, 4: 2, 5: 1, 6: 0, so the
@@ -144,10 +189,16 @@ def test_loo_full_end_to_end_with_popularity_worked_by_hand(spark, tmp_path, cap
     #   user 4 (seen 1 2 4): 3 5 [6] -> 3    user 5 (seen 1 5):   2 3 [4] -> 3
     # Valid fit = all but the last two: counts 1: 5, 2: 3, 3: 1; valid ranks 1, 2, 1, 2, 4.
     ndcg = {1: 1.0, 2: 1 / math.log2(3), 3: 0.5}
-    expected = [1 / 5, 2 / 5, 5 / 5,                                     # HR@1..3
-                1 / 5, (1 + ndcg[2]) / 5, (1 + ndcg[2] + 3 * ndcg[3]) / 5,   # NDCG@1..3
-                (1 / 3 + 1 + 1 / 2 + 1 / 3 + 1 / 3) / 5,                # MRR
-                (2 + 2 * ndcg[2]) / 5]                                  # valid NDCG@3
+    expected = [
+        1 / 5,
+        2 / 5,
+        5 / 5,  # HR@1..3
+        1 / 5,
+        (1 + ndcg[2]) / 5,
+        (1 + ndcg[2] + 3 * ndcg[3]) / 5,  # NDCG@1..3
+        (1 / 3 + 1 + 1 / 2 + 1 / 3 + 1 / 3) / 5,  # MRR
+        (2 + 2 * ndcg[2]) / 5,
+    ]  # valid NDCG@3
     assert _numbers(rows["popularity"])[:-1] == pytest.approx([round(v, 4) for v in expected], abs=1e-4)
     for method in ("ALS (Spark MLlib, implicit)", "item-kNN (SAR co-occurrence)"):
         _numbers(rows[method])
@@ -156,12 +207,14 @@ def test_loo_full_end_to_end_with_popularity_worked_by_hand(spark, tmp_path, cap
 
 def test_stratified_75_end_to_end_matches_an_independent_popularity(spark, tmp_path, capsys):
     root = D.write_ml100k(tmp_path / "ml-100k")
-    table, rows = _evaluate(tmp_path, capsys, "--dataset", "movielens-100k", "--path", str(root),
-                            "--protocol", "stratified-75", "--k", "2")
+    table, rows = _evaluate(
+        tmp_path, capsys, "--dataset", "movielens-100k", "--path", str(root), "--protocol", "stratified-75", "--k", "2"
+    )
     assert "| method | MAP@2 | nDCG@2 | Precision@2 | Recall@2 | seconds |" in table
     # the same split, then popularity written out plainly
-    settings = load_settings([LOCAL, CONF_DIR / "datasets" / "movielens-100k.yaml"],
-                             [*SPARK_OVERRIDES, f"source.path={root}"])
+    settings = load_settings(
+        [LOCAL, CONF_DIR / "datasets" / "movielens-100k.yaml"], [*SPARK_OVERRIDES, f"source.path={root}"]
+    )
     data, classified = load_dataset(spark, settings, load_key(settings.privacy, {"USERLENS_HMAC_KEY": TEST_KEY}))
     split = stratified_split(interactions(data.events, ["rate"]), 0.75, settings.evaluate.seed).collect()
     classified.unpersist()
@@ -185,12 +238,16 @@ def test_stratified_75_end_to_end_matches_an_independent_popularity(spark, tmp_p
 
 def test_next_window_end_to_end_recency_separates_activity(spark, tmp_path, capsys):
     root = D.write_retailrocket(tmp_path / "retailrocket")
-    table, rows = _evaluate(tmp_path, capsys, "--dataset", "retailrocket", "--path", str(root),
-                            "--protocol", "next-window")
+    table, rows = _evaluate(
+        tmp_path, capsys, "--dataset", "retailrocket", "--path", str(root), "--protocol", "next-window"
+    )
     assert "cutoff 2015-06-14, labels from the 7 days after it (to 2015-06-21); 60 users" in table
     # even visitors were seen on the two days before the cutoff and return; odd ones were last seen
     # a week or more earlier and do not: days since the last event ranks every returner first
     assert rows["recency (days since last event)"][0] == "1.0000"
-    for method in ("frequency (events up to the cutoff)", "logistic regression (MLlib, RFM features)",
-                   "userlens (user-text embedding + RFM, MLlib LR)"):
+    for method in (
+        "frequency (events up to the cutoff)",
+        "logistic regression (MLlib, RFM features)",
+        "userlens (user-text embedding + RFM, MLlib LR)",
+    ):
         _numbers(rows[method])

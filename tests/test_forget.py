@@ -1,6 +1,7 @@
 """Forget (GDPR erasure) on a real ingested warehouse: every table, the quarantine's raw text,
 deletion vectors, change data, training snapshots, VACUUM to disk, the audit row, and no raw id
 anywhere. Real Spark, real Delta; the forget runs once per module."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -48,9 +49,11 @@ PLANTED = [
 
 
 def test_user_key_of_equals_spark_pseudonymize(spark):
-    keys = [PseudonymKey(secret=TEST_KEY.encode(), key_id="test"),
-            PseudonymKey(secret=b"k" * 100, key_id="long")]  # longer than a SHA-256 block: hashed first
-    ids = ["u0000003", "  u0000003 ", "\tu0000003\n", "ünï cødé 🙂", "a\"b\\c"]
+    keys = [
+        PseudonymKey(secret=TEST_KEY.encode(), key_id="test"),
+        PseudonymKey(secret=b"k" * 100, key_id="long"),
+    ]  # longer than a SHA-256 block: hashed first
+    ids = ["u0000003", "  u0000003 ", "\tu0000003\n", "ünï cødé 🙂", 'a"b\\c']
     df = spark.createDataFrame([(i,) for i in ids], "id string")
     for key in keys:
         got = [r[0] for r in df.select(pseudonymize(F.col("id"), key)).collect()]
@@ -60,10 +63,16 @@ def test_user_key_of_equals_spark_pseudonymize(spark):
 
 def test_raw_id_matches_whole_tokens_only(spark):
     lines = {
-        '{"user_id":"u12"}': True, '{"user_id": "u12", "x":1}': True, '{"text":"ask u12."}': True,
+        '{"user_id":"u12"}': True,
+        '{"user_id": "u12", "x":1}': True,
+        '{"text":"ask u12."}': True,
         '{"text":"(u12)"}': True,
-        '{"user_id":"u123"}': False, '{"user_id":"xu12"}': False, '{"ref":"u12-b"}': False,
-        '{"v":"u12.5"}': False, '{"m":"u12@example.com"}': False, '{"text":"u12_x"}': False,
+        '{"user_id":"u123"}': False,
+        '{"user_id":"xu12"}': False,
+        '{"ref":"u12-b"}': False,
+        '{"v":"u12.5"}': False,
+        '{"m":"u12@example.com"}': False,
+        '{"text":"u12_x"}': False,
     }
     df = spark.createDataFrame([(k,) for k in lines], "raw string")
     got = {r.raw: r.hit for r in df.select("raw", holds_raw_id(F.col("raw"), "u12").alias("hit")).collect()}
@@ -100,10 +109,20 @@ def plant(spark, tables: Tables, keys: dict[str, str], snapshot: str) -> None:
     """Rows of the target and two other users in the tables ingest does not fill, and a snapshot."""
     q = [(raw, "malformed_record", "planted", "r0", D1, None, NOW) for raw, _ in PLANTED]
     # a redacted line as ingest writes it: the user_key in place of the id
-    q.append((f'{{"event_id":"p0","ts":"never","user_id":"{keys[RAW_ID]}"}}', "bad_timestamp", "planted", "r0", D1,
-              keys[RAW_ID], NOW))
-    tables.replace_where("events_quarantine", spark.createDataFrame(q, table_schema("events_quarantine")),
-                         "source = 'planted'")
+    q.append(
+        (
+            f'{{"event_id":"p0","ts":"never","user_id":"{keys[RAW_ID]}"}}',
+            "bad_timestamp",
+            "planted",
+            "r0",
+            D1,
+            keys[RAW_ID],
+            NOW,
+        )
+    )
+    tables.replace_where(
+        "events_quarantine", spark.createDataFrame(q, table_schema("events_quarantine")), "source = 'planted'"
+    )
     users = list(keys.values())
     vec = [0.5, 0.25]
     texts = [(k, d, f"text {k[:6]} {d}", f"h{k[:6]}{d}", 3, "1") for k in users for d in (D1, D2)]
@@ -117,12 +136,23 @@ def plant(spark, tables: Tables, keys: dict[str, str], snapshot: str) -> None:
     profiles = [(k, D2, vec, 0.3, 0.1, "books", ["books"], 1, ["i1"], 2, 5, 20.0, "v1", NOW) for k in users]
     tables.merge("user_profiles", spark.createDataFrame(profiles, table_schema("user_profiles")))
     # an update: change data files now hold the target's profile before and after
-    tables.merge("user_profiles", spark.createDataFrame([(keys[RAW_ID], *profiles[0][1:3], 0.9, *profiles[0][4:])],
-                                                        table_schema("user_profiles")))
+    tables.merge(
+        "user_profiles",
+        spark.createDataFrame(
+            [(keys[RAW_ID], *profiles[0][1:3], 0.9, *profiles[0][4:])], table_schema("user_profiles")
+        ),
+    )
     rows = [(k, split, vec, [1.0, 2.0], 1.0, 0.0, 2) for k in users for split in ("train", "test")]
-    (spark.createDataFrame(rows, "user_key string, split string, embedding array<float>, features array<float>, "
-                                 "purchase double, churn double, next_category int")
-     .repartition(2).write.partitionBy("split").parquet(snapshot))
+    (
+        spark.createDataFrame(
+            rows,
+            "user_key string, split string, embedding array<float>, features array<float>, "
+            "purchase double, churn double, next_category int",
+        )
+        .repartition(2)
+        .write.partitionBy("split")
+        .parquet(snapshot)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +172,9 @@ def world(spark, tmp_path_factory):
     who = F.when(F.col("user_key") == target, "target").otherwise(F.coalesce("user_key", F.lit(""))).alias("k")
 
     def counts():  # rows per user_key ("target" for the person, "" for none)
-        return {name: {r[0]: r[1] for r in tables.read(name).select(who).groupBy("k").count().collect()}
-                for name in ERASED}
+        return {
+            name: {r[0]: r[1] for r in tables.read(name).select(who).groupBy("k").count().collect()} for name in ERASED
+        }
 
     before = counts()
     q_before = [r.raw for r in tables.read("events_quarantine").select("raw").collect()]
@@ -165,11 +196,26 @@ def world(spark, tmp_path_factory):
         logger.removeHandler(records)
         logger.setLevel(level)
     return SimpleNamespace(
-        root=root, settings=settings, key=key, tables=tables, keys=keys, target=target, folder=folder,
-        before=before, after=counts(), q_before=q_before,
+        root=root,
+        settings=settings,
+        key=key,
+        tables=tables,
+        keys=keys,
+        target=target,
+        folder=folder,
+        before=before,
+        after=counts(),
+        q_before=q_before,
         q_after=[r.raw for r in tables.read("events_quarantine").select("raw").collect()],
-        held_before=held_before, snapshot=snapshot, snapshot_before={r[0]: r[1] for r in snapshot_before},
-        result=result, run=run, unknown=unknown, unknown_run=unknown_run, logs=records.lines)
+        held_before=held_before,
+        snapshot=snapshot,
+        snapshot_before={r[0]: r[1] for r in snapshot_before},
+        result=result,
+        run=run,
+        unknown=unknown,
+        unknown_run=unknown_run,
+        logs=records.lines,
+    )
 
 
 def test_every_table_loses_the_person_and_nobody_else(world):
@@ -188,8 +234,7 @@ def test_every_table_loses_the_person_and_nobody_else(world):
 
 
 def test_quarantine_rows_with_the_raw_id_are_gone_and_longer_ids_stay(world):
-    assert sorted(raw for raw in world.q_after if RAW_ID in raw) == sorted(raw for raw, erased in PLANTED
-                                                                         if not erased)
+    assert sorted(raw for raw in world.q_after if RAW_ID in raw) == sorted(raw for raw, erased in PLANTED if not erased)
     assert not [raw for raw in world.q_after if world.target in raw]
     assert len(world.q_before) - len(world.q_after) == world.result.rows["events_quarantine"]
 
@@ -213,7 +258,8 @@ def test_snapshot_files_rewritten_without_the_person(spark, world):
     # still a readable Spark dataset (stale Hadoop checksums removed), split column and other users intact
     after = spark.read.parquet(str(world.snapshot))
     assert {r[0]: r[1] for r in after.groupBy("user_key").count().collect()} == {
-        k: n for k, n in world.snapshot_before.items() if k != world.target}
+        k: n for k, n in world.snapshot_before.items() if k != world.target
+    }
     assert sorted(r[0] for r in after.select("split").distinct().collect()) == ["test", "train"]
     assert result.rows_found == sum(result.rows.values()) + result.snapshot_rows
 
@@ -245,8 +291,7 @@ def test_unknown_id_finds_nothing_and_is_audited(world):
     assert unknown.rows_found == 0 and unknown.snapshot_rows == 0 and unknown.snapshot_files == ()
     assert unknown.rows == {name: 0 for name in ERASED}
     assert describe(unknown).endswith("no data held for this id")
-    row = next(r for r in world.tables.read("forget_log").collect()
-               if r.user_key == user_key_of(UNKNOWN_ID, world.key))
+    row = next(r for r in world.tables.read("forget_log").collect() if r.user_key == user_key_of(UNKNOWN_ID, world.key))
     assert (row.rows_found, row.run_id) == (0, "r-unknown")
     assert world.unknown_run.rows_in == 0
 

@@ -1,5 +1,6 @@
 """Ingest on tiny handcrafted raw logs: accounting, quarantine reasons, idempotence,
 pseudonyms, PII, incremental dates. Real Spark, real Delta."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -34,8 +35,16 @@ GOOD_D1 = [
     ev("e2", "alice-001", f"{D1}T10:01:00Z", "view", item_id="i1", category="outdoor", price=89.5),
     ev("e3", "alice-001", f"{D1}T10:02:00Z", "add_to_cart", item_id="i1", category="outdoor", price=89.5, quantity=1),
     ev("e4", "bob-002", f"{D1}T11:00:00Z", "purchase", item_id="i2", category="books", price=12.0, quantity=2),
-    ev("e5", "bob-002", f"{D1}T12:00:00Z", "review", item_id="i2", category="books", rating=2,
-       review_text="broke after a week, call me +1 415-555-0134 or card 4111 1111 1111 1111 from 192.168.10.23"),
+    ev(
+        "e5",
+        "bob-002",
+        f"{D1}T12:00:00Z",
+        "review",
+        item_id="i2",
+        category="books",
+        rating=2,
+        review_text="broke after a week, call me +1 415-555-0134 or card 4111 1111 1111 1111 from 192.168.10.23",
+    ),
 ]
 BAD_D1 = {
     '{"event_id":"x1","user_id":"carol-003","ts":"2026-10-01T09:00:00Z","event_ty': "malformed_record",
@@ -51,10 +60,22 @@ GOOD_D2 = [
     ev("e7", "dave-004", f"{D2}T09:00:00Z", "view", item_id="i2", category="books", price=12.0),
 ]
 ITEMS = [
-    {"item_id": "i1", "title": "Trail Runner X", "category": "outdoor", "brand": "Peak", "price": 89.5,
-     "description": "A light trail shoe."},
-    {"item_id": "i2", "title": "Deep Work", "category": "books", "brand": "Press", "price": 12.0,
-     "description": "A book."},
+    {
+        "item_id": "i1",
+        "title": "Trail Runner X",
+        "category": "outdoor",
+        "brand": "Peak",
+        "price": 89.5,
+        "description": "A light trail shoe.",
+    },
+    {
+        "item_id": "i2",
+        "title": "Deep Work",
+        "category": "books",
+        "brand": "Press",
+        "price": 12.0,
+        "description": "A book.",
+    },
     {"item_id": None, "title": "No id", "category": "books", "price": 1.0},
 ]
 RAW_IDS = ["alice-001", "bob-002", "carol-003", "dave-004"]
@@ -115,8 +136,12 @@ def test_accounting_and_quarantine_reasons(spark, day1):
 def test_pipeline_run_row_has_counts(spark, day1):
     from userlens.cli import _stage
 
-    _stage("ingest", day1, spark, lambda run: run_ingest(
-        spark, day1, load_key(day1.privacy, {"USERLENS_HMAC_KEY": TEST_KEY}), run))
+    _stage(
+        "ingest",
+        day1,
+        spark,
+        lambda run: run_ingest(spark, day1, load_key(day1.privacy, {"USERLENS_HMAC_KEY": TEST_KEY}), run),
+    )
     runs = Tables(spark, day1.storage).read("pipeline_runs").collect()
     assert len(runs) == 1
     row = runs[0]
@@ -149,14 +174,16 @@ def test_no_raw_id_or_planted_pii_in_any_table(spark, day1):
 def test_user_key_is_hmac_stable_and_key_dependent(spark, day1, tmp_path):
     ingest(spark, day1)
     expected = hmac.new(TEST_KEY.encode(), b"alice-001", hashlib.sha256).hexdigest()
-    keys = {r[0] for r in Tables(spark, day1.storage).read("events").where("event_id = 'e2'")
-            .select("user_key").collect()}
+    keys = {
+        r[0] for r in Tables(spark, day1.storage).read("events").where("event_id = 'e2'").select("user_key").collect()
+    }
     assert keys == {expected}
 
     other = make_settings(tmp_path, f"storage.warehouse={tmp_path / 'wh2'}", ANY_QUARANTINE)
     ingest(spark, other, env={"USERLENS_HMAC_KEY": "another-secret-key-fedcba9876"})
-    other_keys = {r[0] for r in Tables(spark, other.storage).read("events").where("event_id = 'e2'")
-                  .select("user_key").collect()}
+    other_keys = {
+        r[0] for r in Tables(spark, other.storage).read("events").where("event_id = 'e2'").select("user_key").collect()
+    }
     assert len(other_keys) == 1 and other_keys != keys
 
 
@@ -173,8 +200,9 @@ def test_incremental_dates_and_full(spark, tmp_path):
     # the counts are this run's rows, not rows Delta copied while rewriting files
     assert second.dates == [dt.date(2026, 10, 2)]
     assert (second.rows_in, second.rows_out, second.quarantined) == (len(GOOD_D2) + 1, len(GOOD_D2), 1)
-    assert Tables(spark, settings.storage).read("events_quarantine").where("source = 'events'").count() == \
-        len(BAD_D1) + 1
+    assert (
+        Tables(spark, settings.storage).read("events_quarantine").where("source = 'events'").count() == len(BAD_D1) + 1
+    )
     tables = Tables(spark, settings.storage)
     assert tables.read("events").count() == len(GOOD_D1) + len(GOOD_D2)
     # an explicit earlier as-of date re-processes that date only
@@ -213,19 +241,21 @@ def test_csv_source_with_mapping(spark, tmp_path):
     raw = tmp_path / "raw"
     (raw / "events").mkdir(parents=True)
     (raw / "events" / "log.csv").write_text(
-        "visitor,when,kind,sku\n"
-        "v-1,1759312800,view,i1\n"
-        "v-1,1759316400,addtocart,i1\n"
-        "v-2,oops,view,i2\n", encoding="utf-8")
+        "visitor,when,kind,sku\nv-1,1759312800,view,i1\nv-1,1759316400,addtocart,i1\nv-2,oops,view,i2\n",
+        encoding="utf-8",
+    )
     (raw / "items").mkdir()
     (raw / "items" / "items.csv").write_text("item_id,title\ni1,Thing\ni2,Other\n", encoding="utf-8")
     settings = make_settings(
-        tmp_path, "source.format=csv", "source.timestamp_format=epoch_s",
+        tmp_path,
+        "source.format=csv",
+        "source.timestamp_format=epoch_s",
         "source.mapping={event_id: null, user_id: visitor, event_time: when, event_type: kind, item_id: sku,"
         " category: null, price: null, quantity: null, query: null, text: null}",
         "source.items_mapping={item_id: item_id, title: title, category: null, brand: null, price: null,"
         " description: null}",
-        "source.event_type_map.addtocart=add_to_cart")
+        "source.event_type_map.addtocart=add_to_cart",
+    )
     result, _ = ingest(spark, settings)
     assert (result.rows_in, result.rows_out, result.quarantined) == (3, 2, 1)
     tables = Tables(spark, settings.storage)
@@ -241,8 +271,12 @@ def test_plan_has_no_python_udf(spark, day1):
 
     src = day1.source
     raw = read_raw(spark, src.events_location(), "json", src.mapping.model_dump(), src)
-    plan = classify_events(raw, day1, lk(day1.privacy, {"USERLENS_HMAC_KEY": TEST_KEY}))._jdf.queryExecution() \
-        .executedPlan().toString()
+    plan = (
+        classify_events(raw, day1, lk(day1.privacy, {"USERLENS_HMAC_KEY": TEST_KEY}))
+        ._jdf.queryExecution()
+        .executedPlan()
+        .toString()
+    )
     for node in ("BatchEvalPython", "ArrowEvalPython", "MapInPandas", "PythonUDF"):
         assert node not in plan
 

@@ -1,5 +1,6 @@
 """Every spark-submit entry script imports cleanly when run as a script (its folder first on sys.path,
 as `python jobs/x.py` and spark-submit do): no script may shadow a standard-library module."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,8 +18,9 @@ def test_no_job_script_shadows_a_standard_library_module():
 
 def test_every_job_script_reaches_the_cli(tmp_path):
     for script in sorted(JOBS.glob("*.py")):
-        done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                              cwd=tmp_path, timeout=120)
+        done = subprocess.run(
+            [sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        )
         assert done.returncode == 0, f"{script.name}: {done.stderr.strip().splitlines()[-1:]}"
         assert "usage: userlens" in done.stdout, script.name
 

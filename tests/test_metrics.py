@@ -1,4 +1,5 @@
 """Metrics equal scikit-learn's on random data (ties included) and hand-worked tiny cases; bad input is refused."""
+
 from __future__ import annotations
 
 import math
@@ -20,6 +21,7 @@ def _binary_case(seed: int, n: int, tied: bool) -> tuple[np.ndarray, np.ndarray]
 
 
 # --- binary ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed,n,tied", [(0, 50, False), (1, 1000, False), (2, 40, True), (3, 2000, True)])
 def test_binary_metrics_equal_sklearn(seed, n, tied):
@@ -94,6 +96,7 @@ def test_binary_metrics_dict():
 
 
 # --- multiclass --------------------------------------------------------------------------------
+
 
 def test_multiclass_equal_sklearn():
     rng = np.random.default_rng(21)

@@ -1,6 +1,7 @@
 """Nightly end to end on real Spark, Delta, MiniLM and TorchDistributor: every stage writes its tables and
 its pipeline_runs row; a second run for the same date writes no data file; the next day with new events
 for 1% of users re-embeds and re-scores only those; profiles are readable by an independent Delta reader."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -21,9 +22,17 @@ from userlens.tables import TABLES, Tables
 
 USERS, DAYS, START = 200, 14, dt.date(2026, 10, 1)
 LAST = START + dt.timedelta(days=DAYS - 1)
-OVERRIDES = ["train.epochs=4", "train.patience=2", "train.batch_size=32", "train.min_users=40",
-             "train.min_class_users=3", "profile.segments=4", "privacy.min_segment_size=10", "nightly.report=false",
-             SHORT_TEXTS]
+OVERRIDES = [
+    "train.epochs=4",
+    "train.patience=2",
+    "train.batch_size=32",
+    "train.min_users=40",
+    "train.min_class_users=3",
+    "profile.segments=4",
+    "privacy.min_segment_size=10",
+    "nightly.report=false",
+    SHORT_TEXTS,
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +48,16 @@ def test_first_night_runs_every_stage(spark, night):
     _, settings, first = night
     tables = Tables(spark, settings.storage)
     assert first.as_of_date == LAST
-    assert list(first.stages) == ["ingest", "textualize", "embed", "train", "score", "profile",
-                                  "quarantine_retention", "privacy_check"]  # local.yaml: nightly.privacy_check
+    assert list(first.stages) == [
+        "ingest",
+        "textualize",
+        "embed",
+        "train",
+        "score",
+        "profile",
+        "quarantine_retention",
+        "privacy_check",
+    ]  # local.yaml: nightly.privacy_check
     users = tables.read("user_embeddings").count()
     assert users > 150
     assert first.stages["score"].scored == users
@@ -58,14 +75,25 @@ def test_first_night_runs_every_stage(spark, night):
     assert all(items is not None and len(items) == k == len(set(items)) for items in recs.values())
     catalogue = {r[0] for r in tables.read("items").select("item_id").collect()}
     assert set().union(*recs.values()) <= catalogue
-    bought = (tables.read("events").where(F.col("event_type") == "purchase").groupBy("user_key")
-              .agg(F.collect_set("item_id").alias("b")).collect())
+    bought = (
+        tables.read("events")
+        .where(F.col("event_type") == "purchase")
+        .groupBy("user_key")
+        .agg(F.collect_set("item_id").alias("b"))
+        .collect()
+    )
     assert sum(bool(r["b"]) for r in bought) > 50
     assert all(not set(recs[r["user_key"]]) & set(r["b"]) for r in bought if r["user_key"] in recs)
     assert len({tuple(v) for v in recs.values()}) > 5  # personal, not one list for everyone
     runs = tables.read("pipeline_runs").where(F.col("as_of_date") == F.lit(LAST))
-    assert {r["stage"] for r in runs.select("stage").collect()} >= {"ingest", "textualize", "embed", "train",
-                                                                   "score", "profile"}
+    assert {r["stage"] for r in runs.select("stage").collect()} >= {
+        "ingest",
+        "textualize",
+        "embed",
+        "train",
+        "score",
+        "profile",
+    }
     assert runs.where(F.col("status") != "succeeded").count() == 0
     # the train stage embedded only the cutoff texts that user_embeddings did not hold: those of users
     # with no event since the cutoff (the churned: both classes are in the set) are today's texts
@@ -131,8 +159,17 @@ def test_a_table_from_an_older_userlens_gains_the_new_columns(spark, tmp_path):
     location = Tables(spark, settings.storage).location("user_scores")
     old = TABLES["user_scores"].schema
     old_schema = type(old)([f for f in old.fields if f.name != "recommended_items"])
-    row = {"user_key": "u1", "as_of_date": LAST, "model_version": "v0", "text_hash": "h", "purchase_propensity": 0.5,
-           "churn_risk": 0.1, "next_category": "pets", "next_category_p": 0.3, "scored_at": dt.datetime(2026, 10, 1)}
+    row = {
+        "user_key": "u1",
+        "as_of_date": LAST,
+        "model_version": "v0",
+        "text_hash": "h",
+        "purchase_propensity": 0.5,
+        "churn_risk": 0.1,
+        "next_category": "pets",
+        "next_category_p": 0.3,
+        "scored_at": dt.datetime(2026, 10, 1),
+    }
     spark.createDataFrame([row], old_schema).write.format("delta").save(location)
     tables = Tables(spark, settings.storage)
     upgraded = tables.read("user_scores")
@@ -145,8 +182,11 @@ def test_a_second_nightly_while_one_holds_the_lock_fails_in_one_line_and_changes
     tables = Tables(spark, settings.storage)
     before = data_files(tables)
     with RunLock(tables, "nightly", "other-run", lease_hours=1):
-        with pytest.raises(ConcurrentRunError, match=r"^another nightly run \(other-run on .*\) holds the "
-                                                     r"warehouse's run lock until .*; this run did nothing") as err:
+        with pytest.raises(
+            ConcurrentRunError,
+            match=r"^another nightly run \(other-run on .*\) holds the "
+            r"warehouse's run lock until .*; this run did nothing",
+        ) as err:
             run_nightly(spark, settings, load_key(settings.privacy), LAST)
         assert "\n" not in str(err.value)
     assert data_files(tables) == before
@@ -212,7 +252,9 @@ def test_a_retried_stage_under_the_same_run_id_replaces_its_row(spark, tmp_path,
     assert run_stage("profile", settings, spark, succeed) == "done"
     rows = Tables(spark, settings.storage).read("pipeline_runs").orderBy("stage").collect()
     assert [(r["run_id"], r["stage"], r["status"], r["rows_out"]) for r in rows] == [
-        ("retried-run", "profile", "succeeded", 7), ("retried-run", "score", "succeeded", 7)]
+        ("retried-run", "profile", "succeeded", 7),
+        ("retried-run", "score", "succeeded", 7),
+    ]
 
 
 def test_score_without_a_model_names_the_command(spark, tmp_path):

@@ -1,6 +1,7 @@
 """Bringing one's own data: a wrong mapping fails before Spark, a run that quarantines most of its input
 fails, no raw id reaches any table whatever the mapping, epoch-ms times survive the quarantine, unreadable
 files are named, privacy-check never crashes. Real Spark, real Delta; tiny files written here."""
+
 from __future__ import annotations
 
 import csv
@@ -30,18 +31,33 @@ USERS = [f"cust-{i}" for i in range(12)]
 T0 = 1_730_390_400_000  # epoch milliseconds
 KEY = load_key(make_settings(Path("/tmp")).privacy, {"USERLENS_HMAC_KEY": TEST_KEY})
 # the mapping of a CSV export with its own column names (the issue's drill); `user_id` is set per test
-MAPPING = ("source.mapping={event_id: null, user_id: %s, event_time: ts_ms, event_type: action, item_id: sku, "
-           "category: cat, price: amount, quantity: null, query: null, text: null}")
-CSV_SOURCE = ["source.format=csv", "source.timestamp_format=epoch_ms",
-              "source.event_type_map={pv: view, clk: click, buy: purchase}",
-              "source.items_mapping={item_id: item_id, title: title, category: null, brand: null, price: null, "
-              "description: null}"]
+MAPPING = (
+    "source.mapping={event_id: null, user_id: %s, event_time: ts_ms, event_type: action, item_id: sku, "
+    "category: cat, price: amount, quantity: null, query: null, text: null}"
+)
+CSV_SOURCE = [
+    "source.format=csv",
+    "source.timestamp_format=epoch_ms",
+    "source.event_type_map={pv: view, clk: click, buy: purchase}",
+    "source.items_mapping={item_id: item_id, title: title, category: null, brand: null, price: null, "
+    "description: null}",
+]
 
 
 def write_csv_source(root: Path, n: int = 60, empty_ids: bool = False) -> list[list[str]]:
     """uid, user (empty: a column that exists but holds nothing), ts_ms, action, sku, cat, amount."""
-    rows = [[USERS[i % len(USERS)], "", str(T0 + i * 60_000), ("pv", "clk", "buy")[i % 3], f"sku-{i % 7}",
-             "ab"[i % 2], f"{1 + i % 9}.50"] for i in range(n)]
+    rows = [
+        [
+            USERS[i % len(USERS)],
+            "",
+            str(T0 + i * 60_000),
+            ("pv", "clk", "buy")[i % 3],
+            f"sku-{i % 7}",
+            "ab"[i % 2],
+            f"{1 + i % 9}.50",
+        ]
+        for i in range(n)
+    ]
     if empty_ids:
         for row in rows:
             row[0] = ""
@@ -52,15 +68,25 @@ def write_csv_source(root: Path, n: int = 60, empty_ids: bool = False) -> list[l
         writer.writerow(["uid", "user", "ts_ms", "action", "sku", "cat", "amount"])
         writer.writerows(rows)
     (root / "items").mkdir()
-    (root / "items" / "items.csv").write_text("item_id,title\n" + "".join(f"sku-{i},Thing {i}\n" for i in range(7)),
-                                              encoding="utf-8")
+    (root / "items" / "items.csv").write_text(
+        "item_id,title\n" + "".join(f"sku-{i},Thing {i}\n" for i in range(7)), encoding="utf-8"
+    )
     return rows
 
 
 def drill_args(tmp_path: Path, user_column: str, *extra: str) -> list[str]:
-    sets = ["spark.master=local[2]", "spark.ui=false", "spark.shuffle_partitions=2", "spark.log_level=ERROR",
-            f"storage.warehouse={tmp_path / 'wh'}", f"storage.models={tmp_path / 'models'}",
-            f"source.path={tmp_path / 'raw'}", *CSV_SOURCE, MAPPING % user_column, *extra]
+    sets = [
+        "spark.master=local[2]",
+        "spark.ui=false",
+        "spark.shuffle_partitions=2",
+        "spark.log_level=ERROR",
+        f"storage.warehouse={tmp_path / 'wh'}",
+        f"storage.models={tmp_path / 'models'}",
+        f"source.path={tmp_path / 'raw'}",
+        *CSV_SOURCE,
+        MAPPING % user_column,
+        *extra,
+    ]
     return [arg for s in sets for arg in ("--set", s)]
 
 
@@ -104,20 +130,31 @@ NO_SPARK = textwrap.dedent("""
 
 def run_without_spark(commands: list[list[str]]) -> dict:
     """Run CLI commands in one fresh interpreter; their codes, one-line errors, and whether Spark started."""
-    done = subprocess.run([sys.executable, "-c", NO_SPARK, json.dumps(commands)], capture_output=True, text=True,
-                          check=True, env={"USERLENS_HMAC_KEY": TEST_KEY, "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", NO_SPARK, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"USERLENS_HMAC_KEY": TEST_KEY, "PATH": "/usr/bin:/bin"},
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_a_mapping_typo_fails_before_spark_naming_the_column_and_writes_nothing(tmp_path):
     write_csv_source(tmp_path / "raw")
-    result = run_without_spark([["ingest", *drill_args(tmp_path, "userid")],
-                                ["nightly", *drill_args(tmp_path, "userid")],
-                                ["check-source", *drill_args(tmp_path, "userid")]])
+    result = run_without_spark(
+        [
+            ["ingest", *drill_args(tmp_path, "userid")],
+            ["nightly", *drill_args(tmp_path, "userid")],
+            ["check-source", *drill_args(tmp_path, "userid")],
+        ]
+    )
     for run in result["runs"]:
         assert run["code"] == 2, run
-        assert run["errors"] == ["userlens: error: source.mapping.user_id: column 'userid' not in the source "
-                                 "(columns: uid, user, ts_ms, action, sku, cat, amount); did you mean 'user'?"], run
+        assert run["errors"] == [
+            "userlens: error: source.mapping.user_id: column 'userid' not in the source "
+            "(columns: uid, user, ts_ms, action, sku, cat, amount); did you mean 'user'?"
+        ], run
     assert not result["spark_started"]
     assert not (tmp_path / "wh").exists()
 
@@ -125,20 +162,46 @@ def test_a_mapping_typo_fails_before_spark_naming_the_column_and_writes_nothing(
 def test_missing_paths_fail_before_spark_for_every_command(tmp_path):
     missing = tmp_path / "nowhere"
     base = ["--set", f"storage.warehouse={missing / 'wh'}", "--set", f"source.path={missing / 'raw'}"]
-    commands = {name: [name, *base] for name in ("ingest", "nightly", "check-source", "privacy-check", "textualize",
-                                                 "embed", "train", "score", "profile", "report")}
+    commands = {
+        name: [name, *base]
+        for name in (
+            "ingest",
+            "nightly",
+            "check-source",
+            "privacy-check",
+            "textualize",
+            "embed",
+            "train",
+            "score",
+            "profile",
+            "report",
+        )
+    }
     commands["forget"] = ["forget", "--user-id", "cust-1", *base]
-    commands["evaluate"] = ["evaluate", "--dataset", "movielens-100k", "--path", str(missing / "ml"), "--protocol",
-                            "loo-full"]
+    commands["evaluate"] = [
+        "evaluate",
+        "--dataset",
+        "movielens-100k",
+        "--path",
+        str(missing / "ml"),
+        "--protocol",
+        "loo-full",
+    ]
     result = run_without_spark(list(commands.values()))
     wh, events = f"{missing / 'wh'} does not exist", f"source.path: {missing / 'raw' / 'events'} does not exist"
-    expected = {"ingest": events, "nightly": events, "check-source": events,
-                "privacy-check": f"storage.warehouse: {wh}", "evaluate": f"--path: {missing / 'ml'} does not exist"}
+    expected = {
+        "ingest": events,
+        "nightly": events,
+        "check-source": events,
+        "privacy-check": f"storage.warehouse: {wh}",
+        "evaluate": f"--path: {missing / 'ml'} does not exist",
+    }
     for run in result["runs"]:
         name = run["argv"]
         assert run["code"] == 2, run
         assert len(run["errors"]) == 1 and run["errors"][0].startswith(
-            f"userlens: error: {expected.get(name, 'storage.warehouse: ' + wh)}"), run
+            f"userlens: error: {expected.get(name, 'storage.warehouse: ' + wh)}"
+        ), run
     assert len(result["runs"]) == len(commands)
     assert not result["spark_started"]
 
@@ -173,10 +236,15 @@ def test_json_sample_errors_for_required_fields_and_warns_for_optional_ones(tmp_
     found = local_columns(str(tmp_path / "e"), "json")
     mapping = {"user_id": "uid", "event_time": "t", "event_type": "k", "text": "review"}
     warnings = check_mapping(found, mapping, "source.mapping", ("user_id", "event_time", "event_type"))
-    assert warnings == [f"source.mapping: not seen in the first 1 lines of {tmp_path / 'e'}: text ('review'); "
-                        "rows without them get no value there"]
-    with pytest.raises(ConfigError, match=r"^source.mapping.event_type: column 'kind' not in the first 1 lines of "
-                                          r"the source \(columns: uid, t, k\)$"):
+    assert warnings == [
+        f"source.mapping: not seen in the first 1 lines of {tmp_path / 'e'}: text ('review'); "
+        "rows without them get no value there"
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"^source.mapping.event_type: column 'kind' not in the first 1 lines of "
+        r"the source \(columns: uid, t, k\)$",
+    ):
         check_mapping(found, {**mapping, "event_type": "kind"}, "source.mapping", ("event_type",))
     (tmp_path / "e" / "a.json").write_text("user,time\nu1,2026\n")
     with pytest.raises(ConfigError, match=r"columns: none; its first line is 'user,time'"):
@@ -192,9 +260,11 @@ def test_values_all_empty_fail_the_run_keep_the_quarantine_and_leak_no_raw_id(sp
     code = main(["ingest", *drill_args(tmp_path, "user")])
     errors = one_line_errors(capsys.readouterr().err)
     assert code == 1 and len(errors) == 1
-    assert errors[0].startswith("userlens: error: ingest: 60 of 60 rows (100.0%) were quarantined, above "
-                                "ingest.max_quarantine_fraction=0.5 (missing_user_id 60); nothing was written to "
-                                "events, the rows are in events_quarantine")
+    assert errors[0].startswith(
+        "userlens: error: ingest: 60 of 60 rows (100.0%) were quarantined, above "
+        "ingest.max_quarantine_fraction=0.5 (missing_user_id 60); nothing was written to "
+        "events, the rows are in events_quarantine"
+    )
     from userlens.tables import Tables
 
     settings = make_settings(tmp_path, f"storage.warehouse={tmp_path / 'wh'}")
@@ -208,8 +278,12 @@ def test_values_all_empty_fail_the_run_keep_the_quarantine_and_leak_no_raw_id(sp
     values = "\n".join(warehouse_strings(tmp_path / "wh"))
     assert values and not [u for u in USERS if u in values]
     # an unmapped value becomes the user_key it would have had: joinable once the mapping is fixed
-    keys = {r[0] for r in spark.createDataFrame([(u,) for u in USERS], "u string")
-            .select(pseudonymize(F.col("u"), load_key(settings.privacy))).collect()}
+    keys = {
+        r[0]
+        for r in spark.createDataFrame([(u,) for u in USERS], "u string")
+        .select(pseudonymize(F.col("u"), load_key(settings.privacy)))
+        .collect()
+    }
     raws = [json.loads(r.raw) for r in quarantine.collect()]
     assert {r["uid"] for r in raws} == keys
     # epoch-ms times are kept as they were (not masked as card numbers), and so are mapped fields
@@ -219,8 +293,10 @@ def test_values_all_empty_fail_the_run_keep_the_quarantine_and_leak_no_raw_id(sp
     # privacy-check with that mapping reads no raw id, and says so in one line (no crash)
     code = main(["privacy-check", *drill_args(tmp_path, "user")])
     errors = one_line_errors(capsys.readouterr().err)
-    assert code == 1 and errors == [f"userlens: error: privacy-check: 0 raw ids read from the source "
-                                    f"({tmp_path / 'raw' / 'events'}): check source.mapping.user_id"]
+    assert code == 1 and errors == [
+        f"userlens: error: privacy-check: 0 raw ids read from the source "
+        f"({tmp_path / 'raw' / 'events'}): check source.mapping.user_id"
+    ]
     # with the typo, before Spark; with the right mapping, the warehouse passes: no raw id anywhere
     code = main(["privacy-check", *drill_args(tmp_path, "userid")])
     assert code == 2 and "column 'userid' not in the source" in one_line_errors(capsys.readouterr().err)[0]
@@ -249,31 +325,54 @@ def test_a_bad_row_keeps_its_time_and_the_good_rows_land(spark, tmp_path):
     from userlens.tables import Tables
 
     bad = Tables(spark, settings.storage).read("events_quarantine").where("source = 'events'").first()
-    assert json.loads(bad.raw) == {"uid": bad.user_key, "ts_ms": str(T0 + 123), "action": "hover", "sku": "sku-1",
-                                   "cat": "a", "amount": "1.00"}
+    assert json.loads(bad.raw) == {
+        "uid": bad.user_key,
+        "ts_ms": str(T0 + 123),
+        "action": "hover",
+        "sku": "sku-1",
+        "cat": "a",
+        "amount": "1.00",
+    }
 
 
 def test_redacted_records(spark):
     lines = [
-        '{"event_id":"x1","user_id":"carol-003","ts":"2026-10-01T09:00:00Z","event_ty',   # truncated
+        '{"event_id":"x1","user_id":"carol-003","ts":"2026-10-01T09:00:00Z","event_ty',  # truncated
         '{"user_id":"bob","review_text":"mail me at bob@example.com","stars":2,"ok":true,"tags":["carol-003"],'
         '"meta":{"email":"carol@example.com","n":3}}',
-        'not json carol-003',
+        "not json carol-003",
         '{"customer": 1730390400123, "sent": 1730390400123, "when": "2026-10-01", "note": "carol-003"}',
     ]
     roles = {"user_id": "user_id", "ts": "event_time", "review_text": "text"}
     df = spark.createDataFrame([(line,) for line in lines], "raw string")
     got = [json.loads(r[0]) for r in df.select(redact_raw_record(F.col("raw"), roles, KEY)).collect()]
-    key_of = {r[0]: r[1] for r in spark.createDataFrame([(v,) for v in ("carol-003", "bob", "x1", "carol@example.com",
-                                                                       "1730390400123")], "v string")
-              .select("v", pseudonymize(F.col("v"), KEY)).collect()}
+    key_of = {
+        r[0]: r[1]
+        for r in spark.createDataFrame(
+            [(v,) for v in ("carol-003", "bob", "x1", "carol@example.com", "1730390400123")], "v string"
+        )
+        .select("v", pseudonymize(F.col("v"), KEY))
+        .collect()
+    }
     assert got[0] == {"event_id": key_of["x1"], "user_id": key_of["carol-003"], "ts": "2026-10-01T09:00:00Z"}
-    assert got[1] == {"user_id": key_of["bob"], "review_text": "mail me at <email>", "stars": 2, "ok": True,
-                      "tags": "<nested>", "meta": "<nested>", "email": key_of["carol@example.com"], "n": 3}
+    assert got[1] == {
+        "user_id": key_of["bob"],
+        "review_text": "mail me at <email>",
+        "stars": 2,
+        "ok": True,
+        "tags": "<nested>",
+        "meta": "<nested>",
+        "email": key_of["carol@example.com"],
+        "n": 3,
+    }
     assert got[2] == {}
     # an id-like name is never kept, an epoch time under another name is, and free text is not
-    assert got[3] == {"customer": key_of["1730390400123"], "sent": 1730390400123, "when": "2026-10-01",
-                      "note": key_of["carol-003"]}
+    assert got[3] == {
+        "customer": key_of["1730390400123"],
+        "sent": 1730390400123,
+        "when": "2026-10-01",
+        "note": key_of["carol-003"],
+    }
     # what privacy-check scans of a redacted record: whole epoch values out, a card inside a text stays
     record = '{"ts":1730390400123,"t":"card 4111111111111111 1730390400","s":"1730390400"}'
     scanned = spark.createDataFrame([(record,)], "raw string").select(without_epoch_values(F.col("raw"))).first()[0]
@@ -284,10 +383,12 @@ def test_quarantine_limits():
     strict = IngestSettings(max_reason_fraction={"bad_timestamp": 0.05})
     assert check_quarantine_limits(strict, 100, {"bad_timestamp": 5}) is None
     assert check_quarantine_limits(strict, 100, {"bad_timestamp": 6}) == (
-        "6 of 100 rows (6.0%) were quarantined as bad_timestamp, above ingest.max_reason_fraction.bad_timestamp=0.05")
+        "6 of 100 rows (6.0%) were quarantined as bad_timestamp, above ingest.max_reason_fraction.bad_timestamp=0.05"
+    )
     assert check_quarantine_limits(IngestSettings(), 10, {"missing_user_id": 4, "bad_price": 2}).startswith(
         "6 of 10 rows (60.0%) were quarantined, above ingest.max_quarantine_fraction=0.5 (missing_user_id 4, "
-        "bad_price 2)")
+        "bad_price 2)"
+    )
     assert check_quarantine_limits(IngestSettings(), 0, {}) is None
     with pytest.raises(ValueError, match="unknown quarantine reason 'bad_time'"):
         IngestSettings(max_reason_fraction={"bad_time": 0.1})
@@ -296,8 +397,18 @@ def test_quarantine_limits():
 def test_an_unreadable_file_is_named_or_skipped_and_recorded(spark, tmp_path):
     events = tmp_path / "raw" / "events" / "event_date=2026-10-01"
     events.mkdir(parents=True)
-    lines = [json.dumps({"event_id": f"e{i}", "user_id": USERS[i % 3], "ts": "2026-10-01T10:00:00Z",
-                         "event_type": "view", "item_id": "i1"}) for i in range(6)]
+    lines = [
+        json.dumps(
+            {
+                "event_id": f"e{i}",
+                "user_id": USERS[i % 3],
+                "ts": "2026-10-01T10:00:00Z",
+                "event_type": "view",
+                "item_id": "i1",
+            }
+        )
+        for i in range(6)
+    ]
     (events / "good.json").write_text("\n".join(lines[:3]) + "\n")
     packed = gzip.compress(("\n".join(lines[3:]) + "\n").encode())
     (events / "bad.json.gz").write_bytes(packed[:20] + b"\0" * 12 + packed[32:])  # a corrupt deflate block
@@ -305,8 +416,11 @@ def test_an_unreadable_file_is_named_or_skipped_and_recorded(spark, tmp_path):
     (tmp_path / "raw" / "items" / "items.json").write_text('{"item_id": "i1", "title": "T"}\n')
     settings = make_settings(tmp_path)
     check_source(settings)  # the pre-flight reads around a file it cannot open; Spark names it below
-    with pytest.raises(SourceError, match=rf"^cannot read the events file \S*{events / 'bad.json.gz'}: \w+: .+; "
-                                          r"nothing was written \(set ingest.on_unreadable_file=skip"):
+    with pytest.raises(
+        SourceError,
+        match=rf"^cannot read the events file \S*{events / 'bad.json.gz'}: \w+: .+; "
+        r"nothing was written \(set ingest.on_unreadable_file=skip",
+    ):
         run_ingest(spark, settings, KEY, StageRun("ingest", "r1"))
     assert not (tmp_path / "warehouse" / "events").exists()
 

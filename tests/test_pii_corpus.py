@@ -1,4 +1,5 @@
 """The labelled PII corpus is deterministic and honest; the scorer can fail; scrub_pii meets its goals."""
+
 from __future__ import annotations
 
 from pyspark.sql import functions as F
@@ -27,7 +28,7 @@ def test_corpus_is_deterministic_and_labels_are_true():
     assert corpus != generate_corpus(N, seed=4)
     for record in corpus:
         for span in record.pii + record.negatives + record.ignored:
-            assert record.text[span.start:span.end] == span.value, (record.text, span)
+            assert record.text[span.start : span.end] == span.value, (record.text, span)
         assert not any(p in record.text for p in PLACEHOLDERS.values())
         assert all(luhn_valid(s.value) for s in record.pii if s.kind == "card")
         assert not any(luhn_valid(s.value) for s in record.ignored)
@@ -76,7 +77,9 @@ def test_partial_masks_and_false_positives_are_counted(spark):
     ]
     scrubber = lambda text: F.regexp_replace(  # noqa: E731
         F.regexp_replace(F.regexp_replace(text, "415-555-0134", "<phone>"), "pack of 24", "<phone>"),
-        "4111 1111 1111 1112", "<card>")
+        "4111 1111 1111 1112",
+        "<card>",
+    )
     score = score_scrubber(spark, records, scrubber=scrubber)
     assert score.types["phone"].planted == 1 and score.recall("phone") == 0.0  # "+1 " leaked
     assert (score.placeholders["<phone>"].true_positive, score.placeholders["<phone>"].false_positive) == (1, 1)

@@ -5,6 +5,7 @@ this one is not. Every region, number type and format of ``ORACLE_REGIONS`` is p
 least once (libphonenumber's own example numbers), next to a small random oracle corpus.
 phonenumbers and Faker come with the dev extra (setup.py); without them these tests fail.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -47,7 +48,7 @@ def test_oracle_corpus_is_deterministic_and_labels_are_true():
     assert corpus != generate_oracle_corpus(N, seed=4)
     for record in corpus:
         for span in record.pii + record.negatives + record.ignored:
-            assert record.text[span.start:span.end] == span.value, (record.text, span)
+            assert record.text[span.start : span.end] == span.value, (record.text, span)
         assert not any(p in record.text for p in PLACEHOLDERS.values())
     assert all(luhn_valid(s.value) for r in corpus for s in r.pii if s.kind == "card")
     assert all(_iban_valid(s.value) for r in corpus for s in r.pii if s.kind == "iban")
@@ -88,6 +89,7 @@ def _without(index: int):
             if i != index:
                 scrubbed = F.regexp_replace(scrubbed, pattern, placeholder)
         return scrubbed
+
     return scrubber
 
 

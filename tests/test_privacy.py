@@ -1,4 +1,5 @@
 """Pseudonyms equal Python's HMAC; PII is replaced, look-alikes that are not PII survive."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,12 @@ from userlens.privacy import load_key, pseudonymize, scrub_pii
 def test_pseudonym_equals_python_hmac(spark, secret):
     key = load_key(PrivacySettings(key_env="K"), {"K": secret})
     ids = ["u0000123", "  alice  ", "ünïcødé-用户", "", None]
-    got = [r[0] for r in spark.createDataFrame([(i,) for i in ids], "id string")
-           .select(pseudonymize(F.col("id"), key)).collect()]
+    got = [
+        r[0]
+        for r in spark.createDataFrame([(i,) for i in ids], "id string")
+        .select(pseudonymize(F.col("id"), key))
+        .collect()
+    ]
     expected = [hmac.new(secret.encode(), i.strip().encode(), hashlib.sha256).hexdigest() for i in ids[:3]]
     assert got == expected + [None, None]
 

@@ -4,6 +4,7 @@ One `userlens demo` runs as a subprocess (small settings, DP-SGD on, a planted H
 stdout and stderr (JVM and Python workers included) captured; every test of the first part reads that
 run's output, warehouse, models and report. The second part checks the scanner's transforms on inline
 rows. Real Spark, real Delta, real MiniLM and Opacus."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -49,9 +50,19 @@ from userlens.tables import TABLES, Tables
 
 PLANTED_KEY = "pl4nted-HMAC-s3cret-9c1e77b0a2"
 USERS = 150
-DEMO = ["sample.users=150", "sample.days=14", "sample.pii_fraction=0.2", "train.epochs=2", "train.min_users=30",
-        "train.min_class_users=3", "train.num_processes=1", "train.dp.enabled=true",
-        "train.recommend.enabled=false", "profile.segments=3", "privacy.min_segment_size=5"]
+DEMO = [
+    "sample.users=150",
+    "sample.days=14",
+    "sample.pii_fraction=0.2",
+    "train.epochs=2",
+    "train.min_users=30",
+    "train.min_class_users=3",
+    "train.num_processes=1",
+    "train.dp.enabled=true",
+    "train.recommend.enabled=false",
+    "profile.segments=3",
+    "privacy.min_segment_size=5",
+]
 
 # the formats of lib/userlens/sample.py's _make_pii, written independently of the scrubber's patterns
 SAMPLE_PII = {
@@ -63,8 +74,13 @@ SAMPLE_PII = {
 
 
 def demo_paths(root: Path) -> list[str]:
-    return [f"storage.warehouse={root / 'warehouse'}", f"storage.models={root / 'models'}",
-            f"source.path={root / 'raw'}", f"sample.out={root / 'raw'}", f"nightly.report_dir={root / 'reports'}"]
+    return [
+        f"storage.warehouse={root / 'warehouse'}",
+        f"storage.models={root / 'models'}",
+        f"source.path={root / 'raw'}",
+        f"sample.out={root / 'raw'}",
+        f"nightly.report_dir={root / 'reports'}",
+    ]
 
 
 def demo_settings(root: Path, raw: Path | None = None):
@@ -86,18 +102,27 @@ def demo(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "USERLENS_RUN_ID"}
     env.update({"USERLENS_HMAC_KEY": PLANTED_KEY, "PYTHONUNBUFFERED": "1"})
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=1800)
+    done = subprocess.run(
+        command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1800
+    )
     seconds = time.perf_counter() - started
     print(f"demo: {seconds:.0f} s, exit {done.returncode}")
     assert done.returncode == 0, done.stdout[-3000:]
-    return SimpleNamespace(root=root, output=done.stdout, seconds=seconds,
-                           key=load_key(make_settings(root).privacy, {"USERLENS_HMAC_KEY": PLANTED_KEY}))
+    return SimpleNamespace(
+        root=root,
+        output=done.stdout,
+        seconds=seconds,
+        key=load_key(make_settings(root).privacy, {"USERLENS_HMAC_KEY": PLANTED_KEY}),
+    )
 
 
 def raw_lines(root: Path) -> list[str]:
-    return [line for path in sorted((root / "raw" / "events").rglob("part-*"))
-            for line in path.read_text().splitlines() if line.strip()]
+    return [
+        line
+        for path in sorted((root / "raw" / "events").rglob("part-*"))
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def planted_secrets(root: Path) -> dict[str, set[str]]:
@@ -112,10 +137,14 @@ def planted_secrets(root: Path) -> dict[str, set[str]]:
         except json.JSONDecodeError:
             continue  # the sample's broken lines hold no text field that the others do not
         texts += [record.get("query") or "", record.get("review_text") or ""]
-    pii = {kind: {m.group(0) for text in texts for m in re.finditer(pattern, text)}
-           for kind, pattern in SAMPLE_PII.items()}
-    return {"key": {PLANTED_KEY, key.hex(), bytes(b ^ 0x36 for b in key).hex(), bytes(b ^ 0x5C for b in key).hex()},
-            "raw ids": ids, **pii}
+    pii = {
+        kind: {m.group(0) for text in texts for m in re.finditer(pattern, text)} for kind, pattern in SAMPLE_PII.items()
+    }
+    return {
+        "key": {PLANTED_KEY, key.hex(), bytes(b ^ 0x36 for b in key).hex(), bytes(b ^ 0x5C for b in key).hex()},
+        "raw ids": ids,
+        **pii,
+    }
 
 
 def leaks(text: str, secrets: dict[str, set[str]]) -> dict[str, list[str]]:
@@ -141,6 +170,7 @@ def delta_rows(path: Path, column: str) -> list:
 
 # --------------------------------------------------------------------------- the demo run
 
+
 def test_the_demo_leaks_no_key_raw_id_or_pii_into_logs_report_runs_or_metrics(demo):
     secrets = planted_secrets(demo.root)
     assert len(secrets["raw ids"]) >= USERS * 0.9
@@ -148,8 +178,9 @@ def test_the_demo_leaks_no_key_raw_id_or_pii_into_logs_report_runs_or_metrics(de
         assert len(secrets[kind]) >= 5, f"the sample planted too few {kind} values to test: {secrets[kind]}"
     # everything was captured: our log lines, the JVM's, and the demo's closing table
     assert "userlens INFO nightly: privacy_check" in demo.output
-    assert re.search(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (WARN|INFO|ERROR) \w+: ", demo.output, re.M), \
+    assert re.search(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d (WARN|INFO|ERROR) \w+: ", demo.output, re.M), (
         "no JVM log line captured"
+    )
     assert "userlens demo: tables in" in demo.output
 
     reports = sorted((demo.root / "reports").glob("*.html"))
@@ -158,8 +189,11 @@ def test_the_demo_leaks_no_key_raw_id_or_pii_into_logs_report_runs_or_metrics(de
     assert '"key_id"' in details  # ingest's details are there
     metrics = sorted((demo.root / "models").rglob("metrics.json"))
     assert metrics
-    places = {"stdout+stderr": demo.output, "pipeline_runs.details": details,
-              **{str(p.relative_to(demo.root)): p.read_text(encoding="utf-8") for p in [*reports, *metrics]}}
+    places = {
+        "stdout+stderr": demo.output,
+        "pipeline_runs.details": details,
+        **{str(p.relative_to(demo.root)): p.read_text(encoding="utf-8") for p in [*reports, *metrics]},
+    }
     found = {place: hit for place, text in places.items() if (hit := leaks(text, secrets))}
     assert found == {}
 
@@ -180,9 +214,12 @@ def test_ingest_refuses_another_key_in_one_line_and_writes_nothing(spark, demo):
     tables = Tables(spark, settings.storage)
     versions = {t: tables.delta(t).history(1).first()["version"] for t in ("events", "events_quarantine", "items")}
     other = load_key(settings.privacy, {"USERLENS_HMAC_KEY": "another-key-0123456789abcdef"})
-    with pytest.raises(SecretError, match=rf"^the events in .* were pseudonymized with key id {demo.key.key_id}, but "
-                                          rf"the key in USERLENS_HMAC_KEY has key id {other.key_id}: .*"
-                                          r'docs/privacy\.md, "Rotating the key" describes$') as err:
+    with pytest.raises(
+        SecretError,
+        match=rf"^the events in .* were pseudonymized with key id {demo.key.key_id}, but "
+        rf"the key in USERLENS_HMAC_KEY has key id {other.key_id}: .*"
+        r'docs/privacy\.md, "Rotating the key" describes$',
+    ) as err:
         run_ingest(spark, settings, other, StageRun("ingest", "wrong-key"))
     assert "\n" not in str(err.value)
     assert {t: tables.delta(t).history(1).first()["version"] for t in versions} == versions
@@ -217,10 +254,19 @@ def test_the_nightly_ran_retention_and_privacy_check_last_and_both_passed(demo):
     details = json.loads(check["details"])
     assert details["result"] == "pass" and details["raw_ids_searched"] == len(planted_secrets(demo.root)["raw ids"])
     assert details["raw_ids_skipped"] == 0
-    assert set(details["tables"]) >= {"events", "events_quarantine", "items", "user_texts", "user_embeddings",
-                                      "user_scores", "segments", "user_profiles", "pipeline_runs"}
+    assert set(details["tables"]) >= {
+        "events",
+        "events_quarantine",
+        "items",
+        "user_texts",
+        "user_embeddings",
+        "user_scores",
+        "segments",
+        "user_profiles",
+        "pipeline_runs",
+    }
     assert details["tables"]["events_quarantine"]["rows"] > 0 and details["tables"]["events"]["rows"] > 1000
-    table = demo.output[re.search(r"^table\s+rows\s+raw-id hits\s+email", demo.output, re.M).start():]
+    table = demo.output[re.search(r"^table\s+rows\s+raw-id hits\s+email", demo.output, re.M).start() :]
     for name in ("events", "events_quarantine", "items", "user_texts", "user_profiles", "pipeline_runs"):
         assert re.search(rf"^{name}\s+[\d,]+\s+0\s+0\s+0\s+0\s+0\s+0\s+pass$", table, re.M), name
     assert all(re.search(rf"^{name}\s", table, re.M) for name in TABLES)  # every table has its row
@@ -249,20 +295,29 @@ def test_privacy_check_fails_naming_table_and_column_after_a_raw_id_is_planted(s
     command = [sys.executable, "-m", "userlens.cli", "privacy-check", "--full"]
     for item in [*SPARK_OVERRIDES, *demo_paths(tmp_path), f"source.path={demo.root / 'raw'}", *DEMO]:
         command += ["--set", item]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "USERLENS_HMAC_KEY": PLANTED_KEY})
+    done = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "USERLENS_HMAC_KEY": PLANTED_KEY},
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert re.search(r"^items\s+[\d,]+\s+1\s+0\s+0\s+0\s+0\s+0\s+FAIL$", done.stdout, re.M), done.stdout
     assert re.search(r"^events\s+[\d,]+\s+0\s+0\s+0\s+0\s+0\s+0\s+pass$", done.stdout, re.M), done.stdout
     assert "FAIL items.title: 1 raw user id(s)" in done.stdout
     assert "scanned: every row: full scan asked for" in done.stdout  # --full
-    assert done.stderr.strip().splitlines()[-1] == \
-        "userlens: error: privacy-check failed: items.title: 1 raw user id(s)"
+    assert (
+        done.stderr.strip().splitlines()[-1] == "userlens: error: privacy-check failed: items.title: 1 raw user id(s)"
+    )
     assert raw_id not in done.stdout + done.stderr
     failed = Tables(spark, settings.storage).read("pipeline_runs").where("status = 'failed'").collect()
     assert [r["stage"] for r in failed] == ["privacy_check"]
-    assert json.loads(failed[0]["details"])["error"] == \
-        "PrivacyCheckFailed: privacy-check failed: items.title: 1 raw user id(s)"
+    assert (
+        json.loads(failed[0]["details"])["error"]
+        == "PrivacyCheckFailed: privacy-check failed: items.title: 1 raw user id(s)"
+    )
 
 
 def test_privacy_check_fails_naming_table_and_column_after_an_email_is_planted(spark, demo, tmp_path):
@@ -318,8 +373,9 @@ def test_a_second_check_scans_only_the_rows_added_since_the_passing_one(spark, d
     assert by_table["events"].rows == 0 and by_table["user_texts"].rows == 0  # nothing written since
     assert by_table["pipeline_runs"].rows == since and by_table["pipeline_runs"].scanned.startswith("new since v")
     assert result.ids_searched == len(planted_secrets(demo.root)["raw ids"])  # every raw id, still
-    assert re.search(r"^privacy-check: pass \(\d+ tables, new rows; \d+ raw user ids searched\)$",
-                     format_table(result), re.M)
+    assert re.search(
+        r"^privacy-check: pass \(\d+ tables, new rows; \d+ raw user ids searched\)$", format_table(result), re.M
+    )
 
     # a new night of user_texts: a text equal to one already checked is not scanned again; one changed under
     # the same text_hash (written by something else than textualize) is
@@ -327,8 +383,9 @@ def test_a_second_check_scans_only_the_rows_added_since_the_passing_one(spark, d
     newest = texts.agg(F.max("as_of_date")).first()[0]
     night = texts.where(F.col("as_of_date") == newest).withColumn("as_of_date", F.date_add("as_of_date", 1))
     changed = night.agg(F.min("user_key")).first()[0]
-    night = night.withColumn("text", F.when(F.col("user_key") == changed, F.concat("text", F.lit(" more")))
-                             .otherwise(F.col("text")))
+    night = night.withColumn(
+        "text", F.when(F.col("user_key") == changed, F.concat("text", F.lit(" more"))).otherwise(F.col("text"))
+    )
     before = tables.version("user_texts")
     tables.append("user_texts", night)
     rows, scanned = rows_to_check(tables, "user_texts", tables.version("user_texts"), before)
@@ -364,6 +421,7 @@ def test_a_full_scan_comes_back_every_check_full_every_days(spark, demo):
 
 # --------------------------------------------------------------------------- DP in user_profiles
 
+
 def test_user_profiles_carry_the_dp_guarantee_of_their_model_and_the_report_shows_it(demo):
     from deltalake import DeltaTable
 
@@ -378,19 +436,25 @@ def test_user_profiles_carry_the_dp_guarantee_of_their_model_and_the_report_show
     # no head taken from the baseline, which is fitted without noise
     assert metrics["training"]["baseline_fallback"] == {}  # no fallback head under DP-SGD
     assert dp["delta"] < 1.0 / metrics["data"]["splits"]["train"]["users"]  # user-level: delta below 1/n
-    train_run = next(r for r in DeltaTable(str(demo.root / "warehouse" / "pipeline_runs")).to_pyarrow_table()
-                     .to_pylist() if r["stage"] == "train")
+    train_run = next(
+        r
+        for r in DeltaTable(str(demo.root / "warehouse" / "pipeline_runs")).to_pyarrow_table().to_pylist()
+        if r["stage"] == "train"
+    )
     assert json.loads(train_run["details"])["dp"] == dp  # what the run recorded is what the artifact holds
     assert set(delta_rows(demo.root / "warehouse" / "user_profiles", "model_version")) == {version}
     report = next((demo.root / "reports").glob("*.html")).read_text(encoding="utf-8")
-    assert (f"<code>user_profiles</code> hold scores of model <code>{version}</code>, trained with DP-SGD: "
-            f"&epsilon; = {props[DP_EPSILON_PROPERTY]}, &delta; = {props[DP_DELTA_PROPERTY]}") in report
+    assert (
+        f"<code>user_profiles</code> hold scores of model <code>{version}</code>, trained with DP-SGD: "
+        f"&epsilon; = {props[DP_EPSILON_PROPERTY]}, &delta; = {props[DP_DELTA_PROPERTY]}"
+    ) in report
 
 
 def test_a_second_profile_run_commits_nothing(spark, demo, tmp_path):
     shutil.copytree(demo.root / "warehouse", tmp_path / "warehouse")
-    settings = make_settings(tmp_path, *DEMO, f"source.path={demo.root / 'raw'}",
-                             f"storage.models={demo.root / 'models'}")
+    settings = make_settings(
+        tmp_path, *DEMO, f"source.path={demo.root / 'raw'}", f"storage.models={demo.root / 'models'}"
+    )
     tables = Tables(spark, settings.storage)
     before = tables.delta("user_profiles").history(1).first()["version"]
     as_of = tables.read("user_profiles").agg(F.max("as_of_date")).first()[0]
@@ -401,11 +465,15 @@ def test_a_second_profile_run_commits_nothing(spark, demo, tmp_path):
 
 def test_model_properties_take_the_weakest_guarantee():
     dp = {"epsilon": 2.5, "delta": 1e-3}
-    assert model_properties({}) == dict.fromkeys([MODEL_VERSION_PROPERTY, DP_PROPERTY, DP_EPSILON_PROPERTY,
-                                                  DP_DELTA_PROPERTY])
+    assert model_properties({}) == dict.fromkeys(
+        [MODEL_VERSION_PROPERTY, DP_PROPERTY, DP_EPSILON_PROPERTY, DP_DELTA_PROPERTY]
+    )
     assert model_properties({"v2": {"epsilon": 7.123456, "delta": 1e-4}, "v1": dp}) == {
-        MODEL_VERSION_PROPERTY: "v1,v2", DP_PROPERTY: "dp-sgd", DP_EPSILON_PROPERTY: "7.1235",
-        DP_DELTA_PROPERTY: "0.001"}
+        MODEL_VERSION_PROPERTY: "v1,v2",
+        DP_PROPERTY: "dp-sgd",
+        DP_EPSILON_PROPERTY: "7.1235",
+        DP_DELTA_PROPERTY: "0.001",
+    }
     assert model_properties({"v1": dp, "v2": {}})[DP_PROPERTY] == "none"
     assert model_properties({"v1": dp, "v2": {}})[DP_EPSILON_PROPERTY] is None
     assert model_properties({"v1": dp, "v2": None})[DP_PROPERTY] == "unknown"
@@ -413,14 +481,19 @@ def test_model_properties_take_the_weakest_guarantee():
 
 # --------------------------------------------------------------------------- the scanner's transforms
 
+
 def test_raw_ids_are_counted_as_whole_tokens_in_strings_and_arrays(spark):
-    rows = [("u1234 and u1234.", ["x", "(u1234)"], '{"user_id":"u1234"}'),
-            ("u12345 xu1234 u1234-b u1234.5 u1234@mail.com", ["u12345"], None),
-            ("ask user 77 please", None, "ab ab ab"),
-            (None, ["user 7"], "user 778")]
+    rows = [
+        ("u1234 and u1234.", ["x", "(u1234)"], '{"user_id":"u1234"}'),
+        ("u12345 xu1234 u1234-b u1234.5 u1234@mail.com", ["u12345"], None),
+        ("ask user 77 please", None, "ab ab ab"),
+        (None, ["user 7"], "user 778"),
+    ]
     df = spark.createDataFrame(rows, "text string, items array<string>, raw string")
-    ids = raw_id_table(spark.createDataFrame([("u1234",), (" u1234 ",), ("user 77",), ("ab",), ("",), (None,)],
-                                             "raw_id string"), min_chars=3)
+    ids = raw_id_table(
+        spark.createDataFrame([("u1234",), (" u1234 ",), ("user 77",), ("ab",), ("",), (None,)], "raw_id string"),
+        min_chars=3,
+    )
     table = {r["raw_id"]: (r["anchor"], r["single"], r["searched"]) for r in ids.collect()}
     assert table == {"u1234": ("u1234", True, True), "user 77": ("user", False, True), "ab": ("ab", True, False)}
     hits = {r["column"]: r["hits"] for r in raw_id_hits(df, ids.where("searched")).collect()}
@@ -429,10 +502,18 @@ def test_raw_ids_are_counted_as_whole_tokens_in_strings_and_arrays(spark):
 
 
 def test_pii_is_what_a_second_scrub_adds(spark):
-    stored = ["<email> wrote", "call <phone>, card <card>", "order #A-10293847 on 2026-10-03 for $1,299.99",
-              "v2.10.3 firmware", None]
-    leaked = ["mail jane.doe@mail.example.com or +1 415-555-0134", "card 4111 1111 1111 1111 ip 10.0.0.1",
-              "iban DE89 3704 0044 0532 0130 00 and 2001:db8::8a2e:370:7334"]
+    stored = [
+        "<email> wrote",
+        "call <phone>, card <card>",
+        "order #A-10293847 on 2026-10-03 for $1,299.99",
+        "v2.10.3 firmware",
+        None,
+    ]
+    leaked = [
+        "mail jane.doe@mail.example.com or +1 415-555-0134",
+        "card 4111 1111 1111 1111 ip 10.0.0.1",
+        "iban DE89 3704 0044 0532 0130 00 and 2001:db8::8a2e:370:7334",
+    ]
     df = spark.createDataFrame([(t, [t] if t else None) for t in [*stored, *leaked]], "text string, tags array<string>")
     assert [r[0] for r in df.select(scrub_pii(F.col("text"))).collect()][:4] == stored[:4]  # already clean
     counts = pii_counts(df).first().asDict()

@@ -1,5 +1,6 @@
 """Quarantine retention on real Delta: rows older than privacy.quarantine_retention_days before the as-of
 date go (by source_date, else quarantined_at); nothing due commits nothing; each run has its pipeline_runs row."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -31,8 +32,9 @@ ROWS = [
 
 
 def retention(spark, settings, as_of=AS_OF):
-    return run_stage("quarantine_retention", settings, spark,
-                     lambda run: run_quarantine_retention(spark, settings, run, as_of))
+    return run_stage(
+        "quarantine_retention", settings, spark, lambda run: run_quarantine_retention(spark, settings, run, as_of)
+    )
 
 
 def test_expired_rows_go_and_a_second_run_commits_nothing(spark, tmp_path):

@@ -1,5 +1,6 @@
 """The two-tower head's pieces without Spark: list columns to index matrices, positive sampling, the
 logQ-corrected in-batch softmax, top-K with exclusions, and a fit that learns a pattern popularity cannot."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -101,7 +102,7 @@ def test_recommend_before_fit_is_an_error():
 def test_the_repeat_term_lifts_items_of_the_users_own_history():
     users = torch.zeros(2, 2)
     items = (torch.zeros(3, 2), torch.tensor([0.0, 0.1, 0.2]))  # without history: item 2 first
-    hist = torch.tensor([[0, 3], [3, 3]])                        # user 0 saw item 0; 3 = pad
+    hist = torch.tensor([[0, 3], [3, 3]])  # user 0 saw item 0; 3 = pad
     weights = torch.tensor([[0.5, 0.0], [0.0, 0.0]])
     top = top_k(users, items, np.full((2, 1), -1), k=3, repeat=(hist, weights, torch.tensor(1.0)))
     assert top[0].tolist() == [0, 2, 1] and top[1].tolist() == [2, 1, 0]

@@ -1,4 +1,5 @@
 """The HTML report on small real Delta tables and a fake-but-real model artifact directory."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -44,25 +45,60 @@ def _write_artifact(models: Path) -> None:
     rng = np.random.default_rng(0)
     root = f"{models}/{VERSION}"
     binary = {"auc": 0.82, "pr_auc": 0.7, "log_loss": 0.5, "ece": 0.03, "n": 200, "positives": 90}
-    write_json(f"{root}/model.json", {"format_version": 1, "tasks": ["purchase", "churn", "next_category"],
-                                      "classes": ["books", "garden", HOSTILE], "hidden": [8], "dropout": 0.1,
-                                      "input_dim": 10, "numeric_dim": 2})
-    info = TrainingInfo(best_epoch=3, best_valid_loss=0.5, epochs_run=5, samples=3500, fit_seconds=2.0,
-                        samples_per_second=1750.0, world_size=2, device="cpu",
-                        baseline_fallback={"purchase": "trained", "churn": "baseline"},
-                        dp={"epsilon": 3.21, "delta": 1e-3, "unit": "user"})
-    data = TrainingData(AS_OF.isoformat(), "2026-10-23", 7,
-                        {s: {"users": n, "purchase": 5, "churn": 3, "next_category": 4}
-                         for s, n in (("train", 700), ("valid", 150), ("test", 200))}, "minilm-test")
+    write_json(
+        f"{root}/model.json",
+        {
+            "format_version": 1,
+            "tasks": ["purchase", "churn", "next_category"],
+            "classes": ["books", "garden", HOSTILE],
+            "hidden": [8],
+            "dropout": 0.1,
+            "input_dim": 10,
+            "numeric_dim": 2,
+        },
+    )
+    info = TrainingInfo(
+        best_epoch=3,
+        best_valid_loss=0.5,
+        epochs_run=5,
+        samples=3500,
+        fit_seconds=2.0,
+        samples_per_second=1750.0,
+        world_size=2,
+        device="cpu",
+        baseline_fallback={"purchase": "trained", "churn": "baseline"},
+        dp={"epsilon": 3.21, "delta": 1e-3, "unit": "user"},
+    )
+    data = TrainingData(
+        AS_OF.isoformat(),
+        "2026-10-23",
+        7,
+        {
+            s: {"users": n, "purchase": 5, "churn": 3, "next_category": 4}
+            for s, n in (("train", 700), ("valid", 150), ("test", 200))
+        },
+        "minilm-test",
+    )
     metrics = ModelMetrics(
-        VERSION, "snap-1",
-        model={"purchase": binary, "churn": {**binary, "auc": 0.88},
-               "next_category": {"accuracy": 0.47, "top3_accuracy": 0.81, "n": 150}},
-        baseline={"purchase": {**binary, "auc": 0.8}, "churn": {**binary, "auc": 0.86},
-                  "next_category": {"accuracy": 0.23, "top3_accuracy": 0.6, "n": 150}},
-        data=data, training=info,
-        recommendations={"<b>popularity</b>": {"hr@10": 0.1, "ndcg@10": 0.05},
-                         "two-tower": {"hr@10": 0.2, "ndcg@10": 0.11}})
+        VERSION,
+        "snap-1",
+        model={
+            "purchase": binary,
+            "churn": {**binary, "auc": 0.88},
+            "next_category": {"accuracy": 0.47, "top3_accuracy": 0.81, "n": 150},
+        },
+        baseline={
+            "purchase": {**binary, "auc": 0.8},
+            "churn": {**binary, "auc": 0.86},
+            "next_category": {"accuracy": 0.23, "top3_accuracy": 0.6, "n": 150},
+        },
+        data=data,
+        training=info,
+        recommendations={
+            "<b>popularity</b>": {"hr@10": 0.1, "ndcg@10": 0.05},
+            "two-tower": {"hr@10": 0.2, "ndcg@10": 0.11},
+        },
+    )
     write_json(f"{root}/metrics.json", metrics.to_json())
     write_bytes(f"{root}/test_predictions.npz", _predictions(rng, 200, 0.5))
     write_bytes(f"{root}/baseline_predictions.npz", _predictions(rng, 200, 0.3))
@@ -74,23 +110,75 @@ def _write_tables(spark, settings) -> None:
     rng = np.random.default_rng(1)
     now = dt.datetime(2026, 10, 30, 3, 0, 0)
     earlier = AS_OF - dt.timedelta(days=1)
-    scores = [(_user(i), day, VERSION, f"h{i}", float(rng.uniform()), float(rng.uniform()), "books", 0.4, now,
-               ["i00001", "i00002"])
-              for i in range(40) for day in ((earlier, AS_OF) if i % 2 else (earlier,))]
+    scores = [
+        (
+            _user(i),
+            day,
+            VERSION,
+            f"h{i}",
+            float(rng.uniform()),
+            float(rng.uniform()),
+            "books",
+            0.4,
+            now,
+            ["i00001", "i00002"],
+        )
+        for i in range(40)
+        for day in ((earlier, AS_OF) if i % 2 else (earlier,))
+    ]
     tables.merge("user_scores", spark.createDataFrame(scores, table_schema("user_scores")))
-    segments = [(0, AS_OF, 50, True, [HOSTILE, "books"], VERSION),
-                (1, AS_OF, 30, True, ["garden"], VERSION),
-                (2, AS_OF, 3, False, [HIDDEN], VERSION)]  # unpublished: its categories must not show
+    segments = [
+        (0, AS_OF, 50, True, [HOSTILE, "books"], VERSION),
+        (1, AS_OF, 30, True, ["garden"], VERSION),
+        (2, AS_OF, 3, False, [HIDDEN], VERSION),
+    ]  # unpublished: its categories must not show
     tables.merge("segments", spark.createDataFrame(segments, table_schema("segments")))
-    profiles = [(_user(i), AS_OF, [float(v) for v in rng.normal(i % 3, 1.0, 8)], 0.5, 0.2, "books", ["books"],
-                 i % 3 if i % 3 != 2 else None, None, 3, 4, 10.0, VERSION, now) for i in range(60)]
+    profiles = [
+        (
+            _user(i),
+            AS_OF,
+            [float(v) for v in rng.normal(i % 3, 1.0, 8)],
+            0.5,
+            0.2,
+            "books",
+            ["books"],
+            i % 3 if i % 3 != 2 else None,
+            None,
+            3,
+            4,
+            10.0,
+            VERSION,
+            now,
+        )
+        for i in range(60)
+    ]
     tables.merge("user_profiles", spark.createDataFrame(profiles, table_schema("user_profiles")))
-    runs = [("run-1", "ingest", earlier, "succeeded", now - dt.timedelta(days=1),
-             now - dt.timedelta(days=1) + dt.timedelta(seconds=5), 1000, 990, "{}"),
-            ("run-2", "ingest", AS_OF, "succeeded", now, now + dt.timedelta(seconds=10), 2000, 1990, "{}"),
-            ("run-2", "score", AS_OF, "succeeded", now, now + dt.timedelta(seconds=4), 40, 20, "{}"),
-            ("run-2", "train", AS_OF, "failed", now, now + dt.timedelta(seconds=2), None, None,
-             '{"error": "UserlensError: <img src=x onerror=alert(2)>"}')]
+    runs = [
+        (
+            "run-1",
+            "ingest",
+            earlier,
+            "succeeded",
+            now - dt.timedelta(days=1),
+            now - dt.timedelta(days=1) + dt.timedelta(seconds=5),
+            1000,
+            990,
+            "{}",
+        ),
+        ("run-2", "ingest", AS_OF, "succeeded", now, now + dt.timedelta(seconds=10), 2000, 1990, "{}"),
+        ("run-2", "score", AS_OF, "succeeded", now, now + dt.timedelta(seconds=4), 40, 20, "{}"),
+        (
+            "run-2",
+            "train",
+            AS_OF,
+            "failed",
+            now,
+            now + dt.timedelta(seconds=2),
+            None,
+            None,
+            '{"error": "UserlensError: <img src=x onerror=alert(2)>"}',
+        ),
+    ]
     tables.merge("pipeline_runs", spark.createDataFrame(runs, table_schema("pipeline_runs")))
 
 
@@ -111,11 +199,11 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) >= 4
     assert len(re.findall(r"<img ", page)) == page.count("data:image/png;base64,")
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "&lt;img src=x onerror=alert(2)&gt;" in page   # a failed run's error, escaped
-    assert "&lt;b&gt;popularity&lt;/b&gt;" in page        # a recommendation method, escaped
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page  # a failed run's error, escaped
+    assert "&lt;b&gt;popularity&lt;/b&gt;" in page  # a recommendation method, escaped
     assert HIDDEN not in page
     assert "1 suppressed" in page
-    assert "userkey-" not in page                          # no user keys
+    assert "userkey-" not in page  # no user keys
     assert "&epsilon; = 3.2100" in page and "2026-10-23" in page
     assert "the model's churn head is the baseline's logistic regression" in page  # and not purchase's
     assert "not available yet" not in page

@@ -32,9 +32,7 @@ SIGNAL = SampleSpec(users=300, days=28, seed=11, malformed_fraction=0.0, pii_fra
 
 TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 EMAIL_RE = re.compile(r"[a-z0-9._]+@[a-z0-9.]+\.[a-z]{2,}")
-PHONE_RE = re.compile(
-    r"\+1 \d{3}-\d{3}-\d{4}|\(\d{3}\) \d{3}-\d{4}|\+44 \d{2} \d{4} \d{4}|\b0\d{2} \d{7}\b"
-)
+PHONE_RE = re.compile(r"\+1 \d{3}-\d{3}-\d{4}|\(\d{3}\) \d{3}-\d{4}|\+44 \d{2} \d{4} \d{4}|\b0\d{2} \d{7}\b")
 CARD_RE = re.compile(r"\b\d{4}([ -])\d{4}\1\d{4}\1\d{4}\b")
 IPV4_RE = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
 
@@ -113,8 +111,7 @@ def signal_events() -> pd.DataFrame:
     """A clean sample as a DataFrame, generated per user without Spark (the same
     lines Spark writes: see test_deterministic_and_partition_independent)."""
     catalog = build_catalog(SIGNAL)
-    rows = [json.loads(line) for i in range(SIGNAL.users)
-            for _, line in generate_user_lines(SIGNAL, i, catalog)]
+    rows = [json.loads(line) for i in range(SIGNAL.users) for _, line in generate_user_lines(SIGNAL, i, catalog)]
     df = pd.DataFrame(rows)
     df["ts"] = pd.to_datetime(df["ts"], utc=True)
     return df
@@ -162,8 +159,7 @@ def test_deterministic_and_partition_independent(spark, small, tmp_path):
     other = dataclasses.replace(SMALL, seed=8)
     other_catalog = build_catalog(other)
     assert other_catalog.records != catalog.records
-    other_lines = {line for i in range(SMALL.users)
-                   for _, line in generate_user_lines(other, i, other_catalog)}
+    other_lines = {line for i in range(SMALL.users) for _, line in generate_user_lines(other, i, other_catalog)}
     assert len(other_lines) > 0.5 * len(events)
     assert len(other_lines & {line for _, line in events}) < 0.01 * len(events)
 
@@ -172,8 +168,7 @@ def test_every_malformed_kind_appears(small):
     _, events = small
     lines = [line for _, line in events]
     kinds = collections.Counter(classify(line) for line in lines)
-    for kind in ("broken_json", "missing_user_id", "bad_timestamp", "negative_price",
-                 "unknown_event_type"):
+    for kind in ("broken_json", "missing_user_id", "bad_timestamp", "negative_price", "unknown_event_type"):
         assert kinds[kind] >= 1, (kind, kinds)
     dup = [line for line, n in collections.Counter(lines).items() if n > 1]
     assert dup, "no exact duplicate lines"
@@ -254,8 +249,9 @@ def test_pii_fraction_zero_means_no_pii():
                 if key in ev:
                     text = ev[key]
                     checked += 1
-                    assert not (EMAIL_RE.search(text) or PHONE_RE.search(text)
-                                or CARD_RE.search(text) or IPV4_RE.search(text)), text
+                    assert not (
+                        EMAIL_RE.search(text) or PHONE_RE.search(text) or CARD_RE.search(text) or IPV4_RE.search(text)
+                    ), text
     # the loop saw free texts at all (40 users x 14 days write some hundreds of queries and reviews)
     assert checked >= 100
 
@@ -298,12 +294,18 @@ def test_signal_abandoned_considered_carts_come_back(signal_events):
     dt = m.ts_p - m.ts
     same_session = (m.item_id_p == m.item_id) & (dt >= pd.Timedelta(0)) & (dt <= pd.Timedelta(hours=1))
     later = (dt > pd.Timedelta(hours=1)) & (dt <= pd.Timedelta(days=7))
-    per_cart = pd.DataFrame({
-        "cart": m.cart,
-        "bought_now": same_session,
-        "any_later": later,
-        "same_later": later & (m.item_id_p == m.item_id),
-    }).groupby("cart").any()
+    per_cart = (
+        pd.DataFrame(
+            {
+                "cart": m.cart,
+                "bought_now": same_session,
+                "any_later": later,
+                "same_later": later & (m.item_id_p == m.item_id),
+            }
+        )
+        .groupby("cart")
+        .any()
+    )
     per_cart = per_cart.join(carts.set_index("cart")["category"])
     abandoned = per_cart[~per_cart.bought_now]
     considered = abandoned[abandoned.category.isin(CONSIDERED_CATEGORIES)]
@@ -319,8 +321,9 @@ def test_signal_abandoned_considered_carts_come_back(signal_events):
 def test_signal_negative_review_precedes_churn(signal_events):
     df = signal_events
     last_seen = df.groupby("user_id").ts.max()
-    reviews = df[(df.event_type == "review")
-                 & (df.ts <= pd.Timestamp(SIGNAL.end_date, tz="UTC") - pd.Timedelta(days=7))]
+    reviews = df[
+        (df.event_type == "review") & (df.ts <= pd.Timestamp(SIGNAL.end_date, tz="UTC") - pd.Timedelta(days=7))
+    ]
     gone = reviews.apply(lambda r: last_seen[r.user_id] <= r.ts + pd.Timedelta(days=4), axis=1)
     neg, pos = gone[reviews.rating <= 2], gone[reviews.rating >= 4]
     assert len(neg) >= 5 and len(pos) >= 20

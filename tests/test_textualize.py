@@ -1,4 +1,5 @@
 """Textualize: golden texts (en, zh), stability, budget, skew, idempotence, no Python UDF in the plan."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -75,9 +76,18 @@ def test_same_events_same_bytes_and_hash_depends_on_version(spark, tmp_path):
 
 
 def test_budget_keeps_header_and_newest_events(spark, tmp_path):
-    rows = [event("P", f"p{i:03d}", f"2026-10-{1 + i // 40:02d} {8 + (i % 40) // 4:02d}:{(i * 7) % 60:02d}:00",
-                  "view", f"i{i % 7}", "outdoor", 10.0 + i)
-            for i in range(120)]
+    rows = [
+        event(
+            "P",
+            f"p{i:03d}",
+            f"2026-10-{1 + i // 40:02d} {8 + (i % 40) // 4:02d}:{(i * 7) % 60:02d}:00",
+            "view",
+            f"i{i % 7}",
+            "outdoor",
+            10.0 + i,
+        )
+        for i in range(120)
+    ]
     settings = make_settings(tmp_path, "textualize.max_tokens=64")
     text = texts_for(spark, rows, settings).first().text
     budget = int(64 * 3.0)
@@ -99,10 +109,20 @@ def test_default_budget_fits_the_encoder(spark, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(pathlib.Path(pkg_file).parent / "model"))
-    rows = [event("Q", f"q{i:03d}", f"2026-10-{1 + i % 20:02d} 10:{i % 60:02d}:00", ["view", "search", "review"][i % 3],
-                  f"i{i}", "electronics", 123.45 + i, query=f"wireless noise cancelling headphones {i}",
-                  text="Great sound, battery lasts 30 hours, 5 stars from me " * 3)
-            for i in range(150)]
+    rows = [
+        event(
+            "Q",
+            f"q{i:03d}",
+            f"2026-10-{1 + i % 20:02d} 10:{i % 60:02d}:00",
+            ["view", "search", "review"][i % 3],
+            f"i{i}",
+            "electronics",
+            123.45 + i,
+            query=f"wireless noise cancelling headphones {i}",
+            text="Great sound, battery lasts 30 hours, 5 stars from me " * 3,
+        )
+        for i in range(150)
+    ]
     settings = make_settings(tmp_path)
     text = texts_for(spark, rows, settings).first().text
     n_tokens = len(tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -120,17 +140,24 @@ def test_plan_has_no_python_udf(spark, tmp_path):
 def test_power_user_is_capped_before_aggregation(spark, tmp_path):
     """One user with 10^6 events among normal users completes; the text covers max_events events."""
     settings = make_settings(tmp_path)
-    power = (spark.range(1_000_000).select(
-        F.lit("POWER").alias("user_key"), F.format_string("e%07d", "id").alias("event_id"),
+    power = spark.range(1_000_000).select(
+        F.lit("POWER").alias("user_key"),
+        F.format_string("e%07d", "id").alias("event_id"),
         F.timestamp_seconds(F.lit(1759276800) + F.col("id")).alias("event_time"),
-        F.lit(dt.date(2026, 10, 1)).alias("event_date"), F.lit("view").alias("event_type"),
-        F.format_string("i%d", F.col("id") % 50).alias("item_id"), F.lit("outdoor").alias("category"),
-        F.lit(9.99).alias("price"), F.lit(None).cast("int").alias("quantity"),
+        F.lit(dt.date(2026, 10, 1)).alias("event_date"),
+        F.lit("view").alias("event_type"),
+        F.format_string("i%d", F.col("id") % 50).alias("item_id"),
+        F.lit("outdoor").alias("category"),
+        F.lit(9.99).alias("price"),
+        F.lit(None).cast("int").alias("quantity"),
         F.lit(None).cast("string").alias("query"),
-        F.lit(None).cast("string").alias("text"), F.lit("r").alias("run_id")))
+        F.lit(None).cast("string").alias("text"),
+        F.lit("r").alias("run_id"),
+    )
     normal = spark.createDataFrame(GOLDEN_EVENTS, EVENT_SCHEMA)
-    texts = build_user_texts(power.unionByName(normal), spark.createDataFrame(ITEMS, ITEM_SCHEMA),
-                             settings.textualize, TYPES, AS_OF)
+    texts = build_user_texts(
+        power.unionByName(normal), spark.createDataFrame(ITEMS, ITEM_SCHEMA), settings.textualize, TYPES, AS_OF
+    )
     plan = texts._jdf.queryExecution().executedPlan().toString()
     assert "WindowGroupLimit" in plan  # the cap runs as a per-partition limit before the shuffle
     got = {r.user_key: r.n_events for r in texts.select("user_key", "n_events").collect()}
@@ -146,8 +173,10 @@ def write_events(spark, settings, rows, items=ITEMS):
 
 def test_stable_hash_for_users_without_new_events_and_rerun_is_noop(spark, tmp_path):
     settings = make_settings(tmp_path)
-    day1 = GOLDEN_EVENTS + [event("B", "b1", "2026-10-02 12:00:00", "view", "i1", "outdoor", 89.5),
-                            event("C", "c1", "2026-10-01 12:00:00", "search", query="gift ideas")]
+    day1 = GOLDEN_EVENTS + [
+        event("B", "b1", "2026-10-02 12:00:00", "view", "i1", "outdoor", 89.5),
+        event("C", "c1", "2026-10-01 12:00:00", "search", query="gift ideas"),
+    ]
     day2 = [event("B", "b2", "2026-10-04 09:00:00", "purchase", "i1", "outdoor", 89.5, 1)]
     tables = write_events(spark, settings, day1 + day2)
     first = run_textualize(spark, settings, StageRun("textualize", "r1"), AS_OF)
@@ -162,6 +191,7 @@ def test_stable_hash_for_users_without_new_events_and_rerun_is_noop(spark, tmp_p
     again = run_textualize(spark, settings, StageRun("textualize", "r3"), d2)
     assert (again.texts_inserted, again.texts_updated) == (0, 0)
     from pyspark.testing import assertDataFrameEqual
+
     assertDataFrameEqual(tables.read("user_texts"), before)
 
 
@@ -169,9 +199,12 @@ def test_users_with_only_quarantined_rows_are_counted(spark, tmp_path):
     settings = make_settings(tmp_path)
     tables = write_events(spark, settings, GOLDEN_EVENTS)
     q = spark.createDataFrame(
-        [("{}", "bad_timestamp", "events", "r", dt.date(2026, 10, 2), "GHOST", dt.datetime(2026, 10, 2)),
-         ("{}", "bad_timestamp", "events", "r", dt.date(2026, 10, 2), "A", dt.datetime(2026, 10, 2))],
-        table_schema("events_quarantine"))
+        [
+            ("{}", "bad_timestamp", "events", "r", dt.date(2026, 10, 2), "GHOST", dt.datetime(2026, 10, 2)),
+            ("{}", "bad_timestamp", "events", "r", dt.date(2026, 10, 2), "A", dt.datetime(2026, 10, 2)),
+        ],
+        table_schema("events_quarantine"),
+    )
     tables.overwrite("events_quarantine", q)
     result = run_textualize(spark, settings, StageRun("textualize", "r1"), AS_OF)
     assert (result.users, result.users_only_quarantined, result.events_missing_item) == (1, 1, 1)

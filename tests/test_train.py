@@ -1,6 +1,7 @@
 """The train stage on real Spark, real Delta, the real MiniLM and real TorchDistributor processes:
 point-in-time features and labels (no leakage), the snapshot, DDP with 2 processes, the baseline,
 the artifact round trip, DP-SGD, barrier mode, and the errors before training."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -67,8 +68,11 @@ def test_no_leakage_across_the_cutoff(spark, warehouse):
     def inputs(ev):
         users = labelled_users(ev, cut, AS_OF, types, settings.train)
         texts = build_user_texts(ev.where(F.col("event_date") <= F.lit(cut)), items, settings.textualize, types, cut)
-        return (frame_rows(users, ["features"]), frame_rows(texts, ["text_hash"]),
-                frame_rows(users, ["purchase", "churn", "next_category_name"]))
+        return (
+            frame_rows(users, ["features"]),
+            frame_rows(texts, ["text_hash"]),
+            frame_rows(users, ["purchase", "churn", "next_category_name"]),
+        )
 
     features, texts, labels = inputs(events)
     assert len(features) > 200 and len(texts) == len(features)
@@ -76,13 +80,21 @@ def test_no_leakage_across_the_cutoff(spark, warehouse):
     # the future rewritten: every event after the cutoff dropped, a purchase added for every user
     past = events.where(F.col("event_date") <= F.lit(cut))
     day_after = dt.datetime.combine(cut + dt.timedelta(days=1), dt.time(12))
-    bought = (events.select("user_key").distinct()
-              .withColumn("event_id", F.concat(F.lit("x"), F.col("user_key")))
-              .withColumn("event_time", F.lit(day_after)).withColumn("event_date", F.lit(day_after.date()))
-              .withColumn("event_type", F.lit("purchase")).withColumn("item_id", F.lit("i00001"))
-              .withColumn("category", F.lit("pets")).withColumn("price", F.lit(9.5))
-              .withColumn("quantity", F.lit(1)).withColumn("query", F.lit(None).cast("string"))
-              .withColumn("text", F.lit(None).cast("string")).withColumn("run_id", F.lit("x")))
+    bought = (
+        events.select("user_key")
+        .distinct()
+        .withColumn("event_id", F.concat(F.lit("x"), F.col("user_key")))
+        .withColumn("event_time", F.lit(day_after))
+        .withColumn("event_date", F.lit(day_after.date()))
+        .withColumn("event_type", F.lit("purchase"))
+        .withColumn("item_id", F.lit("i00001"))
+        .withColumn("category", F.lit("pets"))
+        .withColumn("price", F.lit(9.5))
+        .withColumn("quantity", F.lit(1))
+        .withColumn("query", F.lit(None).cast("string"))
+        .withColumn("text", F.lit(None).cast("string"))
+        .withColumn("run_id", F.lit("x"))
+    )
     f2, t2, l2 = inputs(past.unionByName(bought))
     assert f2 == features, "features changed when only events after the cutoff changed"
     assert t2 == texts, "texts changed when only events after the cutoff changed"
@@ -93,8 +105,9 @@ def test_no_leakage_across_the_cutoff(spark, warehouse):
     f3, _, l3 = inputs(thinned)
     common = set(l3) & set(labels)
     assert len(common) > 200
-    assert {u: l3[u] for u in common} == {u: labels[u] for u in common}, \
+    assert {u: l3[u] for u in common} == {u: labels[u] for u in common}, (
         "labels changed when only events up to the cutoff changed"
+    )
     assert any(f3[u] != features[u] for u in common)  # the perturbation did reach the features
 
 
@@ -114,8 +127,12 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
             assert 0.0 <= metrics["model"][task][name] and 0.0 <= metrics["baseline"][task][name]
         assert metrics["model"][task]["n"] == result.users["test"]
     assert 0.0 <= metrics["model"]["next_category"]["accuracy"] <= metrics["model"]["next_category"]["top3_accuracy"]
-    assert sum(result.users.values()) == metrics["data"]["splits"]["train"]["users"] + \
-        metrics["data"]["splits"]["valid"]["users"] + metrics["data"]["splits"]["test"]["users"]
+    assert (
+        sum(result.users.values())
+        == metrics["data"]["splits"]["train"]["users"]
+        + metrics["data"]["splits"]["valid"]["users"]
+        + metrics["data"]["splits"]["test"]["users"]
+    )
 
     # every split has at least one file per training process, and the classes are the train split's
     snapshot = f"{settings.storage.models}/snapshots/{metrics['snapshot_id']}"
@@ -128,18 +145,27 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
     test_files = list_files(f"{snapshot}/split=test")
     again = evaluate_files(artifact.model, artifact.config, artifact.features, test_files)
     rec = settings.train.recommend
-    catalogue = Catalogue(artifact.item_ids, artifact.model.rec.item_text[:-1].numpy(),
-                          artifact.model.rec.log_q[:-1].numpy(), rec.history, rec.history_half_life_days)
-    again["recommend"] = evaluate_recommendations(artifact.model, artifact.features, artifact.config.tasks,
-                                                  test_files, catalogue, rec.k)
+    catalogue = Catalogue(
+        artifact.item_ids,
+        artifact.model.rec.item_text[:-1].numpy(),
+        artifact.model.rec.log_q[:-1].numpy(),
+        rec.history,
+        rec.history_half_life_days,
+    )
+    again["recommend"] = evaluate_recommendations(
+        artifact.model, artifact.features, artifact.config.tasks, test_files, catalogue, rec.k
+    )
     for task, values in metrics["model"].items():
         for name, value in values.items():
             assert again[task][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, name)
 
     # the recommenders are evaluated side by side on the same test users
     k = rec.k
-    two_tower, popularity, als = (metrics["model"]["recommend"], metrics["baseline"]["recommend_popularity"],
-                                  metrics["baseline"]["recommend_als"])
+    two_tower, popularity, als = (
+        metrics["model"]["recommend"],
+        metrics["baseline"]["recommend_popularity"],
+        metrics["baseline"]["recommend_als"],
+    )
     assert two_tower["users"] == popularity["users"] == als["users"] > 10
     for m in (two_tower, popularity, als):
         assert 0.0 <= m[f"recall@{k}"] <= m[f"hit_rate@{k}"] <= 1.0 and 0.0 <= m[f"ndcg@{k}"] <= 1.0
@@ -150,9 +176,13 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
     # no user_embeddings in this warehouse: every distinct text as of the cutoff was embedded, once
     events = Tables(spark, settings.storage).read("events")
     users = labelled_users(events, result.cutoff, AS_OF, settings.ingest.event_types, settings.train)
-    texts = build_user_texts(events.where(F.col("event_date") <= F.lit(result.cutoff)),
-                             Tables(spark, settings.storage).read("items"), settings.textualize,
-                             settings.ingest.event_types, result.cutoff)
+    texts = build_user_texts(
+        events.where(F.col("event_date") <= F.lit(result.cutoff)),
+        Tables(spark, settings.storage).read("items"),
+        settings.textualize,
+        settings.ingest.event_types,
+        result.cutoff,
+    )
     distinct = users.join(texts, "user_key").select("text_hash").distinct().count()
     assert details["cutoff_texts_embedded"] == distinct > 200
     assert 0.0 < details["cutoff_embed_seconds"] < details["snapshot_seconds"]
@@ -188,8 +218,11 @@ def test_single_class_label_names_the_task_and_counts(settings):
 
 def test_incompatible_model_directory_is_refused(tmp_path):
     write_json(str(tmp_path / "model.json"), {"format_version": FORMAT_VERSION + 98})
-    with pytest.raises(UserlensError, match=rf"model format version {FORMAT_VERSION + 98} is not supported; "
-                                            rf"this userlens reads version {FORMAT_VERSION}"):
+    with pytest.raises(
+        UserlensError,
+        match=rf"model format version {FORMAT_VERSION + 98} is not supported; "
+        rf"this userlens reads version {FORMAT_VERSION}",
+    ):
         load_artifact(str(tmp_path))
     with pytest.raises(UserlensError, match="not a userlens model directory"):
         load_artifact(str(tmp_path / "nothing"))
@@ -198,8 +231,9 @@ def test_incompatible_model_directory_is_refused(tmp_path):
 def test_missing_opacus_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "opacus", None)  # what an environment without the extra looks like
     settings = make_settings(tmp_path, "train.dp.enabled=true")
-    with pytest.raises(ConfigError,
-                       match=r"^train.dp.enabled: DP-SGD needs Opacus.*pip install 'userlens\[privacy\]'$"):
+    with pytest.raises(
+        ConfigError, match=r"^train.dp.enabled: DP-SGD needs Opacus.*pip install 'userlens\[privacy\]'$"
+    ):
         check_train_settings(settings)
 
 
@@ -222,8 +256,9 @@ def test_item_history_is_point_in_time(spark, warehouse):
     for e in ev:
         if e["event_date"] <= cut:
             before.setdefault(e["user_key"], {})
-            before[e["user_key"]][e["item_id"]] = max(before[e["user_key"]].get(e["item_id"], e["event_date"]),
-                                                      e["event_date"])
+            before[e["user_key"]][e["item_id"]] = max(
+                before[e["user_key"]].get(e["item_id"], e["event_date"]), e["event_date"]
+            )
             if e["event_type"] == "purchase":
                 bought_before.setdefault(e["user_key"], set()).add(e["item_id"])
         elif e["event_date"] <= AS_OF and e["event_type"] == "purchase":
@@ -233,8 +268,9 @@ def test_item_history_is_point_in_time(spark, warehouse):
     for user, r in rows.items():
         items = before.get(user, {})
         assert len(r["hist_items"]) == min(5, len(items)) == len(r["hist_ages"])
-        assert all(item in items and (cut - items[item]).days == age
-                   for item, age in zip(r["hist_items"], r["hist_ages"]))
+        assert all(
+            item in items and (cut - items[item]).days == age for item, age in zip(r["hist_items"], r["hist_ages"])
+        )
         assert r["hist_ages"] == sorted(r["hist_ages"])  # newest first
         if len(items) > 5:  # the 5 kept are the newest
             assert max(r["hist_ages"]) <= sorted((cut - d).days for d in items.values())[4]
@@ -265,8 +301,14 @@ def _shard(path: Path, rows: int, files: int) -> list[str]:
     for f in range(files):
         ids = np.arange(f * rows, (f + 1) * rows)
         emb = np.repeat(ids[:, None], 4, axis=1).astype(np.float32)  # every input holds the row's id
-        table = pa.table({"embedding": pa.array(list(emb)), "features": pa.array([[0.0, 1.0]] * rows),
-                          "purchase": (ids % 2).astype(np.int32), "churn": np.zeros(rows, np.int32)})
+        table = pa.table(
+            {
+                "embedding": pa.array(list(emb)),
+                "features": pa.array([[0.0, 1.0]] * rows),
+                "purchase": (ids % 2).astype(np.int32),
+                "churn": np.zeros(rows, np.int32),
+            }
+        )
         pq.write_table(table, path / f"part-{f}.parquet")
         out.append(str(path / f"part-{f}.parquet"))
     return out
@@ -309,11 +351,18 @@ def _snapshot(root: Path, rows_per_file: int, next_category: list[int]) -> None:
         for f, label in enumerate(labels):
             emb = rng.normal(size=(rows_per_file, 8)).astype(np.float32)
             purchase = (emb[:, 0] > 0).astype(np.int32)
-            pq.write_table(pa.table({
-                "embedding": pa.array(list(emb)), "features": pa.array(list(rng.random((rows_per_file, 2)))),
-                "purchase": purchase, "churn": 1 - purchase,
-                "next_category": np.full(rows_per_file, label, np.int32)}),
-                root / f"split={split}" / f"part-{f}.parquet")
+            pq.write_table(
+                pa.table(
+                    {
+                        "embedding": pa.array(list(emb)),
+                        "features": pa.array(list(rng.random((rows_per_file, 2)))),
+                        "purchase": purchase,
+                        "churn": 1 - purchase,
+                        "next_category": np.full(rows_per_file, label, np.int32),
+                    }
+                ),
+                root / f"split={split}" / f"part-{f}.parquet",
+            )
 
 
 def test_ddp_survives_a_rank_whose_batches_have_no_next_category_label(spark, tmp_path):
@@ -327,13 +376,29 @@ def test_ddp_survives_a_rank_whose_batches_have_no_next_category_label(spark, tm
     from userlens.models.contracts import FeatureSpec, ModelConfig, TrainingData, TrainJob
 
     _snapshot(tmp_path / "snapshot", rows_per_file=64, next_category=[1, -1])
-    config = ModelConfig(tasks=["purchase", "churn", "next_category"], classes=["a", "b"], hidden=[16],
-                         dropout=0.0, input_dim=10, numeric_dim=2)
-    job = TrainJob(snapshot=str(tmp_path / "snapshot"), snapshot_id="synthetic", version="v",
-                   artifact=str(tmp_path / "model"), config=config,
-                   features=FeatureSpec(["a", "b"], [0.0, 0.0], [1.0, 1.0], 8, "test"),
-                   data=TrainingData("", "", 7, {}, "test"), batch_size=16, epochs=3, patience=3,
-                   learning_rate=1e-2, weight_decay=0.0, seed=1)
+    config = ModelConfig(
+        tasks=["purchase", "churn", "next_category"],
+        classes=["a", "b"],
+        hidden=[16],
+        dropout=0.0,
+        input_dim=10,
+        numeric_dim=2,
+    )
+    job = TrainJob(
+        snapshot=str(tmp_path / "snapshot"),
+        snapshot_id="synthetic",
+        version="v",
+        artifact=str(tmp_path / "model"),
+        config=config,
+        features=FeatureSpec(["a", "b"], [0.0, 0.0], [1.0, 1.0], 8, "test"),
+        data=TrainingData("", "", 7, {}, "test"),
+        batch_size=16,
+        epochs=3,
+        patience=3,
+        learning_rate=1e-2,
+        weight_decay=0.0,
+        seed=1,
+    )
     returned = tmp_path / "returned"
     returned.mkdir()
 
@@ -363,8 +428,9 @@ def test_a_head_that_training_does_not_improve_ends_as_the_baseline(spark, wareh
     """train.baseline_fallback: one epoch at a learning rate that wrecks the model validates worse than
     the Spark baseline's regression on purchase and churn, so both heads end as that regression and
     give the baseline's test predictions; next_category keeps its trained head."""
-    settings = settings_for(warehouse, tmp_path, *SMALL, "train.epochs=1", "train.learning_rate=3.0",
-                            "train.recommend.enabled=false")
+    settings = settings_for(
+        warehouse, tmp_path, *SMALL, "train.epochs=1", "train.learning_rate=3.0", "train.recommend.enabled=false"
+    )
     result, run = train(spark, settings)
     metrics = load_artifact(result.path).metrics
     assert metrics["training"]["baseline_fallback"] == {"purchase": "baseline", "churn": "baseline"}
@@ -379,5 +445,5 @@ def test_a_head_that_training_does_not_improve_ends_as_the_baseline(spark, wareh
     artifact = load_artifact(result.path)
     for task in ("purchase", "churn", "next_category"):
         head = artifact.model.heads[task]
-        on_trunk = head.weight[:, :head.in_features - artifact.config.numeric_dim]
+        on_trunk = head.weight[:, : head.in_features - artifact.config.numeric_dim]
         assert bool((on_trunk == 0).all()) == (task != "next_category"), task

@@ -1,6 +1,7 @@
 """The training driver's steps, in-process on CPU without TorchDistributor (one rank): a tiny snapshot
 written with pyarrow, the typed job, build, the epoch loop and early stopping, the head choice, the
 artifact and its metrics.json. Fast: no Spark."""
+
 from __future__ import annotations
 
 import math
@@ -36,24 +37,42 @@ def write_snapshot(root: Path, rows: dict[str, int], seed: int = 0) -> None:
     for split, n in rows.items():
         emb = rng.normal(size=(n, EMB)).astype(np.float32)
         purchase = (emb[:, 0] > 0).astype(np.int64)
-        table = pa.table({
-            "embedding": pa.array(emb.tolist(), pa.list_(pa.float32())),
-            "features": pa.array(rng.uniform(0, 5, size=(n, FEAT)).tolist(), pa.list_(pa.float64())),
-            "purchase": purchase, "churn": 1 - purchase,
-            "next_category": np.where(purchase == 1, rng.integers(0, 2, n), -1).astype(np.int64)})
+        table = pa.table(
+            {
+                "embedding": pa.array(emb.tolist(), pa.list_(pa.float32())),
+                "features": pa.array(rng.uniform(0, 5, size=(n, FEAT)).tolist(), pa.list_(pa.float64())),
+                "purchase": purchase,
+                "churn": 1 - purchase,
+                "next_category": np.where(purchase == 1, rng.integers(0, 2, n), -1).astype(np.int64),
+            }
+        )
         (root / f"split={split}").mkdir(parents=True)
         pq.write_table(table, root / f"split={split}" / "part-0.parquet")
 
 
 def make_job(tmp_path: Path, **changes: object) -> TrainJob:
     write_snapshot(tmp_path / "snapshot", {"train": 96, "valid": 48, "test": 48})
-    config = ModelConfig(tasks=TASKS, classes=["books", "pets"], hidden=[8], dropout=0.0, input_dim=EMB + FEAT,
-                         numeric_dim=FEAT)
+    config = ModelConfig(
+        tasks=TASKS, classes=["books", "pets"], hidden=[8], dropout=0.0, input_dim=EMB + FEAT, numeric_dim=FEAT
+    )
     features = FeatureSpec([f"f{i}" for i in range(FEAT)], [0.0] * FEAT, [1.0] * FEAT, EMB, "test-encoder")
     data = TrainingData("2026-10-21", "2026-10-14", 7, {"train": {"users": 96}}, "test-encoder")
-    job = TrainJob(snapshot=str(tmp_path / "snapshot"), snapshot_id="s1", artifact=str(tmp_path / "model"),
-                   version="v1", config=config, features=features, data=data, batch_size=32, epochs=30,
-                   patience=2, learning_rate=0.05, weight_decay=0.0, seed=3, torch_threads=1)
+    job = TrainJob(
+        snapshot=str(tmp_path / "snapshot"),
+        snapshot_id="s1",
+        artifact=str(tmp_path / "model"),
+        version="v1",
+        config=config,
+        features=features,
+        data=data,
+        batch_size=32,
+        epochs=30,
+        patience=2,
+        learning_rate=0.05,
+        weight_decay=0.0,
+        seed=3,
+        torch_threads=1,
+    )
     return replace(job, **changes)
 
 
@@ -88,11 +107,14 @@ def test_build_and_fit_stop_early_and_checkpoint(tmp_path):
 
 def test_choose_heads_keeps_the_baseline_only_where_it_validated_better():
     best = _Best()
-    best.update(0, 1.0, {"trunk.w": torch.ones(1), "heads.purchase.weight": torch.ones(1),
-                         "heads.churn.weight": torch.ones(1)})
+    best.update(
+        0, 1.0, {"trunk.w": torch.ones(1), "heads.purchase.weight": torch.ones(1), "heads.churn.weight": torch.ones(1)}
+    )
     fit = Fit([{"valid_loss_purchase": 0.40, "valid_loss_churn": 0.30}], {"tasks": best}, 10, 1.0)
-    fallback = {"purchase": (0.35, {"heads.purchase.weight": torch.zeros(1)}),  # better than 0.40: kept
-                "churn": (0.31, {"heads.churn.weight": torch.zeros(1)})}        # worse than 0.30: not
+    fallback = {
+        "purchase": (0.35, {"heads.purchase.weight": torch.zeros(1)}),  # better than 0.40: kept
+        "churn": (0.31, {"heads.churn.weight": torch.zeros(1)}),
+    }  # worse than 0.30: not
     state, heads = choose_heads(fit, fallback)
     assert heads == {"purchase": "baseline", "churn": "trained"}
     assert float(state["heads.purchase.weight"]) == 0.0 and float(state["heads.churn.weight"]) == 1.0
@@ -113,6 +135,12 @@ def test_train_main_in_process_writes_an_artifact_whose_metrics_match_the_summar
 
 def test_metrics_json_refuses_a_missing_key():
     with pytest.raises(ValueError, match="metrics.json: 'training'"):
-        ModelMetrics.from_json({"version": "v", "snapshot_id": "s", "model": {}, "baseline": {},
-                                "data": {"as_of_date": "", "cutoff": "", "horizon_days": 1, "splits": {},
-                                         "embed_model_id": ""}})
+        ModelMetrics.from_json(
+            {
+                "version": "v",
+                "snapshot_id": "s",
+                "model": {},
+                "baseline": {},
+                "data": {"as_of_date": "", "cutoff": "", "horizon_days": 1, "splits": {}, "embed_model_id": ""},
+            }
+        )

@@ -12,6 +12,7 @@
 
 Local paths and pyarrow's file systems (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``) alike.
 """
+
 from __future__ import annotations
 
 import datetime as dt

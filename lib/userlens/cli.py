@@ -5,6 +5,7 @@ checks before Spark and one-line summaries. Each stage command also runs as ``sp
 jobs/<stage>.py`` with the same options. Exit code 0 on success; otherwise one line on stderr naming the
 cause (2 for configuration and secret errors, 1 for everything else).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("userlens")
 
+
 def _date(text: str) -> dt.date:
     try:
         return dt.date.fromisoformat(text)
@@ -38,70 +40,112 @@ def _date(text: str) -> dt.date:
 
 def _add_stage(sub: Any, common: argparse.ArgumentParser, stage: Stage) -> None:
     epilog = f"example: {stage.example}" if stage.example else None
-    parser = sub.add_parser(stage.command, parents=[common], help=stage.help,
-                            description=stage.description or stage.help[:1].upper() + stage.help[1:] + ".",
-                            epilog=epilog)
+    parser = sub.add_parser(
+        stage.command,
+        parents=[common],
+        help=stage.help,
+        description=stage.description or stage.help[:1].upper() + stage.help[1:] + ".",
+        epilog=epilog,
+    )
     if stage.date_help:
         parser.add_argument("--date", type=_date, help=stage.date_help)
     for option in stage.options:
         if option.kind == "flag":
             parser.add_argument(option.flag, dest=option.name, action="store_true", help=option.help)
         else:
-            parser.add_argument(option.flag, dest=option.name, required=option.required, help=option.help,
-                                metavar=option.metavar)
+            parser.add_argument(
+                option.flag, dest=option.name, required=option.required, help=option.help, metavar=option.metavar
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--conf", action="append", default=[], metavar="FILE",
-                        help="config file layered over conf/base.yaml (repeatable; default conf/local.yaml)")
-    common.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                        help="override one dotted config key, e.g. storage.warehouse=/data/wh (repeatable)")
+    common.add_argument(
+        "--conf",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="config file layered over conf/base.yaml (repeatable; default conf/local.yaml)",
+    )
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="override one dotted config key, e.g. storage.warehouse=/data/wh (repeatable)",
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
 
     parser = argparse.ArgumentParser(prog="userlens", description="Spark batch jobs for user-behavior modeling.")
     parser.add_argument("--version", action="version", version=f"userlens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sample = sub.add_parser("sample", parents=[common], help="write synthetic raw logs and an item catalog",
-                            epilog="example: userlens sample --out data/sample --users 5000")
+    sample = sub.add_parser(
+        "sample",
+        parents=[common],
+        help="write synthetic raw logs and an item catalog",
+        epilog="example: userlens sample --out data/sample --users 5000",
+    )
     sample.add_argument("--out", help="output folder (default: sample.out)")
     sample.add_argument("--users", type=int, help="number of users (default: sample.users)")
     sample.add_argument("--days", type=int, help="number of days (default: sample.days)")
     sample.add_argument("--seed", type=int, help="random seed (default: sample.seed)")
     sample.add_argument("--start-date", type=_date, help="first day, YYYY-MM-DD (default: sample.start_date)")
 
-    check = sub.add_parser("check-source", parents=[common],
-                           help="check source.path and source.mapping and print 5 mapped rows, pseudonymized "
-                                "(docs/own-data.md)", epilog="example: userlens check-source --conf my-source.yaml")
+    check = sub.add_parser(
+        "check-source",
+        parents=[common],
+        help="check source.path and source.mapping and print 5 mapped rows, pseudonymized (docs/own-data.md)",
+        epilog="example: userlens check-source --conf my-source.yaml",
+    )
     del check
 
     for stage in STAGES:
         _add_stage(sub, common, stage)
 
-    nightly = sub.add_parser("nightly", parents=[common], help="every stage for one as-of date, incrementally",
-                             epilog="example: userlens nightly --conf conf/cluster.yaml")
+    nightly = sub.add_parser(
+        "nightly",
+        parents=[common],
+        help="every stage for one as-of date, incrementally",
+        epilog="example: userlens nightly --conf conf/cluster.yaml",
+    )
     nightly.add_argument("--date", type=_date, help="as-of date (default: the newest raw date)")
-    nightly.add_argument("--report-out", metavar="FILE.html", help="where the report goes "
-                                                                   "(default: nightly.report_dir)")
+    nightly.add_argument(
+        "--report-out", metavar="FILE.html", help="where the report goes (default: nightly.report_dir)"
+    )
 
-    demo = sub.add_parser("demo", parents=[common], help="sample data + the pipeline on the embedded default",
-                          epilog="example: userlens demo --users 2000")
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="sample data + the pipeline on the embedded default",
+        epilog="example: userlens demo --users 2000",
+    )
     demo.add_argument("--users", type=int, help="number of sample users (default: sample.users)")
 
-    evaluate = sub.add_parser("evaluate", parents=[common],
-                              help="a public dataset under a published protocol: userlens beside baselines",
-                              epilog="example: userlens evaluate --dataset movielens-100k --path ~/data/ml-100k "
-                                     "--protocol stratified-75")
-    evaluate.add_argument("--dataset", required=True, metavar="NAME",
-                          help="a preset in conf/datasets (movielens-100k, movielens, amazon, sequences, "
-                               "retailrocket) or a preset YAML file; docs/datasets.md")
+    evaluate = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="a public dataset under a published protocol: userlens beside baselines",
+        epilog="example: userlens evaluate --dataset movielens-100k --path ~/data/ml-100k --protocol stratified-75",
+    )
+    evaluate.add_argument(
+        "--dataset",
+        required=True,
+        metavar="NAME",
+        help="a preset in conf/datasets (movielens-100k, movielens, amazon, sequences, "
+        "retailrocket) or a preset YAML file; docs/datasets.md",
+    )
     evaluate.add_argument("--path", required=True, metavar="DIR", help="your downloaded copy (sets source.path)")
     evaluate.add_argument("--protocol", required=True, choices=["loo-full", "stratified-75", "next-window"])
-    evaluate.add_argument("--k", type=int, nargs="+", metavar="K",
-                          help="cut-offs (default: 5 10 20 for loo-full, 10 for stratified-75)")
-    evaluate.add_argument("--date", type=_date, help="next-window as-of date; the cutoff is date - "
-                                                     "evaluate.horizon_days (default: the latest event date)")
+    evaluate.add_argument(
+        "--k", type=int, nargs="+", metavar="K", help="cut-offs (default: 5 10 20 for loo-full, 10 for stratified-75)"
+    )
+    evaluate.add_argument(
+        "--date",
+        type=_date,
+        help="next-window as-of date; the cutoff is date - evaluate.horizon_days (default: the latest event date)",
+    )
     evaluate.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
     return parser
 
@@ -122,15 +166,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - the one-line contract holds for the unexpected too
         log.debug("failure", exc_info=True)
-        print(f"userlens: error: {type(exc).__name__}: {first_line(exc)} (rerun with -v for details)",
-              file=sys.stderr)
+        print(f"userlens: error: {type(exc).__name__}: {first_line(exc)} (rerun with -v for details)", file=sys.stderr)
         return 1
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s userlens %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s userlens %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
     for noisy in ("py4j", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -168,8 +215,11 @@ def cmd_stage(args: argparse.Namespace, settings: Settings) -> int:
     stage = BY_COMMAND[args.command]
     key = preflight(stage, settings)
     spark = _spark(settings)
-    call = stage.prepare(StageCall(spark, settings, key, getattr(args, "date", None),
-                                   {o.name: getattr(args, o.name) for o in stage.options}))
+    call = stage.prepare(
+        StageCall(
+            spark, settings, key, getattr(args, "date", None), {o.name: getattr(args, o.name) for o in stage.options}
+        )
+    )
     try:
         result = run_stage(stage.name, settings, spark, lambda run: stage.run(call, run))
     except UserlensError as exc:
@@ -184,14 +234,21 @@ def cmd_sample(args: argparse.Namespace, settings: Settings) -> int:
     from userlens.sample import SampleSpec, generate_sample
 
     cfg = settings.sample
-    spec = SampleSpec(users=args.users or cfg.users, days=args.days or cfg.days,
-                      seed=cfg.seed if args.seed is None else args.seed,
-                      start_date=args.start_date or cfg.start_date, items=cfg.items,
-                      malformed_fraction=cfg.malformed_fraction, pii_fraction=cfg.pii_fraction)
+    spec = SampleSpec(
+        users=args.users or cfg.users,
+        days=args.days or cfg.days,
+        seed=cfg.seed if args.seed is None else args.seed,
+        start_date=args.start_date or cfg.start_date,
+        items=cfg.items,
+        malformed_fraction=cfg.malformed_fraction,
+        pii_fraction=cfg.pii_fraction,
+    )
     out = args.out or cfg.out
     summary = generate_sample(_spark(settings), out, spec)
-    print(f"sample: {summary.lines_written} raw event lines ({summary.first_date} .. {summary.last_date}) "
-          f"in {summary.events_dir}, {summary.items_written} items in {summary.items_dir}")
+    print(
+        f"sample: {summary.lines_written} raw event lines ({summary.first_date} .. {summary.last_date}) "
+        f"in {summary.events_dir}, {summary.items_written} items in {summary.items_dir}"
+    )
     return 0
 
 
@@ -221,8 +278,12 @@ def cmd_nightly(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _nightly_summary(result: Any) -> str:
-    return "\n".join([f"nightly: as of {result.as_of_date}",
-                      *[BY_NAME[name].summary(stage_result) for name, stage_result in result.stages.items()]])
+    return "\n".join(
+        [
+            f"nightly: as of {result.as_of_date}",
+            *[BY_NAME[name].summary(stage_result) for name, stage_result in result.stages.items()],
+        ]
+    )
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -236,8 +297,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     key = _key(settings)
     spark = _spark(settings)
     cfg = settings.sample
-    spec = SampleSpec(users=args.users or cfg.users, days=cfg.days, seed=cfg.seed, start_date=cfg.start_date,
-                      items=cfg.items, malformed_fraction=cfg.malformed_fraction, pii_fraction=cfg.pii_fraction)
+    spec = SampleSpec(
+        users=args.users or cfg.users,
+        days=cfg.days,
+        seed=cfg.seed,
+        start_date=cfg.start_date,
+        items=cfg.items,
+        malformed_fraction=cfg.malformed_fraction,
+        pii_fraction=cfg.pii_fraction,
+    )
     log.info("demo: writing sample logs for %d users x %d days to %s", spec.users, spec.days, settings.source.path)
     summary = generate_sample(spark, settings.source.path, spec)
     log.info("demo: %d raw event lines written", summary.lines_written)
@@ -271,12 +339,17 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"--k: cut-offs must be >= 1, got {' '.join(map(str, args.k))}")
     preset = preset_path(args.dataset)
     # the preset layers over the --conf files; --path and then --set win over both
-    settings = load_settings([*(args.conf or [DEFAULT_CONF]), preset],
-                             [f"source.path={json.dumps(args.path)}", *args.overrides])
+    settings = load_settings(
+        [*(args.conf or [DEFAULT_CONF]), preset], [f"source.path={json.dumps(args.path)}", *args.overrides]
+    )
     key = _key(settings)
     spark = _spark(settings)
-    result = run_stage("evaluate", settings, spark, lambda run: run_evaluate(
-        spark, settings, key, run, preset.stem, args.protocol, args.k, args.date))
+    result = run_stage(
+        "evaluate",
+        settings,
+        spark,
+        lambda run: run_evaluate(spark, settings, key, run, preset.stem, args.protocol, args.k, args.date),
+    )
     print(result.table, end="")
     if args.out:
         out = Path(args.out)
@@ -288,7 +361,10 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 # commands that are not one stage; every other command is a stage of the registry (cmd_stage)
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
-    "sample": cmd_sample, "check-source": cmd_check_source, "nightly": cmd_nightly, "demo": cmd_demo,
+    "sample": cmd_sample,
+    "check-source": cmd_check_source,
+    "nightly": cmd_nightly,
+    "demo": cmd_demo,
     "evaluate": cmd_evaluate,
 }
 

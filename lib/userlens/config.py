@@ -6,6 +6,7 @@ Layers, later wins: ``conf/base.yaml`` -> each ``--conf FILE`` in order (default
 names the layer that used the variable. Every section forbids unknown keys and
 a validation error is one line naming the file and the dotted key.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -35,11 +36,14 @@ class SparkSettings(_Strict):
     driver_memory: str = Field("4g", description="driver memory (local sessions only)")
     shuffle_partitions: int = Field(8, ge=1, description="spark.sql.shuffle.partitions")
     log_level: Literal["ERROR", "WARN", "INFO", "DEBUG"] = Field(
-        "WARN", description="Spark log level: ERROR, WARN, INFO or DEBUG")
+        "WARN", description="Spark log level: ERROR, WARN, INFO or DEBUG"
+    )
     ui: bool = Field(True, description="Spark UI for local sessions")
     delta_jars: Literal["pip", "provided"] = Field(
-        "pip", description="pip: fetch the io.delta jar matching the installed delta-spark from Maven (local runs); "
-                           "provided: the cluster or platform already has Delta")
+        "pip",
+        description="pip: fetch the io.delta jar matching the installed delta-spark from Maven (local runs); "
+        "provided: the cluster or platform already has Delta",
+    )
     jars: list[str] = Field([], description="local jar files (offline Delta jars)")
     conf: dict[str, str] = Field({}, description="any Spark conf, overlaid on the session")
 
@@ -60,10 +64,13 @@ def _spark_value(value: Any) -> str:
 class StorageSettings(_Strict):
     warehouse: str = Field("./warehouse", description="Delta root (local, cluster)")
     catalog: str | None = Field(
-        None, description="Unity Catalog catalog (Databricks); with storage.schema set, tables are "
-                          "`catalog.schema.name`; `spark_catalog` is Spark's own catalog")
+        None,
+        description="Unity Catalog catalog (Databricks); with storage.schema set, tables are "
+        "`catalog.schema.name`; `spark_catalog` is Spark's own catalog",
+    )
     schema_name: str | None = Field(
-        None, alias="schema", description="Unity Catalog schema (Databricks; the schema must exist)")
+        None, alias="schema", description="Unity Catalog schema (Databricks; the schema must exist)"
+    )
     models: str = Field("./models", description="model artifacts")
 
 
@@ -105,11 +112,13 @@ class SourceSettings(_Strict):
     mapping: EventMapping = Field(EventMapping(), description="canonical event field -> source column")
     items_mapping: ItemMapping = Field(ItemMapping(), description="canonical item field -> source column")
     timestamp_format: str | None = Field(
-        None, description="null: ISO-8601 text; epoch_s / epoch_ms: numbers; anything else: a Spark datetime pattern")
+        None, description="null: ISO-8601 text; epoch_s / epoch_ms: numbers; anything else: a Spark datetime pattern"
+    )
     event_type_map: dict[str, str] = Field({}, description="source event type -> canonical type")
     # when absent from the data the date comes from the event time
     date_partition: str = Field(
-        "event_date", description="date-valued partition column of the raw layout (event_date=YYYY-MM-DD/)")
+        "event_date", description="date-valued partition column of the raw layout (event_date=YYYY-MM-DD/)"
+    )
     csv_header: bool = Field(True, description="csv files have a header row")
 
     def events_location(self) -> str:
@@ -129,42 +138,70 @@ class PrivacySettings(_Strict):
     dev_key: str | None = Field(None, description="used, with a loud warning, when the env var is unset")
     min_segment_size: int = Field(20, ge=1, description="smallest published group")
     pii_placeholders: bool = Field(
-        True, description="not read: ingest always replaces PII in free texts by typed placeholders")
+        True, description="not read: ingest always replaces PII in free texts by typed placeholders"
+    )
     forget_retention_hours: int = Field(
-        168, ge=0, description="`userlens forget`: VACUUM keeps files removed within this many hours "
-                               "(Delta's own floor: 168)")
+        168,
+        ge=0,
+        description="`userlens forget`: VACUUM keeps files removed within this many hours (Delta's own floor: 168)",
+    )
     quarantine_retention_days: int = Field(
-        30, ge=1, description="nightly: events_quarantine rows older than this (by source_date, else "
-                              "quarantined_at) are deleted")
+        30,
+        ge=1,
+        description="nightly: events_quarantine rows older than this (by source_date, else quarantined_at) are deleted",
+    )
     # too many chance matches below this
     check_min_id_chars: int = Field(
-        4, ge=1, description="`userlens privacy-check`: raw ids shorter than this are not searched")
+        4, ge=1, description="`userlens privacy-check`: raw ids shorter than this are not searched"
+    )
     check_full_every_days: int = Field(
-        7, ge=0, description="`userlens privacy-check`: full scans every this many days (0: always); in between "
-                             "only the rows of the files each table gained since the last passing check")
+        7,
+        ge=0,
+        description="`userlens privacy-check`: full scans every this many days (0: always); in between "
+        "only the rows of the files each table gained since the last passing check",
+    )
 
 
 # why ingest refuses a row (events_quarantine.reason; docs/own-data.md says what each means)
-QUARANTINE_REASONS = ("malformed_record", "missing_user_id", "bad_timestamp", "missing_event_type",
-                      "unknown_event_type", "missing_item_id", "bad_price", "negative_price", "bad_quantity")
+QUARANTINE_REASONS = (
+    "malformed_record",
+    "missing_user_id",
+    "bad_timestamp",
+    "missing_event_type",
+    "unknown_event_type",
+    "missing_item_id",
+    "bad_price",
+    "negative_price",
+    "bad_quantity",
+)
 
 
 class IngestSettings(_Strict):
     event_types: list[str] = Field(
-        ["view", "click", "search", "add_to_cart", "purchase", "review"], description="accepted event types")
+        ["view", "click", "search", "add_to_cart", "purchase", "review"], description="accepted event types"
+    )
     item_event_types: list[str] = Field(
-        ["view", "click", "add_to_cart", "purchase", "review"], description="event types that need an item_id")
+        ["view", "click", "add_to_cart", "purchase", "review"], description="event types that need an item_id"
+    )
     max_quantity: int = Field(10_000, ge=1, description="largest accepted quantity")
     # a wrong mapping or a broken export should stop the run rather than fill the quarantine
     max_quarantine_fraction: float = Field(
-        0.5, ge=0, le=1, description="a run that quarantines more than this share of its rows writes no events "
-                                     "and fails; the quarantine rows are kept")
+        0.5,
+        ge=0,
+        le=1,
+        description="a run that quarantines more than this share of its rows writes no events "
+        "and fails; the quarantine rows are kept",
+    )
     max_reason_fraction: dict[str, float] = Field(
-        {}, description="the same limit for one reason (e.g. {bad_timestamp: 0.05}); a reason not listed "
-                        "has only the total limit")
+        {},
+        description="the same limit for one reason (e.g. {bad_timestamp: 0.05}); a reason not listed "
+        "has only the total limit",
+    )
     on_unreadable_file: Literal["fail", "skip"] = Field(
-        "fail", description="a raw file Spark cannot read (corrupt block, bad compression): fail the run, or skip "
-                            "the file and record it in pipeline_runs.details.skipped_files")
+        "fail",
+        description="a raw file Spark cannot read (corrupt block, bad compression): fail the run, or skip "
+        "the file and record it in pipeline_runs.details.skipped_files",
+    )
 
     @field_validator("max_reason_fraction")
     @classmethod
@@ -185,16 +222,20 @@ class SampleSettings(_Strict):
     start_date: dt.date = Field(dt.date(2026, 10, 1), description="`userlens sample`: first day of events")
     items: int = Field(400, ge=12, description="`userlens sample`: catalog size")
     malformed_fraction: float = Field(
-        0.01, ge=0.0, le=0.5, description="`userlens sample`: share of raw lines made malformed")
+        0.01, ge=0.0, le=0.5, description="`userlens sample`: share of raw lines made malformed"
+    )
     pii_fraction: float = Field(
-        0.05, ge=0.0, le=1.0, description="`userlens sample`: share of free texts (queries, reviews) with PII")
+        0.05, ge=0.0, le=1.0, description="`userlens sample`: share of free texts (queries, reviews) with PII"
+    )
 
 
 # Fields an event template may use; the header template has its own set.
-EVENT_PLACEHOLDERS = frozenset({"title", "category", "brand", "price", "quantity", "query", "text", "item_id",
-                                "event_type", "time"})
-HEADER_PLACEHOLDERS = frozenset({"n_events", "active_days", "first_date", "last_date", "counts",
-                                 "top_categories", "spend"})
+EVENT_PLACEHOLDERS = frozenset(
+    {"title", "category", "brand", "price", "quantity", "query", "text", "item_id", "event_type", "time"}
+)
+HEADER_PLACEHOLDERS = frozenset(
+    {"n_events", "active_days", "first_date", "last_date", "counts", "top_categories", "spend"}
+)
 
 
 def template_fields(template: str) -> list[str]:
@@ -220,70 +261,89 @@ class TemplateSet(_Strict):
     repeat: str = Field(" x{count}", description="suffix of a repeated event")
     day_prefix: str = Field("{date}: ", description="before each day's events")
     event_separator: str = Field("; ", description="between events")
-    chars_per_token: float = Field(3.0, gt=0, description="characters per encoder token, for the approximate "
-                                                          "token budget")
+    chars_per_token: float = Field(
+        3.0, gt=0, description="characters per encoder token, for the approximate token budget"
+    )
 
     @model_validator(mode="after")
     def _known_placeholders(self) -> "TemplateSet":
-        checks = [("header", self.header, HEADER_PLACEHOLDERS), ("count_item", self.count_item, {"label", "count"}),
-                  ("repeat", self.repeat, {"count"}), ("day_prefix", self.day_prefix, {"date"}),
-                  ("default_event", self.default_event, EVENT_PLACEHOLDERS)]
+        checks = [
+            ("header", self.header, HEADER_PLACEHOLDERS),
+            ("count_item", self.count_item, {"label", "count"}),
+            ("repeat", self.repeat, {"count"}),
+            ("day_prefix", self.day_prefix, {"date"}),
+            ("default_event", self.default_event, EVENT_PLACEHOLDERS),
+        ]
         checks += [(f"events.{name}", text, EVENT_PLACEHOLDERS) for name, text in self.events.items()]
         for name, text, allowed in checks:
             for field_name in template_fields(text):
                 if field_name not in allowed:
-                    raise ValueError(f"template {name} uses unknown placeholder {{{field_name}}}; "
-                                     f"allowed: {', '.join(sorted(allowed))}")
+                    raise ValueError(
+                        f"template {name} uses unknown placeholder {{{field_name}}}; "
+                        f"allowed: {', '.join(sorted(allowed))}"
+                    )
         return self
 
 
 class TextualizeSettings(_Strict):
     language: str = Field("en", description="language of the templates used (a key of textualize.templates)")
     template_version: str = Field(
-        "1", description="part of the text id: bump to re-text (and so re-embed) every user after changing a template")
+        "1", description="part of the text id: bump to re-text (and so re-embed) every user after changing a template"
+    )
     max_events: int = Field(200, ge=1, le=1000, description="newest events kept per user")
     max_tokens: int = Field(256, ge=16, description="approximate token budget per text")
     top_categories: int = Field(3, ge=1, description="categories named in the header")
     max_field_chars: int = Field(160, ge=8, description="queries and review texts are cut to this length")
     templates: dict[str, TemplateSet] = Field(
-        {}, description="language -> templates (header, count_item, labels, events, default_event, repeat, "
-                        "day_prefix, separators, chars_per_token)")
+        {},
+        description="language -> templates (header, count_item, labels, events, default_event, repeat, "
+        "day_prefix, separators, chars_per_token)",
+    )
 
     @model_validator(mode="after")
     def _language_exists(self) -> "TextualizeSettings":
         if self.language not in self.templates:
-            raise ValueError(f"no templates for language {self.language!r}; "
-                             f"defined: {', '.join(sorted(self.templates)) or 'none'}")
+            raise ValueError(
+                f"no templates for language {self.language!r}; defined: {', '.join(sorted(self.templates)) or 'none'}"
+            )
         return self
 
 
 class EmbedSettings(_Strict):
     model: str = Field(
-        "builtin:minilm",
-        description="`builtin:minilm` or a local Hugging Face / sentence-transformers model directory")
+        "builtin:minilm", description="`builtin:minilm` or a local Hugging Face / sentence-transformers model directory"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto: the task's GPU if Spark gave it one (or CUDA_VISIBLE_DEVICES), else CPU; "
-                            "cuda: a GPU is required (Spark GPU keys checked before any job)")
+        "auto",
+        description="auto: the task's GPU if Spark gave it one (or CUDA_VISIBLE_DEVICES), else CPU; "
+        "cuda: a GPU is required (Spark GPU keys checked before any job)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: float32 on CPU, bfloat16 (float16 where unsupported) on GPU; "
-                            "CPU always runs float32")
+        "auto", description="auto: float32 on CPU, bfloat16 (float16 where unsupported) on GPU; CPU always runs float32"
+    )
     normalize: bool = Field(True, description="L2-normalize embeddings")
     max_batch_tokens: int = Field(
-        16384, ge=512, description="padded tokens per forward pass (rows x longest row of a length-sorted "
-                                   "micro-batch)")
+        16384, ge=512, description="padded tokens per forward pass (rows x longest row of a length-sorted micro-batch)"
+    )
     arrow_batch_size: int = Field(
-        1024, ge=1, description="rows per Arrow batch handed to a Python worker "
-                                "(spark.sql.execution.arrow.maxRecordsPerBatch)")
+        1024,
+        ge=1,
+        description="rows per Arrow batch handed to a Python worker (spark.sql.execution.arrow.maxRecordsPerBatch)",
+    )
     gpu_partitions: int | None = Field(
-        None, ge=1, description="GPU only: tasks of the forward-pass stage (null: spark.default.parallelism)")
+        None, ge=1, description="GPU only: tasks of the forward-pass stage (null: spark.default.parallelism)"
+    )
     gpu_task_cpus: int = Field(1, ge=1, description="GPU only: CPU cores each forward-pass task holds besides its GPU")
     items: bool = Field(True, description="embed the item catalog too")
     item_text_fields: list[Literal["title", "category", "brand", "description"]] = Field(
-        ["title", "category", "brand", "description"], description="item fields in an item's text")
+        ["title", "category", "brand", "description"], description="item fields in an item's text"
+    )
     # a model id of its own, so switching it re-embeds everyone
     cpu_int8: bool = Field(
-        False, description="CPU only: int8 Linear layers (torch dynamic quantization), ~1.45x faster, "
-                           "mean 1 - cos ~0.003 from float32 (refused on load above 0.01)")
+        False,
+        description="CPU only: int8 Linear layers (torch dynamic quantization), ~1.45x faster, "
+        "mean 1 - cos ~0.003 from float32 (refused on load above 0.01)",
+    )
 
     @model_validator(mode="after")
     def _int8_on_cpu(self) -> "EmbedSettings":
@@ -312,8 +372,11 @@ class DPSettings(_Strict):
     enabled: bool = Field(False, description="DP-SGD with Opacus (extra `privacy`); epsilon is user-level")
     target_epsilon: float = Field(8.0, gt=0, description="DP-SGD privacy budget epsilon")
     target_delta: float | None = Field(
-        None, gt=0, lt=1, description="DP-SGD delta (null: 1 / (number of training users), rounded down to a "
-                                      "power of ten)")
+        None,
+        gt=0,
+        lt=1,
+        description="DP-SGD delta (null: 1 / (number of training users), rounded down to a power of ten)",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="DP-SGD per-sample gradient clipping norm")
 
 
@@ -347,15 +410,14 @@ class MlflowSettings(_Strict):
 
 
 class TrainSettings(_Strict):
-    horizon_days: int = Field(
-        7, ge=1, description="cutoff C = as-of - horizon; features <= C, labels in (C, as-of]")
+    horizon_days: int = Field(7, ge=1, description="cutoff C = as-of - horizon; features <= C, labels in (C, as-of]")
     tasks: list[Literal["purchase", "churn", "next_category"]] = Field(
-        ["purchase", "churn", "next_category"], description="heads of the model")
+        ["purchase", "churn", "next_category"], description="heads of the model"
+    )
     max_categories: int = Field(
-        50, ge=2, description="next_category classes: the most frequent label categories; the rest fall into "
-                              "\"other\"")
-    hidden: list[int] = Field(
-        [128], description="MLP trunk widths; the numeric features also feed the heads directly")
+        50, ge=2, description='next_category classes: the most frequent label categories; the rest fall into "other"'
+    )
+    hidden: list[int] = Field([128], description="MLP trunk widths; the numeric features also feed the heads directly")
     dropout: float = Field(0.3, ge=0, lt=1, description="dropout of the MLP trunk")
     batch_size: int = Field(256, ge=1, description="rows per step per process")
     epochs: int = Field(40, ge=1, description="most epochs")
@@ -363,20 +425,25 @@ class TrainSettings(_Strict):
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(1e-3, ge=0, description="AdamW weight decay")
     baseline_fallback: bool = Field(
-        True, description="a purchase or churn head whose validation loss is not below that of the baseline's "
-                          "logistic regression ends as that regression (off under DP-SGD)")
+        True,
+        description="a purchase or churn head whose validation loss is not below that of the baseline's "
+        "logistic regression ends as that regression (off under DP-SGD)",
+    )
     seed: int = Field(13, description="training seed")
     split: SplitSettings = Field(SplitSettings(), description="hash split of user_key")
     min_users: int = Field(50, ge=2, description="refuse to train below this many users (per task, train split)")
     min_class_users: int = Field(
-        5, ge=1, description="refuse to train below this many users per class (per task, train split)")
+        5, ge=1, description="refuse to train below this many users per class (per task, train split)"
+    )
     num_processes: int = Field(2, ge=1, description="TorchDistributor(num_processes)")
     local_mode: bool = Field(True, description="TorchDistributor(local_mode)")
     use_gpu: bool = Field(False, description="TorchDistributor(use_gpu)")
     snapshot_rows_per_file: int = Field(
-        200_000, ge=1000, description="snapshot files = max(num_processes, users / this)")
+        200_000, ge=1000, description="snapshot files = max(num_processes, users / this)"
+    )
     retrain_days: int = Field(
-        7, ge=1, description="a new model is trained when none exists or the newest is at least this many days old")
+        7, ge=1, description="a new model is trained when none exists or the newest is at least this many days old"
+    )
     dp: DPSettings = Field(DPSettings(), description="DP-SGD")
     recommend: RecommendSettings = Field(RecommendSettings(), description="the two-tower recommendation head")
     mlflow: MlflowSettings = Field(MlflowSettings(), description="MLflow logging")
@@ -385,7 +452,8 @@ class TrainSettings(_Strict):
 class ProfileSettings(_Strict):
     segments: int = Field(8, ge=2, description="k of the k-means on user embeddings")
     segment_refit_days: int = Field(
-        7, ge=1, description="refit the segments when the newest segment model is this old (or the encoder changed)")
+        7, ge=1, description="refit the segments when the newest segment model is this old (or the encoder changed)"
+    )
     interests: int = Field(3, ge=1, description="top categories per user")
     interest_half_life_days: float = Field(14.0, gt=0, description="recency half-life of the interests")
 
@@ -394,10 +462,11 @@ class NightlySettings(_Strict):
     report: bool = Field(True, description="write the HTML report as the last stage")
     report_dir: str = Field("./reports", description="where the HTML reports go")
     lock_hours: float = Field(
-        12.0, gt=0, description="one nightly at a time per warehouse (run_locks); a run that died holds the lock "
-                                "this long")
-    privacy_check: bool = Field(
-        False, description="`userlens privacy-check` as the last stage; a fail fails the night")
+        12.0,
+        gt=0,
+        description="one nightly at a time per warehouse (run_locks); a run that died holds the lock this long",
+    )
+    privacy_check: bool = Field(False, description="`userlens privacy-check` as the last stage; a fail fails the night")
 
 
 DatasetAdapter = Literal["movielens-100k", "movielens", "amazon", "sequences", "retailrocket"]
@@ -410,34 +479,42 @@ class DatasetSettings(_Strict):
     :mod:`userlens.sources.datasets` instead of ``source.format`` / ``source.mapping``."""
 
     adapter: DatasetAdapter | None = Field(
-        None, description="a public dataset's reader (movielens-100k, movielens, amazon, sequences, retailrocket; "
-                          "presets in conf/datasets/): ingest and `evaluate` read source.path through it")
+        None,
+        description="a public dataset's reader (movielens-100k, movielens, amazon, sequences, retailrocket; "
+        "presets in conf/datasets/): ingest and `evaluate` read source.path through it",
+    )
     events_file: str | None = Field(
-        None, description="relative to source.path (or absolute); null: the adapter's own file name")
+        None, description="relative to source.path (or absolute); null: the adapter's own file name"
+    )
     items_file: str | None = Field(
-        None, description="relative to source.path (or absolute); null: the adapter's own file name")
+        None, description="relative to source.path (or absolute); null: the adapter's own file name"
+    )
     encoding: str | None = Field(
-        None, description="text encoding of the item file; null: ISO-8859-1 for MovieLens u.item and .dat "
-                          "files, else UTF-8")
+        None,
+        description="text encoding of the item file; null: ISO-8859-1 for MovieLens u.item and .dat files, else UTF-8",
+    )
 
 
 class EvaluateSettings(_Strict):
     """``userlens evaluate``: what counts as an interaction, the seed, and the baselines' parameters."""
 
     interactions: list[str] = Field(
-        [], description="event types that are interactions in the ranking protocols (empty: "
-                        "ingest.item_event_types)")
+        [], description="event types that are interactions in the ranking protocols (empty: ingest.item_event_types)"
+    )
     seed: int = Field(13, description="stratified-75 split, next-window user split, ALS")
     horizon_days: int | None = Field(
-        None, ge=1, description="next-window: the H of \"active / purchase in the next H days\" (null: "
-                                "train.horizon_days)")
+        None,
+        ge=1,
+        description='next-window: the H of "active / purchase in the next H days" (null: train.horizon_days)',
+    )
     # the ALS baseline is train.recommend.als, the same settings as the train stage's
     knn_half_life_days: float | None = Field(
-        30.0, gt=0, description="item-kNN (SAR-style, Jaccard co-occurrence) baseline: user affinity half-life "
-                                "(null: no decay)")
+        30.0,
+        gt=0,
+        description="item-kNN (SAR-style, Jaccard co-occurrence) baseline: user affinity half-life (null: no decay)",
+    )
     knn_neighbors: int = Field(100, ge=1, description="item-kNN: most similar items kept per item")
-    knn_history: int = Field(200, ge=1, description="item-kNN: newest distinct items per user counted in "
-                                                    "co-occurrence")
+    knn_history: int = Field(200, ge=1, description="item-kNN: newest distinct items per user counted in co-occurrence")
     userlens: bool = Field(True, description="the userlens rows of `userlens evaluate` (false: baselines only)")
 
 
@@ -531,9 +608,7 @@ def _expand(value: Any, environ: dict[str, str], label: str, key: tuple[str, ...
             return environ[name]
         if default is not None:
             return default
-        raise ConfigError(
-            f"{label}: {'.'.join(key)}: environment variable ${{{name}}} is not set"
-        )
+        raise ConfigError(f"{label}: {'.'.join(key)}: environment variable ${{{name}}} is not set")
 
     return _ENV_REF.sub(substitute, value)
 

@@ -18,6 +18,7 @@ emits token-id arrays; a shuffle then feeds a forward-pass-only stage that runs
 under a stage-level ``ResourceProfile`` asking for one GPU per task, so CPU
 stages never hold a GPU and the GPU never waits for the tokenizer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,12 @@ ARROW_BATCH_KEY = "spark.sql.execution.arrow.maxRecordsPerBatch"
 VECTORS_SCHEMA = T.StructType([T.StructField("text_hash", T.StringType()), T.StructField("embedding", VECTOR)])
 
 
-TOKENS_SCHEMA = T.StructType([T.StructField("text_hash", T.StringType()),
-                              T.StructField("token_ids", T.ArrayType(T.IntegerType(), containsNull=False))])
+TOKENS_SCHEMA = T.StructType(
+    [
+        T.StructField("text_hash", T.StringType()),
+        T.StructField("token_ids", T.ArrayType(T.IntegerType(), containsNull=False)),
+    ]
+)
 
 
 # distinct texts per partition of the embedding step, past the cores of the cluster
@@ -146,7 +151,7 @@ def _encode_ids_fn(spec: EncoderSpec) -> Callable[[Iterable["pa.RecordBatch"]], 
             column = batch.column("token_ids")
             offsets = column.offsets.to_numpy()
             values = column.values.to_numpy()
-            ids = [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
+            ids = [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
             yield _vectors_batch(batch.column("text_hash"), encoder.encode_ids(ids))
 
     return encode_partition
@@ -216,8 +221,10 @@ def check_gpu_conf(conf: Mapping[str, str], master: str, why: str = "embed.devic
         except ValueError:
             raise ConfigError(f"spark.conf: {key}: not a number (got {value!r})") from None
         if amount <= 0:
-            raise ConfigError(f"{why} but {key} is {value or 'not set'}: set it in spark.conf "
-                              "(or the launcher) to give executors and tasks a GPU")
+            raise ConfigError(
+                f"{why} but {key} is {value or 'not set'}: set it in spark.conf "
+                "(or the launcher) to give executors and tasks a GPU"
+            )
     return float(conf[GPU_KEY])
 
 
@@ -286,8 +293,12 @@ def vectors_for(embedder: "Embedder", texts: DataFrame, stored: DataFrame | None
     wanted = texts.select("text_hash", "text").dropDuplicates(["text_hash"])
     reused = None
     if stored is not None:
-        reused = (stored.where(F.col("model_id") == model_id).select("text_hash", "embedding")
-                  .dropDuplicates(["text_hash"]).join(wanted.select("text_hash"), "text_hash"))
+        reused = (
+            stored.where(F.col("model_id") == model_id)
+            .select("text_hash", "embedding")
+            .dropDuplicates(["text_hash"])
+            .join(wanted.select("text_hash"), "text_hash")
+        )
     missing = wanted if reused is None else wanted.join(reused.select("text_hash"), "text_hash", "left_anti")
     n_missing = missing.count()
     if n_missing == 0:

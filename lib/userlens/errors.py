@@ -1,6 +1,5 @@
 """Error types whose message is the one line a user sees."""
 
-
 import re
 from collections.abc import Sequence
 from typing import Protocol
@@ -40,8 +39,11 @@ def unreadable_file(exc: BaseException) -> tuple[str, str] | None:
     if cause == "unknown cause":
         caused = re.findall(r"Caused by: ([\w.$]+(?:: [^\n]*)?)", str(exc))
         if caused:
-            cause = caused[-1].split(".")[-1] if ": " not in caused[-1] else caused[-1].split(": ", 1)[0].rsplit(
-                ".", 1)[-1] + ": " + caused[-1].split(": ", 1)[1]
+            cause = (
+                caused[-1].split(".")[-1]
+                if ": " not in caused[-1]
+                else caused[-1].split(": ", 1)[0].rsplit(".", 1)[-1] + ": " + caused[-1].split(": ", 1)[1]
+            )
     return found.group(1), cause.strip()
 
 
@@ -69,8 +71,7 @@ class MissingColumnsError(UserlensError, ValueError):
 
     def __init__(self, what: str, missing: list[str], present: list[str]) -> None:
         super().__init__(
-            f"{what}: missing column(s) {', '.join(sorted(missing))}; "
-            f"present: {', '.join(sorted(present)) or '(none)'}"
+            f"{what}: missing column(s) {', '.join(sorted(missing))}; present: {', '.join(sorted(present)) or '(none)'}"
         )
         self.missing = missing
         self.present = present

@@ -12,6 +12,7 @@ For an as-of date D and horizon H the cutoff is C = D - H. Features use events w
 Users go to train / valid / test by a salted hash of user_key, so a user stays in its split
 from run to run. The train, score and profile stages and ``userlens evaluate`` share these.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -53,18 +54,24 @@ def numeric_features(events: DataFrame, cut: dt.date, event_types: list[str]) ->
     def recent(w: int) -> Column:
         return F.col("event_date") > F.date_sub(c, w)
 
-    spend = F.when(F.col("event_type") == "purchase",
-                   F.coalesce(F.col("price"), F.lit(0.0)) * F.coalesce(F.col("quantity"), F.lit(1)))
+    spend = F.when(
+        F.col("event_type") == "purchase",
+        F.coalesce(F.col("price"), F.lit(0.0)) * F.coalesce(F.col("quantity"), F.lit(1)),
+    )
     aggs = [
-        F.datediff(c, F.max("event_date")), F.datediff(c, F.min("event_date")), F.count(F.lit(1)),
+        F.datediff(c, F.max("event_date")),
+        F.datediff(c, F.min("event_date")),
+        F.count(F.lit(1)),
         F.count_distinct("event_date"),
         *[F.count_distinct(F.when(recent(w), F.col("event_date"))) for w in WINDOWS],
         *[F.sum(F.when(recent(w), spend)) for w in WINDOWS],
         *[F.sum(F.when(recent(w) & (F.col("event_type") == t), 1)) for t in event_types for w in WINDOWS],
     ]
     agg = known.groupBy("user_key").agg(*[a.alias(f"f{i}") for i, a in enumerate(aggs)])
-    return agg.select("user_key", F.array(*[F.coalesce(F.col(f"f{i}").cast("double"), F.lit(0.0))
-                                            for i in range(len(aggs))]).alias("features"))
+    return agg.select(
+        "user_key",
+        F.array(*[F.coalesce(F.col(f"f{i}").cast("double"), F.lit(0.0)) for i in range(len(aggs))]).alias("features"),
+    )
 
 
 def labels(events: DataFrame, cut: dt.date, as_of: dt.date) -> DataFrame:
@@ -77,7 +84,8 @@ def labels(events: DataFrame, cut: dt.date, as_of: dt.date) -> DataFrame:
 
     return window.groupBy("user_key").agg(
         F.max((F.col("event_type") == "purchase").cast("int")).alias("purchase"),
-        F.coalesce(first_category("purchase"), first_category("view")).alias("next_category_name"))
+        F.coalesce(first_category("purchase"), first_category("view")).alias("next_category_name"),
+    )
 
 
 def item_history(events: DataFrame, cut: dt.date, as_of: dt.date, history: int) -> DataFrame:
@@ -91,25 +99,42 @@ def item_history(events: DataFrame, cut: dt.date, as_of: dt.date, history: int) 
     c = F.lit(cut)
     with_item = events.where(F.col("item_id").isNotNull())
     purchase = (F.col("event_type") == "purchase").cast("int")
-    past = (with_item.where(F.col("event_date") <= c).groupBy("user_key", "item_id")
-            .agg(F.max("event_time").alias("last"), F.max("event_date").alias("last_date"),
-                 F.max(purchase).alias("was_bought")))
+    past = (
+        with_item.where(F.col("event_date") <= c)
+        .groupBy("user_key", "item_id")
+        .agg(
+            F.max("event_time").alias("last"),
+            F.max("event_date").alias("last_date"),
+            F.max(purchase).alias("was_bought"),
+        )
+    )
     newest = F.slice(F.sort_array(F.collect_list(F.struct("last", "item_id", "last_date")), asc=False), 1, history)
     hist = past.groupBy("user_key").agg(
         newest.alias("_h"),
-        F.array_sort(F.collect_list(F.when(F.col("was_bought") == 1, F.col("item_id")))).alias("bought"))
-    hist = hist.select("user_key", F.transform("_h", lambda x: x["item_id"]).alias("hist_items"),
-                       F.transform("_h", lambda x: F.datediff(c, x["last_date"])).alias("hist_ages"), "bought")
-    future = (with_item.where((F.col("event_date") > c) & (F.col("event_date") <= F.lit(as_of))
-                              & (F.col("event_type") == "purchase"))
-              .groupBy("user_key").agg(F.array_sort(F.collect_set("item_id")).alias("_next")))
+        F.array_sort(F.collect_list(F.when(F.col("was_bought") == 1, F.col("item_id")))).alias("bought"),
+    )
+    hist = hist.select(
+        "user_key",
+        F.transform("_h", lambda x: x["item_id"]).alias("hist_items"),
+        F.transform("_h", lambda x: F.datediff(c, x["last_date"])).alias("hist_ages"),
+        "bought",
+    )
+    future = (
+        with_item.where(
+            (F.col("event_date") > c) & (F.col("event_date") <= F.lit(as_of)) & (F.col("event_type") == "purchase")
+        )
+        .groupBy("user_key")
+        .agg(F.array_sort(F.collect_set("item_id")).alias("_next"))
+    )
     empty = F.array().cast("array<string>")
     joined = hist.join(future, "user_key", "full")
     return joined.select(
-        "user_key", F.coalesce("hist_items", empty).alias("hist_items"),
+        "user_key",
+        F.coalesce("hist_items", empty).alias("hist_items"),
         F.coalesce("hist_ages", F.array().cast("array<int>")).alias("hist_ages"),
         F.coalesce("bought", empty).alias("bought"),
-        F.array_except(F.coalesce("_next", empty), F.coalesce("bought", empty)).alias("next_items"))
+        F.array_except(F.coalesce("_next", empty), F.coalesce("bought", empty)).alias("next_items"),
+    )
 
 
 def split_of(user_key: Column, split: Any) -> Column:
@@ -118,25 +143,43 @@ def split_of(user_key: Column, split: Any) -> Column:
     return F.when(u < split.train, "train").when(u < split.train + split.valid, "valid").otherwise("test")
 
 
-def labelled_users(events: DataFrame, cut: dt.date, as_of: dt.date, event_types: list[str],
-                   train: TrainSettings) -> DataFrame:
+def labelled_users(
+    events: DataFrame, cut: dt.date, as_of: dt.date, event_types: list[str], train: TrainSettings
+) -> DataFrame:
     """user_key, split, features, purchase, churn, next_category_name: one row per user known at ``cut``."""
     feats = numeric_features(events, cut, event_types)
     future = labels(events, cut, as_of)
     joined = feats.join(future, "user_key", "left")
     return joined.select(
-        "user_key", split_of(F.col("user_key"), train.split).alias("split"), "features",
+        "user_key",
+        split_of(F.col("user_key"), train.split).alias("split"),
+        "features",
         F.coalesce("purchase", F.lit(0)).alias("purchase"),
         F.when(F.col("purchase").isNull(), 1).otherwise(0).alias("churn"),
-        "next_category_name")
+        "next_category_name",
+    )
 
 
 def split_counts(frame: DataFrame) -> dict[str, dict[str, int]]:
-    rows = frame.groupBy("split").agg(
-        F.count(F.lit(1)).alias("users"), F.sum("purchase").alias("purchase"), F.sum("churn").alias("churn"),
-        F.count("next_category_name").alias("next_category")).collect()
-    return {r["split"]: {"users": r["users"], "purchase": int(r["purchase"] or 0), "churn": int(r["churn"] or 0),
-                         "next_category": r["next_category"]} for r in rows}
+    rows = (
+        frame.groupBy("split")
+        .agg(
+            F.count(F.lit(1)).alias("users"),
+            F.sum("purchase").alias("purchase"),
+            F.sum("churn").alias("churn"),
+            F.count("next_category_name").alias("next_category"),
+        )
+        .collect()
+    )
+    return {
+        r["split"]: {
+            "users": r["users"],
+            "purchase": int(r["purchase"] or 0),
+            "churn": int(r["churn"] or 0),
+            "next_category": r["next_category"],
+        }
+        for r in rows
+    }
 
 
 def check_counts(counts: dict[str, dict[str, int]], train: TrainSettings, classes: list[str]) -> None:
@@ -146,8 +189,10 @@ def check_counts(counts: dict[str, dict[str, int]], train: TrainSettings, classe
             raise UserlensError(f"train: the {split} split is empty ({describe_counts(counts)}); more users are needed")
     n = counts["train"]["users"]
     if n < train.min_users:
-        raise UserlensError(f"train: only {n} labelled users in the train split, below train.min_users="
-                            f"{train.min_users} ({describe_counts(counts)})")
+        raise UserlensError(
+            f"train: only {n} labelled users in the train split, below train.min_users="
+            f"{train.min_users} ({describe_counts(counts)})"
+        )
     for task in train.tasks:
         if task in BINARY_TASKS:
             for split, need in (("train", train.min_class_users), ("test", 1)):
@@ -156,10 +201,13 @@ def check_counts(counts: dict[str, dict[str, int]], train: TrainSettings, classe
                 if min(pos, neg) < need:
                     raise UserlensError(
                         f"train: task {task} has {pos} positive and {neg} negative users in the {split} split; "
-                        f"need at least {need} of each (train.min_class_users)")
+                        f"need at least {need} of each (train.min_class_users)"
+                    )
         elif len(classes) < 2:
-            raise UserlensError(f"train: task next_category has {len(classes)} class(es) in the train split "
-                                f"({counts['train']['next_category']} labelled users); need at least 2")
+            raise UserlensError(
+                f"train: task next_category has {len(classes)} class(es) in the train split "
+                f"({counts['train']['next_category']} labelled users); need at least 2"
+            )
 
 
 def describe_counts(counts: dict[str, dict[str, int]]) -> str:
@@ -168,12 +216,17 @@ def describe_counts(counts: dict[str, dict[str, int]]) -> str:
 
 def category_classes(frame: DataFrame, max_categories: int) -> list[str]:
     """The most frequent next_category labels of the train split; the rest become 'other'."""
-    rows = (frame.where((F.col("split") == "train") & F.col("next_category_name").isNotNull())
-            .groupBy("next_category_name").count().orderBy(F.desc("count"), "next_category_name").collect())
+    rows = (
+        frame.where((F.col("split") == "train") & F.col("next_category_name").isNotNull())
+        .groupBy("next_category_name")
+        .count()
+        .orderBy(F.desc("count"), "next_category_name")
+        .collect()
+    )
     names = [r[0] for r in rows]
     if len(names) <= max_categories:
         return names
-    return names[:max_categories - 1] + [OTHER]
+    return names[: max_categories - 1] + [OTHER]
 
 
 def class_index(name: Column, classes: list[str]) -> Column:

@@ -8,6 +8,7 @@ notebook); only ``dbutils.widgets`` (text, dropdown, get) and ``dbutils.secrets.
 
 Widgets are strings. A job passes them as task or job parameters of the same name (``databricks.yml``).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -23,6 +24,7 @@ from userlens.privacy import PseudonymKey, load_key
 from userlens.stages import BY_NAME, STAGES, Stage, StageCall, check_nightly_settings
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Widget:
@@ -63,9 +65,14 @@ def stage_widgets(stage: Stage) -> tuple[Widget, ...]:
 
 WIDGETS: dict[str, tuple[Widget, ...]] = {
     **{stage.name: stage_widgets(stage) for stage in STAGES},
-    "nightly": (Widget("date", "", "As-of date, YYYY-MM-DD (empty: the newest raw date)"),
-                Widget("report_out", "", "Report file (empty: nightly.report_dir)"), CONF, SET,
-                SECRET_SCOPE, SECRET_KEY),
+    "nightly": (
+        Widget("date", "", "As-of date, YYYY-MM-DD (empty: the newest raw date)"),
+        Widget("report_out", "", "Report file (empty: nightly.report_dir)"),
+        CONF,
+        SET,
+        SECRET_SCOPE,
+        SECRET_KEY,
+    ),
 }
 STAGE_NOTEBOOKS = tuple(WIDGETS)
 
@@ -120,14 +127,23 @@ def parse_widgets(stage: str, raw: dict[str, str]) -> NotebookParams:
     if problems:
         raise WidgetError(f"{stage} notebook: " + "; ".join(problems))
     if values.get("secret_scope") and not values.get("secret_key"):
-        raise WidgetError(f"{stage} notebook: widget secret_key: empty, but secret_scope "
-                          f"{values['secret_scope']!r} is set; name the secret that holds the HMAC key")
+        raise WidgetError(
+            f"{stage} notebook: widget secret_key: empty, but secret_scope "
+            f"{values['secret_scope']!r} is set; name the secret that holds the HMAC key"
+        )
     return NotebookParams(
-        stage=stage, conf=values["conf"], overrides=values["set"], date=values.get("date"),
-        full=values.get("full", False), when_due=values.get("when_due", False),
-        when_enabled=values.get("when_enabled", False), secret_scope=values.get("secret_scope"),
-        secret_key=values.get("secret_key"), user_id=values.get("user_id"),
-        out=values.get("out") or values.get("report_out"))
+        stage=stage,
+        conf=values["conf"],
+        overrides=values["set"],
+        date=values.get("date"),
+        full=values.get("full", False),
+        when_due=values.get("when_due", False),
+        when_enabled=values.get("when_enabled", False),
+        secret_scope=values.get("secret_scope"),
+        secret_key=values.get("secret_key"),
+        user_id=values.get("user_id"),
+        out=values.get("out") or values.get("report_out"),
+    )
 
 
 def load_notebook_settings(params: NotebookParams) -> Settings:
@@ -137,7 +153,7 @@ def load_notebook_settings(params: NotebookParams) -> Settings:
     except ConfigError as exc:
         message = str(exc)
         if message.startswith("--set"):  # the notebook's overrides come from the `set` widget
-            message = "widget set" + message[len("--set"):]
+            message = "widget set" + message[len("--set") :]
         raise ConfigError(message) from exc
 
 
@@ -153,7 +169,8 @@ def load_notebook_key(dbutils: Any, settings: Settings, params: NotebookParams) 
         raise SecretError(
             f"{where} could not be read ({type(exc).__name__}: {first_line(exc)}); create it with "
             f"`databricks secrets create-scope {params.secret_scope}` and `databricks secrets put-secret "
-            f"{params.secret_scope} {params.secret_key}`, or set the widget secret_scope") from exc
+            f"{params.secret_scope} {params.secret_key}`, or set the widget secret_scope"
+        ) from exc
     if not value:
         raise SecretError(f"{where} is empty; it must hold the HMAC key for user pseudonyms")
     try:
@@ -186,8 +203,9 @@ def run_stage(dbutils: Any, params: NotebookParams) -> tuple[Any, str | None]:
     try:
         call = stage.prepare(call)
     except NoDateError as exc:
-        raise WidgetError(f"{stage.name} notebook: widget date: empty, and {exc.why}; give the date, YYYY-MM-DD") \
-            from exc
+        raise WidgetError(
+            f"{stage.name} notebook: widget date: empty, and {exc.why}; give the date, YYYY-MM-DD"
+        ) from exc
     try:
         result = record_run(stage.name, settings, spark, lambda run: stage.run(call, run))
     except UserlensError as exc:
@@ -245,8 +263,10 @@ def _conf(text: str, widget: Widget) -> tuple[Path, ...]:
         path = CONF_DIR / name if "/" not in name else Path(name)
         if not path.is_file():
             shipped = ", ".join(sorted(p.name for p in CONF_DIR.glob("*.yaml")))
-            raise ValueError(f"config file {name!r} not found (bare names are looked up among the shipped "
-                             f"files: {shipped}; give a path, e.g. /Workspace/..., for your own)")
+            raise ValueError(
+                f"config file {name!r} not found (bare names are looked up among the shipped "
+                f"files: {shipped}; give a path, e.g. /Workspace/..., for your own)"
+            )
         paths.append(path)
     return tuple(paths)
 
@@ -269,8 +289,15 @@ def _optional(text: str, widget: Widget) -> str | None:
     return text or None
 
 
-_PARSERS = {"date": _date, "full": _choice, "when_due": _choice, "when_enabled": _choice, "conf": _conf,
-            "set": _overrides, "user_id": _required}
+_PARSERS = {
+    "date": _date,
+    "full": _choice,
+    "when_due": _choice,
+    "when_enabled": _choice,
+    "conf": _conf,
+    "set": _overrides,
+    "user_id": _required,
+}
 
 
 def run_nightly(dbutils: Any, params: NotebookParams) -> Any:

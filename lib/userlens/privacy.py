@@ -5,6 +5,7 @@ H((K ^ opad) || H((K ^ ipad) || m)) (RFC 2104): the padded key halves are
 binary literals, so pseudonymizing runs at Spark SQL speed on executors and
 equals Python's ``hmac.new(key, msg, sha256).hexdigest()``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,7 +58,8 @@ def load_key(privacy: PrivacySettings, environ: dict[str, str] | None = None) ->
         log.warning(
             "*** %s is not set: using the PUBLIC development key from privacy.dev_key. "
             "Pseudonyms made with it protect nothing; set %s for real data. ***",
-            privacy.key_env, privacy.key_env,
+            privacy.key_env,
+            privacy.key_env,
         )
         value, is_dev = privacy.dev_key, True
     secret = value.encode("utf-8")
@@ -66,8 +68,9 @@ def load_key(privacy: PrivacySettings, environ: dict[str, str] | None = None) ->
             f"privacy.key_env: the key in {privacy.key_env if not is_dev else 'privacy.dev_key'} "
             f"is {len(secret)} bytes; use at least {MIN_KEY_BYTES}"
         )
-    return PseudonymKey(secret=secret, key_id=hashlib.sha256(b"userlens-key-id:" + secret).hexdigest()[:12],
-                        is_dev_key=is_dev)
+    return PseudonymKey(
+        secret=secret, key_id=hashlib.sha256(b"userlens-key-id:" + secret).hexdigest()[:12], is_dev_key=is_dev
+    )
 
 
 def hmac_sha256_hex(message: Column, key: PseudonymKey) -> Column:
@@ -101,16 +104,30 @@ _NOT_PRODUCT_CODE = r"(?<!(?i:sku|ean|gtin|upc|isbn)[ :#]{1,3})"
 # at exactly its length, compact or in blocks of four, so that its blocks may be all
 # letters (RU, UA) while a following word ("... 00 BIC GKCCBEBB") is never taken.
 _IBAN_LENGTHS = {
-    15: "NO", 16: "BE", 18: "DK FI FO GL NL", 19: "MK SI", 20: "AT BA EE KZ LT LU XK",
-    21: "CH HR LI LV", 22: "BG BH CR DE GB GE IE ME RS VA", 23: "AE GI IL IQ TL",
-    24: "AD CZ ES MD PK RO SA SE SK TN VG", 25: "LY PT ST", 26: "IS TR", 27: "FR GR IT MC MR SM",
-    28: "AL AZ BY CY DO GT HU LB PL SV", 29: "BR EG PS QA UA", 30: "JO KW MU", 31: "MT SC", 32: "LC",
+    15: "NO",
+    16: "BE",
+    18: "DK FI FO GL NL",
+    19: "MK SI",
+    20: "AT BA EE KZ LT LU XK",
+    21: "CH HR LI LV",
+    22: "BG BH CR DE GB GE IE ME RS VA",
+    23: "AE GI IL IQ TL",
+    24: "AD CZ ES MD PK RO SA SE SK TN VG",
+    25: "LY PT ST",
+    26: "IS TR",
+    27: "FR GR IT MC MR SM",
+    28: "AL AZ BY CY DO GT HU LB PL SV",
+    29: "BR EG PS QA UA",
+    30: "JO KW MU",
+    31: "MT SC",
+    32: "LC",
     33: "RU",
 }
 _IBAN_EXACT = "|".join(
     rf"(?:{'|'.join(countries.split())})\d{{2}}(?: ?[A-Z0-9]{{4}}){{{(n - 4) // 4}}}"
     + (rf" ?[A-Z0-9]{{{(n - 4) % 4}}}" if (n - 4) % 4 else "")
-    for n, countries in _IBAN_LENGTHS.items())
+    for n, countries in _IBAN_LENGTHS.items()
+)
 # Phone numbers are runs of digit groups. Between two groups: one space, dot, slash or
 # dash, or a parenthesis with at most one of them ("+49 (0)30", "(0212) 345", "8 (301) 123").
 _SEP = r"(?:[ ./-]?\(|\)[ ./-]?|[ ./-])"
@@ -120,8 +137,10 @@ _RUN = rf"\(?\d(?:{_SEP}?\d)*"
 # (0.12.11.21-beta).
 _RUN_END = rf"(?!\w|{_SEP}?\d|,\d|[-+][A-Za-z])"
 # The country codes of E.164 (ITU): 1 and 7, the assigned two-digit ones, three digits otherwise.
-_COUNTRY_CODE = (r"(?:[17]|2[07]|3[0-469]|4[013-9]|5[1-8]|6[0-6]|8[1246]|9[0-58]"
-                 r"|(?:2[1-689]|3[578]|42|5[09]|6[7-9]|8[0578]|9[679])\d)")
+_COUNTRY_CODE = (
+    r"(?:[17]|2[07]|3[0-469]|4[013-9]|5[1-8]|6[0-6]|8[1246]|9[0-58]"
+    r"|(?:2[1-689]|3[578]|42|5[09]|6[7-9]|8[0578]|9[679])\d)"
+)
 
 
 def _digit_count(low: int, high: int, trunk_low: int | None = None) -> str:
@@ -162,8 +181,12 @@ PII_PATTERNS: list[tuple[str, str, str]] = [
     # Other IBANs (other countries, wrong lengths): after the first block, a block that
     # follows a space holds a digit, so a following word ("... 1057 BIC GKCCBEBB") is not
     # taken for one.
-    ("iban", r"\b[A-Z]{2}\d{2} ?[A-Z0-9]{4}(?:[A-Z0-9]{4}| (?=[A-Z]{0,3}\d)[A-Z0-9]{4}){1,6}"
-             r"(?:[A-Z0-9]{1,3}| (?=[A-Z]{0,2}\d)[A-Z0-9]{1,3})?\b", "<iban>"),
+    (
+        "iban",
+        r"\b[A-Z]{2}\d{2} ?[A-Z0-9]{4}(?:[A-Z0-9]{4}| (?=[A-Z]{0,3}\d)[A-Z0-9]{4}){1,6}"
+        r"(?:[A-Z0-9]{1,3}| (?=[A-Z]{0,2}\d)[A-Z0-9]{1,3})?\b",
+        "<iban>",
+    ),
     # 13-19 digits, plain or grouped 4-4-4-4(-3) / 4-6-5 / 4-6-4 (12 when grouped by fours),
     # and 12 plain digits of a Maestro range (50, 56-69, 0604): masked whether or not they
     # pass Luhn (fail safe; a regex cannot check Luhn). Not after a "+44 " country code,
@@ -171,14 +194,23 @@ PII_PATTERNS: list[tuple[str, str, str]] = [
     # of a decimal number (0.8947368421052632). No card number starts with 00 (0044 7400
     # 123456 is a phone number), and 12 digits grouped by fours from a 0 other than Maestro's
     # 0604 are one (0800 1759 1759).
-    ("card", r"(?<![\w+-])(?<!\+\d{1,3}[ .-])(?<!\d[.,])" + _NOT_PRODUCT_CODE
-     + r"(?!00|0(?!604)\d{3}[ -]\d{4}[ -]\d{4}(?![ -]?\d))"
-     + r"(?:\d{13,19}|(?:50|5[6-9]|6\d)\d{10}|0604\d{8}|\d{4}[ -]\d{4}[ -]\d{4}(?:[ -]\d{1,4}(?:[ -]\d{1,3})?)?"
-     + r"|\d{4}[ -]\d{6}[ -]\d{4,5})"
-     + r"(?![\w-]|[.,]\d)", "<card>"),
+    (
+        "card",
+        r"(?<![\w+-])(?<!\+\d{1,3}[ .-])(?<!\d[.,])"
+        + _NOT_PRODUCT_CODE
+        + r"(?!00|0(?!604)\d{3}[ -]\d{4}[ -]\d{4}(?![ -]?\d))"
+        + r"(?:\d{13,19}|(?:50|5[6-9]|6\d)\d{10}|0604\d{8}|\d{4}[ -]\d{4}[ -]\d{4}(?:[ -]\d{1,4}(?:[ -]\d{1,3})?)?"
+        + r"|\d{4}[ -]\d{6}[ -]\d{4,5})"
+        + r"(?![\w-]|[.,]\d)",
+        "<card>",
+    ),
     # IPv6: IPv4-mapped (::ffff:192.0.2.1), full, compressed.
-    ("ip", rf"(?<![\w:])(?:::(?:[Ff]{{4}}:(?:0{{1,4}}:)?)?{_IPV4}|(?:{_H}:){{7}}{_H}"
-           rf"|(?:{_H}:){{1,6}}:(?:{_H}(?::{_H}){{0,5}})?|::(?:{_H}:){{0,6}}{_H})(?![\w:]|\.\d)", "<ip>"),
+    (
+        "ip",
+        rf"(?<![\w:])(?:::(?:[Ff]{{4}}:(?:0{{1,4}}:)?)?{_IPV4}|(?:{_H}:){{7}}{_H}"
+        rf"|(?:{_H}:){{1,6}}:(?:{_H}(?::{_H}){{0,5}})?|::(?:{_H}:){{0,6}}{_H})(?![\w:]|\.\d)",
+        "<ip>",
+    ),
     # IPv4, but not a version string such as 1.2.3.4-beta.
     ("ip", rf"(?<![\w.]){_IPV4}(?!\w|\.\d|[-+][A-Za-z])", "<ip>"),
     # International, + and 6-16 digits: +1 415-555-0134, +44 20 7946 0958, +49 (0)30 1234567,
@@ -186,15 +218,34 @@ PII_PATTERNS: list[tuple[str, str, str]] = [
     ("phone", r"(?<![\w+])\+(?=[1-9])" + _digit_count(6, 16) + _RUN + _RUN_END, "<phone>"),
     # International with 00 for the + and a country code, 8-15 digits: 0049 30 123456,
     # 00 1 201-555-0123, 004915123456789.
-    ("phone", r"(?<![\w+.,/#-])(?<!\d )" + _NOT_PRODUCT_CODE + _NOT_ORDER + rf"00 ?(?={_COUNTRY_CODE})"
-     + _digit_count(8, 15) + _RUN + _RUN_END, "<phone>"),
+    (
+        "phone",
+        r"(?<![\w+.,/#-])(?<!\d )"
+        + _NOT_PRODUCT_CODE
+        + _NOT_ORDER
+        + rf"00 ?(?={_COUNTRY_CODE})"
+        + _digit_count(8, 15)
+        + _RUN
+        + _RUN_END,
+        "<phone>",
+    ),
     # National: a run of 8-15 digits in at least two groups (7-15 from a trunk 0), whatever
     # the grouping: US (415) 555-0134, UK 0121 234 5678, DE 030 123456, FR 01 23 45 67 89,
     # ES 612 34 56 78, PL 512 345 678, RU 8 (912) 345-67-89, JP 03-1234-5678, CN 131 2345 6789,
     # BR (11) 96123-4567, IN 081234 56789, HU (06 1) 234 5678, toll-free 1-800-123-456.
-    ("phone", r"(?<![\w+.,/#$€£¥₹₽₫-])(?<!\d )" + _NOT_PRICE + _NOT_PRODUCT_CODE + rf"(?=\(?\d+{_SEP}\d)"
-     + _NOT_DATE_OR_FIGURE + _digit_count(8, 15, trunk_low=7) + _RUN + _RUN_END
-     + _NOT_BEFORE_PRICE, "<phone>"),
+    (
+        "phone",
+        r"(?<![\w+.,/#$€£¥₹₽₫-])(?<!\d )"
+        + _NOT_PRICE
+        + _NOT_PRODUCT_CODE
+        + rf"(?=\(?\d+{_SEP}\d)"
+        + _NOT_DATE_OR_FIGURE
+        + _digit_count(8, 15, trunk_low=7)
+        + _RUN
+        + _RUN_END
+        + _NOT_BEFORE_PRICE,
+        "<phone>",
+    ),
     # A bare run of 10-12 digits is a phone number without separators (fail safe).
     ("phone", r"(?<![\w+.,-])" + _NOT_PRODUCT_CODE + r"\d{10,12}(?![\w-]|[.,]\d)", "<phone>"),
 ]
@@ -230,9 +281,14 @@ def warehouse_key_id(tables: "Tables") -> str | None:
     stored = tables.properties("events").get(KEY_ID_PROPERTY)
     if stored or not tables.exists("pipeline_runs"):
         return stored
-    row = (tables.read("pipeline_runs").where("stage = 'ingest' AND status = 'succeeded'")
-           .select(F.get_json_object("details", "$.key_id").alias("key_id"), "started_at")
-           .where("key_id IS NOT NULL").orderBy(F.desc("started_at")).first())
+    row = (
+        tables.read("pipeline_runs")
+        .where("stage = 'ingest' AND status = 'succeeded'")
+        .select(F.get_json_object("details", "$.key_id").alias("key_id"), "started_at")
+        .where("key_id IS NOT NULL")
+        .orderBy(F.desc("started_at"))
+        .first()
+    )
     return row["key_id"] if row is not None else None
 
 
@@ -244,7 +300,8 @@ def require_same_key(tables: "Tables", key: PseudonymKey, key_env: str) -> None:
         raise SecretError(
             f"the events in {tables.location('events')} were pseudonymized with key id {stored}, but the key in "
             f"{where} has key id {key.key_id}: mixing keys would split every user in two. Set the key the "
-            f"warehouse was built with, or rotate the key as {ROTATION_DOC} describes")
+            f"warehouse was built with, or rotate the key as {ROTATION_DOC} describes"
+        )
 
 
 def record_key_id(tables: "Tables", key: PseudonymKey) -> None:
@@ -273,8 +330,11 @@ def model_properties(dp_by_version: dict[str, dict[str, Any] | None]) -> dict[st
         return dict.fromkeys((MODEL_VERSION_PROPERTY, DP_PROPERTY, DP_EPSILON_PROPERTY, DP_DELTA_PROPERTY))
     versions = sorted(dp_by_version)
     dps = [dp_by_version[v] for v in versions]
-    out: dict[str, str | None] = {MODEL_VERSION_PROPERTY: ",".join(versions), DP_EPSILON_PROPERTY: None,
-                                  DP_DELTA_PROPERTY: None}
+    out: dict[str, str | None] = {
+        MODEL_VERSION_PROPERTY: ",".join(versions),
+        DP_EPSILON_PROPERTY: None,
+        DP_DELTA_PROPERTY: None,
+    }
     if any(dp is None for dp in dps):
         out[DP_PROPERTY] = "unknown"
     elif not all(dps):

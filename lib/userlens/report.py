@@ -20,6 +20,7 @@ A section whose input does not exist yet is replaced by a visible "not available
 yet: run ``userlens <stage>``" note. Only aggregates and a bounded sample reach
 the driver. Every string that comes from data or config is HTML-escaped.
 """
+
 from __future__ import annotations
 
 import base64
@@ -90,8 +91,9 @@ def _not_yet(stage: str, why: str = "") -> _Skip:
     return _Skip(f"not available yet: run <code>userlens {html.escape(stage)}</code>{suffix}")
 
 
-def build_report(spark: "SparkSession", settings: Settings, out_path: str | None = None,
-                 stage_order: tuple[str, ...] = ()) -> ReportResult:
+def build_report(
+    spark: "SparkSession", settings: Settings, out_path: str | None = None, stage_order: tuple[str, ...] = ()
+) -> ReportResult:
     """Render the report from the tables and the latest model; write it to ``out_path`` (default
     ``<nightly.report_dir>/userlens-report-<as_of>.html``) and return where it went."""
     _require_matplotlib()
@@ -124,18 +126,20 @@ def build_report(spark: "SparkSession", settings: Settings, out_path: str | None
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     tables = context.tables
     where = f"{settings.storage.catalog}.{settings.storage.schema_name}" if tables.use_catalog else tables.root
-    document = "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>userlens report {as_of.isoformat()}</title>",
-        f"<style>{STYLE}</style></head><body>",
-        f"<h1>userlens report, as of {as_of.isoformat()}</h1>",
-        f'<p class="meta">generated {generated}; tables: <code>{html.escape(str(where))}</code>; '
-        f"models: <code>{html.escape(str(settings.storage.models))}</code></p>",
-        *parts,
-        "</body></html>",
-        "",
-    ])
+    document = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>userlens report {as_of.isoformat()}</title>",
+            f"<style>{STYLE}</style></head><body>",
+            f"<h1>userlens report, as of {as_of.isoformat()}</h1>",
+            f'<p class="meta">generated {generated}; tables: <code>{html.escape(str(where))}</code>; '
+            f"models: <code>{html.escape(str(settings.storage.models))}</code></p>",
+            *parts,
+            "</body></html>",
+            "",
+        ]
+    )
     if "://" not in path:
         path = os.path.abspath(path)
     write_bytes(path, document.encode("utf-8"))
@@ -173,8 +177,7 @@ class _Context:
             try:
                 metrics = store.metrics(version)
             except (OSError, ValueError) as exc:
-                raise _Skip(f"could not read {html.escape(path)}/metrics.json: {html.escape(first_line(exc))}") \
-                    from exc
+                raise _Skip(f"could not read {html.escape(path)}/metrics.json: {html.escape(first_line(exc))}") from exc
             if metrics is None:
                 raise _not_yet("train", f"model {version} has no metrics.json")
             self._metrics = (version, path, metrics)
@@ -185,24 +188,30 @@ class _Context:
         data = metrics.data
         if data.as_of_date:
             self.dates.append(dt.date.fromisoformat(data.as_of_date))
-        out = [f"<p>model <code>{_e(version)}</code> in <code>{_e(path)}</code>; cutoff "
-               f"{_e(data.cutoff or '?')} (as of {_e(data.as_of_date or '?')}, horizon "
-               f"{_e(data.horizon_days)} days)</p>"]
+        out = [
+            f"<p>model <code>{_e(version)}</code> in <code>{_e(path)}</code>; cutoff "
+            f"{_e(data.cutoff or '?')} (as of {_e(data.as_of_date or '?')}, horizon "
+            f"{_e(data.horizon_days)} days)</p>"
+        ]
         out.append(_splits_table(data.splits))
         out.append(_metrics_table(metrics.model, metrics.baseline))
         heads = metrics.training.baseline_fallback
         fallen_back = sorted(t for t, head in heads.items() if head == "baseline")
         if fallen_back:
-            out.append(f"<p>the model's {_e(' and '.join(fallen_back))} "
-                       f"head{'s are' if len(fallen_back) > 1 else ' is'}"
-                       " the baseline's logistic regression: no trained epoch had a lower validation loss "
-                       "(train.baseline_fallback), so model and baseline agree there</p>")
+            out.append(
+                f"<p>the model's {_e(' and '.join(fallen_back))} "
+                f"head{'s are' if len(fallen_back) > 1 else ' is'}"
+                " the baseline's logistic regression: no trained epoch had a lower validation loss "
+                "(train.baseline_fallback), so model and baseline agree there</p>"
+            )
         dp = metrics.training.dp
         if dp:
-            out.append(f"<p>trained with DP-SGD: &epsilon; = {_fmt(dp.get('epsilon'))}, "
-                       f"&delta; = {_fmt(dp.get('delta'))} ({_e(dp.get('unit', 'user'))}-level"
-                       f"{', noise multiplier ' + _fmt(dp['noise_multiplier']) if 'noise_multiplier' in dp else ''}"
-                       f"{', max grad norm ' + _fmt(dp['max_grad_norm']) if 'max_grad_norm' in dp else ''})</p>")
+            out.append(
+                f"<p>trained with DP-SGD: &epsilon; = {_fmt(dp.get('epsilon'))}, "
+                f"&delta; = {_fmt(dp.get('delta'))} ({_e(dp.get('unit', 'user'))}-level"
+                f"{', noise multiplier ' + _fmt(dp['noise_multiplier']) if 'noise_multiplier' in dp else ''}"
+                f"{', max grad norm ' + _fmt(dp['max_grad_norm']) if 'max_grad_norm' in dp else ''})</p>"
+            )
         else:
             out.append("<p>trained without differential privacy</p>")
         out.append(self._profiles_privacy())
@@ -218,8 +227,10 @@ class _Context:
             return ""
         text = f"<p><code>user_profiles</code> hold scores of model <code>{_e(props[MODEL_VERSION_PROPERTY])}</code>"
         if props.get(DP_PROPERTY) == "dp-sgd":
-            text += (f", trained with DP-SGD: &epsilon; = {_e(props.get(DP_EPSILON_PROPERTY, '?'))}, "
-                     f"&delta; = {_e(props.get(DP_DELTA_PROPERTY, '?'))}")
+            text += (
+                f", trained with DP-SGD: &epsilon; = {_e(props.get(DP_EPSILON_PROPERTY, '?'))}, "
+                f"&delta; = {_e(props.get(DP_DELTA_PROPERTY, '?'))}"
+            )
         else:
             text += f", differential privacy: {_e(props.get(DP_PROPERTY, 'unknown'))}"
         return text + " (table properties <code>userlens.dp*</code>)</p>"
@@ -236,8 +247,11 @@ class _Context:
                 notes.append(f"{name}: could not read {file}: {first_line(exc)}")
         out = [f'<p class="na">{_e("; ".join(notes))}</p>'] if notes else []
         for task in BINARY_TASKS:
-            series = {name: (arrays[f"{task}.y"], arrays[f"{task}.p"]) for name, arrays in predictions.items()
-                      if f"{task}.y" in arrays and f"{task}.p" in arrays}
+            series = {
+                name: (arrays[f"{task}.y"], arrays[f"{task}.p"])
+                for name, arrays in predictions.items()
+                if f"{task}.y" in arrays and f"{task}.p" in arrays
+            }
             if series:
                 image, problems = _roc_and_calibration(task, series)
                 if problems:
@@ -259,14 +273,26 @@ class _Context:
         if latest is None:
             raise _not_yet("score", "user_scores is empty")
         self.dates.append(latest)
-        newest = (scores.where(F.col("as_of_date") <= F.lit(latest)).groupBy("user_key")
-                  .agg(*[F.max_by(c, "as_of_date").alias(c) for c in SCORE_COLUMNS]))
-        long = newest.select(F.explode(F.array(*[
-            F.struct(F.lit(c).alias("score"), F.col(c).alias("value")) for c in SCORE_COLUMNS])).alias("s")
-        ).select("s.*").where(F.col("value").isNotNull())
+        newest = (
+            scores.where(F.col("as_of_date") <= F.lit(latest))
+            .groupBy("user_key")
+            .agg(*[F.max_by(c, "as_of_date").alias(c) for c in SCORE_COLUMNS])
+        )
+        long = (
+            newest.select(
+                F.explode(
+                    F.array(*[F.struct(F.lit(c).alias("score"), F.col(c).alias("value")) for c in SCORE_COLUMNS])
+                ).alias("s")
+            )
+            .select("s.*")
+            .where(F.col("value").isNotNull())
+        )
         bucket = F.least(F.greatest(F.floor(F.col("value") * HISTOGRAM_BINS), F.lit(0)), F.lit(HISTOGRAM_BINS - 1))
-        rows = (long.groupBy("score", bucket.cast("int").alias("bin"))
-                .agg(F.count(F.lit(1)).alias("n"), F.sum("value").alias("total")).collect())
+        rows = (
+            long.groupBy("score", bucket.cast("int").alias("bin"))
+            .agg(F.count(F.lit(1)).alias("n"), F.sum("value").alias("total"))
+            .collect()
+        )
         counts = {c: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for c in SCORE_COLUMNS}
         totals = {c: 0.0 for c in SCORE_COLUMNS}
         for row in rows:
@@ -274,10 +300,12 @@ class _Context:
             totals[row["score"]] += row["total"]
         if not any(c.sum() for c in counts.values()):
             raise _not_yet("score", "no scores in user_scores")
-        summary = "; ".join(f"{c}: {int(counts[c].sum()):,} users, mean {_fmt(totals[c] / counts[c].sum())}"
-                            for c in SCORE_COLUMNS if counts[c].sum())
-        return (f"<p>each user's newest score up to {_e(latest)} ({_e(summary)})</p>\n"
-                + _histograms(counts))
+        summary = "; ".join(
+            f"{c}: {int(counts[c].sum()):,} users, mean {_fmt(totals[c] / counts[c].sum())}"
+            for c in SCORE_COLUMNS
+            if counts[c].sum()
+        )
+        return f"<p>each user's newest score up to {_e(latest)} ({_e(summary)})</p>\n" + _histograms(counts)
 
     # -- segments -----------------------------------------------------------------------------
     def segments_section(self) -> str:
@@ -293,20 +321,28 @@ class _Context:
             raise _not_yet("profile", "segments is empty")
         self.dates.append(latest)
         # one row per segment (k rows), so collecting is fine
-        rows = (segments.where(F.col("as_of_date") == F.lit(latest))
-                .select("segment_id", "users", "published", "top_categories").orderBy("segment_id").collect())
+        rows = (
+            segments.where(F.col("as_of_date") == F.lit(latest))
+            .select("segment_id", "users", "published", "top_categories")
+            .orderBy("segment_id")
+            .collect()
+        )
         min_size = self.settings.privacy.min_segment_size
         shown = [r for r in rows if r["published"] and r["users"] >= min_size]
         suppressed = len(rows) - len(shown)
         table = ["<table><tr><th>segment</th><th>users</th><th>top categories</th></tr>"]
         for row in shown:
             categories = ", ".join(_e(c) for c in (row["top_categories"] or []))
-            table.append(f'<tr><td class="n">{row["segment_id"]}</td><td class="n">{row["users"]:,}</td>'
-                         f"<td>{categories}</td></tr>")
+            table.append(
+                f'<tr><td class="n">{row["segment_id"]}</td><td class="n">{row["users"]:,}</td>'
+                f"<td>{categories}</td></tr>"
+            )
         table.append("</table>")
-        return (f"<p>{len(rows)} segments as of {_e(latest)}: {len(shown)} published, {suppressed} suppressed "
-                f"small segment(s) (fewer than privacy.min_segment_size = {min_size} users, not shown)</p>\n"
-                + ("\n".join(table) if shown else ""))
+        return (
+            f"<p>{len(rows)} segments as of {_e(latest)}: {len(shown)} published, {suppressed} suppressed "
+            f"small segment(s) (fewer than privacy.min_segment_size = {min_size} users, not shown)</p>\n"
+            + ("\n".join(table) if shown else "")
+        )
 
     # -- embeddings ---------------------------------------------------------------------------
     def embeddings_section(self) -> str:
@@ -315,8 +351,14 @@ class _Context:
         if not self.tables.exists("user_profiles"):
             raise _not_yet("profile", "no user_profiles table")
         # a bounded random sample; only the vector and the segment id reach the driver
-        rows = (self.tables.read("user_profiles").where(F.col("embedding").isNotNull())
-                .select("embedding", "segment_id").orderBy(F.rand(7)).limit(EMBEDDING_SAMPLE).collect())
+        rows = (
+            self.tables.read("user_profiles")
+            .where(F.col("embedding").isNotNull())
+            .select("embedding", "segment_id")
+            .orderBy(F.rand(7))
+            .limit(EMBEDDING_SAMPLE)
+            .collect()
+        )
         if rows:
             dims = [len(r["embedding"]) for r in rows]
             dim = max(set(dims), key=dims.count)
@@ -326,9 +368,11 @@ class _Context:
         x = np.asarray([r["embedding"] for r in rows], dtype=np.float64)
         segment = np.asarray([-1 if r["segment_id"] is None else r["segment_id"] for r in rows])
         projected, explained = _pca_2d(x)
-        return (f"<p>{len(rows):,} sampled users, first two principal components "
-                f"({explained[0]:.0%} and {explained[1]:.0%} of the variance); grey: no published segment</p>\n"
-                + _embedding_map(projected, segment))
+        return (
+            f"<p>{len(rows):,} sampled users, first two principal components "
+            f"({explained[0]:.0%} and {explained[1]:.0%} of the variance); grey: no published segment</p>\n"
+            + _embedding_map(projected, segment)
+        )
 
     # -- recommendations ----------------------------------------------------------------------
     def recommendations_section(self) -> str:
@@ -344,8 +388,11 @@ class _Context:
                     names.append(name)
         table = ["<table><tr><th>method</th>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr>"]
         for method, values in recommendations.items():
-            table.append(f"<tr><td>{_e(method)}</td>"
-                         + "".join(f'<td class="n">{_fmt(values.get(n))}</td>' for n in names) + "</tr>")
+            table.append(
+                f"<tr><td>{_e(method)}</td>"
+                + "".join(f'<td class="n">{_fmt(values.get(n))}</td>' for n in names)
+                + "</tr>"
+            )
         table.append("</table>")
         return "\n".join(table)
 
@@ -356,21 +403,29 @@ class _Context:
         if not self.tables.exists("pipeline_runs"):
             raise _not_yet("nightly", "no pipeline_runs table")
         runs = self.tables.read("pipeline_runs")
-        latest = F.max_by(F.struct("run_id", "as_of_date", "status", "started_at", "finished_at", "rows_in",
-                                   "rows_out", "details"), "started_at")
-        rows = (runs.groupBy("stage").agg(latest.alias("r")).select("stage", "r.*")
-                .withColumn("seconds", F.col("finished_at").cast("double") - F.col("started_at").cast("double"))
-                .withColumn("started", F.date_format("started_at", "yyyy-MM-dd HH:mm:ss")).collect())
+        latest = F.max_by(
+            F.struct("run_id", "as_of_date", "status", "started_at", "finished_at", "rows_in", "rows_out", "details"),
+            "started_at",
+        )
+        rows = (
+            runs.groupBy("stage")
+            .agg(latest.alias("r"))
+            .select("stage", "r.*")
+            .withColumn("seconds", F.col("finished_at").cast("double") - F.col("started_at").cast("double"))
+            .withColumn("started", F.date_format("started_at", "yyyy-MM-dd HH:mm:ss"))
+            .collect()
+        )
         if not rows:
             raise _not_yet("nightly", "pipeline_runs is empty")
         order = self.stage_order
-        rows.sort(key=lambda r: (order.index(r["stage"]) if r["stage"] in order else len(order),
-                                 r["stage"]))
+        rows.sort(key=lambda r: (order.index(r["stage"]) if r["stage"] in order else len(order), r["stage"]))
         self.dates.extend(r["as_of_date"] for r in rows if r["as_of_date"] is not None)
         zone = self.spark.conf.get("spark.sql.session.timeZone", "UTC")
-        table = ["<table><tr><th>stage</th><th>status</th><th>as of</th>"
-                 f"<th>started ({_e(zone)})</th>"
-                 "<th>duration</th><th>rows in</th><th>rows out</th><th>rows in / s</th><th>note</th></tr>"]
+        table = [
+            "<table><tr><th>stage</th><th>status</th><th>as of</th>"
+            f"<th>started ({_e(zone)})</th>"
+            "<th>duration</th><th>rows in</th><th>rows out</th><th>rows in / s</th><th>note</th></tr>"
+        ]
         for r in rows:
             seconds = r["seconds"]
             rate = r["rows_in"] / seconds if r["rows_in"] is not None and seconds else None
@@ -379,13 +434,15 @@ class _Context:
                 f"<td>{_e(r['started'] or '')}</td>"
                 f'<td class="n">{_duration(seconds)}</td><td class="n">{_fmt(r["rows_in"])}</td>'
                 f'<td class="n">{_fmt(r["rows_out"])}</td><td class="n">{_fmt(rate, 1)}</td>'
-                f"<td>{_e(_run_error(r['details']))}</td></tr>")
+                f"<td>{_e(_run_error(r['details']))}</td></tr>"
+            )
         table.append("</table>")
         durations = [(r["stage"], r["seconds"]) for r in rows if r["seconds"] is not None]
         return "\n".join(table) + ("\n" + _duration_chart(durations) if durations else "")
 
 
 # --------------------------------------------------------------------------- tables and text
+
 
 def _e(value: Any) -> str:
     return html.escape(str(value))
@@ -424,19 +481,23 @@ def _run_error(details: str | None) -> str:
 def _splits_table(splits: dict[str, Any]) -> str:
     if not splits:
         return ""
-    order = [s for s in ("train", "valid", "test") if s in splits] + sorted(s for s in splits if s not in
-                                                                            ("train", "valid", "test"))
+    order = [s for s in ("train", "valid", "test") if s in splits] + sorted(
+        s for s in splits if s not in ("train", "valid", "test")
+    )
     columns: list[str] = ["users"]
     for split in order:
-        for key in (splits[split] if isinstance(splits[split], dict) else {"users": splits[split]}):
+        for key in splits[split] if isinstance(splits[split], dict) else {"users": splits[split]}:
             if key not in columns:
                 columns.append(key)
     head = "".join(f"<th>{_split_column(c)}</th>" for c in columns)
     body = []
     for split in order:
         values = splits[split] if isinstance(splits[split], dict) else {"users": splits[split]}
-        body.append(f"<tr><td>{_e(split)}</td>" + "".join(f'<td class="n">{_fmt(values.get(c))}</td>'
-                                                           for c in columns) + "</tr>")
+        body.append(
+            f"<tr><td>{_e(split)}</td>"
+            + "".join(f'<td class="n">{_fmt(values.get(c))}</td>' for c in columns)
+            + "</tr>"
+        )
     return f"<table><tr><th>split</th>{head}</tr>{''.join(body)}</table>"
 
 
@@ -461,17 +522,22 @@ def _metrics_table(model: dict[str, Any], baseline: dict[str, Any]) -> str:
         metrics = [(k, label) for k, label in known if k in mine or k in theirs]
         for key, label in metrics:
             note = " (lower is better)" if key in LOWER_IS_BETTER else ""
-            rows.append(f"<tr><td>{_e(task)}</td><td>{label}{note}</td><td class=\"n\">{_fmt(mine.get(key))}</td>"
-                        f'<td class="n">{_fmt(theirs.get(key))}</td></tr>')
+            rows.append(
+                f'<tr><td>{_e(task)}</td><td>{label}{note}</td><td class="n">{_fmt(mine.get(key))}</td>'
+                f'<td class="n">{_fmt(theirs.get(key))}</td></tr>'
+            )
         n = mine.get("n", theirs.get("n"))
         if n is not None:
-            rows.append(f'<tr><td>{_e(task)}</td><td>test users</td><td class="n">{_fmt(mine.get("n"))}</td>'
-                        f'<td class="n">{_fmt(theirs.get("n"))}</td></tr>')
+            rows.append(
+                f'<tr><td>{_e(task)}</td><td>test users</td><td class="n">{_fmt(mine.get("n"))}</td>'
+                f'<td class="n">{_fmt(theirs.get("n"))}</td></tr>'
+            )
     rows.append("</table>")
     return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- numbers
+
 
 def _load_npz(uri: str) -> dict[str, np.ndarray]:
     from userlens.models.storage import exists, read_bytes
@@ -499,13 +565,14 @@ def _pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centred = x - x.mean(axis=0)
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     components = np.zeros((2, x.shape[1]))
-    components[:min(2, len(vt))] = vt[:2]
-    variance = singular ** 2
+    components[: min(2, len(vt))] = vt[:2]
+    variance = singular**2
     share = variance / variance.sum() if variance.sum() > 0 else np.zeros_like(variance)
     return centred @ components.T, np.r_[share, 0.0, 0.0][:2]
 
 
 # --------------------------------------------------------------------------- plots
+
 
 def _figure(width: float, height: float, columns: int = 1) -> tuple["Figure", Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -561,8 +628,9 @@ def _roc_and_calibration(task: str, series: dict[str, tuple[np.ndarray, np.ndarr
         ax.set_ylim(0, 1)
         ax.legend(loc="lower right", fontsize=8)
     roc.set(title=f"{task}: ROC (test split)", xlabel="false positive rate", ylabel="true positive rate")
-    calibration.set(title=f"{task}: reliability (10 bins)", xlabel="mean predicted probability",
-                    ylabel="observed fraction positive")
+    calibration.set(
+        title=f"{task}: reliability (10 bins)", xlabel="mean predicted probability", ylabel="observed fraction positive"
+    )
     return _png(fig, f"{task} ROC and reliability curves, model and baseline"), problems
 
 

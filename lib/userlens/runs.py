@@ -1,4 +1,5 @@
 """One ``pipeline_runs`` row per stage run: status, counts, timings, details."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -44,29 +45,54 @@ class StageRun:
     def _row_exists(self, tables: Tables) -> bool:
         from pyspark.sql import functions as F
 
-        return not tables.read("pipeline_runs").where(
-            (F.col("run_id") == self.run_id) & (F.col("stage") == self.stage)).isEmpty()
+        return (
+            not tables.read("pipeline_runs")
+            .where((F.col("run_id") == self.run_id) & (F.col("stage") == self.stage))
+            .isEmpty()
+        )
 
     def record(self, tables: Tables, status: str) -> None:
         finished = dt.datetime.now(dt.timezone.utc)
-        row = (self.run_id, self.stage, self.as_of_date, status, self.started_at, finished,
-               self.rows_in, self.rows_out, json.dumps(self.details, sort_keys=True, default=str))
+        row = (
+            self.run_id,
+            self.stage,
+            self.as_of_date,
+            status,
+            self.started_at,
+            finished,
+            self.rows_in,
+            self.rows_out,
+            json.dumps(self.details, sort_keys=True, default=str),
+        )
         df = tables.spark.createDataFrame([row], table_schema("pipeline_runs"))
         if self._row_exists(tables):
             tables.merge("pipeline_runs", df)  # a retried task with the same run id updates its row
         else:
             tables.append("pipeline_runs", df)  # the usual case: a few Spark jobs fewer than a MERGE
-        log.info("%s %s: %s in %.1fs (rows_in=%s rows_out=%s)", self.stage, self.run_id, status,
-                 (finished - self.started_at).total_seconds(), self.rows_in, self.rows_out)
-
-
+        log.info(
+            "%s %s: %s in %.1fs (rows_in=%s rows_out=%s)",
+            self.stage,
+            self.run_id,
+            status,
+            (finished - self.started_at).total_seconds(),
+            self.rows_in,
+            self.rows_out,
+        )
 
 
 # Delta's optimistic-concurrency failures (delta.exceptions): another writer committed first
-DELTA_CONFLICTS = frozenset({
-    "ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
-    "ConcurrentTransactionException", "ConcurrentWriteException", "MetadataChangedException",
-    "ProtocolChangedException", "DeltaConcurrentModificationException"})
+DELTA_CONFLICTS = frozenset(
+    {
+        "ConcurrentAppendException",
+        "ConcurrentDeleteReadException",
+        "ConcurrentDeleteDeleteException",
+        "ConcurrentTransactionException",
+        "ConcurrentWriteException",
+        "MetadataChangedException",
+        "ProtocolChangedException",
+        "DeltaConcurrentModificationException",
+    }
+)
 
 
 def delta_conflict_name(exc: BaseException) -> str | None:
@@ -95,7 +121,8 @@ def conflict_error(what: str, exc: BaseException) -> ConcurrentRunError:
     return ConcurrentRunError(
         f"{what}: another run wrote the same Delta table at the same time and committed first "
         f"(Delta {delta_conflict_name(exc)}); this write was not committed and the table is as the "
-        "other run left it: run the command again when the other run has finished")
+        "other run left it: run the command again when the other run has finished"
+    )
 
 
 def run_stage(name: str, settings: "Settings", spark: "SparkSession", body: Callable[[StageRun], R]) -> R:
@@ -137,13 +164,20 @@ class RunLock:
         row = (self.name, self.run_id, self.holder, now, now + dt.timedelta(hours=self.lease_hours))
         source = self.tables.spark.createDataFrame([row], table_schema("run_locks"))
         try:
-            (self.tables.delta("run_locks").alias("t").merge(source.alias("s"), "t.name = s.name")
-             .whenMatchedUpdateAll(condition="t.expires_at < s.acquired_at")
-             .whenNotMatchedInsertAll().execute())
+            (
+                self.tables.delta("run_locks")
+                .alias("t")
+                .merge(source.alias("s"), "t.name = s.name")
+                .whenMatchedUpdateAll(condition="t.expires_at < s.acquired_at")
+                .whenNotMatchedInsertAll()
+                .execute()
+            )
         except Exception as exc:
             if is_delta_conflict(exc):
-                raise ConcurrentRunError(f"another {self.name} run took the warehouse's run lock at the same "
-                                         f"moment (Delta {delta_conflict_name(exc)}); this run did nothing") from exc
+                raise ConcurrentRunError(
+                    f"another {self.name} run took the warehouse's run lock at the same "
+                    f"moment (Delta {delta_conflict_name(exc)}); this run did nothing"
+                ) from exc
             raise
         held = self.tables.read("run_locks").where(F.col("name") == self.name).first()
         if held is None or held["run_id"] != self.run_id:
@@ -151,7 +185,8 @@ class RunLock:
             raise ConcurrentRunError(
                 f"another {self.name} run ({held['run_id'] if held else '?'} on {held['holder'] if held else '?'}, "
                 f"started {held['acquired_at'] if held else '?'} UTC) holds the warehouse's run lock until "
-                f"{until} UTC; this run did nothing. If that run died, delete its row from run_locks or wait")
+                f"{until} UTC; this run did nothing. If that run died, delete its row from run_locks or wait"
+            )
         log.info("%s: run lock taken by %s (%s)", self.name, self.run_id, self.holder)
 
     def release(self) -> None:

@@ -72,9 +72,7 @@ class SampleSpec:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.items < len(CATEGORIES):
-            raise ValueError(
-                f"items must be >= {len(CATEGORIES)} (one per category), got {self.items}"
-            )
+            raise ValueError(f"items must be >= {len(CATEGORIES)} (one per category), got {self.items}")
         for name in ("malformed_fraction", "pii_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -130,111 +128,205 @@ class _Category:
 
 _CATS: dict[str, _Category] = {
     "electronics": _Category(
-        nouns=("Headphones", "Earbuds", "Speaker", "Smartwatch", "Tablet", "Charger",
-               "Webcam", "Keyboard", "Monitor", "Router"),
+        nouns=(
+            "Headphones",
+            "Earbuds",
+            "Speaker",
+            "Smartwatch",
+            "Tablet",
+            "Charger",
+            "Webcam",
+            "Keyboard",
+            "Monitor",
+            "Router",
+        ),
         adjectives=("Wireless", "Noise-Cancelling", "Portable", "Ultra", "Smart", "Compact", "Pro"),
         brands=("Voltix", "Sonara", "Pixelon", "Arcwave", "Nexa"),
         uses=("working from home", "gaming", "travel", "streaming", "the office"),
-        median_price=89.0, price_sigma=0.8, cart_p=0.20, buy_p=0.18, return_p=0.85,
+        median_price=89.0,
+        price_sigma=0.8,
+        cart_p=0.20,
+        buy_p=0.18,
+        return_p=0.85,
         max_quantity=1,
     ),
     "books": _Category(
-        nouns=("Novel", "Cookbook", "Biography", "Thriller", "Atlas", "Guide", "Anthology",
-               "Memoir", "Workbook"),
+        nouns=("Novel", "Cookbook", "Biography", "Thriller", "Atlas", "Guide", "Anthology", "Memoir", "Workbook"),
         adjectives=("Illustrated", "Collected", "Complete", "Pocket", "Annotated", "Bestselling"),
         brands=("Quill House", "Northbound Press", "Lantern Books", "Papyrus & Co"),
         uses=("a long weekend", "the commute", "book clubs", "students", "beginners"),
-        median_price=14.0, price_sigma=0.4, cart_p=0.25, buy_p=0.45, return_p=0.0,
+        median_price=14.0,
+        price_sigma=0.4,
+        cart_p=0.25,
+        buy_p=0.45,
+        return_p=0.0,
         max_quantity=2,
     ),
     "outdoor": _Category(
-        nouns=("Tent", "Backpack", "Sleeping Bag", "Headlamp", "Trail Runner", "Rain Jacket",
-               "Water Filter", "Trekking Poles", "Camp Stove"),
+        nouns=(
+            "Tent",
+            "Backpack",
+            "Sleeping Bag",
+            "Headlamp",
+            "Trail Runner",
+            "Rain Jacket",
+            "Water Filter",
+            "Trekking Poles",
+            "Camp Stove",
+        ),
         adjectives=("Ultralight", "Waterproof", "Alpine", "Trail", "Rugged", "All-Season"),
         brands=("Ridgeline", "Summitco", "Wildpath", "Northfell", "Cairn"),
         uses=("weekend hikes", "backpacking", "camping", "trail running", "rainy days"),
-        median_price=70.0, price_sigma=0.7, cart_p=0.20, buy_p=0.20, return_p=0.80,
+        median_price=70.0,
+        price_sigma=0.7,
+        cart_p=0.20,
+        buy_p=0.20,
+        return_p=0.80,
         max_quantity=1,
     ),
     "beauty": _Category(
-        nouns=("Serum", "Moisturizer", "Lipstick", "Shampoo", "Face Mask", "Sunscreen",
-               "Cleanser", "Perfume"),
+        nouns=("Serum", "Moisturizer", "Lipstick", "Shampoo", "Face Mask", "Sunscreen", "Cleanser", "Perfume"),
         adjectives=("Hydrating", "Organic", "Matte", "Gentle", "Radiant", "Vitamin C"),
         brands=("Lumea", "Petalis", "Glowra", "Verdance"),
         uses=("dry skin", "daily use", "sensitive skin", "evenings", "summer"),
-        median_price=18.0, price_sigma=0.5, cart_p=0.28, buy_p=0.48, return_p=0.0,
+        median_price=18.0,
+        price_sigma=0.5,
+        cart_p=0.28,
+        buy_p=0.48,
+        return_p=0.0,
         max_quantity=3,
     ),
     "home": _Category(
-        nouns=("Sofa Throw", "Table Lamp", "Cookware Set", "Vacuum", "Blender", "Rug",
-               "Bookshelf", "Duvet", "Coffee Maker"),
+        nouns=(
+            "Sofa Throw",
+            "Table Lamp",
+            "Cookware Set",
+            "Vacuum",
+            "Blender",
+            "Rug",
+            "Bookshelf",
+            "Duvet",
+            "Coffee Maker",
+        ),
         adjectives=("Modern", "Cozy", "Minimalist", "Stainless", "Handwoven", "Cordless"),
         brands=("Hearthly", "Casaloom", "Nordhus", "Kettlewick"),
         uses=("small apartments", "the living room", "family dinners", "cold nights"),
-        median_price=55.0, price_sigma=0.8, cart_p=0.18, buy_p=0.20, return_p=0.75,
+        median_price=55.0,
+        price_sigma=0.8,
+        cart_p=0.18,
+        buy_p=0.20,
+        return_p=0.75,
         max_quantity=1,
     ),
     "toys": _Category(
-        nouns=("Building Set", "Puzzle", "Plush Bear", "Board Game", "Race Car", "Doll House",
-               "Robot Kit", "Kite"),
+        nouns=("Building Set", "Puzzle", "Plush Bear", "Board Game", "Race Car", "Doll House", "Robot Kit", "Kite"),
         adjectives=("Colorful", "Educational", "Giant", "Mini", "Remote-Control", "Wooden"),
         brands=("Playwise", "Tinkerly", "Bricktown", "Funfolk"),
         uses=("ages 6 and up", "family game night", "toddlers", "rainy afternoons"),
-        median_price=25.0, price_sigma=0.6, cart_p=0.24, buy_p=0.42, return_p=0.0,
+        median_price=25.0,
+        price_sigma=0.6,
+        cart_p=0.24,
+        buy_p=0.42,
+        return_p=0.0,
         max_quantity=2,
     ),
     "grocery": _Category(
-        nouns=("Coffee Beans", "Olive Oil", "Granola", "Green Tea", "Pasta", "Dark Chocolate",
-               "Honey", "Trail Mix"),
+        nouns=("Coffee Beans", "Olive Oil", "Granola", "Green Tea", "Pasta", "Dark Chocolate", "Honey", "Trail Mix"),
         adjectives=("Organic", "Fair-Trade", "Whole Grain", "Roasted", "Gluten-Free", "Family Size"),
         brands=("Harvest Lane", "Greenfield", "Mill & Stone", "Sunny Acres"),
         uses=("breakfast", "snacking", "the pantry", "busy weeknights"),
-        median_price=8.0, price_sigma=0.45, cart_p=0.30, buy_p=0.55, return_p=0.0,
+        median_price=8.0,
+        price_sigma=0.45,
+        cart_p=0.30,
+        buy_p=0.55,
+        return_p=0.0,
         max_quantity=4,
     ),
     "fashion": _Category(
-        nouns=("Sneakers", "Denim Jacket", "Sweater", "Dress", "Scarf", "Boots", "Handbag",
-               "Sunglasses"),
+        nouns=("Sneakers", "Denim Jacket", "Sweater", "Dress", "Scarf", "Boots", "Handbag", "Sunglasses"),
         adjectives=("Classic", "Slim-Fit", "Vintage", "Oversized", "Linen", "Leather"),
         brands=("Marlowe", "Threadline", "Vela", "Oaken"),
         uses=("everyday wear", "the office", "weekends", "autumn"),
-        median_price=45.0, price_sigma=0.6, cart_p=0.22, buy_p=0.24, return_p=0.60,
+        median_price=45.0,
+        price_sigma=0.6,
+        cart_p=0.22,
+        buy_p=0.24,
+        return_p=0.60,
         max_quantity=1,
     ),
     "sports": _Category(
-        nouns=("Yoga Mat", "Dumbbells", "Running Shoes", "Bike Helmet", "Tennis Racket",
-               "Resistance Bands", "Football", "Fitness Tracker"),
+        nouns=(
+            "Yoga Mat",
+            "Dumbbells",
+            "Running Shoes",
+            "Bike Helmet",
+            "Tennis Racket",
+            "Resistance Bands",
+            "Football",
+            "Fitness Tracker",
+        ),
         adjectives=("Pro", "Adjustable", "Lightweight", "Non-Slip", "Performance", "Carbon"),
         brands=("Stridewell", "Apexa", "Kinetiq", "Fieldmark"),
         uses=("home workouts", "marathon training", "the gym", "beginners"),
-        median_price=40.0, price_sigma=0.7, cart_p=0.20, buy_p=0.22, return_p=0.80,
+        median_price=40.0,
+        price_sigma=0.7,
+        cart_p=0.20,
+        buy_p=0.22,
+        return_p=0.80,
         max_quantity=1,
     ),
     "music": _Category(
-        nouns=("Vinyl Record", "Guitar Strings", "Ukulele", "Microphone", "Drum Sticks",
-               "Songbook", "Metronome"),
+        nouns=("Vinyl Record", "Guitar Strings", "Ukulele", "Microphone", "Drum Sticks", "Songbook", "Metronome"),
         adjectives=("Deluxe", "Acoustic", "Remastered", "Studio", "Beginner", "Limited"),
         brands=("Tonehouse", "Reverbia", "Cadenza", "Groovewell"),
         uses=("practice", "home recording", "collectors", "beginners"),
-        median_price=22.0, price_sigma=0.6, cart_p=0.24, buy_p=0.42, return_p=0.0,
+        median_price=22.0,
+        price_sigma=0.6,
+        cart_p=0.24,
+        buy_p=0.42,
+        return_p=0.0,
         max_quantity=2,
     ),
     "garden": _Category(
-        nouns=("Hose", "Planter", "Pruning Shears", "Seed Kit", "Lawn Mower", "Bird Feeder",
-               "Compost Bin", "Garden Gloves"),
+        nouns=(
+            "Hose",
+            "Planter",
+            "Pruning Shears",
+            "Seed Kit",
+            "Lawn Mower",
+            "Bird Feeder",
+            "Compost Bin",
+            "Garden Gloves",
+        ),
         adjectives=("Heavy-Duty", "Expandable", "Raised", "Solar", "Ergonomic", "Weatherproof"),
         brands=("Greenthumb", "Rootwell", "Bloomfield", "Yardly"),
         uses=("small balconies", "vegetable beds", "spring planting", "large lawns"),
-        median_price=35.0, price_sigma=0.8, cart_p=0.20, buy_p=0.24, return_p=0.70,
+        median_price=35.0,
+        price_sigma=0.8,
+        cart_p=0.20,
+        buy_p=0.24,
+        return_p=0.70,
         max_quantity=2,
     ),
     "pets": _Category(
-        nouns=("Dog Food", "Cat Litter", "Chew Toy", "Pet Bed", "Leash", "Scratching Post",
-               "Aquarium Filter", "Treats"),
+        nouns=(
+            "Dog Food",
+            "Cat Litter",
+            "Chew Toy",
+            "Pet Bed",
+            "Leash",
+            "Scratching Post",
+            "Aquarium Filter",
+            "Treats",
+        ),
         adjectives=("Grain-Free", "Orthopedic", "Durable", "Natural", "Clumping", "Reflective"),
         brands=("Pawsome", "Whiskerly", "Tailwag", "Furbridge"),
         uses=("puppies", "senior cats", "large dogs", "daily walks"),
-        median_price=20.0, price_sigma=0.6, cart_p=0.28, buy_p=0.48, return_p=0.0,
+        median_price=20.0,
+        price_sigma=0.6,
+        cart_p=0.28,
+        buy_p=0.48,
+        return_p=0.0,
         max_quantity=3,
     ),
 }
@@ -247,45 +339,115 @@ IMPULSE_CATEGORIES: tuple[str, ...] = tuple(c for c in CATEGORIES if _CATS[c].re
 _CAT_WEIGHTS = np.array([1.0 / (r + 1) ** 0.9 for r in range(len(CATEGORIES))])
 _CAT_WEIGHTS /= _CAT_WEIGHTS.sum()
 
-_FIRST_NAMES = ("jane", "john", "maria", "li", "ahmed", "sofia", "lukas", "emma", "noah",
-                "olivia", "mateo", "aiko", "priya", "omar", "chloe", "ivan")
-_LAST_NAMES = ("doe", "smith", "garcia", "chen", "khan", "rossi", "muller", "brown",
-               "tanaka", "patel", "silva", "novak", "kim", "dubois")
+_FIRST_NAMES = (
+    "jane",
+    "john",
+    "maria",
+    "li",
+    "ahmed",
+    "sofia",
+    "lukas",
+    "emma",
+    "noah",
+    "olivia",
+    "mateo",
+    "aiko",
+    "priya",
+    "omar",
+    "chloe",
+    "ivan",
+)
+_LAST_NAMES = (
+    "doe",
+    "smith",
+    "garcia",
+    "chen",
+    "khan",
+    "rossi",
+    "muller",
+    "brown",
+    "tanaka",
+    "patel",
+    "silva",
+    "novak",
+    "kim",
+    "dubois",
+)
 _EMAIL_DOMAINS = ("example.com", "example.org", "mail.example.net", "example.co.uk")
 
 _REVIEWS: dict[int, tuple[str, ...]] = {
-    5: ("Absolutely love this {noun}, exceeded my expectations.",
+    5: (
+        "Absolutely love this {noun}, exceeded my expectations.",
         "Five stars, the {noun} is perfect and arrived early.",
         "Great quality {noun}, would buy again.",
-        "Exactly as described, really happy with it."),
-    4: ("Good value for the price, the {noun} works well.",
+        "Exactly as described, really happy with it.",
+    ),
+    4: (
+        "Good value for the price, the {noun} works well.",
         "Solid {noun}, minor issues with the packaging.",
         "Pretty good overall, would recommend.",
-        "Nice {noun}, a bit smaller than expected."),
-    3: ("It's okay, the {noun} does the job.",
+        "Nice {noun}, a bit smaller than expected.",
+    ),
+    3: (
+        "It's okay, the {noun} does the job.",
         "Average quality, nothing special.",
         "Mixed feelings about this {noun}.",
-        "Fine for the price but I expected more."),
-    2: ("Disappointed, the {noun} broke after a week.",
+        "Fine for the price but I expected more.",
+    ),
+    2: (
+        "Disappointed, the {noun} broke after a week.",
         "Not as described, the {noun} feels cheap.",
         "Poor quality, stopped working after a few days.",
-        "Disappointed with this {noun}, will not order again."),
-    1: ("Terrible, the {noun} broke after two days. Never ordering here again.",
+        "Disappointed with this {noun}, will not order again.",
+    ),
+    1: (
+        "Terrible, the {noun} broke after two days. Never ordering here again.",
         "Waste of money, the {noun} arrived damaged and support never answered.",
         "Awful experience, the {noun} is a scam. Closing my account.",
-        "Completely useless {noun}, very disappointed."),
+        "Completely useless {noun}, very disappointed.",
+    ),
 }
 
 _PII_TEMPLATES_QUERY = ("{q} {pii}", "{pii} {q}", "{q} contact {pii}", "order status {pii}")
-_PII_TEMPLATES_REVIEW = ("{text} Contact me at {pii}.", "{text} My details: {pii}",
-                         "{pii} - {text}", "{text} (paid with {pii})")
+_PII_TEMPLATES_REVIEW = (
+    "{text} Contact me at {pii}.",
+    "{text} My details: {pii}",
+    "{pii} - {text}",
+    "{text} (paid with {pii})",
+)
 
 _BAD_TIMESTAMPS = ("not-a-time", "2026-13-45T99:00:00Z", "yesterday", "", "31/02/2026 25:61")
 _UNKNOWN_EVENT_TYPES = ("hover", "scroll", "wishlist_add", "impression")
 
 # Hour-of-day profile of session starts: quiet nights, lunch and evening peaks.
-_HOUR_WEIGHTS = np.array([1, 0.6, 0.4, 0.3, 0.3, 0.5, 1.2, 2.2, 3.0, 3.2, 3.4, 3.8,
-                          4.5, 4.2, 3.6, 3.5, 3.7, 4.2, 5.2, 6.2, 6.8, 6.0, 4.0, 2.2])
+_HOUR_WEIGHTS = np.array(
+    [
+        1,
+        0.6,
+        0.4,
+        0.3,
+        0.3,
+        0.5,
+        1.2,
+        2.2,
+        3.0,
+        3.2,
+        3.4,
+        3.8,
+        4.5,
+        4.2,
+        3.6,
+        3.5,
+        3.7,
+        4.2,
+        5.2,
+        6.2,
+        6.8,
+        6.0,
+        4.0,
+        2.2,
+    ]
+)
 _HOUR_CDF = (np.cumsum(_HOUR_WEIGHTS) / _HOUR_WEIGHTS.sum()).tolist()
 
 # Base session rate: mean sessions per active user-day, tuned so that a sample has
@@ -329,9 +491,7 @@ def build_catalog(spec: SampleSpec) -> _Catalog:
     rng = np.random.default_rng([spec.seed, 0x5EED, 0xCA7A1096])
     n = spec.items
     # Every category gets items; the rest are spread in a seeded random order.
-    cat_idx = np.concatenate(
-        [np.arange(len(CATEGORIES)), rng.integers(0, len(CATEGORIES), n - len(CATEGORIES))]
-    )
+    cat_idx = np.concatenate([np.arange(len(CATEGORIES)), rng.integers(0, len(CATEGORIES), n - len(CATEGORIES))])
     rng.shuffle(cat_idx)
     records: list[dict[str, Any]] = []
     prices: list[float] = []
@@ -370,10 +530,7 @@ def build_catalog(spec: SampleSpec) -> _Catalog:
     quality = rng.normal(0.0, 1.0, n)
     popularity = rng.lognormal(0.0, 1.0, n)
     categories = tuple(r["category"] for r in records)
-    by_category = {
-        c: np.array([k for k in range(n) if categories[k] == c], dtype=np.int64)
-        for c in CATEGORIES
-    }
+    by_category = {c: np.array([k for k in range(n) if categories[k] == c], dtype=np.int64) for c in CATEGORIES}
     return _Catalog(
         records=tuple(records),
         item_ids=tuple(r["item_id"] for r in records),
@@ -469,7 +626,7 @@ def _make_pii(r: _Uniforms) -> str:
         body = prefix + "".join(str(r.randint(0, 9)) for _ in range(15 - len(prefix)))
         number = body + str(_luhn_check_digit(body))
         sep = " " if r.u() < 0.5 else "-"
-        return sep.join(number[j:j + 4] for j in range(0, 16, 4))
+        return sep.join(number[j : j + 4] for j in range(0, 16, 4))
     # IPv4
     if r.u() < 0.5:
         return f"192.168.{r.randint(0, 255)}.{r.randint(1, 254)}"
@@ -543,9 +700,7 @@ class _UserGen:
         date = self.dates[day]
         ev["ts"] = f"{date}T{h:02d}:{m:02d}:{s:02d}Z"
         ev["user_id"] = self.user_id
-        ev["event_id"] = hashlib.blake2b(
-            f"{self._id_prefix}{self.k}".encode(), digest_size=10
-        ).hexdigest()
+        ev["event_id"] = hashlib.blake2b(f"{self._id_prefix}{self.k}".encode(), digest_size=10).hexdigest()
         self.k += 1
         r = self.r
         if self.spec.malformed_fraction > 0 and r.u() < self.spec.malformed_fraction:
@@ -555,8 +710,7 @@ class _UserGen:
 
     def _emit_malformed(self, date: str, ev: dict[str, Any]) -> None:
         r = self.r
-        kinds = MALFORMED_KINDS if "price" in ev else tuple(
-            k for k in MALFORMED_KINDS if k != "negative_price")
+        kinds = MALFORMED_KINDS if "price" in ev else tuple(k for k in MALFORMED_KINDS if k != "negative_price")
         kind = r.pick(kinds)
         dumps = _dumps
         if kind == "broken_json":
@@ -749,8 +903,7 @@ def _window_dates(spec: SampleSpec) -> list[str]:
     return [(spec.start_date + datetime.timedelta(days=d)).isoformat() for d in range(spec.days)]
 
 
-def generate_user_lines(spec: SampleSpec, user_index: int,
-                        catalog: _Catalog | None = None) -> list[tuple[str, str]]:
+def generate_user_lines(spec: SampleSpec, user_index: int, catalog: _Catalog | None = None) -> list[tuple[str, str]]:
     """One user's raw lines as ``(event_date, line)`` pairs, without Spark.
 
     Deterministic in ``(spec, user_index)``; useful for tests and debugging.
@@ -759,8 +912,9 @@ def generate_user_lines(spec: SampleSpec, user_index: int,
     return _UserGen(spec, cat, _window_dates(spec), user_index).run()
 
 
-def _partition_fn(spec: SampleSpec, catalog: _Catalog
-                  ) -> Callable[[Iterable["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
+def _partition_fn(
+    spec: SampleSpec, catalog: _Catalog
+) -> Callable[[Iterable["pd.DataFrame"]], Iterator["pd.DataFrame"]]:
     dates = _window_dates(spec)
 
     def gen(batches: Iterable["pd.DataFrame"]) -> Iterator["pd.DataFrame"]:
@@ -832,8 +986,7 @@ def generate_sample(spark: "SparkSession", out_dir: str, spec: SampleSpec) -> Sa
 
     catalog = build_catalog(spec)
     item_lines = [(_dumps(rec),) for rec in catalog.records]
-    (spark.createDataFrame(item_lines, "value string")
-     .coalesce(1).write.mode("overwrite").text(items_dir))
+    (spark.createDataFrame(item_lines, "value string").coalesce(1).write.mode("overwrite").text(items_dir))
 
     parts = max(2, spec.users // 5000)
     events = spark.range(spec.users, numPartitions=parts).mapInPandas(

@@ -10,6 +10,7 @@
 
 Never called at import time; refuses to run on an executor.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,8 +66,10 @@ def _launched_by_spark_submit() -> bool:
 
 
 def _overlay_runtime_conf(spark: "SparkSession", settings: Settings) -> None:
-    for key, value in {**{"spark.sql.shuffle.partitions": str(settings.spark.shuffle_partitions)},
-                       **settings.spark.conf}.items():
+    for key, value in {
+        **{"spark.sql.shuffle.partitions": str(settings.spark.shuffle_partitions)},
+        **settings.spark.conf,
+    }.items():
         try:
             spark.conf.set(key, value)
         except Exception:  # static confs (executor sizes, jars) belong to the launcher
@@ -77,13 +80,15 @@ def _build_local(settings: Settings) -> "SparkSession":
     from pyspark.sql import SparkSession
 
     conf = dict(_LOCAL_DEFAULTS)
-    conf.update({
-        "spark.sql.extensions": DELTA_EXTENSION,
-        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
-        "spark.sql.shuffle.partitions": str(settings.spark.shuffle_partitions),
-        "spark.driver.memory": settings.spark.driver_memory,
-        "spark.ui.enabled": "true" if settings.spark.ui else "false",
-    })
+    conf.update(
+        {
+            "spark.sql.extensions": DELTA_EXTENSION,
+            "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+            "spark.sql.shuffle.partitions": str(settings.spark.shuffle_partitions),
+            "spark.driver.memory": settings.spark.driver_memory,
+            "spark.ui.enabled": "true" if settings.spark.ui else "false",
+        }
+    )
     if settings.spark.jars:
         conf["spark.jars"] = ",".join(settings.spark.jars)
     conf.update(settings.spark.conf)

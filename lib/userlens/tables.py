@@ -4,6 +4,7 @@ Local and cluster mode: ``<storage.warehouse>/<name>`` as a Delta path.
 Databricks (``storage.catalog`` and ``storage.schema`` set): ``<catalog>.<schema>.<name>``.
 Every stage reads and writes through :class:`Tables`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,67 +41,168 @@ def _s(*fields: tuple[str, T.DataType, bool]) -> T.StructType:
     return T.StructType([T.StructField(name, dtype, nullable) for name, dtype, nullable in fields])
 
 
-STR, LONG, INT, DBL, DATE, TS = (T.StringType(), T.LongType(), T.IntegerType(), T.DoubleType(), T.DateType(),
-                                 T.TimestampType())
+STR, LONG, INT, DBL, DATE, TS = (
+    T.StringType(),
+    T.LongType(),
+    T.IntegerType(),
+    T.DoubleType(),
+    T.DateType(),
+    T.TimestampType(),
+)
 VECTOR = T.ArrayType(T.FloatType(), containsNull=False)
 STRINGS = T.ArrayType(T.StringType(), containsNull=True)
 BOOL = T.BooleanType()
 
 TABLES: dict[str, TableSpec] = {
     "events": TableSpec(
-        _s(("user_key", STR, False), ("event_id", STR, False), ("event_time", TS, False),
-           ("event_date", DATE, False), ("event_type", STR, False), ("item_id", STR, True),
-           ("category", STR, True), ("price", DBL, True), ("quantity", INT, True),
-           ("query", STR, True), ("text", STR, True), ("run_id", STR, True)),
-        key=("user_key", "event_time", "event_id"), partition_by=("event_date",)),
+        _s(
+            ("user_key", STR, False),
+            ("event_id", STR, False),
+            ("event_time", TS, False),
+            ("event_date", DATE, False),
+            ("event_type", STR, False),
+            ("item_id", STR, True),
+            ("category", STR, True),
+            ("price", DBL, True),
+            ("quantity", INT, True),
+            ("query", STR, True),
+            ("text", STR, True),
+            ("run_id", STR, True),
+        ),
+        key=("user_key", "event_time", "event_id"),
+        partition_by=("event_date",),
+    ),
     "events_quarantine": TableSpec(
-        _s(("raw", STR, True), ("reason", STR, False), ("source", STR, False), ("run_id", STR, False),
-           ("source_date", DATE, True), ("user_key", STR, True), ("quarantined_at", TS, False))),
+        _s(
+            ("raw", STR, True),
+            ("reason", STR, False),
+            ("source", STR, False),
+            ("run_id", STR, False),
+            ("source_date", DATE, True),
+            ("user_key", STR, True),
+            ("quarantined_at", TS, False),
+        )
+    ),
     "items": TableSpec(
-        _s(("item_id", STR, False), ("title", STR, True), ("category", STR, True), ("brand", STR, True),
-           ("price", DBL, True), ("description", STR, True), ("run_id", STR, True)),
-        key=("item_id",)),
+        _s(
+            ("item_id", STR, False),
+            ("title", STR, True),
+            ("category", STR, True),
+            ("brand", STR, True),
+            ("price", DBL, True),
+            ("description", STR, True),
+            ("run_id", STR, True),
+        ),
+        key=("item_id",),
+    ),
     "user_texts": TableSpec(
-        _s(("user_key", STR, False), ("as_of_date", DATE, False), ("text", STR, False),
-           ("text_hash", STR, False), ("n_events", LONG, False), ("template_version", STR, False)),
-        key=("user_key", "as_of_date"), partition_by=("as_of_date",)),
+        _s(
+            ("user_key", STR, False),
+            ("as_of_date", DATE, False),
+            ("text", STR, False),
+            ("text_hash", STR, False),
+            ("n_events", LONG, False),
+            ("template_version", STR, False),
+        ),
+        key=("user_key", "as_of_date"),
+        partition_by=("as_of_date",),
+    ),
     "user_embeddings": TableSpec(
-        _s(("user_key", STR, False), ("as_of_date", DATE, False), ("text_hash", STR, False),
-           ("model_id", STR, False), ("embedding", VECTOR, False)),
-        key=("user_key",)),
+        _s(
+            ("user_key", STR, False),
+            ("as_of_date", DATE, False),
+            ("text_hash", STR, False),
+            ("model_id", STR, False),
+            ("embedding", VECTOR, False),
+        ),
+        key=("user_key",),
+    ),
     "item_embeddings": TableSpec(
         _s(("item_id", STR, False), ("model_id", STR, False), ("text_hash", STR, True), ("embedding", VECTOR, False)),
-        key=("item_id",)),
+        key=("item_id",),
+    ),
     "user_scores": TableSpec(
-        _s(("user_key", STR, False), ("as_of_date", DATE, False), ("model_version", STR, False),
-           ("text_hash", STR, False), ("purchase_propensity", DBL, True), ("churn_risk", DBL, True),
-           ("next_category", STR, True), ("next_category_p", DBL, True), ("scored_at", TS, False),
-           ("recommended_items", STRINGS, True)),
-        key=("user_key", "as_of_date"), partition_by=("as_of_date",)),
+        _s(
+            ("user_key", STR, False),
+            ("as_of_date", DATE, False),
+            ("model_version", STR, False),
+            ("text_hash", STR, False),
+            ("purchase_propensity", DBL, True),
+            ("churn_risk", DBL, True),
+            ("next_category", STR, True),
+            ("next_category_p", DBL, True),
+            ("scored_at", TS, False),
+            ("recommended_items", STRINGS, True),
+        ),
+        key=("user_key", "as_of_date"),
+        partition_by=("as_of_date",),
+    ),
     "segments": TableSpec(
-        _s(("segment_id", INT, False), ("as_of_date", DATE, False), ("users", LONG, False),
-           ("published", BOOL, False), ("top_categories", STRINGS, True), ("model_version", STR, False)),
-        key=("segment_id",)),
+        _s(
+            ("segment_id", INT, False),
+            ("as_of_date", DATE, False),
+            ("users", LONG, False),
+            ("published", BOOL, False),
+            ("top_categories", STRINGS, True),
+            ("model_version", STR, False),
+        ),
+        key=("segment_id",),
+    ),
     "user_profiles": TableSpec(
-        _s(("user_key", STR, False), ("as_of_date", DATE, False), ("embedding", VECTOR, True),
-           ("purchase_propensity", DBL, True), ("churn_risk", DBL, True), ("next_category", STR, True),
-           ("top_categories", STRINGS, True), ("segment_id", INT, True), ("recommended_items", STRINGS, True),
-           ("recency_days", INT, True), ("frequency_30d", LONG, True), ("monetary_30d", DBL, True),
-           ("model_version", STR, True), ("updated_at", TS, False)),
-        key=("user_key",), properties={"delta.enableChangeDataFeed": "true"}),
+        _s(
+            ("user_key", STR, False),
+            ("as_of_date", DATE, False),
+            ("embedding", VECTOR, True),
+            ("purchase_propensity", DBL, True),
+            ("churn_risk", DBL, True),
+            ("next_category", STR, True),
+            ("top_categories", STRINGS, True),
+            ("segment_id", INT, True),
+            ("recommended_items", STRINGS, True),
+            ("recency_days", INT, True),
+            ("frequency_30d", LONG, True),
+            ("monetary_30d", DBL, True),
+            ("model_version", STR, True),
+            ("updated_at", TS, False),
+        ),
+        key=("user_key",),
+        properties={"delta.enableChangeDataFeed": "true"},
+    ),
     "forget_log": TableSpec(
-        _s(("user_key", STR, False), ("requested_at", TS, False), ("rows_found", LONG, False),
-           ("tables", STR, False), ("files_purged", BOOL, False), ("run_id", STR, False)),
-        key=("user_key", "requested_at")),
+        _s(
+            ("user_key", STR, False),
+            ("requested_at", TS, False),
+            ("rows_found", LONG, False),
+            ("tables", STR, False),
+            ("files_purged", BOOL, False),
+            ("run_id", STR, False),
+        ),
+        key=("user_key", "requested_at"),
+    ),
     "run_locks": TableSpec(
-        _s(("name", STR, False), ("run_id", STR, False), ("holder", STR, False), ("acquired_at", TS, False),
-           ("expires_at", TS, False)),
-        key=("name",)),
+        _s(
+            ("name", STR, False),
+            ("run_id", STR, False),
+            ("holder", STR, False),
+            ("acquired_at", TS, False),
+            ("expires_at", TS, False),
+        ),
+        key=("name",),
+    ),
     "pipeline_runs": TableSpec(
-        _s(("run_id", STR, False), ("stage", STR, False), ("as_of_date", DATE, True), ("status", STR, False),
-           ("started_at", TS, False), ("finished_at", TS, True), ("rows_in", LONG, True),
-           ("rows_out", LONG, True), ("details", STR, True)),
-        key=("run_id", "stage")),
+        _s(
+            ("run_id", STR, False),
+            ("stage", STR, False),
+            ("as_of_date", DATE, True),
+            ("status", STR, False),
+            ("started_at", TS, False),
+            ("finished_at", TS, True),
+            ("rows_in", LONG, True),
+            ("rows_out", LONG, True),
+            ("details", STR, True),
+        ),
+        key=("run_id", "stage"),
+    ),
 }
 
 SESSION_CATALOG = "spark_catalog"  # Spark's built-in catalog (Delta's DeltaCatalog behind it)
@@ -235,15 +337,18 @@ class Tables:
         if new:
             bad = [f.name for f in new if not f.nullable]
             if bad:
-                raise UserlensError(f"table {self.location(table)} lacks required column(s) {', '.join(bad)}: "
-                                    "it was written by another userlens; rebuild it")
+                raise UserlensError(
+                    f"table {self.location(table)} lacks required column(s) {', '.join(bad)}: "
+                    "it was written by another userlens; rebuild it"
+                )
             columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in new)
             self.spark.sql(f"ALTER TABLE {self.sql_name(table)} ADD COLUMNS ({columns})")
             log.info("table %s: added column(s) %s", self.location(table), ", ".join(f.name for f in new))
         self._upgraded.add(table)
 
-    def replace_where(self, table: str, df: "DataFrame", condition: str,
-                      unless_same: tuple[str, ...] | None = None) -> dict[str, int]:
+    def replace_where(
+        self, table: str, df: "DataFrame", condition: str, unless_same: tuple[str, ...] | None = None
+    ) -> dict[str, int]:
         """Atomically replace the rows matching ``condition`` with ``df``; returns Delta's write metrics.
 
         ``numInsertedRows`` is the number of rows of ``df`` written: Delta's
@@ -270,9 +375,15 @@ class Tables:
         self._save(self._writer(table, df, token), table)
         return self._commit_metrics(table, token)
 
-    def merge(self, table: str, df: "DataFrame", keys: tuple[str, ...] | None = None,
-              update: bool = True, target_filter: str | None = None,
-              ignore_changes: tuple[str, ...] = ()) -> dict[str, int]:
+    def merge(
+        self,
+        table: str,
+        df: "DataFrame",
+        keys: tuple[str, ...] | None = None,
+        update: bool = True,
+        target_filter: str | None = None,
+        ignore_changes: tuple[str, ...] = (),
+    ) -> dict[str, int]:
         """Upsert ``df`` on ``keys`` (default: the table's key); only changed rows are rewritten.
 
         ``target_filter`` (SQL on target columns prefixed ``t.``, e.g. a partition
@@ -331,8 +442,7 @@ class Tables:
     def commit_metric(self, table: str, token: str, metric: str) -> int:
         """``metric`` of the commit tagged ``token``; 0 when it did not commit (Delta skips empty commits)."""
         # a few versions back: another job may have committed right after ours
-        row = (self.delta(table).history(20).where(F.col("userMetadata") == token)
-               .select("operationMetrics").first())
+        row = self.delta(table).history(20).where(F.col("userMetadata") == token).select("operationMetrics").first()
         value = (row[0] or {}).get(metric) if row is not None else None
         return int(value) if value is not None else 0
 

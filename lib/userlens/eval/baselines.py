@@ -12,6 +12,7 @@ factor) ranks after every item it can, still by index.
   most similar items kept per item; a user's score is their time-decayed affinity to their
   items (``0.5 ** (age / half_life)``, age from the user's own latest event) times the similarity.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-UNSCORED = -1e300   # below any real score, above removed (seen) items
+UNSCORED = -1e300  # below any real score, above removed (seen) items
 
 
 class Popularity:
@@ -47,8 +48,17 @@ class FactorScores:
 class ItemKNN:
     """SAR-style: Jaccard co-occurrence of items within users' newest ``history`` distinct items."""
 
-    def __init__(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray, n_users: int, n_items: int,
-                 half_life_days: float | None = 30.0, neighbors: int = 100, history: int = 200) -> None:
+    def __init__(
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        ts: np.ndarray,
+        n_users: int,
+        n_items: int,
+        half_life_days: float | None = 30.0,
+        neighbors: int = 100,
+        history: int = 200,
+    ) -> None:
         self.n_items = n_items
         users, items, ts = np.asarray(users, np.int64), np.asarray(items, np.int64), np.asarray(ts, np.int64)
         # affinity: every event counts, decayed by its age relative to the user's latest event
@@ -67,9 +77,12 @@ class ItemKNN:
         u_d, i_d = u_sorted[first], i_sorted[first]
         keep = _rank_within(u_d) < history
         # torch documents the indices as array_like (ndarray included); its stub says Tensor
-        x = torch.sparse_coo_tensor(np.vstack([u_d[keep], i_d[keep]]),  # type: ignore[arg-type]
-                                    torch.ones(int(keep.sum())),
-                                    (n_users, n_items), check_invariants=True).coalesce()
+        x = torch.sparse_coo_tensor(
+            np.vstack([u_d[keep], i_d[keep]]),  # type: ignore[arg-type]
+            torch.ones(int(keep.sum())),
+            (n_users, n_items),
+            check_invariants=True,
+        ).coalesce()
         with warnings.catch_warnings():  # torch calls its sparse x sparse product "beta"
             warnings.simplefilter("ignore", UserWarning)
             co = torch.sparse.mm(x.t().coalesce(), x).coalesce()
@@ -86,9 +99,12 @@ class ItemKNN:
         rows, cols, jaccard = rows[order], cols[order], jaccard[order]
         keep = _rank_within(rows) < neighbors
         # stored transposed: scores.T = S.T @ affinity.T
-        self.similarity_t = torch.sparse_coo_tensor(np.vstack([cols[keep], rows[keep]]),  # type: ignore[arg-type]
-                                                    torch.from_numpy(jaccard[keep]), (n_items, n_items),
-                                                    check_invariants=True).coalesce()
+        self.similarity_t = torch.sparse_coo_tensor(
+            np.vstack([cols[keep], rows[keep]]),  # type: ignore[arg-type]
+            torch.from_numpy(jaccard[keep]),
+            (n_items, n_items),
+            check_invariants=True,
+        ).coalesce()
 
     def scores(self, users: np.ndarray) -> np.ndarray:
         dense = np.zeros((len(users), self.n_items))
@@ -112,8 +128,9 @@ def _rank_within(groups: np.ndarray) -> np.ndarray:
     return np.arange(len(groups)) - np.repeat(starts, lengths)
 
 
-def _coalesce(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
-              shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _coalesce(
+    rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indptr, indices, data) of the row-compressed sum of duplicate (row, col) entries."""
     keys = rows * shape[1] + cols
     unique, inverse = np.unique(keys, return_inverse=True)
@@ -123,15 +140,16 @@ def _coalesce(rows: np.ndarray, cols: np.ndarray, values: np.ndarray,
     return indptr, c, data
 
 
-def rank_batch(scores: np.ndarray, seen: Sequence[np.ndarray], targets: Sequence[np.ndarray] | None,
-               k: int) -> tuple[list[list[int]], np.ndarray]:
+def rank_batch(
+    scores: np.ndarray, seen: Sequence[np.ndarray], targets: Sequence[np.ndarray] | None, k: int
+) -> tuple[list[list[int]], np.ndarray]:
     """Top-``k`` item indices per user (best first, seen items removed, ties by lower index) and the
     1-based full-ranking rank of each user's best-placed target (inf when all its targets were seen).
 
     ``scores`` is (users, n_items); ``seen[u]`` and ``targets[u]`` are item-index arrays.
     """
     s = np.array(scores, dtype=np.float64)
-    s[~np.isfinite(s) & ~(s == np.inf)] = UNSCORED    # -inf and NaN: the model cannot score the item
+    s[~np.isfinite(s) & ~(s == np.inf)] = UNSCORED  # -inf and NaN: the model cannot score the item
     for row, items in enumerate(seen):
         s[row, items] = -np.inf
     n_items = s.shape[1]

@@ -29,6 +29,7 @@ placeholder replaced non-PII text (or PII of another type) and is a false
 positive. Placeholders that replaced only a Luhn-invalid card-like number count
 for neither. A hard negative is kept when no replaced range touches it.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -48,8 +49,14 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 PII_TYPES = ("email", "phone", "card", "iban", "ipv4", "ipv6")
-PLACEHOLDERS = {"email": "<email>", "phone": "<phone>", "card": "<card>", "iban": "<iban>",
-                "ipv4": "<ip>", "ipv6": "<ip>"}
+PLACEHOLDERS = {
+    "email": "<email>",
+    "phone": "<phone>",
+    "card": "<card>",
+    "iban": "<iban>",
+    "ipv4": "<ip>",
+    "ipv6": "<ip>",
+}
 NEGATIVE_KINDS = ("order", "price", "date", "time", "sku", "model", "version", "quantity", "misc")
 LUHN_INVALID = "card_luhn_invalid"  # the kind of the spans that are neither PII nor hard negative
 
@@ -85,12 +92,13 @@ class PiiRecord:
         """The text a perfect scrubber returns: exactly the PII spans replaced by their placeholders."""
         out, pos = [], 0
         for span in sorted(self.pii, key=lambda s: s.start):
-            out += [self.text[pos:span.start], PLACEHOLDERS[span.kind]]
+            out += [self.text[pos : span.start], PLACEHOLDERS[span.kind]]
             pos = span.end
         return "".join(out) + self.text[pos:]
 
 
 # --------------------------------------------------------------------------- values
+
 
 def luhn_check_digit(body: str) -> int:
     """The digit that makes ``body + digit`` pass the Luhn check."""
@@ -121,16 +129,32 @@ def _ean13(r: random.Random, prefix: str) -> str:
 
 _FIRST = ("jane", "omar", "li", "maria", "tom", "aisha", "lukas", "chloe", "raj", "yuki", "sven", "ana")
 _LAST = ("doe", "patel", "chen", "garcia", "smith", "mueller", "martin", "kumar", "tanaka", "berg", "silva")
-_DOMAINS = ("example.com", "example.org", "mail.example.net", "example.co.uk", "post.example.de",
-            "example.io", "uni-example.edu", "EXAMPLE.COM")
+_DOMAINS = (
+    "example.com",
+    "example.org",
+    "mail.example.net",
+    "example.co.uk",
+    "post.example.de",
+    "example.io",
+    "uni-example.edu",
+    "EXAMPLE.COM",
+)
 
 
 def _email(r: random.Random) -> str:
     first, last = r.choice(_FIRST), r.choice(_LAST)
-    local = r.choice((f"{first}.{last}{r.randrange(1, 100)}", f"{first}{last[0]}{r.randrange(1970, 2006)}",
-                      f"{first}_{last}", f"{first}.{last}+shop", f"{first[0]}.{last}",
-                      f"{first.title()}.{last.title()}",
-                      f"{last}-{first}", f"{first}{r.randrange(100, 1000)}"))
+    local = r.choice(
+        (
+            f"{first}.{last}{r.randrange(1, 100)}",
+            f"{first}{last[0]}{r.randrange(1970, 2006)}",
+            f"{first}_{last}",
+            f"{first}.{last}+shop",
+            f"{first[0]}.{last}",
+            f"{first.title()}.{last.title()}",
+            f"{last}-{first}",
+            f"{first}{r.randrange(100, 1000)}",
+        )
+    )
     return f"{local}@{r.choice(_DOMAINS)}"
 
 
@@ -143,21 +167,45 @@ def _phone(r: random.Random) -> str:
     jp_city = r.choice(("3", "6"))
     formats = (
         # US / NANP
-        f"+1 {area}-{exch}-{line}", f"({area}) {exch}-{line}", f"{area}.{exch}.{line}", f"{area}-{exch}-{line}",
-        f"+1 ({area}) {exch}-{line}", f"+1{area}{exch}{line}", f"{area}{exch}{line}", f"+1 {area} {exch} {line}",
+        f"+1 {area}-{exch}-{line}",
+        f"({area}) {exch}-{line}",
+        f"{area}.{exch}.{line}",
+        f"{area}-{exch}-{line}",
+        f"+1 ({area}) {exch}-{line}",
+        f"+1{area}{exch}{line}",
+        f"{area}{exch}{line}",
+        f"+1 {area} {exch} {line}",
         f"{area} {exch} {line}",
         # UK
-        f"+44 20 {d(4)} {d(4)}", f"020 {d(4)} {d(4)}", f"+44 {uk_mobile} {d(6)}", f"0{uk_mobile} {d(6)}",
-        f"0161 {d(3)} {d(4)}", f"+44 (0)20 {d(4)} {d(4)}",
+        f"+44 20 {d(4)} {d(4)}",
+        f"020 {d(4)} {d(4)}",
+        f"+44 {uk_mobile} {d(6)}",
+        f"0{uk_mobile} {d(6)}",
+        f"0161 {d(3)} {d(4)}",
+        f"+44 (0)20 {d(4)} {d(4)}",
         # DE
-        f"+49 {de_city} {d(7)}", f"0{de_city} {d(7)}", f"+49 {de_mobile} {d(8)}", f"0{de_mobile} {d(8)}",
-        f"0{de_city}/{d(7)}", f"+49 (0){de_city} {d(7)}", f"+49-{de_city}-{d(7)}",
+        f"+49 {de_city} {d(7)}",
+        f"0{de_city} {d(7)}",
+        f"+49 {de_mobile} {d(8)}",
+        f"0{de_mobile} {d(8)}",
+        f"0{de_city}/{d(7)}",
+        f"+49 (0){de_city} {d(7)}",
+        f"+49-{de_city}-{d(7)}",
         # FR
-        f"+33 {fr1} {fr}", f"0{fr1} {fr}", f"0{fr1}.{fr.replace(' ', '.')}", f"+33 (0){fr1} {fr}",
+        f"+33 {fr1} {fr}",
+        f"0{fr1} {fr}",
+        f"0{fr1}.{fr.replace(' ', '.')}",
+        f"+33 (0){fr1} {fr}",
         # IN
-        f"+91 9{d(4)} {d(5)}", f"+91-9{d(4)}-{d(5)}", f"+919{d(9)}", f"+91 9{d(4)}-{d(5)}",
+        f"+91 9{d(4)} {d(5)}",
+        f"+91-9{d(4)}-{d(5)}",
+        f"+919{d(9)}",
+        f"+91 9{d(4)}-{d(5)}",
         # JP
-        f"0{jp_city}-{d(4)}-{d(4)}", f"090-{d(4)}-{d(4)}", f"+81 {jp_city}-{d(4)}-{d(4)}", f"045-{d(3)}-{d(4)}",
+        f"0{jp_city}-{d(4)}-{d(4)}",
+        f"090-{d(4)}-{d(4)}",
+        f"+81 {jp_city}-{d(4)}-{d(4)}",
+        f"045-{d(3)}-{d(4)}",
         f"+81 90-{d(4)}-{d(4)}",
     )
     return r.choice(formats)
@@ -183,7 +231,7 @@ def _group_card(r: random.Random, number: str) -> str:
     groups, pos = [], 0
     for size in sizes:
         if pos < len(number):
-            groups.append(number[pos:pos + size])
+            groups.append(number[pos : pos + size])
             pos += size
     return style.join(groups)
 
@@ -200,23 +248,33 @@ def _luhn_invalid_card(r: random.Random) -> str:
 
 # country: (BBAN generator of (kind, length) parts). n: digits, a: upper letters, c: alphanumeric
 _IBAN_BBAN = {
-    "DE": (("n", 18),), "GB": (("a", 4), ("n", 14)), "FR": (("n", 10), ("c", 11), ("n", 2)),
-    "NL": (("a", 4), ("n", 10)), "ES": (("n", 20),), "IT": (("a", 1), ("n", 10), ("c", 12)),
-    "CH": (("n", 5), ("c", 12)), "BE": (("n", 12),), "AT": (("n", 16),), "PL": (("n", 24),),
+    "DE": (("n", 18),),
+    "GB": (("a", 4), ("n", 14)),
+    "FR": (("n", 10), ("c", 11), ("n", 2)),
+    "NL": (("a", 4), ("n", 10)),
+    "ES": (("n", 20),),
+    "IT": (("a", 1), ("n", 10), ("c", 12)),
+    "CH": (("n", 5), ("c", 12)),
+    "BE": (("n", 12),),
+    "AT": (("n", 16),),
+    "PL": (("n", 24),),
 }
 
 
 def _iban(r: random.Random) -> str:
     country = r.choice(sorted(_IBAN_BBAN))
     # Account parts that may hold letters are nearly all digits in practice (1 in 50 here).
-    alphabet = {"n": "0123456789", "a": "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
-                "c": "0123456789" * 127 + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+    alphabet = {
+        "n": "0123456789",
+        "a": "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+        "c": "0123456789" * 127 + "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    }
     bban = "".join("".join(r.choice(alphabet[k]) for _ in range(n)) for k, n in _IBAN_BBAN[country])
     numeric = "".join(str(int(ch, 36)) for ch in bban + country + "00")
     iban = f"{country}{98 - int(numeric) % 97:02d}{bban}"
     if r.random() < 0.4:
         return iban
-    return " ".join(iban[i:i + 4] for i in range(0, len(iban), 4))
+    return " ".join(iban[i : i + 4] for i in range(0, len(iban), 4))
 
 
 def _ipv4(r: random.Random) -> str:
@@ -237,57 +295,127 @@ def _ipv6(r: random.Random) -> str:
     if style == 2:
         return f"fe80::{r.randrange(1, 0x10000):x}:{r.randrange(0x10000):x}:{r.randrange(0x10000):x}"
     groups = [0 if r.random() < 0.35 else r.randrange(1, 0x10000) for _ in range(8)]
-    groups[0] = r.choice((0x2001, 0x2a00, 0x2600, 0xfd00))
+    groups[0] = r.choice((0x2001, 0x2A00, 0x2600, 0xFD00))
     address = ipaddress.IPv6Address(sum(g << (16 * (7 - i)) for i, g in enumerate(groups)))
     text = address.exploded if style in (3, 4) else address.compressed
     return text.upper() if r.random() < 0.15 else text
 
 
 _PII_MAKERS: dict[str, Callable[[random.Random], str]] = {
-    "email": _email, "phone": _phone, "card": _card, "iban": _iban, "ipv4": _ipv4, "ipv6": _ipv6,
+    "email": _email,
+    "phone": _phone,
+    "card": _card,
+    "iban": _iban,
+    "ipv4": _ipv4,
+    "ipv6": _ipv6,
 }
 
 
 def _negative(r: random.Random, kind: str) -> str:
     d = lambda n: _digits(r, n)  # noqa: E731
     if kind == "order":
-        return r.choice((f"#A-{d(8)}", f"ORD-{r.randrange(2019, 2027)}-{d(6)}", f"{d(3)}-{d(7)}-{d(7)}",
-                         f"#{r.randrange(10000, 99999)}", f"1Z{d(3)}AA{d(10)}"))
+        return r.choice(
+            (
+                f"#A-{d(8)}",
+                f"ORD-{r.randrange(2019, 2027)}-{d(6)}",
+                f"{d(3)}-{d(7)}-{d(7)}",
+                f"#{r.randrange(10000, 99999)}",
+                f"1Z{d(3)}AA{d(10)}",
+            )
+        )
     if kind == "price":
         whole, cents = r.randrange(1, 3000), r.randrange(100)
-        return r.choice((f"${whole:,}.{cents:02d}", f"{whole},{cents:02d} €",
-                         f"€{whole:,}".replace(",", ".") + f",{cents:02d}",
-                         f"£{whole}.{cents:02d}", f"USD {whole:,}.{cents:02d}", f"{whole}.{cents:02d} EUR"))
+        return r.choice(
+            (
+                f"${whole:,}.{cents:02d}",
+                f"{whole},{cents:02d} €",
+                f"€{whole:,}".replace(",", ".") + f",{cents:02d}",
+                f"£{whole}.{cents:02d}",
+                f"USD {whole:,}.{cents:02d}",
+                f"{whole}.{cents:02d} EUR",
+            )
+        )
     if kind == "date":
         y, m, day = r.randrange(2019, 2028), r.randrange(1, 13), r.randrange(1, 29)
         month = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")[m - 1]
-        return r.choice((f"{y}-{m:02d}-{day:02d}", f"{day:02d}/{m:02d}/{y}", f"{day}.{m}.{y}", f"{month} {day}, {y}",
-                         f"{day:02d}.{m:02d}.{y}"))
+        return r.choice(
+            (
+                f"{y}-{m:02d}-{day:02d}",
+                f"{day:02d}/{m:02d}/{y}",
+                f"{day}.{m}.{y}",
+                f"{month} {day}, {y}",
+                f"{day:02d}.{m:02d}.{y}",
+            )
+        )
     if kind == "time":
         h, mi = r.randrange(24), r.randrange(60)
-        return r.choice((f"{h:02d}:{mi:02d}", f"{h % 12 + 1}:{mi:02d} {r.choice(('am', 'pm'))}",
-                         f"{h:02d}:{mi:02d}:{r.randrange(60):02d}", f"{h:02d}:{mi:02d}-{(h + 1) % 24:02d}:{mi:02d}"))
+        return r.choice(
+            (
+                f"{h:02d}:{mi:02d}",
+                f"{h % 12 + 1}:{mi:02d} {r.choice(('am', 'pm'))}",
+                f"{h:02d}:{mi:02d}:{r.randrange(60):02d}",
+                f"{h:02d}:{mi:02d}-{(h + 1) % 24:02d}:{mi:02d}",
+            )
+        )
     if kind == "sku":
         # Product codes keep their keyword: a bare 13-digit run is card-shaped and is masked.
-        return r.choice((f"SKU {_ean13(r, '400')}", f"EAN {_ean13(r, r.choice(('590', '301', '871')))}",
-                         f"EAN: {_ean13(r, '40')}", f"GTIN 0{_ean13(r, '400')}", f"UPC {_ean13(r, '0')[1:]}",
-                         f"ISBN {_ean13(r, '978')}", f"ISBN 978-{r.randrange(1, 10)}-{d(2)}-{d(6)}-{d(1)}",
-                         f"SKU BX-{d(4)}-K"))
+        return r.choice(
+            (
+                f"SKU {_ean13(r, '400')}",
+                f"EAN {_ean13(r, r.choice(('590', '301', '871')))}",
+                f"EAN: {_ean13(r, '40')}",
+                f"GTIN 0{_ean13(r, '400')}",
+                f"UPC {_ean13(r, '0')[1:]}",
+                f"ISBN {_ean13(r, '978')}",
+                f"ISBN 978-{r.randrange(1, 10)}-{d(2)}-{d(6)}-{d(1)}",
+                f"SKU BX-{d(4)}-K",
+            )
+        )
     if kind == "model":
-        return r.choice((f"RTX {r.choice(('3060', '4070', '4090', '5080'))}", f"iPhone {r.randrange(11, 17)} Pro",
-                         f"Galaxy S{r.randrange(20, 26)} Ultra", "WH-1000XM5",
-                         f"ThinkPad X1 Carbon Gen {r.randrange(6, 13)}", f"XR-{r.randrange(100, 999)}",
-                         f"i7-{r.randrange(10, 15)}700K", f"Pixel {r.randrange(6, 10)}a"))
+        return r.choice(
+            (
+                f"RTX {r.choice(('3060', '4070', '4090', '5080'))}",
+                f"iPhone {r.randrange(11, 17)} Pro",
+                f"Galaxy S{r.randrange(20, 26)} Ultra",
+                "WH-1000XM5",
+                f"ThinkPad X1 Carbon Gen {r.randrange(6, 13)}",
+                f"XR-{r.randrange(100, 999)}",
+                f"i7-{r.randrange(10, 15)}700K",
+                f"Pixel {r.randrange(6, 10)}a",
+            )
+        )
     if kind == "version":
         a, b, c, e = r.randrange(0, 10), r.randrange(0, 20), r.randrange(0, 20), r.randrange(0, 30)
-        return r.choice((f"v{a}.{b}.{c}", f"{a}.{b}.{c}.{e}-beta", f"{a}.{b}.{c}.{e}-rc{r.randrange(1, 5)}",
-                         f"v{a}.{b}.{c}.{e}", f"{a}.{b}.{c}", f"firmware {a}.{b}.{c}"))
+        return r.choice(
+            (
+                f"v{a}.{b}.{c}",
+                f"{a}.{b}.{c}.{e}-beta",
+                f"{a}.{b}.{c}.{e}-rc{r.randrange(1, 5)}",
+                f"v{a}.{b}.{c}.{e}",
+                f"{a}.{b}.{c}",
+                f"firmware {a}.{b}.{c}",
+            )
+        )
     if kind == "quantity":
-        return r.choice((f"pack of {r.choice((6, 12, 24, 48))}",
-                         f"{r.randrange(2, 6)} x {r.choice((250, 500, 750))} ml",
-                         f"{r.choice((6, 12, 24))}-pack", f"{r.randrange(1, 25)}kg", f"{r.randrange(1, 3)},5 l"))
-    return r.choice(("24/7", f"{r.choice((1920, 2560, 3840))}x{r.choice((1080, 1440, 2160))}", "16:9",
-                     f"{r.randrange(1, 6)}/5 stars", f"{r.randrange(10, 101)}%", f"{r.randrange(1, 11)}/10"))
+        return r.choice(
+            (
+                f"pack of {r.choice((6, 12, 24, 48))}",
+                f"{r.randrange(2, 6)} x {r.choice((250, 500, 750))} ml",
+                f"{r.choice((6, 12, 24))}-pack",
+                f"{r.randrange(1, 25)}kg",
+                f"{r.randrange(1, 3)},5 l",
+            )
+        )
+    return r.choice(
+        (
+            "24/7",
+            f"{r.choice((1920, 2560, 3840))}x{r.choice((1080, 1440, 2160))}",
+            "16:9",
+            f"{r.randrange(1, 6)}/5 stars",
+            f"{r.randrange(10, 101)}%",
+            f"{r.randrange(1, 11)}/10",
+        )
+    )
 
 
 _NEGATIVE_CONTEXTS: dict[str, tuple[str, ...]] = {
@@ -302,24 +430,63 @@ _NEGATIVE_CONTEXTS: dict[str, tuple[str, ...]] = {
     "misc": ("support {}", "screen {}", "rated {}", "{} would recommend"),
 }
 _PII_CONTEXTS = {
-    "email": ("contact {}", "email me at {}", "my email is {}", "send the invoice to {}", "reply to {}",
-              "account {} locked"),
-    "phone": ("call me on {}", "my number is {}", "ring {} after work", "whatsapp {}", "tel. {}",
-              "courier should call {}"),
+    "email": (
+        "contact {}",
+        "email me at {}",
+        "my email is {}",
+        "send the invoice to {}",
+        "reply to {}",
+        "account {} locked",
+    ),
+    "phone": (
+        "call me on {}",
+        "my number is {}",
+        "ring {} after work",
+        "whatsapp {}",
+        "tel. {}",
+        "courier should call {}",
+    ),
     "card": ("paid with {}", "card {} charged twice", "refund to card {}", "my visa {}", "used card number {}"),
     "iban": ("refund to IBAN {}", "bank account {}", "please transfer to {}", "IBAN: {}", "IBAN {} BIC GKCCBEBB"),
-    "ipv4": ("login blocked from {}", "my router ip is {}", "site down from {}", "vpn exit {}",
-             "access from {} denied", "server {}:8080 refused"),
-    "ipv6": ("login blocked from {}", "my ipv6 is {}", "site down from {}", "ping {} fails",
-             "access from [{}]:443 denied"),
+    "ipv4": (
+        "login blocked from {}",
+        "my router ip is {}",
+        "site down from {}",
+        "vpn exit {}",
+        "access from {} denied",
+        "server {}:8080 refused",
+    ),
+    "ipv6": (
+        "login blocked from {}",
+        "my ipv6 is {}",
+        "site down from {}",
+        "ping {} fails",
+        "access from [{}]:443 denied",
+    ),
 }
 _LUHN_INVALID_CONTEXTS = ("card {} declined", "tried card {}", "number {} rejected")
-_QUERY_FILLERS = ("trail running shoes", "wireless earbuds", "usb c charger", "coffee grinder", "kids rain jacket",
-                  "standing desk", "phone case", "return label", "gift card balance", "invoice copy")
-_REVIEW_FILLERS = ("Great quality, would buy again.", "Arrived late and the box was damaged.",
-                   "Battery life is fine but the screen scratches easily.", "Does exactly what it says.",
-                   "Customer service never answered.", "Smaller than expected!", "Five stars from me.",
-                   "The colour is off compared to the photos.")
+_QUERY_FILLERS = (
+    "trail running shoes",
+    "wireless earbuds",
+    "usb c charger",
+    "coffee grinder",
+    "kids rain jacket",
+    "standing desk",
+    "phone case",
+    "return label",
+    "gift card balance",
+    "invoice copy",
+)
+_REVIEW_FILLERS = (
+    "Great quality, would buy again.",
+    "Arrived late and the box was damaged.",
+    "Battery life is fine but the screen scratches easily.",
+    "Does exactly what it says.",
+    "Customer service never answered.",
+    "Smaller than expected!",
+    "Five stars from me.",
+    "The colour is off compared to the photos.",
+)
 
 
 class _Builder:
@@ -337,13 +504,19 @@ class _Builder:
         self.literal(value)
 
     def record(self) -> PiiRecord:
-        return PiiRecord("".join(self.parts), tuple(self.spans["pii"]), tuple(self.spans["neg"]),
-                         tuple(self.spans["ignored"]))
+        return PiiRecord(
+            "".join(self.parts), tuple(self.spans["pii"]), tuple(self.spans["neg"]), tuple(self.spans["ignored"])
+        )
 
 
-def _phrase(r: random.Random, group: str, kind: str, value: str,
-            pii_contexts: dict[str, tuple[str, ...]] = _PII_CONTEXTS,
-            negative_contexts: dict[str, tuple[str, ...]] = _NEGATIVE_CONTEXTS) -> list[tuple[str, str, str] | str]:
+def _phrase(
+    r: random.Random,
+    group: str,
+    kind: str,
+    value: str,
+    pii_contexts: dict[str, tuple[str, ...]] = _PII_CONTEXTS,
+    negative_contexts: dict[str, tuple[str, ...]] = _NEGATIVE_CONTEXTS,
+) -> list[tuple[str, str, str] | str]:
     contexts = {"pii": pii_contexts, "neg": negative_contexts}.get(group, {}).get(kind, _LUHN_INVALID_CONTEXTS)
     before, after = r.choice(contexts).split("{}")
     return [p for p in (before, (group, kind, value), after) if p]
@@ -380,8 +553,7 @@ class _Source:
 _INTERNAL = _Source(_PII_MAKERS, _negative, NEGATIVE_KINDS, _PII_CONTEXTS, _NEGATIVE_CONTEXTS)
 
 
-def _record(r: random.Random, source: _Source = _INTERNAL,
-            planted: tuple[str, str] | None = None) -> PiiRecord:
+def _record(r: random.Random, source: _Source = _INTERNAL, planted: tuple[str, str] | None = None) -> PiiRecord:
     """One record; ``planted`` (type, value) replaces the random PII of the record by that one value."""
     roll = r.random()
     n_pii = 0 if roll < 0.1 else 1 if roll < 0.75 else 2
@@ -389,7 +561,8 @@ def _record(r: random.Random, source: _Source = _INTERNAL,
     n_neg = 0 if roll < 0.15 else 1 if roll < 0.65 else 2
     phrases = []
     phrase = lambda group, kind, value: _phrase(  # noqa: E731
-        r, group, kind, value, source.pii_contexts, source.negative_contexts)
+        r, group, kind, value, source.pii_contexts, source.negative_contexts
+    )
     if planted is not None:
         phrases.append(phrase("pii", *planted))
     else:
@@ -445,12 +618,63 @@ def generate_corpus(n: int, seed: int, source: str = "internal") -> list[PiiReco
 # overlapping), and more of Europe.
 ORACLE_REGIONS: tuple[str, ...] = (
     # population
-    "IN", "CN", "US", "ID", "PK", "NG", "BR", "BD", "RU", "ET", "MX", "JP", "EG", "PH", "CD", "VN",
-    "IR", "TR", "DE", "TH", "TZ", "GB", "FR", "ZA", "IT", "KE", "MM", "CO", "KR", "SD", "UG", "ES",
+    "IN",
+    "CN",
+    "US",
+    "ID",
+    "PK",
+    "NG",
+    "BR",
+    "BD",
+    "RU",
+    "ET",
+    "MX",
+    "JP",
+    "EG",
+    "PH",
+    "CD",
+    "VN",
+    "IR",
+    "TR",
+    "DE",
+    "TH",
+    "TZ",
+    "GB",
+    "FR",
+    "ZA",
+    "IT",
+    "KE",
+    "MM",
+    "CO",
+    "KR",
+    "SD",
+    "UG",
+    "ES",
     # economy (GDP), where not above
-    "CA", "AU", "NL", "SA", "CH", "PL", "TW", "BE", "AR", "SE", "IE", "IL", "AE", "SG", "AT", "NO",
+    "CA",
+    "AU",
+    "NL",
+    "SA",
+    "CH",
+    "PL",
+    "TW",
+    "BE",
+    "AR",
+    "SE",
+    "IE",
+    "IL",
+    "AE",
+    "SG",
+    "AT",
+    "NO",
     # more of Europe
-    "PT", "GR", "CZ", "RO", "HU", "DK", "FI",
+    "PT",
+    "GR",
+    "CZ",
+    "RO",
+    "HU",
+    "DK",
+    "FI",
 )
 ORACLE_PHONE_TYPES: tuple[str, ...] = ("FIXED_LINE", "MOBILE", "TOLL_FREE")
 # "00": the international form with 00 for the + (0049 30 123456), as dialled from most of
@@ -458,22 +682,110 @@ ORACLE_PHONE_TYPES: tuple[str, ...] = ("FIXED_LINE", "MOBILE", "TOLL_FREE")
 ORACLE_PHONE_FORMATS: tuple[str, ...] = ("NATIONAL", "INTERNATIONAL", "E164", "00", "00 ")
 # Faker locales for emails (names and free-mail domains differ by locale).
 ORACLE_EMAIL_LOCALES: tuple[str, ...] = (
-    "en_US", "en_GB", "en_IN", "en_AU", "en_CA", "en_IE", "en_NG", "en_PH", "en_PK", "en_KE", "de_DE",
-    "de_AT", "de_CH", "fr_FR", "fr_CA", "fr_BE", "it_IT", "es_ES", "es_MX", "es_AR", "es_CO", "pt_BR",
-    "pt_PT", "nl_NL", "nl_BE", "pl_PL", "cs_CZ", "sk_SK", "hu_HU", "ro_RO", "bg_BG", "el_GR", "tr_TR",
-    "ru_RU", "uk_UA", "sv_SE", "da_DK", "no_NO", "fi_FI", "ja_JP", "ko_KR", "zh_CN", "zh_TW", "th_TH",
-    "vi_VN", "id_ID", "hi_IN", "bn_BD", "fa_IR", "ar_EG", "ar_SA", "he_IL", "am_ET", "sw", "zu_ZA",
+    "en_US",
+    "en_GB",
+    "en_IN",
+    "en_AU",
+    "en_CA",
+    "en_IE",
+    "en_NG",
+    "en_PH",
+    "en_PK",
+    "en_KE",
+    "de_DE",
+    "de_AT",
+    "de_CH",
+    "fr_FR",
+    "fr_CA",
+    "fr_BE",
+    "it_IT",
+    "es_ES",
+    "es_MX",
+    "es_AR",
+    "es_CO",
+    "pt_BR",
+    "pt_PT",
+    "nl_NL",
+    "nl_BE",
+    "pl_PL",
+    "cs_CZ",
+    "sk_SK",
+    "hu_HU",
+    "ro_RO",
+    "bg_BG",
+    "el_GR",
+    "tr_TR",
+    "ru_RU",
+    "uk_UA",
+    "sv_SE",
+    "da_DK",
+    "no_NO",
+    "fi_FI",
+    "ja_JP",
+    "ko_KR",
+    "zh_CN",
+    "zh_TW",
+    "th_TH",
+    "vi_VN",
+    "id_ID",
+    "hi_IN",
+    "bn_BD",
+    "fa_IR",
+    "ar_EG",
+    "ar_SA",
+    "he_IL",
+    "am_ET",
+    "sw",
+    "zu_ZA",
 )
 # Faker locales whose bank provider has its own IBAN country (the others fall back to GB).
 # AR, BD, CO, PH and TH do not use IBANs; Faker makes IBAN-shaped account numbers for them.
 ORACLE_IBAN_LOCALES: tuple[str, ...] = (
-    "en_GB", "en_IE", "de_DE", "de_AT", "de_CH", "fr_FR", "it_IT", "es_ES", "pt_PT", "pt_BR", "nl_NL",
-    "nl_BE", "pl_PL", "cs_CZ", "sk_SK", "da_DK", "fi_FI", "no_NO", "el_GR", "ro_RO", "tr_TR", "ru_RU",
-    "uk_UA", "az_AZ", "fa_IR", "mk_MK", "es_AR", "bn_BD", "es_CO", "en_PH", "th_TH",
+    "en_GB",
+    "en_IE",
+    "de_DE",
+    "de_AT",
+    "de_CH",
+    "fr_FR",
+    "it_IT",
+    "es_ES",
+    "pt_PT",
+    "pt_BR",
+    "nl_NL",
+    "nl_BE",
+    "pl_PL",
+    "cs_CZ",
+    "sk_SK",
+    "da_DK",
+    "fi_FI",
+    "no_NO",
+    "el_GR",
+    "ro_RO",
+    "tr_TR",
+    "ru_RU",
+    "uk_UA",
+    "az_AZ",
+    "fa_IR",
+    "mk_MK",
+    "es_AR",
+    "bn_BD",
+    "es_CO",
+    "en_PH",
+    "th_TH",
 )
 # Faker's credit card providers (card_type names of faker.providers.credit_card).
-ORACLE_CARD_TYPES: tuple[str, ...] = ("maestro", "mastercard", "visa13", "visa16", "visa19", "amex",
-                                      "discover", "diners", "jcb15", "jcb16")
+ORACLE_CARD_TYPES: tuple[str, ...] = (
+    "maestro",
+    "mastercard",
+    "visa13",
+    "visa16",
+    "visa19",
+    "amex",
+    "discover",
+    "diners",
+    "jcb15",
+    "jcb16",
+)
 ORACLE_NEGATIVE_KINDS = NEGATIVE_KINDS + ("postcode", "figure")
 
 
@@ -569,7 +881,7 @@ class _Oracle:
         iban = self.fakers[self.r.choice(ORACLE_IBAN_LOCALES)].iban()
         if self.r.random() < 0.5:
             return iban
-        return " ".join(iban[i:i + 4] for i in range(0, len(iban), 4))
+        return " ".join(iban[i : i + 4] for i in range(0, len(iban), 4))
 
     def card(self, r: random.Random) -> str:
         """Faker's number of a random card provider, plain or grouped as printed on the card
@@ -582,7 +894,7 @@ class _Oracle:
         groups, pos = [], 0
         for size in sizes:
             if pos < len(number):
-                groups.append(number[pos:pos + size])
+                groups.append(number[pos : pos + size])
                 pos += size
         return sep.join(groups)
 
@@ -599,12 +911,30 @@ class _Oracle:
         return text.upper() if roll < 0.3 else text
 
     def makers(self) -> dict[str, Callable[[random.Random], str]]:
-        return {"email": self.email, "phone": self.phone, "card": self.card, "iban": self.iban,
-                "ipv4": self.ipv4, "ipv6": self.ipv6}
+        return {
+            "email": self.email,
+            "phone": self.phone,
+            "card": self.card,
+            "iban": self.iban,
+            "ipv4": self.ipv4,
+            "ipv6": self.ipv6,
+        }
 
 
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December")
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 
 
 def _oracle_negative(r: random.Random, kind: str) -> str:
@@ -615,66 +945,126 @@ def _oracle_negative(r: random.Random, kind: str) -> str:
     if kind == "date" and r.random() < 0.7:
         y, m, day = r.randrange(2019, 2028), r.randrange(1, 13), r.randrange(1, 29)
         month, h, mi = _MONTHS[m - 1], r.randrange(24), r.randrange(60)
-        return r.choice((
-            f"{y}-{m:02d}-{day:02d}", f"{day:02d}/{m:02d}/{y}", f"{m:02d}/{day:02d}/{y}", f"{m}/{day}/{y}",
-            f"{day}.{m}.{y}", f"{day:02d}.{m:02d}.{y}", f"{day:02d}-{m:02d}-{y}", f"{y}/{m:02d}/{day:02d}",
-            f"{y}.{m:02d}.{day:02d}", f"{day:02d}.{m:02d}.{y % 100:02d}", f"{m}/{day}/{y % 100:02d}",
-            f"{day}/{m}/{y % 100:02d}", f"{y}{m:02d}{day:02d}", f"{day} {month[:3]} {y}", f"{month} {day}, {y}",
-            f"{day}. {month} {y}", f"{y}-{m:02d}-{day:02d}T{h:02d}:{mi:02d}:00Z",
-            f"{y}-{m:02d}-{day:02d} {h:02d}:{mi:02d}", f"{day:02d}.{m:02d}.{y} {h:02d}:{mi:02d}", f"{y}年{m}月{day}日",
-            f"{month[:3]} {y}", f"{m:02d}/{y}", f"{day:02d} {m:02d} {y}",
-        ))
+        return r.choice(
+            (
+                f"{y}-{m:02d}-{day:02d}",
+                f"{day:02d}/{m:02d}/{y}",
+                f"{m:02d}/{day:02d}/{y}",
+                f"{m}/{day}/{y}",
+                f"{day}.{m}.{y}",
+                f"{day:02d}.{m:02d}.{y}",
+                f"{day:02d}-{m:02d}-{y}",
+                f"{y}/{m:02d}/{day:02d}",
+                f"{y}.{m:02d}.{day:02d}",
+                f"{day:02d}.{m:02d}.{y % 100:02d}",
+                f"{m}/{day}/{y % 100:02d}",
+                f"{day}/{m}/{y % 100:02d}",
+                f"{y}{m:02d}{day:02d}",
+                f"{day} {month[:3]} {y}",
+                f"{month} {day}, {y}",
+                f"{day}. {month} {y}",
+                f"{y}-{m:02d}-{day:02d}T{h:02d}:{mi:02d}:00Z",
+                f"{y}-{m:02d}-{day:02d} {h:02d}:{mi:02d}",
+                f"{day:02d}.{m:02d}.{y} {h:02d}:{mi:02d}",
+                f"{y}年{m}月{day}日",
+                f"{month[:3]} {y}",
+                f"{m:02d}/{y}",
+                f"{day:02d} {m:02d} {y}",
+            )
+        )
     if kind == "time" and r.random() < 0.7:
         h, mi = r.randrange(24), r.randrange(60)
-        return r.choice((f"{h:02d}:{mi:02d}", f"{h % 12 + 1}:{mi:02d} PM", f"{h:02d}h{mi:02d}",
-                         f"{h:02d}.{mi:02d} Uhr", f"{h % 12 + 1}am", f"{h:02d}:{mi:02d}–{(h + 2) % 24:02d}:{mi:02d}",
-                         f"{h:02d}:{mi:02d} - {(h + 1) % 24:02d}:{mi:02d}",
-                         f"{h:02d}:{mi:02d}:{r.randrange(60):02d}.{d(3)}"))
+        return r.choice(
+            (
+                f"{h:02d}:{mi:02d}",
+                f"{h % 12 + 1}:{mi:02d} PM",
+                f"{h:02d}h{mi:02d}",
+                f"{h:02d}.{mi:02d} Uhr",
+                f"{h % 12 + 1}am",
+                f"{h:02d}:{mi:02d}–{(h + 2) % 24:02d}:{mi:02d}",
+                f"{h:02d}:{mi:02d} - {(h + 1) % 24:02d}:{mi:02d}",
+                f"{h:02d}:{mi:02d}:{r.randrange(60):02d}.{d(3)}",
+            )
+        )
     if kind == "price" and r.random() < 0.6:
         whole, cents = r.randrange(1000, 100000), r.randrange(100)
-        return r.choice((f"{whole:,} €".replace(",", " "), f"{whole:,}".replace(",", " ") + f",{cents:02d} €",
-                         f"R$ {whole:,}".replace(",", ".") + f",{cents:02d}",
-                         f"₹{whole:,}", f"¥{whole:,}", f"{whole:,} ₽".replace(",", " "),
-                         f"CHF {whole:,}.{cents:02d}".replace(",", "'"),
-                         f"{r.randrange(1, 100)}.{d(3)}.000 ₫", f"{r.randrange(1, 10)} {d(3)} {d(3)} Ft",
-                         f"{whole:,}.{cents:02d} USD"))
+        return r.choice(
+            (
+                f"{whole:,} €".replace(",", " "),
+                f"{whole:,}".replace(",", " ") + f",{cents:02d} €",
+                f"R$ {whole:,}".replace(",", ".") + f",{cents:02d}",
+                f"₹{whole:,}",
+                f"¥{whole:,}",
+                f"{whole:,} ₽".replace(",", " "),
+                f"CHF {whole:,}.{cents:02d}".replace(",", "'"),
+                f"{r.randrange(1, 100)}.{d(3)}.000 ₫",
+                f"{r.randrange(1, 10)} {d(3)} {d(3)} Ft",
+                f"{whole:,}.{cents:02d} USD",
+            )
+        )
     if kind == "figure":
         y = r.randrange(2000, 2025)
-        return r.choice((f"size {r.choice((38, 40, 42))} {r.choice((44, 46))} {r.choice((48, 50))}",
-                         f"ranked {r.randrange(1, 10)} of {r.randrange(100, 1000)}", f"{y}-{y + r.randrange(1, 10)}",
-                         f"{y}/{(y + 1) % 100:02d}",
-                         f"{r.choice((1000, 1500, 2000))}-{r.choice((3000, 4000, 6000))} rpm",
-                         f"pages {r.randrange(10, 200)}-{r.randrange(200, 400)}",
-                         f"sizes {r.randrange(30, 40)}-{r.randrange(40, 48)}",
-                         f"{r.randrange(2, 10)} for {r.randrange(10, 100)}", f"{r.randrange(100, 999)} reviews",
-                         f"top {r.choice((5, 10, 50))} of {y}",
-                         f"{r.randrange(1, 5)} {r.randrange(5, 9)} {r.randrange(9, 13)} months"))
+        return r.choice(
+            (
+                f"size {r.choice((38, 40, 42))} {r.choice((44, 46))} {r.choice((48, 50))}",
+                f"ranked {r.randrange(1, 10)} of {r.randrange(100, 1000)}",
+                f"{y}-{y + r.randrange(1, 10)}",
+                f"{y}/{(y + 1) % 100:02d}",
+                f"{r.choice((1000, 1500, 2000))}-{r.choice((3000, 4000, 6000))} rpm",
+                f"pages {r.randrange(10, 200)}-{r.randrange(200, 400)}",
+                f"sizes {r.randrange(30, 40)}-{r.randrange(40, 48)}",
+                f"{r.randrange(2, 10)} for {r.randrange(10, 100)}",
+                f"{r.randrange(100, 999)} reviews",
+                f"top {r.choice((5, 10, 50))} of {y}",
+                f"{r.randrange(1, 5)} {r.randrange(5, 9)} {r.randrange(9, 13)} months",
+            )
+        )
     if kind == "postcode":
-        return r.choice(("10115 Berlin", "SW1A 1AA", "EC1A 1BB", f"{r.randrange(75001, 75021)} Paris",
-                         f"{r.randrange(10000, 99999)}-{d(4)}", f"0{r.randrange(1000, 9999)}-{d(3)}",
-                         f"{r.randrange(100, 999)}-{d(4)}", f"{r.randrange(10, 99)}-{d(3)} Warszawa",
-                         f"{r.randrange(1010, 1240, 10)} Wien", f"{r.randrange(110001, 855999)}", "M5V 3L9",
-                         f"{r.randrange(100, 999)} {d(2)} Stockholm", f"{r.randrange(1000, 9999)} AB Amsterdam",
-                         "D02 X285", f"{r.randrange(28001, 28080)} Madrid"))
+        return r.choice(
+            (
+                "10115 Berlin",
+                "SW1A 1AA",
+                "EC1A 1BB",
+                f"{r.randrange(75001, 75021)} Paris",
+                f"{r.randrange(10000, 99999)}-{d(4)}",
+                f"0{r.randrange(1000, 9999)}-{d(3)}",
+                f"{r.randrange(100, 999)}-{d(4)}",
+                f"{r.randrange(10, 99)}-{d(3)} Warszawa",
+                f"{r.randrange(1010, 1240, 10)} Wien",
+                f"{r.randrange(110001, 855999)}",
+                "M5V 3L9",
+                f"{r.randrange(100, 999)} {d(2)} Stockholm",
+                f"{r.randrange(1000, 9999)} AB Amsterdam",
+                "D02 X285",
+                f"{r.randrange(28001, 28080)} Madrid",
+            )
+        )
     return _negative(r, kind)
 
 
-_ORACLE_PII_CONTEXTS = {k: v + {
-    "email": ("schreib mir an {}", "mon adresse: {}", "mi correo es {}"),
-    "phone": ("ruf mich an unter {}", "appelez-moi au {}", "llámame al {}", "Tel.: {}", "bel {} na 18 uur"),
-    "card": ("Karte {} belastet", "carte {} débitée", "charged to {} twice"),
-    "iban": ("Überweisung an {}", "virement sur {}", "IBAN {} please"),
-    "ipv4": ("blocked IP {}", "gateway {} unreachable"),
-    "ipv6": ("blocked IP {}", "gateway {} unreachable"),
-}[k] for k, v in _PII_CONTEXTS.items()}
-_ORACLE_NEGATIVE_CONTEXTS: dict[str, tuple[str, ...]] = {**_NEGATIVE_CONTEXTS,
-                             "postcode": ("ship to {}", "store in {}", "deliver to {} please", "postcode {}"),
-                             "figure": ("{}", "my kids wear {}", "{} was fine", "{} on the list")}
+_ORACLE_PII_CONTEXTS = {
+    k: v
+    + {
+        "email": ("schreib mir an {}", "mon adresse: {}", "mi correo es {}"),
+        "phone": ("ruf mich an unter {}", "appelez-moi au {}", "llámame al {}", "Tel.: {}", "bel {} na 18 uur"),
+        "card": ("Karte {} belastet", "carte {} débitée", "charged to {} twice"),
+        "iban": ("Überweisung an {}", "virement sur {}", "IBAN {} please"),
+        "ipv4": ("blocked IP {}", "gateway {} unreachable"),
+        "ipv6": ("blocked IP {}", "gateway {} unreachable"),
+    }[k]
+    for k, v in _PII_CONTEXTS.items()
+}
+_ORACLE_NEGATIVE_CONTEXTS: dict[str, tuple[str, ...]] = {
+    **_NEGATIVE_CONTEXTS,
+    "postcode": ("ship to {}", "store in {}", "deliver to {} please", "postcode {}"),
+    "figure": ("{}", "my kids wear {}", "{} was fine", "{} on the list"),
+}
 
 
 def _oracle_source(seed: int) -> _Source:
-    return _Source(_Oracle(seed).makers(), _oracle_negative, ORACLE_NEGATIVE_KINDS, _ORACLE_PII_CONTEXTS,
-                   _ORACLE_NEGATIVE_CONTEXTS)
+    return _Source(
+        _Oracle(seed).makers(), _oracle_negative, ORACLE_NEGATIVE_KINDS, _ORACLE_PII_CONTEXTS, _ORACLE_NEGATIVE_CONTEXTS
+    )
 
 
 def generate_oracle_corpus(n: int, seed: int) -> list[PiiRecord]:
@@ -703,12 +1093,13 @@ def oracle_records(values: Sequence[tuple[str, str]], seed: int = 0) -> list[Pii
 
 # --------------------------------------------------------------------------- scoring
 
+
 @dataclass
 class TypeScore:
     """Recall counts of one PII type."""
 
     planted: int = 0
-    masked: int = 0          # every character of the span replaced
+    masked: int = 0  # every character of the span replaced
     masked_as_type: int = 0  # ... and only by this type's placeholder
 
     @property
@@ -742,7 +1133,8 @@ class ScrubberScore:
     unaligned: int = 0  # outputs that are not the input with ranges replaced by placeholders
     types: dict[str, TypeScore] = field(default_factory=lambda: {t: TypeScore() for t in PII_TYPES})
     placeholders: dict[str, PlaceholderScore] = field(
-        default_factory=lambda: {p: PlaceholderScore() for p in dict.fromkeys(PLACEHOLDERS.values())})
+        default_factory=lambda: {p: PlaceholderScore() for p in dict.fromkeys(PLACEHOLDERS.values())}
+    )
     # kind -> [total, kept]
     negatives: dict[str, list[int]] = field(default_factory=lambda: {k: [0, 0] for k in ORACLE_NEGATIVE_KINDS})
     luhn_invalid: list[int] = field(default_factory=lambda: [0, 0])  # [total, masked]
@@ -768,31 +1160,43 @@ class ScrubberScore:
         """Recall >= ``recall_goal`` for every planted type and retention >= ``retention_goal``."""
         recalls = [s.recall for s in self.types.values() if s.planted and s.recall is not None]
         retention = self.negative_retention
-        return (bool(recalls) and min(recalls) >= recall_goal
-                and retention is not None and retention >= retention_goal)
+        return bool(recalls) and min(recalls) >= recall_goal and retention is not None and retention >= retention_goal
 
     def markdown(self) -> str:
         """The result as a markdown table plus summary lines."""
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        lines = ["| type | placeholder | planted | recall | masked as own type | precision (placeholder) |",
-                 "|---|---|---:|---:|---:|---:|"]
+        lines = [
+            "| type | placeholder | planted | recall | masked as own type | precision (placeholder) |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for t, s in self.types.items():
             own = s.masked_as_type / s.planted if s.planted else None
-            lines.append(f"| {t} | `{PLACEHOLDERS[t]}` | {s.planted:,d} | {fmt(s.recall)} | {fmt(own)} | "
-                         f"{fmt(self.precision(t))} |")
+            lines.append(
+                f"| {t} | `{PLACEHOLDERS[t]}` | {s.planted:,d} | {fmt(s.recall)} | {fmt(own)} | "
+                f"{fmt(self.precision(t))} |"
+            )
         total = sum(t for t, _ in self.negatives.values())
         kept = sum(k for _, k in self.negatives.values())
-        lines += ["", f"hard negatives kept verbatim: {kept:,d} / {total:,d} = {fmt(self.negative_retention)} "
-                      f"(goal >= {RETENTION_GOAL})",
-                  "by kind: " + ", ".join(f"{k} {fmt(kk / t if t else None)} ({t:,d})"
-                                          for k, (t, kk) in self.negatives.items() if t or k in NEGATIVE_KINDS),
-                  "placeholders emitted: " + ", ".join(f"`{p}` {s.emitted:,d} ({s.false_positive:,d} false positive)"
-                                                        for p, s in self.placeholders.items()),
-                  f"Luhn-invalid card-like numbers masked (counted as neither): {self.luhn_invalid[1]:,d} / "
-                  f"{self.luhn_invalid[0]:,d}",
-                  f"records: {self.records:,d}, unaligned outputs: {self.unaligned:,d}; "
-                  f"goals (recall >= {RECALL_GOAL} per type, retention >= {RETENTION_GOAL}): "
-                  f"{'met' if self.meets_goals() else 'NOT met'}"]
+        lines += [
+            "",
+            f"hard negatives kept verbatim: {kept:,d} / {total:,d} = {fmt(self.negative_retention)} "
+            f"(goal >= {RETENTION_GOAL})",
+            "by kind: "
+            + ", ".join(
+                f"{k} {fmt(kk / t if t else None)} ({t:,d})"
+                for k, (t, kk) in self.negatives.items()
+                if t or k in NEGATIVE_KINDS
+            ),
+            "placeholders emitted: "
+            + ", ".join(
+                f"`{p}` {s.emitted:,d} ({s.false_positive:,d} false positive)" for p, s in self.placeholders.items()
+            ),
+            f"Luhn-invalid card-like numbers masked (counted as neither): {self.luhn_invalid[1]:,d} / "
+            f"{self.luhn_invalid[0]:,d}",
+            f"records: {self.records:,d}, unaligned outputs: {self.unaligned:,d}; "
+            f"goals (recall >= {RECALL_GOAL} per type, retention >= {RETENTION_GOAL}): "
+            f"{'met' if self.meets_goals() else 'NOT met'}",
+        ]
         return "\n".join(lines)
 
 
@@ -853,8 +1257,10 @@ def _score_record(score: ScrubberScore, record: PiiRecord, scrubbed: str | None)
     for r_start, r_end, placeholder in ranges:
         p = score.placeholders[placeholder]
         p.emitted += 1
-        if any(span.start <= r_start and r_end <= span.end and PLACEHOLDERS[span.kind] == placeholder
-               for span in record.pii):
+        if any(
+            span.start <= r_start and r_end <= span.end and PLACEHOLDERS[span.kind] == placeholder
+            for span in record.pii
+        ):
             p.true_positive += 1
         elif any(span.start <= r_start and r_end <= span.end for span in record.ignored):
             p.neither += 1
@@ -871,8 +1277,9 @@ def _score_record(score: ScrubberScore, record: PiiRecord, scrubbed: str | None)
         score.luhn_invalid[1] += _covered(span.start, span.end, ranges)
 
 
-def score_scrubber(spark: "SparkSession", records: Sequence[PiiRecord],
-                   scrubber: Callable[[Column], Column] = scrub_pii) -> ScrubberScore:
+def score_scrubber(
+    spark: "SparkSession", records: Sequence[PiiRecord], scrubber: Callable[[Column], Column] = scrub_pii
+) -> ScrubberScore:
     """Run ``scrubber`` (default ``scrub_pii``) over the corpus texts in one Spark job and score it.
 
     The corpus is synthetic and small, so its scrubbed texts come back to the driver

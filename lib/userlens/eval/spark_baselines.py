@@ -4,6 +4,7 @@ prediction tasks, popularity and Spark MLlib ALS (implicit feedback) for recomme
 The train stage reports them next to its model (and may keep the regression as a head:
 ``train.baseline_fallback``); ``userlens evaluate`` fits the same ALS on public datasets.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -21,8 +22,9 @@ if TYPE_CHECKING:
     from pyspark.ml.recommendation import ALSModel
 
 
-def recommendation_baselines(snapshot: DataFrame, events: DataFrame, cut: dt.date,
-                             rec: Any) -> dict[str, dict[str, float]]:
+def recommendation_baselines(
+    snapshot: DataFrame, events: DataFrame, cut: dt.date, rec: Any
+) -> dict[str, dict[str, float]]:
     """Popularity and Spark MLlib ALS (implicit) on everything known at ``cut``, evaluated like the
     two-tower head: the ``rec_eval`` test users, earlier purchases excluded, next purchases relevant."""
     from pyspark.ml.feature import StringIndexer
@@ -38,32 +40,51 @@ def recommendation_baselines(snapshot: DataFrame, events: DataFrame, cut: dt.dat
     known = events.where((F.col("event_date") <= F.lit(cut)) & F.col("item_id").isNotNull())
 
     depth = k + max(len(b) for b in bought)
-    popular = [r["item_id"] for r in known.where(F.col("event_type") == "purchase").groupBy("item_id").count()
-               .orderBy(F.desc("count"), "item_id").limit(depth).collect()]
+    popular = [
+        r["item_id"]
+        for r in known.where(F.col("event_type") == "purchase")
+        .groupBy("item_id")
+        .count()
+        .orderBy(F.desc("count"), "item_id")
+        .limit(depth)
+        .collect()
+    ]
     pop_ranked = [[i for i in popular if i not in b][:k] for b in bought]
 
     # implicit feedback: a purchase counts 4, a cart add 2, anything else with an item 1
-    weight = (F.when(F.col("event_type") == "purchase", 4.0).when(F.col("event_type") == "add_to_cart", 2.0)
-              .otherwise(1.0))
+    weight = (
+        F.when(F.col("event_type") == "purchase", 4.0).when(F.col("event_type") == "add_to_cart", 2.0).otherwise(1.0)
+    )
     ratings = known.groupBy("user_key", "item_id").agg(F.sum(weight).alias("rating"))
     user_ix = StringIndexer(inputCol="user_key", outputCol="u").fit(ratings)
     item_ix = StringIndexer(inputCol="item_id", outputCol="i").fit(ratings)
     data = item_ix.transform(user_ix.transform(ratings)).select(
-        F.col("u").cast("int").alias("u"), F.col("i").cast("int").alias("i"), "rating")
+        F.col("u").cast("int").alias("u"), F.col("i").cast("int").alias("i"), "rating"
+    )
     als = fit_als(data.withColumnRenamed("rating", "r"), rec.als, seed=13)
     wanted = user_ix.transform(snapshot.where("rec_eval").select("user_key")).select(
-        F.col("u").cast("int").alias("u"), "user_key")
+        F.col("u").cast("int").alias("u"), "user_key"
+    )
     recs = als.recommendForUserSubset(wanted, depth)
     labels = item_ix.labels
-    by_user = {r["user_key"]: [labels[x["i"]] for x in r["recommendations"]]
-               for r in recs.join(wanted, "u").select("user_key", "recommendations").collect()}
+    by_user = {
+        r["user_key"]: [labels[x["i"]] for x in r["recommendations"]]
+        for r in recs.join(wanted, "u").select("user_key", "recommendations").collect()
+    }
     als_ranked = [[i for i in by_user.get(u["user_key"], []) if i not in b][:k] for u, b in zip(users, bought)]
-    return {"recommend_popularity": ranking_summary(pop_ranked, relevant, k),
-            "recommend_als": ranking_summary(als_ranked, relevant, k)}
+    return {
+        "recommend_popularity": ranking_summary(pop_ranked, relevant, k),
+        "recommend_als": ranking_summary(als_ranked, relevant, k),
+    }
 
 
-def fit_baseline(snapshot: DataFrame, tasks: Sequence[str], n_classes: int, predictions_to: str | None = None,
-                 linear_out: dict[str, dict[str, list]] | None = None) -> dict[str, dict[str, float]]:
+def fit_baseline(
+    snapshot: DataFrame,
+    tasks: Sequence[str],
+    n_classes: int,
+    predictions_to: str | None = None,
+    linear_out: dict[str, dict[str, list]] | None = None,
+) -> dict[str, dict[str, float]]:
     """Spark MLlib logistic regression on log1p(numeric features) only: train split -> test metrics
     (and, with ``predictions_to``, the test labels and probabilities as .npz, no user keys). With
     ``linear_out``, each binary task's fitted model is put there as ``{"weight": [[w...]], "bias": [b]}``
@@ -83,8 +104,13 @@ def fit_baseline(snapshot: DataFrame, tasks: Sequence[str], n_classes: int, pred
     for task in tasks:
         multiclass = task in MULTICLASS_TASKS
         fit_rows = train_rows.where(F.col(task) >= 0) if multiclass else train_rows
-        lr = LogisticRegression(featuresCol="x", labelCol=task, maxIter=50, regParam=1e-3,
-                                family="multinomial" if multiclass else "binomial")
+        lr = LogisticRegression(
+            featuresCol="x",
+            labelCol=task,
+            maxIter=50,
+            regParam=1e-3,
+            family="multinomial" if multiclass else "binomial",
+        )
         model = lr.fit(fit_rows.withColumn(task, F.col(task).cast("double")))
         scored = model.transform(test_rows.where(F.col(task) >= 0) if multiclass else test_rows)
         rows = scored.select(F.col(task), vector_to_array(F.col("probability")).alias("p")).collect()
@@ -127,6 +153,17 @@ def fit_als(ratings: DataFrame, als: AlsSettings, seed: int) -> "ALSModel":
     # ALS's default of 10 user and 10 item blocks: fewer where there are fewer cores (each block pair is a
     # task in every iteration's joins; on two local cores 10 blocks made ~1,100 tasks of a few ms each)
     blocks = max(1, min(10, ratings.sparkSession.sparkContext.defaultParallelism))
-    return ALS(userCol="u", itemCol="i", ratingCol="r", implicitPrefs=True, rank=als.rank, maxIter=als.max_iter,
-               regParam=als.reg_param, alpha=als.alpha, seed=seed, numUserBlocks=blocks, numItemBlocks=blocks,
-               coldStartStrategy="drop").fit(ratings)
+    return ALS(
+        userCol="u",
+        itemCol="i",
+        ratingCol="r",
+        implicitPrefs=True,
+        rank=als.rank,
+        maxIter=als.max_iter,
+        regParam=als.reg_param,
+        alpha=als.alpha,
+        seed=seed,
+        numUserBlocks=blocks,
+        numItemBlocks=blocks,
+        coldStartStrategy="drop",
+    ).fit(ratings)

@@ -1,5 +1,6 @@
 """What crosses a process or a file boundary between the Spark side and the training processes:
 frozen, picklable dataclasses with a format version (no torch, no Spark)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -162,12 +163,17 @@ class ModelMetrics:
         missing or misspelt key is a ValueError naming it."""
         found = raw.get("format_version", METRICS_FORMAT)
         if found != METRICS_FORMAT:
-            raise ValueError(f"metrics format version {found} is not supported (this userlens reads "
-                             f"{METRICS_FORMAT})")
+            raise ValueError(f"metrics format version {found} is not supported (this userlens reads {METRICS_FORMAT})")
         try:
-            return cls(version=raw["version"], snapshot_id=raw["snapshot_id"], model=raw["model"],
-                       baseline=raw["baseline"], data=TrainingData(**raw["data"]),
-                       training=TrainingInfo(**raw["training"]), history=raw.get("history", []),
-                       recommendations=raw.get("recommendations"))
+            return cls(
+                version=raw["version"],
+                snapshot_id=raw["snapshot_id"],
+                model=raw["model"],
+                baseline=raw["baseline"],
+                data=TrainingData(**raw["data"]),
+                training=TrainingInfo(**raw["training"]),
+                history=raw.get("history", []),
+                recommendations=raw.get("recommendations"),
+            )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"metrics.json: {exc}") from exc

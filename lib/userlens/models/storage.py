@@ -2,6 +2,7 @@
 
 No torch and no Spark: the stages, the report and the training processes all read and write here.
 """
+
 from __future__ import annotations
 
 import io
@@ -67,10 +68,15 @@ def write_catalogue(uri: str, item_ids: list[str], embeddings: np.ndarray, log_q
     import pyarrow.parquet as pq
 
     n, d = embeddings.shape
-    table = pa.table({"item_id": pa.array(item_ids, pa.string()),
-                      "embedding": pa.FixedSizeListArray.from_arrays(
-                          pa.array(np.ascontiguousarray(embeddings, np.float32).reshape(-1)), d),
-                      "log_q": pa.array(np.asarray(log_q, np.float64))})
+    table = pa.table(
+        {
+            "item_id": pa.array(item_ids, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ascontiguousarray(embeddings, np.float32).reshape(-1)), d
+            ),
+            "log_q": pa.array(np.asarray(log_q, np.float64)),
+        }
+    )
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     write_bytes(uri, buffer.getvalue())
@@ -93,5 +99,5 @@ def read_catalogue(uri: str) -> tuple[list[str], np.ndarray, np.ndarray]:
         return [], np.zeros((0, 0), np.float32), np.zeros(0)
     n = table.num_rows
     emb = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    log_q = (table.column("log_q").to_numpy() if "log_q" in table.column_names else np.zeros(n))
+    log_q = table.column("log_q").to_numpy() if "log_q" in table.column_names else np.zeros(n)
     return table.column("item_id").to_pylist(), emb.reshape(n, -1).astype(np.float32), log_q

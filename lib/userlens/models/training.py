@@ -27,6 +27,7 @@ DP-SGD (Opacus) samples users with Poisson sampling over the whole training
 set, as its accountant assumes: in that mode each rank loads the full train
 split in memory and Opacus' distributed sampler picks each rank's part.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -57,7 +58,7 @@ LABELS = ("purchase", "churn", "next_category")
 VALID_BATCH_ROWS = 4096
 
 
-NEXT_ITEMS = 20     # next purchases kept per user (positives, and the relevant set of the evaluation)
+NEXT_ITEMS = 20  # next purchases kept per user (positives, and the relevant set of the evaluation)
 BOUGHT_ITEMS = 200  # earlier purchases kept per user (excluded from recommendations)
 REC_COLUMNS = ("hist_items", "hist_ages", "next_items", "bought", "rec_eval")
 
@@ -65,8 +66,9 @@ REC_COLUMNS = ("hist_items", "hist_ages", "next_items", "bought", "rec_eval")
 class Catalogue:
     """The recommendation head's item index (item id -> row of the catalogue, ``pad`` = unknown)."""
 
-    def __init__(self, item_ids: list[str], embeddings: np.ndarray, log_q: np.ndarray, history: int,
-                 half_life_days: float) -> None:
+    def __init__(
+        self, item_ids: list[str], embeddings: np.ndarray, log_q: np.ndarray, history: int, half_life_days: float
+    ) -> None:
         import pandas as pd
 
         self.item_ids, self.embeddings, self.log_q = item_ids, embeddings, log_q
@@ -86,8 +88,11 @@ class Catalogue:
         pos = np.arange(len(ages_flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         keep = pos < self.history
         ages[rows[keep], pos[keep]] = ages_flat[keep]
-        out = {"hist_idx": hist, "hist_w": recency_weights(ages, hist, self.pad, self.half_life_days),
-               "bought": padded_indices(*list_column(batch.column("bought")), self.lookup, BOUGHT_ITEMS, self.pad)}
+        out = {
+            "hist_idx": hist,
+            "hist_w": recency_weights(ages, hist, self.pad, self.half_life_days),
+            "bought": padded_indices(*list_column(batch.column("bought")), self.lookup, BOUGHT_ITEMS, self.pad),
+        }
         if "next_items" in batch.schema.names:
             out["next"] = padded_indices(*list_column(batch.column("next_items")), self.lookup, NEXT_ITEMS, self.pad)
         if "rec_eval" in batch.schema.names:
@@ -98,8 +103,14 @@ class Catalogue:
 class ShardReader:
     """Streams (x, labels) mini-batches from some Parquet files of a snapshot split."""
 
-    def __init__(self, files: list[str], features: Any, tasks: list[str], catalogue: Catalogue | None = None,
-                 cache_bytes: int = CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        files: list[str],
+        features: Any,
+        tasks: list[str],
+        catalogue: Catalogue | None = None,
+        cache_bytes: int = CACHE_BYTES,
+    ) -> None:
         self.files = files
         self.features = features
         self.tasks = tasks
@@ -183,15 +194,16 @@ class ShardReader:
             yield from _emit(buffer, batch_size, rng, keep_remainder=False)
 
 
-def _emit(buffer: list[dict[str, np.ndarray]], batch_size: int, rng: np.random.Generator | None,
-          keep_remainder: bool) -> Generator[dict[str, np.ndarray], None, dict[str, np.ndarray] | None]:
+def _emit(
+    buffer: list[dict[str, np.ndarray]], batch_size: int, rng: np.random.Generator | None, keep_remainder: bool
+) -> Generator[dict[str, np.ndarray], None, dict[str, np.ndarray] | None]:
     merged = buffer[0] if len(buffer) == 1 else {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
     n = len(merged["x"])
     index = rng.permutation(n) if rng is not None else np.arange(n)
     full = (n // batch_size) * batch_size
     stop = full if keep_remainder else n
     for start in range(0, stop, batch_size):
-        take = index[start:start + batch_size]
+        take = index[start : start + batch_size]
         yield {k: v[take] for k, v in merged.items()}
     if keep_remainder and full < n:
         take = index[full:]
@@ -206,8 +218,9 @@ def _tensors(batch: dict[str, np.ndarray], tasks: list[str], device: Any) -> tup
     return x, {t: torch.from_numpy(batch[t]).to(device, non_blocking=True) for t in tasks}
 
 
-def _rec_tensors(batch: dict[str, np.ndarray], catalogue: Catalogue | None, rng: np.random.Generator,
-                 device: Any) -> dict[str, Any] | None:
+def _rec_tensors(
+    batch: dict[str, np.ndarray], catalogue: Catalogue | None, rng: np.random.Generator, device: Any
+) -> dict[str, Any] | None:
     """The two-tower head's inputs: history and one sampled next purchase per user (pad: none)."""
     import torch
 
@@ -216,9 +229,11 @@ def _rec_tensors(batch: dict[str, np.ndarray], catalogue: Catalogue | None, rng:
     if catalogue is None:
         return None
     positive = sample_positive(batch["next"], catalogue.pad, rng)
-    return {"hist_idx": torch.from_numpy(batch["hist_idx"]).to(device),
-            "hist_w": torch.from_numpy(batch["hist_w"]).to(device),
-            "positive": torch.from_numpy(positive).to(device)}
+    return {
+        "hist_idx": torch.from_numpy(batch["hist_idx"]).to(device),
+        "hist_w": torch.from_numpy(batch["hist_w"]).to(device),
+        "positive": torch.from_numpy(positive).to(device),
+    }
 
 
 @dataclass
@@ -242,11 +257,11 @@ class Setup:
     model: Any
     optimizer: Any
     catalogue: Catalogue | None
-    reader: ShardReader | None   # this rank's train shard (None under DP-SGD: ``loader``)
-    loader: Any                  # Opacus' Poisson-sampling loader under DP-SGD
+    reader: ShardReader | None  # this rank's train shard (None under DP-SGD: ``loader``)
+    loader: Any  # Opacus' Poisson-sampling loader under DP-SGD
     privacy_engine: Any
     valid: ShardReader
-    steps: int                   # training steps per epoch, the same on every rank
+    steps: int  # training steps per epoch, the same on every rank
     fallback: dict[str, tuple[float, dict[str, Any]]]
 
     @property
@@ -320,18 +335,21 @@ def build(job: TrainJob, process: Process) -> Setup:
     config, features, tasks = job.config, job.features, list(job.config.tasks)
     catalogue = None
     if config.rec and job.recommend is not None:
-        catalogue = Catalogue(*read_catalogue(f"{job.snapshot}/items"), job.recommend.history,
-                              job.recommend.history_half_life_days)
+        catalogue = Catalogue(
+            *read_catalogue(f"{job.snapshot}/items"), job.recommend.history, job.recommend.history_half_life_days
+        )
     model: Any = BehaviourModel(config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
     model = model.to(process.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.learning_rate, weight_decay=job.weight_decay)
     train_files = list_files(f"{job.snapshot}/split=train")
-    valid = ShardReader(list_files(f"{job.snapshot}/split=valid")[process.rank::process.world], features, tasks,
-                        catalogue)
+    valid = ShardReader(
+        list_files(f"{job.snapshot}/split=valid")[process.rank :: process.world], features, tasks, catalogue
+    )
     reader, loader, engine = None, None, None
     if job.dp is not None:
-        model, optimizer, loader, engine = _make_private(model, optimizer, train_files, features, tasks, job,
-                                                         process.distributed)
+        model, optimizer, loader, engine = _make_private(
+            model, optimizer, train_files, features, tasks, job, process.distributed
+        )
         steps = len(loader)
     else:
         if process.distributed:
@@ -340,11 +358,14 @@ def build(job: TrainJob, process: Process) -> Setup:
             # broadcasting them from rank 0 before every forward (DDP's default) only moves bytes
             # (torch 2.15 renamed broadcast_buffers, which now warns, to forward_sync_buffers)
             ddp = torch.nn.parallel.DistributedDataParallel
-            no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                       else "broadcast_buffers")
+            no_sync = (
+                "forward_sync_buffers"
+                if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                else "broadcast_buffers"
+            )
             sync_off: dict[str, Any] = {no_sync: False}  # Any: the keyword's name depends on the torch version
             model = ddp(model, find_unused_parameters=catalogue is not None, **sync_off)
-        reader = ShardReader(train_files[process.rank::process.world], features, tasks, catalogue)
+        reader = ShardReader(train_files[process.rank :: process.world], features, tasks, catalogue)
         steps = math.ceil(reader.rows() / job.batch_size)
         if process.distributed:  # every rank runs the same number of steps
             t = torch.tensor([steps], device=process.device)
@@ -374,23 +395,43 @@ def fit_epochs(job: TrainJob, process: Process, setup: Setup) -> Fit:
         train_loss, n_steps, samples = train_epoch(job, process, setup, rng)
         fit.samples += samples
         fit.fit_seconds += time.perf_counter() - epoch_start
-        losses = _validation_loss(setup.model, setup.valid, tasks, process.device, process.distributed,
-                                  setup.catalogue, job.seed)
-        fit.history.append({"epoch": epoch, "train_loss": train_loss, "valid_loss": losses["tasks"],
-                            **({"valid_rec_loss": losses["recommend"]} if setup.catalogue is not None else {}),
-                            **{f"valid_loss_{task}": losses[f"task:{task}"] for task in tasks}})
+        losses = _validation_loss(
+            setup.model, setup.valid, tasks, process.device, process.distributed, setup.catalogue, job.seed
+        )
+        fit.history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "valid_loss": losses["tasks"],
+                **({"valid_rec_loss": losses["recommend"]} if setup.catalogue is not None else {}),
+                **{f"valid_loss_{task}": losses[f"task:{task}"] for task in tasks},
+            }
+        )
         if process.rank == 0:
-            log.info("epoch %d: train loss %.4f, valid loss %.4f%s (%d steps/rank)", epoch, train_loss,
-                     losses["tasks"], f", recommendation {losses['recommend']:.4f}"
-                     if setup.catalogue is not None else "", n_steps)
+            log.info(
+                "epoch %d: train loss %.4f, valid loss %.4f%s (%d steps/rank)",
+                epoch,
+                train_loss,
+                losses["tasks"],
+                f", recommendation {losses['recommend']:.4f}" if setup.catalogue is not None else "",
+                n_steps,
+            )
         state = _unwrap(setup.model).state_dict()
         for part in setup.parts:
-            fit.best[part].update(epoch, losses[part], {k: v for k, v in state.items()
-                                                        if k.startswith("rec.") == (part == "recommend")})
+            fit.best[part].update(
+                epoch, losses[part], {k: v for k, v in state.items() if k.startswith("rec.") == (part == "recommend")}
+            )
         if process.rank == 0:
-            save_state(f"{job.artifact}/checkpoints/last.pt",
-                       {"epoch": epoch, "model": state, "optimizer": setup.optimizer.state_dict(),
-                        "best_epoch": fit.best["tasks"].epoch, "best_loss": fit.best["tasks"].loss})
+            save_state(
+                f"{job.artifact}/checkpoints/last.pt",
+                {
+                    "epoch": epoch,
+                    "model": state,
+                    "optimizer": setup.optimizer.state_dict(),
+                    "best_epoch": fit.best["tasks"].epoch,
+                    "best_loss": fit.best["tasks"].loss,
+                },
+            )
         if all(best.bad >= job.patience for best in fit.best.values()):
             break
     return fit
@@ -457,42 +498,75 @@ def reduce_totals(process: Process, fit: Fit) -> Fit:
     return Fit(fit.history, fit.best, int(totals[0]), float(totals[1]) / process.world)
 
 
-def finalize(job: TrainJob, process: Process, setup: Setup, fit: Fit, state: dict[str, Any],
-             heads: dict[str, str], started: float) -> TrainSummary:
+def finalize(
+    job: TrainJob,
+    process: Process,
+    setup: Setup,
+    fit: Fit,
+    state: dict[str, Any],
+    heads: dict[str, str],
+    started: float,
+) -> TrainSummary:
     """Rank 0: the test metrics of the final weights, the artifact directory, the summary."""
     from userlens.models.predictor import BehaviourModel, write_artifact
 
     catalogue = setup.catalogue
     dp = None
     if job.dp is not None:
-        dp = {"epsilon": float(setup.privacy_engine.get_epsilon(job.dp.target_delta)), "delta": job.dp.target_delta,
-              "target_epsilon": job.dp.target_epsilon, "max_grad_norm": job.dp.max_grad_norm,
-              "noise_multiplier": float(setup.optimizer.noise_multiplier), "accountant": "rdp",
-              "sampling": "poisson", "unit": "user"}
+        dp = {
+            "epsilon": float(setup.privacy_engine.get_epsilon(job.dp.target_delta)),
+            "delta": job.dp.target_delta,
+            "target_epsilon": job.dp.target_epsilon,
+            "max_grad_norm": job.dp.max_grad_norm,
+            "noise_multiplier": float(setup.optimizer.noise_multiplier),
+            "accountant": "rdp",
+            "sampling": "poisson",
+            "unit": "user",
+        }
     final = BehaviourModel(job.config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
     final.load_state_dict(state)
     test_files = list_files(f"{job.snapshot}/split=test")
-    test = evaluate_files(final, job.config, job.features, test_files,
-                          predictions_to=f"{job.artifact}/test_predictions.npz")
+    test = evaluate_files(
+        final, job.config, job.features, test_files, predictions_to=f"{job.artifact}/test_predictions.npz"
+    )
     if catalogue is not None and job.recommend is not None:
-        test["recommend"] = evaluate_recommendations(final, job.features, list(job.config.tasks), test_files,
-                                                     catalogue, job.recommend.k)
+        test["recommend"] = evaluate_recommendations(
+            final, job.features, list(job.config.tasks), test_files, catalogue, job.recommend.k
+        )
     rec_best = fit.best.get("recommend")
     info = TrainingInfo(
-        best_epoch=fit.best["tasks"].epoch, best_valid_loss=fit.best["tasks"].loss, epochs_run=len(fit.history),
-        samples=fit.samples, fit_seconds=fit.fit_seconds,
-        samples_per_second=fit.samples / max(fit.fit_seconds, 1e-9), world_size=process.world,
-        device=str(process.device), train_seconds=time.perf_counter() - started,
-        best_rec_epoch=rec_best.epoch if rec_best else None, best_valid_rec_loss=rec_best.loss if rec_best else None,
-        baseline_fallback=heads, dp=dp)
+        best_epoch=fit.best["tasks"].epoch,
+        best_valid_loss=fit.best["tasks"].loss,
+        epochs_run=len(fit.history),
+        samples=fit.samples,
+        fit_seconds=fit.fit_seconds,
+        samples_per_second=fit.samples / max(fit.fit_seconds, 1e-9),
+        world_size=process.world,
+        device=str(process.device),
+        train_seconds=time.perf_counter() - started,
+        best_rec_epoch=rec_best.epoch if rec_best else None,
+        best_valid_rec_loss=rec_best.loss if rec_best else None,
+        baseline_fallback=heads,
+        dp=dp,
+    )
     recommendations = None
     if catalogue is not None:  # side by side, for the report
-        recommendations = {"two-tower": test["recommend"], "popularity": job.baseline.get("recommend_popularity", {}),
-                           "ALS": job.baseline.get("recommend_als", {})}
-    metrics = ModelMetrics(job.version, job.snapshot_id, test, job.baseline, job.data, info, fit.history,
-                           recommendations)
-    write_artifact(job.artifact, job.config, job.features, state, metrics.to_json(),
-                   (catalogue.item_ids, catalogue.embeddings, catalogue.log_q) if catalogue else None)
+        recommendations = {
+            "two-tower": test["recommend"],
+            "popularity": job.baseline.get("recommend_popularity", {}),
+            "ALS": job.baseline.get("recommend_als", {}),
+        }
+    metrics = ModelMetrics(
+        job.version, job.snapshot_id, test, job.baseline, job.data, info, fit.history, recommendations
+    )
+    write_artifact(
+        job.artifact,
+        job.config,
+        job.features,
+        state,
+        metrics.to_json(),
+        (catalogue.item_ids, catalogue.embeddings, catalogue.log_q) if catalogue else None,
+    )
     return TrainSummary(info, test)
 
 
@@ -510,8 +584,9 @@ def hand_over(process: Process, summary: TrainSummary | None) -> TrainSummary:
     return summary
 
 
-def evaluate_files(model: Any, config: Any, features: Any, files: list[str],
-                   predictions_to: str | None = None) -> dict[str, dict[str, float]]:
+def evaluate_files(
+    model: Any, config: Any, features: Any, files: list[str], predictions_to: str | None = None
+) -> dict[str, dict[str, float]]:
     """Test metrics of ``model`` on snapshot files: binary metrics per binary task, accuracy and
     top-3 accuracy for next_category (users with a label only). ``predictions_to``: also write the
     labels and probabilities (no user keys) as an ``.npz`` file there, for the report's curves."""
@@ -527,13 +602,19 @@ def evaluate_files(model: Any, config: Any, features: Any, files: list[str],
     probs = predict(model, merged["x"])
     if predictions_to:
         save_predictions(predictions_to, {t: merged[t] for t in tasks}, probs)
-    return {task: (M.multiclass_metrics(merged[task][merged[task] >= 0], probs[task][merged[task] >= 0])
-                   if task in MULTICLASS_TASKS else M.binary_metrics(merged[task], probs[task]))
-            for task in tasks}
+    return {
+        task: (
+            M.multiclass_metrics(merged[task][merged[task] >= 0], probs[task][merged[task] >= 0])
+            if task in MULTICLASS_TASKS
+            else M.binary_metrics(merged[task], probs[task])
+        )
+        for task in tasks
+    }
 
 
-def evaluate_recommendations(model: Any, features: Any, tasks: list[str], files: list[str], catalogue: Catalogue,
-                             k: int) -> dict[str, float]:
+def evaluate_recommendations(
+    model: Any, features: Any, tasks: list[str], files: list[str], catalogue: Catalogue, k: int
+) -> dict[str, float]:
     """recall@k, nDCG@k and hit rate@k of the two-tower head on the test users marked ``rec_eval``
     (next purchases not bought before), ranking the whole catalogue minus earlier purchases."""
     import torch
@@ -545,7 +626,7 @@ def evaluate_recommendations(model: Any, features: Any, tasks: list[str], files:
     relevant: list[set[int]] = []
     model.eval()
     with torch.inference_mode():
-        items = model.rec.item_vectors(model.rec.item_text[:catalogue.pad], torch.arange(catalogue.pad))
+        items = model.rec.item_vectors(model.rec.item_text[: catalogue.pad], torch.arange(catalogue.pad))
         for batch in reader.batches(VALID_BATCH_ROWS, None):
             keep = batch["rec_eval"]
             if not keep.any():
@@ -553,8 +634,13 @@ def evaluate_recommendations(model: Any, features: Any, tasks: list[str], files:
             hist, weights = torch.from_numpy(batch["hist_idx"][keep]), torch.from_numpy(batch["hist_w"][keep])
             users = model.rec.user_vectors(torch.from_numpy(batch["x"][keep]), hist, weights)
             bought = batch["bought"][keep]
-            top = top_k(users, items, np.where(bought == catalogue.pad, -1, bought), k,
-                        repeat=(hist, weights, model.rec.repeat.detach()))
+            top = top_k(
+                users,
+                items,
+                np.where(bought == catalogue.pad, -1, bought),
+                k,
+                repeat=(hist, weights, model.rec.repeat.detach()),
+            )
             ranked += [[i for i in row if i >= 0] for row in top]
             relevant += [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
     return ranking_summary(ranked, relevant, k)
@@ -568,8 +654,12 @@ def ranking_summary(ranked: list[list[Any]], relevant: list[set[Any]], k: int) -
     if not pairs:
         return {"users": 0}
     r, s = [p[0] for p in pairs], [p[1] for p in pairs]
-    return {f"recall@{k}": M.recall_at_k(r, s, k), f"ndcg@{k}": M.ndcg_at_k(r, s, k),
-            f"hit_rate@{k}": M.hit_rate_at_k(r, s, k), "users": len(pairs)}
+    return {
+        f"recall@{k}": M.recall_at_k(r, s, k),
+        f"ndcg@{k}": M.ndcg_at_k(r, s, k),
+        f"hit_rate@{k}": M.hit_rate_at_k(r, s, k),
+        "users": len(pairs),
+    }
 
 
 def save_predictions(uri: str, labels: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> None:
@@ -586,8 +676,9 @@ def save_predictions(uri: str, labels: dict[str, np.ndarray], probs: dict[str, n
     write_bytes(uri, buffer.getvalue())
 
 
-def _baseline_candidates(job: TrainJob, valid: ShardReader, tasks: list[str],
-                         process: Process) -> dict[str, tuple[float, dict[str, Any]]]:
+def _baseline_candidates(
+    job: TrainJob, valid: ShardReader, tasks: list[str], process: Process
+) -> dict[str, tuple[float, dict[str, Any]]]:
     """Per task of ``job.baseline_heads``: the validation loss of the baseline's regression as that
     task's head, and the head's parameters (``heads.<task>.*``); empty without baseline heads."""
     from dataclasses import replace
@@ -605,18 +696,24 @@ def _baseline_candidates(job: TrainJob, valid: ShardReader, tasks: list[str],
     candidate = candidate.to(process.device)
     losses = _validation_loss(candidate, valid, tasks, process.device, process.distributed)
     state = candidate.state_dict()
-    out = {task: (losses[f"task:{task}"], {k: v.detach().cpu().clone() for k, v in state.items()
-                                           if k.startswith(f"heads.{task}.")})
-           for task in linear}
+    out = {
+        task: (
+            losses[f"task:{task}"],
+            {k: v.detach().cpu().clone() for k, v in state.items() if k.startswith(f"heads.{task}.")},
+        )
+        for task in linear
+    }
     if process.rank == 0:
-        log.info("baseline's regression as the head: valid loss %s",
-                 ", ".join(f"{task} {loss:.4f}" for task, (loss, _) in out.items()))
+        log.info(
+            "baseline's regression as the head: valid loss %s",
+            ", ".join(f"{task} {loss:.4f}" for task, (loss, _) in out.items()),
+        )
     return out
 
 
 def _unwrap(model: Any) -> Any:
     inner = getattr(model, "_module", model)  # Opacus GradSampleModule
-    return getattr(inner, "module", inner)    # DDP / DPDDP
+    return getattr(inner, "module", inner)  # DDP / DPDDP
 
 
 def _as_numpy_batch(batch: Any, tasks: list[str]) -> dict[str, np.ndarray]:
@@ -639,8 +736,15 @@ class _Best:
             self.bad += 1
 
 
-def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: Any, distributed: bool,
-                     catalogue: Catalogue | None = None, seed: int = 0) -> dict[str, float]:
+def _validation_loss(
+    model: Any,
+    valid: ShardReader,
+    tasks: list[str],
+    device: Any,
+    distributed: bool,
+    catalogue: Catalogue | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
     """Mean validation loss of the task heads per user (``tasks``, and each task's own under
     ``task:<name>``), and of the recommendation head per positive (the same sampled positives every
     epoch); sums all-reduced over ranks."""
@@ -671,12 +775,18 @@ def _validation_loss(model: Any, valid: ShardReader, tasks: list[str], device: A
     if sums[0] == 0:
         raise ValueError("the validation split is empty")
     means = {f"task:{task}": float(sums[3 + i] / sums[0]) for i, task in enumerate(tasks)}
-    return {"tasks": sum(means.values()), **means,
-            "recommend": float(sums[1] / sums[2]) if sums[2] > 0 else math.inf}
+    return {"tasks": sum(means.values()), **means, "recommend": float(sums[1] / sums[2]) if sums[2] > 0 else math.inf}
 
 
-def _make_private(model: Any, optimizer: Any, train_files: list[str], features: Any, tasks: list[str],
-                  job: TrainJob, distributed: bool) -> tuple[Any, Any, Any, Any]:
+def _make_private(
+    model: Any,
+    optimizer: Any,
+    train_files: list[str],
+    features: Any,
+    tasks: list[str],
+    job: TrainJob,
+    distributed: bool,
+) -> tuple[Any, Any, Any, Any]:
     import torch
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
@@ -692,7 +802,13 @@ def _make_private(model: Any, optimizer: Any, train_files: list[str], features: 
         model = DPDDP(model)
     engine = PrivacyEngine(accountant="rdp")
     model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=dp.target_epsilon,
-        target_delta=dp.target_delta, epochs=job.epochs, max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=True)
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        target_epsilon=dp.target_epsilon,
+        target_delta=dp.target_delta,
+        epochs=job.epochs,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True,
+    )
     return model, optimizer, loader, engine

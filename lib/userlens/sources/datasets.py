@@ -31,6 +31,7 @@ A rating becomes an event of type ``rate`` whose text starts with the score
 (``"5/5. Great. I loved it"``); a MovieLens tag is a ``tag`` event whose text
 is the tag.
 """
+
 from __future__ import annotations
 
 import re
@@ -55,9 +56,27 @@ LATIN_1 = "ISO-8859-1"
 # sequence files carry no times: a user's event n happens at SEQUENCE_EPOCH + n minutes
 SEQUENCE_EPOCH = 946_684_800  # 2000-01-01T00:00:00Z
 # u.genre of MovieLens 100K, in flag order
-ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western")
+ML100K_GENRES = (
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 
 
 @dataclass(frozen=True)
@@ -163,8 +182,14 @@ def _score_is_bad(score: Column) -> Column:
     return score.isNull() | score.cast("string").try_cast(T.DecimalType(10, 3)).isNull()
 
 
-def _contract(df: DataFrame, source_columns: list[str], corrupt: Column, fields: dict[str, Column],
-              names: tuple[str, ...], line: Column | None) -> DataFrame:
+def _contract(
+    df: DataFrame,
+    source_columns: list[str],
+    corrupt: Column,
+    fields: dict[str, Column],
+    names: tuple[str, ...],
+    line: Column | None,
+) -> DataFrame:
     """``raw``, ``source_date`` null, ``corrupt``, ``f_<name>`` strings. ``raw`` is the ``line`` of a JSON
     source, else the source columns as JSON, as ingest's read_raw writes them."""
     raw = line if line is not None else F.to_json(F.struct(*[F.col(f"`{c}`") for c in source_columns]))
@@ -175,13 +200,15 @@ def _contract(df: DataFrame, source_columns: list[str], corrupt: Column, fields:
     return df.select(out)
 
 
-def _events(df: DataFrame, source_columns: list[str], corrupt: Column, line: Column | None = None,
-            **fields: Column) -> DataFrame:
+def _events(
+    df: DataFrame, source_columns: list[str], corrupt: Column, line: Column | None = None, **fields: Column
+) -> DataFrame:
     return _contract(df, source_columns, corrupt, fields, EVENT_FIELDS, line)
 
 
-def _items(df: DataFrame, source_columns: list[str], corrupt: Column, line: Column | None = None,
-           **fields: Column) -> DataFrame:
+def _items(
+    df: DataFrame, source_columns: list[str], corrupt: Column, line: Column | None = None, **fields: Column
+) -> DataFrame:
     return _contract(df, source_columns, corrupt, fields, ITEM_FIELDS, line)
 
 
@@ -189,12 +216,25 @@ def _corrupt(df: DataFrame) -> Column:
     return F.col(CORRUPT).isNotNull() if CORRUPT in df.columns else F.lit(False)
 
 
-def _delimited(spark: "SparkSession", path: str | list[str], sep: str, names: list[str], encoding: str = "UTF-8",
-               header: bool = False, quoted: bool = False) -> DataFrame:
+def _delimited(
+    spark: "SparkSession",
+    path: str | list[str],
+    sep: str,
+    names: list[str],
+    encoding: str = "UTF-8",
+    header: bool = False,
+    quoted: bool = False,
+) -> DataFrame:
     """A delimited text file as named string columns plus ``_corrupt_record`` (wrong field count)."""
     schema = T.StructType([T.StructField(n, T.StringType()) for n in [*names, CORRUPT]])
-    reader = spark.read.options(sep=sep, encoding=encoding, header=str(header).lower(), mode="PERMISSIVE",
-                                columnNameOfCorruptRecord=CORRUPT, enforceSchema="true")
+    reader = spark.read.options(
+        sep=sep,
+        encoding=encoding,
+        header=str(header).lower(),
+        mode="PERMISSIVE",
+        columnNameOfCorruptRecord=CORRUPT,
+        enforceSchema="true",
+    )
     # MovieLens' .dat and u.* files have no quoting: a '"' in a title is a character
     reader = reader.options(quote='"', escape='"') if quoted else reader.option("quote", "\u0000")
     return reader.schema(schema).csv(path)
@@ -204,12 +244,15 @@ def _json_lines(spark: "SparkSession", path: str | list[str], names: list[str]) 
     """JSON lines as string columns (nested values as their JSON text), the line as ``value`` and
     ``_corrupt_record`` for bad lines."""
     schema = T.StructType([T.StructField(n, T.StringType()) for n in [*names, CORRUPT]])
-    parsed = F.from_json("value", schema, {"columnNameOfCorruptRecord": CORRUPT, "mode": "PERMISSIVE",
-                                           "allowSingleQuotes": "true"})
+    parsed = F.from_json(
+        "value", schema, {"columnNameOfCorruptRecord": CORRUPT, "mode": "PERMISSIVE", "allowSingleQuotes": "true"}
+    )
     df = spark.read.text(path).select(F.col("value"), parsed.alias("j"))
-    return df.select("value", *[F.col(f"j.`{n}`").alias(n) for n in names],
-                     F.when(F.col("j").isNull() | F.col(f"j.{CORRUPT}").isNotNull(), F.col("value"))
-                     .alias(CORRUPT))
+    return df.select(
+        "value",
+        *[F.col(f"j.`{n}`").alias(n) for n in names],
+        F.when(F.col("j").isNull() | F.col(f"j.{CORRUPT}").isNotNull(), F.col("value")).alias(CORRUPT),
+    )
 
 
 def _json_strings(column: Column) -> Column:
@@ -226,8 +269,11 @@ def _genres(column: Column) -> tuple[Column, Column]:
 
 def _items_from_events(events: DataFrame) -> RawSource:
     """For datasets without a catalogue: one item row per distinct item id of the events."""
-    ids = events.where(~F.col("corrupt") & F.col("f_item_id").isNotNull()).select(
-        F.trim("f_item_id").alias("item_id")).distinct()
+    ids = (
+        events.where(~F.col("corrupt") & F.col("f_item_id").isNotNull())
+        .select(F.trim("f_item_id").alias("item_id"))
+        .distinct()
+    )
     return RawSource(_items(ids, ["item_id"], F.lit(False), item_id=F.col("item_id")), None)
 
 
@@ -242,14 +288,29 @@ class _Adapter:
 
 
 def _rating_events(df: DataFrame, cols: list[str], user: str, item: str, rating: str, time: str) -> DataFrame:
-    return _events(df, cols, _corrupt(df) | _score_is_bad(F.col(rating)), user_id=F.col(user),
-                   item_id=F.col(item), event_time=F.col(time), event_type=F.lit("rate"),
-                   text=score_text(F.col(rating)))
+    return _events(
+        df,
+        cols,
+        _corrupt(df) | _score_is_bad(F.col(rating)),
+        user_id=F.col(user),
+        item_id=F.col(item),
+        event_time=F.col(time),
+        event_type=F.lit("rate"),
+        text=score_text(F.col(rating)),
+    )
 
 
 def _tag_events(df: DataFrame, cols: list[str], user: str, item: str, tag: str, time: str) -> DataFrame:
-    return _events(df, cols, _corrupt(df), user_id=F.col(user), item_id=F.col(item), event_time=F.col(time),
-                   event_type=F.lit("tag"), text=F.col(tag))
+    return _events(
+        df,
+        cols,
+        _corrupt(df),
+        user_id=F.col(user),
+        item_id=F.col(item),
+        event_time=F.col(time),
+        event_type=F.lit("tag"),
+        text=F.col(tag),
+    )
 
 
 # MovieLens 100K ------------------------------------------------------------
@@ -260,8 +321,11 @@ ML100K_ITEM_COLS = ["movie_id", "title", "release_date", "video_release_date", "
 def _ml100k_events(files: _Files) -> RawSource:
     name = files.settings.dataset.events_file or "u.data"
     path = files.require(name, "MovieLens 100K ratings")
-    files.check_format(path, r"^\s*\d+\t\d+\t\d+(\.\d+)?\t\d+\s*$", "a MovieLens 100K u.data file (tab-separated "
-                                                                      "user id, item id, rating, timestamp)")
+    files.check_format(
+        path,
+        r"^\s*\d+\t\d+\t\d+(\.\d+)?\t\d+\s*$",
+        "a MovieLens 100K u.data file (tab-separated user id, item id, rating, timestamp)",
+    )
     df = _delimited(files.spark, path, "\t", ML100K_RATING_COLS)
     return RawSource(_rating_events(df, ML100K_RATING_COLS, "user_id", "item_id", "rating", "timestamp"), "user_id")
 
@@ -269,19 +333,33 @@ def _ml100k_events(files: _Files) -> RawSource:
 def _ml100k_items(files: _Files) -> RawSource:
     name = files.settings.dataset.items_file or "u.item"
     path = files.require(name, "MovieLens 100K movies")
-    files.check_format(path, r"^\d+\|([^|]*\|){22}[01]\s*$",
-                       "a MovieLens 100K u.item file (movie id | title | release date | video release date | URL "
-                       "| 19 genre flags)")
+    files.check_format(
+        path,
+        r"^\d+\|([^|]*\|){22}[01]\s*$",
+        "a MovieLens 100K u.item file (movie id | title | release date | video release date | URL | 19 genre flags)",
+    )
     df = _delimited(files.spark, path, "|", ML100K_ITEM_COLS, files.settings.dataset.encoding or LATIN_1)
-    flagged = F.filter(F.array(*[F.when(F.col(f"`{g}`") == "1", F.lit(g)) for g in ML100K_GENRES if g != "unknown"]),
-                       lambda g: g.isNotNull())
-    description = F.concat_ws(". ", F.when(F.size(flagged) > 0, F.concat(F.lit("Genres: "),
-                                                                          F.array_join(flagged, ", "))),
-                              F.when(F.length(F.trim("release_date")) > 0,
-                                     F.concat(F.lit("Released "), F.trim("release_date"))))
-    return RawSource(_items(df, ML100K_ITEM_COLS, _corrupt(df), item_id=F.col("movie_id"), title=F.col("title"),
-                            category=F.try_element_at(flagged, F.lit(1)),
-                            description=blank_to_null(description)), None)
+    flagged = F.filter(
+        F.array(*[F.when(F.col(f"`{g}`") == "1", F.lit(g)) for g in ML100K_GENRES if g != "unknown"]),
+        lambda g: g.isNotNull(),
+    )
+    description = F.concat_ws(
+        ". ",
+        F.when(F.size(flagged) > 0, F.concat(F.lit("Genres: "), F.array_join(flagged, ", "))),
+        F.when(F.length(F.trim("release_date")) > 0, F.concat(F.lit("Released "), F.trim("release_date"))),
+    )
+    return RawSource(
+        _items(
+            df,
+            ML100K_ITEM_COLS,
+            _corrupt(df),
+            item_id=F.col("movie_id"),
+            title=F.col("title"),
+            category=F.try_element_at(flagged, F.lit(1)),
+            description=blank_to_null(description),
+        ),
+        None,
+    )
 
 
 # MovieLens latest / 1M / 10M / 20M / 25M / 32M -----------------------------
@@ -296,8 +374,9 @@ def _ml_file(files: _Files, kind: str, configured: str | None, required: bool) -
     name = files.first(f"{kind}.csv", f"{kind}.dat")
     if name is None:
         if required:
-            raise SourceError(f"{files.preset}: neither {files.path(kind + '.csv')} nor {kind}.dat found "
-                              f"(MovieLens {kind})")
+            raise SourceError(
+                f"{files.preset}: neither {files.path(kind + '.csv')} nor {kind}.dat found (MovieLens {kind})"
+            )
         return None
     return files.path(name), name.endswith(".dat")
 
@@ -307,14 +386,20 @@ def _ml_events(files: _Files) -> RawSource:
     spark = files.spark
     if is_dat:
         cols = ["UserID", "MovieID", "Rating", "Timestamp"]
-        files.check_format(path, r"^\d+::\d+::\d+(\.\d+)?::\d+\s*$",
-                           "a MovieLens ratings.dat file (UserID::MovieID::Rating::Timestamp)")
+        files.check_format(
+            path,
+            r"^\d+::\d+::\d+(\.\d+)?::\d+\s*$",
+            "a MovieLens ratings.dat file (UserID::MovieID::Rating::Timestamp)",
+        )
         ratings = _delimited(spark, path, "::", cols)
         user = "UserID"
     else:
         cols = ["userId", "movieId", "rating", "timestamp"]
-        files.check_format(path, r"^userId,movieId,rating,timestamp\s*$",
-                           "a MovieLens ratings.csv file (header userId,movieId,rating,timestamp)")
+        files.check_format(
+            path,
+            r"^userId,movieId,rating,timestamp\s*$",
+            "a MovieLens ratings.csv file (header userId,movieId,rating,timestamp)",
+        )
         ratings = _delimited(spark, path, ",", cols, header=True, quoted=True)
         user = "userId"
     events = _rating_events(ratings, cols, *cols)
@@ -323,13 +408,20 @@ def _ml_events(files: _Files) -> RawSource:
         tag_path, tag_dat = tags
         tag_cols = ["UserID", "MovieID", "Tag", "Timestamp"] if tag_dat else ["userId", "movieId", "tag", "timestamp"]
         if tag_dat:
-            files.check_format(tag_path, r"^\d+::\d+::.*::\d+\s*$",
-                               "a MovieLens tags.dat file (UserID::MovieID::Tag::Timestamp)")
+            files.check_format(
+                tag_path, r"^\d+::\d+::.*::\d+\s*$", "a MovieLens tags.dat file (UserID::MovieID::Tag::Timestamp)"
+            )
         else:
-            files.check_format(tag_path, r"^userId,movieId,tag,timestamp\s*$",
-                               "a MovieLens tags.csv file (header userId,movieId,tag,timestamp)")
-        df = (_delimited(spark, tag_path, "::", tag_cols) if tag_dat
-              else _delimited(spark, tag_path, ",", tag_cols, header=True, quoted=True))
+            files.check_format(
+                tag_path,
+                r"^userId,movieId,tag,timestamp\s*$",
+                "a MovieLens tags.csv file (header userId,movieId,tag,timestamp)",
+            )
+        df = (
+            _delimited(spark, tag_path, "::", tag_cols)
+            if tag_dat
+            else _delimited(spark, tag_path, ",", tag_cols, header=True, quoted=True)
+        )
         # the raw JSON names the user field as the ratings do, so one key is redacted in quarantine
         df = df.withColumnRenamed(tag_cols[0], user) if tag_cols[0] != user else df
         tag_cols = [user, *tag_cols[1:]]
@@ -345,13 +437,25 @@ def _ml_items(files: _Files) -> RawSource:
         df = _delimited(files.spark, path, "::", cols, files.settings.dataset.encoding or LATIN_1)
     else:
         cols = ["movieId", "title", "genres"]
-        files.check_format(path, r"^movieId,title,genres\s*$", "a MovieLens movies.csv file (header "
-                                                                 "movieId,title,genres)")
-        df = _delimited(files.spark, path, ",", cols, files.settings.dataset.encoding or "UTF-8", header=True,
-                        quoted=True)
+        files.check_format(
+            path, r"^movieId,title,genres\s*$", "a MovieLens movies.csv file (header movieId,title,genres)"
+        )
+        df = _delimited(
+            files.spark, path, ",", cols, files.settings.dataset.encoding or "UTF-8", header=True, quoted=True
+        )
     category, description = _genres(F.col(cols[2]))
-    return RawSource(_items(df, cols, _corrupt(df), item_id=F.col(cols[0]), title=F.col(cols[1]),
-                            category=category, description=description), None)
+    return RawSource(
+        _items(
+            df,
+            cols,
+            _corrupt(df),
+            item_id=F.col(cols[0]),
+            title=F.col(cols[1]),
+            category=category,
+            description=description,
+        ),
+        None,
+    )
 
 
 # Amazon reviews (McAuley 2014 / 2018) --------------------------------------
@@ -384,14 +488,26 @@ def _amazon_files(files: _Files) -> tuple[list[str], list[str]]:
 def _amazon_events(files: _Files) -> RawSource:
     reviews, _ = _amazon_files(files)
     for path in reviews:
-        files.check_format(path, r'^\s*\{.*"reviewerID"\s*:.*"asin"\s*:|^\s*\{.*"asin"\s*:.*"reviewerID"\s*:',
-                           "an Amazon review JSON-lines file (McAuley 2014/2018: reviewerID, asin, overall, ...)")
+        files.check_format(
+            path,
+            r'^\s*\{.*"reviewerID"\s*:.*"asin"\s*:|^\s*\{.*"asin"\s*:.*"reviewerID"\s*:',
+            "an Amazon review JSON-lines file (McAuley 2014/2018: reviewerID, asin, overall, ...)",
+        )
     df = _json_lines(files.spark, reviews, AMAZON_REVIEW_COLS)
-    text = F.concat_ws(". ", score_text(F.col("overall")), blank_to_null(F.col("summary")),
-                       blank_to_null(F.col("reviewText")))
-    events = _events(df, AMAZON_REVIEW_COLS, _corrupt(df) | _score_is_bad(F.col("overall")), F.col("value"),
-                     user_id=F.col("reviewerID"), item_id=F.col("asin"), event_time=F.col("unixReviewTime"),
-                     event_type=F.lit("rate"), text=text)
+    text = F.concat_ws(
+        ". ", score_text(F.col("overall")), blank_to_null(F.col("summary")), blank_to_null(F.col("reviewText"))
+    )
+    events = _events(
+        df,
+        AMAZON_REVIEW_COLS,
+        _corrupt(df) | _score_is_bad(F.col("overall")),
+        F.col("value"),
+        user_id=F.col("reviewerID"),
+        item_id=F.col("asin"),
+        event_time=F.col("unixReviewTime"),
+        event_type=F.lit("rate"),
+        text=text,
+    )
     return RawSource(events, "reviewerID")
 
 
@@ -406,19 +522,34 @@ def _amazon_items(files: _Files) -> RawSource:
     if not meta:
         return _items_from_events(_amazon_events(files).frame)
     for meta_file in meta:
-        files.check_format(meta_file, r"""^\s*\{.*['"]asin['"]\s*:""",
-                           "an Amazon metadata JSON-lines file (asin, title, ...)")
+        files.check_format(
+            meta_file, r"""^\s*\{.*['"]asin['"]\s*:""", "an Amazon metadata JSON-lines file (asin, title, ...)"
+        )
     df = _json_lines(files.spark, meta, AMAZON_META_COLS)
     # 2018: category ["Beauty", "Skin Care", "Face"]; 2014: categories [["Beauty", "Skin Care", "Face"], ...]
-    path = F.coalesce(F.from_json("category", T.ArrayType(T.StringType())),
-                      F.try_element_at(F.from_json("categories", T.ArrayType(T.ArrayType(T.StringType()))), F.lit(1)))
+    path = F.coalesce(
+        F.from_json("category", T.ArrayType(T.StringType())),
+        F.try_element_at(F.from_json("categories", T.ArrayType(T.ArrayType(T.StringType()))), F.lit(1)),
+    )
     path = F.filter(path, lambda c: F.length(F.trim(c)) > 0)
-    description = F.concat_ws(". ", F.when(F.size(path) > 0, F.array_join(path, " > ")),
-                              blank_to_null(_json_strings(F.col("description"))))
-    return RawSource(_items(df, AMAZON_META_COLS, _corrupt(df), F.col("value"), item_id=F.col("asin"),
-                            title=F.col("title"),
-                            category=F.try_element_at(path, F.lit(-1)), brand=F.col("brand"),
-                            price=_amazon_price(F.col("price")), description=blank_to_null(description)), None)
+    description = F.concat_ws(
+        ". ", F.when(F.size(path) > 0, F.array_join(path, " > ")), blank_to_null(_json_strings(F.col("description")))
+    )
+    return RawSource(
+        _items(
+            df,
+            AMAZON_META_COLS,
+            _corrupt(df),
+            F.col("value"),
+            item_id=F.col("asin"),
+            title=F.col("title"),
+            category=F.try_element_at(path, F.lit(-1)),
+            brand=F.col("brand"),
+            price=_amazon_price(F.col("price")),
+            description=blank_to_null(description),
+        ),
+        None,
+    )
 
 
 # Sequence files (SASRec, S3-Rec, BERT4Rec) ---------------------------------
@@ -431,29 +562,47 @@ def _sequence_file(files: _Files) -> str:
     candidates = [n for n in files.listing() if n.endswith(".txt") and n != ds.items_file]
     if len(candidates) != 1:
         found = ", ".join(candidates) or "none"
-        raise SourceError(f"{files.preset}: expected one sequence file (*.txt) in {files.root}, found {found}; "
-                          f"set dataset.events_file")
+        raise SourceError(
+            f"{files.preset}: expected one sequence file (*.txt) in {files.root}, found {found}; "
+            f"set dataset.events_file"
+        )
     return files.path(candidates[0])
 
 
 def _sequence_events(files: _Files) -> RawSource:
     path = _sequence_file(files)
-    files.check_format(path, r"^\s*\S+([ \t]+\S+)+\s*$", "a sequence file (one 'user item item ...' per line, "
-                                                        "whitespace-separated)")
+    files.check_format(
+        path, r"^\s*\S+([ \t]+\S+)+\s*$", "a sequence file (one 'user item item ...' per line, whitespace-separated)"
+    )
     # file order is the order of events: monotonically_increasing_id follows the file's splits in order
     # blank lines are no records
-    lines = (files.spark.read.text(path).select(F.monotonically_increasing_id().alias("line"), "value")
-             .where(F.length(F.trim("value")) > 0)
-             .select("line", F.split(F.trim("value"), r"\s+").alias("tokens")))
-    tokens = lines.select("line", F.try_element_at("tokens", F.lit(1)).alias("user"),
-                          F.posexplode_outer(F.slice("tokens", 2, 1 << 30)).alias("pos", "item"))
+    lines = (
+        files.spark.read.text(path)
+        .select(F.monotonically_increasing_id().alias("line"), "value")
+        .where(F.length(F.trim("value")) > 0)
+        .select("line", F.split(F.trim("value"), r"\s+").alias("tokens"))
+    )
+    tokens = lines.select(
+        "line",
+        F.try_element_at("tokens", F.lit(1)).alias("user"),
+        F.posexplode_outer(F.slice("tokens", 2, 1 << 30)).alias("pos", "item"),
+    )
     order = Window.partitionBy("user").orderBy("line", "pos")
     numbered = tokens.withColumn("position", F.row_number().over(order) - 1)
     df = numbered.select("user", "item", "position")
-    return RawSource(_events(df, ["user", "position", "item"], F.lit(False), user_id=F.col("user"),
-                             item_id=F.col("item"), event_time=F.lit(SEQUENCE_EPOCH) + F.col("position") * 60,
-                             event_type=F.lit("rate"),
-                             event_id=F.concat(F.col("user"), F.lit(":"), F.col("position"))), "user")
+    return RawSource(
+        _events(
+            df,
+            ["user", "position", "item"],
+            F.lit(False),
+            user_id=F.col("user"),
+            item_id=F.col("item"),
+            event_time=F.lit(SEQUENCE_EPOCH) + F.col("position") * 60,
+            event_type=F.lit("rate"),
+            event_id=F.concat(F.col("user"), F.lit(":"), F.col("position")),
+        ),
+        "user",
+    )
 
 
 def _sequence_items(files: _Files) -> RawSource:
@@ -474,14 +623,26 @@ RR_EVENT_COLS = ["timestamp", "visitorid", "event", "itemid", "transactionid"]
 
 def _retailrocket_events(files: _Files) -> RawSource:
     path = files.require(files.settings.dataset.events_file or "events.csv", "RetailRocket events")
-    files.check_format(path, r"^timestamp,visitorid,event,itemid,transactionid\s*$",
-                       "a RetailRocket events.csv file (header timestamp,visitorid,event,itemid,transactionid)")
+    files.check_format(
+        path,
+        r"^timestamp,visitorid,event,itemid,transactionid\s*$",
+        "a RetailRocket events.csv file (header timestamp,visitorid,event,itemid,transactionid)",
+    )
     df = _delimited(files.spark, path, ",", RR_EVENT_COLS, header=True, quoted=True)
     millis = F.col("timestamp").try_cast(T.DecimalType(20, 0))
     # event names (view, addtocart, transaction) go through source.event_type_map, as in any ingest
-    return RawSource(_events(df, RR_EVENT_COLS, _corrupt(df), user_id=F.col("visitorid"), item_id=F.col("itemid"),
-                             event_time=(millis / 1000).cast(T.DecimalType(23, 3)), event_type=F.col("event")),
-                     "visitorid")
+    return RawSource(
+        _events(
+            df,
+            RR_EVENT_COLS,
+            _corrupt(df),
+            user_id=F.col("visitorid"),
+            item_id=F.col("itemid"),
+            event_time=(millis / 1000).cast(T.DecimalType(23, 3)),
+            event_type=F.col("event"),
+        ),
+        "visitorid",
+    )
 
 
 def _retailrocket_items(files: _Files) -> RawSource:
@@ -491,27 +652,38 @@ def _retailrocket_items(files: _Files) -> RawSource:
     ids = _items_from_events(_retailrocket_events(files).frame).frame.select(F.col("f_item_id").alias("item_id"))
     if parts:
         for path in parts:
-            files.check_format(path, r"^timestamp,itemid,property,value\s*$",
-                               "a RetailRocket item_properties file (header timestamp,itemid,property,value)")
-        props = _delimited(files.spark, parts, ",", ["timestamp", "itemid", "property", "value"], header=True,
-                           quoted=True)
-        latest = (props.where(F.col("property") == "categoryid")
-                  .groupBy(F.trim("itemid").alias("item_id"))
-                  .agg(F.max_by("value", F.col("timestamp").try_cast("long")).alias("categoryid")))
+            files.check_format(
+                path,
+                r"^timestamp,itemid,property,value\s*$",
+                "a RetailRocket item_properties file (header timestamp,itemid,property,value)",
+            )
+        props = _delimited(
+            files.spark, parts, ",", ["timestamp", "itemid", "property", "value"], header=True, quoted=True
+        )
+        latest = (
+            props.where(F.col("property") == "categoryid")
+            .groupBy(F.trim("itemid").alias("item_id"))
+            .agg(F.max_by("value", F.col("timestamp").try_cast("long")).alias("categoryid"))
+        )
         ids = ids.join(latest, "item_id", "left")
     else:
         ids = ids.withColumn("categoryid", F.lit(None).cast("string"))
-    return RawSource(_items(ids, ["item_id", "categoryid"], F.lit(False), item_id=F.col("item_id"),
-                            category=F.col("categoryid")), None)
+    return RawSource(
+        _items(ids, ["item_id", "categoryid"], F.lit(False), item_id=F.col("item_id"), category=F.col("categoryid")),
+        None,
+    )
 
 
-ADAPTERS: dict[str, _Adapter] = {a.name: a for a in (
-    _Adapter("movielens-100k", _ml100k_events, _ml100k_items),
-    _Adapter("movielens", _ml_events, _ml_items),
-    _Adapter("amazon", _amazon_events, _amazon_items),
-    _Adapter("sequences", _sequence_events, _sequence_items),
-    _Adapter("retailrocket", _retailrocket_events, _retailrocket_items),
-)}
+ADAPTERS: dict[str, _Adapter] = {
+    a.name: a
+    for a in (
+        _Adapter("movielens-100k", _ml100k_events, _ml100k_items),
+        _Adapter("movielens", _ml_events, _ml_items),
+        _Adapter("amazon", _amazon_events, _amazon_items),
+        _Adapter("sequences", _sequence_events, _sequence_items),
+        _Adapter("retailrocket", _retailrocket_events, _retailrocket_items),
+    )
+}
 
 
 def _adapter(settings: Settings) -> _Adapter:
@@ -519,6 +691,8 @@ def _adapter(settings: Settings) -> _Adapter:
     if name is None:
         raise ConfigError("dataset.adapter: not set; use a preset (--conf conf/datasets/<name>.yaml)")
     if settings.source.timestamp_format != "epoch_s":
-        raise ConfigError(f"source.timestamp_format: dataset adapters write epoch seconds, so it must be epoch_s "
-                          f"(got {settings.source.timestamp_format!r}); conf/datasets/{name}.yaml sets it")
+        raise ConfigError(
+            f"source.timestamp_format: dataset adapters write epoch seconds, so it must be epoch_s "
+            f"(got {settings.source.timestamp_format!r}); conf/datasets/{name}.yaml sets it"
+        )
     return ADAPTERS[name]

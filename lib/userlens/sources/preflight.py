@@ -9,6 +9,7 @@ lines. A source on a distributed file system (``s3a://``, ``abfss://``, ``dbfs:/
 
 This module imports no Spark: the CLI calls it before a session exists.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -51,10 +52,10 @@ class SourceColumns:
     location: str
     format: str
     columns: tuple[str, ...]
-    exhaustive: bool            # False: JSON keys seen in ``sampled`` lines, absent keys may still occur later
+    exhaustive: bool  # False: JSON keys seen in ``sampled`` lines, absent keys may still occur later
     sampled: int = 0
     first_line: str | None = None  # JSON: the first non-empty line, when no line parsed as an object
-    files: int | None = None    # data files found (local sources)
+    files: int | None = None  # data files found (local sources)
 
     def describe(self) -> str:
         if self.files == 0:
@@ -112,8 +113,11 @@ def check_warehouse(settings: Settings) -> None:
     storage = settings.storage
     if storage.catalog or storage.schema_name:
         return
-    require_local_path(storage.warehouse, "storage.warehouse",
-                       ": run `userlens ingest` (or `userlens demo`) first, or point storage.warehouse at a warehouse")
+    require_local_path(
+        storage.warehouse,
+        "storage.warehouse",
+        ": run `userlens ingest` (or `userlens demo`) first, or point storage.warehouse at a warehouse",
+    )
 
 
 # --------------------------------------------------------------------------
@@ -244,8 +248,15 @@ def local_columns(location: str, fmt: str, csv_header: bool = True) -> SourceCol
             continue
         if isinstance(record, dict):
             keys.update(dict.fromkeys(record))
-    return SourceColumns(location, fmt, tuple([*keys, *[p for p in parts if p not in keys]]), False, sampled,
-                         None if keys else first, len(files))
+    return SourceColumns(
+        location,
+        fmt,
+        tuple([*keys, *[p for p in parts if p not in keys]]),
+        False,
+        sampled,
+        None if keys else first,
+        len(files),
+    )
 
 
 def spark_columns(spark: "SparkSession", location: str, fmt: str, csv_header: bool = True) -> SourceColumns:
@@ -269,8 +280,9 @@ def spark_columns(spark: "SparkSession", location: str, fmt: str, csv_header: bo
 # --------------------------------------------------------------------------
 # the mapping
 # --------------------------------------------------------------------------
-def check_mapping(columns: SourceColumns, mapping: Mapping[str, str | None], key: str,
-                  required: Sequence[str]) -> list[str]:
+def check_mapping(
+    columns: SourceColumns, mapping: Mapping[str, str | None], key: str, required: Sequence[str]
+) -> list[str]:
     """Raise ConfigError for the first mapped column the source lacks; return warnings (JSON only) for
     optional fields not seen in the sample, which may still occur in later lines."""
     present = set(columns.columns)
@@ -280,13 +292,17 @@ def check_mapping(columns: SourceColumns, mapping: Mapping[str, str | None], key
             continue
         if columns.exhaustive or field in required:
             where = "source" if columns.exhaustive else f"first {columns.sampled:,} lines of the source"
-            raise ConfigError(f"{key}.{field}: column {column!r} not in the {where} "
-                              f"({columns.describe()}){_suggestion(column, columns.columns)}")
+            raise ConfigError(
+                f"{key}.{field}: column {column!r} not in the {where} "
+                f"({columns.describe()}){_suggestion(column, columns.columns)}"
+            )
         unseen.append(f"{field} ({column!r})")
     if not unseen:
         return []
-    return [f"{key}: not seen in the first {columns.sampled:,} lines of {columns.location}: {', '.join(unseen)}; "
-            "rows without them get no value there"]
+    return [
+        f"{key}: not seen in the first {columns.sampled:,} lines of {columns.location}: {', '.join(unseen)}; "
+        "rows without them get no value there"
+    ]
 
 
 def _suggestion(column: str, names: Sequence[str]) -> str:
@@ -295,8 +311,9 @@ def _suggestion(column: str, names: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def source_columns(settings: Settings, spark: "SparkSession | None" = None,
-                   items: bool = True) -> dict[str, SourceColumns]:
+def source_columns(
+    settings: Settings, spark: "SparkSession | None" = None, items: bool = True
+) -> dict[str, SourceColumns]:
     """The events' (and items') columns: read locally, else through ``spark``; a source that needs Spark
     is left out when ``spark`` is None."""
     source = settings.source
@@ -325,11 +342,11 @@ def check_source(settings: Settings, spark: "SparkSession | None" = None, items:
     found = source_columns(settings, spark, items)
     warnings = []
     if "events" in found:
-        warnings += check_mapping(found["events"], source.mapping.model_dump(), "source.mapping",
-                                  REQUIRED_EVENT_FIELDS)
+        warnings += check_mapping(found["events"], source.mapping.model_dump(), "source.mapping", REQUIRED_EVENT_FIELDS)
     if "items" in found:
-        warnings += check_mapping(found["items"], source.items_mapping.model_dump(), "source.items_mapping",
-                                  REQUIRED_ITEM_FIELDS)
+        warnings += check_mapping(
+            found["items"], source.items_mapping.model_dump(), "source.items_mapping", REQUIRED_ITEM_FIELDS
+        )
     for warning in warnings:
         log.warning("%s", warning)
     return warnings

@@ -8,6 +8,7 @@ text), ``source_date``, ``corrupt`` and one string column ``f_<field>`` per cano
 ``quarantined`` (with a reason) or ``duplicate``; the ingest stage writes them, ``userlens
 evaluate`` and ``check-source`` read them without writing.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -30,8 +31,18 @@ if TYPE_CHECKING:
 OK, QUARANTINED, DUPLICATE = "ok", "quarantined", "duplicate"
 
 
-EVENT_FIELDS = ("event_id", "user_id", "event_time", "event_type", "item_id", "category",
-                "price", "quantity", "query", "text")
+EVENT_FIELDS = (
+    "event_id",
+    "user_id",
+    "event_time",
+    "event_type",
+    "item_id",
+    "category",
+    "price",
+    "quantity",
+    "query",
+    "text",
+)
 
 
 ITEM_FIELDS = ("item_id", "title", "category", "brand", "price", "description")
@@ -43,8 +54,14 @@ CORRUPT = "_corrupt_record"
 # --------------------------------------------------------------------------
 # reading: any format -> (raw, source_date, corrupt, f_<canonical> strings)
 # --------------------------------------------------------------------------
-def read_raw(spark: "SparkSession", path: str, fmt: str, mapping: Mapping[str, str | None],
-             source: SourceSettings, exclude: Sequence[str] = ()) -> DataFrame:
+def read_raw(
+    spark: "SparkSession",
+    path: str,
+    fmt: str,
+    mapping: Mapping[str, str | None],
+    source: SourceSettings,
+    exclude: Sequence[str] = (),
+) -> DataFrame:
     """Read a raw source into canonical string columns ``f_<field>``.
 
     Output columns: ``raw`` (the original record as text), ``source_date`` (the
@@ -65,8 +82,12 @@ def read_raw(spark: "SparkSession", path: str, fmt: str, mapping: Mapping[str, s
         if fmt == "json":
             df = reader.text(target)
         elif fmt == "csv":
-            df = (reader.option("header", str(source.csv_header).lower()).option("mode", "PERMISSIVE")
-                  .option("inferSchema", "false").csv(target))
+            df = (
+                reader.option("header", str(source.csv_header).lower())
+                .option("mode", "PERMISSIVE")
+                .option("inferSchema", "false")
+                .csv(target)
+            )
         else:
             df = reader.format(fmt).load(target)
     except Exception as exc:  # noqa: BLE001 - surfaced as one line
@@ -77,12 +98,16 @@ def read_raw(spark: "SparkSession", path: str, fmt: str, mapping: Mapping[str, s
     part_col = F.col(part).cast("string").try_cast(T.DateType()) if has_part else F.lit(None).cast(T.DateType())
     if fmt == "json":
         names = sorted({c for c in mapping.values() if c})
-        schema = T.StructType([T.StructField(n, T.StringType()) for n in names]
-                              + [T.StructField(CORRUPT, T.StringType())])
+        schema = T.StructType(
+            [T.StructField(n, T.StringType()) for n in names] + [T.StructField(CORRUPT, T.StringType())]
+        )
         parsed = F.from_json("value", schema, {"columnNameOfCorruptRecord": CORRUPT, "mode": "PERMISSIVE"})
         df = df.select(F.col("value").alias("raw"), part_col.alias("source_date"), parsed.alias("j"))
-        out = [F.col("raw"), F.col("source_date"),
-               (F.col(f"j.{CORRUPT}").isNotNull() | F.col("j").isNull()).alias("corrupt")]
+        out = [
+            F.col("raw"),
+            F.col("source_date"),
+            (F.col(f"j.{CORRUPT}").isNotNull() | F.col("j").isNull()).alias("corrupt"),
+        ]
         for field, column in mapping.items():
             value = F.col(f"j.`{column}`") if column else F.lit(None).cast("string")
             out.append(value.alias(f"f_{field}"))
@@ -90,8 +115,11 @@ def read_raw(spark: "SparkSession", path: str, fmt: str, mapping: Mapping[str, s
 
     data_cols = [c for c in df.columns if c not in (part, CORRUPT)]
     corrupt = F.col(CORRUPT).isNotNull() if CORRUPT in df.columns else F.lit(False)
-    out = [F.to_json(F.struct(*[F.col(f"`{c}`") for c in data_cols])).alias("raw"),
-           part_col.alias("source_date"), corrupt.alias("corrupt")]
+    out = [
+        F.to_json(F.struct(*[F.col(f"`{c}`") for c in data_cols])).alias("raw"),
+        part_col.alias("source_date"),
+        corrupt.alias("corrupt"),
+    ]
     for field, column in mapping.items():
         if column and column in df.columns:
             out.append(F.col(f"`{column}`").cast("string").alias(f"f_{field}"))
@@ -135,7 +163,7 @@ def list_data_files(spark: "SparkSession", path: str) -> list[str]:
     files, listing = [], fs.listFiles(root, True)
     while listing.hasNext():
         file_path = listing.next().getPath()
-        relative = str(file_path.toUri().getPath())[len(str(root.toUri().getPath())):]
+        relative = str(file_path.toUri().getPath())[len(str(root.toUri().getPath())) :]
         if not any(part.startswith((".", "_")) for part in relative.split("/") if part):
             files.append(str(file_path))
     return sorted(files)
@@ -161,14 +189,18 @@ def classify_events(raw: DataFrame, settings: Settings, key: PseudonymKey) -> Da
     price_raw = blank_to_null(F.col("f_price"))
     quantity_raw = blank_to_null(F.col("f_quantity"))
     df = raw.select(
-        "raw", "source_date", "corrupt",
+        "raw",
+        "source_date",
+        "corrupt",
         blank_to_null(F.col("f_user_id")).alias("user_id"),
         parse_event_time(blank_to_null(F.col("f_event_time")), source.timestamp_format).alias("event_time"),
         event_type.alias("event_type"),
         blank_to_null(F.col("f_item_id")).alias("item_id"),
         blank_to_null(F.col("f_category")).alias("category"),
-        price_raw.alias("price_raw"), price_raw.try_cast(T.DoubleType()).alias("price"),
-        quantity_raw.alias("quantity_raw"), quantity_raw.try_cast(T.IntegerType()).alias("quantity"),
+        price_raw.alias("price_raw"),
+        price_raw.try_cast(T.DoubleType()).alias("price"),
+        quantity_raw.alias("quantity_raw"),
+        quantity_raw.try_cast(T.IntegerType()).alias("quantity"),
         blank_to_null(F.col("f_query")).alias("query"),
         blank_to_null(F.col("f_text")).alias("text"),
         F.coalesce(blank_to_null(F.col("f_event_id")), F.sha2(F.col("raw"), 256)).alias("event_id"),
@@ -182,9 +214,11 @@ def classify_events(raw: DataFrame, settings: Settings, key: PseudonymKey) -> Da
         .when(F.col("event_type").isin(*ingest.item_event_types) & F.col("item_id").isNull(), "missing_item_id")
         .when(F.col("price_raw").isNotNull() & (F.col("price").isNull() | F.isnan("price")), "bad_price")
         .when(F.col("price") < 0, "negative_price")
-        .when(F.col("quantity_raw").isNotNull()
-              & (F.col("quantity").isNull() | (F.col("quantity") <= 0) | (F.col("quantity") > ingest.max_quantity)),
-              "bad_quantity")
+        .when(
+            F.col("quantity_raw").isNotNull()
+            & (F.col("quantity").isNull() | (F.col("quantity") <= 0) | (F.col("quantity") > ingest.max_quantity)),
+            "bad_quantity",
+        )
     )
     user_key = pseudonymize(F.col("user_id"), key)
     df = df.withColumn("reason", reason).withColumn("user_key", user_key)
@@ -194,20 +228,36 @@ def classify_events(raw: DataFrame, settings: Settings, key: PseudonymKey) -> Da
     rank = F.row_number().over(Window.partitionBy(dup_key, "source_date").orderBy("raw"))
     event_date = F.coalesce(F.col("source_date"), F.to_date("event_time"))
     return df.select(
-        "raw", "source_date", "reason", "user_key", "event_id", "event_time",
-        event_date.alias("event_date"), "event_type", "item_id", "category", "price", "quantity",
-        scrub_pii(F.col("query")).alias("query"), scrub_pii(F.col("text")).alias("text"),
+        "raw",
+        "source_date",
+        "reason",
+        "user_key",
+        "event_id",
+        "event_time",
+        event_date.alias("event_date"),
+        "event_type",
+        "item_id",
+        "category",
+        "price",
+        "quantity",
+        scrub_pii(F.col("query")).alias("query"),
+        scrub_pii(F.col("text")).alias("text"),
         F.when(rank > 1, DUPLICATE).when(F.col("reason").isNotNull(), QUARANTINED).otherwise(OK).alias("status"),
     )
 
 
-def quarantine_rows(classified: DataFrame, source_name: str, roles: dict[str, str], key: PseudonymKey,
-                    run_id: str, now: dt.datetime) -> DataFrame:
+def quarantine_rows(
+    classified: DataFrame, source_name: str, roles: dict[str, str], key: PseudonymKey, run_id: str, now: dt.datetime
+) -> DataFrame:
     """Quarantined rows as ``events_quarantine`` rows; the raw text keeps no value that could identify a
     person, whatever the mapping (:mod:`userlens.sources.redact`)."""
     return classified.where(F.col("status") == QUARANTINED).select(
-        redact_raw_record(F.col("raw"), roles, key).alias("raw"), "reason", F.lit(source_name).alias("source"),
-        F.lit(run_id).alias("run_id"), "source_date", "user_key",
+        redact_raw_record(F.col("raw"), roles, key).alias("raw"),
+        "reason",
+        F.lit(source_name).alias("source"),
+        F.lit(run_id).alias("run_id"),
+        "source_date",
+        "user_key",
         F.lit(now).cast(T.TimestampType()).alias("quarantined_at"),
     )
 
@@ -216,11 +266,15 @@ def classify_items(raw: DataFrame) -> DataFrame:
     """Typed, scrubbed catalog rows with ``status``/``reason``; one row kept per item_id."""
     price_raw = blank_to_null(F.col("f_price"))
     df = raw.select(
-        "raw", "source_date", "corrupt",
+        "raw",
+        "source_date",
+        "corrupt",
         blank_to_null(F.col("f_item_id")).alias("item_id"),
-        scrub_pii(F.col("f_title")).alias("title"), blank_to_null(F.col("f_category")).alias("category"),
+        scrub_pii(F.col("f_title")).alias("title"),
+        blank_to_null(F.col("f_category")).alias("category"),
         blank_to_null(F.col("f_brand")).alias("brand"),
-        price_raw.alias("price_raw"), price_raw.try_cast(T.DoubleType()).alias("price"),
+        price_raw.alias("price_raw"),
+        price_raw.try_cast(T.DoubleType()).alias("price"),
         scrub_pii(F.col("f_description")).alias("description"),
     )
     reason = (
@@ -233,4 +287,5 @@ def classify_items(raw: DataFrame) -> DataFrame:
     dup_key = F.when(F.col("reason").isNull(), F.col("item_id")).otherwise(F.col("raw"))
     rank = F.row_number().over(Window.partitionBy(dup_key).orderBy("raw"))
     return df.withColumn(
-        "status", F.when(rank > 1, DUPLICATE).when(F.col("reason").isNotNull(), QUARANTINED).otherwise(OK))
+        "status", F.when(rank > 1, DUPLICATE).when(F.col("reason").isNotNull(), QUARANTINED).otherwise(OK)
+    )

@@ -22,6 +22,7 @@ object, and each value is rewritten by one rule that holds when the mapping is w
 Everything outside a pair (the array elements of a list, the cut-off tail of a malformed line) is
 dropped. All of it is native Spark (regular expressions and higher-order functions).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -34,8 +35,10 @@ from userlens.privacy import PseudonymKey, hmac_sha256_hex, scrub_pii
 # "name": value, where value is a JSON string, a number, a literal, or the opening of a nested value
 _STRING = r'"(?:[^"\\]|\\.)*"'
 PAIR = rf'"((?:[^"\\]|\\.)*)"\s*:\s*({_STRING}|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|true|false|null|[\[{{])'
-ID_LIKE = (r"(?i)(id|key|user|uid|cust|client|account|member|person|owner|buyer|login|session|device|cookie|"
-           r"mail|phone|tel|mobile|contact|name|addr|ip|card|iban|ssn|passport)")
+ID_LIKE = (
+    r"(?i)(id|key|user|uid|cust|client|account|member|person|owner|buyer|login|session|device|cookie|"
+    r"mail|phone|tel|mobile|contact|name|addr|ip|card|iban|ssn|passport)"
+)
 _ISO_TIME = r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?(?:Z|[+-]\d{2}:?\d{2})?$"
 _EPOCH_S = (1_000_000_000, 2**31 - 1)
 _EPOCH_MS = (1_000_000_000_000, (2**31 - 1) * 1000)
@@ -59,14 +62,17 @@ def _rewrite(name: Column, value: Column, roles: Column, key: PseudonymKey) -> C
     integer = inner.rlike(r"^-?\d+(?:\.\d+)?$")
     whole = F.regexp_extract(inner, r"^-?(\d+)", 1)
     as_long = whole.try_cast("long")
-    epoch = (((F.length(whole) == 10) & as_long.between(*_EPOCH_S))
-             | ((F.length(whole) == 13) & as_long.between(*_EPOCH_MS)))
+    epoch = ((F.length(whole) == 10) & as_long.between(*_EPOCH_S)) | (
+        (F.length(whole) == 13) & as_long.between(*_EPOCH_MS)
+    )
     harmless = ((integer & ((F.length(whole) <= 4) | epoch)) | inner.rlike(_ISO_TIME)) & ~name.rlike(ID_LIKE)
     unknown = F.when(value.isin("true", "false", "null"), value).when(harmless, value).otherwise(pseudonym)
-    return (F.when(role.isin(*PSEUDONYMIZED), pseudonym)
-            .when(role.isin(*KEPT_AS_IS), value)
-            .when(role.isNotNull(), kept_scrubbed)
-            .otherwise(unknown))
+    return (
+        F.when(role.isin(*PSEUDONYMIZED), pseudonym)
+        .when(role.isin(*KEPT_AS_IS), value)
+        .when(role.isNotNull(), kept_scrubbed)
+        .otherwise(unknown)
+    )
 
 
 def redact_raw_record(raw: Column, field_roles: Mapping[str, str], key: PseudonymKey) -> Column:
@@ -74,19 +80,29 @@ def redact_raw_record(raw: Column, field_roles: Mapping[str, str], key: Pseudony
 
     ``field_roles``: source field name -> the canonical field the mapping gives it
     (:func:`userlens.sources.preflight.field_roles`)."""
-    roles = (F.create_map(*[F.lit(x) for pair in field_roles.items() for x in pair]) if field_roles
-             else F.create_map().cast("map<string,string>"))
+    roles = (
+        F.create_map(*[F.lit(x) for pair in field_roles.items() for x in pair])
+        if field_roles
+        else F.create_map().cast("map<string,string>")
+    )
     names = F.regexp_extract_all(raw, F.lit(PAIR), F.lit(1))
     values = F.regexp_extract_all(raw, F.lit(PAIR), F.lit(2))
     nested = F.lit('"<nested>"')
-    pairs = F.zip_with(names, values, lambda name, value: F.concat(
-        F.lit('"'), name, F.lit('":'),
-        F.when(value.isin("[", "{"), nested).otherwise(_rewrite(name, value, roles, key))))
+    pairs = F.zip_with(
+        names,
+        values,
+        lambda name, value: F.concat(
+            F.lit('"'),
+            name,
+            F.lit('":'),
+            F.when(value.isin("[", "{"), nested).otherwise(_rewrite(name, value, roles, key)),
+        ),
+    )
     return F.concat(F.lit("{"), F.array_join(F.coalesce(pairs, F.array().cast("array<string>")), ","), F.lit("}"))
 
 
 # a whole JSON value (quoted or not) that is an epoch time in the ranges kept above
-_EPOCH_VALUE = (r'(:\s*"?)(?:1\d{9}|20\d{8}|21[0-4]\d{7})(?:\d{3})?(?:\.\d+)?("?\s*[,}])')
+_EPOCH_VALUE = r'(:\s*"?)(?:1\d{9}|20\d{8}|21[0-4]\d{7})(?:\d{3})?(?:\.\d+)?("?\s*[,}])'
 
 
 def without_epoch_values(raw: Column) -> Column:

@@ -11,6 +11,7 @@ one entry here and one runner module.
 Runners are imported when a stage runs, not when this module is imported: ``import userlens.stages``
 stays light (no torch, no encoder).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -31,9 +32,9 @@ if TYPE_CHECKING:
 class Option:
     """A stage option beyond ``--date``: a command-line flag and a notebook widget of the same name."""
 
-    name: str                                # the argparse dest and the widget name
+    name: str  # the argparse dest and the widget name
     help: str
-    kind: Literal["flag", "text"] = "text"   # flag: --name (widget: a false/true dropdown)
+    kind: Literal["flag", "text"] = "text"  # flag: --name (widget: a false/true dropdown)
     required: bool = False
     metavar: str | None = None
 
@@ -192,8 +193,7 @@ def train_not_due(call: StageCall) -> str | None:
         as_of = max_row[0]
     if as_of is None or ModelStore.of(call.settings).train_due(as_of, call.settings.train.retrain_days):
         return None
-    return (f"the newest model is recent enough for {as_of} "
-            f"(train.retrain_days={call.settings.train.retrain_days})")
+    return f"the newest model is recent enough for {as_of} (train.retrain_days={call.settings.train.retrain_days})"
 
 
 def newest_ingest_date(call: StageCall) -> dt.date:
@@ -207,19 +207,22 @@ def newest_ingest_date(call: StageCall) -> dt.date:
     as_of = None
     if tables.exists("pipeline_runs"):
         ingests = tables.read("pipeline_runs").where(
-            (F.col("stage") == "ingest") & (F.col("status") == "succeeded") & F.col("as_of_date").isNotNull())
+            (F.col("stage") == "ingest") & (F.col("status") == "succeeded") & F.col("as_of_date").isNotNull()
+        )
         max_row = ingests.agg(F.max_by("as_of_date", "finished_at")).first()
         assert max_row is not None  # an aggregate without groupBy has one row
         as_of = max_row[0]
     if as_of is None:
-        raise NoDateError("quarantine_retention",
-                          "pipeline_runs has no succeeded ingest run to take the as-of date from")
+        raise NoDateError(
+            "quarantine_retention", "pipeline_runs has no succeeded ingest run to take the as-of date from"
+        )
     return as_of
 
 
 def _switched_off(key: str) -> Callable[[StageCall], str | None]:
     def skip(call: StageCall) -> str | None:
         return None if getattr(call.settings.nightly, key) else f"nightly.{key} is false"
+
     return skip
 
 
@@ -229,53 +232,131 @@ def _summary(name: str) -> Callable[[Any], str]:
         from userlens.stages import summaries
 
         return getattr(summaries, name)(result)
+
     return summary
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "ingest", "raw logs -> events, events_quarantine, items", _ingest, _summary("ingest"),
-          description="Validate, pseudonymize and PII-scrub raw events; refused rows go to events_quarantine.",
-          example="userlens ingest --date 2026-10-30",
-          date_help="ingest raw dates up to this one (default: the latest)",
-          options=(Option("full", "re-ingest every raw date", "flag"),), needs_key=True, source="items",
-          warehouse=False),
-    Stage("textualize", "textualize", "events -> one text per user (user_texts)", _textualize,
-          _summary("textualize"), example="userlens textualize --date 2026-10-30",
-          date_help="as-of date (default: the latest event date)"),
-    Stage("embed", "embed", "user_texts, items -> user_embeddings, item_embeddings", _embed, _summary("embed"),
-          example="userlens embed --set embed.device=cuda", date_help="as-of date of the texts (default: the latest)"),
-    Stage("train", "train", "point-in-time labels -> TorchDistributor -> model", _train, _summary("train"),
-          example="userlens train --date 2026-10-30 --set train.epochs=20",
-          date_help="as-of date; the cutoff is date - train.horizon_days (default: the latest event date)",
-          checks=(check_train,), nightly_skip=train_not_due,
-          skip_widget=("when_due", "Train only when due: no model yet, or the newest is train.retrain_days old "
-                                   "(as nightly)")),
-    Stage("score", "score", "the latest model over changed users -> user_scores", _score, _summary("score"),
-          example="userlens score", date_help="as-of date (default: the newest embedding date)",
-          requires=(check_model,)),
-    Stage("profile", "profile", "embeddings, scores, segments, interests, RFM -> user_profiles", _profile,
-          _summary("profile"), example="userlens profile",
-          date_help="as-of date (default: the newest embedding date)"),
-    Stage("quarantine_retention", "quarantine-retention",
-          "delete events_quarantine rows older than privacy.quarantine_retention_days", _retention,
-          _summary("quarantine_retention"), example="userlens quarantine-retention --date 2026-10-30",
-          date_help="as-of date (default: the newest ingest run's)", default_date=newest_ingest_date),
-    Stage("report", "report", "one self-contained HTML report", _report, _summary("report"),
-          example="userlens report --out reports/today.html", date_help=None,
-          options=(Option("out", "output file (default: nightly.report_dir)", metavar="FILE.html"),),
-          nightly_skip=_switched_off("report"),
-          skip_widget=("when_enabled", "Write only when nightly.report is true (as nightly)")),
-    Stage("privacy_check", "privacy-check",
-          "scan every table for raw user ids and PII; a pass/fail table (exit 1 on fail)", _privacy_check,
-          _summary("privacy_check"), example="userlens privacy-check --full", date_help=None, source="events",
-          options=(Option("full", "scan every row, not only the rows added since the last passing check "
-                                  "(see privacy.check_full_every_days)", "flag"),),
-          nightly_skip=_switched_off("privacy_check"),
-          skip_widget=("when_enabled", "Check only when nightly.privacy_check is true (as nightly)")),
-    Stage("forget", "forget", "delete one person from every table (erasure)", _forget, _summary("forget"),
-          example="userlens forget --user-id cust-1234", date_help=None,
-          options=(Option("user_id", "the raw user id as it appears in the source logs", required=True),),
-          needs_key=True, nightly=False),
+    Stage(
+        "ingest",
+        "ingest",
+        "raw logs -> events, events_quarantine, items",
+        _ingest,
+        _summary("ingest"),
+        description="Validate, pseudonymize and PII-scrub raw events; refused rows go to events_quarantine.",
+        example="userlens ingest --date 2026-10-30",
+        date_help="ingest raw dates up to this one (default: the latest)",
+        options=(Option("full", "re-ingest every raw date", "flag"),),
+        needs_key=True,
+        source="items",
+        warehouse=False,
+    ),
+    Stage(
+        "textualize",
+        "textualize",
+        "events -> one text per user (user_texts)",
+        _textualize,
+        _summary("textualize"),
+        example="userlens textualize --date 2026-10-30",
+        date_help="as-of date (default: the latest event date)",
+    ),
+    Stage(
+        "embed",
+        "embed",
+        "user_texts, items -> user_embeddings, item_embeddings",
+        _embed,
+        _summary("embed"),
+        example="userlens embed --set embed.device=cuda",
+        date_help="as-of date of the texts (default: the latest)",
+    ),
+    Stage(
+        "train",
+        "train",
+        "point-in-time labels -> TorchDistributor -> model",
+        _train,
+        _summary("train"),
+        example="userlens train --date 2026-10-30 --set train.epochs=20",
+        date_help="as-of date; the cutoff is date - train.horizon_days (default: the latest event date)",
+        checks=(check_train,),
+        nightly_skip=train_not_due,
+        skip_widget=(
+            "when_due",
+            "Train only when due: no model yet, or the newest is train.retrain_days old (as nightly)",
+        ),
+    ),
+    Stage(
+        "score",
+        "score",
+        "the latest model over changed users -> user_scores",
+        _score,
+        _summary("score"),
+        example="userlens score",
+        date_help="as-of date (default: the newest embedding date)",
+        requires=(check_model,),
+    ),
+    Stage(
+        "profile",
+        "profile",
+        "embeddings, scores, segments, interests, RFM -> user_profiles",
+        _profile,
+        _summary("profile"),
+        example="userlens profile",
+        date_help="as-of date (default: the newest embedding date)",
+    ),
+    Stage(
+        "quarantine_retention",
+        "quarantine-retention",
+        "delete events_quarantine rows older than privacy.quarantine_retention_days",
+        _retention,
+        _summary("quarantine_retention"),
+        example="userlens quarantine-retention --date 2026-10-30",
+        date_help="as-of date (default: the newest ingest run's)",
+        default_date=newest_ingest_date,
+    ),
+    Stage(
+        "report",
+        "report",
+        "one self-contained HTML report",
+        _report,
+        _summary("report"),
+        example="userlens report --out reports/today.html",
+        date_help=None,
+        options=(Option("out", "output file (default: nightly.report_dir)", metavar="FILE.html"),),
+        nightly_skip=_switched_off("report"),
+        skip_widget=("when_enabled", "Write only when nightly.report is true (as nightly)"),
+    ),
+    Stage(
+        "privacy_check",
+        "privacy-check",
+        "scan every table for raw user ids and PII; a pass/fail table (exit 1 on fail)",
+        _privacy_check,
+        _summary("privacy_check"),
+        example="userlens privacy-check --full",
+        date_help=None,
+        source="events",
+        options=(
+            Option(
+                "full",
+                "scan every row, not only the rows added since the last passing check "
+                "(see privacy.check_full_every_days)",
+                "flag",
+            ),
+        ),
+        nightly_skip=_switched_off("privacy_check"),
+        skip_widget=("when_enabled", "Check only when nightly.privacy_check is true (as nightly)"),
+    ),
+    Stage(
+        "forget",
+        "forget",
+        "delete one person from every table (erasure)",
+        _forget,
+        _summary("forget"),
+        example="userlens forget --user-id cust-1234",
+        date_help=None,
+        options=(Option("user_id", "the raw user id as it appears in the source logs", required=True),),
+        needs_key=True,
+        nightly=False,
+    ),
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}

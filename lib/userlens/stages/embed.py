@@ -7,6 +7,7 @@ reused: :func:`userlens.embedding.vectors_for`) and joined back to every row tha
 has it. Empty texts are skipped and counted. How the encoder runs in Spark, on CPU
 and GPU, is :mod:`userlens.embedding`'s docstring.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -33,44 +34,17 @@ log = logging.getLogger(__name__)
 EMBED, UNCHANGED, EMPTY = "embed", "unchanged", "empty"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def tag_changes(current: DataFrame, stored: DataFrame, key: str, model_id: str) -> DataFrame:
     """``current`` plus ``status``: empty (blank text), unchanged ((key, text_hash, model_id) stored) or embed."""
     require_columns(current, (key, "text", "text_hash"), "tag_changes")
-    done = (stored.where(F.col("model_id") == model_id)
-            .select(F.col(key), F.col("text_hash"), F.lit(True).alias("_stored")))
+    done = stored.where(F.col("model_id") == model_id).select(
+        F.col(key), F.col("text_hash"), F.lit(True).alias("_stored")
+    )
     joined = current.join(done, [key, "text_hash"], "left")
-    status = (F.when(is_empty_text("text"), F.lit(EMPTY))
-              .when(F.col("_stored"), F.lit(UNCHANGED))
-              .otherwise(F.lit(EMBED)))
+    status = (
+        F.when(is_empty_text("text"), F.lit(EMPTY)).when(F.col("_stored"), F.lit(UNCHANGED)).otherwise(F.lit(EMBED))
+    )
     return joined.withColumn("status", status).drop("_stored")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------
@@ -79,10 +53,10 @@ def tag_changes(current: DataFrame, stored: DataFrame, key: str, model_id: str) 
 @dataclass(frozen=True)
 class EmbedCounts:
     rows: int = 0
-    embedded: int = 0      # rows written with a new embedding
+    embedded: int = 0  # rows written with a new embedding
     texts_embedded: int = 0  # distinct texts run through the model
-    unchanged: int = 0     # skipped: (key, text_hash, model_id) already stored
-    empty: int = 0         # skipped: null or blank text
+    unchanged: int = 0  # skipped: (key, text_hash, model_id) already stored
+    empty: int = 0  # skipped: null or blank text
 
 
 @dataclass(frozen=True)
@@ -93,10 +67,16 @@ class EmbedResult:
     items: EmbedCounts
 
 
-
-
-def _embed_changes(tables: Tables, embedder: Embedder, current: DataFrame, stored: DataFrame, key: str,
-                   model_id: str, table: str, output: Callable[[DataFrame], DataFrame]) -> EmbedCounts:
+def _embed_changes(
+    tables: Tables,
+    embedder: Embedder,
+    current: DataFrame,
+    stored: DataFrame,
+    key: str,
+    model_id: str,
+    table: str,
+    output: Callable[[DataFrame], DataFrame],
+) -> EmbedCounts:
     """Tag, embed the distinct changed texts, join back and MERGE into ``table``."""
     tagged = tag_changes(current, stored, key, model_id).persist(StorageLevel.MEMORY_AND_DISK)
     try:
@@ -134,17 +114,29 @@ def run_embed(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     spark.conf.set(ARROW_BATCH_KEY, str(settings.embed.arrow_batch_size))
     try:
         users = _embed_changes(
-            tables, embedder, texts.select("user_key", "as_of_date", "text", "text_hash"),
-            tables.read("user_embeddings"), "user_key", model_id, "user_embeddings",
-            lambda df: df.select("user_key", "as_of_date", "text_hash", "model_id", "embedding"))
+            tables,
+            embedder,
+            texts.select("user_key", "as_of_date", "text", "text_hash"),
+            tables.read("user_embeddings"),
+            "user_key",
+            model_id,
+            "user_embeddings",
+            lambda df: df.select("user_key", "as_of_date", "text_hash", "model_id", "embedding"),
+        )
         if users.rows == 0:
             raise UserlensError(f"no user_texts for {as_of}: run `userlens textualize --date {as_of}` first")
         items = EmbedCounts()
         if settings.embed.items and tables.exists("items"):
             items = _embed_changes(
-                tables, embedder, item_texts(tables.read("items"), settings.embed.item_text_fields),
-                tables.read("item_embeddings"), "item_id", model_id, "item_embeddings",
-                lambda df: df.select("item_id", "model_id", "text_hash", "embedding"))
+                tables,
+                embedder,
+                item_texts(tables.read("items"), settings.embed.item_text_fields),
+                tables.read("item_embeddings"),
+                "item_id",
+                model_id,
+                "item_embeddings",
+                lambda df: df.select("item_id", "model_id", "text_hash", "embedding"),
+            )
     finally:
         if previous_batch is None:
             spark.conf.unset(ARROW_BATCH_KEY)
@@ -152,14 +144,31 @@ def run_embed(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
             spark.conf.set(ARROW_BATCH_KEY, previous_batch)
 
     run.rows_in, run.rows_out = users.rows, users.embedded
-    run.details.update({
-        "model_id": model_id, "device": settings.embed.device,
-        "users_embedded": users.embedded, "user_texts_embedded": users.texts_embedded,
-        "users_unchanged": users.unchanged, "users_empty": users.empty,
-        "items_in": items.rows, "items_embedded": items.embedded, "item_texts_embedded": items.texts_embedded,
-        "items_unchanged": items.unchanged, "items_empty": items.empty,
-    })
-    log.info("embed: %d user rows: %d embedded (%d distinct texts), %d unchanged, %d empty; items: %d embedded, "
-             "%d unchanged, %d empty", users.rows, users.embedded, users.texts_embedded, users.unchanged, users.empty,
-             items.embedded, items.unchanged, items.empty)
+    run.details.update(
+        {
+            "model_id": model_id,
+            "device": settings.embed.device,
+            "users_embedded": users.embedded,
+            "user_texts_embedded": users.texts_embedded,
+            "users_unchanged": users.unchanged,
+            "users_empty": users.empty,
+            "items_in": items.rows,
+            "items_embedded": items.embedded,
+            "item_texts_embedded": items.texts_embedded,
+            "items_unchanged": items.unchanged,
+            "items_empty": items.empty,
+        }
+    )
+    log.info(
+        "embed: %d user rows: %d embedded (%d distinct texts), %d unchanged, %d empty; items: %d embedded, "
+        "%d unchanged, %d empty",
+        users.rows,
+        users.embedded,
+        users.texts_embedded,
+        users.unchanged,
+        users.empty,
+        items.embedded,
+        items.unchanged,
+        items.empty,
+    )
     return EmbedResult(as_of, model_id, users, items)

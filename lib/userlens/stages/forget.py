@@ -24,6 +24,7 @@
 The raw id is never logged, stored or put in an exception message. Models
 trained on the person keep what they learned: retraining removes it.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -59,8 +60,15 @@ QUARANTINE = "events_quarantine"
 SNAPSHOTS = "snapshots"  # key of the snapshot row count in forget_log.tables
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
 _DEFAULT_FILE_RETENTION_HOURS = 168.0  # Delta's delta.deletedFileRetentionDuration default: 1 week
-_HOURS_PER_UNIT = {"week": 168.0, "day": 24.0, "hour": 1.0, "minute": 1 / 60, "second": 1 / 3600,
-                   "millisecond": 1 / 3_600_000, "microsecond": 1 / 3_600_000_000}
+_HOURS_PER_UNIT = {
+    "week": 168.0,
+    "day": 24.0,
+    "hour": 1.0,
+    "minute": 1 / 60,
+    "second": 1 / 3600,
+    "millisecond": 1 / 3_600_000,
+    "microsecond": 1 / 3_600_000_000,
+}
 
 
 @dataclass(frozen=True)
@@ -68,12 +76,12 @@ class ForgetResult:
     """What one erasure found and removed; holds the pseudonym only, never the raw id."""
 
     user_key: str
-    rows: dict[str, int]              # rows deleted per Delta table (tables that exist)
-    snapshot_rows: int                # rows removed from training snapshot files
-    snapshot_files: tuple[str, ...]   # snapshot files rewritten
-    rows_found: int                   # all of the above
-    files_purged: bool                # no old file that held the person is left on storage
-    retention_hours: int              # the VACUUM retention used
+    rows: dict[str, int]  # rows deleted per Delta table (tables that exist)
+    snapshot_rows: int  # rows removed from training snapshot files
+    snapshot_files: tuple[str, ...]  # snapshot files rewritten
+    rows_found: int  # all of the above
+    files_purged: bool  # no old file that held the person is left on storage
+    retention_hours: int  # the VACUUM retention used
 
 
 def user_key_of(raw_id: str, key: PseudonymKey) -> str:
@@ -110,20 +118,24 @@ def holds_raw_id(raw: "Column", raw_id: str) -> "Column":
 def describe(result: ForgetResult) -> str:
     """The one line ``userlens forget`` prints (module docstring has an example)."""
     per_table = ", ".join(f"{name} {n}" for name, n in result.rows.items())
-    text = (f"forget: user_key {result.user_key}: {sum(result.rows.values())} rows deleted"
-            f" ({per_table or 'no tables yet'})")
+    text = (
+        f"forget: user_key {result.user_key}: {sum(result.rows.values())} rows deleted ({per_table or 'no tables yet'})"
+    )
     if result.snapshot_files:
         text += f" and {result.snapshot_rows} rows in {len(result.snapshot_files)} snapshot files"
     if result.rows_found == 0:
         return text + "; no data held for this id"
     if result.files_purged:
         return text + "; old files purged"
-    return (text + f"; old files go with the first VACUUM after {result.retention_hours} hours"
-            " (privacy.forget_retention_hours)")
+    return (
+        text + f"; old files go with the first VACUUM after {result.retention_hours} hours"
+        " (privacy.forget_retention_hours)"
+    )
 
 
-def run_forget(spark: "SparkSession", settings: Settings, key: PseudonymKey, raw_id: str,
-               run: StageRun) -> ForgetResult:
+def run_forget(
+    spark: "SparkSession", settings: Settings, key: PseudonymKey, raw_id: str, run: StageRun
+) -> ForgetResult:
     """Delete every row of one person, rewrite the snapshots that hold them, purge old files, audit."""
     user_key = user_key_of(raw_id, key)
     try:
@@ -136,14 +148,18 @@ def run_forget(spark: "SparkSession", settings: Settings, key: PseudonymKey, raw
         raise
 
 
-def _forget(spark: "SparkSession", settings: Settings, key: PseudonymKey, user_key: str, raw_id: str,
-            run: StageRun) -> ForgetResult:
+def _forget(
+    spark: "SparkSession", settings: Settings, key: PseudonymKey, user_key: str, raw_id: str, run: StageRun
+) -> ForgetResult:
     tables = Tables(spark, settings.storage)
     # another key gives another user_key: the person would be "not found" and stay in every table
     require_same_key(tables, key, settings.privacy.key_env)
     hours = settings.privacy.forget_retention_hours
-    names = [name for name, spec in TABLES.items()
-             if name not in NOT_ERASED and "user_key" in spec.schema.fieldNames() and tables.exists(name)]
+    names = [
+        name
+        for name, spec in TABLES.items()
+        if name not in NOT_ERASED and "user_key" in spec.schema.fieldNames() and tables.exists(name)
+    ]
     details = {name: _table_detail(tables, name) for name in names}
     _check_retention(spark, details, hours)  # before anything is deleted
     log.info("forget: user_key %s…: %d table(s): %s", user_key[:12], len(names), ", ".join(names) or "none")
@@ -170,15 +186,33 @@ def _forget(spark: "SparkSession", settings: Settings, key: PseudonymKey, user_k
     finally:
         _audit(tables, run, user_key, rows_found, {**rows, SNAPSHOTS: snapshot_rows}, purged)
 
-    result = ForgetResult(user_key=user_key, rows=rows, snapshot_rows=snapshot_rows,
-                          snapshot_files=tuple(snapshot_files), rows_found=rows_found, files_purged=purged,
-                          retention_hours=hours)
+    result = ForgetResult(
+        user_key=user_key,
+        rows=rows,
+        snapshot_rows=snapshot_rows,
+        snapshot_files=tuple(snapshot_files),
+        rows_found=rows_found,
+        files_purged=purged,
+        retention_hours=hours,
+    )
     run.rows_in = rows_found
     run.rows_out = rows_found
-    run.details.update({"user_key": user_key, "tables": rows, "snapshot_rows": snapshot_rows,
-                        "snapshot_files": len(snapshot_files), "files_purged": purged, "retention_hours": hours})
-    log.info("forget: user_key %s…: %d row(s) found, old files %s", user_key[:12], rows_found,
-             "purged" if purged else f"kept {hours} h (VACUUM removes them later)")
+    run.details.update(
+        {
+            "user_key": user_key,
+            "tables": rows,
+            "snapshot_rows": snapshot_rows,
+            "snapshot_files": len(snapshot_files),
+            "files_purged": purged,
+            "retention_hours": hours,
+        }
+    )
+    log.info(
+        "forget: user_key %s…: %d row(s) found, old files %s",
+        user_key[:12],
+        rows_found,
+        "purged" if purged else f"kept {hours} h (VACUUM removes them later)",
+    )
     return result
 
 
@@ -193,8 +227,10 @@ class _Detail:
     @property
     def deletion_vectors(self) -> bool:
         # the feature stays after the property is turned off, and so may old deletion vectors
-        return (self.properties.get("delta.enableDeletionVectors", "false").lower() == "true"
-                or "deletionVectors" in self.features)
+        return (
+            self.properties.get("delta.enableDeletionVectors", "false").lower() == "true"
+            or "deletionVectors" in self.features
+        )
 
 
 def _table_detail(tables: Tables, name: str) -> _Detail:
@@ -226,7 +262,8 @@ def _retention_error(hours: int, floor: float | None) -> ConfigError:
     return ConfigError(
         f"privacy.forget_retention_hours={hours} is below {floor_text} hours and Delta's retention check "
         f"refuses it: raise privacy.forget_retention_hours, or (tests only, no concurrent jobs) set "
-        f"spark.conf.{RETENTION_CHECK}=false")
+        f"spark.conf.{RETENTION_CHECK}=false"
+    )
 
 
 def _delete_quarantine_by_raw_id(tables: Tables, raw_id: str) -> int:
@@ -235,14 +272,17 @@ def _delete_quarantine_by_raw_id(tables: Tables, raw_id: str) -> int:
     A DELETE would write its predicate, raw id included, into the Delta log; the
     MERGE's condition only compares columns with the matching rows themselves.
     """
-    matches = (tables.read(QUARANTINE).where(holds_raw_id(F.col("raw"), raw_id))
-               .select("raw", "user_key").distinct())
+    matches = tables.read(QUARANTINE).where(holds_raw_id(F.col("raw"), raw_id)).select("raw", "user_key").distinct()
     if matches.isEmpty():
         return 0
     with tables.tagged_commit() as token:
-        (tables.delta(QUARANTINE).alias("t")
-         .merge(matches.alias("s"), "t.raw = s.raw AND t.user_key <=> s.user_key")
-         .whenMatchedDelete().execute())
+        (
+            tables.delta(QUARANTINE)
+            .alias("t")
+            .merge(matches.alias("s"), "t.raw = s.raw AND t.user_key <=> s.user_key")
+            .whenMatchedDelete()
+            .execute()
+        )
     return tables.commit_metric(QUARANTINE, token, "numTargetRowsDeleted")
 
 
@@ -279,8 +319,7 @@ def _retention_refusal(hours: int, detail: _Detail) -> Iterator[None]:
         raise _retention_error(hours, file_retention_hours(detail.properties)) from None
 
 
-def _audit(tables: Tables, run: StageRun, user_key: str, rows_found: int, counts: dict[str, int],
-           purged: bool) -> None:
+def _audit(tables: Tables, run: StageRun, user_key: str, rows_found: int, counts: dict[str, int], purged: bool) -> None:
     requested_at = run.started_at if run.started_at.tzinfo else run.started_at.replace(tzinfo=dt.timezone.utc)
     row = (user_key, requested_at, rows_found, json.dumps(counts, sort_keys=True), purged, run.run_id)
     tables.merge("forget_log", tables.spark.createDataFrame([row], table_schema("forget_log")))
@@ -328,15 +367,20 @@ def forget_in_snapshots(root: str, user_key: str) -> tuple[list[str], int]:
         removed += hits
         rewritten.append(path)
     if parts:
-        log.info("forget: %-18s %d row(s) removed from %d of %d file(s)", SNAPSHOTS, removed, len(rewritten),
-                 len(parts))
+        log.info(
+            "forget: %-18s %d row(s) removed from %d of %d file(s)", SNAPSHOTS, removed, len(rewritten), len(parts)
+        )
     return rewritten, removed
 
 
 def _is_snapshot_part(base: str, path: str) -> bool:
-    relative = path[len(base.rstrip("/")) + 1:].split("/")
-    return (len(relative) == 3 and relative[1].startswith("split=") and relative[2].startswith("part-")
-            and relative[2].endswith(".parquet"))
+    relative = path[len(base.rstrip("/")) + 1 :].split("/")
+    return (
+        len(relative) == 3
+        and relative[1].startswith("split=")
+        and relative[2].startswith("part-")
+        and relative[2].endswith(".parquet")
+    )
 
 
 def _fs(uri: str) -> tuple[Any, str]:

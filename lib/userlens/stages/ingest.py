@@ -6,6 +6,7 @@ exactly one place: ``events`` (status ``ok``), ``events_quarantine`` (redacted, 
 counted as a duplicate; rows_in = rows_out + rows_quarantined + duplicates is checked against the row
 counts Delta reports for the writes.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -40,25 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------
 # dates
 # --------------------------------------------------------------------------
@@ -79,14 +61,15 @@ def list_partition_dates(spark: "SparkSession", path: str, column: str) -> list[
         name = status.getPath().getName()
         if status.isDirectory() and name.startswith(prefix):
             try:
-                dates.append(dt.date.fromisoformat(name[len(prefix):]))
+                dates.append(dt.date.fromisoformat(name[len(prefix) :]))
             except ValueError:
                 log.warning("ignoring folder %s: not a %s=YYYY-MM-DD partition", name, column)
     return sorted(dates) or None
 
 
-def dates_to_ingest(raw_dates: list[dt.date], done: set[dt.date], as_of: dt.date | None,
-                    full: bool) -> tuple[dt.date, list[dt.date]]:
+def dates_to_ingest(
+    raw_dates: list[dt.date], done: set[dt.date], as_of: dt.date | None, full: bool
+) -> tuple[dt.date, list[dt.date]]:
     """(as-of date, dates to process): every raw date <= as-of not yet ingested, plus as-of itself."""
     if not raw_dates:
         raise SourceError("the source has no events to ingest")
@@ -136,12 +119,16 @@ def read_skipping_unreadable(build: Callable[[list[str]], T_], policy: str, what
                 raise
             path, cause = found
             if policy == "skip" and path not in skipped and len(skipped) < MAX_SKIPPED_FILES:
-                log.warning("ingest: skipping the unreadable %s file %s (%s; ingest.on_unreadable_file=skip)",
-                            what, path, cause)
+                log.warning(
+                    "ingest: skipping the unreadable %s file %s (%s; ingest.on_unreadable_file=skip)", what, path, cause
+                )
                 skipped.append(path)
                 continue
-            hint = ("set ingest.on_unreadable_file=skip to ingest the other files" if policy == "fail"
-                    else f"it stayed unreadable after {len(skipped)} file(s) were skipped")
+            hint = (
+                "set ingest.on_unreadable_file=skip to ingest the other files"
+                if policy == "fail"
+                else f"it stayed unreadable after {len(skipped)} file(s) were skipped"
+            )
             raise SourceError(f"cannot read the {what} file {path}: {cause}; nothing was written ({hint})") from exc
 
 
@@ -152,13 +139,17 @@ def check_quarantine_limits(ingest: IngestSettings, rows_in: int, reasons: dict[
     total = sum(reasons.values())
     listed = ", ".join(f"{r} {n:,}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
     if total / rows_in > ingest.max_quarantine_fraction:
-        return (f"{total:,} of {rows_in:,} rows ({total / rows_in:.1%}) were quarantined, above "
-                f"ingest.max_quarantine_fraction={ingest.max_quarantine_fraction:g} ({listed})")
+        return (
+            f"{total:,} of {rows_in:,} rows ({total / rows_in:.1%}) were quarantined, above "
+            f"ingest.max_quarantine_fraction={ingest.max_quarantine_fraction:g} ({listed})"
+        )
     for reason, limit in sorted(ingest.max_reason_fraction.items()):
         n = reasons.get(reason, 0)
         if n / rows_in > limit:
-            return (f"{n:,} of {rows_in:,} rows ({n / rows_in:.1%}) were quarantined as {reason}, above "
-                    f"ingest.max_reason_fraction.{reason}={limit:g}")
+            return (
+                f"{n:,} of {rows_in:,} rows ({n / rows_in:.1%}) were quarantined as {reason}, above "
+                f"ingest.max_reason_fraction.{reason}={limit:g}"
+            )
     return None
 
 
@@ -183,8 +174,11 @@ def _read_events(spark: "SparkSession", settings: Settings, skipped: Sequence[st
         return _Events(dataset.frame, roles, None)
     events_path = source.events_location()
     mapping = source.mapping.model_dump()
-    return _Events(read_raw(spark, events_path, source.format, mapping, source, skipped), field_roles(mapping),
-                   list_partition_dates(spark, events_path, source.date_partition))
+    return _Events(
+        read_raw(spark, events_path, source.format, mapping, source, skipped),
+        field_roles(mapping),
+        list_partition_dates(spark, events_path, source.date_partition),
+    )
 
 
 def _done_dates(tables: Tables) -> set[dt.date]:
@@ -201,8 +195,14 @@ def _done_dates(tables: Tables) -> set[dt.date]:
     return done
 
 
-def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run: StageRun,
-               as_of: dt.date | None = None, full: bool = False) -> IngestResult:
+def run_ingest(
+    spark: "SparkSession",
+    settings: Settings,
+    key: PseudonymKey,
+    run: StageRun,
+    as_of: dt.date | None = None,
+    full: bool = False,
+) -> IngestResult:
     """Ingest raw events up to ``as_of`` (default: the latest raw date) and the item catalog."""
     from pyspark import StorageLevel
 
@@ -219,8 +219,9 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
         else:
             # no date folders: the date comes from the event time (a full scan of one column)
             date_of_raw = F.to_date(parse_event_time(F.col("f_event_time"), source.timestamp_format))
-            raw_dates = sorted(r[0] for r in read.raw.select(date_of_raw.alias("d")).where("d IS NOT NULL")
-                               .distinct().collect())
+            raw_dates = sorted(
+                r[0] for r in read.raw.select(date_of_raw.alias("d")).where("d IS NOT NULL").distinct().collect()
+            )
         as_of_date, todo = dates_to_ingest(raw_dates, done, as_of, full)
         if not todo:
             return read, as_of_date, todo, None, {}
@@ -229,18 +230,25 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
             in_scope = in_scope | date_of_raw.isNull()  # undated bad rows are re-quarantined, idempotently
         classified = classify_events(read.raw.where(in_scope), settings, key).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            counts = {(r["status"], r["reason"]): r["n"] for r in
-                      classified.groupBy("status", "reason").agg(F.count(F.lit(1)).alias("n")).collect()}
+            counts = {
+                (r["status"], r["reason"]): r["n"]
+                for r in classified.groupBy("status", "reason").agg(F.count(F.lit(1)).alias("n")).collect()
+            }
         except Exception:
             classified.unpersist()
             raise
         return read, as_of_date, todo, classified, counts
 
     (read, as_of, todo, classified, counts), skipped = read_skipping_unreadable(
-        classify, settings.ingest.on_unreadable_file, "events")
+        classify, settings.ingest.on_unreadable_file, "events"
+    )
     run.as_of_date = as_of
-    log.info("ingest: %d raw date(s) to process up to %s: %s", len(todo), as_of,
-             ", ".join(d.isoformat() for d in todo) or "none")
+    log.info(
+        "ingest: %d raw date(s) to process up to %s: %s",
+        len(todo),
+        as_of,
+        ", ".join(d.isoformat() for d in todo) or "none",
+    )
     if skipped:
         run.details["skipped_files"] = skipped
 
@@ -249,44 +257,65 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
         items_out, items_quarantined, items_skipped = ingest_items(spark, settings, tables, run.run_id, key)
         record_key_id(tables, key)
         run.rows_in, run.rows_out = 0, 0
-        run.details.update({"dates": [], "items_out": items_out, "items_quarantined": items_quarantined,
-                            "key_id": key.key_id, "full": full, **_skipped_detail(skipped, items_skipped)})
-        return IngestResult(as_of, [], 0, 0, 0, 0, {}, items_out, items_quarantined,
-                            tuple(skipped + items_skipped))
+        run.details.update(
+            {
+                "dates": [],
+                "items_out": items_out,
+                "items_quarantined": items_quarantined,
+                "key_id": key.key_id,
+                "full": full,
+                **_skipped_detail(skipped, items_skipped),
+            }
+        )
+        return IngestResult(as_of, [], 0, 0, 0, 0, {}, items_out, items_quarantined, tuple(skipped + items_skipped))
 
     try:
         rows_in = sum(counts.values())
         duplicates = sum(n for (status, _), n in counts.items() if status == DUPLICATE)
         reasons = {reason: n for (status, reason), n in counts.items() if status == QUARANTINED}
         run.rows_in = rows_in
-        run.details.update({"dates": [d.isoformat() for d in todo], "duplicates": duplicates, "reasons": reasons,
-                            "key_id": key.key_id, "full": full})
+        run.details.update(
+            {
+                "dates": [d.isoformat() for d in todo],
+                "duplicates": duplicates,
+                "reasons": reasons,
+                "key_id": key.key_id,
+                "full": full,
+            }
+        )
         over_limit = check_quarantine_limits(settings.ingest, rows_in, reasons)
 
         now = dt.datetime.now(dt.timezone.utc)
         # raw is JSON for every format (non-JSON rows are rendered with to_json)
         quarantine = quarantine_rows(classified, "events", read.roles, key, run.run_id, now)
-        q_condition = ("source = 'events'" if full else
-                       f"source = 'events' AND (source_date IN ({_sql_dates(todo)}) OR source_date IS NULL)")
+        q_condition = (
+            "source = 'events'"
+            if full
+            else f"source = 'events' AND (source_date IN ({_sql_dates(todo)}) OR source_date IS NULL)"
+        )
         if over_limit:
             # nothing goes to events; the refused rows are kept (redacted) for the diagnosis, beside the rows
             # of the run that last ingested these dates (a good run replaces both)
-            q_written = tables.replace_where("events_quarantine", quarantine,
-                                             f"{q_condition} AND run_id = '{run.run_id}'").get("numInsertedRows", 0)
+            q_written = tables.replace_where(
+                "events_quarantine", quarantine, f"{q_condition} AND run_id = '{run.run_id}'"
+            ).get("numInsertedRows", 0)
             run.rows_out = 0
             run.details["quarantined"] = q_written
             raise QuarantineLimitError(
                 f"ingest: {over_limit}; nothing was written to events, the rows are in events_quarantine "
-                f"(run_id {run.run_id}). Check source.mapping with `userlens check-source`")
+                f"(run_id {run.run_id}). Check source.mapping with `userlens check-source`"
+            )
         events = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run.run_id))
         if full:
             written = tables.overwrite("events", events)
         else:
-            written = tables.replace_where("events", events, f"event_date IN ({_sql_dates(todo)})",
-                                           unless_same=("run_id",))
+            written = tables.replace_where(
+                "events", events, f"event_date IN ({_sql_dates(todo)})", unless_same=("run_id",)
+            )
         rows_out = written.get("numInsertedRows", 0)
-        q_written = tables.replace_where("events_quarantine", quarantine, q_condition,
-                                         unless_same=("run_id", "quarantined_at")).get("numInsertedRows", 0)
+        q_written = tables.replace_where(
+            "events_quarantine", quarantine, q_condition, unless_same=("run_id", "quarantined_at")
+        ).get("numInsertedRows", 0)
     finally:
         classified.unpersist()
     record_key_id(tables, key)
@@ -295,18 +324,36 @@ def run_ingest(spark: "SparkSession", settings: Settings, key: PseudonymKey, run
     if accounted != rows_in:
         raise UserlensError(
             f"ingest accounting failed: rows_in={rows_in} but events={rows_out} + quarantined={q_written} "
-            f"+ duplicates={duplicates} = {accounted}")
-    log.info("ingest: rows_in=%d = events %d + quarantined %d + duplicates %d", rows_in, rows_out, q_written,
-             duplicates)
+            f"+ duplicates={duplicates} = {accounted}"
+        )
+    log.info(
+        "ingest: rows_in=%d = events %d + quarantined %d + duplicates %d", rows_in, rows_out, q_written, duplicates
+    )
     for reason, n in sorted(reasons.items()):
         log.info("ingest: quarantined %-20s %d", reason, n)
 
     items_out, items_quarantined, items_skipped = ingest_items(spark, settings, tables, run.run_id, key)
-    result = IngestResult(as_of, todo, rows_in, rows_out, q_written, duplicates, reasons, items_out,
-                          items_quarantined, tuple(skipped + items_skipped))
+    result = IngestResult(
+        as_of,
+        todo,
+        rows_in,
+        rows_out,
+        q_written,
+        duplicates,
+        reasons,
+        items_out,
+        items_quarantined,
+        tuple(skipped + items_skipped),
+    )
     run.rows_out = rows_out
-    run.details.update({"quarantined": q_written, "items_out": items_out, "items_quarantined": items_quarantined,
-                        **_skipped_detail(skipped, items_skipped)})
+    run.details.update(
+        {
+            "quarantined": q_written,
+            "items_out": items_out,
+            "items_quarantined": items_quarantined,
+            **_skipped_detail(skipped, items_skipped),
+        }
+    )
     return result
 
 
@@ -314,8 +361,9 @@ def _skipped_detail(events: list[str], items: list[str]) -> dict[str, object]:
     return {"skipped_files": events + items, "files_skipped": len(events) + len(items)} if events or items else {}
 
 
-def ingest_items(spark: "SparkSession", settings: Settings, tables: Tables, run_id: str,
-                 key: PseudonymKey) -> tuple[int, int, list[str]]:
+def ingest_items(
+    spark: "SparkSession", settings: Settings, tables: Tables, run_id: str, key: PseudonymKey
+) -> tuple[int, int, list[str]]:
     """Replace ``items`` with the current catalog snapshot; bad rows go to quarantine.
     (items written, items quarantined, unreadable item files skipped)."""
     from pyspark import StorageLevel
@@ -350,8 +398,9 @@ def ingest_items(spark: "SparkSession", settings: Settings, tables: Tables, run_
             written = tables.overwrite("items", items).get("numInsertedRows", 0)
         now = dt.datetime.now(dt.timezone.utc)
         quarantine = quarantine_rows(classified, "items", roles, key, run_id, now)
-        q_written = tables.replace_where("events_quarantine", quarantine, "source = 'items'",
-                                         unless_same=("run_id", "quarantined_at")).get("numInsertedRows", 0)
+        q_written = tables.replace_where(
+            "events_quarantine", quarantine, "source = 'items'", unless_same=("run_id", "quarantined_at")
+        ).get("numInsertedRows", 0)
     finally:
         classified.unpersist()
     log.info("ingest: items %d, quarantined %d", written, q_written)
@@ -383,13 +432,19 @@ class SourceCheck:
     def describe(self) -> str:
         mapped = ", ".join(f"{field} <- {column}" for field, column in self.mapping.items() if column)
         unmapped = ", ".join(field for field, column in self.mapping.items() if not column)
-        refused = (" (" + ", ".join(f"{r} {n:,}" for r, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
-                   + ")") if self.reasons else ""
-        lines = [f"source: {self.location} ({self.format}; columns: {', '.join(self.columns) or 'none'})",
-                 f"mapping: {mapped}" + (f"; unmapped: {unmapped}" if unmapped else ""),
-                 *[f"warning: {w}" for w in self.warnings],
-                 f"sample: the first {self.sampled:,} rows: " + ", ".join(
-                     f"{n:,} {status}" for status, n in sorted(self.statuses.items())) + refused]
+        refused = (
+            (" (" + ", ".join(f"{r} {n:,}" for r, n in sorted(self.reasons.items(), key=lambda kv: -kv[1])) + ")")
+            if self.reasons
+            else ""
+        )
+        lines = [
+            f"source: {self.location} ({self.format}; columns: {', '.join(self.columns) or 'none'})",
+            f"mapping: {mapped}" + (f"; unmapped: {unmapped}" if unmapped else ""),
+            *[f"warning: {w}" for w in self.warnings],
+            f"sample: the first {self.sampled:,} rows: "
+            + ", ".join(f"{n:,} {status}" for status, n in sorted(self.statuses.items()))
+            + refused,
+        ]
         if self.rows:
             table = [[*_SHOWN, "status"]] + [[_cell(row.get(c)) for c in [*_SHOWN, "status"]] for row in self.rows]
             widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
@@ -410,14 +465,30 @@ def check_source_sample(spark: "SparkSession", settings: Settings, key: Pseudony
     source = settings.source
     read = _read_events(spark, settings, ())
     sample = read.raw.limit(SAMPLE_ROWS)
-    classified = classify_events(sample, settings, key).withColumn(
-        "status", F.when(F.col("status") == QUARANTINED, F.concat(F.lit("quarantined: "), F.col("reason")))
-        .otherwise(F.col("status"))).cache()
+    classified = (
+        classify_events(sample, settings, key)
+        .withColumn(
+            "status",
+            F.when(F.col("status") == QUARANTINED, F.concat(F.lit("quarantined: "), F.col("reason"))).otherwise(
+                F.col("status")
+            ),
+        )
+        .cache()
+    )
     try:
-        counts = {(r["s"], r["reason"]): r["n"] for r in classified.groupBy(
-            F.split("status", ":")[0].alias("s"), "reason").agg(F.count(F.lit(1)).alias("n")).collect()}
-        rows = [r.asDict() for r in classified.orderBy(F.col("status") != "ok", "event_time")
-                .select(*_SHOWN, "status").limit(SHOWN_ROWS).collect()]
+        counts = {
+            (r["s"], r["reason"]): r["n"]
+            for r in classified.groupBy(F.split("status", ":")[0].alias("s"), "reason")
+            .agg(F.count(F.lit(1)).alias("n"))
+            .collect()
+        }
+        rows = [
+            r.asDict()
+            for r in classified.orderBy(F.col("status") != "ok", "event_time")
+            .select(*_SHOWN, "status")
+            .limit(SHOWN_ROWS)
+            .collect()
+        ]
     finally:
         classified.unpersist()
     statuses: dict[str, int] = {}
@@ -429,7 +500,14 @@ def check_source_sample(spark: "SparkSession", settings: Settings, key: Pseudony
 
         found = source_columns(settings, spark, items=False).get("events")
         columns = found.columns if found else ()
-    return SourceCheck(source.path if settings.dataset.adapter else source.events_location(),
-                       settings.dataset.adapter or source.format, tuple(columns),
-                       {} if settings.dataset.adapter else source.mapping.model_dump(), sum(statuses.values()),
-                       statuses, {r: n for (s, r), n in counts.items() if s == QUARANTINED}, rows, warnings)
+    return SourceCheck(
+        source.path if settings.dataset.adapter else source.events_location(),
+        settings.dataset.adapter or source.format,
+        tuple(columns),
+        {} if settings.dataset.adapter else source.mapping.model_dump(),
+        sum(statuses.values()),
+        statuses,
+        {r: n for (s, r), n in counts.items() if s == QUARANTINED},
+        rows,
+        warnings,
+    )

@@ -17,6 +17,7 @@ One nightly runs at a time per warehouse: it holds a lease in ``run_locks``
 running beside it, say) fails that stage with one line; Delta's optimistic
 concurrency leaves every table as the run that committed first wrote it.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -47,8 +48,13 @@ class NightlyResult:
     report: str | None = None
 
 
-def run_nightly(spark: "SparkSession", settings: Settings, key: PseudonymKey, date: dt.date | None = None,
-                report_path: str | None = None) -> NightlyResult:
+def run_nightly(
+    spark: "SparkSession",
+    settings: Settings,
+    key: PseudonymKey,
+    date: dt.date | None = None,
+    report_path: str | None = None,
+) -> NightlyResult:
     """All stages for ``date`` (default: the newest raw date) under the warehouse's nightly run lock
     (a second nightly at the same time fails with one line naming the holder); each stage's result."""
     from userlens.runs import RunLock, new_run_id
@@ -58,8 +64,9 @@ def run_nightly(spark: "SparkSession", settings: Settings, key: PseudonymKey, da
         return _nightly(spark, settings, key, date, report_path)
 
 
-def _nightly(spark: "SparkSession", settings: Settings, key: PseudonymKey, date: dt.date | None,
-             report_path: str | None) -> NightlyResult:
+def _nightly(
+    spark: "SparkSession", settings: Settings, key: PseudonymKey, date: dt.date | None, report_path: str | None
+) -> NightlyResult:
     """The registry's nightly stages in order; ingest's as-of date is the night's when none is given."""
     from userlens.stages import StageCall, nightly_stages
 

@@ -38,6 +38,7 @@ user every night, most with the text of the night before: a new row's text
 equal (as a string) to a text of the newest partition the table had at the
 checked version is not scanned again (:data:`SEEN_TEXTS`).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -91,8 +92,12 @@ class PrivacyCheckFailed(UserlensError):
 # --------------------------------------------------------------------------
 def text_columns(schema: T.StructType) -> list[str]:
     """Names of the ``string`` and ``array<string>`` columns."""
-    return [f.name for f in schema.fields if isinstance(f.dataType, T.StringType)
-            or (isinstance(f.dataType, T.ArrayType) and isinstance(f.dataType.elementType, T.StringType))]
+    return [
+        f.name
+        for f in schema.fields
+        if isinstance(f.dataType, T.StringType)
+        or (isinstance(f.dataType, T.ArrayType) and isinstance(f.dataType.elementType, T.StringType))
+    ]
 
 
 def column_text(df: DataFrame, name: str) -> Column:
@@ -113,9 +118,11 @@ def raw_id_table(raw_ids: DataFrame, min_chars: int) -> DataFrame:
     parts = tokens(F.col("raw_id"))
     first = F.try_element_at(parts, F.lit(1))  # null for an id without a token character
     return ids.select(
-        "raw_id", first.alias("anchor"),
+        "raw_id",
+        first.alias("anchor"),
         ((F.size(parts) == 1) & (first == F.col("raw_id"))).alias("single"),
-        (F.length("raw_id") >= min_chars).alias("searched"))
+        (F.length("raw_id") >= min_chars).alias("searched"),
+    )
 
 
 def whole_tokens_pattern(text: Column) -> Column:
@@ -138,8 +145,12 @@ def raw_id_hits(df: DataFrame, ids: DataFrame, multi_token_ids: bool = True) -> 
     if not columns:
         return df.sparkSession.createDataFrame([], "column string, hits long")
     pairs = F.flatten(F.array(*[F.transform(tokens(column_text(df, c)), _tagged(c)) for c in columns]))
-    counted = (df.select(F.explode(pairs).alias("p")).select("p.column", "p.token")
-               .groupBy("column", "token").agg(F.count(F.lit(1)).alias("n")))
+    counted = (
+        df.select(F.explode(pairs).alias("p"))
+        .select("p.column", "p.token")
+        .groupBy("column", "token")
+        .agg(F.count(F.lit(1)).alias("n"))
+    )
     single = ids.where("single").select(F.col("raw_id").alias("token"))
     hits = counted.join(single, "token").select("column", "n")
     if not multi_token_ids:
@@ -147,11 +158,15 @@ def raw_id_hits(df: DataFrame, ids: DataFrame, multi_token_ids: bool = True) -> 
 
     multi = ids.where(~F.col("single")).select("raw_id", F.col("anchor").alias("token"))
     values = F.array(*[F.struct(F.lit(c).alias("column"), column_text(df, c).alias("value")) for c in columns])
-    by_value = (df.select(F.explode(values).alias("v")).select("v.column", "v.value").where("value IS NOT NULL")
-                .select("column", "value", F.explode(F.array_distinct(tokens(F.col("value")))).alias("token"))
-                .join(F.broadcast(multi), "token")
-                .where(F.rlike(F.col("value"), whole_tokens_pattern(F.col("raw_id"))))
-                .select("column", F.lit(1).cast("long").alias("n")))
+    by_value = (
+        df.select(F.explode(values).alias("v"))
+        .select("v.column", "v.value")
+        .where("value IS NOT NULL")
+        .select("column", "value", F.explode(F.array_distinct(tokens(F.col("value")))).alias("token"))
+        .join(F.broadcast(multi), "token")
+        .where(F.rlike(F.col("value"), whole_tokens_pattern(F.col("raw_id"))))
+        .select("column", F.lit(1).cast("long").alias("n"))
+    )
     return hits.unionByName(by_value).groupBy("column").agg(F.sum("n").cast("long").alias("hits"))
 
 
@@ -170,15 +185,20 @@ def pii_counts(df: DataFrame, raw_records: tuple[str, ...] = ()) -> DataFrame:
         return without_epoch_values(column_text(df, c)) if c in raw_records else column_text(df, c)
 
     # scrub once per value, in a projection, then count each placeholder on its output
-    projected = df.select(F.lit(1).alias("_row"), *[
-        F.struct(text(c).alias("text"), scrub_pii(text(c)).alias("scrubbed")).alias(f"_{i}")
-        for i, c in enumerate(columns)])
+    projected = df.select(
+        F.lit(1).alias("_row"),
+        *[
+            F.struct(text(c).alias("text"), scrub_pii(text(c)).alias("scrubbed")).alias(f"_{i}")
+            for i, c in enumerate(columns)
+        ],
+    )
     aggregates = [F.count("_row").alias("rows")]
     for i, c in enumerate(columns):
         for kind in PII_TYPES:
             placeholder = F.lit(PLACEHOLDERS[kind])
-            added = (F.regexp_count(F.col(f"_{i}.scrubbed"), placeholder)
-                     - F.regexp_count(F.col(f"_{i}.text"), placeholder))
+            added = F.regexp_count(F.col(f"_{i}.scrubbed"), placeholder) - F.regexp_count(
+                F.col(f"_{i}.text"), placeholder
+            )
             aggregates.append(F.coalesce(F.sum(added), F.lit(0)).cast("long").alias(f"{c}|{kind}"))
     return projected.agg(*aggregates)
 
@@ -224,10 +244,10 @@ class CheckScope:
 class TableCheck:
     table: str
     exists: bool
-    rows: int = 0          # rows scanned
+    rows: int = 0  # rows scanned
     version: int | None = None  # the table's Delta version scanned
-    scanned: str = "all"   # "all", or "new since vN" (the rows of the files added after version N)
-    raw_id_hits: dict[str, int] = field(default_factory=dict)        # column -> hits (hits only)
+    scanned: str = "all"  # "all", or "new since vN" (the rows of the files added after version N)
+    raw_id_hits: dict[str, int] = field(default_factory=dict)  # column -> hits (hits only)
     pii_hits: dict[str, dict[str, int]] = field(default_factory=dict)  # column -> type -> hits (hits only)
 
     @property
@@ -270,17 +290,24 @@ class PrivacyCheckResult:
         return f"privacy-check failed: {shown}"
 
 
-def plan_scope(tables: Tables, settings: Settings, full: bool = False,
-               today: dt.date | None = None) -> CheckScope:
+def plan_scope(tables: Tables, settings: Settings, full: bool = False, today: dt.date | None = None) -> CheckScope:
     """Full or incremental, from the ``privacy_check`` rows of ``pipeline_runs`` (module docstring)."""
     every = settings.privacy.check_full_every_days
     if full:
         return CheckScope(True, "full scan asked for")
     if every == 0:
         return CheckScope(True, "privacy.check_full_every_days is 0")
-    passed = [json.loads(r["details"] or "{}") | {"_started": r["started_at"]} for r in (
-        tables.read("pipeline_runs").where((F.col("stage") == "privacy_check") & (F.col("status") == "succeeded"))
-        .orderBy(F.col("started_at").desc()).select("details", "started_at").limit(200).collect())]
+    passed = [
+        json.loads(r["details"] or "{}") | {"_started": r["started_at"]}
+        for r in (
+            tables.read("pipeline_runs")
+            .where((F.col("stage") == "privacy_check") & (F.col("status") == "succeeded"))
+            .orderBy(F.col("started_at").desc())
+            .select("details", "started_at")
+            .limit(200)
+            .collect()
+        )
+    ]
     last_full = next((d["_started"] for d in passed if d.get("scope", "full") == "full"), None)
     if not passed or "versions" not in passed[0] or last_full is None:
         return CheckScope(True, "no passing check has recorded its table versions")
@@ -288,13 +315,17 @@ def plan_scope(tables: Tables, settings: Settings, full: bool = False,
     age = (today - last_full.date()).days
     if age >= every:
         return CheckScope(True, f"the last full scan passed {age} day(s) ago (privacy.check_full_every_days={every})")
-    return CheckScope(False, f"files added since the passing check of {passed[0]['_started']:%Y-%m-%d %H:%M} "
-                             f"(full scan {age} day(s) ago; privacy.check_full_every_days={every})",
-                      {t: int(v) for t, v in passed[0]["versions"].items()})
+    return CheckScope(
+        False,
+        f"files added since the passing check of {passed[0]['_started']:%Y-%m-%d %H:%M} "
+        f"(full scan {age} day(s) ago; privacy.check_full_every_days={every})",
+        {t: int(v) for t, v in passed[0]["versions"].items()},
+    )
 
 
-def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun,
-                      full: bool = False) -> PrivacyCheckResult:
+def run_privacy_check(
+    spark: "SparkSession", settings: Settings, run: StageRun, full: bool = False
+) -> PrivacyCheckResult:
     """Scan the tables (all rows, or those added since the last passing check: :func:`plan_scope`); the result,
     or :class:`PrivacyCheckFailed` (after logging the findings)."""
     from pyspark import StorageLevel
@@ -305,34 +336,57 @@ def run_privacy_check(spark: "SparkSession", settings: Settings, run: StageRun,
     log.info("privacy-check: %s: %s", "every row" if scope.full else "new rows", scope.why)
     ids = raw_id_table(source_raw_ids(spark, settings), min_chars).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        id_counts = ids.agg(F.count(F.when(F.col("searched"), 1)).alias("searched"),
-                            F.count(F.when(~F.col("searched"), 1)).alias("skipped"),
-                            F.count(F.when(F.col("searched") & ~F.col("single"), 1)).alias("multi")).first()
+        id_counts = ids.agg(
+            F.count(F.when(F.col("searched"), 1)).alias("searched"),
+            F.count(F.when(~F.col("searched"), 1)).alias("skipped"),
+            F.count(F.when(F.col("searched") & ~F.col("single"), 1)).alias("multi"),
+        ).first()
         assert id_counts is not None  # an aggregate without groupBy has one row
         if id_counts["searched"] + id_counts["skipped"] == 0:
             # nothing to search for would pass every table: the mapping or the source is wrong
             source = settings.source.path if settings.dataset.adapter else settings.source.events_location()
-            raise SourceError(f"privacy-check: 0 raw ids read from the source ({source}):"
-                              f" check source.mapping.user_id")
+            raise SourceError(f"privacy-check: 0 raw ids read from the source ({source}): check source.mapping.user_id")
         searched = ids.where("searched")
         # each table's scan is a few small Spark jobs: one table at a time leaves the executors idle
         # between them, so up to CONCURRENT_TABLES tables are scanned at once (results in TABLES order)
         with ThreadPoolExecutor(max_workers=CONCURRENT_TABLES, thread_name_prefix="privacy-check") as pool:
-            checks = list(pool.map(lambda name: _check_table(tables, name, searched, id_counts["multi"] > 0,
-                                                             scope.since_version(name)), TABLES))
+            checks = list(
+                pool.map(
+                    lambda name: _check_table(
+                        tables, name, searched, id_counts["multi"] > 0, scope.since_version(name)
+                    ),
+                    TABLES,
+                )
+            )
     finally:
         ids.unpersist()
     result = PrivacyCheckResult(checks, id_counts["searched"], id_counts["skipped"], min_chars, scope)
     run.rows_in = sum(t.rows for t in checks)
-    run.details.update({
-        "result": "pass" if result.passed else "fail", "raw_ids_searched": result.ids_searched,
-        "raw_ids_skipped": result.ids_skipped, "scope": "full" if scope.full else "incremental",
-        "why": scope.why, "versions": {t.table: t.version for t in checks if t.exists},
-        "tables": {t.table: {"rows": t.rows, "scanned": t.scanned, "raw_ids": t.raw_id_hits, "pii": t.pii_hits}
-                   for t in checks if t.exists}})
-    log.info("privacy-check: %d table(s), %d row(s) scanned, %d raw ids searched (%d shorter than "
-             "privacy.check_min_id_chars=%d not searched): %s", sum(t.exists for t in checks), run.rows_in,
-             result.ids_searched, result.ids_skipped, min_chars, "pass" if result.passed else "FAIL")
+    run.details.update(
+        {
+            "result": "pass" if result.passed else "fail",
+            "raw_ids_searched": result.ids_searched,
+            "raw_ids_skipped": result.ids_skipped,
+            "scope": "full" if scope.full else "incremental",
+            "why": scope.why,
+            "versions": {t.table: t.version for t in checks if t.exists},
+            "tables": {
+                t.table: {"rows": t.rows, "scanned": t.scanned, "raw_ids": t.raw_id_hits, "pii": t.pii_hits}
+                for t in checks
+                if t.exists
+            },
+        }
+    )
+    log.info(
+        "privacy-check: %d table(s), %d row(s) scanned, %d raw ids searched (%d shorter than "
+        "privacy.check_min_id_chars=%d not searched): %s",
+        sum(t.exists for t in checks),
+        run.rows_in,
+        result.ids_searched,
+        result.ids_skipped,
+        min_chars,
+        "pass" if result.passed else "FAIL",
+    )
     for finding in result.findings():
         log.warning("privacy-check: %s", finding)
     if not result.passed:
@@ -355,8 +409,9 @@ def rows_to_check(tables: Tables, name: str, version: int, since: int | None) ->
             raise ValueError(f"the table is at version {version}")
         before = set(tables.read_version(name, since).inputFiles())
     except Exception as exc:  # noqa: BLE001 - any failure to read the old snapshot: scan everything
-        log.info("privacy-check: %s: version %d cannot be read back (%s); scanning every row", name, since,
-                 first_line(exc))
+        log.info(
+            "privacy-check: %s: version %d cannot be read back (%s); scanning every row", name, since, first_line(exc)
+        )
         return current, "all"
     added = [f for f in current.inputFiles() if f not in before]
     if not added:
@@ -384,10 +439,16 @@ def _skip_checked_texts(tables: Tables, name: str, new: DataFrame, since: int) -
     newest = max_row[0]
     if newest is None:
         return new, f"new since v{since}"
-    seen = (old.where(F.col(partition) == F.lit(newest)).select(hash_column, F.col(text_column).alias("_seen"))
-            .dropDuplicates([hash_column]))
-    unseen = new.join(seen, hash_column, "left").withColumn(
-        text_column, F.when(~F.col(text_column).eqNullSafe(F.col("_seen")), F.col(text_column))).drop("_seen")
+    seen = (
+        old.where(F.col(partition) == F.lit(newest))
+        .select(hash_column, F.col(text_column).alias("_seen"))
+        .dropDuplicates([hash_column])
+    )
+    unseen = (
+        new.join(seen, hash_column, "left")
+        .withColumn(text_column, F.when(~F.col(text_column).eqNullSafe(F.col("_seen")), F.col(text_column)))
+        .drop("_seen")
+    )
     return unseen, f"new since v{since}; {text_column} equal to one checked on {newest} skipped"
 
 
@@ -414,9 +475,12 @@ def _check_table(tables: Tables, name: str, ids: DataFrame, multi_token_ids: boo
 def format_table(result: PrivacyCheckResult) -> str:
     """The pass/fail table: one row per table, then the findings and a summary line."""
     head = ["table", "rows", "raw-id hits", *PII_TYPES, "result"]
-    rows = [[t.table, f"{t.rows:,}", str(t.raw_ids), *[str(t.pii(k)) for k in PII_TYPES],
-             "pass" if t.passed else "FAIL"] if t.exists else [t.table, "-", "-", *["-"] * len(PII_TYPES), "absent"]
-            for t in result.tables]
+    rows = [
+        [t.table, f"{t.rows:,}", str(t.raw_ids), *[str(t.pii(k)) for k in PII_TYPES], "pass" if t.passed else "FAIL"]
+        if t.exists
+        else [t.table, "-", "-", *["-"] * len(PII_TYPES), "absent"]
+        for t in result.tables
+    ]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
@@ -424,10 +488,15 @@ def format_table(result: PrivacyCheckResult) -> str:
 
     out = [line(head), line(["-" * w for w in widths]), *[line(r) for r in rows]]
     out += [f"FAIL {finding}" for finding in result.findings()]
-    skipped = (f", {result.ids_skipped:,} shorter than privacy.check_min_id_chars={result.min_id_chars} not searched"
-               if result.ids_skipped else "")
+    skipped = (
+        f", {result.ids_skipped:,} shorter than privacy.check_min_id_chars={result.min_id_chars} not searched"
+        if result.ids_skipped
+        else ""
+    )
     out.append(f"scanned: {'every row' if result.scope.full else 'new rows'}: {result.scope.why}")
-    out.append(f"privacy-check: {'pass' if result.passed else 'FAIL'} "
-               f"({sum(t.exists for t in result.tables)} tables, {'every row' if result.scope.full else 'new rows'}"
-               f"; {result.ids_searched:,} raw user ids searched{skipped})")
+    out.append(
+        f"privacy-check: {'pass' if result.passed else 'FAIL'} "
+        f"({sum(t.exists for t in result.tables)} tables, {'every row' if result.scope.full else 'new rows'}"
+        f"; {result.ids_searched:,} raw user ids searched{skipped})"
+    )
     return "\n".join(out)

@@ -20,6 +20,7 @@ differential privacy (:func:`model_properties`): ``userlens.model_version``,
 ``userlens.dp`` (``dp-sgd``, ``none`` or ``unknown``) and, for DP-SGD,
 ``userlens.dp.epsilon`` / ``userlens.dp.delta``; set only when they change.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -48,14 +49,19 @@ log = logging.getLogger(__name__)
 def interests(events: DataFrame, as_of: dt.date, top: int, half_life_days: float) -> DataFrame:
     """(user_key, top_categories array<string>): recency-weighted category counts up to ``as_of``."""
     age = F.datediff(F.lit(as_of), F.col("event_date"))
-    weighted = (events.where((F.col("event_date") <= F.lit(as_of)) & F.col("category").isNotNull())
-                .groupBy("user_key", "category")
-                .agg(F.sum(F.pow(F.lit(0.5), age / F.lit(half_life_days))).alias("w")))
-    ranked = weighted.withColumn("rank", F.row_number().over(
-        Window.partitionBy("user_key").orderBy(F.desc("w"), "category"))).where(F.col("rank") <= top)
+    weighted = (
+        events.where((F.col("event_date") <= F.lit(as_of)) & F.col("category").isNotNull())
+        .groupBy("user_key", "category")
+        .agg(F.sum(F.pow(F.lit(0.5), age / F.lit(half_life_days))).alias("w"))
+    )
+    ranked = weighted.withColumn(
+        "rank", F.row_number().over(Window.partitionBy("user_key").orderBy(F.desc("w"), "category"))
+    ).where(F.col("rank") <= top)
     return ranked.groupBy("user_key").agg(
-        F.transform(F.array_sort(F.collect_list(F.struct("rank", "category"))), lambda x: x["category"])
-        .alias("top_categories"))
+        F.transform(F.array_sort(F.collect_list(F.struct("rank", "category"))), lambda x: x["category"]).alias(
+            "top_categories"
+        )
+    )
 
 
 def rfm(events: DataFrame, as_of: dt.date) -> DataFrame:
@@ -63,12 +69,14 @@ def rfm(events: DataFrame, as_of: dt.date) -> DataFrame:
     c = F.lit(as_of)
     known = events.where(F.col("event_date") <= c)
     last30 = F.col("event_date") > F.date_sub(c, 30)
-    spend = F.when(last30 & (F.col("event_type") == "purchase"),
-                   F.coalesce("price", F.lit(0.0)) * F.coalesce("quantity", F.lit(1)))
+    spend = F.when(
+        last30 & (F.col("event_type") == "purchase"), F.coalesce("price", F.lit(0.0)) * F.coalesce("quantity", F.lit(1))
+    )
     return known.groupBy("user_key").agg(
         F.datediff(c, F.max("event_date")).alias("recency_days"),
         F.sum(F.when(last30, 1).otherwise(0)).cast("long").alias("frequency_30d"),
-        F.round(F.coalesce(F.sum(spend), F.lit(0.0)), 2).alias("monetary_30d"))
+        F.round(F.coalesce(F.sum(spend), F.lit(0.0)), 2).alias("monetary_30d"),
+    )
 
 
 @dataclass(frozen=True)
@@ -78,8 +86,9 @@ class SegmentModel:
     fitted: bool
 
 
-def segment_model(spark: "SparkSession", settings: Settings, embeddings: DataFrame, model_id: str,
-                  as_of: dt.date) -> SegmentModel:
+def segment_model(
+    spark: "SparkSession", settings: Settings, embeddings: DataFrame, model_id: str, as_of: dt.date
+) -> SegmentModel:
     """The current k-means model: reused while young enough and on the same encoder, else refitted."""
     from pyspark.ml.clustering import KMeans, KMeansModel
     from pyspark.ml.functions import array_to_vector
@@ -99,8 +108,9 @@ def segment_model(spark: "SparkSession", settings: Settings, embeddings: DataFra
         raise UserlensError(f"profile: {n} users with embeddings, fewer than profile.segments={cfg.segments}")
     model = KMeans(k=cfg.segments, seed=7, featuresCol="x", maxIter=50).fit(vectors)
     model.write().overwrite().save(f"{store.segment_path(version)}/kmeans")
-    store.publish_segments(version, {"as_of_date": as_of.isoformat(), "embed_model_id": model_id,
-                                     "k": cfg.segments, "users": n})
+    store.publish_segments(
+        version, {"as_of_date": as_of.isoformat(), "embed_model_id": model_id, "k": cfg.segments, "users": n}
+    )
     log.info("profile: fitted %d segments on %d users (%s)", cfg.segments, n, version)
     return SegmentModel(model, version, True)
 
@@ -109,27 +119,40 @@ def assign_segments(model: "KMeansModel", embeddings: DataFrame) -> DataFrame:
     """(user_key, segment_id) for every user."""
     from pyspark.ml.functions import array_to_vector
 
-    return (model.transform(embeddings.select("user_key", array_to_vector(F.col("embedding")).alias("x")))
-            .select("user_key", F.col("prediction").cast("int").alias("segment_id")))
+    return model.transform(embeddings.select("user_key", array_to_vector(F.col("embedding")).alias("x"))).select(
+        "user_key", F.col("prediction").cast("int").alias("segment_id")
+    )
 
 
-def describe_segments(assigned: DataFrame, user_interests: DataFrame, min_size: int, as_of: dt.date,
-                      version: str, top: int = 3) -> DataFrame:
+def describe_segments(
+    assigned: DataFrame, user_interests: DataFrame, min_size: int, as_of: dt.date, version: str, top: int = 3
+) -> DataFrame:
     """segments rows: size, published (size >= min_size) and, when published, the top categories."""
     first = user_interests.select("user_key", F.element_at("top_categories", 1).alias("category"))
     sizes = assigned.groupBy("segment_id").agg(F.count(F.lit(1)).alias("users"))
-    cats = (assigned.join(first, "user_key").where(F.col("category").isNotNull())
-            .groupBy("segment_id", "category").count()
-            .withColumn("rank", F.row_number().over(Window.partitionBy("segment_id")
-                                                    .orderBy(F.desc("count"), "category")))
-            .where(F.col("rank") <= top)
-            .groupBy("segment_id").agg(F.transform(F.array_sort(F.collect_list(F.struct("rank", "category"))),
-                                                   lambda x: x["category"]).alias("cats")))
+    cats = (
+        assigned.join(first, "user_key")
+        .where(F.col("category").isNotNull())
+        .groupBy("segment_id", "category")
+        .count()
+        .withColumn("rank", F.row_number().over(Window.partitionBy("segment_id").orderBy(F.desc("count"), "category")))
+        .where(F.col("rank") <= top)
+        .groupBy("segment_id")
+        .agg(
+            F.transform(F.array_sort(F.collect_list(F.struct("rank", "category"))), lambda x: x["category"]).alias(
+                "cats"
+            )
+        )
+    )
     published = F.col("users") >= min_size
     return sizes.join(cats, "segment_id", "left").select(
-        "segment_id", F.lit(as_of).alias("as_of_date"), F.col("users").cast("long").alias("users"),
-        published.alias("published"), F.when(published, F.col("cats")).alias("top_categories"),
-        F.lit(version).alias("model_version"))
+        "segment_id",
+        F.lit(as_of).alias("as_of_date"),
+        F.col("users").cast("long").alias("users"),
+        published.alias("published"),
+        F.when(published, F.col("cats")).alias("top_categories"),
+        F.lit(version).alias("model_version"),
+    )
 
 
 def _training_dp(settings: Settings, version: str) -> dict[str, Any] | None:
@@ -141,8 +164,14 @@ def _training_dp(settings: Settings, version: str) -> dict[str, Any] | None:
 
 def record_model_properties(tables: Tables, settings: Settings) -> dict[str, str | None]:
     """Set the :func:`model_properties` of the versions in ``user_profiles``; returns them."""
-    versions = [r[0] for r in tables.read("user_profiles").where(F.col("model_version").isNotNull())
-                .select("model_version").distinct().collect()]
+    versions = [
+        r[0]
+        for r in tables.read("user_profiles")
+        .where(F.col("model_version").isNotNull())
+        .select("model_version")
+        .distinct()
+        .collect()
+    ]
     properties = model_properties({v: _training_dp(settings, v) for v in versions})
     tables.set_properties("user_profiles", properties)
     return properties
@@ -161,20 +190,26 @@ class ProfileResult:
     segments_refitted: bool
 
 
-def run_profile(spark: "SparkSession", settings: Settings, run: StageRun,
-                as_of: dt.date | None = None) -> ProfileResult:
+def run_profile(
+    spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None
+) -> ProfileResult:
     """Assemble and MERGE ``user_profiles`` for ``as_of`` (default: the newest embedding date)."""
     from pyspark import StorageLevel
 
     tables = Tables(spark, settings.storage)
     as_of = tables.as_of_date("user_embeddings", "as_of_date", "embed", as_of)
     run.as_of_date = as_of
-    embeddings = (tables.read("user_embeddings").where(F.col("as_of_date") <= F.lit(as_of))
-                  .select("user_key", "model_id", "embedding"))
+    embeddings = (
+        tables.read("user_embeddings")
+        .where(F.col("as_of_date") <= F.lit(as_of))
+        .select("user_key", "model_id", "embedding")
+    )
     model_ids = [r[0] for r in embeddings.select("model_id").distinct().collect()]
     if len(model_ids) != 1:
-        raise UserlensError(f"user_embeddings holds {len(model_ids)} encoders ({', '.join(model_ids)}): "
-                            "run `userlens embed` to bring every user to the configured model")
+        raise UserlensError(
+            f"user_embeddings holds {len(model_ids)} encoders ({', '.join(model_ids)}): "
+            "run `userlens embed` to bring every user to the configured model"
+        )
     events = tables.read("events")
     cached: list[DataFrame] = []
 
@@ -186,27 +221,50 @@ def run_profile(spark: "SparkSession", settings: Settings, run: StageRun,
         embeddings = cache(embeddings)
         seg = segment_model(spark, settings, embeddings, model_ids[0], as_of)
         assigned = cache(assign_segments(seg.model, embeddings))
-        user_interests = cache(interests(events, as_of, settings.profile.interests,
-                                         settings.profile.interest_half_life_days))
-        segments = cache(describe_segments(assigned, user_interests, settings.privacy.min_segment_size, as_of,
-                                           seg.version))
+        user_interests = cache(
+            interests(events, as_of, settings.profile.interests, settings.profile.interest_half_life_days)
+        )
+        segments = cache(
+            describe_segments(assigned, user_interests, settings.privacy.min_segment_size, as_of, seg.version)
+        )
         tables.merge("segments", segments)
         seg_rows = segments.select("segment_id", "users", "published").collect()
         published_ids = [r["segment_id"] for r in seg_rows if r["published"]]
-        scores = latest_per_user(tables.read("user_scores").where(F.col("as_of_date") <= F.lit(as_of)),
-                                 "as_of_date")
-        profile = (embeddings.select("user_key", "embedding")
-                   .join(scores.select("user_key", "purchase_propensity", "churn_risk", "next_category",
-                                       "recommended_items", "model_version"), "user_key", "left")
-                   .join(user_interests, "user_key", "left")
-                   .join(assigned, "user_key", "left")
-                   .join(rfm(events, as_of), "user_key", "left")
-                   .select("user_key", F.lit(as_of).alias("as_of_date"), "embedding", "purchase_propensity",
-                           "churn_risk", "next_category", "top_categories",
-                           F.when(F.col("segment_id").isin(published_ids), F.col("segment_id")).alias("segment_id"),
-                           "recommended_items",
-                           "recency_days", "frequency_30d", "monetary_30d", "model_version",
-                           F.current_timestamp().alias("updated_at")))
+        scores = latest_per_user(tables.read("user_scores").where(F.col("as_of_date") <= F.lit(as_of)), "as_of_date")
+        profile = (
+            embeddings.select("user_key", "embedding")
+            .join(
+                scores.select(
+                    "user_key",
+                    "purchase_propensity",
+                    "churn_risk",
+                    "next_category",
+                    "recommended_items",
+                    "model_version",
+                ),
+                "user_key",
+                "left",
+            )
+            .join(user_interests, "user_key", "left")
+            .join(assigned, "user_key", "left")
+            .join(rfm(events, as_of), "user_key", "left")
+            .select(
+                "user_key",
+                F.lit(as_of).alias("as_of_date"),
+                "embedding",
+                "purchase_propensity",
+                "churn_risk",
+                "next_category",
+                "top_categories",
+                F.when(F.col("segment_id").isin(published_ids), F.col("segment_id")).alias("segment_id"),
+                "recommended_items",
+                "recency_days",
+                "frequency_30d",
+                "monetary_30d",
+                "model_version",
+                F.current_timestamp().alias("updated_at"),
+            )
+        )
         metrics = tables.merge("user_profiles", profile, ignore_changes=("updated_at",))
         users = embeddings.count()
     finally:
@@ -214,20 +272,41 @@ def run_profile(spark: "SparkSession", settings: Settings, run: StageRun,
             df.unpersist()
     properties = record_model_properties(tables, settings)
     suppressed = [r for r in seg_rows if not r["published"]]
-    result = ProfileResult(as_of, users, metrics.get("numTargetRowsInserted", 0),
-                           metrics.get("numTargetRowsUpdated", 0), len(published_ids), len(suppressed),
-                           sum(r["users"] for r in suppressed), seg.version, seg.fitted)
+    result = ProfileResult(
+        as_of,
+        users,
+        metrics.get("numTargetRowsInserted", 0),
+        metrics.get("numTargetRowsUpdated", 0),
+        len(published_ids),
+        len(suppressed),
+        sum(r["users"] for r in suppressed),
+        seg.version,
+        seg.fitted,
+    )
     run.rows_in, run.rows_out = users, result.inserted + result.updated
-    run.details.update({"inserted": result.inserted, "updated": result.updated,
-                        "segments_published": result.segments_published,
-                        "segments_suppressed": result.segments_suppressed,
-                        "users_in_suppressed_segments": result.users_in_suppressed_segments,
-                        "segment_model": seg.version, "segments_refitted": seg.fitted,
-                        "min_segment_size": settings.privacy.min_segment_size,
-                        "model_properties": {k: v for k, v in properties.items() if v is not None}})
-    log.info("profile: %d users as of %s (%d new, %d changed rows); %d segments published, %d suppressed "
-             "(%d users, below privacy.min_segment_size=%d)", users, as_of, result.inserted, result.updated,
-             result.segments_published, result.segments_suppressed, result.users_in_suppressed_segments,
-             settings.privacy.min_segment_size)
+    run.details.update(
+        {
+            "inserted": result.inserted,
+            "updated": result.updated,
+            "segments_published": result.segments_published,
+            "segments_suppressed": result.segments_suppressed,
+            "users_in_suppressed_segments": result.users_in_suppressed_segments,
+            "segment_model": seg.version,
+            "segments_refitted": seg.fitted,
+            "min_segment_size": settings.privacy.min_segment_size,
+            "model_properties": {k: v for k, v in properties.items() if v is not None},
+        }
+    )
+    log.info(
+        "profile: %d users as of %s (%d new, %d changed rows); %d segments published, %d suppressed "
+        "(%d users, below privacy.min_segment_size=%d)",
+        users,
+        as_of,
+        result.inserted,
+        result.updated,
+        result.segments_published,
+        result.segments_suppressed,
+        result.users_in_suppressed_segments,
+        settings.privacy.min_segment_size,
+    )
     return result
-

@@ -8,6 +8,7 @@ Delta commit). Rows deleted: one Delta DELETE, then a VACUUM with the table's
 own retention (``delta.deletedFileRetentionDuration``, one week by default), so
 the files of the deletes before that go from storage too.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -48,8 +49,9 @@ class RetentionResult:
     kept: int
 
 
-def run_quarantine_retention(spark: "SparkSession", settings: Settings, run: StageRun,
-                             as_of: dt.date) -> RetentionResult:
+def run_quarantine_retention(
+    spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date
+) -> RetentionResult:
     """Delete the quarantine rows that have outlived ``privacy.quarantine_retention_days`` as of ``as_of``."""
     days = settings.privacy.quarantine_retention_days
     cutoff = retention_cutoff(as_of, days)
@@ -57,8 +59,11 @@ def run_quarantine_retention(spark: "SparkSession", settings: Settings, run: Sta
     tables = Tables(spark, settings.storage)
     deleted = kept = 0
     if tables.exists(QUARANTINE):
-        counts = tables.read(QUARANTINE).agg(
-            F.count(F.lit(1)).alias("rows"), F.count(F.when(quarantine_expired(cutoff), 1)).alias("due")).first()
+        counts = (
+            tables.read(QUARANTINE)
+            .agg(F.count(F.lit(1)).alias("rows"), F.count(F.when(quarantine_expired(cutoff), 1)).alias("due"))
+            .first()
+        )
         assert counts is not None  # an aggregate without groupBy has one row
         due = counts["due"]
         if due:
@@ -67,7 +72,11 @@ def run_quarantine_retention(spark: "SparkSession", settings: Settings, run: Sta
         kept = counts["rows"] - deleted
     run.rows_in, run.rows_out = deleted + kept, kept
     run.details.update({"retention_days": days, "cutoff": cutoff.isoformat(), "deleted": deleted, "kept": kept})
-    log.info("quarantine_retention: %d row(s) dated before %s deleted (privacy.quarantine_retention_days=%d), "
-             "%d kept", deleted, cutoff, days, kept)
+    log.info(
+        "quarantine_retention: %d row(s) dated before %s deleted (privacy.quarantine_retention_days=%d), %d kept",
+        deleted,
+        cutoff,
+        days,
+        kept,
+    )
     return RetentionResult(as_of, cutoff, deleted, kept)
-

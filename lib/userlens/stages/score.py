@@ -12,6 +12,7 @@ directory, which every executor must be able to read (a shared path or an
 object store URI). Scoring runs in ``mapInArrow``: the embedding and feature
 arrays are flattened from Arrow buffers, never built row by row in Python.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -37,14 +38,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCORES_SCHEMA = T.StructType([
-    T.StructField("user_key", T.StringType()),
-    T.StructField("purchase_propensity", T.DoubleType()),
-    T.StructField("churn_risk", T.DoubleType()),
-    T.StructField("next_category", T.StringType()),
-    T.StructField("next_category_p", T.DoubleType()),
-    T.StructField("recommended_items", T.ArrayType(T.StringType())),
-])
+SCORES_SCHEMA = T.StructType(
+    [
+        T.StructField("user_key", T.StringType()),
+        T.StructField("purchase_propensity", T.DoubleType()),
+        T.StructField("churn_risk", T.DoubleType()),
+        T.StructField("next_category", T.StringType()),
+        T.StructField("next_category_p", T.DoubleType()),
+        T.StructField("recommended_items", T.ArrayType(T.StringType())),
+    ]
+)
 _LOADED: dict[str | tuple[str, str], Any] = {}  # path -> artifact, ("rec", path) -> its recommender
 
 
@@ -70,8 +73,13 @@ def _recommender(artifact: Any) -> tuple[Any, Any] | None:
 
         rec = artifact.model.rec
         n = rec.config.n_items
-        catalogue = Catalogue(artifact.item_ids, rec.item_text[:n].numpy(), rec.log_q[:n].numpy(),
-                              rec.config.history, rec.config.half_life_days)
+        catalogue = Catalogue(
+            artifact.item_ids,
+            rec.item_text[:n].numpy(),
+            rec.log_q[:n].numpy(),
+            rec.config.history,
+            rec.config.half_life_days,
+        )
         with torch.inference_mode():
             _LOADED[key] = (catalogue, rec.item_vectors(rec.item_text[:n], torch.arange(n)))
     return _LOADED[key]
@@ -93,8 +101,13 @@ def _recommend(artifact: Any, x: Any, batch: "pa.RecordBatch", k: int) -> "pa.Ar
     with torch.inference_mode():
         users = artifact.model.rec.user_vectors(torch.from_numpy(x), hist, weights)
     bought = arrays["bought"]
-    top = top_k(users, items, np.where(bought == catalogue.pad, -1, bought), k,
-                repeat=(hist, weights, artifact.model.rec.repeat.detach()))
+    top = top_k(
+        users,
+        items,
+        np.where(bought == catalogue.pad, -1, bought),
+        k,
+        repeat=(hist, weights, artifact.model.rec.repeat.detach()),
+    )
     ids = np.array(catalogue.item_ids, dtype=object)
     offsets = np.concatenate([[0], np.cumsum((top >= 0).sum(1))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[top[top >= 0]].tolist(), pa.string()))
@@ -126,8 +139,11 @@ def _score_fn(path: str, k: int):
                 out["next_category_p"] = pa.array(probs["next_category"].max(axis=1).astype(np.float64))
             else:
                 out["next_category"], out["next_category_p"] = pa.nulls(n, pa.string()), pa.nulls(n, pa.float64())
-            out["recommended_items"] = (_recommend(artifact, x, batch, k) if artifact.model.rec is not None
-                                        else pa.nulls(n, pa.list_(pa.string())))
+            out["recommended_items"] = (
+                _recommend(artifact, x, batch, k)
+                if artifact.model.rec is not None
+                else pa.nulls(n, pa.list_(pa.string()))
+            )
             yield pa.RecordBatch.from_pydict(out)
 
     return score_batches
@@ -138,8 +154,9 @@ def score_users(users: DataFrame, artifact_path: str, k: int = 10) -> DataFrame:
     churn_risk, next_category, next_category_p, recommended_items) with the model at ``artifact_path``;
     the recommendation columns are needed when the model has a two-tower head."""
     extra = [c for c in ("hist_items", "hist_ages", "bought") if c in users.columns]
-    return users.select("user_key", "embedding", "features", *extra).mapInArrow(_score_fn(artifact_path, k),
-                                                                               SCORES_SCHEMA)
+    return users.select("user_key", "embedding", "features", *extra).mapInArrow(
+        _score_fn(artifact_path, k), SCORES_SCHEMA
+    )
 
 
 @dataclass(frozen=True)
@@ -161,8 +178,6 @@ def require_model(settings: Settings) -> tuple[str, str]:
     return version, store.path(version)
 
 
-
-
 def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None) -> ScoreResult:
     """Score users whose embedding or model changed since their last score; MERGE into user_scores."""
     from pyspark import StorageLevel
@@ -179,43 +194,73 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     embeddings = tables.read("user_embeddings").where(F.col("as_of_date") <= F.lit(as_of))
     wrong = embeddings.where(F.col("model_id") != model_id).limit(1).count()
     if wrong:
-        raise UserlensError(f"user_embeddings were made with another encoder than model {version} "
-                            f"(trained on {model_id}): run `userlens embed` with that model, or `userlens train`")
+        raise UserlensError(
+            f"user_embeddings were made with another encoder than model {version} "
+            f"(trained on {model_id}): run `userlens embed` with that model, or `userlens train`"
+        )
     feats = numeric_features(events, as_of, settings.ingest.event_types)
     current = embeddings.select("user_key", "text_hash", "embedding").join(feats, "user_key", "left")
-    scored_before = latest_per_user(tables.read("user_scores").where(F.col("as_of_date") <= F.lit(as_of)),
-                                    "as_of_date").select("user_key", F.col("text_hash").alias("_h"),
-                                                         F.col("model_version").alias("_v"))
+    scored_before = latest_per_user(
+        tables.read("user_scores").where(F.col("as_of_date") <= F.lit(as_of)), "as_of_date"
+    ).select("user_key", F.col("text_hash").alias("_h"), F.col("model_version").alias("_v"))
     tagged = current.join(scored_before, "user_key", "left").withColumn(
-        "_todo", F.col("_h").isNull() | (F.col("_h") != F.col("text_hash")) | (F.col("_v") != F.lit(version)))
+        "_todo", F.col("_h").isNull() | (F.col("_h") != F.col("text_hash")) | (F.col("_v") != F.lit(version))
+    )
     tagged = tagged.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        counts = tagged.agg(F.count(F.lit(1)).alias("users"), F.sum(F.col("_todo").cast("int")).alias("todo"),
-                            F.sum(F.col("features").isNull().cast("int")).alias("no_features")).first()
+        counts = tagged.agg(
+            F.count(F.lit(1)).alias("users"),
+            F.sum(F.col("_todo").cast("int")).alias("todo"),
+            F.sum(F.col("features").isNull().cast("int")).alias("no_features"),
+        ).first()
         assert counts is not None  # an aggregate without groupBy has one row
         todo = tagged.where("_todo").withColumn(
-            "features", F.coalesce("features", F.array_repeat(F.lit(0.0), len(artifact.features.names))))
+            "features", F.coalesce("features", F.array_repeat(F.lit(0.0), len(artifact.features.names)))
+        )
         if artifact.config.rec:  # the recommendation head reads the user's item history as of D
             empty = F.array().cast("array<string>")
             history = item_history(events, as_of, as_of, artifact.config.rec["history"]).drop("next_items")
             todo = todo.join(history, "user_key", "left").select(
-                *todo.columns, F.coalesce("hist_items", empty).alias("hist_items"),
+                *todo.columns,
+                F.coalesce("hist_items", empty).alias("hist_items"),
                 F.coalesce("hist_ages", F.array().cast("array<int>")).alias("hist_ages"),
-                F.coalesce("bought", empty).alias("bought"))
+                F.coalesce("bought", empty).alias("bought"),
+            )
         scores = score_users(todo, path, settings.train.recommend.k)
         rows = scores.join(todo.select("user_key", "text_hash"), "user_key").select(
-            "user_key", F.lit(as_of).alias("as_of_date"), F.lit(version).alias("model_version"), "text_hash",
-            "purchase_propensity", "churn_risk", "next_category", "next_category_p", "recommended_items",
-            F.current_timestamp().alias("scored_at"))
+            "user_key",
+            F.lit(as_of).alias("as_of_date"),
+            F.lit(version).alias("model_version"),
+            "text_hash",
+            "purchase_propensity",
+            "churn_risk",
+            "next_category",
+            "next_category_p",
+            "recommended_items",
+            F.current_timestamp().alias("scored_at"),
+        )
         written = tables.merge("user_scores", rows) if (counts["todo"] or 0) > 0 else {}
     finally:
         tagged.unpersist()
     scored = written.get("numTargetRowsInserted", 0) + written.get("numTargetRowsUpdated", 0)
-    result = ScoreResult(as_of, version, counts["users"], scored, counts["users"] - (counts["todo"] or 0),
-                         counts["no_features"] or 0)
+    result = ScoreResult(
+        as_of, version, counts["users"], scored, counts["users"] - (counts["todo"] or 0), counts["no_features"] or 0
+    )
     run.rows_in, run.rows_out = result.users, result.scored
-    run.details.update({"model_version": version, "scored": result.scored, "unchanged": result.unchanged,
-                        "users_without_events": result.no_events})
-    log.info("score: %d users as of %s with model %s: %d scored, %d unchanged", result.users, as_of, version,
-             result.scored, result.unchanged)
+    run.details.update(
+        {
+            "model_version": version,
+            "scored": result.scored,
+            "unchanged": result.unchanged,
+            "users_without_events": result.no_events,
+        }
+    )
+    log.info(
+        "score: %d users as of %s with model %s: %d scored, %d unchanged",
+        result.users,
+        as_of,
+        version,
+        result.scored,
+        result.unchanged,
+    )
     return result

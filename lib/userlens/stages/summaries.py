@@ -1,51 +1,68 @@
 """What each stage's result says in a few lines: the command line, the notebooks and the nightly print these."""
+
 from __future__ import annotations
 
 from typing import Any
 
 
 def ingest(r: Any) -> str:
-    return (f"ingest: {r.rows_in} rows in -> {r.rows_out} events, {r.quarantined} quarantined, "
-            f"{r.duplicates} duplicates; {r.items_out} items (as of {r.as_of_date})"
-            + (f"; {len(r.skipped_files)} unreadable file(s) skipped" if r.skipped_files else ""))
+    return (
+        f"ingest: {r.rows_in} rows in -> {r.rows_out} events, {r.quarantined} quarantined, "
+        f"{r.duplicates} duplicates; {r.items_out} items (as of {r.as_of_date})"
+        + (f"; {len(r.skipped_files)} unreadable file(s) skipped" if r.skipped_files else "")
+    )
 
 
 def textualize(r: Any) -> str:
-    return (f"textualize: {r.users} user texts as of {r.as_of_date} ({r.texts_inserted} new, "
-            f"{r.texts_updated} changed)")
+    return f"textualize: {r.users} user texts as of {r.as_of_date} ({r.texts_inserted} new, {r.texts_updated} changed)"
 
 
 def embed(r: Any) -> str:
     users, items = r.users, r.items
-    return (f"embed: users {users.embedded} embedded ({users.texts_embedded} distinct texts), {users.unchanged} "
-            f"unchanged, {users.empty} empty; items {items.embedded} embedded, {items.unchanged} unchanged "
-            f"(model {r.model_id}, as of {r.as_of_date})")
+    return (
+        f"embed: users {users.embedded} embedded ({users.texts_embedded} distinct texts), {users.unchanged} "
+        f"unchanged, {users.empty} empty; items {items.embedded} embedded, {items.unchanged} unchanged "
+        f"(model {r.model_id}, as of {r.as_of_date})"
+    )
 
 
 def train(r: Any) -> str:
     nan = float("nan")
-    lines = [f"train: model {r.version} in {r.path}",
-             f"  cutoff {r.cutoff} (as of {r.as_of_date}); users " + ", ".join(f"{s} {n}" for s, n in r.users.items())]
+    lines = [
+        f"train: model {r.version} in {r.path}",
+        f"  cutoff {r.cutoff} (as of {r.as_of_date}); users " + ", ".join(f"{s} {n}" for s, n in r.users.items()),
+    ]
     for task, values in r.model.items():
         base = r.baseline.get(task, {})
         if task == "recommend":
             continue
         if "auc" in values:
-            lines.append(f"  {task:<14} test AUC {values['auc']:.3f}  PR-AUC {values['pr_auc']:.3f}  "
-                         f"log loss {values['log_loss']:.3f}  ECE {values['ece']:.3f}   "
-                         f"baseline AUC {base.get('auc', nan):.3f}"
-                         + ("   (head: the baseline's regression, which validated better)"
-                            if r.heads.get(task) == "baseline" else ""))
+            lines.append(
+                f"  {task:<14} test AUC {values['auc']:.3f}  PR-AUC {values['pr_auc']:.3f}  "
+                f"log loss {values['log_loss']:.3f}  ECE {values['ece']:.3f}   "
+                f"baseline AUC {base.get('auc', nan):.3f}"
+                + (
+                    "   (head: the baseline's regression, which validated better)"
+                    if r.heads.get(task) == "baseline"
+                    else ""
+                )
+            )
         else:
-            lines.append(f"  {task:<14} test accuracy {values['accuracy']:.3f}  top-3 {values['top3_accuracy']:.3f}"
-                         f"   baseline {base.get('accuracy', nan):.3f} / {base.get('top3_accuracy', nan):.3f}")
+            lines.append(
+                f"  {task:<14} test accuracy {values['accuracy']:.3f}  top-3 {values['top3_accuracy']:.3f}"
+                f"   baseline {base.get('accuracy', nan):.3f} / {base.get('top3_accuracy', nan):.3f}"
+            )
     if "recommend" in r.model:
-        methods = {"two-tower": r.model["recommend"], "popularity": r.baseline.get("recommend_popularity", {}),
-                   "ALS": r.baseline.get("recommend_als", {})}
+        methods = {
+            "two-tower": r.model["recommend"],
+            "popularity": r.baseline.get("recommend_popularity", {}),
+            "ALS": r.baseline.get("recommend_als", {}),
+        }
         names = [n for n in r.model["recommend"] if n != "users"]
-        lines.append(f"  recommendations ({r.model['recommend'].get('users', 0)} test users with a next purchase): "
-                     + "; ".join(f"{m} " + " ".join(f"{n} {v.get(n, nan):.3f}" for n in names)
-                                 for m, v in methods.items()))
+        lines.append(
+            f"  recommendations ({r.model['recommend'].get('users', 0)} test users with a next purchase): "
+            + "; ".join(f"{m} " + " ".join(f"{n} {v.get(n, nan):.3f}" for n in names) for m, v in methods.items())
+        )
     if r.dp:
         lines.append(f"  DP-SGD: epsilon {r.dp['epsilon']:.2f} at delta {r.dp['delta']:g}")
     return "\n".join(lines)
@@ -56,9 +73,11 @@ def score(r: Any) -> str:
 
 
 def profile(r: Any) -> str:
-    return (f"profile: {r.users} users as of {r.as_of_date} ({r.inserted} new, {r.updated} changed rows); "
-            f"{r.segments_published} segments published, {r.segments_suppressed} suppressed as smaller than "
-            f"privacy.min_segment_size ({r.users_in_suppressed_segments} users)")
+    return (
+        f"profile: {r.users} users as of {r.as_of_date} ({r.inserted} new, {r.updated} changed rows); "
+        f"{r.segments_published} segments published, {r.segments_suppressed} suppressed as smaller than "
+        f"privacy.min_segment_size ({r.users_in_suppressed_segments} users)"
+    )
 
 
 def quarantine_retention(r: Any) -> str:

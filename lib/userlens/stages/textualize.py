@@ -4,6 +4,7 @@ The texts are built by :mod:`userlens.text.user_texts` (its docstring shows one 
 budget, the stability and the skew are handled); this runner reads the tables, MERGEs the texts of
 the as-of date and counts what changed.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -24,19 +25,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
 @dataclass(frozen=True)
 class TextualizeResult:
     as_of_date: dt.date
@@ -47,8 +35,9 @@ class TextualizeResult:
     users_only_quarantined: int
 
 
-def run_textualize(spark: "SparkSession", settings: Settings, run: StageRun,
-                   as_of: dt.date | None = None) -> TextualizeResult:
+def run_textualize(
+    spark: "SparkSession", settings: Settings, run: StageRun, as_of: dt.date | None = None
+) -> TextualizeResult:
     """Write ``user_texts`` for ``as_of`` (default: the latest event date); a rerun changes nothing."""
     from pyspark import StorageLevel
 
@@ -56,28 +45,53 @@ def run_textualize(spark: "SparkSession", settings: Settings, run: StageRun,
     as_of = tables.as_of_date("events", "event_date", "ingest", as_of)
     events = tables.read("events")
     run.as_of_date = as_of
-    texts = build_user_texts(events.where(F.col("event_date") <= F.lit(as_of)), tables.read("items"),
-                             settings.textualize, settings.ingest.event_types, as_of)
+    texts = build_user_texts(
+        events.where(F.col("event_date") <= F.lit(as_of)),
+        tables.read("items"),
+        settings.textualize,
+        settings.ingest.event_types,
+        as_of,
+    )
     texts = texts.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        totals = texts.agg(F.count(F.lit(1)).alias("users"),
-                           F.coalesce(F.sum("n_missing_items"), F.lit(0)).alias("missing")).first()
+        totals = texts.agg(
+            F.count(F.lit(1)).alias("users"), F.coalesce(F.sum("n_missing_items"), F.lit(0)).alias("missing")
+        ).first()
         assert totals is not None  # an aggregate without groupBy has one row
         metrics = tables.merge("user_texts", texts, target_filter=f"t.as_of_date = DATE'{as_of.isoformat()}'")
     finally:
         texts.unpersist()
     only_quarantined = _users_only_quarantined(tables, as_of)
-    result = TextualizeResult(as_of, totals["users"], metrics.get("numTargetRowsInserted", 0),
-                              metrics.get("numTargetRowsUpdated", 0), totals["missing"], only_quarantined)
+    result = TextualizeResult(
+        as_of,
+        totals["users"],
+        metrics.get("numTargetRowsInserted", 0),
+        metrics.get("numTargetRowsUpdated", 0),
+        totals["missing"],
+        only_quarantined,
+    )
     run.rows_in, run.rows_out = result.users, result.texts_inserted + result.texts_updated
-    run.details.update({"users": result.users, "inserted": result.texts_inserted, "updated": result.texts_updated,
-                        "events_missing_item": result.events_missing_item,
-                        "users_only_quarantined": only_quarantined,
-                        "template_version": settings.textualize.template_version,
-                        "language": settings.textualize.language})
-    log.info("textualize: %d users as of %s (%d new, %d changed texts); %d events with an item missing from "
-             "the catalog; %d users with only quarantined rows get no text", result.users, as_of,
-             result.texts_inserted, result.texts_updated, result.events_missing_item, only_quarantined)
+    run.details.update(
+        {
+            "users": result.users,
+            "inserted": result.texts_inserted,
+            "updated": result.texts_updated,
+            "events_missing_item": result.events_missing_item,
+            "users_only_quarantined": only_quarantined,
+            "template_version": settings.textualize.template_version,
+            "language": settings.textualize.language,
+        }
+    )
+    log.info(
+        "textualize: %d users as of %s (%d new, %d changed texts); %d events with an item missing from "
+        "the catalog; %d users with only quarantined rows get no text",
+        result.users,
+        as_of,
+        result.texts_inserted,
+        result.texts_updated,
+        result.events_missing_item,
+        only_quarantined,
+    )
     return result
 
 
@@ -85,9 +99,14 @@ def _users_only_quarantined(tables: Tables, as_of: dt.date) -> int:
     """Users seen only in quarantined rows up to ``as_of``: they get no text, and are counted."""
     if not tables.exists("events_quarantine"):
         return 0
-    quarantined = (tables.read("events_quarantine")
-                   .where(f"source = 'events' AND user_key IS NOT NULL AND "
-                          f"(source_date IS NULL OR source_date <= DATE'{as_of.isoformat()}')")
-                   .select("user_key").distinct())
+    quarantined = (
+        tables.read("events_quarantine")
+        .where(
+            f"source = 'events' AND user_key IS NOT NULL AND "
+            f"(source_date IS NULL OR source_date <= DATE'{as_of.isoformat()}')"
+        )
+        .select("user_key")
+        .distinct()
+    )
     with_text = tables.read("user_texts").where(F.col("as_of_date") == F.lit(as_of)).select("user_key")
     return quarantined.join(with_text, "user_key", "left_anti").count()

@@ -23,6 +23,7 @@ the embed stage's embedder; a text whose hash is already in
 ``user_embeddings`` for the same model is not embedded again. They are not
 written to ``user_texts`` / ``user_embeddings``, whose rows stay the latest.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -65,21 +66,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -105,25 +91,28 @@ def check_train_settings(settings: Settings) -> None:
         try:
             import opacus  # noqa: F401
         except ImportError as exc:
-            raise ConfigError("train.dp.enabled: DP-SGD needs Opacus, which is not installed: "
-                              "pip install 'userlens[privacy]'") from exc
+            raise ConfigError(
+                "train.dp.enabled: DP-SGD needs Opacus, which is not installed: pip install 'userlens[privacy]'"
+            ) from exc
     if train.mlflow.enabled:
         try:
             import mlflow  # noqa: F401
         except ImportError as exc:
-            raise ConfigError("train.mlflow.enabled: mlflow is not installed: pip install 'userlens[mlflow]'") \
-                from exc
+            raise ConfigError("train.mlflow.enabled: mlflow is not installed: pip install 'userlens[mlflow]'") from exc
     if train.use_gpu:
         import torch
 
         if train.local_mode and not torch.cuda.is_available():
-            raise ConfigError("train.use_gpu: no CUDA GPU is visible on the driver (train.local_mode=true runs "
-                              "the processes there)")
+            raise ConfigError(
+                "train.use_gpu: no CUDA GPU is visible on the driver (train.local_mode=true runs the processes there)"
+            )
     if "next_category" not in train.tasks and not any(t in BINARY_TASKS for t in train.tasks):
         raise ConfigError("train.tasks: no task to train")
     if train.dp.enabled and train.recommend.enabled:
-        raise ConfigError("train.recommend.enabled: the two-tower head's in-batch negatives mix users, so it "
-                          "cannot be trained with DP-SGD (train.dp.enabled); set train.recommend.enabled=false")
+        raise ConfigError(
+            "train.recommend.enabled: the two-tower head's in-batch negatives mix users, so it "
+            "cannot be trained with DP-SGD (train.dp.enabled); set train.recommend.enabled=false"
+        )
 
 
 def check_train_cluster(spark: "SparkSession", train: TrainSettings) -> None:
@@ -153,12 +142,21 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     artifact = store.path(version)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    log.info("train: cutoff %s (as of %s, horizon %d days); features and texts up to the cutoff, labels after it",
-             cut, as_of, train.horizon_days)
+    log.info(
+        "train: cutoff %s (as of %s, horizon %d days); features and texts up to the cutoff, labels after it",
+        cut,
+        as_of,
+        train.horizon_days,
+    )
 
     frame = labelled_users(events, cut, as_of, settings.ingest.event_types, train)
-    texts = build_user_texts(events.where(F.col("event_date") <= F.lit(cut)), tables.read("items"),
-                             settings.textualize, settings.ingest.event_types, cut)
+    texts = build_user_texts(
+        events.where(F.col("event_date") <= F.lit(cut)),
+        tables.read("items"),
+        settings.textualize,
+        settings.ingest.event_types,
+        cut,
+    )
     frame = frame.join(texts.select("user_key", "text", "text_hash"), "user_key")
     rec = train.recommend if train.recommend.enabled else None
     if rec is not None:
@@ -172,13 +170,20 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         t0 = time.perf_counter()
         cutoff_vectors = vectors_for(embedder, frame, _stored(tables, "user_embeddings"), model_id)
         vectors, cutoff_texts_embedded = cutoff_vectors.frame, cutoff_vectors.embedded
-        log.info("train: %d texts as of the cutoff embedded (the rest reused from user_embeddings)",
-                 cutoff_texts_embedded)
+        log.info(
+            "train: %d texts as of the cutoff embedded (the rest reused from user_embeddings)", cutoff_texts_embedded
+        )
         timings["cutoff_embed_seconds"] = time.perf_counter() - t0
         snap = frame.join(vectors, "text_hash").select(
-            "user_key", "split", "embedding", "features", "purchase", "churn",
+            "user_key",
+            "split",
+            "embedding",
+            "features",
+            "purchase",
+            "churn",
             class_index(F.col("next_category_name"), classes).alias("next_category"),
-            *(REC_COLUMNS if rec is not None else ()))
+            *(REC_COLUMNS if rec is not None else ()),
+        )
         n_users = sum(c["users"] for c in counts.values())
         files = max(train.num_processes, math.ceil(n_users / train.snapshot_rows_per_file))
         snap.repartition(files).write.mode("errorifexists").partitionBy("split").parquet(snapshot)
@@ -189,8 +194,11 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     if rec is not None:
         n_items = _write_catalogue(spark, tables, embedder, settings, model_id, snapshot)
     timings["snapshot_seconds"] = time.perf_counter() - started
-    log.info("train: snapshot %s written (%s)", snapshot_id,
-             ", ".join(f"{s} {counts.get(s, {}).get('users', 0)} users" for s in SPLITS))
+    log.info(
+        "train: snapshot %s written (%s)",
+        snapshot_id,
+        ", ".join(f"{s} {counts.get(s, {}).get('users', 0)} users" for s in SPLITS),
+    )
 
     names = feature_names(settings.ingest.event_types)
     stored = read_snapshot(spark, snapshot)
@@ -203,15 +211,24 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     if rec is not None:
         from userlens.models.recommend import RecConfig
 
-        rec_config = asdict(RecConfig(n_items, dim, dim + len(names), rec.dim, rec.hidden, rec.history,
-                                      rec.history_half_life_days))
-    config = ModelConfig(tasks=list(train.tasks), classes=classes, hidden=list(train.hidden), dropout=train.dropout,
-                         input_dim=dim + len(names), numeric_dim=len(names), rec=rec_config)
+        rec_config = asdict(
+            RecConfig(n_items, dim, dim + len(names), rec.dim, rec.hidden, rec.history, rec.history_half_life_days)
+        )
+    config = ModelConfig(
+        tasks=list(train.tasks),
+        classes=classes,
+        hidden=list(train.hidden),
+        dropout=train.dropout,
+        input_dim=dim + len(names),
+        numeric_dim=len(names),
+        rec=rec_config,
+    )
 
     t0 = time.perf_counter()
     linear: dict[str, dict[str, list]] = {}
-    baseline = fit_baseline(stored, train.tasks, len(classes), predictions_to=f"{artifact}/baseline_predictions.npz",
-                            linear_out=linear)
+    baseline = fit_baseline(
+        stored, train.tasks, len(classes), predictions_to=f"{artifact}/baseline_predictions.npz", linear_out=linear
+    )
     if rec is not None:
         baseline.update(recommendation_baselines(stored, events, cut, rec))
     timings["baseline_seconds"] = time.perf_counter() - t0
@@ -222,15 +239,27 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         delta = train.dp.target_delta or 10.0 ** -math.ceil(math.log10(max(n_train, 2)))
         dp = DPJob(train.dp.target_epsilon, delta, train.dp.max_grad_norm)
     job = TrainJob(
-        snapshot=snapshot, snapshot_id=snapshot_id, artifact=artifact, version=version, config=config,
-        features=features, use_gpu=train.use_gpu, batch_size=train.batch_size, epochs=train.epochs,
-        patience=train.patience, learning_rate=train.learning_rate, weight_decay=train.weight_decay,
-        seed=train.seed, dp=dp, baseline=baseline,
+        snapshot=snapshot,
+        snapshot_id=snapshot_id,
+        artifact=artifact,
+        version=version,
+        config=config,
+        features=features,
+        use_gpu=train.use_gpu,
+        batch_size=train.batch_size,
+        epochs=train.epochs,
+        patience=train.patience,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        seed=train.seed,
+        dp=dp,
+        baseline=baseline,
         # not under DP-SGD: the baseline saw the training data without noise, so a head chosen from it
         # would spend privacy the accountant does not count
         baseline_heads=standardized_linear(linear, features) if train.baseline_fallback and dp is None else None,
         recommend=RecJob(rec.k, rec.history, rec.history_half_life_days, rec.weight) if rec is not None else None,
-        data=TrainingData(as_of.isoformat(), cut.isoformat(), train.horizon_days, counts, model_id))
+        data=TrainingData(as_of.isoformat(), cut.isoformat(), train.horizon_days, counts, model_id),
+    )
     t0 = time.perf_counter()
     summary = distributed_fit(job, train)
     timings["distributor_seconds"] = time.perf_counter() - t0
@@ -242,27 +271,57 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         _log_mlflow(settings, job, summary, baseline, artifact)
 
     info = summary.training
-    result = TrainResult(as_of, cut, version, artifact, {s: c["users"] for s, c in counts.items()},
-                         summary.test, baseline, info.dp, timings, info.baseline_fallback)
+    result = TrainResult(
+        as_of,
+        cut,
+        version,
+        artifact,
+        {s: c["users"] for s, c in counts.items()},
+        summary.test,
+        baseline,
+        info.dp,
+        timings,
+        info.baseline_fallback,
+    )
     run.rows_in, run.rows_out = n_users, n_train
-    run.details.update({
-        "version": version, "cutoff": cut.isoformat(), "snapshot_id": snapshot_id, "artifact": artifact,
-        "users": result.users, "model": summary.test, "baseline": baseline, "dp": info.dp,
-        "samples_per_second": info.samples_per_second, "epochs_run": info.epochs_run,
-        "best_epoch": info.best_epoch, "world_size": info.world_size,
-        "baseline_fallback": info.baseline_fallback, "cutoff_texts_embedded": cutoff_texts_embedded,
-        **timings,
-    })
+    run.details.update(
+        {
+            "version": version,
+            "cutoff": cut.isoformat(),
+            "snapshot_id": snapshot_id,
+            "artifact": artifact,
+            "users": result.users,
+            "model": summary.test,
+            "baseline": baseline,
+            "dp": info.dp,
+            "samples_per_second": info.samples_per_second,
+            "epochs_run": info.epochs_run,
+            "best_epoch": info.best_epoch,
+            "world_size": info.world_size,
+            "baseline_fallback": info.baseline_fallback,
+            "cutoff_texts_embedded": cutoff_texts_embedded,
+            **timings,
+        }
+    )
     for task in train.tasks:
         key = "accuracy" if task in MULTICLASS_TASKS else "auc"
-        log.info("train: %s test %s %.4f (baseline %.4f)", task, key, summary.test[task][key],
-                 baseline.get(task, {}).get(key, float("nan")))
+        log.info(
+            "train: %s test %s %.4f (baseline %.4f)",
+            task,
+            key,
+            summary.test[task][key],
+            baseline.get(task, {}).get(key, float("nan")),
+        )
     if rec is not None:
         key = f"recall@{rec.k}"
-        log.info("train: recommendations test %s: two-tower %.4f, popularity %.4f, ALS %.4f (%d users)", key,
-                 summary.test["recommend"].get(key, float("nan")),
-                 baseline["recommend_popularity"].get(key, float("nan")),
-                 baseline["recommend_als"].get(key, float("nan")), summary.test["recommend"].get("users", 0))
+        log.info(
+            "train: recommendations test %s: two-tower %.4f, popularity %.4f, ALS %.4f (%d users)",
+            key,
+            summary.test["recommend"].get(key, float("nan")),
+            baseline["recommend_popularity"].get(key, float("nan")),
+            baseline["recommend_als"].get(key, float("nan")),
+            summary.test["recommend"].get("users", 0),
+        )
     return result
 
 
@@ -277,10 +336,15 @@ def distributed_fit(job: TrainJob, train: TrainSettings) -> TrainSummary:
 
     from userlens.models.training import train_main
 
-    log.info("train: TorchDistributor(num_processes=%d, local_mode=%s, use_gpu=%s)", train.num_processes,
-             train.local_mode, train.use_gpu)
-    summary = TorchDistributor(num_processes=train.num_processes, local_mode=train.local_mode,
-                               use_gpu=train.use_gpu).run(train_main, job)
+    log.info(
+        "train: TorchDistributor(num_processes=%d, local_mode=%s, use_gpu=%s)",
+        train.num_processes,
+        train.local_mode,
+        train.use_gpu,
+    )
+    summary = TorchDistributor(
+        num_processes=train.num_processes, local_mode=train.local_mode, use_gpu=train.use_gpu
+    ).run(train_main, job)
     if not isinstance(summary, TrainSummary):
         raise UserlensError("train: the training processes returned no summary (see their log above)")
     return summary
@@ -294,8 +358,12 @@ def _with_item_history(frame: DataFrame, history: DataFrame, eval_users: int) ->
     with a next purchase, a hash sample of about ``eval_users`` of them when there are more."""
     empty = F.array().cast("array<string>")
     joined = frame.join(history, "user_key", "left").select(
-        *frame.columns, *[F.coalesce(c, empty if c != "hist_ages" else F.array().cast("array<int>")).alias(c)
-                          for c in ("hist_items", "hist_ages", "bought", "next_items")])
+        *frame.columns,
+        *[
+            F.coalesce(c, empty if c != "hist_ages" else F.array().cast("array<int>")).alias(c)
+            for c in ("hist_items", "hist_ages", "bought", "next_items")
+        ],
+    )
     candidates = (F.col("split") == "test") & (F.size("next_items") > 0)
     n = joined.where(candidates).count()
     share = min(1.0, eval_users / n) if n else 1.0
@@ -303,28 +371,43 @@ def _with_item_history(frame: DataFrame, history: DataFrame, eval_users: int) ->
     return joined.withColumn("rec_eval", candidates & (sampled if share < 1.0 else F.lit(True)))
 
 
-def _write_catalogue(spark: "SparkSession", tables: Tables, embedder: Any, settings: Settings, model_id: str,
-                     snapshot: str) -> int:
+def _write_catalogue(
+    spark: "SparkSession", tables: Tables, embedder: Any, settings: Settings, model_id: str, snapshot: str
+) -> int:
     """``<snapshot>/items``: item_id, embedding and log q (the item's share of the train split's next
     purchases, +1 smoothed) of every catalogue item with a text; the item embeddings in
     ``item_embeddings`` are reused, the rest embedded now."""
     if not tables.exists("items"):
-        raise UserlensError("train.recommend.enabled: no items table: run `userlens ingest` with an item catalog, "
-                            "or set train.recommend.enabled=false")
+        raise UserlensError(
+            "train.recommend.enabled: no items table: run `userlens ingest` with an item catalog, "
+            "or set train.recommend.enabled=false"
+        )
     texts = item_texts(tables.read("items"), settings.embed.item_text_fields).where(~is_empty_text("text"))
     vectors = vectors_for(embedder, texts, _stored(tables, "item_embeddings"), model_id)
-    positives = (read_snapshot(spark, snapshot).where(F.col("split") == "train")
-                 .select(F.explode("next_items").alias("item_id")).groupBy("item_id").count())
-    items = (texts.join(vectors.frame, "text_hash").select("item_id", "embedding").dropDuplicates(["item_id"])
-             .join(positives, "item_id", "left").withColumn("count", F.coalesce("count", F.lit(0)) + 1))
+    positives = (
+        read_snapshot(spark, snapshot)
+        .where(F.col("split") == "train")
+        .select(F.explode("next_items").alias("item_id"))
+        .groupBy("item_id")
+        .count()
+    )
+    items = (
+        texts.join(vectors.frame, "text_hash")
+        .select("item_id", "embedding")
+        .dropDuplicates(["item_id"])
+        .join(positives, "item_id", "left")
+        .withColumn("count", F.coalesce("count", F.lit(0)) + 1)
+    )
     total = F.sum("count").over(Window.partitionBy())
     items = items.select("item_id", "embedding", F.log(F.col("count") / total).alias("log_q"))
     items = items.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         n = items.count()
         if n < 2:
-            raise UserlensError(f"train.recommend.enabled: the item catalog has {n} item(s) with a text; "
-                                "need at least 2 (or set train.recommend.enabled=false)")
+            raise UserlensError(
+                f"train.recommend.enabled: the item catalog has {n} item(s) with a text; "
+                "need at least 2 (or set train.recommend.enabled=false)"
+            )
         items.coalesce(max(1, math.ceil(n / 200_000))).write.mode("errorifexists").parquet(f"{snapshot}/items")
     finally:
         items.unpersist()
@@ -336,24 +419,9 @@ def _stored(tables: Tables, table: str) -> DataFrame | None:
     return tables.read(table) if tables.exists(table) else None
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def _log_mlflow(settings: Settings, job: TrainJob, summary: TrainSummary,
-                baseline: dict[str, dict[str, float]], artifact: str) -> None:
+def _log_mlflow(
+    settings: Settings, job: TrainJob, summary: TrainSummary, baseline: dict[str, dict[str, float]], artifact: str
+) -> None:
     import mlflow
 
     cfg = settings.train.mlflow
@@ -361,11 +429,16 @@ def _log_mlflow(settings: Settings, job: TrainJob, summary: TrainSummary,
         mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_name=job.version):
-        mlflow.log_params({k: getattr(job, k) for k in ("batch_size", "epochs", "patience", "learning_rate",
-                                               "weight_decay", "seed", "snapshot_id")})
+        mlflow.log_params(
+            {
+                k: getattr(job, k)
+                for k in ("batch_size", "epochs", "patience", "learning_rate", "weight_decay", "seed", "snapshot_id")
+            }
+        )
         for prefix, metrics in (("model", summary.test), ("baseline", baseline)):
             for task, values in metrics.items():
-                mlflow.log_metrics({f"{prefix}.{task}.{k}": float(v) for k, v in values.items()
-                                    if isinstance(v, (int, float))})
+                mlflow.log_metrics(
+                    {f"{prefix}.{task}.{k}": float(v) for k, v in values.items() if isinstance(v, (int, float))}
+                )
         if "://" not in artifact:
             mlflow.log_artifacts(artifact, artifact_path="model")

@@ -1,4 +1,5 @@
 """Render ``{name}`` templates as native Spark column expressions (no Python UDF)."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -21,4 +22,3 @@ def render(template: str, fields: Mapping[str, Column]) -> Column:
         if name is not None:
             parts.append(F.coalesce(fields[name].cast("string"), F.lit("")))
     return F.concat(*parts) if parts else F.lit("")
-

@@ -26,6 +26,7 @@ it, so the events are read, shuffled and sorted once. The textualize stage
 writes these texts; the train stage and ``userlens evaluate`` build them as of
 a cutoff.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -37,8 +38,18 @@ from userlens.config import TemplateSet, TextualizeSettings
 from userlens.errors import require_columns
 from userlens.text.templates import render
 
-EVENT_COLUMNS = ("user_key", "event_id", "event_time", "event_type", "item_id", "category", "price", "quantity",
-                 "query", "text")
+EVENT_COLUMNS = (
+    "user_key",
+    "event_id",
+    "event_time",
+    "event_type",
+    "item_id",
+    "category",
+    "price",
+    "quantity",
+    "query",
+    "text",
+)
 
 
 ITEM_COLUMNS = ("item_id", "title", "category", "brand", "price")
@@ -58,8 +69,12 @@ def cap_events(events: DataFrame, max_events: int) -> DataFrame:
 def render_events(capped: DataFrame, items: DataFrame, templates: TemplateSet, max_field_chars: int) -> DataFrame:
     """One rendered ``line`` per event, with its ``day`` and the header inputs (category, spend)."""
     catalog = items.select(
-        "item_id", F.col("title").alias("i_title"), F.col("category").alias("i_category"),
-        F.col("brand").alias("i_brand"), F.col("price").alias("i_price"))
+        "item_id",
+        F.col("title").alias("i_title"),
+        F.col("category").alias("i_category"),
+        F.col("brand").alias("i_brand"),
+        F.col("price").alias("i_price"),
+    )
     df = capped.join(catalog, "item_id", "left")
     price = F.coalesce(F.col("price"), F.col("i_price"))
     fields = {
@@ -77,13 +92,18 @@ def render_events(capped: DataFrame, items: DataFrame, templates: TemplateSet, m
     line: Column | None = None
     for event_type, template in templates.events.items():
         rendered = render(template, fields)
-        line = F.when(F.col("event_type") == event_type, rendered) if line is None else \
-            line.when(F.col("event_type") == event_type, rendered)
+        line = (
+            F.when(F.col("event_type") == event_type, rendered)
+            if line is None
+            else line.when(F.col("event_type") == event_type, rendered)
+        )
     default = render(templates.default_event, fields)
     line = default if line is None else line.otherwise(default)
     spend = F.when(F.col("event_type") == "purchase", price * F.coalesce(F.col("quantity"), F.lit(1)))
     return df.select(
-        "user_key", "rn", "event_type",
+        "user_key",
+        "rn",
+        "event_type",
         F.to_date("event_time").cast("string").alias("day"),  # UTC session: the UTC date
         line.alias("line"),
         fields["category"].alias("category"),
@@ -111,8 +131,9 @@ def collect_user_events(rendered: DataFrame, event_types: list[str]) -> DataFram
     )
 
 
-def texts_from_event_arrays(users: DataFrame, settings: TextualizeSettings, event_types: list[str],
-                            as_of: dt.date) -> DataFrame:
+def texts_from_event_arrays(
+    users: DataFrame, settings: TextualizeSettings, event_types: list[str], as_of: dt.date
+) -> DataFrame:
     """Header, collapsed pieces, budget and day lines per user with higher-order array functions."""
     templates = settings.templates[settings.language]
     budget_chars = int(settings.max_tokens * templates.chars_per_token)
@@ -128,34 +149,59 @@ def texts_from_event_arrays(users: DataFrame, settings: TextualizeSettings, even
         F.transform(ev, lambda x: F.concat(x["day"], F.lit("\u0001"), x["line"])).alias("keys"),
     )
     # top categories: by count desc, then name
-    ranked = F.array_sort(F.transform(F.array_distinct("cats"), lambda c: F.struct(
-        (-F.size(F.filter("cats", lambda y: y == c))).alias("neg_n"), c.alias("category"))))
+    ranked = F.array_sort(
+        F.transform(
+            F.array_distinct("cats"),
+            lambda c: F.struct((-F.size(F.filter("cats", lambda y: y == c))).alias("neg_n"), c.alias("category")),
+        )
+    )
     count_items = [
-        F.when(F.col(f"n_{t}") > 0, render(templates.count_item, {
-            "label": F.lit(templates.labels.get(t, t)), "count": F.col(f"n_{t}")}))
+        F.when(
+            F.col(f"n_{t}") > 0,
+            render(templates.count_item, {"label": F.lit(templates.labels.get(t, t)), "count": F.col(f"n_{t}")}),
+        )
         for t in event_types
     ]
-    header = render(templates.header, {
-        "n_events": F.col("n_events"), "active_days": F.col("active_days"),
-        "first_date": F.col("first_date"), "last_date": F.col("last_date"),
-        "counts": F.concat_ws(templates.count_separator, *count_items),
-        "top_categories": F.array_join(F.transform(F.slice(ranked, 1, settings.top_categories),
-                                                   lambda r: r["category"]), templates.category_separator),
-        "spend": _money(F.col("spend")),
-    })
+    header = render(
+        templates.header,
+        {
+            "n_events": F.col("n_events"),
+            "active_days": F.col("active_days"),
+            "first_date": F.col("first_date"),
+            "last_date": F.col("last_date"),
+            "counts": F.concat_ws(templates.count_separator, *count_items),
+            "top_categories": F.array_join(
+                F.transform(F.slice(ranked, 1, settings.top_categories), lambda r: r["category"]),
+                templates.category_separator,
+            ),
+            "spend": _money(F.col("spend")),
+        },
+    )
     # consecutive equal lines on the same day collapse into one piece with a repeat count
     n = F.size(ev)
-    starts = F.filter(F.sequence(F.lit(0), n - 1), lambda i: F.when(i == 0, True).otherwise(
-        F.element_at("keys", i + 1) != F.element_at("keys", i)))
-    with_header = stats.select("user_key", "ev", "n_events", "n_missing_items", header.alias("header"),
-                               starts.alias("starts"))
-    runs = F.transform("starts", lambda start, j: F.struct(
-        start.alias("at"), (F.coalesce(F.try_element_at("starts", j + 2), n) - start).alias("repeats")))
-    pieces = F.transform(runs, lambda r: F.struct(
-        F.element_at(ev, r["at"] + 1)["day"].alias("day"),
-        F.concat(F.element_at(ev, r["at"] + 1)["line"],
-                 F.when(r["repeats"] > 1, render(templates.repeat, {"count": r["repeats"]})).otherwise(F.lit("")))
-        .alias("piece")))
+    starts = F.filter(
+        F.sequence(F.lit(0), n - 1),
+        lambda i: F.when(i == 0, True).otherwise(F.element_at("keys", i + 1) != F.element_at("keys", i)),
+    )
+    with_header = stats.select(
+        "user_key", "ev", "n_events", "n_missing_items", header.alias("header"), starts.alias("starts")
+    )
+    runs = F.transform(
+        "starts",
+        lambda start, j: F.struct(
+            start.alias("at"), (F.coalesce(F.try_element_at("starts", j + 2), n) - start).alias("repeats")
+        ),
+    )
+    pieces = F.transform(
+        runs,
+        lambda r: F.struct(
+            F.element_at(ev, r["at"] + 1)["day"].alias("day"),
+            F.concat(
+                F.element_at(ev, r["at"] + 1)["line"],
+                F.when(r["repeats"] > 1, render(templates.repeat, {"count": r["repeats"]})).otherwise(F.lit("")),
+            ).alias("piece"),
+        ),
+    )
     with_pieces = with_header.select("user_key", "n_events", "n_missing_items", "header", pieces.alias("pieces"))
 
     # exact character cost of each piece in the final text: "\n" + day prefix
@@ -163,34 +209,56 @@ def texts_from_event_arrays(users: DataFrame, settings: TextualizeSettings, even
     def prefix(day: Column) -> Column:
         return render(templates.day_prefix, {"date": day})
 
-    costs = F.transform("pieces", lambda p, k: F.length(p["piece"]) + F.when(
-        (k == 0) | (p["day"] != F.element_at("pieces", F.greatest(k, F.lit(1)))["day"]),
-        F.length(prefix(p["day"])) + 1).otherwise(F.lit(len(templates.event_separator))))
+    costs = F.transform(
+        "pieces",
+        lambda p, k: (
+            F.length(p["piece"])
+            + F.when(
+                (k == 0) | (p["day"] != F.element_at("pieces", F.greatest(k, F.lit(1)))["day"]),
+                F.length(prefix(p["day"])) + 1,
+            ).otherwise(F.lit(len(templates.event_separator)))
+        ),
+    )
     available = F.lit(budget_chars) - F.length(F.substring("header", 1, budget_chars))
     start_acc = F.struct(F.lit(0).alias("total"), F.lit(0).alias("k"), F.lit(True).alias("open"))
     kept_count = F.aggregate(
-        costs, start_acc,
-        lambda acc, c: F.when(acc["open"] & (acc["total"] + c <= available), F.struct(
-            (acc["total"] + c).alias("total"), (acc["k"] + 1).alias("k"), F.lit(True).alias("open")))
-        .otherwise(F.struct(acc["total"].alias("total"), acc["k"].alias("k"), F.lit(False).alias("open"))),
-        lambda acc: acc["k"])
+        costs,
+        start_acc,
+        lambda acc, c: F.when(
+            acc["open"] & (acc["total"] + c <= available),
+            F.struct((acc["total"] + c).alias("total"), (acc["k"] + 1).alias("k"), F.lit(True).alias("open")),
+        ).otherwise(F.struct(acc["total"].alias("total"), acc["k"].alias("k"), F.lit(False).alias("open"))),
+        lambda acc: acc["k"],
+    )
     kept = F.slice("pieces", 1, kept_count)
     with_kept = with_pieces.select("user_key", "n_events", "n_missing_items", "header", kept.alias("kept"))
-    day_lines = F.transform(F.array_distinct(F.transform("kept", lambda p: p["day"])), lambda d: F.concat(
-        prefix(d), F.array_join(F.transform(F.filter("kept", lambda p: p["day"] == d), lambda p: p["piece"]),
-                                templates.event_separator)))
+    day_lines = F.transform(
+        F.array_distinct(F.transform("kept", lambda p: p["day"])),
+        lambda d: F.concat(
+            prefix(d),
+            F.array_join(
+                F.transform(F.filter("kept", lambda p: p["day"] == d), lambda p: p["piece"]), templates.event_separator
+            ),
+        ),
+    )
     body = F.when(F.size("kept") > 0, F.array_join(day_lines, "\n"))
     # a header alone over budget is cut; the body goes first
     text = F.concat_ws("\n", F.substring("header", 1, budget_chars), body)
     version = F.lit(settings.template_version)
     return with_kept.select(
-        "user_key", F.lit(as_of).alias("as_of_date"), text.alias("text"),
+        "user_key",
+        F.lit(as_of).alias("as_of_date"),
+        text.alias("text"),
         F.sha2(F.concat_ws("\u0001", version, text), 256).alias("text_hash"),
-        F.col("n_events").cast("long").alias("n_events"), version.alias("template_version"), "n_missing_items")
+        F.col("n_events").cast("long").alias("n_events"),
+        version.alias("template_version"),
+        "n_missing_items",
+    )
 
 
-def build_user_texts(events: DataFrame, items: DataFrame, settings: TextualizeSettings, event_types: list[str],
-                     as_of: dt.date) -> DataFrame:
+def build_user_texts(
+    events: DataFrame, items: DataFrame, settings: TextualizeSettings, event_types: list[str], as_of: dt.date
+) -> DataFrame:
     """One row per user with events: user_key, as_of_date, text, text_hash, n_events, template_version,
     n_missing_items. ``events`` must already be limited to the as-of date."""
     require_columns(events, EVENT_COLUMNS, "textualize events")
