@@ -134,9 +134,9 @@ def test_accounting_and_quarantine_reasons(spark, day1):
 
 
 def test_pipeline_run_row_has_counts(spark, day1):
-    from userlens.cli import _stage
+    from userlens.runs import run_stage
 
-    _stage(
+    run_stage(
         "ingest",
         day1,
         spark,
