@@ -156,13 +156,17 @@ def test_ranking_by_hand():
     assert m.map_at_k(RANKED, RELEVANT, 3) == pytest.approx(11 / 27)
     assert m.mrr(RANKED, RELEVANT) == pytest.approx(7 / 12)
     assert m.average_precision_at_k(RANKED[2], RELEVANT[2], 3) == pytest.approx(7 / 18)
-    assert m.ranking_metrics(RANKED, RELEVANT, ks=(3,)) == pytest.approx(HAND_AT_3)
+    result = m.ranking_metrics(RANKED, RELEVANT, ks=(3,))
+    assert {k: v for k, v in result.items() if not k.endswith("_se")} == pytest.approx(HAND_AT_3)
+    # standard errors over the three users with something relevant: hr@3 is 1, 0, 1; reciprocal ranks 1, 1/4, 1/2
+    assert result["hr@3_se"] == pytest.approx(np.std([1, 0, 1], ddof=1) / np.sqrt(3))
+    assert result["mrr_se"] == pytest.approx(np.std([1, 1 / 4, 1 / 2], ddof=1) / np.sqrt(3))
 
 
 def test_ranking_metrics_keys_and_consistency():
     result = m.ranking_metrics(RANKED, RELEVANT)
     expected_keys = {f"{name}@{k}" for name in ("hr", "recall", "precision", "ndcg", "map") for k in (5, 10, 20)}
-    assert set(result) == expected_keys | {"mrr", "users"}
+    assert set(result) == expected_keys | {f"{k}_se" for k in expected_keys} | {"mrr", "mrr_se", "users"}
     # k beyond the ranking length: every relevant item ranked counts, precision still divides by k
     assert result["recall@10"] == pytest.approx((1 + 1 + 2 / 3) / 3)
     assert result["precision@10"] == pytest.approx((2 + 1 + 2) / 10 / 3)
@@ -283,3 +287,15 @@ def test_other_ranking_entry_points_refuse_bad_input():
         m.ranking_metrics([["a"]], [{"a"}], ks=(5, -1))
     with pytest.raises(ValueError, match="ranked must be 2-D"):
         m.mrr(np.array(["a", "b"]), [{"a"}, {"b"}])
+
+
+def test_roc_auc_se_matches_the_spread_of_aucs_over_repeated_samples():
+    # exponential scores (the model Hanley & McNeil's approximation assumes): the formula's SE is the
+    # standard deviation of the AUC over 400 independent samples of 60 positives and 90 negatives, to 15%
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(60), np.zeros(90)]
+    aucs = [m.roc_auc(y, np.r_[rng.exponential(2.5, 60), rng.exponential(1.0, 90)]) for _ in range(400)]
+    se = m.roc_auc_se(float(np.mean(aucs)), 60, 90)
+    assert se == pytest.approx(np.std(aucs, ddof=1), rel=0.15)
+    assert m.roc_auc_se(0.8, 600, 900) < se / 3  # 10 times the users: about a third
+    assert m.roc_auc_se(0.8, 0, 10) == 0.0

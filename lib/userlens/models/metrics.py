@@ -77,6 +77,17 @@ def roc_auc(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
 
 
+def roc_auc_se(auc: float, positives: int, negatives: int) -> float:
+    """The standard error of a ROC AUC (Hanley & McNeil 1982, exponential approximation)."""
+    if positives < 1 or negatives < 1:
+        return 0.0
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)) / (
+        positives * negatives
+    )
+    return float(np.sqrt(max(var, 0.0)))
+
+
 def pr_auc(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     """Average precision: sum over distinct score thresholds of (recall gained) x (precision there)."""
     y_arr, p_arr = _binary_inputs("pr_auc", y, p)
@@ -295,7 +306,8 @@ def mrr_from_ranks(first_ranks: npt.ArrayLike) -> float:
 
 
 def ranking_metrics(ranked: Ranked, relevant: Relevant, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
-    """hr@k, recall@k, precision@k, ndcg@k, map@k for each k in ks, plus mrr and users (those evaluated)."""
+    """hr@k, recall@k, precision@k, ndcg@k, map@k for each k in ks, plus mrr and users (those evaluated);
+    each metric's standard error over users as ``<metric>_se``."""
     for k in ks:
         _positive_int("ranking_metrics", "k", k)
     users = _users("ranking_metrics", ranked, relevant)
@@ -304,7 +316,15 @@ def ranking_metrics(ranked: Ranked, relevant: Relevant, ks: Sequence[int] = (5, 
     result: dict[str, float] = {}
     for k in ks:
         for metric, per_user in _AT_K.items():
-            result[f"{metric}@{k}"] = float(np.mean([per_user(g[:k], n, k) for g, n in full]))
-    result["mrr"] = float(np.mean([_reciprocal_rank(g) for g, _ in full]))
+            values = np.array([per_user(g[:k], n, k) for g, n in full])
+            result[f"{metric}@{k}"], result[f"{metric}@{k}_se"] = float(values.mean()), standard_error(values)
+    reciprocal = np.array([_reciprocal_rank(g) for g, _ in full])
+    result["mrr"], result["mrr_se"] = float(reciprocal.mean()), standard_error(reciprocal)
     result["users"] = len(users)
     return result
+
+
+def standard_error(values: npt.ArrayLike) -> float:
+    """The standard error of the mean of per-user values (sample standard deviation / sqrt(n); 0 for n < 2)."""
+    v = np.asarray(values, dtype=float)
+    return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
