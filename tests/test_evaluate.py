@@ -17,7 +17,7 @@ from conftest import SPARK_OVERRIDES, TEST_KEY
 from userlens.cli import main
 from userlens.config import CONF_DIR, load_settings
 from userlens.eval.baselines import ItemKNN, rank_batch
-from userlens.eval.evaluate import NOT_AVAILABLE, interactions, leave_one_out, load_dataset, stratified_split
+from userlens.eval.evaluate import interactions, leave_one_out, load_dataset, stratified_split
 from userlens.models import metrics as M
 from userlens.privacy import load_key
 
@@ -149,15 +149,11 @@ def _evaluate(tmp_path: Path, capsys, *args: str) -> tuple[str, dict[str, list[s
 
 
 def _numbers(cells: list[str]) -> list[float]:
-    values = [float(c) for c in cells]
-    assert all(0.0 <= v <= 1.0 for v in values[:-1])  # the last cell is seconds
+    """The metric cells' values (``value ± standard error``), without the setting and seconds cells."""
+    values = [float(c.split(" ± ")[0]) for c in cells[:-2]]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert all(" ± " in c for c in cells[:-2]) and float(cells[-1]) >= 0  # every metric has its error
     return values
-
-
-def _userlens_row(cells: list[str]) -> None:
-    # numbers when userlens.models.recommend is there, else the n/a line
-    if cells[0] != NOT_AVAILABLE:
-        _numbers(cells)
 
 
 def test_loo_full_end_to_end_with_popularity_worked_by_hand(spark, tmp_path, capsys):
@@ -181,7 +177,10 @@ def test_loo_full_end_to_end_with_popularity_worked_by_hand(spark, tmp_path, cap
         "--set",
         "train.recommend.als.max_iter=5",
     )
-    assert "| method | HR@1 | HR@2 | HR@3 | NDCG@1 | NDCG@2 | NDCG@3 | MRR | valid NDCG@3 | seconds |" in table
+    assert (
+        "| method | HR@1 | HR@2 | HR@3 | NDCG@1 | NDCG@2 | NDCG@3 | MRR | valid NDCG@3 "
+        "| chosen on validation | seconds |" in table
+    )
     assert "19 rows read: 19 events, 0 quarantined, 0 duplicates; 5 users, 6 items, 19 interactions" in table
     # Test fit = all but each user's last rating. Counts: item 1: 5, 2: 4, 3: 2, 4: 2, 5: 1, 6: 0, so the
     # order is 1, 2, 3, 4 (tie: lower index), 5, 6. Without seen items the test item ranks:
@@ -199,18 +198,35 @@ def test_loo_full_end_to_end_with_popularity_worked_by_hand(spark, tmp_path, cap
         (1 / 3 + 1 + 1 / 2 + 1 / 3 + 1 / 3) / 5,  # MRR
         (2 + 2 * ndcg[2]) / 5,
     ]  # valid NDCG@3
-    assert _numbers(rows["popularity"])[:-1] == pytest.approx([round(v, 4) for v in expected], abs=1e-4)
-    for method in ("ALS (Spark MLlib, implicit)", "item-kNN (SAR co-occurrence)"):
+    assert _numbers(rows["popularity"]) == pytest.approx([round(v, 4) for v in expected], abs=1e-4)
+    for method in ("ALS (Spark MLlib, implicit)", "EASE", "item-kNN (SAR co-occurrence)"):
         _numbers(rows[method])
-    assert "userlens (TextTwoTower)" not in rows
+    # the chosen setting of each tuned baseline is printed (ALS: one of the regParam x alpha grid)
+    assert rows["EASE"][-2].startswith("lam=") and "reg_param=" in rows["ALS (Spark MLlib, implicit)"][-2]
+    assert not [name for name in rows if name.startswith("userlens")]
 
 
 def test_stratified_75_end_to_end_matches_an_independent_popularity(spark, tmp_path, capsys):
     root = D.write_ml100k(tmp_path / "ml-100k")
     table, rows = _evaluate(
-        tmp_path, capsys, "--dataset", "movielens-100k", "--path", str(root), "--protocol", "stratified-75", "--k", "2"
+        tmp_path,
+        capsys,
+        "--dataset",
+        "movielens-100k",
+        "--path",
+        str(root),
+        "--protocol",
+        "stratified-75",
+        "--k",
+        "2",
+        "--set",
+        "train.recommend.max_epochs=4",
+        "--set",
+        "train.recommend.dim=16",
     )
-    assert "| method | MAP@2 | nDCG@2 | Precision@2 | Recall@2 | seconds |" in table
+    assert (
+        "| method | MAP@2 | nDCG@2 | Precision@2 | Recall@2 | valid nDCG@2 | chosen on validation | seconds |" in table
+    )
     # the same split, then popularity written out plainly
     settings = load_settings(
         [LOCAL, CONF_DIR / "datasets" / "movielens-100k.yaml"], [*SPARK_OVERRIDES, f"source.path={root}"]
@@ -233,7 +249,16 @@ def test_stratified_75_end_to_end_matches_an_independent_popularity(spark, tmp_p
     assert values[3] == pytest.approx(np.mean(recall), abs=1e-4)
     _numbers(rows["ALS (Spark MLlib, implicit)"])
     _numbers(rows["item-kNN (SAR co-occurrence)"])
-    _userlens_row(rows["userlens (TextTwoTower)"])
+    # userlens: its components, and the fusion, whose validation score is at least its lead component's
+    components = [
+        "userlens: sequential (ids + item text)",
+        "userlens: sequential (ids only)",
+        "EASE",
+        "ALS (Spark MLlib, implicit)",
+    ]
+    for name in ("userlens", "userlens without text", *components):
+        _numbers(rows[name])
+    assert _numbers(rows["userlens"])[4] >= max(_numbers(rows[n])[4] for n in components[:1] + components[2:]) - 1e-4
 
 
 def test_next_window_end_to_end_recency_separates_activity(spark, tmp_path, capsys):
@@ -244,7 +269,7 @@ def test_next_window_end_to_end_recency_separates_activity(spark, tmp_path, caps
     assert "cutoff 2015-06-14, labels from the 7 days after it (to 2015-06-21); 60 users" in table
     # even visitors were seen on the two days before the cutoff and return; odd ones were last seen
     # a week or more earlier and do not: days since the last event ranks every returner first
-    assert rows["recency (days since last event)"][0] == "1.0000"
+    assert rows["recency (days since last event)"][0].startswith("1.0000 ± ")
     for method in (
         "frequency (events up to the cutoff)",
         "logistic regression (MLlib, RFM features)",

@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         "retailrocket) or a preset YAML file; docs/datasets.md",
     )
     evaluate.add_argument("--path", required=True, metavar="DIR", help="your downloaded copy (sets source.path)")
-    evaluate.add_argument("--protocol", required=True, choices=["loo-full", "stratified-75", "next-window"])
+    evaluate.add_argument(
+        "--protocol", required=True, choices=["loo-full", "stratified-75", "cold-items", "next-window"]
+    )
     evaluate.add_argument(
         "--k", type=int, nargs="+", metavar="K", help="cut-offs (default: 5 10 20 for loo-full, 10 for stratified-75)"
     )

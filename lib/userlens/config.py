@@ -390,17 +390,31 @@ class AlsSettings(_Strict):
 
 
 class RecommendSettings(_Strict):
-    """The two-tower recommendation head trained in the train stage's TorchDistributor run."""
+    """The sequential recommendation head (``userlens.models.sequential``) trained in the train stage's
+    TorchDistributor run; ``userlens evaluate`` fits the same class."""
 
-    enabled: bool = Field(True, description="the two-tower recommendation head (off with DP-SGD)")
+    enabled: bool = Field(True, description="the sequential recommendation head (off with DP-SGD)")
     k: int = Field(10, ge=1, le=1000, description="items published per user and evaluated (recall@k, nDCG@k)")
-    dim: int = Field(64, ge=4, description="the towers' output dimension")
-    hidden: int = Field(256, ge=4, description="the user tower's hidden width")
-    history: int = Field(50, ge=1, description="newest distinct items of a user's history that are pooled")
+    dim: int = Field(64, ge=4, description="sequential encoder: item and user vector width")
+    history: int = Field(50, ge=1, description="sequential encoder: newest items of a user's history it reads")
     history_half_life_days: float = Field(14.0, gt=0, description="recency half-life of the pooled history")
     weight: float = Field(1.0, gt=0, description="the recommendation loss's weight beside the task losses")
     eval_users: int = Field(20_000, ge=1, description="test users evaluated (a hash sample above this)")
     als: AlsSettings = Field(AlsSettings(), description="the Spark MLlib ALS baseline")
+    # the sequential user encoder (userlens.models.sequential)
+    layers: int = Field(2, ge=1, description="sequential encoder: transformer blocks")
+    heads: int = Field(1, ge=1, description="sequential encoder: attention heads (dim must divide by it)")
+    dropout: float = Field(0.5, ge=0, lt=1, description="sequential encoder: dropout")
+    batch_size: int = Field(128, ge=1, description="sequential encoder: histories per step")
+    learning_rate: float = Field(1e-3, gt=0, description="sequential encoder: AdamW learning rate")
+    max_epochs: int = Field(200, ge=1, description="sequential encoder: most epochs (early stopping on validation)")
+    patience: int = Field(5, ge=1, description="sequential encoder: validations without improvement before stopping")
+    ease_max_items: int = Field(
+        20_000,
+        ge=2,
+        description="EASE needs a dense items x items matrix (8 bytes each while fitting): "
+        "refused, with one line, above this many items",
+    )
 
 
 class MlflowSettings(_Strict):
@@ -445,7 +459,7 @@ class TrainSettings(_Strict):
         7, ge=1, description="a new model is trained when none exists or the newest is at least this many days old"
     )
     dp: DPSettings = Field(DPSettings(), description="DP-SGD")
-    recommend: RecommendSettings = Field(RecommendSettings(), description="the two-tower recommendation head")
+    recommend: RecommendSettings = Field(RecommendSettings(), description="the sequential recommendation head")
     mlflow: MlflowSettings = Field(MlflowSettings(), description="MLflow logging")
 
 
@@ -507,11 +521,24 @@ class EvaluateSettings(_Strict):
         ge=1,
         description='next-window: the H of "active / purchase in the next H days" (null: train.horizon_days)',
     )
-    # the ALS baseline is train.recommend.als, the same settings as the train stage's
-    knn_half_life_days: float | None = Field(
-        30.0,
-        gt=0,
-        description="item-kNN (SAR-style, Jaccard co-occurrence) baseline: user affinity half-life (null: no decay)",
+    k_core: int = Field(
+        0,
+        ge=0,
+        description="keep only users and items with at least this many interactions, iterated until "
+        "stable, before the split (a paper's k-core preprocessing; 0: none)",
+    )
+    # the grids each baseline is tuned over on the validation fold (ALS: rank and iterations from
+    # train.recommend.als)
+    als_reg_params: list[float] = Field([0.01, 0.1, 1.0], min_length=1, description="ALS regParam values tried")
+    als_alphas: list[float] = Field([0.1, 1.0, 10.0], min_length=1, description="ALS alpha values tried")
+    ease_lambdas: list[float] = Field(
+        [10, 25, 50, 100, 200, 400, 800, 1600], min_length=1, description="EASE lambda values tried"
+    )
+    knn_half_lives: list[float | None] = Field(
+        [None, 7.0, 30.0, 90.0],
+        min_length=1,
+        description="item-kNN (SAR-style, Jaccard co-occurrence): user affinity half-lives in days tried (null: "
+        "no decay)",
     )
     knn_neighbors: int = Field(100, ge=1, description="item-kNN: most similar items kept per item")
     knn_history: int = Field(200, ge=1, description="item-kNN: newest distinct items per user counted in co-occurrence")

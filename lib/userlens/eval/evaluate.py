@@ -10,13 +10,20 @@ Protocols (``--protocol``; docs/datasets.md has the details and the commands):
 * ``stratified-75``: one row per (user, item); per user a seeded 75/25 random split; top-k with
   the user's training items removed, every held-out item relevant; MAP@k, nDCG@k, Precision@k,
   Recall@k (MAP@k divides by min(relevant, k), as Spark MLlib does).
+* ``cold-items``: a seeded 20% of the items lose every interaction from training (half of them
+  validate, half test); the users who interacted with them rank those items only. What no id-only
+  method can serve: category popularity and zero-shot text cosine are its references.
 * ``next-window``: cutoff C = as-of date - H days; users with an event up to C; labels: any event
   (activity) and any purchase in (C, as-of]; users split 70/30 by a seeded hash; ROC AUC on the 30.
 
-Every method runs in the same process on the same split: popularity, Spark MLlib ALS (implicit),
-SAR-style item-kNN and the userlens two-tower (``userlens.models.recommend.TextTwoTower``) for the
-ranking protocols; recency, frequency, MLlib logistic regression on the train stage's numeric
-features and userlens (the user text's embedding beside the same features) for next-window.
+Every method runs in the same process on the same split. Ranking protocols: popularity and the
+tuned baselines (Spark MLlib ALS over ``evaluate.als_*``, EASE over ``evaluate.ease_lambdas``,
+SAR-style item-kNN over ``evaluate.knn_half_lives``), each setting chosen on a validation split and
+the winner refitted and scored on test once; then userlens' components (``eval.recommenders``: the
+sequential encoder of ``models.sequential`` with and without item text, EASE, ALS) and their fusion,
+whose weights are fitted on validation (``eval.ranking.fuse``): ``userlens`` and ``userlens without
+text``. Next-window: recency, frequency, MLlib logistic regression on the train stage's numeric
+features and userlens (the user text's embedding beside the same features).
 
 The data path is the pipeline's: the dataset adapter, then ingest's ``classify_events`` /
 ``classify_items`` (validation, quarantine counts, pseudonyms, PII scrubbing). Nothing is written
@@ -31,7 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +47,14 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from userlens.config import Settings
-from userlens.errors import UserlensError, first_line
+from userlens.config import AlsSettings, Settings
+from userlens.embedding import item_texts
+from userlens.errors import UserlensError
 from userlens.eval import spark_baselines
-from userlens.eval.baselines import FactorScores, ItemKNN, Popularity, rank_batch
+from userlens.eval.baselines import FactorScores, ItemKNN, Popularity
+from userlens.eval.ranking import Fold, Method, Tuned, make_folds, tune
 from userlens.models import metrics as M
+from userlens.models.ease import EASE, CatalogueTooLarge
 from userlens.runs import StageRun
 from userlens.sources.raw import DUPLICATE, OK, QUARANTINED, classify_events, classify_items
 
@@ -56,13 +66,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("loo-full", "stratified-75", "next-window")
-DEFAULT_KS = {"loo-full": (5, 10, 20), "stratified-75": (10,)}
+PROTOCOLS = ("loo-full", "stratified-75", "cold-items", "next-window")
+DEFAULT_KS = {"loo-full": (5, 10, 20), "stratified-75": (10,), "cold-items": (10, 20)}
 STRATIFIED_TRAIN = 0.75
+COLD_ITEMS = 0.2  # cold-items: the share of items whose interactions are all held out (half valid, half test)
 NEXT_WINDOW_TEST = 0.3
-USERLENS_DEPTH = 1000  # items asked of the userlens model per user; its MRR counts ranks up to this
-NOT_AVAILABLE = "n/a (userlens.models.recommend not available)"
-SCORE_CELLS = 20_000_000  # users x items scored per batch
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,47 @@ def stratified_split(inter: DataFrame, train_fraction: float, seed: int) -> Data
     n = F.count(F.lit(1)).over(Window.partitionBy("user"))
     rank = F.row_number().over(shuffled)
     return pairs.withColumn("split", F.when(rank <= F.round(n * train_fraction), "train").otherwise("test"))
+
+
+def with_valid(split: DataFrame, train_fraction: float, seed: int) -> DataFrame:
+    """The stratified split with a validation part carved out of each user's 'train' rows the same way
+    (round(n * train_fraction) of them stay 'train', the rest become 'valid'; another seed)."""
+    train = F.col("split") == "train"
+    order = Window.partitionBy("user", "split").orderBy(F.xxhash64(F.lit(seed + 1), "user", "item"), "item")
+    n = F.count(F.lit(1)).over(Window.partitionBy("user", "split"))
+    rank = F.row_number().over(order)
+    return split.withColumn(
+        "split", F.when(train & (rank > F.round(n * train_fraction)), "valid").otherwise(F.col("split"))
+    )
+
+
+def cold_items_split(inter: DataFrame, fraction: float, seed: int) -> DataFrame:
+    """One row per (user, item) at its first time; ``split`` 'valid' or 'test' for the interactions with a
+    cold item (a seeded hash ``fraction`` of the items: half valid-cold, half test-cold), 'train' for the rest."""
+    pairs = inter.groupBy("user", "item").agg(F.min("ts").alias("ts"), F.min("event_id").alias("event_id"))
+    h = F.pmod(F.xxhash64(F.lit(seed + 2), "item"), F.lit(1_000_000)) / F.lit(1_000_000.0)
+    split = F.when(h < fraction / 2, "valid").when(h < fraction, "test").otherwise("train")
+    return pairs.withColumn("split", split)
+
+
+def k_core(inter: DataFrame, k: int, max_rounds: int = 50) -> DataFrame:
+    """The interactions whose user and item both have at least ``k`` of them, iterated until stable
+    (a k-core, as papers preprocess: ``evaluate.k_core``)."""
+    from pyspark import StorageLevel as Level
+
+    current = inter.persist(Level.MEMORY_AND_DISK)
+    n = current.count()
+    for _ in range(max_rounds):
+        users = current.groupBy("user").count().where(F.col("count") >= k).select("user")
+        items = current.groupBy("item").count().where(F.col("count") >= k).select("item")
+        kept = current.join(users, "user").join(items, "item").persist(Level.MEMORY_AND_DISK)
+        m = kept.count()
+        current.unpersist()
+        current = kept
+        if m == n:
+            break
+        n = m
+    return current
 
 
 def next_window_users(events: DataFrame, cut: dt.date, as_of: dt.date, event_types: list[str], seed: int) -> DataFrame:
@@ -207,33 +256,50 @@ def _data_line(counts: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------
 # ranking protocols
 # --------------------------------------------------------------------------
-@dataclass
-class _Fold:
-    name: str
-    fit: "pd.DataFrame"  # user, item, ts (strings, epoch seconds), u, i (indices); chronological
-    users: np.ndarray  # evaluated user indices
-    targets: list[np.ndarray]  # held-out item indices per evaluated user
-    seen: list[np.ndarray]  # fitted item indices per evaluated user (removed from the ranking)
+def baseline_methods(spark: "SparkSession", settings: Settings) -> list[Method]:
+    """Popularity and the collaborative baselines, each with the grid it is tuned over on validation."""
+    cfg = settings.evaluate
+    rec = settings.train.recommend
 
+    def popularity(fold: Fold, params: Mapping[str, Any]) -> Popularity:
+        return Popularity(fold.fit["u"].to_numpy(), fold.fit["i"].to_numpy(), fold.n_items)
 
-def _folds(frame: "pd.DataFrame", protocol: str) -> list[_Fold]:
-    def fold(name: str, fit_splits: tuple[str, ...], target_split: str) -> _Fold:
-        fit = frame[frame["split"].isin(fit_splits)]
-        held = frame[frame["split"] == target_split]
-        targets = held.groupby("u")["i"].apply(lambda s: s.to_numpy())
-        seen = fit[fit["u"].isin(targets.index)].groupby("u")["i"].apply(lambda s: np.unique(s.to_numpy()))
-        users = targets.index.to_numpy()
-        return _Fold(
-            name,
-            fit[["user", "item", "ts", "u", "i"]],
-            users,
-            list(targets),
-            [seen.get(u, np.array([], np.int64)) for u in users],
+    def als(fold: Fold, params: Mapping[str, Any]) -> FactorScores:
+        return fit_als(spark, fold, AlsSettings(**params), cfg.seed)
+
+    def ease(fold: Fold, params: Mapping[str, Any]) -> EASE:
+        return EASE(params["lam"], rec.ease_max_items).fit(
+            fold.fit["u"].to_numpy(), fold.fit["i"].to_numpy(), fold.n_users, fold.n_items
         )
 
-    if protocol == "loo-full":
-        return [fold("valid", ("train",), "valid"), fold("test", ("train", "valid"), "test")]
-    return [fold("test", ("train",), "test")]
+    def knn(fold: Fold, params: Mapping[str, Any]) -> ItemKNN:
+        return ItemKNN(
+            fold.fit["u"].to_numpy(),
+            fold.fit["i"].to_numpy(),
+            fold.fit["ts"].to_numpy(),
+            fold.n_users,
+            fold.n_items,
+            params["half_life_days"],
+            cfg.knn_neighbors,
+            cfg.knn_history,
+        )
+
+    base = rec.als
+    return [
+        Method("popularity", [{}], popularity),
+        Method(
+            "ALS (Spark MLlib, implicit)",
+            [
+                {"rank": base.rank, "max_iter": base.max_iter, "reg_param": r, "alpha": a}
+                for r in cfg.als_reg_params
+                for a in cfg.als_alphas
+            ],
+            als,
+            component="als",
+        ),
+        Method("EASE", [{"lam": lam} for lam in cfg.ease_lambdas], ease, component="ease"),
+        Method("item-kNN (SAR co-occurrence)", [{"half_life_days": h} for h in cfg.knn_half_lives], knn),
+    ]
 
 
 def _ranking(
@@ -244,7 +310,14 @@ def _ranking(
     cfg = settings.evaluate
     types = cfg.interactions or settings.ingest.item_event_types
     inter = interactions(data.events, types)
-    split = leave_one_out(inter) if protocol == "loo-full" else stratified_split(inter, STRATIFIED_TRAIN, cfg.seed)
+    if cfg.k_core > 1:
+        inter = k_core(inter, cfg.k_core)
+    if protocol == "loo-full":
+        split = leave_one_out(inter)
+    elif protocol == "cold-items":
+        split = cold_items_split(inter, COLD_ITEMS, cfg.seed)
+    else:
+        split = with_valid(stratified_split(inter, STRATIFIED_TRAIN, cfg.seed), STRATIFIED_TRAIN, cfg.seed)
     frame: pd.DataFrame = split.select("user", "item", "ts", "event_id", "split").toPandas()
     if frame.empty:
         raise UserlensError(f"{dataset}: no interactions of type {', '.join(types)} (evaluate.interactions)")
@@ -253,176 +326,90 @@ def _ranking(
     user_index = pd.Index(sorted(frame["user"].unique()))
     frame["u"] = user_index.get_indexer(frame["user"])
     frame["i"] = item_index.get_indexer(frame["item"])
-    folds = _folds(frame, protocol)
-    test = folds[-1]
-    if len(test.users) == 0:
-        need = "at least 3 interactions" if protocol == "loo-full" else "at least 2 distinct items"
-        raise UserlensError(f"{dataset}: no user has {need}, so there is nothing to evaluate")
     n_users, n_items = len(user_index), len(item_index)
+    cold = protocol == "cold-items"
+    folds = make_folds(frame, n_users, n_items, cold=cold)
+    valid, test = folds
+    if len(test.users) == 0 or len(valid.users) == 0:
+        need = "at least 3 interactions" if protocol == "loo-full" else "at least 3 distinct items"
+        raise UserlensError(f"{dataset}: no user has {need}, so there is nothing to evaluate")
     counts = {
         **data.counts,
         "users": n_users,
         "items": n_items,
         "interactions": len(frame),
         "evaluated_users": len(test.users),
+        "validation_users": len(valid.users),
     }
     log.info(
-        "evaluate: %s %s: %d users, %d items, %d interactions; %d users evaluated",
+        "evaluate: %s %s: %d users, %d items, %d interactions; %d users evaluated (%d in validation)",
         dataset,
         protocol,
         n_users,
         n_items,
         len(frame),
         len(test.users),
+        len(valid.users),
     )
 
-    k_max = max(ks)
     with_ranks = protocol == "loo-full"
-    methods: list[tuple[str, Callable[[_Fold], Any]]] = [
-        ("popularity", lambda f: Popularity(f.fit["u"].to_numpy(), f.fit["i"].to_numpy(), n_items)),
-        ("ALS (Spark MLlib, implicit)", lambda f: fit_als(spark, f.fit, n_users, n_items, settings)),
-        (
-            "item-kNN (SAR co-occurrence)",
-            lambda f: ItemKNN(
-                f.fit["u"].to_numpy(),
-                f.fit["i"].to_numpy(),
-                f.fit["ts"].to_numpy(),
-                n_users,
-                n_items,
-                cfg.knn_half_life_days,
-                cfg.knn_neighbors,
-                cfg.knn_history,
-            ),
-        ),
-    ]
+    primary = f"ndcg@{10 if 10 in ks else max(ks)}"
+    if cold:
+        from userlens.eval.recommenders import cold_methods
+
+        methods = cold_methods(spark, settings, data.items, item_index, folds, int(primary.split("@")[1]))
+    else:
+        methods = baseline_methods(spark, settings)
+    if cfg.userlens and not cold:
+        from userlens.eval.recommenders import userlens_methods
+
+        methods += userlens_methods(spark, settings, data.items, item_index, protocol, int(primary.split("@")[1]))
     results: dict[str, dict[str, Any] | str] = {}
-    for name, fit in methods:
-        started = time.perf_counter()
-        per_fold = {}
-        for f in folds:
-            model = fit(f)
-            tops, ranks = _rank_all(model, f, n_items, k_max, with_ranks)
-            per_fold[f.name] = _fold_metrics(tops, ranks, f.targets, ks)
-        row: dict[str, Any] = {
-            **per_fold["test"],
-            "valid": per_fold.get("valid"),
-            "seconds": time.perf_counter() - started,
-        }
-        results[name] = row
-        log.info("evaluate: %s done in %.1fs", name, row["seconds"])
-    if cfg.userlens:
-        results["userlens (TextTwoTower)"] = _userlens_ranking(
-            settings, data, folds, item_index, user_index, ks, with_ranks
+    tuned: dict[str, Tuned] = {}
+    for method in methods:
+        try:
+            tuned[method.name] = tune(method, folds, ks, with_ranks, primary)
+        except CatalogueTooLarge as exc:  # the row says why, the others stand
+            results[method.name] = f"n/a: {exc}"
+            continue
+        results[method.name] = tuned[method.name].row
+        log.info(
+            "evaluate: %s done in %.1fs (%s)",
+            method.name,
+            tuned[method.name].row["seconds"],
+            tuned[method.name].row["setting"],
         )
+    if cfg.userlens and not cold:
+        from userlens.eval.recommenders import fused_rows
+
+        results = {**fused_rows(tuned, folds, ks, with_ranks, primary, cfg.seed), **results}
     table = _ranking_table(dataset, protocol, ks, counts, types, results)
     return EvaluateResult(dataset, protocol, table, results, counts)
 
 
-def _rank_all(
-    model: Any, fold: _Fold, n_items: int, k: int, with_ranks: bool
-) -> tuple[list[list[int]], np.ndarray | None]:
-    batch = max(1, min(4096, SCORE_CELLS // max(n_items, 1)))
-    tops: list[list[int]] = []
-    ranks: list[np.ndarray] = []
-    for start in range(0, len(fold.users), batch):
-        end = start + batch
-        t, r = rank_batch(
-            model.scores(fold.users[start:end]),
-            fold.seen[start:end],
-            fold.targets[start:end] if with_ranks else None,
-            k,
-        )
-        tops.extend(t)
-        ranks.append(r)
-    return tops, (np.concatenate(ranks) if with_ranks else None)
-
-
-def _fold_metrics(
-    tops: list[list[int]], ranks: np.ndarray | None, targets: list[np.ndarray], ks: Sequence[int]
-) -> dict[str, float]:
-    values = M.ranking_metrics(tops, [set(t.tolist()) for t in targets], ks)
-    if ranks is not None:
-        values["mrr"] = M.mrr_from_ranks(ranks)
-    else:
-        values.pop("mrr", None)
-    return values
-
-
-def fit_als(spark: "SparkSession", fit: "pd.DataFrame", n_users: int, n_items: int, settings: Settings) -> FactorScores:
-    """Spark MLlib ALS with implicit feedback (``train.recommend.als``, as the train stage's baseline);
-    the rating is the user's number of events with the item."""
-    als = settings.train.recommend.als
-    pairs = fit.groupby(["u", "i"]).size().reset_index(name="r")
+def fit_als(spark: "SparkSession", fold: Fold, als: AlsSettings, seed: int) -> FactorScores:
+    """Spark MLlib ALS with implicit feedback; the rating is the user's number of events with the item."""
+    pairs = fold.fit.groupby(["u", "i"]).size().reset_index(name="r")
     model = spark_baselines.fit_als(
-        spark.createDataFrame(pairs.astype({"u": "int32", "i": "int32", "r": "float32"})), als, settings.evaluate.seed
+        spark.createDataFrame(pairs.astype({"u": "int32", "i": "int32", "r": "float32"})), als, seed
     )
-    return FactorScores(_factors(model.userFactors, n_users, als.rank), _factors(model.itemFactors, n_items, als.rank))
+    return FactorScores(
+        _factors(model.userFactors, fold.n_users, als.rank), _factors(model.itemFactors, fold.n_items, als.rank)
+    )
 
 
 def _factors(factors: DataFrame, n: int, rank: int) -> np.ndarray:
-    rows: pd.DataFrame = factors.toPandas()
+    rows: Any = factors.toPandas()
     out = np.full((n, rank), np.nan)
     if len(rows):
         out[rows["id"].to_numpy()] = np.stack(rows["features"].to_numpy())
     return out
 
 
-def _item_texts(settings: Settings, items: DataFrame) -> dict[str, str] | None:
-    from userlens.embedding import item_texts
-
+def item_texts_of(settings: Settings, items: DataFrame) -> dict[str, str]:
+    """item_id -> the text the embed stage would embed for it (items without text left out)."""
     rows = item_texts(items, list(settings.embed.item_text_fields)).where(F.length("text") > 0).collect()
-    return {r["item_id"]: r["text"] for r in rows} or None
-
-
-def _userlens_ranking(
-    settings: Settings,
-    data: _Data,
-    folds: list[_Fold],
-    item_index: "pd.Index",
-    user_index: "pd.Index",
-    ks: tuple[int, ...],
-    with_ranks: bool,
-) -> dict[str, Any] | str:
-    try:
-        from userlens.models.recommend import TextTwoTower
-    except ImportError:
-        log.info("evaluate: userlens.models.recommend is not available; the userlens row is n/a")
-        return NOT_AVAILABLE
-    started = time.perf_counter()
-    depth = min(len(item_index), max(USERLENS_DEPTH, max(ks))) if with_ranks else max(ks)
-    texts = _item_texts(settings, data.items)
-    per_fold: dict[str, dict[str, float]] = {}
-    try:
-        for f in folds:
-            model = TextTwoTower(settings, seed=settings.evaluate.seed).fit(
-                f.fit[["user", "item", "ts"]].reset_index(drop=True), texts
-            )
-            tops: list[list[int]] = []
-            ranks = np.full(len(f.users), np.inf)
-            for start in range(0, len(f.users), 1024):
-                users = f.users[start : start + 1024]
-                names = [str(user_index[u]) for u in users]
-                exclude = {n: set(item_index[s].tolist()) for n, s in zip(names, f.seen[start : start + 1024])}
-                recs = model.recommend(names, depth, exclude)
-                for row, (name, targets) in enumerate(zip(names, f.targets[start : start + 1024])):
-                    ranked = item_index.get_indexer(recs.get(name, []))
-                    ranked = ranked[ranked >= 0]
-                    tops.append(ranked[: max(ks)].tolist())
-                    hits = np.flatnonzero(np.isin(ranked, targets))
-                    if len(hits):
-                        ranks[start + row] = hits[0] + 1
-            per_fold[f.name] = _fold_metrics(tops, ranks if with_ranks else None, f.targets, ks)
-    except Exception as exc:  # noqa: BLE001 - the baselines stand; the row says why userlens has no numbers
-        log.warning("evaluate: the userlens model failed", exc_info=True)
-        return f"failed: {type(exc).__name__}: {first_line(exc)}"
-    result: dict[str, Any] = {
-        **per_fold["test"],
-        "valid": per_fold.get("valid"),
-        "seconds": time.perf_counter() - started,
-    }
-    if with_ranks and depth < len(item_index):
-        result["mrr_depth"] = depth
-    return result
+    return {r["item_id"]: r["text"] for r in rows}
 
 
 def _ranking_table(
@@ -442,6 +429,15 @@ def _ranking_table(
             f"({counts['evaluated_users']:,} users with at least 3); full ranking over all "
             f"{counts['items']:,} items, the user's fitted items removed; HR@k = Recall@k here"
         )
+    elif protocol == "cold-items":
+        columns = [(f"HR@{k}", f"hr@{k}") for k in ks] + [(f"NDCG@{k}", f"ndcg@{k}") for k in ks]
+        columns.append(("valid NDCG@10", "valid.ndcg@10"))
+        split = (
+            f"cold items: a seeded {COLD_ITEMS:.0%} of the items have every interaction held out of the fit "
+            f"data (half for validation, half for test); each user who interacts with a test-cold item is "
+            f"ranked over the test-cold items only ({counts['evaluated_users']:,} users; validation "
+            f"{counts['validation_users']:,})"
+        )
     else:
         columns = [
             (name.format(k=k), key.format(k=k))
@@ -453,9 +449,12 @@ def _ranking_table(
                 ("Recall@{k}", "recall@{k}"),
             )
         ]
+        k_valid = 10 if 10 in ks else max(ks)
+        columns.append((f"valid nDCG@{k_valid}", f"valid.ndcg@{k_valid}"))
         split = (
             f"per-user random 75/25 split of distinct (user, item) pairs ({counts['evaluated_users']:,} users "
-            f"with held-out items); top-{max(ks)} over {counts['items']:,} items, training items removed"
+            f"with held-out items); top-{max(ks)} over {counts['items']:,} items, training items removed; "
+            f"validation: the same 75/25 split of each user's training pairs ({counts['validation_users']:,} users)"
         )
     lines = [
         f"### userlens evaluate: {dataset}, {protocol}",
@@ -466,24 +465,27 @@ def _ranking_table(
         "",
     ]
     lines += _table(columns, results)
-    notes = [
-        f"userlens MRR counts ranks up to {r['mrr_depth']}"
-        for r in results.values()
-        if isinstance(r, dict) and r.get("mrr_depth")
+    lines += [
+        "",
+        "- every setting, the fusion weights and the epochs were chosen on the validation fold "
+        "(fitted without the validation targets); the test split was scored once, fitted with them; "
+        "± is the standard error over users",
     ]
-    if notes:
-        lines += ["", f"- {notes[0]}"]
     return "\n".join(lines) + "\n"
 
 
 def _table(columns: list[tuple[str, str]], results: dict[str, dict[str, Any] | str]) -> list[str]:
-    header = ["method", *[name for name, _ in columns], "seconds"]
+    with_setting = any(isinstance(v, dict) and "setting" in v for v in results.values())
+    header = ["method", *[name for name, _ in columns], *(["chosen on validation"] if with_setting else []), "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for method, values in results.items():
         if isinstance(values, str):
             cells = [values] + [""] * (len(header) - 2)
         else:
-            cells = [_cell(_lookup(values, key)) for _, key in columns] + [f"{values['seconds']:.1f}"]
+            cells = [_cell(_lookup(values, key), _lookup(values, key + "_se")) for _, key in columns]
+            if with_setting:
+                cells.append(str(values.get("setting", "")))
+            cells.append(f"{values['seconds']:.1f}")
         lines.append("| " + " | ".join([method, *cells]) + " |")
     return lines
 
@@ -495,12 +497,12 @@ def _lookup(values: dict[str, Any], key: str) -> Any:
     return values.get(key)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, se: Any = None) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
         return value
-    return f"{value:.4f}"
+    return f"{value:.4f} ± {se:.4f}" if isinstance(se, float) else f"{value:.4f}"
 
 
 # --------------------------------------------------------------------------
@@ -593,6 +595,7 @@ def _next_window(
         "",
     ]
     lines += _table([("AUC activity", "active"), ("AUC purchase", "purchase")], results)
+    lines += ["", "- ± is the ROC AUC's standard error (Hanley & McNeil 1982)"]
     return EvaluateResult(dataset, "next-window", "\n".join(lines) + "\n", results, counts)
 
 
@@ -606,6 +609,7 @@ def _auc_row(targets: dict[str, np.ndarray], scores: dict[str, np.ndarray | str]
             row[target] = f"n/a (test users all {'positive' if y.min() else 'negative'})"
         else:
             row[target] = M.roc_auc(y, p)
+            row[f"{target}_se"] = M.roc_auc_se(row[target], int(y.sum()), int(len(y) - y.sum()))
     row["seconds"] = time.perf_counter() - started
     return row
 

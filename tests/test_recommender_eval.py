@@ -1,0 +1,161 @@
+"""The recommender's evaluation machinery on tiny data written here: settings chosen on validation only,
+the fusion, EASE's size guard, the sequential encoder learning an order, the splits and the k-core."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from userlens.eval.ranking import Fold, Method, Tuned, fuse, make_folds, tune
+from userlens.models.ease import EASE, CatalogueTooLarge
+from userlens.models.sequential import SequentialConfig, SequentialEncoder, fit
+
+
+def tiny_frame(n_users: int = 40, n_items: int = 12, seed: int = 0) -> pd.DataFrame:
+    """Users interact with items 0..3 of their 'taste' block and two random ones; splits by position."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        block = (u % 3) * 4
+        items = [block, block + 1, block + 2, block + 3, *rng.choice(n_items, 2, replace=False)]
+        items = list(dict.fromkeys(items))
+        for t, i in enumerate(items):
+            split = "test" if t == len(items) - 1 else "valid" if t == len(items) - 2 else "train"
+            rows.append((f"u{u}", f"i{i}", t, u, int(i), split))
+    return pd.DataFrame(rows, columns=["user", "item", "ts", "u", "i", "split"])
+
+
+class Constant:
+    """Scores every user the same: a fixed item order."""
+
+    def __init__(self, order: np.ndarray) -> None:
+        self.order = order
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self.order.astype(float), (len(users), len(self.order))).copy()
+
+
+def test_the_setting_is_chosen_on_validation_and_the_test_split_scored_once():
+    frame = tiny_frame()
+    folds = make_folds(frame, 40, 12)
+    valid, test = folds
+    seen_folds = []
+
+    def fit_fold(fold: Fold, params):
+        seen_folds.append((fold.name, params["which"]))
+        good = np.zeros(fold.n_items)
+        targets = np.concatenate(valid.targets)  # the setting "valid" ranks the validation targets first
+        good[np.bincount(targets, minlength=fold.n_items).argsort()[::-1][:4]] = 1.0
+        return Constant(good if params["which"] == "valid" else -good)
+
+    row = tune(Method("m", [{"which": "other"}, {"which": "valid"}], fit_fold), folds, (3,), False, "ndcg@3").row
+    assert row["setting"] == "which=valid"
+    # every setting fitted on the validation fold, only the chosen one on the test fold
+    assert seen_folds == [("valid", "other"), ("valid", "valid"), ("test", "valid")]
+    assert row["valid"]["ndcg@3"] == max(v for _, v in row["grid"])
+    assert 0 <= row["ndcg@3"] <= 1 and row["ndcg@3_se"] >= 0
+
+
+def test_fusion_weights_come_from_validation_and_never_do_worse_there_than_the_lead():
+    frame = tiny_frame()
+    folds = make_folds(frame, 40, 12)
+
+    def ease_fit(fold, params):
+        return EASE(params["lam"]).fit(fold.fit["u"].to_numpy(), fold.fit["i"].to_numpy(), fold.n_users, fold.n_items)
+
+    def pop_fit(fold, params):
+        return Constant(np.bincount(fold.fit["i"], minlength=fold.n_items))
+
+    components: dict[str, Tuned] = {
+        "EASE": tune(Method("EASE", [{"lam": 1.0}, {"lam": 10.0}], ease_fit), folds, (3,), False, "ndcg@3"),
+        "pop": tune(Method("pop", [{}], pop_fit), folds, (3,), False, "ndcg@3"),
+    }
+    fused = fuse(components, folds, (3,), False, "ndcg@3").row
+    assert fused["valid"]["ndcg@3"] >= components["EASE"].row["valid"]["ndcg@3"] - 1e-9
+    assert fused["setting"].startswith("EASE 1")
+
+
+def test_ease_refuses_an_oversized_catalogue_in_one_line():
+    with pytest.raises(CatalogueTooLarge) as caught:
+        EASE(100.0, max_items=10).fit(np.array([0, 1]), np.array([3, 10]), 2, 11)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("EASE: 11 items need a dense 11 x 11 matrix")
+    assert "train.recommend.ease_max_items=10" in message
+
+
+def test_ease_learns_co_occurrence():
+    users = np.repeat(np.arange(30), 2)
+    items = np.tile([0, 1], 30)  # items 0 and 1 always together, item 2 never
+    model = EASE(1.0).fit(np.r_[users, 30], np.r_[items, 0], 31, 3)
+    s = model.scores(np.array([30]))  # a user with item 0 only
+    assert s[0, 1] > s[0, 2]
+
+
+def test_the_sequential_encoder_learns_what_comes_next():
+    n = 10
+    histories = [np.array([(s + j) % n for j in range(8)]) for s in range(n) for _ in range(6)]
+    model = SequentialEncoder(
+        n, SequentialConfig(dim=16, layers=1, max_len=8, dropout=0.0, batch_size=16, learning_rate=1e-2)
+    )
+    summary = fit(model, histories, epochs=40)
+    assert summary["epochs_run"] == 40
+    scores = model.scores([np.array([3, 4, 5])])
+    assert int(np.argmax(scores[0])) == 6  # the chain's next item
+
+
+def test_early_stopping_keeps_the_best_validated_state():
+    n = 6
+    histories = [np.array([(s + j) % n for j in range(6)]) for s in range(n) for _ in range(4)]
+    values = iter([0.1, 0.5, 0.2, 0.3, 0.1, 0.0, 0.0, 0.0])
+    model = SequentialEncoder(
+        n, SequentialConfig(dim=8, layers=1, max_len=6, validate_every=1, patience=3, max_epochs=30)
+    )
+    summary = fit(model, histories, validate=lambda m: next(values))
+    assert summary["best_epoch"] == 2 and summary["best"] == 0.5 and summary["epochs_run"] == 5
+
+
+def test_stratified_validation_comes_from_the_training_part_only(spark):
+    from userlens.eval.evaluate import stratified_split, with_valid
+
+    rows = [(f"u{u}", f"i{i}", i, f"e{u}-{i}") for u in range(20) for i in range(8)]
+    inter = spark.createDataFrame(rows, "user string, item string, ts long, event_id string")
+    before = {(r.user, r.item): r.split for r in stratified_split(inter, 0.75, 7).collect()}
+    after = {(r.user, r.item): r.split for r in with_valid(stratified_split(inter, 0.75, 7), 0.75, 7).collect()}
+    assert {k for k, v in after.items() if v == "test"} == {k for k, v in before.items() if v == "test"}
+    assert all(before[k] == "train" for k, v in after.items() if v == "valid")
+    per_user = pd.Series([v for v in after.values()]).groupby([k[0] for k in after]).value_counts().unstack()
+    # 8 pairs: round(6) = 6 train, 2 test; of the 6, round(4.5) = 5 (half up) stay train, 1 is valid
+    assert (per_user["test"] == 2).all() and (per_user["valid"] == 1).all() and (per_user["train"] == 5).all()
+
+
+def test_k_core_iterates_until_every_user_and_item_has_k(spark):
+    from userlens.eval.evaluate import k_core
+
+    # i9 has 1 interaction; without it u3 has 1, without u3 i2 has 1: each goes in turn
+    rows = [
+        ("u1", "i1"),
+        ("u1", "i2"),
+        ("u1", "i3"),
+        ("u2", "i1"),
+        ("u2", "i3"),
+        ("u2", "i4"),
+        ("u4", "i1"),
+        ("u4", "i3"),
+        ("u4", "i4"),
+        ("u3", "i2"),
+        ("u3", "i9"),
+    ]
+    inter = spark.createDataFrame(rows, "user string, item string")
+    kept = sorted((r.user, r.item) for r in k_core(inter, 2).collect())
+    assert kept == [
+        ("u1", "i1"),
+        ("u1", "i3"),
+        ("u2", "i1"),
+        ("u2", "i3"),
+        ("u2", "i4"),
+        ("u4", "i1"),
+        ("u4", "i3"),
+        ("u4", "i4"),
+    ]
