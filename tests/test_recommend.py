@@ -1,25 +1,15 @@
-"""The two-tower head's pieces without Spark: list columns to index matrices, positive sampling, the
-logQ-corrected in-batch softmax, top-K with exclusions, and a fit that learns a pattern popularity cannot."""
+"""The recommendation head's pieces without Spark: list columns to index matrices, positive sampling,
+histories as chronological sequences, top-K with exclusions, and a fit that learns a pattern popularity
+cannot."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pytest
-import torch
 
-from userlens.config import load_settings
-from userlens.models.recommend import (
-    RecConfig,
-    TextTwoTower,
-    TwoTower,
-    list_column,
-    padded_indices,
-    recency_weights,
-    sample_positive,
-    top_k,
-)
+from userlens.models.recommend import list_column, padded_indices, recency_weights, sample_positive
+from userlens.models.sequential import SequentialConfig, SequentialEncoder, chronological, fit, top_items
 
 
 def test_list_columns_become_padded_index_matrices():
@@ -47,62 +37,33 @@ def test_sample_positive_picks_only_real_items():
     assert set(picks[:, 0]) == {4} and set(picks[:, 1]) == {9} and set(picks[:, 2]) == {2, 7}
 
 
-def test_in_batch_logits_correct_for_popularity_and_never_use_an_item_as_its_own_negative():
-    config = RecConfig(n_items=4, item_dim=3, user_dim=0, dim=2, hidden=4, history=2)
-    log_q = np.log(np.array([0.7, 0.1, 0.1, 0.1]))
-    model = TwoTower(config, np.eye(4, 3, dtype=np.float32), log_q)
-    users = torch.randn(5, 2)
-    positives = torch.tensor([0, 4, 2, 0, 1])  # row 1 has no positive (pad)
-    logits, targets = model.in_batch(users, positives)
-    assert logits.shape == (4, 4) and targets.tolist() == [0, 1, 2, 3]
-    # kept rows 0 and 2 share item 0: each is masked in the other's row, never on the diagonal
-    assert torch.isinf(logits[0, 2]) and torch.isinf(logits[2, 0]) and not torch.isinf(logits.diagonal()).any()
-    kept = [0, 2, 0, 1]
-    v, b = model.item_vectors(model.item_text[kept], torch.tensor(kept))
-    raw = users[[0, 2, 3, 4]] @ v.T + b
-    assert torch.allclose(logits[1, 2], raw[1, 2] - float(log_q[0]))
+def test_histories_become_chronological_sequences_with_the_next_item_last():
+    hist = np.array([[2, 5, 1, 9], [9, 9, 9, 9]])  # newest first; 9 = pad
+    seq = chronological(hist, 9, last=np.array([7, 3]))
+    # tokens are item + 1, right-padded with 0: [1, 5, 2] then 7 for row 0; row 1 has only its next item
+    assert seq.tolist() == [[2, 6, 3, 8], [4, 0, 0, 0]]
+    assert chronological(hist, 9).tolist() == [[2, 6, 3], [0, 0, 0]]
 
 
-def test_top_k_excludes_and_pads_when_candidates_run_out():
-    users = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    items = (torch.tensor([[3.0, 0.0], [2.0, 0.0], [0.0, 1.0]]), torch.zeros(3))
-    exclude = np.array([[0, -1], [2, 1]])
-    top = top_k(users, items, exclude, k=3)
-    assert top[0].tolist() == [1, 2, -1]  # item 0 excluded, only two left
+def test_top_items_excludes_and_pads_when_candidates_run_out():
+    model = SequentialEncoder(3, SequentialConfig(dim=4, layers=1, max_len=4, dropout=0.0))
+    top = top_items(model, np.array([[0, 3], [1, 3]]), pad=3, exclude=np.array([[0, 3], [2, 1]]), k=3)
+    assert sorted(top[0].tolist()) == [-1, 1, 2] and top[0].tolist()[-1] == -1  # item 0 excluded
     assert top[1].tolist() == [0, -1, -1]
 
 
-def test_text_two_tower_learns_what_comes_next():
-    """Each user walks the catalogue in order (i, i+1, ...): popularity cannot predict the next item,
-    a model of the history can. Leave-last-out hit rate@5, seen items excluded."""
+def test_the_head_learns_what_comes_next_where_popularity_cannot():
+    """Each user walks the catalogue in order (i, i+1, ...): every item is equally popular, the history
+    says what comes next. Leave-last-out hit rate@5, seen items excluded."""
     rng = np.random.default_rng(1)
-    n_items, rows = 40, []
-    for u in range(240):
-        start = int(rng.integers(n_items))
-        rows += [(f"u{u}", f"i{(start + t) % n_items}", 1_000 + t * 86_400) for t in range(9)]
-    df = pd.DataFrame(rows, columns=["user", "item", "ts"])
-    train, test = df.groupby("user").head(8), df.groupby("user").tail(1)
-    settings = load_settings(None, ["train.recommend.dim=32", "train.recommend.hidden=64"])
-    model = TextTwoTower(settings, epochs=15).fit(train, None)
-    seen = {u: set(g["item"]) for u, g in train.groupby("user")}
-    recs = model.recommend(list(test["user"]), 5, seen)
-    hit = np.mean([row.item in recs[row.user] for row in test.itertuples()])
-    counts = train["item"].value_counts()
-    popular = [i for i in counts.index]
-    pop_hit = np.mean([row.item in [i for i in popular if i not in seen[row.user]][:5] for row in test.itertuples()])
-    assert all(len(r) == 5 and not set(r) & seen[u] for u, r in recs.items())
-    assert hit >= 0.5 and hit > pop_hit + 0.3, (hit, pop_hit)
-
-
-def test_recommend_before_fit_is_an_error():
-    with pytest.raises(ValueError, match="before fit"):
-        TextTwoTower(load_settings(None, [])).recommend(["u"], 3)
-
-
-def test_the_repeat_term_lifts_items_of_the_users_own_history():
-    users = torch.zeros(2, 2)
-    items = (torch.zeros(3, 2), torch.tensor([0.0, 0.1, 0.2]))  # without history: item 2 first
-    hist = torch.tensor([[0, 3], [3, 3]])  # user 0 saw item 0; 3 = pad
-    weights = torch.tensor([[0.5, 0.0], [0.0, 0.0]])
-    top = top_k(users, items, np.full((2, 1), -1), k=3, repeat=(hist, weights, torch.tensor(1.0)))
-    assert top[0].tolist() == [0, 2, 1] and top[1].tolist() == [2, 1, 0]
+    n_items = 40
+    walks = [(int(rng.integers(n_items)) + np.arange(9)) % n_items for _ in range(240)]
+    model = SequentialEncoder(
+        n_items, SequentialConfig(dim=32, layers=1, max_len=8, dropout=0.1, batch_size=64, learning_rate=3e-3)
+    )
+    fit(model, [w[:8] for w in walks], epochs=15)
+    hist = np.array([w[:8][::-1] for w in walks])  # newest first, as the snapshot stores them
+    top = top_items(model, hist, pad=n_items, exclude=hist, k=5)
+    hit = np.mean([w[8] in row for w, row in zip(walks, top)])
+    assert hit >= 0.8, hit
+    assert all(not set(row) & set(w[:8]) for w, row in zip(walks, top))

@@ -26,7 +26,7 @@ def recommendation_baselines(
     snapshot: DataFrame, events: DataFrame, cut: dt.date, rec: Any
 ) -> dict[str, dict[str, float]]:
     """Popularity and Spark MLlib ALS (implicit) on everything known at ``cut``, evaluated like the
-    two-tower head: the ``rec_eval`` test users, earlier purchases excluded, next purchases relevant."""
+    sequential head: the ``rec_eval`` test users, earlier purchases excluded, next purchases relevant."""
     from pyspark.ml.feature import StringIndexer
 
     from userlens.models.training import ranking_summary

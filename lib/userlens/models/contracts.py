@@ -40,7 +40,7 @@ class ModelConfig:
     numeric_dim: int = 0
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
-    rec: dict[str, Any] | None = None  # RecConfig as a dict: the two-tower recommendation head
+    rec: dict[str, Any] | None = None  # {"n_items", "text_dim", **SequentialConfig}: the sequential recommendation head
 
     def head_sizes(self) -> dict[str, int]:
         return {t: (len(self.classes) if t in MULTICLASS_TASKS else 1) for t in self.tasks}

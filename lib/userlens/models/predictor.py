@@ -2,8 +2,9 @@
 
 Model: ``embedding ⊕ standardized numeric features -> MLP -> one head per
 task``; binary tasks (purchase, churn) give one logit, ``next_category`` one
-logit per class. With ``config.rec`` set, a two-tower recommendation head
-(:mod:`userlens.models.recommend`) shares the model's input and is trained in
+logit per class. With ``config.rec`` set, the sequential recommendation head
+(:mod:`userlens.models.sequential`: a causal transformer over the user's item history, item vectors =
+learned ids + the catalogue's text embeddings) is trained in
 the same DDP run.
 
 Artifact (``<storage.models>/<version>/``)::
@@ -48,11 +49,23 @@ from userlens.models.tasks import MULTICLASS_TASKS
 class BehaviourModel(nn.Module):
     """Shared MLP trunk with one linear head per task (wide & deep when ``numeric_dim`` > 0)."""
 
+    log_q: torch.Tensor | None
+
     def __init__(self, config: ModelConfig, catalogue: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         super().__init__()
-        from userlens.models.recommend import RecConfig, TwoTower
+        from userlens.models.sequential import SequentialConfig, SequentialEncoder
 
-        self.rec = TwoTower(RecConfig(**config.rec), *(catalogue or (None, None))) if config.rec else None
+        self.rec: SequentialEncoder | None = None
+        log_q = None  # the catalogue's item log-frequencies (sampled softmax), a buffer
+        if config.rec:
+            rec = dict(config.rec)
+            n_items = rec.pop("n_items")
+            text = catalogue[0] if catalogue is not None else np.zeros((n_items, rec.pop("text_dim", 1)), np.float32)
+            rec.pop("text_dim", None)
+            self.rec = SequentialEncoder(n_items, SequentialConfig(**rec), text)
+            if catalogue is not None:
+                log_q = torch.as_tensor(np.asarray(catalogue[1], np.float32))
+        self.register_buffer("log_q", log_q, persistent=False)
         layers: list[nn.Module] = []
         width = config.input_dim
         for hidden in config.hidden:
@@ -64,9 +77,9 @@ class BehaviourModel(nn.Module):
             {task: nn.Linear(width + config.numeric_dim, size) for task, size in config.head_sizes().items()}
         )
 
-    def forward(self, x: torch.Tensor, rec: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        """Task logits; with ``rec`` (hist_idx, hist_w, positive) also ``recommend``: the in-batch
-        logits and targets of the two-tower head (inside forward, so DDP syncs its gradients)."""
+    def forward(self, x: torch.Tensor, rec: torch.Tensor | None = None) -> dict[str, Any]:
+        """Task logits; with ``rec`` (the users' chronological item sequences, right-padded tokens) also
+        ``recommend``: the sequential head's next-item loss (inside forward, so DDP syncs its gradients)."""
         h = self.trunk(x)
         if self.numeric_dim:
             h = torch.cat([h, x[:, -self.numeric_dim :]], dim=1)
@@ -74,8 +87,9 @@ class BehaviourModel(nn.Module):
             task: head(h).squeeze(-1) if head.out_features == 1 else head(h) for task, head in self.heads.items()
         }
         if rec is not None and self.rec is not None:
-            users = self.rec.user_vectors(x, rec["hist_idx"], rec["hist_w"])
-            out["recommend"] = self.rec.in_batch(users, rec["positive"], rec["hist_idx"], rec["hist_w"])
+            from userlens.models.sequential import sequence_loss
+
+            out["recommend"] = sequence_loss(self.rec, rec, self.log_q)
         return out
 
     @torch.no_grad()
@@ -125,13 +139,11 @@ def task_losses(outputs: dict[str, Any], labels: dict[str, torch.Tensor]) -> dic
 
 
 def task_loss(outputs: dict[str, Any], labels: dict[str, torch.Tensor], rec_weight: float = 1.0) -> torch.Tensor:
-    """The training loss: the sum of :func:`task_losses`, plus the recommendation head's in-batch
-    softmax (times ``rec_weight``) when present."""
-    from userlens.models.recommend import rec_loss
-
+    """The training loss: the sum of :func:`task_losses`, plus the recommendation head's next-item
+    cross-entropy (times ``rec_weight``) when present."""
     total = sum(task_losses(outputs, labels).values(), torch.zeros(()))
     if "recommend" in outputs:
-        total = total + rec_weight * rec_loss(*outputs["recommend"])
+        total = total + rec_weight * outputs["recommend"]
     return total
 
 

@@ -220,20 +220,16 @@ def _tensors(batch: dict[str, np.ndarray], tasks: list[str], device: Any) -> tup
 
 def _rec_tensors(
     batch: dict[str, np.ndarray], catalogue: Catalogue | None, rng: np.random.Generator, device: Any
-) -> dict[str, Any] | None:
-    """The two-tower head's inputs: history and one sampled next purchase per user (pad: none)."""
-    import torch
-
+) -> Any:
+    """The sequential head's input: each user's history in time order, one sampled next purchase
+    appended as the newest item (right-padded tokens; every position's next item is a target)."""
     from userlens.models.recommend import sample_positive
+    from userlens.models.sequential import chronological
 
     if catalogue is None:
         return None
     positive = sample_positive(batch["next"], catalogue.pad, rng)
-    return {
-        "hist_idx": torch.from_numpy(batch["hist_idx"]).to(device),
-        "hist_w": torch.from_numpy(batch["hist_w"]).to(device),
-        "positive": torch.from_numpy(positive).to(device),
-    }
+    return chronological(batch["hist_idx"], catalogue.pad, positive).to(device)
 
 
 @dataclass
@@ -552,7 +548,7 @@ def finalize(
     recommendations = None
     if catalogue is not None:  # side by side, for the report
         recommendations = {
-            "two-tower": test["recommend"],
+            "userlens (sequential)": test["recommend"],
             "popularity": job.baseline.get("recommend_popularity", {}),
             "ALS": job.baseline.get("recommend_als", {}),
         }
@@ -615,34 +611,20 @@ def evaluate_files(
 def evaluate_recommendations(
     model: Any, features: Any, tasks: list[str], files: list[str], catalogue: Catalogue, k: int
 ) -> dict[str, float]:
-    """recall@k, nDCG@k and hit rate@k of the two-tower head on the test users marked ``rec_eval``
+    """recall@k, nDCG@k and hit rate@k of the sequential head on the test users marked ``rec_eval``
     (next purchases not bought before), ranking the whole catalogue minus earlier purchases."""
-    import torch
-
-    from userlens.models.recommend import top_k
+    from userlens.models.sequential import top_items
 
     reader = ShardReader(files, features, tasks, catalogue)
     ranked: list[list[int]] = []
     relevant: list[set[int]] = []
-    model.eval()
-    with torch.inference_mode():
-        items = model.rec.item_vectors(model.rec.item_text[: catalogue.pad], torch.arange(catalogue.pad))
-        for batch in reader.batches(VALID_BATCH_ROWS, None):
-            keep = batch["rec_eval"]
-            if not keep.any():
-                continue
-            hist, weights = torch.from_numpy(batch["hist_idx"][keep]), torch.from_numpy(batch["hist_w"][keep])
-            users = model.rec.user_vectors(torch.from_numpy(batch["x"][keep]), hist, weights)
-            bought = batch["bought"][keep]
-            top = top_k(
-                users,
-                items,
-                np.where(bought == catalogue.pad, -1, bought),
-                k,
-                repeat=(hist, weights, model.rec.repeat.detach()),
-            )
-            ranked += [[i for i in row if i >= 0] for row in top]
-            relevant += [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
+    for batch in reader.batches(VALID_BATCH_ROWS, None):
+        keep = batch["rec_eval"]
+        if not keep.any():
+            continue
+        top = top_items(model.rec, batch["hist_idx"][keep], catalogue.pad, batch["bought"][keep], k)
+        ranked += [[i for i in row if i >= 0] for row in top]
+        relevant += [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
     return ranking_summary(ranked, relevant, k)
 
 
@@ -752,7 +734,6 @@ def _validation_loss(
     import torch.distributed as dist
 
     from userlens.models.predictor import task_losses
-    from userlens.models.recommend import rec_loss
 
     inner = _unwrap(model)
     inner.eval()
@@ -761,15 +742,17 @@ def _validation_loss(
     with torch.inference_mode():
         for batch in valid.batches(VALID_BATCH_ROWS, None):
             x, y = _tensors(batch, tasks, device)
-            out = inner(x, _rec_tensors(batch, catalogue, rng, device))
+            seq = _rec_tensors(batch, catalogue, rng, device)
+            out = inner(x, seq)
             rec = out.pop("recommend", None)
             per_task = task_losses(out, y)
             for i, task in enumerate(tasks):
                 sums[3 + i] += float(per_task[task]) * len(x)
             sums[0] += len(x)
-            if rec is not None and len(rec[1]) >= 2:
-                sums[1] += float(rec_loss(*rec)) * len(rec[1])
-                sums[2] += len(rec[1])
+            if rec is not None:
+                targets = int((seq[:, 1:] > 0).sum())
+                sums[1] += float(rec) * targets
+                sums[2] += targets
     if distributed:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     if sums[0] == 0:

@@ -61,53 +61,35 @@ def _artifact(path: str) -> Any:
     return _LOADED[path]
 
 
-def _recommender(artifact: Any) -> tuple[Any, Any] | None:
-    """(catalogue, (item vectors, biases)) of the artifact's two-tower head, once per worker; None without one."""
+def _recommender(artifact: Any) -> Any:
+    """The artifact's catalogue (item ids -> indices, history arrays), once per worker; None without a
+    recommendation head."""
     if artifact.model.rec is None:
         return None
     key = ("rec", artifact.path)
     if key not in _LOADED:
-        import torch
+        import numpy as np
 
         from userlens.models.training import Catalogue
 
         rec = artifact.model.rec
-        n = rec.config.n_items
-        catalogue = Catalogue(
-            artifact.item_ids,
-            rec.item_text[:n].numpy(),
-            rec.log_q[:n].numpy(),
-            rec.config.history,
-            rec.config.half_life_days,
+        _LOADED[key] = Catalogue(
+            artifact.item_ids, np.zeros((rec.n_items, 1), np.float32), np.zeros(rec.n_items), rec.config.max_len, 14.0
         )
-        with torch.inference_mode():
-            _LOADED[key] = (catalogue, rec.item_vectors(rec.item_text[:n], torch.arange(n)))
     return _LOADED[key]
 
 
-def _recommend(artifact: Any, x: Any, batch: "pa.RecordBatch", k: int) -> "pa.Array":
+def _recommend(artifact: Any, batch: "pa.RecordBatch", k: int) -> "pa.Array":
     """Top-k item ids per user (earlier purchases excluded), as an Arrow list array."""
     import numpy as np
     import pyarrow as pa
-    import torch
 
-    from userlens.models.recommend import top_k
+    from userlens.models.sequential import top_items
 
-    recommender = _recommender(artifact)
-    assert recommender is not None  # called only for an artifact with a two-tower head
-    catalogue, items = recommender
+    catalogue = _recommender(artifact)
+    assert catalogue is not None  # called only for an artifact with a recommendation head
     arrays = catalogue.arrays(batch)
-    hist, weights = torch.from_numpy(arrays["hist_idx"]), torch.from_numpy(arrays["hist_w"])
-    with torch.inference_mode():
-        users = artifact.model.rec.user_vectors(torch.from_numpy(x), hist, weights)
-    bought = arrays["bought"]
-    top = top_k(
-        users,
-        items,
-        np.where(bought == catalogue.pad, -1, bought),
-        k,
-        repeat=(hist, weights, artifact.model.rec.repeat.detach()),
-    )
+    top = top_items(artifact.model.rec, arrays["hist_idx"], catalogue.pad, arrays["bought"], k)
     ids = np.array(catalogue.item_ids, dtype=object)
     offsets = np.concatenate([[0], np.cumsum((top >= 0).sum(1))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[top[top >= 0]].tolist(), pa.string()))
@@ -140,9 +122,7 @@ def _score_fn(path: str, k: int):
             else:
                 out["next_category"], out["next_category_p"] = pa.nulls(n, pa.string()), pa.nulls(n, pa.float64())
             out["recommended_items"] = (
-                _recommend(artifact, x, batch, k)
-                if artifact.model.rec is not None
-                else pa.nulls(n, pa.list_(pa.string()))
+                _recommend(artifact, batch, k) if artifact.model.rec is not None else pa.nulls(n, pa.list_(pa.string()))
             )
             yield pa.RecordBatch.from_pydict(out)
 
@@ -152,7 +132,7 @@ def _score_fn(path: str, k: int):
 def score_users(users: DataFrame, artifact_path: str, k: int = 10) -> DataFrame:
     """(user_key, embedding, features[, hist_items, hist_ages, bought]) -> (user_key, purchase_propensity,
     churn_risk, next_category, next_category_p, recommended_items) with the model at ``artifact_path``;
-    the recommendation columns are needed when the model has a two-tower head."""
+    the recommendation columns are needed when the model has a recommendation head."""
     extra = [c for c in ("hist_items", "hist_ages", "bought") if c in users.columns]
     return users.select("user_key", "embedding", "features", *extra).mapInArrow(
         _score_fn(artifact_path, k), SCORES_SCHEMA
@@ -219,7 +199,7 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         )
         if artifact.config.rec:  # the recommendation head reads the user's item history as of D
             empty = F.array().cast("array<string>")
-            history = item_history(events, as_of, as_of, artifact.config.rec["history"]).drop("next_items")
+            history = item_history(events, as_of, as_of, artifact.config.rec["max_len"]).drop("next_items")
             todo = todo.join(history, "user_key", "left").select(
                 *todo.columns,
                 F.coalesce("hist_items", empty).alias("hist_items"),

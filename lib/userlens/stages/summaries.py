@@ -54,7 +54,7 @@ def train(r: Any) -> str:
             )
     if "recommend" in r.model:
         methods = {
-            "two-tower": r.model["recommend"],
+            "userlens (sequential)": r.model["recommend"],
             "popularity": r.baseline.get("recommend_popularity", {}),
             "ALS": r.baseline.get("recommend_als", {}),
         }

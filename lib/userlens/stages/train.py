@@ -55,6 +55,7 @@ from userlens.features import (
     split_counts,
 )
 from userlens.models.contracts import DPJob, FeatureSpec, ModelConfig, RecJob, TrainingData, TrainJob, TrainSummary
+from userlens.models.sequential import SequentialConfig
 from userlens.models.tasks import BINARY_TASKS, MULTICLASS_TASKS
 from userlens.runs import StageRun
 from userlens.tables import Tables
@@ -110,7 +111,7 @@ def check_train_settings(settings: Settings) -> None:
         raise ConfigError("train.tasks: no task to train")
     if train.dp.enabled and train.recommend.enabled:
         raise ConfigError(
-            "train.recommend.enabled: the two-tower head's in-batch negatives mix users, so it "
+            "train.recommend.enabled: the sequential head's softmax mixes users' items, so it "
             "cannot be trained with DP-SGD (train.dp.enabled); set train.recommend.enabled=false"
         )
 
@@ -209,11 +210,8 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     features = FeatureSpec(names, mean, std, dim, model_id)
     rec_config = None
     if rec is not None:
-        from userlens.models.recommend import RecConfig
-
-        rec_config = asdict(
-            RecConfig(n_items, dim, dim + len(names), rec.dim, rec.hidden, rec.history, rec.history_half_life_days)
-        )
+        # the sequential head (userlens.models.sequential) over the catalogue's item-text embeddings
+        rec_config = {"n_items": n_items, "text_dim": dim, **asdict(SequentialConfig.of(rec, train.seed))}
     config = ModelConfig(
         tasks=list(train.tasks),
         classes=classes,
@@ -315,7 +313,7 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     if rec is not None:
         key = f"recall@{rec.k}"
         log.info(
-            "train: recommendations test %s: two-tower %.4f, popularity %.4f, ALS %.4f (%d users)",
+            "train: recommendations test %s: userlens (sequential) %.4f, popularity %.4f, ALS %.4f (%d users)",
             key,
             summary.test["recommend"].get(key, float("nan")),
             baseline["recommend_popularity"].get(key, float("nan")),
