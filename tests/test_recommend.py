@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from userlens.models.recommend import list_column, padded_indices, recency_weights, sample_positive
+from userlens.models.recommend import list_column, padded_indices, sample_positive
 from userlens.models.sequential import SequentialConfig, SequentialEncoder, chronological, fit, top_items
 
 
@@ -22,12 +22,6 @@ def test_list_columns_become_padded_index_matrices():
     assert m.tolist() == [[1, 0, 3], [3, 3, 3], [3, 3, 3], [2, 0, 1]]
     sliced_values, sliced_lengths = list_column(column.slice(3))
     assert padded_indices(sliced_values, sliced_lengths, lookup, 2, 3).tolist() == [[2, 0]]
-
-
-def test_recency_weights_halve_per_half_life_and_ignore_padding():
-    idx = np.array([[0, 1, 5]])
-    w = recency_weights(np.array([[0.0, 14.0, 3.0]]), idx, pad=5, half_life_days=14.0)
-    assert w.tolist() == [[1.0, 0.5, 0.0]]
 
 
 def test_sample_positive_picks_only_real_items():

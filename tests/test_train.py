@@ -150,7 +150,6 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
         np.zeros((artifact.model.rec.n_items, 1), np.float32),  # the head keeps its own item vectors
         np.zeros(artifact.model.rec.n_items),
         rec.history,
-        rec.history_half_life_days,
     )
     again["recommend"] = evaluate_recommendations(
         artifact.model, artifact.features, artifact.config.tasks, test_files, catalogue, rec.k

@@ -397,7 +397,6 @@ class RecommendSettings(_Strict):
     k: int = Field(10, ge=1, le=1000, description="items published per user and evaluated (recall@k, nDCG@k)")
     dim: int = Field(64, ge=4, description="sequential encoder: item and user vector width")
     history: int = Field(50, ge=1, description="sequential encoder: newest items of a user's history it reads")
-    history_half_life_days: float = Field(14.0, gt=0, description="recency half-life of the pooled history")
     weight: float = Field(1.0, gt=0, description="the recommendation loss's weight beside the task losses")
     eval_users: int = Field(20_000, ge=1, description="test users evaluated (a hash sample above this)")
     als: AlsSettings = Field(AlsSettings(), description="the Spark MLlib ALS baseline")

@@ -65,7 +65,6 @@ class RecJob:
 
     k: int
     history: int
-    history_half_life_days: float
     weight: float = 1.0
 
 

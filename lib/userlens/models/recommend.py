@@ -39,12 +39,6 @@ def list_column(column: Any) -> tuple[np.ndarray, np.ndarray]:
     return column.flatten().to_numpy(zero_copy_only=False), lengths
 
 
-def recency_weights(ages: np.ndarray, idx: np.ndarray, pad: int, half_life_days: float) -> np.ndarray:
-    w = np.power(0.5, np.maximum(ages, 0) / half_life_days).astype(np.float32)
-    w[idx == pad] = 0.0
-    return w
-
-
 def sample_positive(positives: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
     """One random non-pad entry per row of (n, M) (pad when the row has none)."""
     valid = positives != pad

@@ -66,31 +66,21 @@ REC_COLUMNS = ("hist_items", "hist_ages", "next_items", "bought", "rec_eval")
 class Catalogue:
     """The recommendation head's item index (item id -> row of the catalogue, ``pad`` = unknown)."""
 
-    def __init__(
-        self, item_ids: list[str], embeddings: np.ndarray, log_q: np.ndarray, history: int, half_life_days: float
-    ) -> None:
+    def __init__(self, item_ids: list[str], embeddings: np.ndarray, log_q: np.ndarray, history: int) -> None:
         import pandas as pd
 
         self.item_ids, self.embeddings, self.log_q = item_ids, embeddings, log_q
         self.lookup = pd.Index(item_ids)
         self.pad = len(item_ids)
-        self.history, self.half_life_days = history, half_life_days
+        self.history = history
 
     def arrays(self, batch: Any) -> dict[str, np.ndarray]:
-        """hist_idx, hist_w (n, history), bought (n, BOUGHT_ITEMS), and where the batch has them
+        """hist_idx (n, history, newest first), bought (n, BOUGHT_ITEMS), and where the batch has them
         next (n, NEXT_ITEMS) and rec_eval (n,)."""
-        from userlens.models.recommend import list_column, padded_indices, recency_weights
+        from userlens.models.recommend import list_column, padded_indices
 
-        hist = padded_indices(*list_column(batch.column("hist_items")), self.lookup, self.history, self.pad)
-        ages_flat, lengths = list_column(batch.column("hist_ages"))
-        ages = np.zeros(hist.shape, np.float32)
-        rows = np.repeat(np.arange(len(lengths)), lengths)
-        pos = np.arange(len(ages_flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        keep = pos < self.history
-        ages[rows[keep], pos[keep]] = ages_flat[keep]
         out = {
-            "hist_idx": hist,
-            "hist_w": recency_weights(ages, hist, self.pad, self.half_life_days),
+            "hist_idx": padded_indices(*list_column(batch.column("hist_items")), self.lookup, self.history, self.pad),
             "bought": padded_indices(*list_column(batch.column("bought")), self.lookup, BOUGHT_ITEMS, self.pad),
         }
         if "next_items" in batch.schema.names:
@@ -331,9 +321,7 @@ def build(job: TrainJob, process: Process) -> Setup:
     config, features, tasks = job.config, job.features, list(job.config.tasks)
     catalogue = None
     if config.rec and job.recommend is not None:
-        catalogue = Catalogue(
-            *read_catalogue(f"{job.snapshot}/items"), job.recommend.history, job.recommend.history_half_life_days
-        )
+        catalogue = Catalogue(*read_catalogue(f"{job.snapshot}/items"), job.recommend.history)
     model: Any = BehaviourModel(config, (catalogue.embeddings, catalogue.log_q) if catalogue else None)
     model = model.to(process.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.learning_rate, weight_decay=job.weight_decay)

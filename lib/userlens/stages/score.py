@@ -74,7 +74,7 @@ def _recommender(artifact: Any) -> Any:
 
         rec = artifact.model.rec
         _LOADED[key] = Catalogue(
-            artifact.item_ids, np.zeros((rec.n_items, 1), np.float32), np.zeros(rec.n_items), rec.config.max_len, 14.0
+            artifact.item_ids, np.zeros((rec.n_items, 1), np.float32), np.zeros(rec.n_items), rec.config.max_len
         )
     return _LOADED[key]
 

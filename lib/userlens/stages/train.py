@@ -255,7 +255,7 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         # not under DP-SGD: the baseline saw the training data without noise, so a head chosen from it
         # would spend privacy the accountant does not count
         baseline_heads=standardized_linear(linear, features) if train.baseline_fallback and dp is None else None,
-        recommend=RecJob(rec.k, rec.history, rec.history_half_life_days, rec.weight) if rec is not None else None,
+        recommend=RecJob(rec.k, rec.history, rec.weight) if rec is not None else None,
         data=TrainingData(as_of.isoformat(), cut.isoformat(), train.horizon_days, counts, model_id),
     )
     t0 = time.perf_counter()
