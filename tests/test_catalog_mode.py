@@ -29,6 +29,7 @@ OVERRIDES = [
     "train.batch_size=32",
     "train.min_users=30",
     "train.min_class_users=3",
+    "train.num_processes=1",  # two DDP processes: tests/test_train.py and the cluster test
     "profile.segments=3",
     "privacy.min_segment_size=5",
     "nightly.report=false",
@@ -45,7 +46,9 @@ def world(spark, tmp_path_factory):
     spark.sql(f"CREATE SCHEMA IF NOT EXISTS {CATALOG}.{SCHEMA} LOCATION '{root / 'schema'}'")
     settings = make_settings(root, f"storage.catalog={CATALOG}", f"storage.schema={SCHEMA}", *OVERRIDES)
     key = load_key(settings.privacy)
-    generate_sample(spark, settings.source.path, SampleSpec(users=USERS, days=DAYS, seed=11, start_date=START))
+    generate_sample(
+        spark, settings.source.path, SampleSpec(users=USERS, days=DAYS, items=100, seed=11, start_date=START)
+    )
     w = SimpleNamespace(root=root, settings=settings, tables=Tables(spark, settings.storage))
     w.first = run_nightly(spark, settings, key)
     w.files_first = data_files(w.tables)

@@ -29,7 +29,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from cluster import daemon_env, spark_submit_command, standalone_cluster  # noqa: F401 (fixture)
-from conftest import TEST_KEY, make_settings
+from conftest import SHORT_TEXTS, TEST_KEY, make_settings
 from userlens.privacy import load_key
 from userlens.sample import SampleSpec, generate_sample
 from userlens.stages.nightly import run_nightly
@@ -120,14 +120,18 @@ def clustered(spark, standalone_cluster, tmp_path_factory):  # noqa: F811 (the f
     """The sample, and one `spark-submit jobs/nightly.py` over it on the cluster."""
     root = tmp_path_factory.mktemp("cluster-nightly")
     settings = make_settings(root)
-    generate_sample(spark, settings.source.path, SampleSpec(users=USERS, days=DAYS, seed=3, start_date=START))
+    generate_sample(
+        spark, settings.source.path, SampleSpec(users=USERS, days=DAYS, items=120, seed=3, start_date=START)
+    )
     env = {
         **daemon_env(),
         "USERLENS_HMAC_KEY": TEST_KEY,
         "USERLENS_WAREHOUSE": settings.storage.warehouse,
         "USERLENS_SOURCE": settings.source.path,
     }
-    _, text = submit(standalone_cluster, "jobs/nightly.py", NIGHTLY_ARGS, env, root / "nightly.log")
+    # the documented command, with the shorter texts of the pipeline tests (a third of the encoder's work)
+    args = [*NIGHTLY_ARGS, "--set", SHORT_TEXTS]
+    _, text = submit(standalone_cluster, "jobs/nightly.py", args, env, root / "nightly.log")
     return root, settings, env, text
 
 
@@ -168,7 +172,9 @@ def test_a_local_run_on_the_same_data_gives_the_same_results(spark, clustered, t
     cluster_tables = Tables(spark, settings.storage)
     shutil.copytree(settings.source.path, tmp_path / "raw")
     shutil.copytree(Path(settings.storage.warehouse) / "_models", tmp_path / "models")  # the same model
-    local = make_settings(tmp_path, "profile.segments=4", "privacy.min_segment_size=10", "nightly.report=false")
+    local = make_settings(
+        tmp_path, "profile.segments=4", "privacy.min_segment_size=10", "nightly.report=false", SHORT_TEXTS
+    )
     result = run_nightly(spark, local, load_key(local.privacy, {"USERLENS_HMAC_KEY": TEST_KEY}), LAST)
     assert "train" not in result.stages  # the cluster's model is fresh: it scores here too
     local_tables = Tables(spark, local.storage)

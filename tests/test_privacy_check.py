@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from conftest import SPARK_OVERRIDES, make_settings
+from userlens.cli import main as cli_main
 from userlens.errors import SecretError
 from userlens.privacy import (
     DP_DELTA_PROPERTY,
@@ -49,10 +51,11 @@ from userlens.stages.profile import run_profile
 from userlens.tables import TABLES, Tables
 
 PLANTED_KEY = "pl4nted-HMAC-s3cret-9c1e77b0a2"
-USERS = 150
+USERS = 100
 DEMO = [
-    "sample.users=150",
+    "sample.users=100",
     "sample.days=14",
+    "sample.items=120",  # the item catalogue is embedded whole: 400 items cost more than the users
     "sample.pii_fraction=0.2",
     "train.epochs=2",
     "train.min_users=30",
@@ -286,32 +289,32 @@ def plant(spark, demo, tmp_path, table: str, column: str, value: str):
     return settings
 
 
-def test_privacy_check_fails_naming_table_and_column_after_a_raw_id_is_planted(spark, demo, tmp_path):
+def test_privacy_check_fails_naming_table_and_column_after_a_raw_id_is_planted(
+    spark, demo, tmp_path, capsys, monkeypatch
+):
     raw_id = sorted(planted_secrets(demo.root)["raw ids"])[7]
     settings = plant(spark, demo, tmp_path, "items", "title", f"Gift card for {raw_id}, thanks!")
 
-    # the command line (one scan; the email test below runs the function in process): the table on stdout,
-    # exit code 1, one line on stderr naming table and column
-    command = [sys.executable, "-m", "userlens.cli", "privacy-check", "--full"]
+    # the command (`userlens privacy-check --full`, in this process on the shared session; the email test
+    # below runs the function): the table on stdout, exit code 1, one line on stderr naming table and column
+    argv = ["privacy-check", "--full"]
     for item in [*SPARK_OVERRIDES, *demo_paths(tmp_path), f"source.path={demo.root / 'raw'}", *DEMO]:
-        command += ["--set", item]
-    done = subprocess.run(
-        command,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "USERLENS_HMAC_KEY": PLANTED_KEY},
-    )
-    assert done.returncode == 1, done.stderr[-2000:]
-    assert re.search(r"^items\s+[\d,]+\s+1\s+0\s+0\s+0\s+0\s+0\s+FAIL$", done.stdout, re.M), done.stdout
-    assert re.search(r"^events\s+[\d,]+\s+0\s+0\s+0\s+0\s+0\s+0\s+pass$", done.stdout, re.M), done.stdout
-    assert "FAIL items.title: 1 raw user id(s)" in done.stdout
-    assert "scanned: every row: full scan asked for" in done.stdout  # --full
-    assert (
-        done.stderr.strip().splitlines()[-1] == "userlens: error: privacy-check failed: items.title: 1 raw user id(s)"
-    )
-    assert raw_id not in done.stdout + done.stderr
+        argv += ["--set", item]
+    monkeypatch.setenv("USERLENS_HMAC_KEY", PLANTED_KEY)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code = cli_main(argv)  # its logging setup replaces the root handlers: put them back afterwards
+    finally:
+        root.handlers[:], root.level = handlers, level
+    done = capsys.readouterr()
+    assert code == 1, done.err[-2000:]
+    assert re.search(r"^items\s+[\d,]+\s+1\s+0\s+0\s+0\s+0\s+0\s+FAIL$", done.out, re.M), done.out
+    assert re.search(r"^events\s+[\d,]+\s+0\s+0\s+0\s+0\s+0\s+0\s+pass$", done.out, re.M), done.out
+    assert "FAIL items.title: 1 raw user id(s)" in done.out
+    assert "scanned: every row: full scan asked for" in done.out  # --full
+    assert done.err.strip().splitlines()[-1] == "userlens: error: privacy-check failed: items.title: 1 raw user id(s)"
+    assert raw_id not in done.out + done.err
     failed = Tables(spark, settings.storage).read("pipeline_runs").where("status = 'failed'").collect()
     assert [r["stage"] for r in failed] == ["privacy_check"]
     assert (
