@@ -114,3 +114,45 @@ def test_report_profile_and_nightly_import_no_torch():
     done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
     assert "| userlens.report" in done.stderr  # importtime ran and listed what was imported
+
+
+def _run_writes(path: Path) -> list[str]:
+    """``run.rows_in = ...``, ``run.details[...] = ...``, ``run.details.update(...)`` in ``path``, where
+    ``run`` is a parameter annotated ``StageRun``."""
+    found = []
+    for func in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        runs = {a.arg for a in func.args.args if a.annotation is not None and "StageRun" in ast.unparse(a.annotation)}
+        for node in ast.walk(func):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for target in [t for tt in targets for t in (tt.elts if isinstance(tt, ast.Tuple) else [tt])]:
+                base = target.value if isinstance(target, ast.Subscript) else target
+                if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) and base.value.id in runs:
+                    if base.attr in ("rows_in", "rows_out", "details"):
+                        found.append(f"{path.name}:{node.lineno} {ast.unparse(target)}")
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "update"
+                and ast.unparse(node.func.value) in {f"{r}.details" for r in runs}
+            ):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(node.func)}")
+    return found
+
+
+def test_runners_report_once_through_their_result(tmp_path):
+    """A runner's counts and details reach pipeline_runs from its result (``run_record``), or from the
+    error it raises, in ``runs.run_stage``; no runner writes them onto its StageRun as well."""
+    runners = [*PACKAGE.joinpath("stages").glob("*.py"), PACKAGE / "eval" / "evaluate.py"]
+    assert len(runners) > 8
+    assert [w for path in runners for w in _run_writes(path)] == []
+    # the check sees such a write where there is one
+    probe = LIB.parent / "tests" / "_probe_runner.py"
+    try:
+        probe.write_text(
+            "def run_x(run: StageRun):\n    run.rows_in, run.rows_out = 1, 2\n    run.details.update({})\n"
+        )
+        assert len(_run_writes(probe)) == 3
+    finally:
+        probe.unlink()

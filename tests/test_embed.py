@@ -84,8 +84,9 @@ def test_full_incremental_and_model_change(spark, tmp_path):
     result, run = embed(spark, settings)
     users = result.users
     assert (users.rows, users.embedded, users.texts_embedded, users.unchanged, users.empty) == (6, 5, 3, 0, 1)
-    assert (run.rows_in, run.rows_out, run.as_of_date) == (6, 5, D1)
-    assert run.details["user_texts_embedded"] == 3 and run.details["users_empty"] == 1
+    record = result.run_record()  # what its pipeline_runs row holds
+    assert (record.rows_in, record.rows_out, run.as_of_date) == (6, 5, D1)
+    assert record.details["user_texts_embedded"] == 3 and record.details["users_empty"] == 1
     assert result.model_id == describe_model("builtin:minilm").model_id
 
     stored = tables.read("user_embeddings")
@@ -135,7 +136,7 @@ def test_full_incremental_and_model_change(spark, tmp_path):
     assert (other.users.embedded, other.users.texts_embedded, other.users.unchanged) == (5, 3, 0)
     assert (other.items.embedded, other.items.unchanged) == (2, 0)
     assert {r[0] for r in tables.read("user_embeddings").select("model_id").distinct().collect()} == {other.model_id}
-    assert run4.details["model_id"] == other.model_id
+    assert other.run_record().details["model_id"] == other.model_id
 
     # the int8 CPU mode is a model of its own too: everyone again, close to float32
     int8, _ = embed(spark, make_settings(tmp_path, "embed.cpu_int8=true", "embed.device=cpu"))

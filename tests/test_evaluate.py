@@ -76,6 +76,21 @@ def _interactions(spark, rows):
     return spark.createDataFrame(rows, "user string, item string, ts long, event_id string")
 
 
+def test_interactions_carry_the_score_a_rating_text_starts_with(spark):
+    events = spark.createDataFrame(
+        [
+            ("u1", "i1", "rate", 10, "e1", "4/5. Great fit"),
+            ("u1", "i2", "rate", 11, "e2", "3.5/5"),
+            ("u2", "i1", "rate", 12, "e3", "no score here: 4/5 later"),
+            ("u2", "i3", "rate", 13, "e4", None),
+            ("u3", "i1", "rate", 14, "e5", "45/50 is not a score"),
+        ],
+        "user_key string, item_id string, event_type string, t long, event_id string, text string",
+    ).withColumn("event_time", F.col("t").cast("timestamp"))
+    scores = {r["event_id"]: r["score"] for r in interactions(events, ["rate"]).collect()}
+    assert scores == {"e1": 4.0, "e2": 3.5, "e3": None, "e4": None, "e5": None}
+
+
 def test_leave_one_out_takes_the_last_two_and_keeps_short_users_in_train(spark):
     inter = _interactions(
         spark,
@@ -176,6 +191,8 @@ def test_loo_full_end_to_end_with_popularity_worked_by_hand(spark, tmp_path, cap
         "evaluate.userlens=false",
         "--set",
         "train.recommend.als.max_iter=5",
+        "--set",
+        "evaluate.als_alphas=[1.0, 10.0]",
     )
     assert (
         "| method | HR@1 | HR@2 | HR@3 | NDCG@1 | NDCG@2 | NDCG@3 | MRR | valid NDCG@3 "
@@ -223,6 +240,8 @@ def test_stratified_75_end_to_end_matches_an_independent_popularity(spark, tmp_p
         "train.recommend.max_epochs=4",
         "--set",
         "train.recommend.dim=16",
+        "--set",
+        "evaluate.als_reg_params=[0.1]",
     )
     assert (
         "| method | MAP@2 | nDCG@2 | Precision@2 | Recall@2 | valid nDCG@2 | chosen on validation | seconds |" in table

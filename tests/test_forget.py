@@ -275,7 +275,7 @@ def test_audit_row_and_no_raw_id_anywhere(world):
     for name in ERASED:
         assert any(f"forget: {name}" in line for line in world.logs), name
     assert not [line for line in world.logs if RAW_ID in line or UNKNOWN_ID in line]
-    assert RAW_ID not in json.dumps(world.run.details) and RAW_ID not in repr(world.result)
+    assert RAW_ID not in json.dumps(world.result.run_record().details) and RAW_ID not in repr(world.result)
     assert RAW_ID not in describe(world.result) and world.target in describe(world.result)
     # the Delta commit records (predicates) of every table
     for name in [*ERASED, "forget_log"]:
@@ -293,7 +293,7 @@ def test_unknown_id_finds_nothing_and_is_audited(world):
     assert describe(unknown).endswith("no data held for this id")
     row = next(r for r in world.tables.read("forget_log").collect() if r.user_key == user_key_of(UNKNOWN_ID, world.key))
     assert (row.rows_found, row.run_id) == (0, "r-unknown")
-    assert world.unknown_run.rows_in == 0
+    assert world.unknown.run_record().rows_in == 0
 
 
 def test_zero_retention_refused_by_delta_check_before_deleting(spark, world):

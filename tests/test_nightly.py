@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+from dataclasses import dataclass
 
 import pytest
 from pyspark.sql import functions as F
@@ -14,13 +15,14 @@ from pyspark.sql import functions as F
 from conftest import SHORT_TEXTS, data_files, make_settings
 from userlens.errors import ConcurrentRunError, UserlensError
 from userlens.privacy import load_key
-from userlens.runs import RunLock, StageRun, run_stage
+from userlens.runs import RunLock, RunRecord, StageRun, run_stage
 from userlens.sample import SampleSpec, generate_sample, replay_day
 from userlens.stages.nightly import run_nightly, train_due
 from userlens.stages.score import run_score
 from userlens.tables import TABLES, Tables
 
 USERS, DAYS, START = 200, 14, dt.date(2026, 10, 1)
+ITEMS = 120  # the catalogue is embedded whole; 400 items (the sample's default) cost more than the users
 LAST = START + dt.timedelta(days=DAYS - 1)
 OVERRIDES = [
     "train.epochs=4",
@@ -28,6 +30,7 @@ OVERRIDES = [
     "train.batch_size=32",
     "train.min_users=40",
     "train.min_class_users=3",
+    "train.num_processes=1",  # two DDP processes: tests/test_train.py and the cluster test
     "profile.segments=4",
     "privacy.min_segment_size=10",
     "nightly.report=false",
@@ -39,7 +42,9 @@ OVERRIDES = [
 def night(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("nightly")
     settings = make_settings(root, *OVERRIDES)
-    generate_sample(spark, settings.source.path, SampleSpec(users=USERS, days=DAYS, seed=5, start_date=START))
+    generate_sample(
+        spark, settings.source.path, SampleSpec(users=USERS, days=DAYS, items=ITEMS, seed=5, start_date=START)
+    )
     first = run_nightly(spark, settings, load_key(settings.privacy))
     return root, settings, first
 
@@ -239,22 +244,30 @@ def test_a_retried_stage_under_the_same_run_id_replaces_its_row(spark, tmp_path,
     settings = make_settings(tmp_path)
     monkeypatch.setenv("USERLENS_RUN_ID", "retried-run")
 
-    def fail(run: StageRun) -> None:
-        raise UserlensError("the first attempt fails")
+    @dataclass(frozen=True)
+    class Done:  # a stage result: its row's counts and details come from it
+        def run_record(self) -> RunRecord:
+            return RunRecord(9, 7, {"said": "once"})
 
-    def succeed(run: StageRun) -> str:
-        run.rows_out = 7
-        return "done"
+    def fail(run: StageRun) -> None:
+        raise UserlensError("the first attempt fails", rows_in=9, details={"dates": ["2026-10-01"]})
+
+    def succeed(run: StageRun) -> Done:
+        return Done()
 
     with pytest.raises(UserlensError, match="first attempt"):
         run_stage("score", settings, spark, fail)
-    assert run_stage("score", settings, spark, succeed) == "done"
-    assert run_stage("profile", settings, spark, succeed) == "done"
+    failed = Tables(spark, settings.storage).read("pipeline_runs").first()
+    assert (failed["status"], failed["rows_in"], failed["rows_out"]) == ("failed", 9, None)
+    assert json.loads(failed["details"]) == {"dates": ["2026-10-01"], "error": "UserlensError: the first attempt fails"}
+    assert run_stage("score", settings, spark, succeed) == Done()
+    assert run_stage("profile", settings, spark, succeed) == Done()
     rows = Tables(spark, settings.storage).read("pipeline_runs").orderBy("stage").collect()
-    assert [(r["run_id"], r["stage"], r["status"], r["rows_out"]) for r in rows] == [
-        ("retried-run", "profile", "succeeded", 7),
-        ("retried-run", "score", "succeeded", 7),
+    assert [(r["run_id"], r["stage"], r["status"], r["rows_in"], r["rows_out"]) for r in rows] == [
+        ("retried-run", "profile", "succeeded", 9, 7),
+        ("retried-run", "score", "succeeded", 9, 7),
     ]
+    assert {json.loads(r["details"])["said"] for r in rows} == {"once"}
 
 
 def test_score_without_a_model_names_the_command(spark, tmp_path):

@@ -135,7 +135,12 @@ def run_without_spark(commands: list[list[str]]) -> dict:
         capture_output=True,
         text=True,
         check=True,
-        env={"USERLENS_HMAC_KEY": TEST_KEY, "PATH": "/usr/bin:/bin"},
+        # the tree under test (not whichever userlens the interpreter has installed), and no Spark settings
+        env={
+            "USERLENS_HMAC_KEY": TEST_KEY,
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(Path(__file__).parents[1] / "lib"),
+        },
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -429,7 +434,8 @@ def test_an_unreadable_file_is_named_or_skipped_and_recorded(spark, tmp_path):
     result = run_ingest(spark, skip, KEY, run)
     assert (result.rows_in, result.rows_out) == (3, 3)
     assert [Path(f).name for f in result.skipped_files] == ["bad.json.gz"]
-    assert run.details["files_skipped"] == 1 and run.details["skipped_files"][0].endswith("bad.json.gz")
+    details = result.run_record().details
+    assert details["files_skipped"] == 1 and details["skipped_files"][0].endswith("bad.json.gz")
 
 
 def test_check_source_prints_mapped_pseudonymized_rows(spark, tmp_path, capsys):

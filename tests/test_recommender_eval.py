@@ -3,6 +3,8 @@ the fusion, EASE's size guard, the sequential encoder learning an order, the spl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -91,6 +93,47 @@ def test_ease_learns_co_occurrence():
     model = EASE(1.0).fit(np.r_[users, 30], np.r_[items, 0], 31, 3)
     s = model.scores(np.array([30]))  # a user with item 0 only
     assert s[0, 1] > s[0, 2]
+
+
+def test_ease_with_values_is_the_closed_form_on_the_weighted_matrix():
+    """EASE on a valued matrix (a rating as the strength): B = -P / diag(P), diag(B) = 0, P = (X'X + lam I)^-1
+    with X the mean value of each (user, item); a user's scores are their row of X times B."""
+    rng = np.random.default_rng(3)
+    users, items = rng.integers(0, 12, 60), rng.integers(0, 7, 60)
+    values = rng.integers(1, 6, 60).astype(float)
+    x = np.zeros((12, 7))
+    for u, i in {(u, i) for u, i in zip(users, items)}:
+        x[u, i] = values[(users == u) & (items == i)].mean()  # a repeated pair counts once, at its mean
+    p = np.linalg.inv(x.T @ x + 5.0 * np.eye(7))
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    model = EASE(5.0).fit(users, items, 12, 7, values)
+    np.testing.assert_allclose(model.B.numpy(), b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.scores(np.arange(12)), x @ b, rtol=1e-4, atol=1e-5)
+    # without values: the binary matrix
+    binary = (x > 0).astype(float)
+    p = np.linalg.inv(binary.T @ binary + 5.0 * np.eye(7))
+    expected = -p / np.diag(p)[None, :]
+    np.fill_diagonal(expected, 0.0)
+    np.testing.assert_allclose(EASE(5.0).fit(users, items, 12, 7).B.numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_rating_strength_is_tried_only_where_the_data_has_scores(spark):
+    from conftest import make_settings
+    from userlens.eval.evaluate import baseline_methods, pair_strength
+
+    settings = make_settings(Path("/nonexistent"), "evaluate.als_reg_params=[0.1]", "evaluate.als_alphas=[1.0]")
+    grids = {m.name: m.grid for m in baseline_methods(spark, settings, scored=True)}
+    assert [g.get("strength", "count") for g in grids["ALS (Spark MLlib, implicit)"]] == ["count", "score"]
+    assert {g.get("strength", "count") for g in grids["EASE"]} == {"count", "score"}
+    unscored = {m.name: m.grid for m in baseline_methods(spark, settings, scored=False)}
+    assert all("strength" not in g for grid in unscored.values() for g in grid)
+    # a row without a score adds 1, as under "count"
+    fold = Fold(
+        "f", pd.DataFrame({"u": [0, 0, 1], "i": [0, 1, 0], "score": [4.0, None, 2.5]}), np.array([]), [], [], 2, 2
+    )
+    assert pair_strength(fold, "count") is None
+    np.testing.assert_array_equal(pair_strength(fold, "score"), [4.0, 1.0, 2.5])
 
 
 def test_the_sequential_encoder_learns_what_comes_next():

@@ -39,7 +39,7 @@ def warehouse(spark, tmp_path_factory):
     """300 sample users over 21 days, ingested once for the whole module."""
     root = tmp_path_factory.mktemp("train")
     settings = make_settings(root)
-    generate_sample(spark, settings.source.path, SampleSpec(users=300, days=21, seed=11))
+    generate_sample(spark, settings.source.path, SampleSpec(users=300, days=21, items=150, seed=11))
     run_ingest(spark, settings, load_key(settings.privacy), StageRun("ingest", "r-ingest"), None, True)
     return root
 
@@ -170,7 +170,7 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
         assert 0.0 <= m[f"recall@{k}"] <= m[f"hit_rate@{k}"] <= 1.0 and 0.0 <= m[f"ndcg@{k}"] <= 1.0
     assert popularity[f"recall@{k}"] > 0.0  # the sample's buyers favour popular items
 
-    details = run.details  # what the CLI records in pipeline_runs
+    details = result.run_record().details  # what its pipeline_runs row holds
     assert details["version"] == result.version and details["world_size"] == 2
     # no user_embeddings in this warehouse: every distinct text as of the cutoff was embedded, once
     events = Tables(spark, settings.storage).read("events")
@@ -433,7 +433,7 @@ def test_a_head_that_training_does_not_improve_ends_as_the_baseline(spark, wareh
     result, run = train(spark, settings)
     metrics = load_artifact(result.path).metrics
     assert metrics["training"]["baseline_fallback"] == {"purchase": "baseline", "churn": "baseline"}
-    assert result.heads == run.details["baseline_fallback"] == metrics["training"]["baseline_fallback"]
+    assert result.heads == result.run_record().details["baseline_fallback"] == metrics["training"]["baseline_fallback"]
     model = np.load(Path(result.path, "test_predictions.npz"))
     baseline = np.load(Path(result.path, "baseline_predictions.npz"))
     for task in ("purchase", "churn"):

@@ -533,6 +533,12 @@ class EvaluateSettings(_Strict):
     ease_lambdas: list[float] = Field(
         [10, 25, 50, 100, 200, 400, 800, 1600], min_length=1, description="EASE lambda values tried"
     )
+    strengths: list[Literal["count", "score"]] = Field(
+        ["count", "score"],
+        min_length=1,
+        description="ALS and EASE: the interaction strengths tried (count: events per user and item, EASE "
+        "binary; score: the rating's score, where the data has ratings)",
+    )
     knn_half_lives: list[float | None] = Field(
         [None, 7.0, 30.0, 90.0],
         min_length=1,

@@ -2,7 +2,7 @@
 
 import re
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class _HasColumns(Protocol):
@@ -55,9 +55,15 @@ def require_columns(df: _HasColumns, columns: Sequence[str], what: str) -> None:
 
 
 class UserlensError(Exception):
-    """A failure with a clear one-line cause; the CLI prints it and exits non-zero."""
+    """A failure with a clear one-line cause; the CLI prints it and exits non-zero. ``rows_in`` and
+    ``details``, when the raiser knows them, go on the failed run's pipeline_runs row."""
 
     exit_code = 1
+
+    def __init__(self, *args: object, rows_in: int | None = None, details: dict[str, Any] | None = None) -> None:
+        super().__init__(*args)
+        self.rows_in = rows_in
+        self.details = dict(details or {})
 
 
 class ConfigError(UserlensError, ValueError):

@@ -10,9 +10,9 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from userlens.errors import ConcurrentRunError, first_line
+from userlens.errors import ConcurrentRunError, UserlensError, first_line
 from userlens.tables import Tables, table_schema
 
 if TYPE_CHECKING:
@@ -30,9 +30,27 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What a stage's result puts on its pipeline_runs row: the counts and the details (JSON)."""
+
+    rows_in: int | None = None
+    rows_out: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Recorded(Protocol):
+    """A stage result (or a stage's error) that says what its pipeline_runs row holds."""
+
+    def run_record(self) -> RunRecord: ...
+
+
 @dataclass
 class StageRun:
-    """Bookkeeping for one stage run; ``record`` writes (MERGEs) its pipeline_runs row."""
+    """Bookkeeping for one stage run; ``record`` writes (MERGEs) its pipeline_runs row. A runner sets
+    ``as_of_date`` as soon as it knows it (a failed run's row has it too); the counts and details come
+    from its result (or its error), once, in :func:`run_stage`."""
 
     stage: str
     run_id: str
@@ -50,6 +68,17 @@ class StageRun:
             .where((F.col("run_id") == self.run_id) & (F.col("stage") == self.stage))
             .isEmpty()
         )
+
+    def take(self, outcome: object) -> None:
+        """The counts and details of a :class:`Recorded` result (or error), or what a
+        :class:`UserlensError` knew when it was raised, onto this run."""
+        if isinstance(outcome, Recorded):
+            record = outcome.run_record()
+            self.rows_in, self.rows_out = record.rows_in, record.rows_out
+            self.details.update(record.details)
+        elif isinstance(outcome, UserlensError):
+            self.rows_in = outcome.rows_in
+            self.details.update(outcome.details)
 
     def record(self, tables: Tables, status: str) -> None:
         finished = dt.datetime.now(dt.timezone.utc)
@@ -126,13 +155,15 @@ def conflict_error(what: str, exc: BaseException) -> ConcurrentRunError:
 
 
 def run_stage(name: str, settings: "Settings", spark: "SparkSession", body: Callable[[StageRun], R]) -> R:
-    """Run ``body(run)`` and record its pipeline_runs row, failed or not; the original error is re-raised
-    (a Delta write conflict with another run as one :class:`ConcurrentRunError` line)."""
+    """Run ``body(run)`` and record its pipeline_runs row, failed or not, from what the result (or the
+    error) reports (:class:`Recorded`); the original error is re-raised (a Delta write conflict with
+    another run as one :class:`ConcurrentRunError` line)."""
     run = StageRun(stage=name, run_id=os.environ.get("USERLENS_RUN_ID") or new_run_id())
     tables = Tables(spark, settings.storage)
     try:
         result = body(run)
     except BaseException as exc:
+        run.take(exc)
         run.details["error"] = f"{type(exc).__name__}: {first_line(exc)}"
         try:
             run.record(tables, "failed")
@@ -141,6 +172,7 @@ def run_stage(name: str, settings: "Settings", spark: "SparkSession", body: Call
         if is_delta_conflict(exc):
             raise conflict_error(name, exc) from exc
         raise
+    run.take(result)
     run.record(tables, "succeeded")
     return result
 

@@ -39,7 +39,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,7 +55,7 @@ from userlens.eval.baselines import FactorScores, ItemKNN, Popularity
 from userlens.eval.ranking import Fold, Method, Tuned, make_folds, tune
 from userlens.models import metrics as M
 from userlens.models.ease import EASE, CatalogueTooLarge
-from userlens.runs import StageRun
+from userlens.runs import RunRecord, StageRun
 from userlens.sources.raw import DUPLICATE, OK, QUARANTINED, classify_events, classify_items
 
 if TYPE_CHECKING:
@@ -80,18 +80,34 @@ class EvaluateResult:
     table: str  # the markdown the command prints
     metrics: dict[str, dict[str, Any] | str]  # a method's metrics, or why it has none
     counts: dict[str, Any] = field(default_factory=dict)
+    rows_read: int | None = None  # the dataset's rows, and those that became events
+    events: int | None = None
+
+    def run_record(self) -> RunRecord:
+        return RunRecord(
+            self.rows_read,
+            self.events,
+            {"dataset": self.dataset, "protocol": self.protocol, "counts": self.counts, "metrics": self.metrics},
+        )
 
 
 # --------------------------------------------------------------------------
 # transforms
 # --------------------------------------------------------------------------
+# the score a rating event's text starts with ("4/5. Great fit": 4.0), as the dataset adapters write it
+SCORE_PATTERN = r"^\s*(\d+(?:\.\d+)?)/5(?:\D|$)"
+
+
 def interactions(events: DataFrame, types: Sequence[str]) -> DataFrame:
-    """(user, item, ts, event_id): item events of ``types``, ts in epoch seconds."""
+    """(user, item, ts, event_id, score): item events of ``types``, ts in epoch seconds, score the rating
+    the event's text starts with (null for an event without one)."""
+    score = F.regexp_extract(F.coalesce(F.col("text"), F.lit("")), SCORE_PATTERN, 1)
     return events.where(F.col("item_id").isNotNull() & F.col("event_type").isin(*types)).select(
         F.col("user_key").alias("user"),
         F.col("item_id").alias("item"),
         F.col("event_time").cast("long").alias("ts"),
         "event_id",
+        F.when(score != "", score.cast("double")).alias("score"),
     )
 
 
@@ -105,10 +121,16 @@ def leave_one_out(inter: DataFrame) -> DataFrame:
     return inter.withColumn("split", split)
 
 
+def _pairs(inter: DataFrame) -> DataFrame:
+    """One row per (user, item): its first time and event, and (where there are scores) its highest score."""
+    score = [F.max("score").alias("score")] if "score" in inter.columns else []
+    return inter.groupBy("user", "item").agg(F.min("ts").alias("ts"), F.min("event_id").alias("event_id"), *score)
+
+
 def stratified_split(inter: DataFrame, train_fraction: float, seed: int) -> DataFrame:
     """One row per (user, item) at its first time; per user, round(n * train_fraction) rows in a
     seeded hash order are 'train', the rest 'test' (the same split on any partitioning)."""
-    pairs = inter.groupBy("user", "item").agg(F.min("ts").alias("ts"), F.min("event_id").alias("event_id"))
+    pairs = _pairs(inter)
     shuffled = Window.partitionBy("user").orderBy(F.xxhash64(F.lit(seed), "user", "item"), "item")
     n = F.count(F.lit(1)).over(Window.partitionBy("user"))
     rank = F.row_number().over(shuffled)
@@ -130,7 +152,7 @@ def with_valid(split: DataFrame, train_fraction: float, seed: int) -> DataFrame:
 def cold_items_split(inter: DataFrame, fraction: float, seed: int) -> DataFrame:
     """One row per (user, item) at its first time; ``split`` 'valid' or 'test' for the interactions with a
     cold item (a seeded hash ``fraction`` of the items: half valid-cold, half test-cold), 'train' for the rest."""
-    pairs = inter.groupBy("user", "item").agg(F.min("ts").alias("ts"), F.min("event_id").alias("event_id"))
+    pairs = _pairs(inter)
     h = F.pmod(F.xxhash64(F.lit(seed + 2), "item"), F.lit(1_000_000)) / F.lit(1_000_000.0)
     split = F.when(h < fraction / 2, "valid").when(h < fraction, "test").otherwise("train")
     return pairs.withColumn("split", split)
@@ -236,9 +258,7 @@ def run_evaluate(
             result = _ranking(spark, settings, data, dataset, protocol, tuple(ks or DEFAULT_KS[protocol]))
     finally:
         classified.unpersist()
-    run.rows_in, run.rows_out = data.counts["rows_in"], data.counts["events"]
-    run.details.update({"dataset": dataset, "protocol": protocol, "counts": result.counts, "metrics": result.metrics})
-    return result
+    return replace(result, rows_read=data.counts["rows_in"], events=data.counts["events"])
 
 
 def _reasons(counts: dict[str, Any]) -> str:
@@ -256,8 +276,24 @@ def _data_line(counts: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------
 # ranking protocols
 # --------------------------------------------------------------------------
-def baseline_methods(spark: "SparkSession", settings: Settings) -> list[Method]:
-    """Popularity and the collaborative baselines, each with the grid it is tuned over on validation."""
+def _strength(strength: str) -> dict[str, str]:
+    """The grid entry of an interaction strength ("count", the default, is left out of the setting shown)."""
+    return {} if strength == "count" else {"strength": strength}
+
+
+def pair_strength(fold: Fold, strength: str) -> np.ndarray | None:
+    """Per fit row, what the row adds to its (user, item) cell: None for "count" (a count, or 1 in a
+    binary matrix); for "score" the rating's score (1.0 for a row without one)."""
+    if strength == "count":
+        return None
+    if strength != "score":
+        raise UserlensError(f"evaluate.strengths: unknown strength {strength!r} (count, score)")
+    return fold.fit["score"].fillna(1.0).to_numpy(np.float64)
+
+
+def baseline_methods(spark: "SparkSession", settings: Settings, scored: bool = False) -> list[Method]:
+    """Popularity and the collaborative baselines, each with the grid it is tuned over on validation
+    (``scored``: the interactions carry ratings, so their strength is a choice too)."""
     cfg = settings.evaluate
     rec = settings.train.recommend
 
@@ -265,11 +301,16 @@ def baseline_methods(spark: "SparkSession", settings: Settings) -> list[Method]:
         return Popularity(fold.fit["u"].to_numpy(), fold.fit["i"].to_numpy(), fold.n_items)
 
     def als(fold: Fold, params: Mapping[str, Any]) -> FactorScores:
-        return fit_als(spark, fold, AlsSettings(**params), cfg.seed)
+        settings = AlsSettings(**{k: v for k, v in params.items() if k != "strength"})
+        return fit_als(spark, fold, settings, cfg.seed, params.get("strength", "count"))
 
     def ease(fold: Fold, params: Mapping[str, Any]) -> EASE:
         return EASE(params["lam"], rec.ease_max_items).fit(
-            fold.fit["u"].to_numpy(), fold.fit["i"].to_numpy(), fold.n_users, fold.n_items
+            fold.fit["u"].to_numpy(),
+            fold.fit["i"].to_numpy(),
+            fold.n_users,
+            fold.n_items,
+            pair_strength(fold, params.get("strength", "count")),
         )
 
     def knn(fold: Fold, params: Mapping[str, Any]) -> ItemKNN:
@@ -285,19 +326,27 @@ def baseline_methods(spark: "SparkSession", settings: Settings) -> list[Method]:
         )
 
     base = rec.als
+    # a rating's score as the interaction's strength is tried only where the data has scores
+    strengths = [s for s in cfg.strengths if s == "count" or scored]
     return [
         Method("popularity", [{}], popularity),
         Method(
             "ALS (Spark MLlib, implicit)",
             [
-                {"rank": base.rank, "max_iter": base.max_iter, "reg_param": r, "alpha": a}
+                {"rank": base.rank, "max_iter": base.max_iter, "reg_param": r, "alpha": a, **_strength(s)}
+                for s in strengths
                 for r in cfg.als_reg_params
                 for a in cfg.als_alphas
             ],
             als,
             component="als",
         ),
-        Method("EASE", [{"lam": lam} for lam in cfg.ease_lambdas], ease, component="ease"),
+        Method(
+            "EASE",
+            [{"lam": lam, **_strength(s)} for s in strengths for lam in cfg.ease_lambdas],
+            ease,
+            component="ease",
+        ),
         Method("item-kNN (SAR co-occurrence)", [{"half_life_days": h} for h in cfg.knn_half_lives], knn),
     ]
 
@@ -318,7 +367,7 @@ def _ranking(
         split = cold_items_split(inter, COLD_ITEMS, cfg.seed)
     else:
         split = with_valid(stratified_split(inter, STRATIFIED_TRAIN, cfg.seed), STRATIFIED_TRAIN, cfg.seed)
-    frame: pd.DataFrame = split.select("user", "item", "ts", "event_id", "split").toPandas()
+    frame: pd.DataFrame = split.select("user", "item", "ts", "event_id", "score", "split").toPandas()
     if frame.empty:
         raise UserlensError(f"{dataset}: no interactions of type {', '.join(types)} (evaluate.interactions)")
     frame = frame.sort_values(["user", "ts", "event_id"], kind="stable").reset_index(drop=True)
@@ -359,7 +408,7 @@ def _ranking(
 
         methods = cold_methods(spark, settings, data.items, item_index, folds, int(primary.split("@")[1]))
     else:
-        methods = baseline_methods(spark, settings)
+        methods = baseline_methods(spark, settings, scored=bool(frame["score"].notna().any()))
     if cfg.userlens and not cold:
         from userlens.eval.recommenders import userlens_methods
 
@@ -387,9 +436,12 @@ def _ranking(
     return EvaluateResult(dataset, protocol, table, results, counts)
 
 
-def fit_als(spark: "SparkSession", fold: Fold, als: AlsSettings, seed: int) -> FactorScores:
-    """Spark MLlib ALS with implicit feedback; the rating is the user's number of events with the item."""
-    pairs = fold.fit.groupby(["u", "i"]).size().reset_index(name="r")
+def fit_als(spark: "SparkSession", fold: Fold, als: AlsSettings, seed: int, strength: str = "count") -> FactorScores:
+    """Spark MLlib ALS with implicit feedback; the rating is the user's number of events with the item
+    ("count"), or the sum of their scores ("score", :func:`pair_strength`)."""
+    values = pair_strength(fold, strength)
+    fit = fold.fit[["u", "i"]].assign(r=1.0 if values is None else values)
+    pairs = fit.groupby(["u", "i"], as_index=False)["r"].sum()
     model = spark_baselines.fit_als(
         spark.createDataFrame(pairs.astype({"u": "int32", "i": "int32", "r": "float32"})), als, seed
     )

@@ -40,7 +40,8 @@ FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 @dataclass
 class Fold:
-    """One fit/target pair of a protocol: ``fit`` rows (user, item, ts, u, i; chronological per user)
+    """One fit/target pair of a protocol: ``fit`` rows (user, item, ts, u, i, and score where the protocol
+    has one; chronological per user)
     and, per evaluated user, the held-out targets and the fitted items (removed from the ranking)."""
 
     name: str
@@ -67,7 +68,7 @@ def make_folds(frame: "pd.DataFrame", n_users: int, n_items: int, cold: bool = F
         users = targets.index.to_numpy()
         return Fold(
             name,
-            fit[["user", "item", "ts", "u", "i"]],
+            fit[[c for c in ("user", "item", "ts", "u", "i", "score") if c in fit.columns]],
             users,
             list(targets),
             [seen.get(u, np.array([], np.int64)) for u in users],

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from userlens.config import Settings
 from userlens.embedding import ARROW_BATCH_KEY, Embedder, EncoderSpec, is_empty_text, item_texts, vectors_for
 from userlens.errors import UserlensError, require_columns
-from userlens.runs import StageRun
+from userlens.runs import RunRecord, StageRun
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
@@ -65,6 +65,27 @@ class EmbedResult:
     model_id: str
     users: EmbedCounts
     items: EmbedCounts
+    device: str = "auto"
+
+    def run_record(self) -> RunRecord:
+        users, items = self.users, self.items
+        return RunRecord(
+            users.rows,
+            users.embedded,
+            {
+                "model_id": self.model_id,
+                "device": self.device,
+                "users_embedded": users.embedded,
+                "user_texts_embedded": users.texts_embedded,
+                "users_unchanged": users.unchanged,
+                "users_empty": users.empty,
+                "items_in": items.rows,
+                "items_embedded": items.embedded,
+                "item_texts_embedded": items.texts_embedded,
+                "items_unchanged": items.unchanged,
+                "items_empty": items.empty,
+            },
+        )
 
 
 def _embed_changes(
@@ -143,22 +164,6 @@ def run_embed(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         else:
             spark.conf.set(ARROW_BATCH_KEY, previous_batch)
 
-    run.rows_in, run.rows_out = users.rows, users.embedded
-    run.details.update(
-        {
-            "model_id": model_id,
-            "device": settings.embed.device,
-            "users_embedded": users.embedded,
-            "user_texts_embedded": users.texts_embedded,
-            "users_unchanged": users.unchanged,
-            "users_empty": users.empty,
-            "items_in": items.rows,
-            "items_embedded": items.embedded,
-            "item_texts_embedded": items.texts_embedded,
-            "items_unchanged": items.unchanged,
-            "items_empty": items.empty,
-        }
-    )
     log.info(
         "embed: %d user rows: %d embedded (%d distinct texts), %d unchanged, %d empty; items: %d embedded, "
         "%d unchanged, %d empty",
@@ -171,4 +176,4 @@ def run_embed(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         items.unchanged,
         items.empty,
     )
-    return EmbedResult(as_of, model_id, users, items)
+    return EmbedResult(as_of, model_id, users, items, settings.embed.device)

@@ -46,7 +46,7 @@ from userlens.artifacts import ModelStore
 from userlens.config import Settings
 from userlens.errors import ConfigError, UserlensError, first_line
 from userlens.privacy import PseudonymKey, require_same_key
-from userlens.runs import StageRun
+from userlens.runs import RunRecord, StageRun
 from userlens.tables import TABLES, Tables, table_schema
 
 if TYPE_CHECKING:
@@ -82,6 +82,20 @@ class ForgetResult:
     rows_found: int  # all of the above
     files_purged: bool  # no old file that held the person is left on storage
     retention_hours: int  # the VACUUM retention used
+
+    def run_record(self) -> RunRecord:
+        return RunRecord(
+            self.rows_found,
+            self.rows_found,
+            {
+                "user_key": self.user_key,
+                "tables": self.rows,
+                "snapshot_rows": self.snapshot_rows,
+                "snapshot_files": len(self.snapshot_files),
+                "files_purged": self.files_purged,
+                "retention_hours": self.retention_hours,
+            },
+        )
 
 
 def user_key_of(raw_id: str, key: PseudonymKey) -> str:
@@ -194,18 +208,6 @@ def _forget(
         rows_found=rows_found,
         files_purged=purged,
         retention_hours=hours,
-    )
-    run.rows_in = rows_found
-    run.rows_out = rows_found
-    run.details.update(
-        {
-            "user_key": user_key,
-            "tables": rows,
-            "snapshot_rows": snapshot_rows,
-            "snapshot_files": len(snapshot_files),
-            "files_purged": purged,
-            "retention_hours": hours,
-        }
     )
     log.info(
         "forget: user_key %s…: %d row(s) found, old files %s",

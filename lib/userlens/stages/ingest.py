@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 from userlens.config import IngestSettings, Settings
 from userlens.errors import QuarantineLimitError, SourceError, UserlensError, unreadable_file
 from userlens.privacy import PseudonymKey, record_key_id, require_same_key
-from userlens.runs import StageRun
+from userlens.runs import RunRecord, StageRun
 from userlens.sources.preflight import check_source, field_roles
 from userlens.sources.raw import (
     DUPLICATE,
@@ -100,6 +100,23 @@ class IngestResult:
     items_out: int
     items_quarantined: int
     skipped_files: tuple[str, ...] = ()
+    key_id: str = ""
+    full: bool = False
+    items_skipped: tuple[str, ...] = ()  # of skipped_files, those of the item catalogue
+
+    def run_record(self) -> RunRecord:
+        events_skipped = [f for f in self.skipped_files if f not in self.items_skipped]
+        details: dict[str, Any] = {
+            "dates": [d.isoformat() for d in self.dates],
+            "items_out": self.items_out,
+            "items_quarantined": self.items_quarantined,
+            "key_id": self.key_id,
+            "full": self.full,
+            **_skipped_detail(events_skipped, list(self.items_skipped)),
+        }
+        if self.dates:
+            details.update({"duplicates": self.duplicates, "reasons": self.reasons, "quarantined": self.quarantined})
+        return RunRecord(self.rows_in, self.rows_out, details)
 
 
 MAX_SKIPPED_FILES = 1000  # ingest.on_unreadable_file: skip gives up (and fails) past this many
@@ -249,40 +266,40 @@ def run_ingest(
         as_of,
         ", ".join(d.isoformat() for d in todo) or "none",
     )
-    if skipped:
-        run.details["skipped_files"] = skipped
 
     if classified is None:
         log.info("ingest: no raw dates up to %s; refreshing the item catalog only", as_of)
         items_out, items_quarantined, items_skipped = ingest_items(spark, settings, tables, run.run_id, key)
         record_key_id(tables, key)
-        run.rows_in, run.rows_out = 0, 0
-        run.details.update(
-            {
-                "dates": [],
-                "items_out": items_out,
-                "items_quarantined": items_quarantined,
-                "key_id": key.key_id,
-                "full": full,
-                **_skipped_detail(skipped, items_skipped),
-            }
+        return IngestResult(
+            as_of,
+            [],
+            0,
+            0,
+            0,
+            0,
+            {},
+            items_out,
+            items_quarantined,
+            tuple(skipped + items_skipped),
+            key.key_id,
+            full,
+            tuple(items_skipped),
         )
-        return IngestResult(as_of, [], 0, 0, 0, 0, {}, items_out, items_quarantined, tuple(skipped + items_skipped))
 
     try:
         rows_in = sum(counts.values())
         duplicates = sum(n for (status, _), n in counts.items() if status == DUPLICATE)
         reasons = {reason: n for (status, reason), n in counts.items() if status == QUARANTINED}
-        run.rows_in = rows_in
-        run.details.update(
-            {
-                "dates": [d.isoformat() for d in todo],
-                "duplicates": duplicates,
-                "reasons": reasons,
-                "key_id": key.key_id,
-                "full": full,
-            }
-        )
+        # what a failed run's row says (the successful run's comes from its result)
+        partial = {
+            "dates": [d.isoformat() for d in todo],
+            "duplicates": duplicates,
+            "reasons": reasons,
+            "key_id": key.key_id,
+            "full": full,
+            **({"skipped_files": skipped} if skipped else {}),
+        }
         over_limit = check_quarantine_limits(settings.ingest, rows_in, reasons)
 
         now = dt.datetime.now(dt.timezone.utc)
@@ -299,11 +316,11 @@ def run_ingest(
             q_written = tables.replace_where(
                 "events_quarantine", quarantine, f"{q_condition} AND run_id = '{run.run_id}'"
             ).get("numInsertedRows", 0)
-            run.rows_out = 0
-            run.details["quarantined"] = q_written
             raise QuarantineLimitError(
                 f"ingest: {over_limit}; nothing was written to events, the rows are in events_quarantine "
-                f"(run_id {run.run_id}). Check source.mapping with `userlens check-source`"
+                f"(run_id {run.run_id}). Check source.mapping with `userlens check-source`",
+                rows_in=rows_in,
+                details={**partial, "quarantined": q_written},
             )
         events = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run.run_id))
         if full:
@@ -324,7 +341,9 @@ def run_ingest(
     if accounted != rows_in:
         raise UserlensError(
             f"ingest accounting failed: rows_in={rows_in} but events={rows_out} + quarantined={q_written} "
-            f"+ duplicates={duplicates} = {accounted}"
+            f"+ duplicates={duplicates} = {accounted}",
+            rows_in=rows_in,
+            details={**partial, "quarantined": q_written},
         )
     log.info(
         "ingest: rows_in=%d = events %d + quarantined %d + duplicates %d", rows_in, rows_out, q_written, duplicates
@@ -344,15 +363,9 @@ def run_ingest(
         items_out,
         items_quarantined,
         tuple(skipped + items_skipped),
-    )
-    run.rows_out = rows_out
-    run.details.update(
-        {
-            "quarantined": q_written,
-            "items_out": items_out,
-            "items_quarantined": items_quarantined,
-            **_skipped_detail(skipped, items_skipped),
-        }
+        key.key_id,
+        full,
+        tuple(items_skipped),
     )
     return result
 

@@ -55,7 +55,7 @@ from pyspark.sql import types as T
 from userlens.config import Settings
 from userlens.errors import SourceError, UserlensError, first_line
 from userlens.privacy import PII_PATTERNS, scrub_pii
-from userlens.runs import StageRun
+from userlens.runs import RunRecord, StageRun
 from userlens.sources.preflight import check_source
 from userlens.sources.redact import without_epoch_values
 from userlens.tables import TABLES, Tables
@@ -85,6 +85,9 @@ class PrivacyCheckFailed(UserlensError):
     def __init__(self, result: "PrivacyCheckResult") -> None:
         super().__init__(result.failure_line())
         self.result = result
+
+    def run_record(self) -> RunRecord:  # the failed run's row holds the table too
+        return self.result.run_record()
 
 
 # --------------------------------------------------------------------------
@@ -284,6 +287,25 @@ class PrivacyCheckResult:
                 out.append(f"{t.table}.{column}: " + ", ".join(f"{n} {k}" for k, n in kinds.items()))
         return out
 
+    def run_record(self) -> RunRecord:
+        checked = [t for t in self.tables if t.exists]
+        return RunRecord(
+            sum(t.rows for t in self.tables),
+            None,
+            {
+                "result": "pass" if self.passed else "fail",
+                "raw_ids_searched": self.ids_searched,
+                "raw_ids_skipped": self.ids_skipped,
+                "scope": "full" if self.scope.full else "incremental",
+                "why": self.scope.why,
+                "versions": {t.table: t.version for t in checked},
+                "tables": {
+                    t.table: {"rows": t.rows, "scanned": t.scanned, "raw_ids": t.raw_id_hits, "pii": t.pii_hits}
+                    for t in checked
+                },
+            },
+        )
+
     def failure_line(self) -> str:
         found = self.findings()
         shown = "; ".join(found[:6]) + (f"; and {len(found) - 6} more" if len(found) > 6 else "")
@@ -361,27 +383,11 @@ def run_privacy_check(
     finally:
         ids.unpersist()
     result = PrivacyCheckResult(checks, id_counts["searched"], id_counts["skipped"], min_chars, scope)
-    run.rows_in = sum(t.rows for t in checks)
-    run.details.update(
-        {
-            "result": "pass" if result.passed else "fail",
-            "raw_ids_searched": result.ids_searched,
-            "raw_ids_skipped": result.ids_skipped,
-            "scope": "full" if scope.full else "incremental",
-            "why": scope.why,
-            "versions": {t.table: t.version for t in checks if t.exists},
-            "tables": {
-                t.table: {"rows": t.rows, "scanned": t.scanned, "raw_ids": t.raw_id_hits, "pii": t.pii_hits}
-                for t in checks
-                if t.exists
-            },
-        }
-    )
     log.info(
         "privacy-check: %d table(s), %d row(s) scanned, %d raw ids searched (%d shorter than "
         "privacy.check_min_id_chars=%d not searched): %s",
         sum(t.exists for t in checks),
-        run.rows_in,
+        sum(t.rows for t in checks),
         result.ids_searched,
         result.ids_skipped,
         min_chars,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import DataFrame, Window
@@ -36,7 +36,7 @@ from userlens.config import Settings
 from userlens.errors import UserlensError
 from userlens.features import latest_per_user
 from userlens.privacy import model_properties
-from userlens.runs import StageRun
+from userlens.runs import RunRecord, StageRun
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
@@ -188,6 +188,25 @@ class ProfileResult:
     users_in_suppressed_segments: int
     segment_model: str
     segments_refitted: bool
+    min_segment_size: int = 0
+    model_properties: dict[str, str] = field(default_factory=dict)
+
+    def run_record(self) -> RunRecord:
+        return RunRecord(
+            self.users,
+            self.inserted + self.updated,
+            {
+                "inserted": self.inserted,
+                "updated": self.updated,
+                "segments_published": self.segments_published,
+                "segments_suppressed": self.segments_suppressed,
+                "users_in_suppressed_segments": self.users_in_suppressed_segments,
+                "segment_model": self.segment_model,
+                "segments_refitted": self.segments_refitted,
+                "min_segment_size": self.min_segment_size,
+                "model_properties": self.model_properties,
+            },
+        )
 
 
 def run_profile(
@@ -282,20 +301,8 @@ def run_profile(
         sum(r["users"] for r in suppressed),
         seg.version,
         seg.fitted,
-    )
-    run.rows_in, run.rows_out = users, result.inserted + result.updated
-    run.details.update(
-        {
-            "inserted": result.inserted,
-            "updated": result.updated,
-            "segments_published": result.segments_published,
-            "segments_suppressed": result.segments_suppressed,
-            "users_in_suppressed_segments": result.users_in_suppressed_segments,
-            "segment_model": seg.version,
-            "segments_refitted": seg.fitted,
-            "min_segment_size": settings.privacy.min_segment_size,
-            "model_properties": {k: v for k, v in properties.items() if v is not None},
-        }
+        settings.privacy.min_segment_size,
+        {k: v for k, v in properties.items() if v is not None},
     )
     log.info(
         "profile: %d users as of %s (%d new, %d changed rows); %d segments published, %d suppressed "

@@ -20,7 +20,7 @@ from pyspark.sql import Column
 from pyspark.sql import functions as F
 
 from userlens.config import Settings
-from userlens.runs import StageRun
+from userlens.runs import RunRecord, StageRun
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
@@ -47,6 +47,19 @@ class RetentionResult:
     cutoff: dt.date
     deleted: int
     kept: int
+    retention_days: int | None = None
+
+    def run_record(self) -> RunRecord:
+        return RunRecord(
+            self.deleted + self.kept,
+            self.kept,
+            {
+                "retention_days": self.retention_days,
+                "cutoff": self.cutoff.isoformat(),
+                "deleted": self.deleted,
+                "kept": self.kept,
+            },
+        )
 
 
 def run_quarantine_retention(
@@ -70,8 +83,6 @@ def run_quarantine_retention(
             deleted = tables.delete(QUARANTINE, quarantine_expired(cutoff))
             tables.delta(QUARANTINE).vacuum()  # the table's own retention: never refused by Delta's check
         kept = counts["rows"] - deleted
-    run.rows_in, run.rows_out = deleted + kept, kept
-    run.details.update({"retention_days": days, "cutoff": cutoff.isoformat(), "deleted": deleted, "kept": kept})
     log.info(
         "quarantine_retention: %d row(s) dated before %s deleted (privacy.quarantine_retention_days=%d), %d kept",
         deleted,
@@ -79,4 +90,4 @@ def run_quarantine_retention(
         days,
         kept,
     )
-    return RetentionResult(as_of, cutoff, deleted, kept)
+    return RetentionResult(as_of, cutoff, deleted, kept, days)

@@ -29,7 +29,7 @@ from userlens.artifacts import ModelStore
 from userlens.config import Settings
 from userlens.errors import UserlensError
 from userlens.features import item_history, latest_per_user, numeric_features
-from userlens.runs import StageRun
+from userlens.runs import RunRecord, StageRun
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
@@ -148,6 +148,18 @@ class ScoreResult:
     unchanged: int
     no_events: int
 
+    def run_record(self) -> RunRecord:
+        return RunRecord(
+            self.users,
+            self.scored,
+            {
+                "model_version": self.model_version,
+                "scored": self.scored,
+                "unchanged": self.unchanged,
+                "users_without_events": self.no_events,
+            },
+        )
+
 
 def require_model(settings: Settings) -> tuple[str, str]:
     """(version, path) of the latest model; one line naming `userlens train` when there is none."""
@@ -225,15 +237,6 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     scored = written.get("numTargetRowsInserted", 0) + written.get("numTargetRowsUpdated", 0)
     result = ScoreResult(
         as_of, version, counts["users"], scored, counts["users"] - (counts["todo"] or 0), counts["no_features"] or 0
-    )
-    run.rows_in, run.rows_out = result.users, result.scored
-    run.details.update(
-        {
-            "model_version": version,
-            "scored": result.scored,
-            "unchanged": result.unchanged,
-            "users_without_events": result.no_events,
-        }
     )
     log.info(
         "score: %d users as of %s with model %s: %d scored, %d unchanged",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pyspark.sql import functions as F
 
 from userlens.config import Settings
-from userlens.runs import StageRun
+from userlens.runs import RunRecord, StageRun
 from userlens.tables import Tables
 from userlens.text.user_texts import build_user_texts
 
@@ -33,6 +33,23 @@ class TextualizeResult:
     texts_updated: int
     events_missing_item: int
     users_only_quarantined: int
+    template_version: str = ""
+    language: str = ""
+
+    def run_record(self) -> RunRecord:
+        return RunRecord(
+            self.users,
+            self.texts_inserted + self.texts_updated,
+            {
+                "users": self.users,
+                "inserted": self.texts_inserted,
+                "updated": self.texts_updated,
+                "events_missing_item": self.events_missing_item,
+                "users_only_quarantined": self.users_only_quarantined,
+                "template_version": self.template_version,
+                "language": self.language,
+            },
+        )
 
 
 def run_textualize(
@@ -69,18 +86,8 @@ def run_textualize(
         metrics.get("numTargetRowsUpdated", 0),
         totals["missing"],
         only_quarantined,
-    )
-    run.rows_in, run.rows_out = result.users, result.texts_inserted + result.texts_updated
-    run.details.update(
-        {
-            "users": result.users,
-            "inserted": result.texts_inserted,
-            "updated": result.texts_updated,
-            "events_missing_item": result.events_missing_item,
-            "users_only_quarantined": only_quarantined,
-            "template_version": settings.textualize.template_version,
-            "language": settings.textualize.language,
-        }
+        settings.textualize.template_version,
+        settings.textualize.language,
     )
     log.info(
         "textualize: %d users as of %s (%d new, %d changed texts); %d events with an item missing from "

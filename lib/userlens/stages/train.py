@@ -57,7 +57,7 @@ from userlens.features import (
 from userlens.models.contracts import DPJob, FeatureSpec, ModelConfig, RecJob, TrainingData, TrainJob, TrainSummary
 from userlens.models.sequential import SequentialConfig
 from userlens.models.tasks import BINARY_TASKS, MULTICLASS_TASKS
-from userlens.runs import StageRun
+from userlens.runs import RunRecord, StageRun
 from userlens.tables import Tables
 from userlens.text.user_texts import build_user_texts
 
@@ -83,6 +83,30 @@ class TrainResult:
     seconds: dict[str, float]
     # train.baseline_fallback: per task, "trained" or "baseline" (the head is the baseline's regression)
     heads: dict[str, str] = field(default_factory=dict)
+    snapshot_id: str = ""
+    cutoff_texts_embedded: int = 0
+    # how the fit went: samples_per_second, epochs_run, best_epoch, world_size
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    def run_record(self) -> RunRecord:
+        return RunRecord(
+            sum(self.users.values()),
+            self.users.get("train", 0),
+            {
+                "version": self.version,
+                "cutoff": self.cutoff.isoformat(),
+                "snapshot_id": self.snapshot_id,
+                "artifact": self.path,
+                "users": self.users,
+                "model": self.model,
+                "baseline": self.baseline,
+                "dp": self.dp,
+                **self.fit,
+                "baseline_fallback": self.heads,
+                "cutoff_texts_embedded": self.cutoff_texts_embedded,
+                **self.seconds,
+            },
+        )
 
 
 def check_train_settings(settings: Settings) -> None:
@@ -280,26 +304,14 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         info.dp,
         timings,
         info.baseline_fallback,
-    )
-    run.rows_in, run.rows_out = n_users, n_train
-    run.details.update(
+        snapshot_id,
+        cutoff_texts_embedded,
         {
-            "version": version,
-            "cutoff": cut.isoformat(),
-            "snapshot_id": snapshot_id,
-            "artifact": artifact,
-            "users": result.users,
-            "model": summary.test,
-            "baseline": baseline,
-            "dp": info.dp,
             "samples_per_second": info.samples_per_second,
             "epochs_run": info.epochs_run,
             "best_epoch": info.best_epoch,
             "world_size": info.world_size,
-            "baseline_fallback": info.baseline_fallback,
-            "cutoff_texts_embedded": cutoff_texts_embedded,
-            **timings,
-        }
+        },
     )
     for task in train.tasks:
         key = "accuracy" if task in MULTICLASS_TASKS else "auc"
