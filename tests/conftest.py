@@ -123,7 +123,6 @@ LONG_MODULES = (
 # test-fast` leaves them out
 PIPELINE_MODULES = (
     *LONG_MODULES,
-    "test_catalog_mode.py",
     "test_report.py",
     "test_embed.py",
     "test_own_data.py",

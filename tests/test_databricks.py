@@ -3,8 +3,11 @@ session, with a stand-in for ``dbutils`` (widgets and secrets, the only fake); t
 parses, its tasks point at real notebooks and form the stage chain, and its wheel builds without the Spark
 and Delta that a Databricks runtime brings itself.
 
-The notebooks run against the Delta path warehouse of the test (``storage.catalog`` unset): open-source
-Delta's DeltaTableBuilder cannot take the three-part Unity Catalog names that conf/databricks.yaml gives."""
+The notebooks run in catalog mode, as on Databricks: every table is `catalog`.`schema`.`name`, with
+Spark's own session catalog (``spark_catalog``, Delta's catalog behind it) standing in for Unity Catalog,
+because open-source Delta's DeltaTableBuilder cannot take a three-part name of another catalog. The job
+run also shows what catalog mode must: nothing is written by path under storage.warehouse, a rerun
+writes no data file, and forget leaves no row and no file of the person."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import SHORT_TEXTS, TEST_KEY
+from conftest import SHORT_TEXTS, TEST_KEY, files_holding, is_key
 from userlens.config import CONF_DIR, load_settings
 from userlens.errors import ConfigError, SecretError
 from userlens.notebook import STAGE_NOTEBOOKS, WIDGETS, WidgetError, load_notebook_key, parse_widgets
@@ -41,6 +44,9 @@ USERS, DAYS, ITEMS, START = 60, 8, 40, dt.date(2026, 10, 1)
 LAST = START + dt.timedelta(days=DAYS - 1)
 SAMPLE_IDS = [f"u{i:07d}" for i in range(USERS)]  # userlens.sample's raw user ids
 SCOPE, SECRET = "userlens-test", "hmac-key"
+CATALOG, SCHEMA = "spark_catalog", "userlens_databricks"  # Spark's session catalog stands in for Unity Catalog
+RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
+PERSONAL = ("events", "user_texts", "user_embeddings", "user_scores", "user_profiles")
 TINY = [
     "spark.shuffle_partitions=2",
     "spark.conf.spark.ui.showConsoleProgress=false",
@@ -278,6 +284,7 @@ def restore_session(spark):
         "spark.sql.shuffle.partitions",
         "spark.sql.session.timeZone",
         "spark.sql.sources.parallelPartitionDiscovery.parallelism",
+        RETENTION_CHECK,
     ]
     before = {k: spark.conf.get(k, None) for k in keys}
     yield from _restore_logger()
@@ -290,23 +297,30 @@ def restore_session(spark):
 
 @pytest.fixture(scope="module")
 def workspace(spark, restore_session, tmp_path_factory):
-    """Sample logs, and the job's parameters pointing conf/databricks.yaml at this test's folders."""
+    """Sample logs, a schema in the session catalog, and the job's parameters pointing conf/databricks.yaml
+    at this test's schema and folders (storage.warehouse too, to show that nothing is written there)."""
     from userlens.sample import SampleSpec, generate_sample
 
     root = tmp_path_factory.mktemp("databricks")
     generate_sample(
         spark, str(root / "raw"), SampleSpec(users=USERS, days=DAYS, items=ITEMS, seed=11, start_date=START)
     )
+    spark.sql(f"CREATE SCHEMA IF NOT EXISTS {CATALOG}.{SCHEMA} LOCATION '{root / 'schema'}'")
     overrides = [
-        "storage.catalog=null",
+        f"storage.catalog={CATALOG}",
+        f"storage.schema={SCHEMA}",
         f"storage.warehouse={root / 'warehouse'}",
         f"storage.models={root / 'models'}",
         f"source.path={root / 'raw'}",
         f"nightly.report_dir={root / 'reports'}",
+        # forget: VACUUM the person's files now (a retention of 0 hours, which Delta's check refuses)
+        "privacy.forget_retention_hours=0",
+        f"spark.conf.{RETENTION_CHECK}=false",
         *TINY,
     ]
     params = {"set": "; ".join(overrides), "secret_scope": SCOPE, "secret_key": SECRET}
-    return root, params, load_settings([CONF_DIR / "databricks.yaml"], overrides)
+    yield root, params, load_settings([CONF_DIR / "databricks.yaml"], overrides)
+    spark.sql(f"DROP SCHEMA IF EXISTS {CATALOG}.{SCHEMA} CASCADE")
 
 
 DATA_TABLES = ("events", "user_texts", "user_embeddings", "user_scores", "user_profiles")
@@ -367,9 +381,15 @@ def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, works
     from userlens.stages.forget import user_key_of
     from userlens.tables import Tables
 
-    _, _, settings = workspace
+    root, _, settings = workspace
     runs, files, quarantine_dates = job_run
     tables = Tables(spark, settings.storage)
+    # catalog mode: every table is in the schema, with the properties path mode gives it; nothing by path
+    assert tables.use_catalog
+    listed = {r.tableName for r in spark.sql(f"SHOW TABLES IN {CATALOG}.{SCHEMA}").collect()}
+    assert {*PERSONAL, "items", "pipeline_runs", "segments", "events_quarantine"} <= listed
+    assert tables.properties("user_profiles").get("delta.enableChangeDataFeed") == "true"
+    assert not (root / "warehouse").exists()
     ingest, texts, embed = (runs[s]["result"] for s in ("ingest", "textualize", "embed"))
     assert ingest.as_of_date == LAST and ingest.rows_in == ingest.rows_out + ingest.quarantined + ingest.duplicates
     users = texts.users
@@ -427,6 +447,8 @@ def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, works
 
 
 def test_forget_notebook_erases_one_person(spark, workspace, job_run):
+    """No row of the person in any table, and no data file that held one (vacuumed from disk); the others
+    stay; one forget_log row."""
     from pyspark.sql import functions as F
 
     from userlens.privacy import load_key
@@ -440,10 +462,18 @@ def test_forget_notebook_erases_one_person(spark, workspace, job_run):
         r for r in SAMPLE_IDS if tables.read("user_profiles").where(F.col("user_key") == user_key_of(r, key)).count()
     )
     user_key = user_key_of(raw_id, key)
+    folders = {t: Path(tables.delta(t).detail().select("location").first()[0].removeprefix("file:")) for t in PERSONAL}
+    held = {t: files_holding(folders[t], "user_key", is_key(user_key)) for t in PERSONAL}
+    assert all(held.values()), held
+    others = tables.read("user_profiles").where(F.col("user_key") != user_key).count()
     run_notebook("forget", {**params, "user_id": raw_id})
-    for table in ("events", "user_texts", "user_embeddings", "user_scores", "user_profiles"):
+    for table in PERSONAL:
         assert tables.read(table).where(F.col("user_key") == user_key).count() == 0, table
-    assert tables.read("user_profiles").count() > 0
+        assert not [p for p in held[table] if p.exists()], table  # vacuumed from disk
+        assert not files_holding(folders[table], "user_key", is_key(user_key)), table
+    assert tables.read("user_profiles").count() == others > 0
+    audit = tables.read("forget_log").where(F.col("user_key") == user_key).collect()
+    assert len(audit) == 1
 
 
 def test_a_bad_widget_stops_the_notebook_before_it_writes(spark, restore_session, tmp_path):
