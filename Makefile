@@ -32,9 +32,10 @@ TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; gib = os.sysconf("SC_PAGE_SIZE"
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
-# The unit-level tests: no whole pipelines, no demo, no cluster (tests marked `pipeline` or `cluster`).
+# The unit-level tests: no whole pipelines, no demo, no cluster, no measurement at scale (tests marked
+# `pipeline`, `cluster` or `scale`).
 test-fast: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not pipeline and not cluster" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not pipeline and not cluster and not scale" tests
 
 # ruff (lint and format check) and mypy over lib/ (pyproject.toml)
 lint: setup

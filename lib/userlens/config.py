@@ -399,6 +399,12 @@ class RecommendSettings(_Strict):
     history: int = Field(50, ge=1, description="sequential encoder: newest items of a user's history it reads")
     weight: float = Field(1.0, gt=0, description="the recommendation loss's weight beside the task losses")
     eval_users: int = Field(20_000, ge=1, description="test users evaluated (a hash sample above this)")
+    score_block_mib: int = Field(
+        256,
+        ge=1,
+        description="score: the users x items float32 score block each Python worker holds at once (peak "
+        "memory is about the model + 3 blocks; docs/training.md)",
+    )
     als: AlsSettings = Field(AlsSettings(), description="the Spark MLlib ALS baseline")
     # the sequential user encoder (userlens.models.sequential)
     layers: int = Field(2, ge=1, description="sequential encoder: transformer blocks")

@@ -141,11 +141,13 @@ class SequentialEncoder(nn.Module):
         return self.ln(x)
 
     @torch.no_grad()
-    def user_vectors(self, histories: Sequence[np.ndarray], batch: int = 1024) -> torch.Tensor:
+    def user_vectors(
+        self, histories: Sequence[np.ndarray], batch: int = 1024, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(len(histories), dim): the hidden state after each history's newest item (an empty history:
-        zeros)."""
+        zeros). ``tokens``: :meth:`token_matrix`, when the caller already has it."""
         self.eval()
-        tokens = self.token_matrix()
+        tokens = self.token_matrix() if tokens is None else tokens
         out = torch.zeros(len(histories), self.config.dim)
         keep = self.config.max_len
         order = np.argsort([min(len(h), keep) for h in histories], kind="stable")
@@ -284,26 +286,38 @@ def sequence_loss(model: SequentialEncoder, seq: torch.Tensor, log_q: torch.Tens
     return F.cross_entropy(logits, y)
 
 
+SCORE_BYTES = 256 * 2**20  # top_items: the (users x items) float32 score block it holds at once
+
+
 @torch.inference_mode()
 def top_items(
-    model: SequentialEncoder, hist_idx: np.ndarray, pad: int, exclude: np.ndarray, k: int, batch_size: int = 4096
+    model: SequentialEncoder,
+    hist_idx: np.ndarray,
+    pad: int,
+    exclude: np.ndarray,
+    k: int,
+    max_score_bytes: int = SCORE_BYTES,
 ) -> np.ndarray:
     """(U, k) top item indices per user from newest-first history indices (``pad`` = none), best first;
     ``exclude`` (U, M) item indices never recommended (``pad`` or -1 = none); -1 fills a row that runs out.
     Scores are the user vector (after the newest item) times every item vector, then ``torch.topk``: no
-    user x item cross join, memory batch_size x n_items."""
+    user x item cross join. Users go in blocks of ``max_score_bytes // (4 * n_items)`` (at least one), so
+    memory is the model, its (n_items, dim) item matrix and one score block, whatever U is."""
     model.eval()
-    items = model.item_matrix()
+    tokens = model.token_matrix()
+    items = tokens[1:]
     k = min(k, model.n_items)
     out = np.full((len(hist_idx), k), -1, np.int64)
-    for start in range(0, len(hist_idx), batch_size):
-        hist = hist_idx[start : start + batch_size]
+    block = max(1, max_score_bytes // (4 * max(1, model.n_items)))
+    for start in range(0, len(hist_idx), block):
+        hist = hist_idx[start : start + block]
         histories = [h[h != pad][::-1] for h in hist]
-        scores = model.user_vectors(histories) @ items.T
-        ex = torch.as_tensor(exclude[start : start + batch_size], dtype=torch.long)
+        scores = model.user_vectors(histories, tokens=tokens) @ items.T
+        ex = torch.as_tensor(exclude[start : start + block], dtype=torch.long)
         valid = (ex >= 0) & (ex != pad)
         rows = torch.arange(len(scores)).unsqueeze(1).expand_as(ex)
         scores[rows[valid], ex[valid]] = -torch.inf
         best = torch.topk(scores, k, dim=1)
-        out[start : start + len(scores)] = torch.where(torch.isinf(best.values), -1, best.indices).numpy()
+        del scores
+        out[start : start + len(hist)] = torch.where(torch.isinf(best.values), -1, best.indices).numpy()
     return out

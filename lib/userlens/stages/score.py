@@ -79,8 +79,9 @@ def _recommender(artifact: Any) -> Any:
     return _LOADED[key]
 
 
-def _recommend(artifact: Any, batch: "pa.RecordBatch", k: int) -> "pa.Array":
-    """Top-k item ids per user (earlier purchases excluded), as an Arrow list array."""
+def _recommend(artifact: Any, batch: "pa.RecordBatch", k: int, block_bytes: int) -> "pa.Array":
+    """Top-k item ids per user (earlier purchases excluded), as an Arrow list array; scores are computed
+    ``block_bytes`` at a time."""
     import numpy as np
     import pyarrow as pa
 
@@ -89,13 +90,13 @@ def _recommend(artifact: Any, batch: "pa.RecordBatch", k: int) -> "pa.Array":
     catalogue = _recommender(artifact)
     assert catalogue is not None  # called only for an artifact with a recommendation head
     arrays = catalogue.arrays(batch)
-    top = top_items(artifact.model.rec, arrays["hist_idx"], catalogue.pad, arrays["bought"], k)
+    top = top_items(artifact.model.rec, arrays["hist_idx"], catalogue.pad, arrays["bought"], k, block_bytes)
     ids = np.array(catalogue.item_ids, dtype=object)
     offsets = np.concatenate([[0], np.cumsum((top >= 0).sum(1))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[top[top >= 0]].tolist(), pa.string()))
 
 
-def _score_fn(path: str, k: int):
+def _score_fn(path: str, k: int, block_bytes: int):
     def score_batches(batches: Iterator["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
         import numpy as np
         import pyarrow as pa
@@ -122,20 +123,22 @@ def _score_fn(path: str, k: int):
             else:
                 out["next_category"], out["next_category_p"] = pa.nulls(n, pa.string()), pa.nulls(n, pa.float64())
             out["recommended_items"] = (
-                _recommend(artifact, batch, k) if artifact.model.rec is not None else pa.nulls(n, pa.list_(pa.string()))
+                _recommend(artifact, batch, k, block_bytes)
+                if artifact.model.rec is not None
+                else pa.nulls(n, pa.list_(pa.string()))
             )
             yield pa.RecordBatch.from_pydict(out)
 
     return score_batches
 
 
-def score_users(users: DataFrame, artifact_path: str, k: int = 10) -> DataFrame:
+def score_users(users: DataFrame, artifact_path: str, k: int = 10, block_mib: int = 256) -> DataFrame:
     """(user_key, embedding, features[, hist_items, hist_ages, bought]) -> (user_key, purchase_propensity,
     churn_risk, next_category, next_category_p, recommended_items) with the model at ``artifact_path``;
     the recommendation columns are needed when the model has a recommendation head."""
     extra = [c for c in ("hist_items", "hist_ages", "bought") if c in users.columns]
     return users.select("user_key", "embedding", "features", *extra).mapInArrow(
-        _score_fn(artifact_path, k), SCORES_SCHEMA
+        _score_fn(artifact_path, k, block_mib * 2**20), SCORES_SCHEMA
     )
 
 
@@ -218,7 +221,8 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
                 F.coalesce("hist_ages", F.array().cast("array<int>")).alias("hist_ages"),
                 F.coalesce("bought", empty).alias("bought"),
             )
-        scores = score_users(todo, path, settings.train.recommend.k)
+        rec = settings.train.recommend
+        scores = score_users(todo, path, rec.k, rec.score_block_mib)
         rows = scores.join(todo.select("user_key", "text_hash"), "user_key").select(
             "user_key",
             F.lit(as_of).alias("as_of_date"),
