@@ -112,6 +112,41 @@ def test_first_night_runs_every_stage(spark, night):
         assert profiles.where(F.col("segment_id").isin(hidden)).count() == 0
 
 
+def test_score_and_evaluate_give_the_same_top_k_with_the_trained_model(spark, night):
+    """The model `train` saved, read back from its artifact: the top-K that `score` published equals the
+    ranking `userlens evaluate` makes with the same class (SequentialEncoder.scores over each user's
+    history, then eval.baselines.rank_batch with the user's purchases as the seen items)."""
+    import numpy as np
+    import pandas as pd
+
+    from userlens.artifacts import ModelStore
+    from userlens.eval.baselines import rank_batch
+    from userlens.features import item_history
+    from userlens.models.predictor import load_artifact
+
+    _, settings, first = night
+    tables = Tables(spark, settings.storage)
+    store = ModelStore.of(settings)
+    assert store.latest() == first.stages["train"].version
+    artifact = load_artifact(store.path(first.stages["train"].version))
+    index = pd.Index(artifact.item_ids)
+    history = item_history(tables.read("events"), LAST, LAST, artifact.config.rec["max_len"])
+    published = tables.read("user_scores").where(F.col("as_of_date") == F.lit(LAST))
+    rows = history.join(published.select("user_key", "recommended_items"), "user_key").collect()
+    assert len(rows) > 150
+
+    def indices(items):
+        found = index.get_indexer(items)
+        return found[found >= 0]
+
+    histories = [indices(r["hist_items"])[::-1] for r in rows]  # oldest first, as evaluate's folds hold them
+    tops, _ = rank_batch(
+        artifact.model.rec.scores(histories), [indices(r["bought"]) for r in rows], None, settings.train.recommend.k
+    )
+    ids = np.array(artifact.item_ids, dtype=object)
+    assert [ids[t].tolist() for t in tops] == [r["recommended_items"] for r in rows]
+
+
 def test_profiles_are_readable_by_an_independent_delta_reader(spark, night):
     from deltalake import DeltaTable
 
