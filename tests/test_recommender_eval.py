@@ -202,3 +202,19 @@ def test_k_core_iterates_until_every_user_and_item_has_k(spark):
         ("u4", "i3"),
         ("u4", "i4"),
     ]
+
+
+def test_als_runs_past_its_checkpoint_interval_in_a_local_session(spark):
+    """25 iterations: without a checkpoint directory MLlib ignores checkpointInterval and the lineage
+    overflows the JVM stack (a StackOverflowError at 20 iterations on MovieLens 100K); the local session
+    gets a temporary one, and the factors are finite."""
+    from userlens.config import AlsSettings
+    from userlens.eval.spark_baselines import fit_als
+
+    rng = np.random.default_rng(4)
+    rows = [(int(u), int(i), 1.0) for u, i in {(u, int(rng.integers(30))) for u in range(40) for _ in range(6)}]
+    ratings = spark.createDataFrame(rows, "u int, i int, r float")
+    model = fit_als(ratings, AlsSettings(rank=4, max_iter=25, reg_param=0.1, alpha=1.0), seed=3)
+    assert spark.sparkContext.getCheckpointDir() is not None
+    factors = np.stack(model.userFactors.toPandas()["features"].to_numpy())
+    assert factors.shape == (40, 4) and np.isfinite(factors).all()

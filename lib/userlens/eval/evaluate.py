@@ -301,7 +301,7 @@ def baseline_methods(spark: "SparkSession", settings: Settings, scored: bool = F
         return Popularity(fold.fit["u"].to_numpy(), fold.fit["i"].to_numpy(), fold.n_items)
 
     def als(fold: Fold, params: Mapping[str, Any]) -> FactorScores:
-        settings = AlsSettings(**{k: v for k, v in params.items() if k != "strength"})
+        settings = rec.als.model_copy(update={k: v for k, v in params.items() if k != "strength"})
         return fit_als(spark, fold, settings, cfg.seed, params.get("strength", "count"))
 
     def ease(fold: Fold, params: Mapping[str, Any]) -> EASE:

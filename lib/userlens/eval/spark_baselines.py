@@ -20,6 +20,7 @@ from userlens.models.tasks import MULTICLASS_TASKS
 
 if TYPE_CHECKING:
     from pyspark.ml.recommendation import ALSModel
+    from pyspark.sql import SparkSession
 
 
 def recommendation_baselines(
@@ -146,10 +147,49 @@ def standardized_linear(linear: dict[str, dict[str, list]], features: FeatureSpe
     return out
 
 
+ALS_CHECKPOINT_INTERVAL = 10  # MLlib's default: every 10th iteration cuts the lineage, if it can checkpoint
+_LOCAL_CHECKPOINTS: list[str] = []  # the temporary checkpoint directory of a local session, once a process
+
+
+def ensure_checkpoint_dir(spark: "SparkSession", als: AlsSettings) -> None:
+    """Give Spark a checkpoint directory when ALS runs longer than its checkpoint interval.
+
+    MLlib ignores ``checkpointInterval`` while the SparkContext has no checkpoint directory, and the
+    lineage of 20 or more iterations then overflows the JVM stack (a StackOverflowError deep in a job;
+    SPARK-5955, the ALS guide's note on checkpointInterval). ``train.recommend.als.checkpoint_dir`` is used
+    when set; a local session otherwise gets a temporary directory, removed when the process exits; on a
+    cluster, where it must be storage every executor can reach, a missing one is a one-line error."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from userlens.errors import UserlensError
+
+    sc = spark.sparkContext
+    if als.max_iter <= ALS_CHECKPOINT_INTERVAL or sc.getCheckpointDir() is not None:
+        return
+    if als.checkpoint_dir:
+        sc.setCheckpointDir(als.checkpoint_dir)
+    elif sc.master.startswith("local"):
+        if not _LOCAL_CHECKPOINTS:
+            folder = tempfile.mkdtemp(prefix="userlens-als-checkpoints-")
+            atexit.register(shutil.rmtree, folder, True)
+            _LOCAL_CHECKPOINTS.append(folder)
+        sc.setCheckpointDir(_LOCAL_CHECKPOINTS[0])
+    else:
+        raise UserlensError(
+            f"train.recommend.als.max_iter={als.max_iter} needs a checkpoint directory on a cluster (ALS cuts "
+            f"its lineage every {ALS_CHECKPOINT_INTERVAL} iterations only with one): set "
+            "train.recommend.als.checkpoint_dir to storage every executor can reach, or max_iter to "
+            f"{ALS_CHECKPOINT_INTERVAL} or less"
+        )
+
+
 def fit_als(ratings: DataFrame, als: AlsSettings, seed: int) -> "ALSModel":
     """Spark MLlib ALS with implicit feedback on (u int, i int, r float) ratings."""
     from pyspark.ml.recommendation import ALS
 
+    ensure_checkpoint_dir(ratings.sparkSession, als)
     # ALS's default of 10 user and 10 item blocks: fewer where there are fewer cores (each block pair is a
     # task in every iteration's joins; on two local cores 10 blocks made ~1,100 tasks of a few ms each)
     blocks = max(1, min(10, ratings.sparkSession.sparkContext.defaultParallelism))
@@ -166,4 +206,5 @@ def fit_als(ratings: DataFrame, als: AlsSettings, seed: int) -> "ALSModel":
         numUserBlocks=blocks,
         numItemBlocks=blocks,
         coldStartStrategy="drop",
+        checkpointInterval=ALS_CHECKPOINT_INTERVAL,
     ).fit(ratings)
