@@ -170,7 +170,7 @@ def ensure_checkpoint_dir(spark: "SparkSession", als: AlsSettings) -> None:
         return
     if als.checkpoint_dir:
         sc.setCheckpointDir(als.checkpoint_dir)
-    elif sc.master.startswith("local"):
+    elif (sc.master or "").startswith("local"):
         if not _LOCAL_CHECKPOINTS:
             folder = tempfile.mkdtemp(prefix="userlens-als-checkpoints-")
             atexit.register(shutil.rmtree, folder, True)
