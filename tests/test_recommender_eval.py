@@ -218,3 +218,40 @@ def test_als_runs_past_its_checkpoint_interval_in_a_local_session(spark):
     assert spark.sparkContext.getCheckpointDir() is not None
     factors = np.stack(model.userFactors.toPandas()["features"].to_numpy())
     assert factors.shape == (40, 4) and np.isfinite(factors).all()
+
+
+def test_the_cold_item_split_holds_out_whole_items_and_ranks_only_them(spark):
+    """cold-items: a seeded fifth of the items loses every interaction from training (half valid-cold,
+    half test-cold); both folds fit on the warm items only and rank only their own cold items, for users
+    with a warm history."""
+    from userlens.eval.evaluate import cold_items_split
+
+    rng = np.random.default_rng(2)
+    rows = [
+        (f"u{u}", f"i{i}", int(t), f"e{u}-{i}-{t}")
+        for u in range(60)
+        for t, i in enumerate(rng.choice(200, 12, replace=False))
+    ]
+    inter = spark.createDataFrame(rows, "user string, item string, ts long, event_id string")
+    split = cold_items_split(inter, 0.2, seed=7).toPandas()
+    by_item = split.groupby("item")["split"].agg(set)
+    assert (by_item.map(len) == 1).all()  # an item is wholly warm, valid-cold or test-cold
+    kinds = by_item.map(lambda s: next(iter(s))).value_counts()
+    cold_share = (kinds.get("valid", 0) + kinds.get("test", 0)) / len(by_item)
+    assert 0.1 < cold_share < 0.3 and kinds.get("valid", 0) > 0 and kinds.get("test", 0) > 0
+    again = cold_items_split(inter, 0.2, seed=7).toPandas()
+    other = cold_items_split(inter, 0.2, seed=8).toPandas()
+    key = ["user", "item"]
+    assert split.sort_values(key)["split"].tolist() == again.sort_values(key)["split"].tolist()
+    assert split.sort_values(key)["split"].tolist() != other.sort_values(key)["split"].tolist()
+
+    items, users = pd.Index(sorted(split["item"].unique())), pd.Index(sorted(split["user"].unique()))
+    frame = split.assign(u=users.get_indexer(split["user"]), i=items.get_indexer(split["item"]))
+    for fold, held in zip(make_folds(frame, len(users), len(items), cold=True), ("valid", "test")):
+        cold = set(frame.loc[frame["split"] == held, "i"])
+        assert set(fold.candidates) == cold
+        assert set(fold.fit["i"]).isdisjoint(cold) and set(fold.fit["i"]) == set(
+            frame.loc[frame["split"] == "train", "i"]
+        )
+        assert len(fold.users) > 0 and all(len(s) > 0 for s in fold.seen)
+        assert all(set(t) <= cold for t in fold.targets)
