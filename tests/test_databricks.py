@@ -46,7 +46,6 @@ SAMPLE_IDS = [f"u{i:07d}" for i in range(USERS)]  # userlens.sample's raw user i
 SCOPE, SECRET = "userlens-test", "hmac-key"
 CATALOG, SCHEMA = "spark_catalog", "userlens_databricks"  # Spark's session catalog stands in for Unity Catalog
 RETENTION_CHECK = "spark.databricks.delta.retentionDurationCheck.enabled"
-PERSONAL = ("events", "user_texts", "user_embeddings", "user_scores", "user_profiles")
 TINY = [
     "spark.shuffle_partitions=2",
     "spark.conf.spark.ui.showConsoleProgress=false",
@@ -387,7 +386,7 @@ def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, works
     # catalog mode: every table is in the schema, with the properties path mode gives it; nothing by path
     assert tables.use_catalog
     listed = {r.tableName for r in spark.sql(f"SHOW TABLES IN {CATALOG}.{SCHEMA}").collect()}
-    assert {*PERSONAL, "items", "pipeline_runs", "segments", "events_quarantine"} <= listed
+    assert {*DATA_TABLES, "items", "pipeline_runs", "segments", "events_quarantine"} <= listed
     assert tables.properties("user_profiles").get("delta.enableChangeDataFeed") == "true"
     assert not (root / "warehouse").exists()
     ingest, texts, embed = (runs[s]["result"] for s in ("ingest", "textualize", "embed"))
@@ -462,12 +461,14 @@ def test_forget_notebook_erases_one_person(spark, workspace, job_run):
         r for r in SAMPLE_IDS if tables.read("user_profiles").where(F.col("user_key") == user_key_of(r, key)).count()
     )
     user_key = user_key_of(raw_id, key)
-    folders = {t: Path(tables.delta(t).detail().select("location").first()[0].removeprefix("file:")) for t in PERSONAL}
-    held = {t: files_holding(folders[t], "user_key", is_key(user_key)) for t in PERSONAL}
+    folders = {
+        t: Path(tables.delta(t).detail().select("location").first()[0].removeprefix("file:")) for t in DATA_TABLES
+    }
+    held = {t: files_holding(folders[t], "user_key", is_key(user_key)) for t in DATA_TABLES}
     assert all(held.values()), held
     others = tables.read("user_profiles").where(F.col("user_key") != user_key).count()
     run_notebook("forget", {**params, "user_id": raw_id})
-    for table in PERSONAL:
+    for table in DATA_TABLES:
         assert tables.read(table).where(F.col("user_key") == user_key).count() == 0, table
         assert not [p for p in held[table] if p.exists()], table  # vacuumed from disk
         assert not files_holding(folders[table], "user_key", is_key(user_key)), table

@@ -7,7 +7,11 @@ The train stage reports them next to its model (and may keep the regression as a
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
+import functools
+import shutil
+import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +19,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from userlens.config import AlsSettings
+from userlens.errors import UserlensError
 from userlens.models.contracts import FeatureSpec
 from userlens.models.tasks import MULTICLASS_TASKS
 
@@ -148,7 +153,14 @@ def standardized_linear(linear: dict[str, dict[str, list]], features: FeatureSpe
 
 
 ALS_CHECKPOINT_INTERVAL = 10  # MLlib's default: every 10th iteration cuts the lineage, if it can checkpoint
-_LOCAL_CHECKPOINTS: list[str] = []  # the temporary checkpoint directory of a local session, once a process
+
+
+@functools.cache
+def _temporary_checkpoint_dir() -> str:
+    """A local session's checkpoint directory: one per process, removed when it exits."""
+    folder = tempfile.mkdtemp(prefix="userlens-als-checkpoints-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def ensure_checkpoint_dir(spark: "SparkSession", als: AlsSettings) -> None:
@@ -159,23 +171,13 @@ def ensure_checkpoint_dir(spark: "SparkSession", als: AlsSettings) -> None:
     SPARK-5955, the ALS guide's note on checkpointInterval). ``train.recommend.als.checkpoint_dir`` is used
     when set; a local session otherwise gets a temporary directory, removed when the process exits; on a
     cluster, where it must be storage every executor can reach, a missing one is a one-line error."""
-    import atexit
-    import shutil
-    import tempfile
-
-    from userlens.errors import UserlensError
-
     sc = spark.sparkContext
     if als.max_iter <= ALS_CHECKPOINT_INTERVAL or sc.getCheckpointDir() is not None:
         return
     if als.checkpoint_dir:
         sc.setCheckpointDir(als.checkpoint_dir)
     elif (sc.master or "").startswith("local"):
-        if not _LOCAL_CHECKPOINTS:
-            folder = tempfile.mkdtemp(prefix="userlens-als-checkpoints-")
-            atexit.register(shutil.rmtree, folder, True)
-            _LOCAL_CHECKPOINTS.append(folder)
-        sc.setCheckpointDir(_LOCAL_CHECKPOINTS[0])
+        sc.setCheckpointDir(_temporary_checkpoint_dir())
     else:
         raise UserlensError(
             f"train.recommend.als.max_iter={als.max_iter} needs a checkpoint directory on a cluster (ALS cuts "

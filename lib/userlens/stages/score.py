@@ -132,10 +132,11 @@ def _score_fn(path: str, k: int, block_bytes: int):
     return score_batches
 
 
-def score_users(users: DataFrame, artifact_path: str, k: int = 10, block_mib: int = 256) -> DataFrame:
+def score_users(users: DataFrame, artifact_path: str, k: int, block_mib: int) -> DataFrame:
     """(user_key, embedding, features[, hist_items, hist_ages, bought]) -> (user_key, purchase_propensity,
     churn_risk, next_category, next_category_p, recommended_items) with the model at ``artifact_path``;
-    the recommendation columns are needed when the model has a recommendation head."""
+    the recommendation columns are needed when the model has a recommendation head; ``k`` and ``block_mib``:
+    ``train.recommend.k`` and ``train.recommend.score_block_mib``."""
     extra = [c for c in ("hist_items", "hist_ages", "bought") if c in users.columns]
     return users.select("user_key", "embedding", "features", *extra).mapInArrow(
         _score_fn(artifact_path, k, block_mib * 2**20), SCORES_SCHEMA
