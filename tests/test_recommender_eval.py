@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from userlens.eval.ranking import Fold, Method, Tuned, fuse, make_folds, tune
 from userlens.models.ease import EASE, CatalogueTooLarge
@@ -255,3 +256,104 @@ def test_the_cold_item_split_holds_out_whole_items_and_ranks_only_them(spark):
         )
         assert len(fold.users) > 0 and all(len(s) > 0 for s in fold.seen)
         assert all(set(t) <= cold for t in fold.targets)
+
+
+def test_id_dropout_drops_a_share_of_id_vectors_in_training_only():
+    """With item texts, training steps see that share of the items by their text alone; scoring always
+    sees every id vector; without texts nothing is dropped (there would be nothing left)."""
+    n, rng = 400, np.random.default_rng(0)
+    text = rng.normal(size=(n, 8)).astype(np.float32)
+    model = SequentialEncoder(n, SequentialConfig(dim=8, id_dropout=0.5), text)
+    with torch.no_grad():
+        model.ids.weight.fill_(1.0)
+        model.text_proj.weight.zero_()
+        model.text_proj.bias.zero_()
+    model.train()
+    dropped = (model.token_matrix()[1:].abs().sum(1) == 0).float().mean().item()
+    assert 0.4 < dropped < 0.6
+    assert not torch.equal(model.token_matrix(), model.token_matrix())  # drawn afresh in each step
+    model.eval()
+    assert bool((model.token_matrix()[1:] == 1.0).all())
+    ids_only = SequentialEncoder(n, SequentialConfig(dim=8, id_dropout=0.5))
+    ids_only.train()
+    assert bool((ids_only.token_matrix()[1:].abs().sum(1) > 0).all())
+
+
+def test_new_items_are_ranked_by_their_text_alone():
+    """Items fall in 5 text groups and a history moves from group g to group g + 1. Items 20..24 (one per
+    group) never occur in training (no id vector, out of the softmax): among them the model ranks the next
+    group's first, from the text projection it learned on the warm items (id dropout on, as cold-items
+    may choose)."""
+    n, groups = 25, 5
+    rng = np.random.default_rng(1)
+    text = np.eye(groups, dtype=np.float32)[np.arange(n) % groups] + 0.05 * rng.normal(size=(n, groups)).astype(
+        np.float32
+    )
+    warm = np.arange(20)
+    histories = []
+    for _ in range(300):
+        g = int(rng.integers(groups))
+        histories.append(np.array([rng.choice(warm[warm % groups == (g + j) % groups]) for j in range(6)]))
+    unknown = np.arange(n) >= 20
+    config = SequentialConfig(dim=16, layers=1, max_len=6, dropout=0.0, learning_rate=1e-2, id_dropout=0.5)
+    model = SequentialEncoder(n, config, text, unknown)
+    fit(model, histories, epochs=30)
+    cold = np.arange(20, 25)
+    hits = 0
+    for g in range(groups):
+        history = np.array([(g - 2) % groups, (g - 1) % groups])  # warm items of groups g - 2 and g - 1
+        scores = model.scores([history])[0]
+        hits += int(cold[np.argmax(scores[cold])] % groups == g)
+    assert hits == groups
+
+
+def cold_frame() -> pd.DataFrame:
+    """40 users with six warm items each (of 0..19); items 20..23 are valid-cold and 24..27 test-cold, and a
+    user's cold item follows their taste block (u % 4 -> 20 + u % 4 and 24 + u % 4)."""
+    rows = []
+    for u in range(40):
+        block = (u % 4) * 5
+        for t, i in enumerate(range(block, block + 5)):
+            rows.append((f"u{u}", f"i{i}", t, u, i, "train"))
+        rows.append((f"u{u}", f"i{20 + u % 4}", 6, u, 20 + u % 4, "valid"))
+        rows.append((f"u{u}", f"i{24 + u % 4}", 7, u, 24 + u % 4, "test"))
+    return pd.DataFrame(rows, columns=["user", "item", "ts", "u", "i", "split"])
+
+
+def test_cold_scores_are_standardised_over_the_candidates_only():
+    from userlens.eval.ranking import normalised
+
+    scores = np.array([[100.0, -50.0, 1.0, 2.0, 3.0]])
+    out = normalised(scores, [np.array([4])], candidates=np.array([2, 3, 4])).numpy()[0]
+    assert np.isneginf(out[[0, 1, 4]]).all()  # outside the candidates, or seen
+    assert out[2] == pytest.approx(-1.0) and out[3] == pytest.approx(1.0)  # over items 2 and 3 alone
+
+
+def test_the_cold_userlens_row_is_fused_on_validation_and_never_below_its_best_component_there():
+    """cold-items' userlens row fuses the sequential component with text cosine: the lead is the best on
+    validation, and the validation value of the fusion is at least the lead's."""
+    from userlens.eval.recommenders import COLD_SEQUENTIAL, COLD_TEXT, cold_fused_row
+
+    frame = cold_frame()
+    folds = make_folds(frame, 40, 28, cold=True)
+    rng = np.random.default_rng(3)
+    right = np.zeros((40, 28))
+    right[np.arange(40), 20 + np.arange(40) % 4] = 1.0
+    right[np.arange(40), 24 + np.arange(40) % 4] = 1.0
+
+    class Noisy:
+        def __init__(self, signal: float) -> None:
+            self.s = signal * right + rng.normal(size=right.shape)
+
+        def scores(self, users: np.ndarray) -> np.ndarray:
+            return self.s[users]
+
+    components = {
+        COLD_SEQUENTIAL: tune(Method(COLD_SEQUENTIAL, [{}], lambda f, p: Noisy(0.5)), folds, (2,), False, "ndcg@2"),
+        COLD_TEXT: tune(Method(COLD_TEXT, [{}], lambda f, p: Noisy(1.5)), folds, (2,), False, "ndcg@2"),
+    }
+    row = cold_fused_row(components, folds, (2,), "ndcg@2", seed=1)["userlens"]
+    lead = max(components, key=lambda n: components[n].row["valid"]["ndcg@2"])
+    assert row["setting"].startswith(f"{lead} 1")
+    assert row["valid"]["ndcg@2"] >= components[lead].row["valid"]["ndcg@2"] - 1e-9
+    assert cold_fused_row({COLD_TEXT: components[COLD_TEXT]}, folds, (2,), "ndcg@2", seed=1) == {}

@@ -415,6 +415,13 @@ class RecommendSettings(_Strict):
     layers: int = Field(2, ge=1, description="sequential encoder: transformer blocks")
     heads: int = Field(1, ge=1, description="sequential encoder: attention heads (dim must divide by it)")
     dropout: float = Field(0.5, ge=0, lt=1, description="sequential encoder: dropout")
+    id_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="sequential encoder: share of items whose id vector is dropped in each training step, so "
+        "their text alone must carry them (as for a new item); 0: off",
+    )
     batch_size: int = Field(128, ge=1, description="sequential encoder: histories per step")
     learning_rate: float = Field(1e-3, gt=0, description="sequential encoder: AdamW learning rate")
     max_epochs: int = Field(200, ge=1, description="sequential encoder: most epochs (early stopping on validation)")
@@ -558,6 +565,11 @@ class EvaluateSettings(_Strict):
     )
     knn_neighbors: int = Field(100, ge=1, description="item-kNN: most similar items kept per item")
     knn_history: int = Field(200, ge=1, description="item-kNN: newest distinct items per user counted in co-occurrence")
+    cold_id_dropouts: list[float] = Field(
+        [0.0, 0.5],
+        min_length=1,
+        description="cold-items: the sequential encoder's id_dropout values tried on validation",
+    )
     userlens: bool = Field(True, description="the userlens rows of `userlens evaluate` (false: baselines only)")
 
 

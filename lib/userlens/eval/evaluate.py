@@ -12,7 +12,9 @@ Protocols (``--protocol``; docs/datasets.md has the details and the commands):
   Recall@k (MAP@k divides by min(relevant, k), as Spark MLlib does).
 * ``cold-items``: a seeded 20% of the items lose every interaction from training (half of them
   validate, half test); the users who interacted with them rank those items only. What no id-only
-  method can serve: category popularity and zero-shot text cosine are its references.
+  method can serve: category popularity and zero-shot text cosine are its references, and
+  ``userlens`` fuses them with the sequential encoder that knows the cold items by their text
+  (``eval.recommenders.cold_methods``, weights on validation).
 * ``next-window``: cutoff C = as-of date - H days; users with an event up to C; labels: any event
   (activity) and any purchase in (C, as-of]; users split 70/30 by a seeded hash; ROC AUC on the 30.
 
@@ -428,7 +430,11 @@ def _ranking(
             tuned[method.name].row["seconds"],
             tuned[method.name].row["setting"],
         )
-    if cfg.userlens and not cold:
+    if cold:
+        from userlens.eval.recommenders import cold_fused_row
+
+        results = {**cold_fused_row(tuned, folds, ks, primary, cfg.seed), **results}
+    elif cfg.userlens:
         from userlens.eval.recommenders import fused_rows
 
         results = {**fused_rows(tuned, folds, ks, with_ranks, primary, cfg.seed), **results}

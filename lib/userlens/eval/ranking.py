@@ -182,10 +182,14 @@ def subsample(fold: Fold, n: int, seed: int) -> Fold:
 # --------------------------------------------------------------------------
 # fusion
 # --------------------------------------------------------------------------
-def normalised(scores: np.ndarray, seen: Sequence[np.ndarray]) -> torch.Tensor:
-    """Per user, the scores standardised over the items that can be ranked (seen items -inf)."""
+def normalised(scores: np.ndarray, seen: Sequence[np.ndarray], candidates: np.ndarray | None = None) -> torch.Tensor:
+    """Per user, the scores standardised over the items that can be ranked (seen items, and items
+    outside ``candidates`` where given, -inf)."""
     s = torch.as_tensor(np.asarray(scores, np.float32))
     mask = torch.zeros_like(s, dtype=torch.bool)
+    if candidates is not None:
+        mask[:] = True
+        mask[:, torch.as_tensor(candidates, dtype=torch.long)] = False
     for row, items in enumerate(seen):
         mask[row, torch.as_tensor(items, dtype=torch.long)] = True
     s = torch.nan_to_num(s, nan=0.0, neginf=0.0, posinf=0.0)
@@ -202,13 +206,14 @@ class Fused:
     def __init__(self, models: Sequence[Any], weights: Sequence[float], fold: Fold) -> None:
         self.models, self.weights = list(models), list(weights)
         self.seen = dict(zip(fold.users.tolist(), fold.seen))
+        self.candidates = fold.candidates
 
     def scores(self, users: np.ndarray) -> np.ndarray:
         seen = [self.seen.get(int(u), np.array([], np.int64)) for u in users]
         total = None
         for model, w in zip(self.models, self.weights):
             if w:
-                part = w * normalised(model.scores(users), seen)
+                part = w * normalised(model.scores(users), seen, self.candidates)
                 total = part if total is None else total + part
         assert total is not None
         return total.numpy()
@@ -228,7 +233,9 @@ def fuse(
     started = time.perf_counter()
     names = list(components)
     sample = subsample(valid, FUSION_USERS, seed)
-    parts = [normalised(components[n].models["valid"].scores(sample.users), sample.seen) for n in names]
+    parts = [
+        normalised(components[n].models["valid"].scores(sample.users), sample.seen, sample.candidates) for n in names
+    ]
 
     def value(weights: Sequence[float]) -> float:
         total = sum((w * p for w, p in zip(weights, parts) if w), torch.zeros_like(parts[0]))

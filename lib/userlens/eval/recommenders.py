@@ -20,6 +20,7 @@ random stratified split it is retrained on the test fold's fit data for the chos
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from userlens.config import Settings
-from userlens.eval.ranking import Fold, Method, Tuned, fold_metrics, fuse, subsample
+from userlens.eval.ranking import Fold, Method, Tuned, fold_metrics, fuse, setting_label, subsample
 from userlens.models.sequential import SequentialConfig, SequentialEncoder, fit
 
 if TYPE_CHECKING:
@@ -100,34 +101,42 @@ def sequential_method(
     reuse_for_test: bool,
     primary_k: int,
     unknown: np.ndarray | None = None,
+    grid: Sequence[Mapping[str, Any]] = ({},),
 ) -> Method:
+    """The sequential encoder as a method of the table. ``grid``: SequentialConfig fields tried on
+    validation (each with its own early stopping); with ``reuse_for_test`` the chosen setting's
+    validation model scores the test fold too."""
     trained: dict[str, SequentialEncoder] = {}
 
     def fit_fold(fold: Fold, params: Mapping[str, Any]) -> HistoryScorer:
-        if fold.name == "test" and reuse_for_test and "valid" in trained:
-            return HistoryScorer(trained["valid"], fold, params)  # the validation item joins each history
-        model = SequentialEncoder(fold.n_items, config, text, unknown)
+        setting = {k: v for k, v in params.items() if k != "epochs"}
+        key = setting_label(setting)
+        if fold.name == "test" and reuse_for_test and key in trained:
+            return HistoryScorer(trained[key], fold, params)  # under loo-full the validation item joins each history
+        cfg = dataclasses.replace(config, **setting)
+        model = SequentialEncoder(fold.n_items, cfg, text, unknown)
         hist = histories(fold)
         if fold.name == "valid":
-            sample = subsample(fold, VALIDATION_USERS, config.seed)
+            sample = subsample(fold, VALIDATION_USERS, cfg.seed)
 
             def validate(m: SequentialEncoder) -> float:
                 return fold_metrics(HistoryScorer(m, sample), sample, (primary_k,), False)[f"ndcg@{primary_k}"]
 
             summary = fit(model, hist, validate=validate)
-            trained["valid"] = model
+            trained[key] = model
             log.info(
-                "evaluate: %s: best epoch %d of %d (%.0fs)",
+                "evaluate: %s %s: best epoch %d of %d (%.0fs)",
                 name,
+                key,
                 summary["best_epoch"],
                 summary["epochs_run"],
                 summary["seconds"],
             )
-            return HistoryScorer(model, fold, {"epochs": int(summary["best_epoch"])})
+            return HistoryScorer(model, fold, {**setting, "epochs": int(summary["best_epoch"])})
         fit(model, hist, epochs=int(params["epochs"]))
         return HistoryScorer(model, fold, params)
 
-    return Method(name, [{}], fit_fold, component=name)
+    return Method(name, list(grid), fit_fold, component=name)
 
 
 def userlens_methods(
@@ -211,6 +220,10 @@ def pd_factorize(values: np.ndarray) -> tuple[np.ndarray, Any]:
     return pd.factorize(pd.Series(values), use_na_sentinel=True)
 
 
+COLD_TEXT, COLD_CATEGORY = "text cosine (zero-shot)", "category popularity"
+COLD_SEQUENTIAL = "userlens: sequential (cold items by their text)"
+
+
 def cold_methods(
     spark: "SparkSession",
     settings: Settings,
@@ -219,20 +232,39 @@ def cold_methods(
     folds: tuple[Fold, Fold],
     primary_k: int,
 ) -> list[Method]:
-    """The cold-item protocol's rows: category popularity, zero-shot text cosine, and userlens (the
-    sequential model, the cold items known by their text alone)."""
+    """The cold-item protocol's rows: category popularity, zero-shot text cosine, and userlens'
+    sequential component (the cold items known by their text alone; ``id_dropout`` from
+    ``evaluate.cold_id_dropouts`` chosen on validation). :func:`cold_fused_row` fuses them."""
     rec = settings.train.recommend
     config = SequentialConfig.of(rec, settings.evaluate.seed)
     methods = []
     rows = {r["item_id"]: r["category"] for r in items.select("item_id", "category").collect()}
     category = np.array([rows.get(i) for i in item_index], dtype=object)
     if any(c is not None for c in category):
-        methods.append(Method("category popularity", [{}], lambda fold, p: CategoryPopularity(category, fold)))
+        methods.append(Method(COLD_CATEGORY, [{}], lambda fold, p: CategoryPopularity(category, fold)))
     text = item_text_vectors(spark, settings, items, item_index)
-    methods.append(Method("text cosine (zero-shot)", [{}], lambda fold, p: TextCosine(text, fold)))
+    methods.append(Method(COLD_TEXT, [{}], lambda fold, p: TextCosine(text, fold)))
     cold = np.zeros(len(item_index), bool)
     for fold in folds:
         assert fold.candidates is not None
         cold[fold.candidates] = True
-    methods.append(sequential_method("userlens", config, text, reuse_for_test=True, primary_k=primary_k, unknown=cold))
+    grid = [{"id_dropout": float(p)} for p in settings.evaluate.cold_id_dropouts]
+    methods.append(
+        sequential_method(
+            COLD_SEQUENTIAL, config, text, reuse_for_test=True, primary_k=primary_k, unknown=cold, grid=grid
+        )
+    )
     return methods
+
+
+def cold_fused_row(
+    tuned: Mapping[str, Tuned], folds: tuple[Fold, Fold], ks: Sequence[int], primary: str, seed: int
+) -> dict[str, dict[str, Any]]:
+    """``userlens`` under cold-items: the sequential component fused with text cosine and category
+    popularity (the best on validation leads at weight 1, the others' weights chosen on validation, so
+    on the validation users it is never below its best component)."""
+    names = [n for n in (COLD_SEQUENTIAL, COLD_TEXT, COLD_CATEGORY) if n in tuned]
+    if COLD_SEQUENTIAL not in names:
+        return {}
+    names.sort(key=lambda n: -tuned[n].row["valid"][primary])
+    return {"userlens": fuse({n: tuned[n] for n in names}, folds, ks, False, primary, seed).row}

@@ -5,6 +5,8 @@ trained with cross-entropy over the whole catalogue, every position a target (to
 * An item's vector is a learned id vector plus, where item texts are given, their frozen text
   embedding (the embed stage's encoder, once per item) standardised and projected: a rare item still
   gets a meaningful vector, and the same matrix is the input embedding and the output layer (tied).
+* With item texts, ``id_dropout`` drops the id vectors of a random share of the items in each
+  training step, so the text projection learns to carry an item alone (what a new item has).
 * Sequences are right-padded in length-sorted buckets, so a batch is only as long as its longest
   history; causal attention means padding never reaches a real position.
 * :func:`fit` trains with early stopping on a validation callback (higher is better) and keeps the
@@ -40,6 +42,7 @@ class SequentialConfig:
     heads: int = 1
     max_len: int = 50  # newest items of a history the encoder reads
     dropout: float = 0.5
+    id_dropout: float = 0.0  # share of items whose id vector is dropped in a training step (text alone)
     batch_size: int = 128
     learning_rate: float = 1e-3
     max_epochs: int = 200
@@ -58,6 +61,7 @@ class SequentialConfig:
             heads=recommend.heads,
             max_len=recommend.history,
             dropout=recommend.dropout,
+            id_dropout=recommend.id_dropout,
             batch_size=recommend.batch_size,
             learning_rate=recommend.learning_rate,
             max_epochs=recommend.max_epochs,
@@ -126,8 +130,15 @@ class SequentialEncoder(nn.Module):
         self.ln = nn.LayerNorm(d)
 
     def token_matrix(self) -> torch.Tensor:
-        """(n_items + 1, dim): row 0 padding, row i + 1 item i (id vector + projected text)."""
-        w = self.ids.weight * self.known
+        """(n_items + 1, dim): row 0 padding, row i + 1 item i (id vector + projected text). In training,
+        with item texts and ``config.id_dropout`` > 0, that share of the items (drawn per step, the same
+        in the inputs and the softmax) lose their id vector, so the text projection must carry an item on
+        its own, as it does for a new item (DropoutNet, Volkovs et al., NeurIPS 2017)."""
+        keep = self.known
+        if self.training and self.text is not None and self.config.id_dropout > 0:
+            drop = torch.rand(keep.shape, device=keep.device) < self.config.id_dropout
+            keep = keep * (~drop).to(keep.dtype)
+        w = self.ids.weight * keep
         if self.text is not None:
             w = w + F.pad(self.text_proj(self.text), (0, 0, 1, 0))
         return w
