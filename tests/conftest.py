@@ -30,8 +30,14 @@ SPARK_OVERRIDES = [
 SHORT_TEXTS = "textualize.max_tokens=96"
 
 
+# The train stage's ALS baseline tries a grid of settings on the valid split (9 fits); pipeline tests
+# fit the one configured setting, and tests/test_train.py's two-process run checks the tuning.
+FIXED_ALS = "train.recommend.als.tune=false"
+
+
 def make_settings(tmp_path: Path, *overrides: str) -> Settings:
-    """Local settings with the warehouse, models and source under tmp_path."""
+    """Local settings with the warehouse, models and source under tmp_path (the train stage's ALS baseline
+    not tuned: FIXED_ALS)."""
     return load_settings(
         None,
         [
@@ -39,6 +45,7 @@ def make_settings(tmp_path: Path, *overrides: str) -> Settings:
             f"storage.warehouse={tmp_path / 'warehouse'}",
             f"storage.models={tmp_path / 'models'}",
             f"source.path={tmp_path / 'raw'}",
+            FIXED_ALS,
             *overrides,
         ],
     )

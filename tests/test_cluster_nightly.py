@@ -29,7 +29,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from cluster import daemon_env, spark_submit_command, standalone_cluster  # noqa: F401 (fixture)
-from conftest import SHORT_TEXTS, TEST_KEY, make_settings
+from conftest import FIXED_ALS, SHORT_TEXTS, TEST_KEY, make_settings
 from userlens.privacy import load_key
 from userlens.sample import SampleSpec, generate_sample
 from userlens.stages.nightly import run_nightly
@@ -53,6 +53,8 @@ NIGHTLY_ARGS = [
     "train.num_processes=2",
     "--set",
     "train.epochs=3",
+    "--set",
+    FIXED_ALS,
     "--set",
     "train.min_users=40",
     "--set",

@@ -112,7 +112,8 @@ def test_no_leakage_across_the_cutoff(spark, warehouse):
 
 
 def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spark, warehouse, tmp_path):
-    settings = settings_for(warehouse, tmp_path, *SMALL)
+    # the ALS baseline tuned as it ships (the other pipeline tests fit one setting: conftest.FIXED_ALS)
+    settings = settings_for(warehouse, tmp_path, *SMALL, "train.recommend.als.tune=true")
     result, run = train(spark, settings)
 
     assert result.cutoff == AS_OF - dt.timedelta(days=7)
@@ -169,6 +170,9 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
     for m in (two_tower, popularity, als):
         assert 0.0 <= m[f"recall@{k}"] <= m[f"hit_rate@{k}"] <= 1.0 and 0.0 <= m[f"ndcg@{k}"] <= 1.0
     assert popularity[f"recall@{k}"] > 0.0  # the sample's buyers favour popular items
+    # ALS: regParam and alpha chosen from evaluate's grid on the valid split's users, not the test users
+    grid = {(r, a) for r in settings.evaluate.als_reg_params for a in settings.evaluate.als_alphas}
+    assert (als["reg_param"], als["alpha"]) in grid and 0.0 <= als[f"valid_recall@{k}"] <= 1.0
 
     details = result.run_record().details  # what its pipeline_runs row holds
     assert details["version"] == result.version and details["world_size"] == 2

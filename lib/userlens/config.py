@@ -387,6 +387,11 @@ class AlsSettings(_Strict):
     max_iter: int = Field(10, ge=1, description="ALS baseline of the recommender: iterations")
     reg_param: float = Field(0.05, ge=0, description="ALS baseline of the recommender: regularization")
     alpha: float = Field(10.0, gt=0, description="ALS baseline of the recommender: implicit-feedback confidence")
+    tune: bool = Field(
+        True,
+        description="train: choose regParam and alpha from evaluate.als_reg_params x evaluate.als_alphas by "
+        "recall@k on the valid split's users (false: reg_param and alpha as given)",
+    )
     checkpoint_dir: str | None = Field(
         None,
         description="where ALS checkpoints its lineage when max_iter is above 10 (storage every executor "

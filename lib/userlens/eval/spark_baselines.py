@@ -29,23 +29,40 @@ if TYPE_CHECKING:
 
 
 def recommendation_baselines(
-    snapshot: DataFrame, events: DataFrame, cut: dt.date, rec: Any
+    snapshot: DataFrame, events: DataFrame, cut: dt.date, rec: Any, als_grid: Sequence[AlsSettings] | None = None
 ) -> dict[str, dict[str, float]]:
     """Popularity and Spark MLlib ALS (implicit) on everything known at ``cut``, evaluated like the
-    sequential head: the ``rec_eval`` test users, earlier purchases excluded, next purchases relevant."""
+    sequential head: the ``rec_eval`` test users, earlier purchases excluded, next purchases relevant.
+
+    ALS is fitted once per setting of ``als_grid`` (default: ``rec.als`` alone); the setting whose
+    recall@k is best on the ``valid`` split's users with a next purchase (``rec.als`` when there is none)
+    is the one scored on the test users (the fit data, events up to ``cut``, is the same for both and
+    holds no next purchase). Its result carries ``reg_param``, ``alpha`` and the validation ``valid_recall@k``."""
     from pyspark.ml.feature import StringIndexer
 
     from userlens.models.training import ranking_summary
 
     k = rec.k
-    users = snapshot.where("rec_eval").select("user_key", "bought", "next_items").collect()
-    if not users:
+    grid = list(als_grid or [rec.als])
+    test_users = snapshot.where("rec_eval").select("user_key", "bought", "next_items").collect()
+    if not test_users:
         return {"recommend_popularity": {"users": 0}, "recommend_als": {"users": 0}}
-    relevant = [set(u["next_items"]) for u in users]
-    bought = [set(u["bought"]) for u in users]
+    valid_users = (
+        snapshot.where((F.col("split") == "valid") & (F.size("next_items") > 0))
+        .select("user_key", "bought", "next_items")
+        .orderBy(F.xxhash64(F.lit("als-valid"), "user_key"))
+        .limit(rec.eval_users)
+        .collect()
+        if len(grid) > 1
+        else []
+    )
+    if not valid_users:  # nothing to choose on: the configured setting
+        grid = [rec.als]
+    relevant = [set(u["next_items"]) for u in test_users]
+    bought = [set(u["bought"]) for u in test_users]
     known = events.where((F.col("event_date") <= F.lit(cut)) & F.col("item_id").isNotNull())
 
-    depth = k + max(len(b) for b in bought)
+    depth = k + max(len(u["bought"]) for u in [*test_users, *valid_users])
     popular = [
         r["item_id"]
         for r in known.where(F.col("event_type") == "purchase")
@@ -64,24 +81,60 @@ def recommendation_baselines(
     ratings = known.groupBy("user_key", "item_id").agg(F.sum(weight).alias("rating"))
     user_ix = StringIndexer(inputCol="user_key", outputCol="u").fit(ratings)
     item_ix = StringIndexer(inputCol="item_id", outputCol="i").fit(ratings)
-    data = item_ix.transform(user_ix.transform(ratings)).select(
-        F.col("u").cast("int").alias("u"), F.col("i").cast("int").alias("i"), "rating"
+    data = (
+        item_ix.transform(user_ix.transform(ratings))
+        .select(F.col("u").cast("int").alias("u"), F.col("i").cast("int").alias("i"), F.col("rating").alias("r"))
+        .cache()
     )
-    als = fit_als(data.withColumnRenamed("rating", "r"), rec.als, seed=13)
-    wanted = user_ix.transform(snapshot.where("rec_eval").select("user_key")).select(
-        F.col("u").cast("int").alias("u"), "user_key"
+    spark = snapshot.sparkSession
+    keys = [u["user_key"] for u in [*test_users, *valid_users]]
+    wanted = (
+        user_ix.transform(spark.createDataFrame([(x,) for x in dict.fromkeys(keys)], "user_key string"))
+        .select(F.col("u").cast("int").alias("u"), "user_key")
+        .cache()
     )
-    recs = als.recommendForUserSubset(wanted, depth)
     labels = item_ix.labels
-    by_user = {
-        r["user_key"]: [labels[x["i"]] for x in r["recommendations"]]
-        for r in recs.join(wanted, "u").select("user_key", "recommendations").collect()
+
+    def ranked(by_user: dict[str, list[str]], users: list[Any]) -> list[list[str]]:
+        return [[i for i in by_user.get(u["user_key"], []) if i not in set(u["bought"])][:k] for u in users]
+
+    best: tuple[float, AlsSettings, list[list[str]]] | None = None
+    try:
+        for setting in grid:
+            recs = fit_als(data, setting, seed=13).recommendForUserSubset(wanted, depth)
+            by_user = {
+                r["user_key"]: [labels[x["i"]] for x in r["recommendations"]]
+                for r in recs.join(wanted, "u").select("user_key", "recommendations").collect()
+            }
+            value = (
+                ranking_summary(ranked(by_user, valid_users), [set(u["next_items"]) for u in valid_users], k).get(
+                    f"recall@{k}", 0.0
+                )
+                if valid_users
+                else 0.0
+            )
+            if best is None or value > best[0]:  # ties: the first
+                best = (value, setting, ranked(by_user, test_users))
+    finally:
+        data.unpersist()
+        wanted.unpersist()
+    assert best is not None
+    value, chosen, als_ranked = best
+    als_summary: dict[str, float] = {
+        **ranking_summary(als_ranked, relevant, k),
+        "reg_param": chosen.reg_param,
+        "alpha": chosen.alpha,
     }
-    als_ranked = [[i for i in by_user.get(u["user_key"], []) if i not in b][:k] for u, b in zip(users, bought)]
-    return {
-        "recommend_popularity": ranking_summary(pop_ranked, relevant, k),
-        "recommend_als": ranking_summary(als_ranked, relevant, k),
-    }
+    if valid_users:
+        als_summary[f"valid_recall@{k}"] = value
+    return {"recommend_popularity": ranking_summary(pop_ranked, relevant, k), "recommend_als": als_summary}
+
+
+def als_grid(als: AlsSettings, reg_params: Sequence[float], alphas: Sequence[float]) -> list[AlsSettings]:
+    """``als`` with each (regParam, alpha) of the grid; with ``als.tune`` false, ``als`` alone."""
+    if not als.tune:
+        return [als]
+    return [als.model_copy(update={"reg_param": r, "alpha": a}) for r in reg_params for a in alphas]
 
 
 def fit_baseline(

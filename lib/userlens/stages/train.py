@@ -41,7 +41,7 @@ from userlens.artifacts import ModelStore
 from userlens.config import Settings, TrainSettings
 from userlens.embedding import Embedder, EncoderSpec, check_gpu_conf, is_empty_text, item_texts, spark_conf, vectors_for
 from userlens.errors import ConfigError, UserlensError
-from userlens.eval.spark_baselines import fit_baseline, recommendation_baselines, standardized_linear
+from userlens.eval.spark_baselines import als_grid, fit_baseline, recommendation_baselines, standardized_linear
 from userlens.features import (
     SPLITS,
     category_classes,
@@ -252,8 +252,10 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         stored, train.tasks, len(classes), predictions_to=f"{artifact}/baseline_predictions.npz", linear_out=linear
     )
     if rec is not None:
-        baseline.update(recommendation_baselines(stored, events, cut, rec))
+        grid = als_grid(rec.als, settings.evaluate.als_reg_params, settings.evaluate.als_alphas)
+        baseline.update(recommendation_baselines(stored, events, cut, rec, grid))
     timings["baseline_seconds"] = time.perf_counter() - t0
+    log.info("train: baselines fitted in %.1fs", timings["baseline_seconds"])
 
     n_train = counts["train"]["users"]
     dp = None
@@ -325,11 +327,14 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     if rec is not None:
         key = f"recall@{rec.k}"
         log.info(
-            "train: recommendations test %s: userlens (sequential) %.4f, popularity %.4f, ALS %.4f (%d users)",
+            "train: recommendations test %s: userlens (sequential) %.4f, popularity %.4f, ALS %.4f "
+            "(regParam %g, alpha %g) (%d users)",
             key,
             summary.test["recommend"].get(key, float("nan")),
             baseline["recommend_popularity"].get(key, float("nan")),
             baseline["recommend_als"].get(key, float("nan")),
+            baseline["recommend_als"].get("reg_param", float("nan")),
+            baseline["recommend_als"].get("alpha", float("nan")),
             summary.test["recommend"].get("users", 0),
         )
     return result
