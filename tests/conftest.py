@@ -30,7 +30,7 @@ SPARK_OVERRIDES = [
 SHORT_TEXTS = "textualize.max_tokens=96"
 
 
-# The train stage's ALS baseline tries a grid of settings on the valid split (9 fits); pipeline tests
+# The train stage's ALS baseline tries a grid of settings on the valid split (12 fits); pipeline tests
 # fit the one configured setting, and tests/test_train.py's two-process run checks the tuning.
 FIXED_ALS = "train.recommend.als.tune=false"
 

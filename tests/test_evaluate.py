@@ -192,6 +192,8 @@ def test_loo_full_end_to_end_with_popularity_worked_by_hand(spark, tmp_path, cap
         "--set",
         "train.recommend.als.max_iter=5",
         "--set",
+        "evaluate.als_reg_params=[0.01, 0.1, 1.0]",
+        "--set",
         "evaluate.als_alphas=[1.0, 10.0]",
     )
     assert (

@@ -551,7 +551,7 @@ class EvaluateSettings(_Strict):
     )
     # the grids each baseline is tuned over on the validation fold (ALS: rank and iterations from
     # train.recommend.als)
-    als_reg_params: list[float] = Field([0.01, 0.1, 1.0], min_length=1, description="ALS regParam values tried")
+    als_reg_params: list[float] = Field([0.01, 0.1, 1.0, 10.0], min_length=1, description="ALS regParam values tried")
     als_alphas: list[float] = Field([0.1, 1.0, 10.0], min_length=1, description="ALS alpha values tried")
     ease_lambdas: list[float] = Field(
         [10, 25, 50, 100, 200, 400, 800, 1600], min_length=1, description="EASE lambda values tried"
