@@ -13,13 +13,14 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 import dataset_files as D
-from conftest import SPARK_OVERRIDES, TEST_KEY
+from conftest import SPARK_OVERRIDES, TEST_KEY, make_settings
 from userlens.cli import main
 from userlens.config import CONF_DIR, load_settings
 from userlens.eval.baselines import ItemKNN, rank_batch
 from userlens.eval.evaluate import interactions, leave_one_out, load_dataset, stratified_split
 from userlens.models import metrics as M
 from userlens.privacy import load_key
+from userlens.tables import Tables
 
 LOCAL = str(CONF_DIR / "local.yaml")
 
@@ -153,6 +154,8 @@ def _evaluate(tmp_path: Path, capsys, *args: str) -> tuple[str, dict[str, list[s
     )
     printed = capsys.readouterr().out
     assert code == 0
+    # a benchmark leaves the warehouse alone unless asked to record its run
+    assert (tmp_path / "wh").exists() == ("--record" in args)
     table = out.read_text()
     assert table in printed
     rows = {}
@@ -285,8 +288,12 @@ def test_stratified_75_end_to_end_matches_an_independent_popularity(spark, tmp_p
 def test_next_window_end_to_end_recency_separates_activity(spark, tmp_path, capsys):
     root = D.write_retailrocket(tmp_path / "retailrocket")
     table, rows = _evaluate(
-        tmp_path, capsys, "--dataset", "retailrocket", "--path", str(root), "--protocol", "next-window"
+        tmp_path, capsys, "--dataset", "retailrocket", "--path", str(root), "--protocol", "next-window", "--record"
     )
+    runs = Tables(spark, make_settings(tmp_path, f"storage.warehouse={tmp_path / 'wh'}").storage).read("pipeline_runs")
+    recorded = runs.collect()
+    assert [(r["stage"], r["status"]) for r in recorded] == [("evaluate", "succeeded")]  # --record: its one row
+    assert recorded[0]["rows_in"] > 0
     assert "cutoff 2015-06-14, labels from the 7 days after it (to 2015-06-21); 60 users" in table
     # even visitors were seen on the two days before the cutoff and return; odd ones were last seen
     # a week or more earlier and do not: days since the last event ranks every returner first

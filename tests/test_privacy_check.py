@@ -201,6 +201,12 @@ def test_the_demo_leaks_no_key_raw_id_or_pii_into_logs_report_runs_or_metrics(de
     assert found == {}
 
 
+def test_the_demo_leaves_no_spark_warehouse_in_its_working_directory(demo):
+    """Spark's catalog folder goes inside the warehouse, not ./spark-warehouse wherever the command runs."""
+    assert not (demo.root / "spark-warehouse").exists()
+    assert (demo.root / "warehouse" / "spark-catalog").is_dir()
+
+
 def test_the_key_id_is_stored_with_the_run_and_on_the_events_table(demo):
     from deltalake import DeltaTable
 

@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="next-window as-of date; the cutoff is date - evaluate.horizon_days (default: the latest event date)",
     )
     evaluate.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
+    evaluate.add_argument(
+        "--record",
+        action="store_true",
+        help="record the run in the warehouse's pipeline_runs (default: the warehouse is not touched)",
+    )
     return parser
 
 
@@ -351,6 +356,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         settings,
         spark,
         lambda run: run_evaluate(spark, settings, key, run, preset.stem, args.protocol, args.k, args.date),
+        record=args.record,
     )
     print(result.table, end="")
     if args.out:

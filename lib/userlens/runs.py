@@ -80,8 +80,22 @@ class StageRun:
             self.rows_in = outcome.rows_in
             self.details.update(outcome.details)
 
-    def record(self, tables: Tables, status: str) -> None:
+    def record(self, tables: Tables | None, status: str) -> None:
+        """Write the run's ``pipeline_runs`` row (``tables`` None: only the log line)."""
         finished = dt.datetime.now(dt.timezone.utc)
+        if tables is not None:
+            self._write(tables, status, finished)
+        log.info(
+            "%s %s: %s in %.1fs (rows_in=%s rows_out=%s)",
+            self.stage,
+            self.run_id,
+            status,
+            (finished - self.started_at).total_seconds(),
+            self.rows_in,
+            self.rows_out,
+        )
+
+    def _write(self, tables: Tables, status: str, finished: dt.datetime) -> None:
         row = (
             self.run_id,
             self.stage,
@@ -98,15 +112,6 @@ class StageRun:
             tables.merge("pipeline_runs", df)  # a retried task with the same run id updates its row
         else:
             tables.append("pipeline_runs", df)  # the usual case: a few Spark jobs fewer than a MERGE
-        log.info(
-            "%s %s: %s in %.1fs (rows_in=%s rows_out=%s)",
-            self.stage,
-            self.run_id,
-            status,
-            (finished - self.started_at).total_seconds(),
-            self.rows_in,
-            self.rows_out,
-        )
 
 
 # Delta's optimistic-concurrency failures (delta.exceptions): another writer committed first
@@ -154,12 +159,15 @@ def conflict_error(what: str, exc: BaseException) -> ConcurrentRunError:
     )
 
 
-def run_stage(name: str, settings: "Settings", spark: "SparkSession", body: Callable[[StageRun], R]) -> R:
+def run_stage(
+    name: str, settings: "Settings", spark: "SparkSession", body: Callable[[StageRun], R], record: bool = True
+) -> R:
     """Run ``body(run)`` and record its pipeline_runs row, failed or not, from what the result (or the
     error) reports (:class:`Recorded`); the original error is re-raised (a Delta write conflict with
-    another run as one :class:`ConcurrentRunError` line)."""
+    another run as one :class:`ConcurrentRunError` line). ``record`` false: the run's log line only, the
+    warehouse untouched."""
     run = StageRun(stage=name, run_id=os.environ.get("USERLENS_RUN_ID") or new_run_id())
-    tables = Tables(spark, settings.storage)
+    tables = Tables(spark, settings.storage) if record else None
     try:
         result = body(run)
     except BaseException as exc:

@@ -76,6 +76,13 @@ def _overlay_runtime_conf(spark: "SparkSession", settings: Settings) -> None:
             log.debug("spark conf %s is static here; leaving the launcher's value", key)
 
 
+def catalog_dir(warehouse: str) -> str:
+    """A local session's ``spark.sql.warehouse.dir``: ``spark-catalog`` inside the warehouse (an absolute
+    path where the warehouse is a local path), so managed tables and the catalog's folder live with it."""
+    root = warehouse.rstrip("/") if "://" in warehouse else os.path.abspath(warehouse)
+    return f"{root}/spark-catalog"
+
+
 def _build_local(settings: Settings) -> "SparkSession":
     from pyspark.sql import SparkSession
 
@@ -87,6 +94,8 @@ def _build_local(settings: Settings) -> "SparkSession":
             "spark.sql.shuffle.partitions": str(settings.spark.shuffle_partitions),
             "spark.driver.memory": settings.spark.driver_memory,
             "spark.ui.enabled": "true" if settings.spark.ui else "false",
+            # Spark's catalog otherwise makes ./spark-warehouse in whatever directory the command runs from
+            "spark.sql.warehouse.dir": catalog_dir(settings.storage.warehouse),
         }
     )
     if settings.spark.jars:

@@ -29,10 +29,11 @@ features and userlens (the user text's embedding beside the same features).
 
 The data path is the pipeline's: the dataset adapter, then ingest's ``classify_events`` /
 ``classify_items`` (validation, quarantine counts, pseudonyms, PII scrubbing). Nothing is written
-but the ``pipeline_runs`` row. Splits and features are Spark transforms; the split interactions
-(user, item, time) are then collected to the driver once, where the models rank items and
-``models.metrics`` scores them: this is a benchmark for datasets that fit one machine (the userlens
-model's interface takes a pandas frame), not a pipeline stage.
+to the warehouse (``userlens evaluate --record`` adds the ``pipeline_runs`` row). Splits and
+features are Spark transforms; the split interactions (user, item, time) are then collected to the
+driver once, where the models rank items and ``models.metrics`` scores them: this is a benchmark for
+datasets that fit one machine (the userlens model's interface takes a pandas frame), not a pipeline
+stage.
 """
 
 from __future__ import annotations
