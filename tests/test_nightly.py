@@ -114,13 +114,15 @@ def test_first_night_runs_every_stage(spark, night):
 
 def test_score_and_evaluate_give_the_same_top_k_with_the_trained_model(spark, night):
     """The model `train` saved, read back from its artifact: the top-K that `score` published equals the
-    ranking `userlens evaluate` makes with the same class (SequentialEncoder.scores over each user's
-    history, then eval.baselines.rank_batch with the user's purchases as the seen items)."""
+    ranking `userlens evaluate` makes with the same classes (SequentialEncoder.scores over each user's
+    history, fused with the artifact's ALS fold-in by evaluate's per-user standardisation, then
+    eval.baselines.rank_batch with the user's purchases as the seen items)."""
     import numpy as np
     import pandas as pd
 
     from userlens.artifacts import ModelStore
     from userlens.eval.baselines import rank_batch
+    from userlens.eval.ranking import normalised
     from userlens.features import item_history
     from userlens.models.predictor import load_artifact
 
@@ -140,9 +142,18 @@ def test_score_and_evaluate_give_the_same_top_k_with_the_trained_model(spark, ni
         return found[found >= 0]
 
     histories = [indices(r["hist_items"])[::-1] for r in rows]  # oldest first, as evaluate's folds hold them
-    tops, _ = rank_batch(
-        artifact.model.rec.scores(histories), [indices(r["bought"]) for r in rows], None, settings.train.recommend.k
-    )
+    seen = [indices(r["bought"]) for r in rows]
+    scores = artifact.model.rec.scores(histories)
+    fusion = artifact.fusion  # the head fused with ALS (fold-in), as evaluate fuses: standardised per user
+    assert fusion is not None
+    if fusion.weight > 0:
+        pad = len(artifact.item_ids)
+        hist_idx, bought = np.full((len(rows), 50), pad), np.full((len(rows), 50), pad)
+        for row, (h, b) in enumerate(zip(histories, seen)):
+            hist_idx[row, : len(h)], bought[row, : len(b)] = h[::-1], b
+        als = fusion.als.scores(hist_idx, pad, bought).numpy()
+        scores = (normalised(scores, seen) + fusion.weight * normalised(als, seen)).numpy()
+    tops, _ = rank_batch(scores, seen, None, settings.train.recommend.k)
     ids = np.array(artifact.item_ids, dtype=object)
     assert [ids[t].tolist() for t in tops] == [r["recommended_items"] for r in rows]
 

@@ -107,3 +107,63 @@ def test_top_items_scores_a_large_catalogue_within_its_memory_bound():
     assert result["shape"] == [10_000, 10] and result["excluded"] == 0
     assert result["same"] == 1.0
     assert result["grew"] <= 3 * budget + 256 * 2**20, result["grew"] / 2**20
+
+
+def test_als_fold_in_reproduces_mllib_user_factors(spark):
+    """FoldIn solves MLlib's implicit-ALS user equation: from the fitted item factors, the folded-in
+    vector of each user is the one MLlib's own (converged) fit gives them, and so are their top items."""
+    from userlens.config import AlsSettings
+    from userlens.eval.spark_baselines import fit_als
+    from userlens.models.als import BOUGHT_RATING, OTHER_RATING, FoldIn
+
+    rng = np.random.default_rng(4)
+    n_users, n_items, pad = 30, 25, 25
+    rows, hist, bought = [], np.full((n_users, 8), pad), np.full((n_users, 3), pad)
+    for u in range(n_users):
+        items = rng.choice(n_items, 8, replace=False)
+        buys = items[:2]  # newest first: the two newest were bought
+        hist[u], bought[u, :2] = items, buys
+        rows += [(u, int(i), BOUGHT_RATING if i in buys else OTHER_RATING) for i in items]
+    ratings = spark.createDataFrame(rows, "u int, i int, r float")
+    model = fit_als(ratings, AlsSettings(rank=4, max_iter=25, reg_param=0.1, alpha=2.0), seed=1)
+    items = np.zeros((n_items, 4))
+    for r in model.itemFactors.collect():
+        items[r["id"]] = r["features"]
+    users = np.zeros((n_users, 4))
+    for r in model.userFactors.collect():
+        users[r["id"]] = r["features"]
+
+    folded = FoldIn(items, reg_param=0.1, alpha=2.0).user_vectors(hist, pad, bought).numpy()
+    assert np.allclose(folded, users, atol=2e-3)
+    top_mllib = np.argsort(-(users @ items.T), axis=1)[:, :5]
+    top_folded = np.argsort(-(folded @ items.T), axis=1)[:, :5]
+    assert (top_mllib == top_folded).mean() > 0.95
+    # no history: a zero vector, not a failure
+    assert not FoldIn(items, 0.1, 2.0).user_vectors(np.full((1, 8), pad), pad, np.full((1, 3), pad)).any()
+
+
+def test_top_items_with_a_fusion_ranks_the_standardised_sum_of_head_and_als():
+    """score's fused top-K (the head's and ALS's scores, each standardised per user over the items that may
+    be recommended, ALS weighted) equals evaluate's fusion of the same two scores, ranked by rank_batch."""
+    from userlens.eval.baselines import rank_batch
+    from userlens.eval.ranking import normalised
+    from userlens.models.als import FoldIn, Fusion
+
+    rng = np.random.default_rng(5)
+    n, pad = 40, 40
+    model = SequentialEncoder(n, SequentialConfig(dim=8, layers=1, max_len=6))
+    hist = np.full((12, 6), pad)
+    bought = np.full((12, 3), pad)
+    for u in range(12):
+        items = rng.choice(n, 1 + u % 6, replace=False)
+        hist[u, : len(items)] = items
+        bought[u, : min(2, len(items))] = items[:2]
+    fusion = Fusion(FoldIn(rng.normal(size=(n, 4)), reg_param=0.1, alpha=5.0), weight=0.75)
+    top = top_items(model, hist, pad, bought, 5, fusion=fusion)
+
+    seen = [b[b != pad] for b in bought]
+    head = model.scores([h[h != pad][::-1] for h in hist])
+    als = fusion.als.scores(hist, pad, bought).numpy()
+    expected, _ = rank_batch((normalised(head, seen) + 0.75 * normalised(als, seen)).numpy(), seen, None, 5)
+    assert top.tolist() == expected
+    assert top.tolist() != top_items(model, hist, pad, bought, 5).tolist()  # ALS changed the ranking

@@ -18,10 +18,11 @@ from conftest import SHORT_TEXTS, make_settings
 from userlens.artifacts import ModelStore
 from userlens.errors import ConfigError, UserlensError
 from userlens.features import check_counts, cutoff, item_history, labelled_users
+from userlens.models.als import FUSION_WEIGHTS
 from userlens.models.contracts import FORMAT_VERSION
 from userlens.models.predictor import load_artifact
 from userlens.models.storage import list_files, write_json
-from userlens.models.training import Catalogue, evaluate_files, evaluate_recommendations
+from userlens.models.training import evaluate_files, evaluate_recommendations, serving_catalogue
 from userlens.privacy import load_key
 from userlens.runs import StageRun
 from userlens.sample import SampleSpec, generate_sample
@@ -146,18 +147,22 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
     test_files = list_files(f"{snapshot}/split=test")
     again = evaluate_files(artifact.model, artifact.config, artifact.features, test_files)
     rec = settings.train.recommend
-    catalogue = Catalogue(
-        artifact.item_ids,
-        np.zeros((artifact.model.rec.n_items, 1), np.float32),  # the head keeps its own item vectors
-        np.zeros(artifact.model.rec.n_items),
-        rec.history,
-    )
+    catalogue = serving_catalogue(artifact)
+    # the recommender that ships is the head fused with the tuned ALS, its weight chosen on validation
+    assert artifact.fusion is not None and artifact.fusion.weight in FUSION_WEIGHTS
     again["recommend"] = evaluate_recommendations(
+        artifact.model, artifact.features, artifact.config.tasks, test_files, catalogue, rec.k, artifact.fusion
+    )
+    head = evaluate_recommendations(
         artifact.model, artifact.features, artifact.config.tasks, test_files, catalogue, rec.k
     )
     for task, values in metrics["model"].items():
         for name, value in values.items():
-            assert again[task][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, name)
+            if name in again[task]:
+                assert again[task][name] == pytest.approx(value, rel=1e-9, abs=1e-12), (task, name)
+    assert metrics["model"]["recommend"]["als_weight"] == artifact.fusion.weight
+    assert metrics["recommendations"]["userlens (sequential)"] == pytest.approx(head)
+    assert set(metrics["recommendations"]) == {"userlens", "userlens (sequential)", "popularity", "ALS"}
 
     # the recommenders are evaluated side by side on the same test users
     k = rec.k

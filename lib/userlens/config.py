@@ -408,7 +408,12 @@ class RecommendSettings(_Strict):
     dim: int = Field(64, ge=4, description="sequential encoder: item and user vector width")
     history: int = Field(50, ge=1, description="sequential encoder: newest items of a user's history it reads")
     weight: float = Field(1.0, gt=0, description="the recommendation loss's weight beside the task losses")
-    eval_users: int = Field(20_000, ge=1, description="test users evaluated (a hash sample above this)")
+    eval_users: int = Field(
+        20_000,
+        ge=1,
+        description="test users evaluated (a hash sample above this); also the most valid users the ALS "
+        "baseline and the fusion weight are chosen on",
+    )
     score_block_mib: int = Field(
         256,
         ge=1,

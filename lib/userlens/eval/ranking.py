@@ -27,6 +27,7 @@ import torch
 
 from userlens.eval.baselines import rank_batch
 from userlens.models import metrics as M
+from userlens.models.als import FUSION_WEIGHTS, standardised
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 SCORE_CELLS = 20_000_000  # users x items scored per batch
 FUSION_USERS = 3000  # validation users the fusion weights are fitted on (a seeded sample above this)
-FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+FUSION_GRID = FUSION_WEIGHTS  # the train stage's fusion tries the same weights
 
 
 @dataclass
@@ -184,7 +185,7 @@ def subsample(fold: Fold, n: int, seed: int) -> Fold:
 # --------------------------------------------------------------------------
 def normalised(scores: np.ndarray, seen: Sequence[np.ndarray], candidates: np.ndarray | None = None) -> torch.Tensor:
     """Per user, the scores standardised over the items that can be ranked (seen items, and items
-    outside ``candidates`` where given, -inf)."""
+    outside ``candidates`` where given, -inf); the train stage's fusion standardises the same way."""
     s = torch.as_tensor(np.asarray(scores, np.float32))
     mask = torch.zeros_like(s, dtype=torch.bool)
     if candidates is not None:
@@ -192,12 +193,7 @@ def normalised(scores: np.ndarray, seen: Sequence[np.ndarray], candidates: np.nd
         mask[:, torch.as_tensor(candidates, dtype=torch.long)] = False
     for row, items in enumerate(seen):
         mask[row, torch.as_tensor(items, dtype=torch.long)] = True
-    s = torch.nan_to_num(s, nan=0.0, neginf=0.0, posinf=0.0)
-    valid = (~mask).float()
-    n = valid.sum(1, keepdim=True).clamp(min=1)
-    mean = (s * valid).sum(1, keepdim=True) / n
-    std = ((((s - mean) * valid) ** 2).sum(1, keepdim=True) / n).sqrt().clamp(min=1e-12)
-    return torch.where(mask, torch.full_like(s, -torch.inf), (s - mean) / std)
+    return standardised(torch.nan_to_num(s, nan=0.0, neginf=0.0, posinf=0.0), mask)
 
 
 class Fused:

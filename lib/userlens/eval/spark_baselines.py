@@ -29,7 +29,12 @@ if TYPE_CHECKING:
 
 
 def recommendation_baselines(
-    snapshot: DataFrame, events: DataFrame, cut: dt.date, rec: Any, als_grid: Sequence[AlsSettings] | None = None
+    snapshot: DataFrame,
+    events: DataFrame,
+    cut: dt.date,
+    rec: Any,
+    als_grid: Sequence[AlsSettings] | None = None,
+    als_out: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Popularity and Spark MLlib ALS (implicit) on everything known at ``cut``, evaluated like the
     sequential head: the ``rec_eval`` test users, earlier purchases excluded, next purchases relevant.
@@ -37,7 +42,10 @@ def recommendation_baselines(
     ALS is fitted once per setting of ``als_grid`` (default: ``rec.als`` alone); the setting whose
     recall@k is best on the ``valid`` split's users with a next purchase (``rec.als`` when there is none)
     is the one scored on the test users (the fit data, events up to ``cut``, is the same for both and
-    holds no next purchase). Its result carries ``reg_param``, ``alpha`` and the validation ``valid_recall@k``."""
+    holds no next purchase). Its result carries ``reg_param``, ``alpha`` and the validation
+    ``valid_recall@k``. With ``als_out``, the chosen model is put there: ``setting`` (its AlsSettings) and
+    ``items`` ({item_id: factor vector}), what the shipped recommender folds users into
+    (:mod:`userlens.models.als`)."""
     from pyspark.ml.feature import StringIndexer
 
     from userlens.models.training import ranking_summary
@@ -98,10 +106,11 @@ def recommendation_baselines(
     def ranked(by_user: dict[str, list[str]], users: list[Any]) -> list[list[str]]:
         return [[i for i in by_user.get(u["user_key"], []) if i not in set(u["bought"])][:k] for u in users]
 
-    best: tuple[float, AlsSettings, list[list[str]]] | None = None
+    best: tuple[float, AlsSettings, list[list[str]], Any] | None = None
     try:
         for setting in grid:
-            recs = fit_als(data, setting, seed=13).recommendForUserSubset(wanted, depth)
+            model = fit_als(data, setting, seed=13)
+            recs = model.recommendForUserSubset(wanted, depth)
             by_user = {
                 r["user_key"]: [labels[x["i"]] for x in r["recommendations"]]
                 for r in recs.join(wanted, "u").select("user_key", "recommendations").collect()
@@ -114,12 +123,15 @@ def recommendation_baselines(
                 else 0.0
             )
             if best is None or value > best[0]:  # ties: the first
-                best = (value, setting, ranked(by_user, test_users))
+                best = (value, setting, ranked(by_user, test_users), model)
+        assert best is not None
+        value, chosen, als_ranked, chosen_model = best
+        if als_out is not None:
+            als_out["setting"] = chosen
+            als_out["items"] = {labels[r["id"]]: list(r["features"]) for r in chosen_model.itemFactors.collect()}
     finally:
         data.unpersist()
         wanted.unpersist()
-    assert best is not None
-    value, chosen, als_ranked = best
     als_summary: dict[str, float] = {
         **ranking_summary(als_ranked, relevant, k),
         "reg_param": chosen.reg_param,

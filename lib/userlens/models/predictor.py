@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from userlens.errors import UserlensError
+from userlens.models.als import read_fusion
 from userlens.models.contracts import FORMAT_VERSION, FeatureSpec, ModelConfig
 from userlens.models.storage import (
     exists,
@@ -184,6 +185,7 @@ class Artifact:
     metrics: dict[str, Any]
 
     item_ids: list[str] = field(default_factory=list)  # the recommendation head's training catalogue
+    fusion: Any = None  # userlens.models.als.Fusion: the head's scores fused with ALS (None: the head alone)
 
     def inputs(self, embedding: np.ndarray, raw_features: np.ndarray) -> np.ndarray:
         return np.concatenate([embedding.astype(np.float32), self.features.transform(raw_features)], axis=1)
@@ -228,4 +230,5 @@ def load_artifact(path: str) -> Artifact:
     model.load_state_dict(load_state(f"{path}/model.pt"))
     model.eval()
     metrics = read_json(f"{path}/metrics.json") if exists(f"{path}/metrics.json") else {}
-    return Artifact(path, path.rstrip("/").rsplit("/", 1)[-1], config, features, model, metrics, item_ids)
+    fusion = read_fusion(path) if config.rec else None
+    return Artifact(path, path.rstrip("/").rsplit("/", 1)[-1], config, features, model, metrics, item_ids, fusion)

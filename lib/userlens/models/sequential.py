@@ -308,12 +308,18 @@ def top_items(
     exclude: np.ndarray,
     k: int,
     max_score_bytes: int = SCORE_BYTES,
+    fusion: Any = None,
 ) -> np.ndarray:
     """(U, k) top item indices per user from newest-first history indices (``pad`` = none), best first;
     ``exclude`` (U, M) item indices never recommended (``pad`` or -1 = none); -1 fills a row that runs out.
     Scores are the user vector (after the newest item) times every item vector, then ``torch.topk``: no
     user x item cross join. Users go in blocks of ``max_score_bytes // (4 * n_items)`` (at least one), so
-    memory is the model, its (n_items, dim) item matrix and one score block, whatever U is."""
+    memory is the model, its (n_items, dim) item matrix and one score block, whatever U is.
+
+    ``fusion`` (:class:`userlens.models.als.Fusion`, with a weight above 0): the block's scores are the
+    head's plus the weight times ALS's (the user folded in from the same history, the excluded items as
+    the bought ones), each standardised per user over the items that may be recommended; a few more
+    blocks of memory."""
     model.eval()
     tokens = model.token_matrix()
     items = tokens[1:]
@@ -327,7 +333,16 @@ def top_items(
         ex = torch.as_tensor(exclude[start : start + block], dtype=torch.long)
         valid = (ex >= 0) & (ex != pad)
         rows = torch.arange(len(scores)).unsqueeze(1).expand_as(ex)
-        scores[rows[valid], ex[valid]] = -torch.inf
+        if fusion is not None and fusion.weight > 0:
+            from userlens.models.als import standardised
+
+            excluded = torch.zeros(scores.shape, dtype=torch.bool)
+            excluded[rows[valid], ex[valid]] = True
+            als = fusion.als.scores(hist, pad, exclude[start : start + block])
+            scores = standardised(scores, excluded) + fusion.weight * standardised(als, excluded)
+            del als, excluded
+        else:
+            scores[rows[valid], ex[valid]] = -torch.inf
         best = torch.topk(scores, k, dim=1)
         del scores
         out[start : start + len(hist)] = torch.where(torch.isinf(best.values), -1, best.indices).numpy()

@@ -597,23 +597,123 @@ def evaluate_files(
 
 
 def evaluate_recommendations(
-    model: Any, features: Any, tasks: list[str], files: list[str], catalogue: Catalogue, k: int
+    model: Any,
+    features: Any,
+    tasks: list[str],
+    files: list[str],
+    catalogue: Catalogue,
+    k: int,
+    fusion: Any = None,
+    marked: bool = True,
+    max_users: int | None = None,
 ) -> dict[str, float]:
-    """recall@k, nDCG@k and hit rate@k of the sequential head on the test users marked ``rec_eval``
-    (next purchases not bought before), ranking the whole catalogue minus earlier purchases."""
+    """recall@k, nDCG@k and hit rate@k of the recommender (the sequential head, or with ``fusion`` the
+    head fused with ALS: :func:`userlens.models.sequential.top_items`) on the users marked ``rec_eval``
+    (``marked`` false: every user with a next purchase, as on the valid split), next purchases not
+    bought before relevant, ranking the whole catalogue minus earlier purchases; the first ``max_users``
+    of them in file order where given."""
     from userlens.models.sequential import top_items
 
     reader = ShardReader(files, features, tasks, catalogue)
     ranked: list[list[int]] = []
     relevant: list[set[int]] = []
     for batch in reader.batches(VALID_BATCH_ROWS, None):
-        keep = batch["rec_eval"]
+        keep = batch["rec_eval"] if marked else (batch["next"] != catalogue.pad).any(1)
+        if max_users is not None:
+            keep &= np.cumsum(keep) <= max_users - len(ranked)
         if not keep.any():
+            if max_users is not None and len(ranked) >= max_users:
+                break
             continue
-        top = top_items(model.rec, batch["hist_idx"][keep], catalogue.pad, batch["bought"][keep], k)
+        top = top_items(model.rec, batch["hist_idx"][keep], catalogue.pad, batch["bought"][keep], k, fusion=fusion)
         ranked += [[i for i in row if i >= 0] for row in top]
         relevant += [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
     return ranking_summary(ranked, relevant, k)
+
+
+def serving_catalogue(artifact: Any) -> Catalogue:
+    """A loaded model's item index for ranking (its head keeps its own item vectors: no embeddings)."""
+    rec = artifact.model.rec
+    assert rec is not None, "a model with a recommendation head"
+    return Catalogue(
+        artifact.item_ids, np.zeros((rec.n_items, 1), np.float32), np.zeros(rec.n_items), rec.config.max_len
+    )
+
+
+def fuse_with_als(
+    artifact: Any, snapshot: str, als_items: dict[str, list[float]], setting: Any, k: int, max_users: int
+) -> Any:
+    """The shipped recommender of a trained model: its sequential head plus ALS (``als_items``, the item
+    factors of the tuned baseline, folded in per user), the ALS weight chosen from ``FUSION_WEIGHTS`` by
+    recall@k on (the first ``max_users`` of) the valid split's users with a next purchase (ties: the
+    smaller weight; 0 is the head alone). Returns (Fusion, {weight: valid recall@k})."""
+    from userlens.models.als import FUSION_WEIGHTS, FoldIn, Fusion
+
+    rank = len(next(iter(als_items.values()))) if als_items else 1
+    items = np.zeros((len(artifact.item_ids), rank), np.float32)
+    for row, item in enumerate(artifact.item_ids):
+        if item in als_items:
+            items[row] = als_items[item]
+    als = FoldIn(items, setting.reg_param, setting.alpha)
+    catalogue = serving_catalogue(artifact)
+    files = list_files(f"{snapshot}/split=valid")
+    tasks = list(artifact.config.tasks)
+    valid = {}
+    for weight in FUSION_WEIGHTS:
+        fusion = Fusion(als, weight)
+        summary = evaluate_recommendations(
+            artifact.model, artifact.features, tasks, files, catalogue, k, fusion, False, max_users
+        )
+        valid[weight] = summary.get(f"recall@{k}", 0.0)
+    best = max(FUSION_WEIGHTS, key=lambda w: (valid[w], -w))
+    return Fusion(als, best), valid
+
+
+def add_fusion(
+    path: str, snapshot: str, als_items: dict[str, list[float]], setting: Any, k: int, max_users: int
+) -> dict[str, float]:
+    """Choose the ALS weight of the model at ``path`` on validation (:func:`fuse_with_als`), write it into
+    the model directory, score the test users once with it, and make it the model's recommendation
+    metrics in ``metrics.json`` (the head alone stays as ``userlens (sequential)``). Returns the fused
+    test metrics with ``als_weight``."""
+    from userlens.models.als import write_fusion
+    from userlens.models.predictor import load_artifact
+    from userlens.models.storage import read_json, write_json
+
+    artifact = load_artifact(path)
+    fusion, valid = fuse_with_als(artifact, snapshot, als_items, setting, k, max_users)
+    write_fusion(path, fusion)
+    catalogue = serving_catalogue(artifact)
+    test = evaluate_recommendations(
+        artifact.model,
+        artifact.features,
+        list(artifact.config.tasks),
+        list_files(f"{snapshot}/split=test"),
+        catalogue,
+        k,
+        fusion,
+    )
+    fused = {**test, "als_weight": fusion.weight, f"valid_recall@{k}": valid[fusion.weight]}
+    metrics = read_json(f"{path}/metrics.json")
+    head = metrics["model"].get("recommend", {})
+    metrics["model"]["recommend"] = fused
+    metrics["recommendations"] = {
+        "userlens": fused,
+        "userlens (sequential)": head,
+        **{
+            name: values
+            for name, values in (metrics.get("recommendations") or {}).items()
+            if name != "userlens (sequential)"
+        },
+    }
+    write_json(f"{path}/metrics.json", metrics)
+    log.info(
+        "train: recommender = sequential head + %g x ALS (valid recall@%d by weight: %s)",
+        fusion.weight,
+        k,
+        ", ".join(f"{w:g} {v:.3f}" for w, v in valid.items()),
+    )
+    return fused
 
 
 def ranking_summary(ranked: list[list[Any]], relevant: list[set[Any]], k: int) -> dict[str, float]:

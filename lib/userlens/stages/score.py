@@ -68,19 +68,15 @@ def _recommender(artifact: Any) -> Any:
         return None
     key = ("rec", artifact.path)
     if key not in _LOADED:
-        import numpy as np
+        from userlens.models.training import serving_catalogue
 
-        from userlens.models.training import Catalogue
-
-        rec = artifact.model.rec
-        _LOADED[key] = Catalogue(
-            artifact.item_ids, np.zeros((rec.n_items, 1), np.float32), np.zeros(rec.n_items), rec.config.max_len
-        )
+        _LOADED[key] = serving_catalogue(artifact)
     return _LOADED[key]
 
 
 def _recommend(artifact: Any, batch: "pa.RecordBatch", k: int, block_bytes: int) -> "pa.Array":
-    """Top-k item ids per user (earlier purchases excluded), as an Arrow list array; scores are computed
+    """Top-k item ids per user (earlier purchases excluded), as an Arrow list array, from the model's
+    recommender (the head, fused with ALS where the model has a fusion); scores are computed
     ``block_bytes`` at a time."""
     import numpy as np
     import pyarrow as pa
@@ -90,7 +86,9 @@ def _recommend(artifact: Any, batch: "pa.RecordBatch", k: int, block_bytes: int)
     catalogue = _recommender(artifact)
     assert catalogue is not None  # called only for an artifact with a recommendation head
     arrays = catalogue.arrays(batch)
-    top = top_items(artifact.model.rec, arrays["hist_idx"], catalogue.pad, arrays["bought"], k, block_bytes)
+    top = top_items(
+        artifact.model.rec, arrays["hist_idx"], catalogue.pad, arrays["bought"], k, block_bytes, artifact.fusion
+    )
     ids = np.array(catalogue.item_ids, dtype=object)
     offsets = np.concatenate([[0], np.cumsum((top >= 0).sum(1))]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[top[top >= 0]].tolist(), pa.string()))

@@ -53,12 +53,14 @@ def train(r: Any) -> str:
                 f"   baseline {base.get('accuracy', nan):.3f} / {base.get('top3_accuracy', nan):.3f}"
             )
     if "recommend" in r.model:
+        fused = r.model["recommend"]
+        label = f"userlens (sequential head + {fused['als_weight']:g} x ALS)" if "als_weight" in fused else "userlens"
         methods = {
-            "userlens (sequential)": r.model["recommend"],
+            label: fused,
             "popularity": r.baseline.get("recommend_popularity", {}),
             "ALS": r.baseline.get("recommend_als", {}),
         }
-        names = [n for n in r.model["recommend"] if n != "users"]
+        names = [n for n in fused if n.split("@")[0] in ("recall", "ndcg", "hit_rate")]
         lines.append(
             f"  recommendations ({r.model['recommend'].get('users', 0)} test users with a next purchase): "
             + "; ".join(f"{m} " + " ".join(f"{n} {v.get(n, nan):.3f}" for n in names) for m, v in methods.items())

@@ -251,9 +251,10 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     baseline = fit_baseline(
         stored, train.tasks, len(classes), predictions_to=f"{artifact}/baseline_predictions.npz", linear_out=linear
     )
+    als_out: dict[str, Any] = {}
     if rec is not None:
         grid = als_grid(rec.als, settings.evaluate.als_reg_params, settings.evaluate.als_alphas)
-        baseline.update(recommendation_baselines(stored, events, cut, rec, grid))
+        baseline.update(recommendation_baselines(stored, events, cut, rec, grid, als_out))
     timings["baseline_seconds"] = time.perf_counter() - t0
     log.info("train: baselines fitted in %.1fs", timings["baseline_seconds"])
 
@@ -288,6 +289,15 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     summary = distributed_fit(job, train)
     timings["distributor_seconds"] = time.perf_counter() - t0
     timings["fit_seconds"] = summary.training.fit_seconds
+    if rec is not None and als_out.get("items"):
+        # the recommender that ships: the head fused with the tuned ALS, its weight chosen on validation
+        from userlens.models.training import add_fusion
+
+        t0 = time.perf_counter()
+        summary.test["recommend"] = add_fusion(
+            artifact, snapshot, als_out["items"], als_out["setting"], rec.k, rec.eval_users
+        )
+        timings["fusion_seconds"] = time.perf_counter() - t0
 
     store.publish(version)
     timings["total_seconds"] = time.perf_counter() - started
@@ -327,9 +337,10 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     if rec is not None:
         key = f"recall@{rec.k}"
         log.info(
-            "train: recommendations test %s: userlens (sequential) %.4f, popularity %.4f, ALS %.4f "
-            "(regParam %g, alpha %g) (%d users)",
+            "train: recommendations test %s: userlens (sequential head + %g x ALS) %.4f, popularity %.4f, "
+            "ALS %.4f (regParam %g, alpha %g) (%d users)",
             key,
+            summary.test["recommend"].get("als_weight", 0.0),
             summary.test["recommend"].get(key, float("nan")),
             baseline["recommend_popularity"].get(key, float("nan")),
             baseline["recommend_als"].get(key, float("nan")),
