@@ -27,7 +27,7 @@ import torch
 from userlens.models.storage import exists, read_bytes, write_bytes
 
 BOUGHT_RATING, OTHER_RATING = 4.0, 1.0
-FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # weights a fusion tries on validation
+FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)  # weights a fusion tries on validation
 
 
 @dataclass
