@@ -320,11 +320,33 @@ def top_items(
     head's plus the weight times ALS's (the user folded in from the same history, the excluded items as
     the bought ones), each standardised per user over the items that may be recommended; a few more
     blocks of memory."""
+    if fusion is not None and fusion.weight > 0:
+        return top_items_by_weight(model, hist_idx, pad, exclude, k, fusion.als, [fusion.weight], max_score_bytes)[
+            fusion.weight
+        ]
+    return top_items_by_weight(model, hist_idx, pad, exclude, k, None, [0.0], max_score_bytes)[0.0]
+
+
+@torch.inference_mode()
+def top_items_by_weight(
+    model: SequentialEncoder,
+    hist_idx: np.ndarray,
+    pad: int,
+    exclude: np.ndarray,
+    k: int,
+    als: Any,
+    weights: Sequence[float],
+    max_score_bytes: int = SCORE_BYTES,
+) -> dict[float, np.ndarray]:
+    """:func:`top_items` for each ALS weight of ``weights`` (0: the head alone) from one pass over the
+    users: the head's and ALS's scores are computed once per block (how the train stage chooses the
+    weight)."""
     model.eval()
     tokens = model.token_matrix()
     items = tokens[1:]
     k = min(k, model.n_items)
-    out = np.full((len(hist_idx), k), -1, np.int64)
+    out = {w: np.full((len(hist_idx), k), -1, np.int64) for w in weights}
+    fused = als is not None and any(w > 0 for w in weights)
     block = max(1, max_score_bytes // (4 * max(1, model.n_items)))
     for start in range(0, len(hist_idx), block):
         hist = hist_idx[start : start + block]
@@ -333,17 +355,19 @@ def top_items(
         ex = torch.as_tensor(exclude[start : start + block], dtype=torch.long)
         valid = (ex >= 0) & (ex != pad)
         rows = torch.arange(len(scores)).unsqueeze(1).expand_as(ex)
-        if fusion is not None and fusion.weight > 0:
+        head_z = als_z = None
+        if fused:
             from userlens.models.als import standardised
 
             excluded = torch.zeros(scores.shape, dtype=torch.bool)
             excluded[rows[valid], ex[valid]] = True
-            als = fusion.als.scores(hist, pad, exclude[start : start + block])
-            scores = standardised(scores, excluded) + fusion.weight * standardised(als, excluded)
-            del als, excluded
-        else:
-            scores[rows[valid], ex[valid]] = -torch.inf
-        best = torch.topk(scores, k, dim=1)
-        del scores
-        out[start : start + len(hist)] = torch.where(torch.isinf(best.values), -1, best.indices).numpy()
+            head_z = standardised(scores, excluded)
+            als_z = standardised(als.scores(hist, pad, exclude[start : start + block]), excluded)
+            del excluded
+        scores[rows[valid], ex[valid]] = -torch.inf
+        for w in weights:
+            ranked = scores if w == 0 or head_z is None or als_z is None else head_z + w * als_z
+            best = torch.topk(ranked, k, dim=1)
+            out[w][start : start + len(hist)] = torch.where(torch.isinf(best.values), -1, best.indices).numpy()
+        del scores, head_z, als_z
     return out

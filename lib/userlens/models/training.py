@@ -612,23 +612,46 @@ def evaluate_recommendations(
     (``marked`` false: every user with a next purchase, as on the valid split), next purchases not
     bought before relevant, ranking the whole catalogue minus earlier purchases; the first ``max_users``
     of them in file order where given."""
-    from userlens.models.sequential import top_items
+    weight = fusion.weight if fusion is not None else 0.0
+    als = fusion.als if fusion is not None else None
+    return recommendations_by_weight(model, features, tasks, files, catalogue, k, als, [weight], marked, max_users)[
+        weight
+    ]
+
+
+def recommendations_by_weight(
+    model: Any,
+    features: Any,
+    tasks: list[str],
+    files: list[str],
+    catalogue: Catalogue,
+    k: int,
+    als: Any,
+    weights: list[float],
+    marked: bool = True,
+    max_users: int | None = None,
+) -> dict[float, dict[str, float]]:
+    """:func:`evaluate_recommendations` for each ALS weight of ``weights``, in one pass over the files."""
+    from userlens.models.sequential import top_items_by_weight
 
     reader = ShardReader(files, features, tasks, catalogue)
-    ranked: list[list[int]] = []
+    ranked: dict[float, list[list[int]]] = {w: [] for w in weights}
     relevant: list[set[int]] = []
     for batch in reader.batches(VALID_BATCH_ROWS, None):
         keep = batch["rec_eval"] if marked else (batch["next"] != catalogue.pad).any(1)
         if max_users is not None:
-            keep &= np.cumsum(keep) <= max_users - len(ranked)
+            keep &= np.cumsum(keep) <= max_users - len(relevant)
         if not keep.any():
-            if max_users is not None and len(ranked) >= max_users:
+            if max_users is not None and len(relevant) >= max_users:
                 break
             continue
-        top = top_items(model.rec, batch["hist_idx"][keep], catalogue.pad, batch["bought"][keep], k, fusion=fusion)
-        ranked += [[i for i in row if i >= 0] for row in top]
+        tops = top_items_by_weight(
+            model.rec, batch["hist_idx"][keep], catalogue.pad, batch["bought"][keep], k, als, weights
+        )
+        for w, top in tops.items():
+            ranked[w] += [[i for i in row if i >= 0] for row in top]
         relevant += [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
-    return ranking_summary(ranked, relevant, k)
+    return {w: ranking_summary(ranked[w], relevant, k) for w in weights}
 
 
 def serving_catalogue(artifact: Any) -> Catalogue:
@@ -658,13 +681,10 @@ def fuse_with_als(
     catalogue = serving_catalogue(artifact)
     files = list_files(f"{snapshot}/split=valid")
     tasks = list(artifact.config.tasks)
-    valid = {}
-    for weight in FUSION_WEIGHTS:
-        fusion = Fusion(als, weight)
-        summary = evaluate_recommendations(
-            artifact.model, artifact.features, tasks, files, catalogue, k, fusion, False, max_users
-        )
-        valid[weight] = summary.get(f"recall@{k}", 0.0)
+    summaries = recommendations_by_weight(
+        artifact.model, artifact.features, tasks, files, catalogue, k, als, list(FUSION_WEIGHTS), False, max_users
+    )
+    valid = {w: summaries[w].get(f"recall@{k}", 0.0) for w in FUSION_WEIGHTS}
     best = max(FUSION_WEIGHTS, key=lambda w: (valid[w], -w))
     return Fusion(als, best), valid
 
