@@ -104,7 +104,13 @@ def recommendation_baselines(
     labels = item_ix.labels
 
     def ranked(by_user: dict[str, list[str]], users: list[Any]) -> list[list[str]]:
-        return [[i for i in by_user.get(u["user_key"], []) if i not in set(u["bought"])][:k] for u in users]
+        out = []
+        for u in users:
+            earlier = set(u["bought"])
+            out.append([i for i in by_user.get(u["user_key"], []) if i not in earlier][:k])
+        return out
+
+    valid_relevant = [set(u["next_items"]) for u in valid_users]
 
     best: tuple[float, AlsSettings, list[list[str]], Any] | None = None
     try:
@@ -116,9 +122,7 @@ def recommendation_baselines(
                 for r in recs.join(wanted, "u").select("user_key", "recommendations").collect()
             }
             value = (
-                ranking_summary(ranked(by_user, valid_users), [set(u["next_items"]) for u in valid_users], k).get(
-                    f"recall@{k}", 0.0
-                )
+                ranking_summary(ranked(by_user, valid_users), valid_relevant, k).get(f"recall@{k}", 0.0)
                 if valid_users
                 else 0.0
             )

@@ -604,19 +604,13 @@ def evaluate_recommendations(
     catalogue: Catalogue,
     k: int,
     fusion: Any = None,
-    marked: bool = True,
-    max_users: int | None = None,
 ) -> dict[str, float]:
     """recall@k, nDCG@k and hit rate@k of the recommender (the sequential head, or with ``fusion`` the
-    head fused with ALS: :func:`userlens.models.sequential.top_items`) on the users marked ``rec_eval``
-    (``marked`` false: every user with a next purchase, as on the valid split), next purchases not
-    bought before relevant, ranking the whole catalogue minus earlier purchases; the first ``max_users``
-    of them in file order where given."""
+    head fused with ALS: :func:`userlens.models.sequential.top_items`) on the users marked ``rec_eval``,
+    next purchases not bought before relevant, ranking the whole catalogue minus earlier purchases."""
     weight = fusion.weight if fusion is not None else 0.0
     als = fusion.als if fusion is not None else None
-    return recommendations_by_weight(model, features, tasks, files, catalogue, k, als, [weight], marked, max_users)[
-        weight
-    ]
+    return recommendations_by_weight(model, features, tasks, files, catalogue, k, als, [weight])[weight]
 
 
 def recommendations_by_weight(
@@ -631,7 +625,9 @@ def recommendations_by_weight(
     marked: bool = True,
     max_users: int | None = None,
 ) -> dict[float, dict[str, float]]:
-    """:func:`evaluate_recommendations` for each ALS weight of ``weights``, in one pass over the files."""
+    """:func:`evaluate_recommendations` for each ALS weight of ``weights``, in one pass over the files;
+    ``marked`` false: every user with a next purchase (as on the valid split), the first ``max_users`` of
+    them in file order where given."""
     from userlens.models.sequential import top_items_by_weight
 
     reader = ShardReader(files, features, tasks, catalogue)
