@@ -290,3 +290,48 @@ def test_dates_to_ingest():
     assert dates_to_ingest(d, {d[0]}, d[1], False) == (d[1], [d[1]])
     assert dates_to_ingest(d, set(d), dt.date(2026, 9, 1), False) == (dt.date(2026, 9, 1), [])
     assert dates_to_ingest(d, set(d), d[1], True) == (d[1], d[:2])
+
+
+def test_duplicates_are_marked_with_and_without_date_folders(spark, day1):
+    """Exact copies, a valid event repeated with other formatting and repeated bad lines, in a source with
+    date folders and in one without (no source_date): every copy but one is a duplicate whatever the input
+    order, and rows outside a group keep their status."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from userlens.privacy import load_key as lk
+    from userlens.sources.raw import classify_events
+
+    key = lk(day1.privacy, {"USERLENS_HMAC_KEY": TEST_KEY})
+    good = ev("d1", "erin-005", f"{D1}T10:00:00Z", "view", item_id="i1", price=1.5)
+    reformatted = good.replace(",", ", ")  # the same event (user, event_id), other formatting
+    bad = ev("d2", None, f"{D1}T10:00:00Z", "view", item_id="i1")
+    lines = [good, good, reformatted, bad, bad, GOOD_D1[0], ev("d3", "erin-005", "nope", "view")]
+    mapping = day1.source.mapping.model_dump()
+    fields = T.StructType([T.StructField(c, T.StringType()) for c in sorted({c for c in mapping.values() if c})])
+    schema = T.StructType([T.StructField("value", T.StringType()), T.StructField("day", T.StringType())])
+
+    def statuses(rows: list[tuple[str, str | None]]) -> dict[str, list[str]]:
+        j = F.from_json("value", fields)
+        raw = spark.createDataFrame(rows, schema).select(  # the raw contract, as read_raw gives it
+            F.col("value").alias("raw"),
+            F.col("day").cast("date").alias("source_date"),
+            F.lit(False).alias("corrupt"),
+            *[(j[c] if c else F.lit(None).cast("string")).alias(f"f_{f}") for f, c in mapping.items()],
+        )
+        out: dict[str, list[str]] = {}
+        for r in classify_events(raw, day1, key).collect():
+            out.setdefault(r.status, []).append(r.reason or r.event_id)
+        return {s: sorted(v) for s, v in out.items()}
+
+    for date in (D1, None):
+        rows = [(line, date) for line in lines]
+        first = statuses(rows)
+        assert first == {
+            "ok": ["d1", "e1"],
+            "duplicate": ["d1", "d1", "missing_user_id"],
+            "quarantined": ["bad_timestamp", "missing_user_id"],
+        }, date
+        assert statuses(rows[::-1]) == first
+    # the same line on two dates: no duplicates of one another
+    assert statuses([(good, D1), (good, D2)]) == {"ok": ["d1", "d1"]}

@@ -257,9 +257,17 @@ _PII_TRIGGER = r"[@0-9:]"
 
 def scrub_pii(text: Column) -> Column:
     """Replace emails, IBANs, card numbers, IPs and phone numbers with typed placeholders."""
-    scrubbed = text
-    for _, pattern, placeholder in PII_PATTERNS:
-        scrubbed = F.regexp_replace(scrubbed, pattern, placeholder)
+
+    def chain(value: Column) -> Column:
+        for _, pattern, placeholder in PII_PATTERNS:
+            value = F.regexp_replace(value, pattern, placeholder)
+        return value
+
+    # The chain runs inside a one-element ``transform``, which Spark evaluates without code generation:
+    # inlined, ten regex replacements per column make the generated method of the whole projection
+    # larger than the 8,000 bytes the JVM's JIT compiles, and the stage then runs interpreted bytecode
+    # (twice as slow at 10^6 events; the regexes themselves cost the same either way).
+    scrubbed = F.element_at(F.transform(F.array(text), chain), 1)
     return F.when(text.rlike(_PII_TRIGGER), scrubbed).otherwise(text)
 
 

@@ -172,11 +172,14 @@ def list_data_files(spark: "SparkSession", path: str) -> list[str]:
 # --------------------------------------------------------------------------
 # transforms
 # --------------------------------------------------------------------------
-def classify_events(raw: DataFrame, settings: Settings, key: PseudonymKey) -> DataFrame:
-    """Typed, validated, pseudonymized, scrubbed events with a ``status`` and ``reason`` per row.
+def classify_rows(raw: DataFrame, settings: Settings, key: PseudonymKey) -> DataFrame:
+    """Typed, validated, pseudonymized, scrubbed events with a ``reason`` per row (null: valid), before
+    duplicates are marked (:func:`mark_duplicates`). A narrow transform: no shuffle.
 
-    ``status`` is ok, quarantined or duplicate; exact duplicates (same raw text)
-    and repeated (user_key, event_id) pairs keep one row, chosen deterministically.
+    Besides the event columns it carries what duplicate marking needs: a 128-bit hash ``dup_h1``/``dup_h2``
+    of what makes two rows copies (a valid event's ``user_key`` and ``event_id``; a quarantined row's raw
+    text) and ``raw_order`` (a hash of the raw text, which decides the copy kept). Only a quarantined row keeps
+    its raw text (the quarantine table stores it, redacted): a valid row's would be carried for nothing.
     """
     ingest: IngestSettings = settings.ingest
     source = settings.source
@@ -220,12 +223,16 @@ def classify_events(raw: DataFrame, settings: Settings, key: PseudonymKey) -> Da
             "bad_quantity",
         )
     )
-    user_key = pseudonymize(F.col("user_id"), key)
-    df = df.withColumn("reason", reason).withColumn("user_key", user_key)
-    # Exact duplicates share the raw text; a valid event repeated with other
-    # formatting shares (user_key, event_id). One window covers both.
-    dup_key = F.when(F.col("reason").isNull(), F.concat_ws("\u0001", "user_key", "event_id")).otherwise(F.col("raw"))
-    rank = F.row_number().over(Window.partitionBy(dup_key, "source_date").orderBy("raw"))
+    df = df.withColumn("reason", reason).withColumn("user_key", pseudonymize(F.col("user_id"), key))
+    # Exact duplicates share the raw text; a valid event repeated with other formatting shares
+    # (user_key, event_id).
+    bad = F.col("reason").isNotNull()
+    df = df.select(
+        F.when(bad, F.col("raw")).alias("raw"),
+        F.xxhash64("raw").alias("raw_order"),
+        _dup_key(bad, F.col("raw")).alias("dup_key"),
+        *[c for c in df.columns if c != "raw"],
+    )
     event_date = F.coalesce(F.col("source_date"), F.to_date("event_time"))
     return df.select(
         "raw",
@@ -242,8 +249,66 @@ def classify_events(raw: DataFrame, settings: Settings, key: PseudonymKey) -> Da
         "quantity",
         scrub_pii(F.col("query")).alias("query"),
         scrub_pii(F.col("text")).alias("text"),
-        F.when(rank > 1, DUPLICATE).when(F.col("reason").isNotNull(), QUARANTINED).otherwise(OK).alias("status"),
+        F.xxhash64("dup_key").alias("dup_h1"),
+        F.xxhash64(F.lit("userlens"), "dup_key").alias("dup_h2"),
+        "raw_order",
     )
+
+
+DUP_COLUMNS = ("dup_h1", "dup_h2", "raw_order")
+
+
+def _dup_key(bad: Column, raw: Column) -> Column:
+    """What makes two rows copies of one another: a valid event's (user_key, event_id), a quarantined
+    row's raw text (kept only for quarantined rows, so after classify_rows ``raw`` can be passed)."""
+    return F.when(~bad, F.concat_ws("\u0001", "user_key", "event_id")).otherwise(raw)
+
+
+def duplicate_keys(rows: DataFrame) -> DataFrame:
+    """(dup_h1, dup_h2, source_date) of the duplicate groups among :func:`classify_rows`' rows: a hash
+    aggregate over three fixed-width columns, so the rows themselves are not shuffled. Duplicates are
+    rare, so this is small; a hash collision only puts a group through :func:`mark_duplicates`' exact
+    check."""
+    keys = ["dup_h1", "dup_h2", "source_date"]
+    return rows.groupBy(*keys).agg(F.count(F.lit(1)).alias("n")).where(F.col("n") > 1).select(*keys)
+
+
+def mark_duplicates(rows: DataFrame, dup_keys: DataFrame | None = None) -> DataFrame:
+    """``status`` per row of :func:`classify_rows`: ``duplicate`` for every copy of an event (or of a
+    quarantined raw text) but the one with the smallest ``raw_order`` in its source date, else
+    ``quarantined`` (with a reason) or ``ok``.
+
+    Only the rows of a duplicate group (``dup_keys``, default :func:`duplicate_keys`) go through the
+    window that ranks the copies; the others keep their order and partitioning: at 10^7 events the
+    window over every row cost more than the rest of ingest together."""
+    groups = (duplicate_keys(rows) if dup_keys is None else dup_keys).select(
+        F.col("dup_h1").alias("g_h1"), F.col("dup_h2").alias("g_h2"), F.col("source_date").alias("g_date")
+    )
+    # null-safe on the date: a source without date folders has none, and its duplicates count too
+    match = (
+        (F.col("dup_h1") == F.col("g_h1"))
+        & (F.col("dup_h2") == F.col("g_h2"))
+        & F.col("source_date").eqNullSafe(F.col("g_date"))
+    )
+    flagged = rows.join(groups.withColumn("in_group", F.lit(True)), match, "left")
+    single = flagged.where(F.col("in_group").isNull()).withColumn("rank", F.lit(1))
+    dup_key = _dup_key(F.col("reason").isNotNull(), F.col("raw"))
+    copies = flagged.where(F.col("in_group")).withColumn(
+        "rank", F.row_number().over(Window.partitionBy(dup_key, "source_date").orderBy("raw_order", "raw"))
+    )
+    status = F.when(F.col("rank") > 1, DUPLICATE).when(F.col("reason").isNotNull(), QUARANTINED).otherwise(OK)
+    columns = [c for c in rows.columns if c not in DUP_COLUMNS]
+    return single.unionByName(copies).select(*columns, status.alias("status"))
+
+
+def classify_events(raw: DataFrame, settings: Settings, key: PseudonymKey) -> DataFrame:
+    """Typed, validated, pseudonymized, scrubbed events with a ``status`` and ``reason`` per row.
+
+    ``status`` is ok, quarantined or duplicate; exact duplicates (same raw text)
+    and repeated (user_key, event_id) pairs keep one row, chosen deterministically.
+    ``raw`` is kept for quarantined rows only.
+    """
+    return mark_duplicates(classify_rows(raw, settings, key))
 
 
 def quarantine_rows(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,6 +30,9 @@ from userlens.sources.raw import (
     QUARANTINED,
     classify_events,
     classify_items,
+    classify_rows,
+    duplicate_keys,
+    mark_duplicates,
     parse_event_time,
     quarantine_rows,
     read_raw,
@@ -179,6 +183,48 @@ class _Events:
     partition_dates: list[dt.date] | None
 
 
+@dataclass(frozen=True)
+class _Classified:
+    """The persisted classified rows and duplicate groups of one run. A valid row's copies are valid rows
+    (the same user_key and event_id) and a quarantined row's are quarantined rows (the same raw text), so
+    the valid and the refused rows are marked apart: each write reads only its own rows."""
+
+    rows: DataFrame
+    groups: DataFrame
+
+    @property
+    def frame(self) -> DataFrame:
+        return mark_duplicates(self.rows, self.groups)
+
+    def valid(self) -> DataFrame:
+        return mark_duplicates(self.rows.where(F.col("reason").isNull()), self.groups)
+
+    def refused(self) -> DataFrame:
+        return mark_duplicates(self.rows.where(F.col("reason").isNotNull()), self.groups)
+
+    def unpersist(self) -> None:
+        self.rows.unpersist()
+        self.groups.unpersist()
+
+
+@contextmanager
+def uncompressed_cache(spark: "SparkSession") -> Iterator[None]:
+    """DataFrames persisted inside are cached without column compression: building the compressed
+    columnar cache of the classified rows cost 20 s of a 140 s ingest at 10^7 events (2 cores), the
+    uncompressed one 4 s; the rows live only for the run. The setting is read when the plan is cached,
+    so it is restored right after."""
+    conf = "spark.sql.inMemoryColumnarStorage.compressed"
+    previous = spark.conf.get(conf, None)
+    spark.conf.set(conf, "false")
+    try:
+        yield
+    finally:
+        if previous is None:
+            spark.conf.unset(conf)
+        else:
+            spark.conf.set(conf, previous)
+
+
 def _read_events(spark: "SparkSession", settings: Settings, skipped: Sequence[str]) -> _Events:
     source = settings.source
     if settings.dataset.adapter:
@@ -229,7 +275,7 @@ def run_ingest(
     source = settings.source
     done = set() if full else _done_dates(tables)
 
-    def classify(skipped: list[str]) -> tuple[_Events, dt.date, list[dt.date], DataFrame | None, dict]:
+    def classify(skipped: list[str]) -> tuple[_Events, dt.date, list[dt.date], _Classified | None, dict]:
         read = _read_events(spark, settings, skipped)
         if read.partition_dates is not None:
             raw_dates, date_of_raw = read.partition_dates, F.col("source_date")
@@ -245,11 +291,16 @@ def run_ingest(
         in_scope = date_of_raw.isin(*todo)
         if read.partition_dates is None:
             in_scope = in_scope | date_of_raw.isNull()  # undated bad rows are re-quarantined, idempotently
-        classified = classify_events(read.raw.where(in_scope), settings, key).persist(StorageLevel.MEMORY_AND_DISK)
+        # The source is parsed and classified once (persisted); duplicate groups are found by a hash
+        # aggregate over the cached rows, and only their rows are ranked (sources.raw.mark_duplicates).
+        with uncompressed_cache(spark):
+            rows = classify_rows(read.raw.where(in_scope), settings, key).persist(StorageLevel.MEMORY_AND_DISK)
+        groups = duplicate_keys(rows).persist(StorageLevel.MEMORY_AND_DISK)
+        classified = _Classified(rows, groups)
         try:
             counts = {
                 (r["status"], r["reason"]): r["n"]
-                for r in classified.groupBy("status", "reason").agg(F.count(F.lit(1)).alias("n")).collect()
+                for r in classified.frame.groupBy("status", "reason").agg(F.count(F.lit(1)).alias("n")).collect()
             }
         except Exception:
             classified.unpersist()
@@ -304,7 +355,7 @@ def run_ingest(
 
         now = dt.datetime.now(dt.timezone.utc)
         # raw is JSON for every format (non-JSON rows are rendered with to_json)
-        quarantine = quarantine_rows(classified, "events", read.roles, key, run.run_id, now)
+        quarantine = quarantine_rows(classified.refused(), "events", read.roles, key, run.run_id, now)
         q_condition = (
             "source = 'events'"
             if full
@@ -322,7 +373,7 @@ def run_ingest(
                 rows_in=rows_in,
                 details={**partial, "quarantined": q_written},
             )
-        events = classified.where(F.col("status") == OK).withColumn("run_id", F.lit(run.run_id))
+        events = classified.valid().where(F.col("status") == OK).withColumn("run_id", F.lit(run.run_id))
         if full:
             written = tables.overwrite("events", events)
         else:
