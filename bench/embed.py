@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
 from userlens.config import load_settings  # noqa: E402
 from userlens.embedding import EncoderSpec, distinct_texts, embed_texts  # noqa: E402
-from userlens.models.encoder import describe_model, load_encoder  # noqa: E402
+from userlens.models.encoder import describe_model, forward_flops, load_encoder  # noqa: E402
 from userlens.privacy import load_key  # noqa: E402
 from userlens.runs import StageRun  # noqa: E402
 from userlens.sample import SampleSpec, generate_sample  # noqa: E402
@@ -70,14 +70,6 @@ def matmul_peak(seconds: float = 3.0) -> float:
         t, _ = timed(lambda: torch.mm(a, b))
         best = max(best, 2 * n**3 / t)
     return best
-
-
-def model_flops(token_lengths: list[int], layers: int, hidden: int, ffn: int) -> float:
-    """Forward FLOPs of a BERT encoder over unpadded sequences (matmuls only: projections, FFN, attention)."""
-    total = 0.0
-    for s in token_lengths:
-        total += layers * (2 * s * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * s * s * hidden)
-    return total
 
 
 def int8_comparison(texts: list[str], repeat: int) -> None:
@@ -166,7 +158,7 @@ def main() -> None:
         lengths = [len(ids) for ids in encoder.tokenize(distinct)]
         all_lengths = [len(ids) for ids in encoder.tokenize(texts)]
         cfg = encoder.model.config
-        flops_distinct = model_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
+        flops_distinct = forward_flops(lengths, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size)
         print(
             f"{len(texts):,d} user texts ({len(distinct):,d} distinct), tokens per text: mean "
             f"{np.mean(all_lengths):.0f}, min {min(all_lengths)}, max {max(all_lengths)}; {cores} cores; "

@@ -173,19 +173,33 @@ def test_item_texts_join_non_blank_fields(spark):
     assert got == {"i1": "Trail Runner X. outdoor. Peak. A light trail shoe.", "i2": "Deep Work. books", "i3": ""}
 
 
-def test_gpu_design_tokenize_then_forward_equals_fused(spark):
-    # the GPU path's two steps (token ids in a CPU stage, forward pass alone), run here on CPU
-    from userlens.embedding import EncoderSpec, embed_texts, embed_token_ids, tokenize_texts
+def test_embedding_step_reports_tokens_padding_and_busy_time(spark):
+    """The Spark step (prefetching tokenizer thread, length-sorted micro-batches) gives the vectors of a plain
+    encode, and its accumulator sums every task's tokens, padding and seconds."""
+    from userlens.embedding import EncoderSpec, _StatsParam, embed_texts
+    from userlens.models.encoder import EncodeStats, load_encoder
 
-    rows = [(hashlib.sha256(t.encode()).hexdigest(), t) for t in {TEXTS["u1"], TEXTS["u2"], TEXTS["u6"]}]
-    texts = spark.createDataFrame(rows, "text_hash string, text string")
-    spec = EncoderSpec("builtin:minilm", device="cpu")
-    tokens = tokenize_texts(texts, spec.model)
-    assert max(len(r["token_ids"]) for r in tokens.collect()) == 256
-    two_step = {r[0]: np.array(r[1]) for r in embed_token_ids(tokens.repartition(2), spec).collect()}
-    fused = {r[0]: np.array(r[1]) for r in embed_texts(texts, spec).collect()}
-    assert two_step.keys() == fused.keys() and len(fused) == 3
-    assert all(float(two_step[h] @ fused[h]) >= 0.99999 for h in fused)
+    corpus = [TEXTS["u1"], TEXTS["u2"], TEXTS["u6"], "a short one", "another short text about tents"] * 3
+    rows = [(hashlib.sha256(f"{i}{t}".encode()).hexdigest(), t) for i, t in enumerate(corpus)]
+    texts = spark.createDataFrame(rows, "text_hash string, text string").repartition(2)
+    spec = EncoderSpec("builtin:minilm", device="cpu", max_batch_tokens=1024)
+    stats = spark.sparkContext.accumulator(EncodeStats(), _StatsParam())
+    previous = spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "4")  # several batches in flight per task
+    try:
+        got = {r[0]: np.array(r[1]) for r in embed_texts(texts, spec, prefetch=2, stats=stats).collect()}
+    finally:
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", previous)
+    encoder = load_encoder("builtin:minilm", device="cpu")
+    plain = encoder.encode([t for _, t in rows])
+    assert all(float(got[h] @ plain[i]) >= 0.99999 for i, (h, _) in enumerate(rows))
+    total = stats.value
+    lengths = [len(ids) for ids in encoder.tokenize([t for _, t in rows])]
+    assert (total.texts, total.tokens) == (len(rows), sum(lengths))
+    assert sum(lengths) <= total.padded_tokens and total.padding_waste == 1 - sum(lengths) / total.padded_tokens
+    assert 0 < total.model_seconds <= total.wall_seconds and 0 < total.busy <= 1
+    summary = total.summary()
+    assert summary["tokens_per_s"] > 0 and summary["padding_waste"] == round(total.padding_waste, 4)
 
 
 # -- GPU configuration, checked without a GPU -------------------------------

@@ -62,6 +62,38 @@ def test_tokens_truncated_and_batches_keep_order(minilm):
     assert minilm.encode_ids([]).shape == (0, 384)
 
 
+def test_encode_stream_keeps_order_and_keys_and_counts_padding(minilm):
+    batches = [(f"b{i}", TEXTS[i : i + 3]) for i in range(0, len(TEXTS), 3)]
+    stats = enc.EncodeStats()
+    out = list(minilm.encode_stream(iter(batches), prefetch=1, stats=stats))
+    assert [key for key, _ in out] == [key for key, _ in batches]
+    for (_, texts), (_, vectors) in zip(batches, out):
+        assert np.allclose(vectors, minilm.encode(list(texts)), atol=1e-5)
+    lengths = [len(ids) for ids in minilm.tokenize(TEXTS)]
+    assert (stats.texts, stats.tokens) == (len(TEXTS), sum(lengths))
+    # each forward pass is as wide as its longest text: what exceeds the real tokens is padding
+    assert stats.padded_tokens >= sum(lengths) and stats.batches >= len(batches)
+    assert 0 < stats.model_seconds <= stats.wall_seconds
+
+
+def test_encode_stream_raises_what_the_input_or_the_tokenizer_hit(minilm):
+    def broken_input():
+        yield "ok", ["fine"]
+        raise OSError("the Arrow stream broke")
+
+    with pytest.raises(OSError, match="Arrow stream broke"):
+        list(minilm.encode_stream(broken_input(), prefetch=2))
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise ValueError("not a text")
+
+    stream = minilm.encode_stream(iter([("a", ["fine"]), ("b", [Unprintable()])]), prefetch=1, threads=2)
+    assert next(stream)[0] == "a"
+    with pytest.raises(ValueError, match="not a text"):  # raised in a tokenizer thread, re-raised here
+        next(stream)
+
+
 def test_token_batches_respect_the_budget():
     lengths = np.array([300, 256, 128, 128, 64, 10, 3])
     batches = enc._token_batches(lengths, 512)

@@ -331,9 +331,14 @@ class EmbedSettings(_Strict):
         description="rows per Arrow batch handed to a Python worker (spark.sql.execution.arrow.maxRecordsPerBatch)",
     )
     gpu_partitions: int | None = Field(
-        None, ge=1, description="GPU only: tasks of the forward-pass stage (null: spark.default.parallelism)"
+        None, ge=1, description="GPU only: tasks of the embedding stage (null: spark.default.parallelism)"
     )
-    gpu_task_cpus: int = Field(1, ge=1, description="GPU only: CPU cores each forward-pass task holds besides its GPU")
+    gpu_task_cpus: int = Field(
+        1, ge=1, description="GPU only: CPU cores each embedding task holds besides its GPU: its tokenizer threads"
+    )
+    prefetch_batches: int = Field(
+        4, ge=1, description="Arrow batches a task tokenizes and pads ahead of the model (a background thread)"
+    )
     items: bool = Field(True, description="embed the item catalog too")
     item_text_fields: list[Literal["title", "category", "brand", "description"]] = Field(
         ["title", "category", "brand", "description"], description="item fields in an item's text"

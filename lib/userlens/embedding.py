@@ -11,16 +11,26 @@ The encoder is loaded once per Python worker
 (:func:`userlens.models.encoder.cached_encoder`) and Spark reuses the worker
 across tasks; nothing is loaded on the driver, and embeddings never reach it.
 
-CPU: tokenizing and the forward pass are fused in one ``mapInArrow`` (a second
-Arrow round trip would only add cost on the same cores).
-GPU (``embed.device=cuda``): tokenizing runs in a CPU stage over all cores and
-emits token-id arrays; a shuffle then feeds a forward-pass-only stage that runs
-under a stage-level ``ResourceProfile`` asking for one GPU per task, so CPU
-stages never hold a GPU and the GPU never waits for the tokenizer.
+One ``mapInArrow`` step per task tokenizes and runs the model, on CPU and on GPU:
+a pool of tokenizer threads (``embed.gpu_task_cpus`` on a GPU, one on CPU)
+tokenizes and pads (pins, on a GPU) the next ``embed.prefetch_batches`` Arrow
+batches while the model runs on the current one,
+so the device waits for the tokenizer only when the tokenizer is the slower of
+the two (Hugging Face's fast tokenizers release the GIL). Within an Arrow batch
+the texts are sorted by length and cut into token-budgeted micro-batches, so
+padding is a few percent of the tokens. On GPU (``embed.device=cuda``) the step
+runs under a stage-level ``ResourceProfile`` (one GPU and
+``embed.gpu_task_cpus`` cores per task), so no CPU stage holds a GPU. (An
+earlier design tokenized in a CPU stage of its own and shuffled the token ids to
+a forward-pass stage: the stage boundary left the GPU idle while every text was
+tokenized.) Each task's :class:`userlens.models.encoder.EncodeStats` (tokens,
+padding, seconds in the model) are summed by an accumulator into the run's
+``pipeline_runs.details``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -28,17 +38,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyspark import StorageLevel
+from pyspark.accumulators import AccumulatorParam
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from userlens.config import EmbedSettings, Settings
 from userlens.errors import ConfigError, require_columns
-from userlens.models.encoder import GPU_KEY, Encoder, cached_encoder, describe_model
+from userlens.models.encoder import GPU_KEY, Encoder, EncodeStats, cached_encoder, describe_model
 from userlens.tables import VECTOR
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    from pyspark.accumulators import Accumulator
     from pyspark.resource import ResourceProfile
     from pyspark.sql import SparkSession
 
@@ -53,14 +65,6 @@ ARROW_BATCH_KEY = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 # the table's vector type: float elements, never null (a cast cannot add that guarantee later)
 VECTORS_SCHEMA = T.StructType([T.StructField("text_hash", T.StringType()), T.StructField("embedding", VECTOR)])
-
-
-TOKENS_SCHEMA = T.StructType(
-    [
-        T.StructField("text_hash", T.StringType()),
-        T.StructField("token_ids", T.ArrayType(T.IntegerType(), containsNull=False)),
-    ]
-)
 
 
 # distinct texts per partition of the embedding step, past the cores of the cluster
@@ -106,55 +110,33 @@ def _vectors_batch(text_hash: "pa.Array", vectors: "object") -> "pa.RecordBatch"
     return pa.RecordBatch.from_arrays([text_hash, embedding], names=["text_hash", "embedding"])
 
 
-def _encode_texts_fn(spec: EncoderSpec) -> Callable[[Iterable["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]:
+def _encode_texts_fn(
+    spec: EncoderSpec, prefetch: int, threads: int, stats: "Accumulator[EncodeStats] | None" = None
+) -> Callable[[Iterable["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]:
     def encode_partition(batches: Iterable["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
-        encoder = None
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            if encoder is None:  # loaded lazily: an empty partition loads nothing
-                encoder = spec.load()
-            texts = batch.column("text").to_pylist()
-            yield _vectors_batch(batch.column("text_hash"), encoder.encode(texts))
+        texts = ((b.column("text_hash"), b.column("text").to_pylist()) for b in batches if b.num_rows)
+        first = next(texts, None)
+        if first is None:  # an empty partition loads no model
+            return
+        encoder = spec.load()
+        counted = EncodeStats()
+        stream = itertools.chain([first], texts)
+        for text_hash, vectors in encoder.encode_stream(stream, prefetch=prefetch, threads=threads, stats=counted):
+            yield _vectors_batch(text_hash, vectors)
+        if stats is not None:
+            stats.add(counted)
 
     return encode_partition
 
 
-def _tokenize_fn(model: str) -> Callable[[Iterable["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]:
-    def tokenize_partition(batches: Iterable["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
-        import numpy as np
-        import pyarrow as pa
+class _StatsParam(AccumulatorParam):
+    """Sums the :class:`EncodeStats` of the tasks (a Spark accumulator: read on the driver)."""
 
-        from userlens.models.encoder import cached_tokenizer
+    def zero(self, value: EncodeStats) -> EncodeStats:
+        return EncodeStats()
 
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            ids = cached_tokenizer(model).tokenize(batch.column("text").to_pylist())
-            offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-            np.cumsum([len(row) for row in ids], out=offsets[1:])
-            values = np.fromiter((t for row in ids for t in row), dtype=np.int32, count=int(offsets[-1]))
-            token_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-            yield pa.RecordBatch.from_arrays([batch.column("text_hash"), token_ids], names=["text_hash", "token_ids"])
-
-    return tokenize_partition
-
-
-def _encode_ids_fn(spec: EncoderSpec) -> Callable[[Iterable["pa.RecordBatch"]], Iterator["pa.RecordBatch"]]:
-    def encode_partition(batches: Iterable["pa.RecordBatch"]) -> Iterator["pa.RecordBatch"]:
-        encoder = None
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            if encoder is None:
-                encoder = spec.load()
-            column = batch.column("token_ids")
-            offsets = column.offsets.to_numpy()
-            values = column.values.to_numpy()
-            ids = [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
-            yield _vectors_batch(batch.column("text_hash"), encoder.encode_ids(ids))
-
-    return encode_partition
+    def addInPlace(self, value1: EncodeStats, value2: EncodeStats) -> EncodeStats:  # noqa: N802 - pyspark's name
+        return value1.add(value2)
 
 
 # --------------------------------------------------------------------------
@@ -184,22 +166,22 @@ def distinct_texts(rows: DataFrame, partitions: int) -> DataFrame:
     return rows.groupBy("text_hash").agg(F.first("text").alias("text")).repartition(partitions, "text_hash")
 
 
-def embed_texts(texts: DataFrame, spec: EncoderSpec) -> DataFrame:
-    """(text_hash, text) -> (text_hash, embedding): tokenize and forward pass in one Python step (CPU)."""
+def embed_texts(
+    texts: DataFrame,
+    spec: EncoderSpec,
+    profile: "ResourceProfile | None" = None,
+    prefetch: int = 4,
+    stats: "Accumulator[EncodeStats] | None" = None,
+    threads: int = 1,
+) -> DataFrame:
+    """(text_hash, text) -> (text_hash, embedding). One Python step per task: ``threads`` tokenizer threads
+    tokenize and pad the next ``prefetch`` Arrow batches while the model runs on the current one
+    (:meth:`userlens.models.encoder.Encoder.encode_stream`); ``profile`` (GPU) is the stage's resource
+    profile; ``stats`` sums what every task's encoder did."""
     require_columns(texts, ("text_hash", "text"), "embed_texts")
-    return texts.select("text_hash", "text").mapInArrow(_encode_texts_fn(spec), VECTORS_SCHEMA)
-
-
-def tokenize_texts(texts: DataFrame, model: str) -> DataFrame:
-    """(text_hash, text) -> (text_hash, token_ids array<int>), truncated to the model's length."""
-    require_columns(texts, ("text_hash", "text"), "tokenize_texts")
-    return texts.select("text_hash", "text").mapInArrow(_tokenize_fn(model), TOKENS_SCHEMA)
-
-
-def embed_token_ids(tokens: DataFrame, spec: EncoderSpec, profile: "ResourceProfile | None" = None) -> DataFrame:
-    """(text_hash, token_ids) -> (text_hash, embedding): the forward pass only, under ``profile``."""
-    require_columns(tokens, ("text_hash", "token_ids"), "embed_token_ids")
-    return tokens.select("text_hash", "token_ids").mapInArrow(_encode_ids_fn(spec), VECTORS_SCHEMA, profile=profile)
+    return texts.select("text_hash", "text").mapInArrow(
+        _encode_texts_fn(spec, prefetch, threads, stats), VECTORS_SCHEMA, profile=profile
+    )
 
 
 # --------------------------------------------------------------------------
@@ -244,7 +226,7 @@ def spark_conf(spark: "SparkSession") -> tuple[str, dict[str, str]]:
 
 
 class Embedder:
-    """The embedding step for one run: CPU fused, or tokenize (CPU) -> forward pass (GPU profile)."""
+    """The embedding step for one run (:func:`embed_texts`; on GPU under the stage's resource profile)."""
 
     def __init__(self, spark: "SparkSession", settings: Settings) -> None:
         self.spark = spark
@@ -252,6 +234,8 @@ class Embedder:
         self.spec = EncoderSpec.from_settings(settings.embed)
         self.profile: ResourceProfile | None = None
         self.gpu = settings.embed.device == "cuda"
+        # what the encoders of this run did, summed over the tasks (EncodeStats.summary: pipeline_runs.details)
+        self.stats = spark.sparkContext.accumulator(EncodeStats(), _StatsParam())
         if self.gpu:
             master, conf = spark_conf(spark)
             gpus = check_gpu_conf(conf, master)
@@ -259,17 +243,14 @@ class Embedder:
                 self.profile = gpu_profile(gpus, settings.embed.gpu_task_cpus)
 
     def partitions(self, n_texts: int) -> int:
+        if self.gpu and self.embed.gpu_partitions:
+            return self.embed.gpu_partitions
         return max(self.spark.sparkContext.defaultParallelism, math.ceil(n_texts / TEXTS_PER_PARTITION))
 
     def __call__(self, texts: DataFrame) -> DataFrame:
-        if not self.gpu:
-            return embed_texts(texts, self.spec)
-        tokens = tokenize_texts(texts, self.spec.model)
-        if self.embed.gpu_partitions:
-            tokens = tokens.repartition(self.embed.gpu_partitions)
-        else:  # a stage boundary: tokenizing keeps every core, the forward pass only GPU slots
-            tokens = tokens.repartition(self.spark.sparkContext.defaultParallelism)
-        return embed_token_ids(tokens, self.spec, self.profile)
+        # on a GPU the task's cores tokenize (its model runs on the GPU); on CPU torch has the cores
+        threads = self.embed.gpu_task_cpus if self.gpu else 1
+        return embed_texts(texts, self.spec, self.profile, self.embed.prefetch_batches, self.stats, threads)
 
 
 @dataclass

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from userlens.config import Settings
@@ -116,3 +118,20 @@ def _build_local(settings: Settings) -> "SparkSession":
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(settings.spark.log_level)
     return spark
+
+
+@contextmanager
+def runtime_conf(spark: "SparkSession", values: Mapping[str, str]) -> Iterator[None]:
+    """Set runtime SQL confs for the jobs (and the plans cached) inside; the previous values come back after,
+    so a stage's tuning never leaks into the next stage or a caller's session."""
+    previous: dict[str, str | None] = {key: spark.conf.get(key, None) for key in values}
+    for key, value in values.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, old in previous.items():
+            if old is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, old)

@@ -20,10 +20,10 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence, TypeVar, cast, overload
@@ -391,49 +391,46 @@ class Encoder:
         return self.encode_ids(self.tokenize(texts), stats)
 
     def encode_stream(
-        self, batches: Iterable[tuple[K, Sequence[str]]], prefetch: int = 4, stats: EncodeStats | None = None
+        self,
+        batches: Iterable[tuple[K, Sequence[str]]],
+        prefetch: int = 4,
+        threads: int = 1,
+        stats: EncodeStats | None = None,
     ) -> Iterator[tuple[K, np.ndarray]]:
-        """(key, embeddings) per (key, texts) batch, in order, with the tokenizing and padding of the next
-        ``prefetch`` batches done by a background thread while the model runs: the device never waits for
-        the tokenizer unless the tokenizer is slower than the model. (Hugging Face's fast tokenizers release
-        the GIL, so the thread runs beside the forward passes; on a GPU the padded batches are pinned and
-        copied asynchronously.) ``stats`` (optional) gathers :class:`EncodeStats`."""
+        """(key, embeddings) per (key, texts) batch, in order, with the next ``prefetch`` batches tokenized
+        and padded by a pool of ``threads`` while the model runs on the current one: the device waits for
+        the tokenizer only when the tokenizer is slower than the model (Hugging Face's fast tokenizers
+        release the GIL, so the pool runs beside the forward passes; on a GPU the padded batches are
+        pinned and copied asynchronously). ``stats`` (optional) gathers :class:`EncodeStats`."""
         stats = stats if stats is not None else EncodeStats()
         started = time.perf_counter()
-        ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        stop = threading.Event()
-        done = object()
+        source = iter(batches)
 
-        def produce() -> None:
-            try:
-                for key, texts in batches:
-                    if stop.is_set():
+        def prepare(texts: Sequence[str]) -> _Prepared:
+            return self._prepare(self.tokenize(texts))
+
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="userlens-tokenizer") as pool:
+            pending: deque[tuple[K, Future[_Prepared]]] = deque()
+
+            def top_up() -> None:
+                while len(pending) < max(1, prefetch):
+                    item = next(source, None)
+                    if item is None:
                         return
-                    ready.put((key, self._prepare(self.tokenize(texts))))
-                ready.put(done)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-                ready.put(exc)
+                    pending.append((item[0], pool.submit(prepare, item[1])))
 
-        producer = threading.Thread(target=produce, name="userlens-tokenizer", daemon=True)
-        producer.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                key, prepared = item
-                vectors = self._run(prepared, stats)
-                stats.wall_seconds = time.perf_counter() - started
-                yield key, vectors
-        finally:
-            stop.set()
-            while producer.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    ready.get_nowait()
-                except queue.Empty:
-                    producer.join(0.05)
+            try:
+                top_up()
+                while pending:
+                    key, future = pending.popleft()
+                    prepared = future.result()  # re-raises what the tokenizer hit
+                    top_up()
+                    vectors = self._run(prepared, stats)
+                    stats.wall_seconds = time.perf_counter() - started
+                    yield key, vectors
+            finally:
+                for _, future in pending:
+                    future.cancel()
         stats.wall_seconds = time.perf_counter() - started
 
     def _prepare(self, ids_list: Sequence[Sequence[int]]) -> "_Prepared":
@@ -510,6 +507,15 @@ class Encoder:
         if self.info.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy()
+
+
+def forward_flops(token_lengths: Iterable[int], layers: int, hidden: int, ffn: int) -> float:
+    """Forward FLOPs of a BERT encoder over unpadded sequences (the matmuls: Q/K/V/output projections, the
+    feed-forward pair, and attention's two s x s products), the count MFU figures are quoted in."""
+    total = 0.0
+    for s in token_lengths:
+        total += layers * (2 * s * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * s * s * hidden)
+    return total
 
 
 @dataclass(frozen=True)

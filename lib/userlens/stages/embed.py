@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pyspark import StorageLevel
@@ -66,6 +66,7 @@ class EmbedResult:
     users: EmbedCounts
     items: EmbedCounts
     device: str = "auto"
+    encoder: dict[str, float] = field(default_factory=dict)  # EncodeStats.summary() of the run's model steps
 
     def run_record(self) -> RunRecord:
         users, items = self.users, self.items
@@ -84,6 +85,7 @@ class EmbedResult:
                 "item_texts_embedded": items.texts_embedded,
                 "items_unchanged": items.unchanged,
                 "items_empty": items.empty,
+                **({"encoder": self.encoder} if self.encoder else {}),
             },
         )
 
@@ -176,4 +178,15 @@ def run_embed(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         items.unchanged,
         items.empty,
     )
-    return EmbedResult(as_of, model_id, users, items, settings.embed.device)
+    encoder = embedder.stats.value.summary() if embedder.stats.value.texts else {}
+    if encoder:
+        log.info(
+            "embed: %d texts, %.0f texts/s, %.0f tokens/s; padding %.1f%% of the tokens computed; the device "
+            "busy %.0f%% of the model steps' wall time",
+            encoder["texts"],
+            encoder["texts_per_s"],
+            encoder["tokens_per_s"],
+            100 * encoder["padding_waste"],
+            100 * encoder["device_busy"],
+        )
+    return EmbedResult(as_of, model_id, users, items, settings.embed.device, encoder)

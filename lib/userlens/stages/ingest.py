@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +36,7 @@ from userlens.sources.raw import (
     quarantine_rows,
     read_raw,
 )
+from userlens.spark import runtime_conf
 from userlens.tables import Tables, same_rows
 
 if TYPE_CHECKING:
@@ -207,24 +207,6 @@ class _Classified:
         self.groups.unpersist()
 
 
-@contextmanager
-def uncompressed_cache(spark: "SparkSession") -> Iterator[None]:
-    """DataFrames persisted inside are cached without column compression: building the compressed
-    columnar cache of the classified rows cost 20 s of a 140 s ingest at 10^7 events (2 cores), the
-    uncompressed one 4 s; the rows live only for the run. The setting is read when the plan is cached,
-    so it is restored right after."""
-    conf = "spark.sql.inMemoryColumnarStorage.compressed"
-    previous = spark.conf.get(conf, None)
-    spark.conf.set(conf, "false")
-    try:
-        yield
-    finally:
-        if previous is None:
-            spark.conf.unset(conf)
-        else:
-            spark.conf.set(conf, previous)
-
-
 def _read_events(spark: "SparkSession", settings: Settings, skipped: Sequence[str]) -> _Events:
     source = settings.source
     if settings.dataset.adapter:
@@ -293,7 +275,10 @@ def run_ingest(
             in_scope = in_scope | date_of_raw.isNull()  # undated bad rows are re-quarantined, idempotently
         # The source is parsed and classified once (persisted); duplicate groups are found by a hash
         # aggregate over the cached rows, and only their rows are ranked (sources.raw.mark_duplicates).
-        with uncompressed_cache(spark):
+        # Cached without column compression: building the compressed columnar cache of these rows cost
+        # 20 s of a 140 s ingest at 10^7 events on 2 cores, the uncompressed one 4 s (bench/ingest.py); the
+        # rows live only for the run. The setting is read when the plan is cached.
+        with runtime_conf(spark, {"spark.sql.inMemoryColumnarStorage.compressed": "false"}):
             rows = classify_rows(read.raw.where(in_scope), settings, key).persist(StorageLevel.MEMORY_AND_DISK)
         groups = duplicate_keys(rows).persist(StorageLevel.MEMORY_AND_DISK)
         classified = _Classified(rows, groups)
