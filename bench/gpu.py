@@ -97,6 +97,8 @@ def bert_base_mfu(device: str, dtype, peak: float, batch: int, seconds: float) -
     from transformers import BertConfig, BertModel
 
     config = BertConfig()  # bert-base-uncased: 12 layers, 768 wide, 12 heads, 3072 feed-forward
+    if not device.startswith("cuda") and batch <= 2:  # --quick on CPU: the code path, not the figure
+        config.num_hidden_layers = 2
     model = BertModel(config, add_pooling_layer=False).to(device=device, dtype=dtype).eval()
     ids = torch.randint(1000, config.vocab_size, (batch, 256), device=device)
     mask = torch.ones_like(ids)

@@ -46,7 +46,16 @@ def test_help_lists_every_command():
 
     out = subprocess.run([sys.executable, "-m", "userlens.cli", "--help"], capture_output=True, text=True, check=True)
     listed = re.findall(r"^    ([a-z-]+)(?:  |$)", out.stdout, re.MULTILINE)  # a line per command under COMMAND
-    expected = {"sample", "check-source", "nightly", "demo", "evaluate", *(s.command for s in STAGES)}
+    expected = {
+        "sample",
+        "check-source",
+        "nightly",
+        "demo",
+        "evaluate",
+        "status",
+        "pseudonymize",
+        *(s.command for s in STAGES),
+    }
     assert set(listed) == expected and len(listed) == len(expected)
     for command in sorted(expected):  # each is a command with its own help, description and example
         done = subprocess.run([sys.executable, "-m", "userlens.cli", command, "--help"], capture_output=True, text=True)
@@ -59,3 +68,32 @@ def test_bad_date_option_exits_2():
         [sys.executable, "-m", "userlens.cli", "ingest", "--date", "2026-13-01"], capture_output=True, text=True
     )
     assert out.returncode == 2 and "expected a date YYYY-MM-DD" in out.stderr
+
+
+def test_pseudonymize_writes_the_keys_ingest_would_and_prints_neither_ids_nor_keys(
+    spark, tmp_path, capsys, monkeypatch
+):
+    import hashlib
+    import hmac
+
+    from conftest import TEST_KEY
+
+    ids = ["crm-0001", "  crm-0002 ", "", "crm-0003"]
+    source = tmp_path / "crm.csv"
+    source.write_text("customer_id,segment\n" + "".join(f"{i},s{n}\n" for n, i in enumerate(ids)), encoding="utf-8")
+    out = tmp_path / "keys.parquet"
+    monkeypatch.setenv("USERLENS_HMAC_KEY", TEST_KEY)
+    code = main(["pseudonymize", "--in", str(source), "--column", "customer_id", "--out", str(out)])
+    bad = main(["pseudonymize", "--in", str(source), "--column", "customerid", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0 and bad != 0
+    rows = {r["segment"]: r["user_key"] for r in spark.read.parquet(str(out)).collect()}
+    expected = {
+        f"s{n}": hmac.new(TEST_KEY.encode(), i.strip().encode(), hashlib.sha256).hexdigest() if i.strip() else None
+        for n, i in enumerate(ids)
+    }
+    assert rows == expected
+    for secret in [*[i.strip() for i in ids if i.strip()], *[k for k in expected.values() if k]]:
+        assert secret not in printed.out and secret not in printed.err
+    assert "4 rows, 3 with a user_key" in printed.out
+    assert "--column: " in printed.err and "customer_id" in printed.err  # the columns that are there

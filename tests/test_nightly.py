@@ -205,11 +205,16 @@ def test_next_day_with_one_percent_active_reembeds_and_rescores_only_them(spark,
 
 
 def test_a_table_from_an_older_userlens_gains_the_new_columns(spark, tmp_path):
-    """user_scores written before recommended_items existed: the column is added, rows are kept."""
+    """user_scores written before recommended_items and the column comments existed: the column is added with
+    its comment, every column gets its comment, rows are kept."""
+    from pyspark.sql import types as T
+
     settings = make_settings(tmp_path)
     location = Tables(spark, settings.storage).location("user_scores")
     old = TABLES["user_scores"].schema
-    old_schema = type(old)([f for f in old.fields if f.name != "recommended_items"])
+    old_schema = T.StructType(
+        [T.StructField(f.name, f.dataType, f.nullable) for f in old if f.name != "recommended_items"]
+    )
     row = {
         "user_key": "u1",
         "as_of_date": LAST,
@@ -226,6 +231,36 @@ def test_a_table_from_an_older_userlens_gains_the_new_columns(spark, tmp_path):
     upgraded = tables.read("user_scores")
     assert upgraded.columns == [f.name for f in old.fields]
     assert upgraded.count() == 1 and upgraded.first()["recommended_items"] is None
+    stored = spark.read.format("delta").load(location).schema
+    assert {f.name: f.metadata.get("comment") for f in stored} == {f.name: f.metadata["comment"] for f in old}
+
+
+def test_every_column_of_every_table_has_its_comment_and_profiles_name_their_models(spark, night):
+    """After a nightly (tables created, merged, overwritten, replaced by date), each column still carries the
+    Delta comment the table contract declares; each profile names its encoder and, in a published segment, its
+    segment model."""
+    from pyspark.sql import functions as F
+
+    _, settings, _ = night
+    tables = Tables(spark, settings.storage)
+    checked = 0
+    for name, spec in TABLES.items():
+        if not tables.exists(name):
+            continue
+        stored = spark.read.format("delta").load(tables.location(name)).schema
+        assert {f.name: f.metadata.get("comment") for f in stored} == {
+            f.name: f.metadata["comment"] for f in spec.schema
+        }, name
+        checked += 1
+    assert checked >= 10
+    profiles = tables.read("user_profiles")
+    model_id = tables.read("user_embeddings").select("model_id").distinct().collect()
+    assert [r[0] for r in profiles.select("embedding_model_id").distinct().collect()] == [model_id[0][0]]
+    segment_version = tables.read("segments").select("model_version").distinct().collect()[0][0]
+    in_segment = profiles.where(F.col("segment_id").isNotNull())
+    assert in_segment.count() > 0
+    assert in_segment.where(F.col("segment_model_version") != segment_version).count() == 0
+    assert profiles.where(F.col("segment_id").isNull() & F.col("segment_model_version").isNotNull()).count() == 0
 
 
 def test_a_second_nightly_while_one_holds_the_lock_fails_in_one_line_and_changes_nothing(spark, night):
@@ -320,3 +355,41 @@ def test_score_without_a_model_names_the_command(spark, tmp_path):
     settings = make_settings(tmp_path)
     with pytest.raises(UserlensError, match=r"^no model in .*: run `userlens train` first$"):
         run_score(spark, settings, StageRun("score", "r"))
+
+
+def test_status_reads_the_warehouse_from_the_delta_logs_without_spark(spark, night, monkeypatch, capsys):
+    """`userlens status --json` on the nightly's warehouse: every table's rows and version as Spark sees them,
+    the last run of each stage, the published model; no Spark session is asked for."""
+    import json as json_module
+
+    import userlens.spark
+    from userlens import cli
+    from userlens.artifacts import ModelStore
+
+    root, settings, _ = night
+
+    def no_spark(*args, **kwargs):
+        raise AssertionError("userlens status must not start Spark")
+
+    monkeypatch.setattr(userlens.spark, "get_spark", no_spark)
+    monkeypatch.chdir(root)  # make_settings' paths are absolute; the default conf's would be relative
+    overrides = [f"storage.warehouse={settings.storage.warehouse}", f"storage.models={settings.storage.models}"]
+    assert cli.main(["status", "--json", *sum((["--set", o] for o in overrides), [])]) == 0
+    status = json_module.loads(capsys.readouterr().out)
+    tables = Tables(spark, settings.storage)
+    shown = {t["name"]: t for t in status["tables"]}
+    for name in ("events", "user_texts", "user_embeddings", "user_scores", "user_profiles", "pipeline_runs"):
+        assert shown[name]["rows"] == tables.read(name).count(), name
+        assert shown[name]["version"] == tables.version(name), name
+    runs = {r["stage"]: r for r in status["runs"]}
+    assert {"ingest", "textualize", "embed", "train", "score", "profile"} <= set(runs)
+    assert all(r["status"] == "succeeded" for r in runs.values())
+    assert status["model"]["version"] == ModelStore.of(settings).latest()
+    held = tables.read("run_locks").where("expires_at > current_timestamp()").select("name").collect()
+    if held:  # the lock tests of this module leave theirs behind
+        assert status["lock"]["name"] in {r[0] for r in held}
+    else:
+        assert status["lock"] is None
+    assert cli.main(["status", *sum((["--set", o] for o in overrides), [])]) == 0
+    text = capsys.readouterr().out
+    assert "user_profiles" in text and f"model: {status['model']['version']}" in text

@@ -123,6 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--users", type=int, help="number of sample users (default: sample.users)")
 
+    pseudo = sub.add_parser(
+        "pseudonymize",
+        parents=[common],
+        help="your ids -> their user_key (the warehouse's key), written to a file; nothing printed but counts",
+        description="Read a file of raw user ids (a CRM export) and write it back with a user_key column, computed "
+        "with the warehouse's key exactly as ingest does, so that user_profiles can be joined to your ids. Neither "
+        "the ids nor the keys are printed. docs/profiles.md.",
+        epilog="example: userlens pseudonymize --in crm.csv --column customer_id --out crm_keys.parquet",
+    )
+    pseudo.add_argument("--in", dest="source", required=True, metavar="FILE", help="CSV (with a header) or Parquet")
+    pseudo.add_argument("--column", required=True, help="the column holding the raw user ids")
+    pseudo.add_argument("--out", required=True, metavar="PATH", help="output: .csv, else Parquet")
+
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="tables (rows, Delta versions), the last run of each stage, the model, the lock; no Spark job",
+        description="What the warehouse holds, read from the Delta logs (no Spark): every table's version, "
+        "rows and files, the last run of each stage, the published model and its headline metrics, the run lock.",
+        epilog="example: userlens status --conf conf/cluster.yaml --json",
+    )
+    status.add_argument("--json", action="store_true", help="one JSON document instead of the tables")
+
     evaluate = sub.add_parser(
         "evaluate",
         parents=[common],
@@ -367,8 +390,47 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_pseudonymize(args: argparse.Namespace, settings: Settings) -> int:
+    from pyspark.sql import functions as F
+
+    from userlens.errors import MissingColumnsError
+    from userlens.privacy import pseudonymize
+
+    require_local_path(args.source, "--in")
+    key = _key(settings)
+    spark = _spark(settings)
+    csv = args.source.lower().endswith((".csv", ".csv.gz"))
+    ids = spark.read.option("header", "true").csv(args.source) if csv else spark.read.parquet(args.source)
+    if args.column not in ids.columns:
+        raise MissingColumnsError(f"--column: {args.source}", [args.column], ids.columns)
+    keyed = ids.withColumn("user_key", pseudonymize(F.col(args.column).cast("string"), key))
+    if args.out.lower().endswith(".csv"):
+        keyed.write.mode("overwrite").option("header", "true").csv(args.out)
+        written = spark.read.option("header", "true").csv(args.out)
+    else:
+        keyed.write.mode("overwrite").parquet(args.out)
+        written = spark.read.parquet(args.out)
+    counts = written.agg(F.count(F.lit(1)).alias("rows"), F.count("user_key").alias("keyed")).first()
+    assert counts is not None  # an aggregate without groupBy has one row
+    print(
+        f"pseudonymize: {counts['rows']:,d} rows, {counts['keyed']:,d} with a user_key (key {key.key_id}) "
+        f"written to {args.out}; rows with a blank id have none"
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.status import warehouse_status
+
+    status = warehouse_status(settings)
+    print(status.to_json() if args.json else status.describe())
+    return 0
+
+
 # commands that are not one stage; every other command is a stage of the registry (cmd_stage)
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "pseudonymize": cmd_pseudonymize,
+    "status": cmd_status,
     "sample": cmd_sample,
     "check-source": cmd_check_source,
     "nightly": cmd_nightly,

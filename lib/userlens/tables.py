@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import functions as F
@@ -169,6 +169,8 @@ TABLES: dict[str, TableSpec] = {
             ("monetary_30d", DBL, True),
             ("model_version", STR, True),
             ("updated_at", TS, False),
+            ("embedding_model_id", STR, True),
+            ("segment_model_version", STR, True),
         ),
         key=("user_key",),
         properties={"delta.enableChangeDataFeed": "true"},
@@ -209,6 +211,140 @@ TABLES: dict[str, TableSpec] = {
         key=("run_id", "stage"),
     ),
 }
+
+# A Delta comment on every column (DESCRIBE TABLE, catalog explorers): what it holds, its unit, its horizon.
+# docs/tables.md and docs/profiles.md say more; tests/test_nightly.py checks every table has them.
+H = "train.horizon_days (7 by default)"
+COLUMN_COMMENTS: dict[str, dict[str, str]] = {
+    "events": {
+        "user_key": "keyed pseudonym of the raw user id: hex HMAC-SHA256 under the warehouse's key (docs/profiles.md)",
+        "event_id": "the source's event id, or the SHA-256 of the raw record when it has none",
+        "event_time": "when the event happened (UTC)",
+        "event_date": "the UTC date of the event (the raw layout's date folder where there is one); partition column",
+        "event_type": "view, click, search, add_to_cart, purchase or review (ingest.event_types)",
+        "item_id": "the item the event is about; null for searches",
+        "category": "the item's category as the event carried it",
+        "price": "unit price in the source's currency",
+        "quantity": "units (purchases, cart adds)",
+        "query": "search text, PII masked (<email>, <phone>, <card>, <iban>, <ip>)",
+        "text": "review text, PII masked",
+        "run_id": "the ingest run that wrote the row",
+    },
+    "events_quarantine": {
+        "raw": "the refused record, every value that could identify a person replaced (the user id by its user_key)",
+        "reason": "why it was refused (malformed_record, missing_user_id, bad_timestamp, ...)",
+        "source": "events or items",
+        "run_id": "the ingest run that refused it",
+        "source_date": "the raw layout's date folder of the record, if any",
+        "user_key": "pseudonym of the record's user id, when it had one",
+        "quarantined_at": "when it was refused (UTC)",
+    },
+    "items": {
+        "item_id": "the catalogue's item id",
+        "title": "title, PII masked",
+        "category": "category",
+        "brand": "brand",
+        "price": "list price in the source's currency",
+        "description": "description, PII masked",
+        "run_id": "the ingest run that wrote the catalogue",
+    },
+    "user_texts": {
+        "user_key": "keyed pseudonym of the user",
+        "as_of_date": "the texts cover events up to this date; partition column",
+        "text": "the user's behaviour as text: a summary header, then one line per day, newest first",
+        "text_hash": "SHA-256 of the template version and the text: a changed hash is what gets re-embedded",
+        "n_events": "events the text was built from (the newest textualize.max_events at most)",
+        "template_version": "textualize.template_version the text was rendered with",
+    },
+    "user_embeddings": {
+        "user_key": "keyed pseudonym of the user",
+        "as_of_date": "as-of date of the text embedded",
+        "text_hash": "the embedded text's hash (user_texts.text_hash)",
+        "model_id": "the encoder: <label>@<hash of its weights, tokenizer and settings>",
+        "embedding": "the text's embedding (L2-normalized floats; 384 for MiniLM)",
+    },
+    "item_embeddings": {
+        "item_id": "the catalogue's item id",
+        "model_id": "the encoder: <label>@<hash of its weights, tokenizer and settings>",
+        "text_hash": "hash of the item text embedded (title, category, brand, description)",
+        "embedding": "the item text's embedding",
+    },
+    "user_scores": {
+        "user_key": "keyed pseudonym of the user",
+        "as_of_date": "the scores use data up to this date",
+        "model_version": "the model artifact that scored (storage.models/<version>)",
+        "text_hash": "the user text the scores were computed from",
+        "purchase_propensity": f"probability of at least one purchase in the {H} days after as_of_date",
+        "churn_risk": f"probability of no event at all in the {H} days after as_of_date",
+        "next_category": "the most likely category of the next purchase (else view)",
+        "next_category_p": "that category's probability",
+        "scored_at": "when the row was scored (UTC)",
+        "recommended_items": "item ids, best first (the model's top-K, items bought before left out)",
+    },
+    "segments": {
+        "segment_id": "segment number within its segment model (k-means over the user embeddings)",
+        "as_of_date": "as-of date of the segment model's fit",
+        "users": "users assigned to the segment",
+        "published": "true when users >= privacy.min_segment_size (smaller segments are withheld from profiles)",
+        "top_categories": "the segment's most frequent categories",
+        "model_version": "the segment model: segment ids keep their meaning only within one version",
+    },
+    "user_profiles": {
+        "user_key": "keyed pseudonym of the user: join to a CRM id through `userlens pseudonymize` (docs/profiles.md)",
+        "as_of_date": "the profile uses data up to this date",
+        "embedding": "the user text's embedding (see embedding_model_id)",
+        "purchase_propensity": f"probability of at least one purchase in the {H} days after as_of_date",
+        "churn_risk": f"probability of no event at all in the {H} days after as_of_date",
+        "next_category": "the most likely category of the next purchase (else view)",
+        "top_categories": "the user's top categories, recency-weighted (profile.interest_half_life_days)",
+        "segment_id": "segment within segment_model_version; null when the segment is below privacy.min_segment_size",
+        "recommended_items": "item ids, best first",
+        "recency_days": "days from the user's last event to as_of_date",
+        "frequency_30d": "events of any type in the 30 days up to as_of_date",
+        "monetary_30d": "purchase spend (price x quantity) in the 30 days up to as_of_date, source currency",
+        "model_version": "the model artifact behind the scores and recommendations",
+        "updated_at": "when the row last changed (UTC)",
+        "embedding_model_id": "the encoder that made the embedding (user_embeddings.model_id)",
+        "segment_model_version": "the segment model segment_id belongs to (segments.model_version)",
+    },
+    "forget_log": {
+        "user_key": "pseudonym of the person forgotten (never the raw id)",
+        "requested_at": "when `userlens forget` ran (UTC)",
+        "rows_found": "rows deleted across the tables",
+        "tables": "the tables rows were deleted from",
+        "files_purged": "true once the old files holding the rows were vacuumed",
+        "run_id": "the forget run",
+    },
+    "run_locks": {
+        "name": "the lock (nightly)",
+        "run_id": "the run holding it",
+        "holder": "host and process of the holder",
+        "acquired_at": "when it was taken (UTC)",
+        "expires_at": "when another run may take it over (UTC)",
+    },
+    "pipeline_runs": {
+        "run_id": "one run of a stage (or of the nightly's stages)",
+        "stage": "ingest, textualize, embed, train, score, profile, ...",
+        "as_of_date": "the as-of date the stage ran for",
+        "status": "running, succeeded or failed",
+        "started_at": "start (UTC)",
+        "finished_at": "end (UTC); null while running",
+        "rows_in": "rows the stage read (its own measure: raw rows, users, texts)",
+        "rows_out": "rows the stage wrote",
+        "details": "JSON: the stage's counts, figures and, for a failure, the one-line cause",
+    },
+}
+
+
+def _commented(table: str, spec: TableSpec) -> TableSpec:
+    comments = COLUMN_COMMENTS[table]
+    fields = [
+        T.StructField(f.name, f.dataType, f.nullable, {**f.metadata, "comment": comments[f.name]}) for f in spec.schema
+    ]
+    return replace(spec, schema=T.StructType(fields))
+
+
+TABLES = {name: _commented(name, spec) for name, spec in TABLES.items()}
 
 SESSION_CATALOG = "spark_catalog"  # Spark's built-in catalog (Delta's DeltaCatalog behind it)
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -339,10 +475,18 @@ class Tables:
         log.info("created table %s", self.location(table))
 
     def _add_new_columns(self, table: str, spec: TableSpec) -> None:
-        """Columns a newer userlens declares (always nullable) are added to an existing table, once."""
+        """Columns a newer userlens declares (always nullable) are added to an existing table, once; so are
+        the column comments it declares (a table created by an older userlens has none)."""
         if table in self._upgraded:
             return
-        have = {f.name for f in self._load(table).schema.fields}
+        stored = self._load(table).schema
+        have = {f.name for f in stored.fields}
+        for f in stored.fields:
+            comment = spec.schema[f.name].metadata.get("comment") if f.name in spec.schema.fieldNames() else None
+            if comment and f.metadata.get("comment") != comment:
+                self.spark.sql(
+                    f"ALTER TABLE {self.sql_name(table)} ALTER COLUMN `{f.name}` COMMENT {_sql_string(comment)}"
+                )
         new = [f for f in spec.schema.fields if f.name not in have]
         if new:
             bad = [f.name for f in new if not f.nullable]
@@ -351,7 +495,11 @@ class Tables:
                     f"table {self.location(table)} lacks required column(s) {', '.join(bad)}: "
                     "it was written by another userlens; rebuild it"
                 )
-            columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in new)
+            columns = ", ".join(
+                f"`{f.name}` {f.dataType.simpleString()}"
+                + (f" COMMENT {_sql_string(f.metadata['comment'])}" if f.metadata.get("comment") else "")
+                for f in new
+            )
             self.spark.sql(f"ALTER TABLE {self.sql_name(table)} ADD COLUMNS ({columns})")
             log.info("table %s: added column(s) %s", self.location(table), ", ".join(f.name for f in new))
         self._upgraded.add(table)

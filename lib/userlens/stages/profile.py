@@ -282,6 +282,8 @@ def run_profile(
                 "monetary_30d",
                 "model_version",
                 F.current_timestamp().alias("updated_at"),
+                F.lit(model_ids[0]).alias("embedding_model_id"),
+                F.when(F.col("segment_id").isin(published_ids), F.lit(seg.version)).alias("segment_model_version"),
             )
         )
         metrics = tables.merge("user_profiles", profile, ignore_changes=("updated_at",))
