@@ -149,6 +149,8 @@ def _write_tables(spark, settings) -> None:
             10.0,
             VERSION,
             now,
+            "encoder-a",
+            VERSION,
         )
         for i in range(60)
     ]
