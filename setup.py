@@ -17,7 +17,7 @@ setup(
     # conf/ (a link to the repository's conf/) ships inside the package so an
     # installed wheel finds conf/base.yaml and the environment files
     packages=find_packages("lib") + ["userlens.conf"],
-    package_data={"userlens.conf": ["*.yaml", "datasets/*.yaml"]},
+    package_data={"userlens.conf": ["*.yaml", "*.properties", "datasets/*.yaml"]},
     install_requires=SPARK_DELTA + [
         "torch>=2.2",
         "transformers>=4.40",

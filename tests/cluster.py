@@ -60,6 +60,9 @@ def spark_submit_command(
         master_url,
         "--packages",
         DELTA_PACKAGE,
+        # the shipped log4j2 configuration before the driver's JVM starts: no INFO lines from Spark
+        "--driver-java-options",
+        "-Dlog4j2.configurationFile=conf/log4j2.properties",
     ]
     for key, value in {**DELTA_CONFS, **EXECUTOR_CONFS, **(confs or {})}.items():
         command += ["--conf", f"{key}={value}"]

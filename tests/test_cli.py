@@ -97,3 +97,50 @@ def test_pseudonymize_writes_the_keys_ingest_would_and_prints_neither_ids_nor_ke
         assert secret not in printed.out and secret not in printed.err
     assert "4 rows, 3 with a user_key" in printed.out
     assert "--column: " in printed.err and "customer_id" in printed.err  # the columns that are there
+
+
+def test_default_console_shows_each_stage_line_and_each_warning_once_and_quiet_only_warnings(capsys):
+    import logging
+
+    from userlens.cli import _setup_logging
+
+    def emit() -> None:
+        logging.getLogger("userlens.embedding").info("embed: a detail line")
+        logging.getLogger("userlens.runs").info("embed:  succeeded in 1.0 s")
+        for _ in range(3):
+            logging.getLogger("userlens.privacy").warning("the public development key")
+
+    _setup_logging(verbose=False)
+    emit()
+    default = capsys.readouterr()
+    _setup_logging(verbose=False, quiet=True)
+    emit()
+    quiet = capsys.readouterr()
+    _setup_logging(verbose=True)
+    emit()
+    verbose = capsys.readouterr()
+    _setup_logging(verbose=False)
+
+    assert default.out == quiet.out == verbose.out == ""  # log lines never go to stdout
+    assert "a detail line" not in default.err and "succeeded in 1.0 s" in default.err
+    assert default.err.count("the public development key") == 1
+    assert "succeeded in" not in quiet.err and quiet.err.count("the public development key") == 1
+    assert "a detail line" in verbose.err and verbose.err.count("the public development key") == 3
+
+
+def test_log_format_json_gives_one_parsable_object_per_line(spark, tmp_path, capsys, monkeypatch):
+    import json
+
+    source = tmp_path / "crm.csv"
+    source.write_text("customer_id\ncrm-1\ncrm-2\n", encoding="utf-8")
+    monkeypatch.delenv("USERLENS_HMAC_KEY", raising=False)  # the development key's warning: one line to see
+    code = main(
+        ["pseudonymize", "--in", str(source), "--column", "customer_id", "--out", str(tmp_path / "k.csv")]
+        + ["--log-format", "json", "--set", "spark.log_level=ERROR"]
+    )
+    printed = capsys.readouterr()
+    assert code == 0
+    lines = [json.loads(line) for line in printed.err.splitlines()]  # every line parses
+    assert lines and all(set(entry) >= {"time", "level", "logger", "message"} for entry in lines)
+    assert any(e["level"] == "WARNING" and "development key" in e["message"] for e in lines)
+    assert "2 rows" in printed.out  # the result stays on stdout, as text

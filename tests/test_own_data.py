@@ -235,6 +235,18 @@ def test_local_columns_of_each_format(tmp_path):
     assert local_columns("s3a://bucket/events", "json") is None  # left to Spark
 
 
+def test_json_sample_reads_the_newest_files_too(tmp_path):
+    """A field the first days lack (reviews of earlier purchases) is found in the newest files."""
+    for day in range(1, 13):
+        folder = tmp_path / "e" / f"event_date=2026-10-{day:02d}"
+        folder.mkdir(parents=True)
+        review = ', "review": "ok"' if day == 12 else ""
+        (folder / "part-0.json").write_text(f'{{"uid": "u{day}", "t": "2026-10-{day:02d}"{review}}}\n' * 3)
+    found = local_columns(str(tmp_path / "e"), "json")
+    assert "review" in found.columns and found.sampled == 8 * 3 + 4 * 3
+    assert found.describe_sample() == "36 lines sampled from the oldest and the newest files"
+
+
 def test_json_sample_errors_for_required_fields_and_warns_for_optional_ones(tmp_path):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "a.json").write_text('{"uid": "u1", "t": "2026-10-01", "k": "view"}\n')

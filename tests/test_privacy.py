@@ -34,7 +34,19 @@ def test_key_errors_and_dev_key(caplog):
         load_key(PrivacySettings(key_env="MY_KEY"), {"MY_KEY": "short"})
     key = load_key(PrivacySettings(key_env="MY_KEY", dev_key="dev-key-0123456789"), {})
     assert key.is_dev_key and "PUBLIC development key" in caplog.text
+    assert [r.levelname for r in caplog.records if "development key" in r.getMessage()] == ["WARNING"]
     assert "dev-key-0123456789" not in repr(key) and "dev-key-0123456789" not in caplog.text
+
+
+def test_a_caller_that_expects_the_dev_key_gets_it_logged_at_info(caplog, monkeypatch):
+    import userlens.privacy
+
+    monkeypatch.setattr(userlens.privacy, "_dev_key_expected", False)
+    userlens.privacy.expect_dev_key()  # `userlens demo`, which says so on its output
+    caplog.set_level("INFO", logger="userlens.privacy")
+    key = load_key(PrivacySettings(key_env="MY_KEY", dev_key="dev-key-0123456789"), {})
+    assert key.is_dev_key
+    assert [r.levelname for r in caplog.records if "development key" in r.getMessage()] == ["INFO"]
 
 
 CASES = [

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from userlens import __version__
+from userlens import __version__, progress
 from userlens.config import DEFAULT_CONF, Settings, load_settings
 from userlens.errors import ConfigError, UserlensError, first_line
 from userlens.sources.preflight import check_source, check_warehouse, require_local_path
@@ -75,7 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one dotted config key, e.g. storage.warehouse=/data/wh (repeatable)",
     )
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    loudness = common.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, Spark's INFO lines and full tracebacks"
+    )
+    loudness.add_argument("-q", "--quiet", action="store_true", help="warnings, errors and the command's result only")
+    common.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per log line on stderr, for schedulers (default: text)",
+    )
 
     parser = argparse.ArgumentParser(prog="userlens", description="Spark batch jobs for user-behavior modeling.")
     parser.add_argument("--version", action="version", version=f"userlens {__version__}")
@@ -183,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.quiet, args.log_format)
     try:
-        settings = load_settings(args.conf or None, args.overrides)
+        settings = load_settings(args.conf or None, [*_spark_log_level(args), *args.overrides])
         return COMMANDS.get(args.command, cmd_stage)(args, settings)
     except UserlensError as exc:
         log.debug("failure", exc_info=True)
@@ -200,16 +210,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _setup_logging(verbose: bool) -> None:
+class JsonLines(logging.Formatter):
+    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, and the traceback if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class ConsoleFilter(logging.Filter):
+    """The default console: the line each stage ends with (``userlens.runs``: name, status, seconds, counts),
+    the CLI's own lines, and warnings and errors, each message once. ``-v`` lets every record through."""
+
+    SHOWN = frozenset({"userlens", "userlens.runs"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warned: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return record.name in self.SHOWN
+        message = record.getMessage()
+        if message in self.warned:
+            return False
+        self.warned.add(message)
+        return True
+
+
+def _setup_logging(verbose: bool, quiet: bool = False, log_format: str = "text") -> None:
+    """userlens (and pyspark's Python loggers) to stderr; results go to stdout. Every record still reaches the
+    loggers' other handlers (a notebook's, pytest's): only this console handler is filtered."""
+    handler = logging.StreamHandler(sys.stderr)
+    if not verbose and log_format == "text":  # JSON lines are for machines: every record, each one parsed
+        handler.addFilter(ConsoleFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s userlens %(levelname)s %(message)s", "%H:%M:%S"))
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s userlens %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+        handlers=[handler],
         force=True,
     )
     for noisy in ("py4j", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # a task bar on a terminal (userlens.progress); never in quiet or JSON output
+    progress.configure(False if quiet or log_format == "json" else None)
+
+
+def _spark_log_level(args: argparse.Namespace) -> list[str]:
+    """-v and -q move Spark's log level too (an explicit --set spark.log_level, given after, wins)."""
+    if args.verbose:
+        return ["spark.log_level=INFO", "train.log_every_epochs=1"]
+    if args.quiet:
+        return ["spark.log_level=ERROR"]
+    return []
 
 
 def _spark(settings: Settings) -> "SparkSession":
@@ -320,11 +383,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pyspark.sql import functions as F
 
     from userlens.artifacts import ModelStore
+    from userlens.privacy import expect_dev_key
     from userlens.sample import SampleSpec, generate_sample
     from userlens.stages.nightly import run_nightly
     from userlens.tables import TABLES, Tables
 
+    expect_dev_key()
     key = _key(settings)
+    if key.is_dev_key:
+        print(
+            "demo: pseudonyms use the PUBLIC development key (privacy.dev_key): fine for the sample, not for real data"
+        )
     spark = _spark(settings)
     cfg = settings.sample
     spec = SampleSpec(
@@ -343,10 +412,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     result = run_nightly(spark, settings, key, None, None)
     print(_nightly_summary(result))
     tables = Tables(spark, settings.storage)
-    print(f"\nuserlens demo: tables in {tables.root}")
-    for name in TABLES:
-        if tables.exists(name):
-            print(f"  {name:<20} {tables.read(name).count():>10,d} rows   {tables.location(name)}")
+    if "privacy_check" in result.stages:  # its table above has every table's rows
+        print(f"\nuserlens demo: tables in {tables.root} (their rows: the privacy-check table above)")
+    else:
+        print(f"\nuserlens demo: tables in {tables.root}")
+        for name in TABLES:
+            if tables.exists(name):
+                print(f"  {name:<20} {tables.read(name).count():>10,d} rows   {tables.location(name)}")
     store = ModelStore.of(settings)
     latest = store.latest()
     if latest:

@@ -468,6 +468,9 @@ class TrainSettings(_Strict):
     batch_size: int = Field(256, ge=1, description="rows per step per process")
     epochs: int = Field(40, ge=1, description="most epochs")
     patience: int = Field(5, ge=1, description="epochs without a better validation loss before stopping")
+    log_every_epochs: int = Field(
+        10, ge=1, description="the losses of epoch 0, of every this many epochs and of the last are logged (-v: 1)"
+    )
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(1e-3, ge=0, description="AdamW weight decay")
     baseline_fallback: bool = Field(

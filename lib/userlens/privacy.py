@@ -41,6 +41,16 @@ class PseudonymKey:
         return f"PseudonymKey(key_id={self.key_id!r}, is_dev_key={self.is_dev_key})"
 
 
+_dev_key_expected = False
+
+
+def expect_dev_key() -> None:
+    """The caller knows it runs on the public development key (``userlens demo`` on its own sample, which says
+    so on its output): the fallback is then logged at INFO, not as a warning."""
+    global _dev_key_expected
+    _dev_key_expected = True
+
+
 def load_key(privacy: PrivacySettings, environ: dict[str, str] | None = None) -> PseudonymKey:
     """Read the HMAC key from the env var named by ``privacy.key_env``.
 
@@ -55,7 +65,8 @@ def load_key(privacy: PrivacySettings, environ: dict[str, str] | None = None) ->
                 f"privacy.key_env: environment variable {privacy.key_env} is not set; "
                 "it must hold the secret HMAC key for user pseudonyms"
             )
-        log.warning(
+        log.log(
+            logging.INFO if _dev_key_expected else logging.WARNING,
             "*** %s is not set: using the PUBLIC development key from privacy.dev_key. "
             "Pseudonyms made with it protect nothing; set %s for real data. ***",
             privacy.key_env,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from userlens.errors import ConcurrentRunError, UserlensError, first_line
+from userlens.progress import spark_progress
 from userlens.tables import Tables, table_schema
 
 if TYPE_CHECKING:
@@ -85,14 +86,18 @@ class StageRun:
         finished = dt.datetime.now(dt.timezone.utc)
         if tables is not None:
             self._write(tables, status, finished)
+        counts = ", ".join(
+            f"{value:,} rows {side}"
+            for side, value in (("in", self.rows_in), ("out", self.rows_out))
+            if value is not None
+        )
         log.info(
-            "%s %s: %s in %.1fs (rows_in=%s rows_out=%s)",
-            self.stage,
-            self.run_id,
+            "%-20s %s in %5.1f s%s  (run %s)",
+            f"{self.stage}:",
             status,
             (finished - self.started_at).total_seconds(),
-            self.rows_in,
-            self.rows_out,
+            f", {counts}" if counts else "",
+            self.run_id,
         )
 
     def _write(self, tables: Tables, status: str, finished: dt.datetime) -> None:
@@ -169,7 +174,8 @@ def run_stage(
     run = StageRun(stage=name, run_id=os.environ.get("USERLENS_RUN_ID") or new_run_id())
     tables = Tables(spark, settings.storage) if record else None
     try:
-        result = body(run)
+        with spark_progress(spark, name):
+            result = body(run)
     except BaseException as exc:
         run.take(exc)
         run.details["error"] = f"{type(exc).__name__}: {first_line(exc)}"

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from userlens.config import Settings
@@ -41,7 +42,11 @@ _LOCAL_DEFAULTS = {
     # local cores, about 2 s with 32
     "spark.sql.sources.parallelPartitionDiscovery.parallelism": "32",
     "spark.driver.extraJavaOptions": "-Dderby.system.home=/tmp/userlens-derby",
+    # no [Stage 3:=====>] bars glued to log lines: userlens logs one line per step
+    "spark.ui.showConsoleProgress": "false",
 }
+
+LOG4J2_PROPERTIES = Path(__file__).parent / "conf" / "log4j2.properties"
 
 
 def get_spark(settings: Settings) -> "SparkSession":
@@ -58,6 +63,9 @@ def get_spark(settings: Settings) -> "SparkSession":
         active = SparkSession.builder.appName(settings.spark.app_name).getOrCreate()
     if active is not None:
         _overlay_runtime_conf(active, settings)
+        # the launcher's JVM logs at its own level until here (conf/log4j2.properties, passed to
+        # spark-submit, quiets it from the start: docs/deploy.md)
+        active.sparkContext.setLogLevel(settings.spark.log_level)
         return active
     return _build_local(settings)
 
@@ -98,6 +106,11 @@ def _build_local(settings: Settings) -> "SparkSession":
             "spark.ui.enabled": "true" if settings.spark.ui else "false",
             # Spark's catalog otherwise makes ./spark-warehouse in whatever directory the command runs from
             "spark.sql.warehouse.dir": catalog_dir(settings.storage.warehouse),
+            # log4j2 is configured before the JVM starts: Spark's start-up INFO lines and the warnings
+            # userlens knows to be harmless never print (spark.log_level applies once the session is up)
+            "spark.driver.extraJavaOptions": " ".join(
+                [_LOCAL_DEFAULTS["spark.driver.extraJavaOptions"], f"-Dlog4j2.configurationFile={LOG4J2_PROPERTIES}"]
+            ),
         }
     )
     if settings.spark.jars:
@@ -110,14 +123,53 @@ def _build_local(settings: Settings) -> "SparkSession":
     builder = SparkSession.builder.master(settings.spark.master or "local[*]").appName(settings.spark.app_name)
     for key, value in conf.items():
         builder = builder.config(key, value)
+    resolved = None
     if settings.spark.delta_jars == "pip" and not settings.spark.jars:
-        from delta import configure_spark_with_delta_pip
+        resolved = _resolved_delta_jars()
+        if resolved:  # Ivy resolved them before: the same files, without Ivy's 30 lines at each start
+            builder = builder.config("spark.jars", ",".join(resolved))
+        else:
+            from delta import configure_spark_with_delta_pip
 
-        builder = configure_spark_with_delta_pip(builder)
+            builder = configure_spark_with_delta_pip(builder)
     log.info("starting local Spark (%s)", settings.spark.master or "local[*]")
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(settings.spark.log_level)
+    if settings.spark.delta_jars == "pip" and not settings.spark.jars and not resolved:
+        _remember_delta_jars(spark.sparkContext.getConf().get("spark.jars", ""))
     return spark
+
+
+def _delta_jars_record() -> Path:
+    from importlib.metadata import version
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "userlens"
+    return cache / f"delta-spark-{version('delta-spark')}.jars"
+
+
+def _resolved_delta_jars() -> list[str] | None:
+    """The local jar files Ivy resolved for this delta-spark version at an earlier start, if all still exist."""
+    try:
+        jars = _delta_jars_record().read_text().split()
+    except OSError:
+        return None
+    paths = [jar.removeprefix("file://") for jar in jars]
+    return jars if jars and all(os.path.isfile(p) for p in paths) else None
+
+
+def _remember_delta_jars(spark_jars: str) -> None:
+    """After Ivy's resolution (``spark.jars.packages``) ``spark.jars`` lists the resolved local files."""
+    jars = [jar for jar in spark_jars.split(",") if jar.startswith(("file:", "/"))]
+    if not any("delta-spark" in jar for jar in jars):
+        return
+    record = _delta_jars_record()
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("\n".join(jars) + "\n")
+        tmp.replace(record)
+    except OSError:  # a read-only home: Ivy resolves (from its cache) at each start, as before
+        log.debug("cannot record the resolved Delta jars in %s", record)
 
 
 @contextmanager

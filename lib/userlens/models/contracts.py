@@ -107,6 +107,7 @@ class TrainJob:
     baseline_heads: dict[str, dict[str, list]] | None = None
     recommend: RecJob | None = None
     torch_threads: int | None = None  # None: the host's cores shared by its ranks
+    log_every_epochs: int = 1  # rank 0 logs epoch 0, every this many epochs, and the last
     format_version: int = JOB_FORMAT
 
 

@@ -278,12 +278,13 @@ def chronological(hist_idx: np.ndarray, pad: int, last: np.ndarray | None = None
 def sequence_loss(model: SequentialEncoder, seq: torch.Tensor, log_q: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of every position's next item over the catalogue (with ``log_q``, item log
     frequencies, and more than ``full_softmax_items`` items: a sampled softmax with the logQ correction);
-    the mean over targets, and 0 (with a gradient path) when ``seq`` has none."""
+    the mean over targets, and 0 when ``seq`` has none, with a (zero) gradient for every parameter: under
+    DDP every parameter then has a gradient at every step, and no search for unused ones is needed."""
     inputs, targets = seq[:, :-1], seq[:, 1:]
     tokens = model.token_matrix()
     keep = targets > 0
     if not keep.any():
-        return tokens.sum() * 0.0
+        return sum((p.sum() for p in model.parameters()), tokens.sum()) * 0.0
     hidden = model.encode(inputs, tokens)[keep]
     y = targets[keep] - 1
     items = tokens[1:]

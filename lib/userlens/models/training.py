@@ -337,7 +337,8 @@ def build(job: TrainJob, process: Process) -> Setup:
         steps = len(loader)
     else:
         if process.distributed:
-            # find_unused_parameters: the recommendation head sees no positive in some batches. Buffers
+            # every parameter has a gradient at every step (a head without a label or a target in a batch still
+            # gets a zero one: task_losses, sequence_loss), so DDP need not search for unused ones. Buffers
             # (the item catalogue's vectors) are read by every rank from the snapshot and never change:
             # broadcasting them from rank 0 before every forward (DDP's default) only moves bytes
             # (torch 2.15 renamed broadcast_buffers, which now warns, to forward_sync_buffers)
@@ -348,7 +349,7 @@ def build(job: TrainJob, process: Process) -> Setup:
                 else "broadcast_buffers"
             )
             sync_off: dict[str, Any] = {no_sync: False}  # Any: the keyword's name depends on the torch version
-            model = ddp(model, find_unused_parameters=catalogue is not None, **sync_off)
+            model = ddp(model, find_unused_parameters=False, **sync_off)
         reader = ShardReader(train_files[process.rank :: process.world], features, tasks, catalogue)
         steps = math.ceil(reader.rows() / job.batch_size)
         if process.distributed:  # every rank runs the same number of steps
@@ -391,19 +392,21 @@ def fit_epochs(job: TrainJob, process: Process, setup: Setup) -> Fit:
                 **{f"valid_loss_{task}": losses[f"task:{task}"] for task in tasks},
             }
         )
-        if process.rank == 0:
+        state = _unwrap(setup.model).state_dict()
+        for part in setup.parts:
+            fit.best[part].update(
+                epoch, losses[part], {k: v for k, v in state.items() if k.startswith("rec.") == (part == "recommend")}
+            )
+        stop = all(best.bad >= job.patience for best in fit.best.values())
+        if process.rank == 0 and (epoch % job.log_every_epochs == 0 or stop or epoch == job.epochs - 1):
             log.info(
-                "epoch %d: train loss %.4f, valid loss %.4f%s (%d steps/rank)",
+                "epoch %d: train loss %.4f, valid loss %.4f%s (%d steps/rank)%s",
                 epoch,
                 train_loss,
                 losses["tasks"],
                 f", recommendation {losses['recommend']:.4f}" if setup.catalogue is not None else "",
                 n_steps,
-            )
-        state = _unwrap(setup.model).state_dict()
-        for part in setup.parts:
-            fit.best[part].update(
-                epoch, losses[part], {k: v for k, v in state.items() if k.startswith("rec.") == (part == "recommend")}
+                f"; stopped, best epoch {fit.best['tasks'].epoch}" if stop else "",
             )
         if process.rank == 0:
             save_state(
@@ -416,7 +419,7 @@ def fit_epochs(job: TrainJob, process: Process, setup: Setup) -> Fit:
                     "best_loss": fit.best["tasks"].loss,
                 },
             )
-        if all(best.bad >= job.patience for best in fit.best.values()):
+        if stop:
             break
     return fit
 

@@ -17,6 +17,7 @@ import csv
 import difflib
 import gzip
 import io
+import itertools
 import json
 import logging
 import re
@@ -56,6 +57,12 @@ class SourceColumns:
     sampled: int = 0
     first_line: str | None = None  # JSON: the first non-empty line, when no line parsed as an object
     files: int | None = None  # data files found (local sources)
+    newest_too: bool = False  # JSON: the sample also read the newest files, not only the first ones
+
+    def describe_sample(self) -> str:
+        if self.newest_too:
+            return f"{self.sampled:,} lines sampled from the oldest and the newest files"
+        return f"the first {self.sampled:,} lines"
 
     def describe(self) -> str:
         if self.files == 0:
@@ -239,7 +246,11 @@ def local_columns(location: str, fmt: str, csv_header: bool = True) -> SourceCol
         return SourceColumns(location, fmt, tuple(dict.fromkeys([*header, *parts])), True, files=len(files))
     keys: dict[str, None] = {}
     sampled, first = 0, None
-    for line in _lines(files, JSON_SAMPLE_LINES):
+    # half from the oldest files, half from the newest (when there are more): an optional field the first
+    # days lack (reviews of earlier purchases) is in the newest ones
+    newest = files[JSON_SAMPLE_FILES:][::-1]
+    half = JSON_SAMPLE_LINES // 2 if newest else JSON_SAMPLE_LINES
+    for line in itertools.chain(_lines(files, half), _lines(newest, half)):
         sampled += 1
         first = first if first is not None else line.strip()
         try:
@@ -256,6 +267,7 @@ def local_columns(location: str, fmt: str, csv_header: bool = True) -> SourceCol
         sampled,
         None if keys else first,
         len(files),
+        bool(newest),
     )
 
 
@@ -291,16 +303,16 @@ def check_mapping(
         if not column or column in present:
             continue
         if columns.exhaustive or field in required:
-            where = "source" if columns.exhaustive else f"first {columns.sampled:,} lines of the source"
+            where = "the source" if columns.exhaustive else f"{columns.describe_sample()} of the source"
             raise ConfigError(
-                f"{key}.{field}: column {column!r} not in the {where} "
+                f"{key}.{field}: column {column!r} not in {where} "
                 f"({columns.describe()}){_suggestion(column, columns.columns)}"
             )
         unseen.append(f"{field} ({column!r})")
     if not unseen:
         return []
     return [
-        f"{key}: not seen in the first {columns.sampled:,} lines of {columns.location}: {', '.join(unseen)}; "
+        f"{key}: not seen in {columns.describe_sample()} of {columns.location}: {', '.join(unseen)}; "
         "rows without them get no value there"
     ]
 

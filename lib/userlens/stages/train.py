@@ -29,7 +29,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -274,6 +277,7 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         batch_size=train.batch_size,
         epochs=train.epochs,
         patience=train.patience,
+        log_every_epochs=train.log_every_epochs,
         learning_rate=train.learning_rate,
         weight_decay=train.weight_decay,
         seed=train.seed,
@@ -368,12 +372,32 @@ def distributed_fit(job: TrainJob, train: TrainSettings) -> TrainSummary:
         train.local_mode,
         train.use_gpu,
     )
-    summary = TorchDistributor(
+    distributor = TorchDistributor(
         num_processes=train.num_processes, local_mode=train.local_mode, use_gpu=train.use_gpu
-    ).run(train_main, job)
+    )
+    # torchrun sets OMP_NUM_THREADS=1 in each local rank when it is unset, with a six-line banner on stdout;
+    # the ranks set their own thread counts (TrainJob.torch_threads), so say 1 and skip the banner. Only
+    # while the ranks start: the Python workers Spark forks later keep the driver's environment.
+    with _environ(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")):
+        summary = distributor.run(train_main, job)
     if not isinstance(summary, TrainSummary):
         raise UserlensError("train: the training processes returned no summary (see their log above)")
     return summary
+
+
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """These environment variables inside, the previous values (or none) after."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in previous.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 REC_COLUMNS = ("hist_items", "hist_ages", "bought", "next_items", "rec_eval")
