@@ -61,6 +61,11 @@ def test_help_lists_every_command():
         done = subprocess.run([sys.executable, "-m", "userlens.cli", command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout.startswith(f"usage: userlens {command}"), command
         assert "example: userlens " + command in done.stdout, command
+    from userlens.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    undescribed = [name for name, parser in commands.items() if not (parser.description or "").endswith(".")]
+    assert undescribed == []  # each --help says in a sentence what the command does
 
 
 def test_bad_date_option_exits_2():

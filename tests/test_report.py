@@ -211,6 +211,9 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     assert "not available yet" not in page
     # each user's newest score: 40 users, not the 20 rescored on the latest date
     assert "purchase_propensity: 40 users" in page
+    # each published segment's KPIs from the profiles of its segment model (0.5 and 0.2 for every profile)
+    assert page.count('<td class="n">0.500</td><td class="n">0.200</td>') == 2
+    assert page.count("ROC, reliability and gains curves") >= 2
 
 
 def test_empty_warehouse_and_models_build_with_notes(spark, tmp_path: Path) -> None:
@@ -244,3 +247,24 @@ def test_roc_points_match_scikit_learn() -> None:
     ref_fpr, ref_tpr, _ = metrics.roc_curve(y, p, drop_intermediate=False)
     np.testing.assert_allclose(fpr, ref_fpr)
     np.testing.assert_allclose(tpr, ref_tpr)
+
+
+def test_wilson_interval_gains_and_identical_predictions() -> None:
+    from userlens.report import gains_by_decile, same_predictions, wilson_interval
+
+    low, high = wilson_interval(np.array([5, 0]), np.array([10, 20]))
+    np.testing.assert_allclose([low[0], high[0]], [0.2366, 0.7634], atol=1e-4)  # the textbook 5 of 10
+    assert low[1] == pytest.approx(0.0, abs=1e-12) and 0 < high[1] < 0.2  # none of 20: not a zero-width bar
+
+    y = np.zeros(1000, dtype=int)
+    y[:100] = 1  # the 100 positives get the 100 best scores
+    p = np.linspace(1, 0, 1000)
+    gains, lift = gains_by_decile(y, p)
+    assert gains[0] == 1.0 and gains[-1] == 1.0 and lift[0] == pytest.approx(10.0) and lift[1:].sum() == 0
+    gains, lift = gains_by_decile(y, -p)  # the worst ranking: every positive in the last decile
+    assert gains[-2] == 0.0 and lift[-1] == pytest.approx(10.0)
+
+    series = {"model": (y, p), "baseline": (y, p + 1e-9)}
+    assert same_predictions(series)
+    assert not same_predictions({"model": (y, p), "baseline": (y, p * 0.9)})
+    assert not same_predictions({"model": (y, p)})

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         parents=[common],
         help="write synthetic raw logs and an item catalog",
+        description="Write synthetic raw event logs (JSON lines, one folder per date, with malformed rows and "
+        "planted PII for the pipeline to catch) and an item catalog: the data `userlens demo` runs on.",
         epilog="example: userlens sample --out data/sample --users 5000",
     )
     sample.add_argument("--out", help="output folder (default: sample.out)")
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check-source",
         parents=[common],
         help="check source.path and source.mapping and print 5 mapped rows, pseudonymized (docs/own-data.md)",
+        description="Check your source before the first ingest: its paths, format and the columns source.mapping "
+        "names; prints 5 rows as ingest would map them, user ids pseudonymized. Writes nothing.",
         epilog="example: userlens check-source --conf my-source.yaml",
     )
     del check
@@ -118,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "nightly",
         parents=[common],
         help="every stage for one as-of date, incrementally",
+        description="Ingest, textualize, embed, train (when due), score, profile, quarantine retention, report and "
+        "privacy check for one as-of date, under the warehouse's run lock; only changed users are re-embedded "
+        "and re-scored. docs/operations.md.",
         epilog="example: userlens nightly --conf conf/cluster.yaml",
     )
     nightly.add_argument("--date", type=_date, help="as-of date (default: the newest raw date)")
@@ -129,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         parents=[common],
         help="sample data + the pipeline on the embedded default",
+        description="Write the synthetic sample to sample.out and run the nightly pipeline on it into the local "
+        "warehouse, on the public development key; prints what each stage did and where the tables are.",
         epilog="example: userlens demo --users 2000",
     )
     demo.add_argument("--users", type=int, help="number of sample users (default: sample.users)")
@@ -160,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         parents=[common],
         help="a public dataset under a published protocol: userlens beside baselines",
+        description="Fit userlens and tuned baselines (popularity, ALS, EASE, item-kNN) on a public dataset you "
+        "downloaded, choose every setting on a validation split, score the test split once and print the table "
+        "with standard errors. Writes nothing to the warehouse unless --record. docs/datasets.md.",
         epilog="example: userlens evaluate --dataset movielens-100k --path ~/data/ml-100k --protocol stratified-75",
     )
     evaluate.add_argument(

@@ -323,18 +323,24 @@ class _Context:
         # one row per segment (k rows), so collecting is fine
         rows = (
             segments.where(F.col("as_of_date") == F.lit(latest))
-            .select("segment_id", "users", "published", "top_categories")
+            .select("segment_id", "users", "published", "top_categories", "model_version")
             .orderBy("segment_id")
             .collect()
         )
         min_size = self.settings.privacy.min_segment_size
         shown = [r for r in rows if r["published"] and r["users"] >= min_size]
         suppressed = len(rows) - len(shown)
-        table = ["<table><tr><th>segment</th><th>users</th><th>top categories</th></tr>"]
+        kpis = self._segment_kpis({r["model_version"] for r in shown}, [r["segment_id"] for r in shown])
+        table = [
+            "<table><tr><th>segment</th><th>users</th><th>mean purchase propensity</th><th>mean churn risk</th>"
+            "<th>top categories</th></tr>"
+        ]
         for row in shown:
             categories = ", ".join(_e(c) for c in (row["top_categories"] or []))
+            purchase, churn = kpis.get(row["segment_id"], (None, None))
             table.append(
                 f'<tr><td class="n">{row["segment_id"]}</td><td class="n">{row["users"]:,}</td>'
+                f'<td class="n">{_fmt(purchase, 3)}</td><td class="n">{_fmt(churn, 3)}</td>'
                 f"<td>{categories}</td></tr>"
             )
         table.append("</table>")
@@ -345,6 +351,22 @@ class _Context:
         )
 
     # -- embeddings ---------------------------------------------------------------------------
+    def _segment_kpis(self, versions: set[str], segment_ids: list[int]) -> dict[int, tuple[float, float]]:
+        """Mean purchase propensity and churn risk per published segment, over the profiles that carry the
+        segment model's version (segment ids mean nothing across refits); {} without profiles."""
+        from pyspark.sql import functions as F
+
+        if not segment_ids or not self.tables.exists("user_profiles"):
+            return {}
+        rows = (
+            self.tables.read("user_profiles")
+            .where(F.col("segment_id").isin(segment_ids) & F.col("segment_model_version").isin(sorted(versions)))
+            .groupBy("segment_id")
+            .agg(F.avg("purchase_propensity").alias("purchase"), F.avg("churn_risk").alias("churn"))
+            .collect()
+        )
+        return {r["segment_id"]: (r["purchase"], r["churn"]) for r in rows}
+
     def embeddings_section(self) -> str:
         from pyspark.sql import functions as F
 
@@ -602,36 +624,96 @@ def _thin(x: np.ndarray, y: np.ndarray, most: int = 2000) -> tuple[np.ndarray, n
     return x[keep], y[keep]
 
 
+def same_predictions(series: dict[str, tuple[np.ndarray, np.ndarray]]) -> bool:
+    """Whether the model's and the baseline's test predictions are the same (a head that fell back to the
+    baseline's regression): their curves would lie exactly on top of each other."""
+    if set(series) != {"model", "baseline"}:
+        return False
+    (y1, p1), (y2, p2) = series["model"], series["baseline"]
+    return y1.shape == y2.shape and bool(np.array_equal(y1, y2)) and bool(np.allclose(p1, p2, atol=1e-6))
+
+
+def wilson_interval(positives: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """The Wilson score interval (95% by default) of a binomial proportion, per bin: (low, high)."""
+    n = np.asarray(n, dtype=float)
+    share = np.asarray(positives, dtype=float) / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def gains_by_decile(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Users ranked by score, best first, in ten equal groups: (cumulative share of all positives captured
+    up to each decile, lift of each decile = its positive rate / the overall rate)."""
+    order = np.argsort(-p, kind="stable")
+    groups = np.array_split(y[order].astype(float), 10)
+    positives = np.array([g.sum() for g in groups])
+    sizes = np.array([len(g) for g in groups], dtype=float)
+    rate = y.mean() if len(y) else 0.0
+    gains = np.cumsum(positives) / max(positives.sum(), 1.0)
+    lift = np.divide(positives / np.maximum(sizes, 1.0), rate) if rate > 0 else np.zeros(10)
+    return gains, lift
+
+
 def _roc_and_calibration(task: str, series: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[str, list[str]]:
     from userlens.models import metrics as M
 
-    fig, (roc, calibration) = _figure(9, 3.6, 2)
+    fig, (roc, calibration, gains) = _figure(13.5, 3.6, 3)
     problems: list[str] = []
     drawn = 0
+    same = same_predictions(series)
     for name, (y, p) in series.items():
         try:
             auc = M.roc_auc(y, p)
-            mean_p, observed, _ = M.calibration_curve(y, p, bins=10)
+            mean_p, observed, count = M.calibration_curve(y, p, bins=10)
             ece = M.expected_calibration_error(y, p, bins=10)
         except M.MetricInputError as exc:
             problems.append(f"{task} {name}: {first_line(exc)}")
             continue
+        # identical curves: the baseline dashed and wider under the model, so both stay visible
+        style = {"linestyle": "--", "linewidth": 3, "alpha": 0.6} if same and name == "baseline" else {}
         fpr, tpr = _thin(*roc_points(y, p))
-        roc.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
-        calibration.plot(mean_p, observed, marker="o", label=f"{name} (ECE {ece:.3f})")
+        roc.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})", **style)
+        low, high = wilson_interval(np.round(observed * count), count)
+        calibration.errorbar(
+            mean_p,
+            observed,
+            yerr=[np.clip(observed - low, 0, None), np.clip(high - observed, 0, None)],  # rounding: never < 0
+            marker="o",
+            capsize=2,
+            label=f"{name} (ECE {ece:.3f})",
+            **style,
+        )
+        if name == "model" or (name == "baseline" and "model" not in series):
+            for x, o, n in zip(mean_p, observed, count):
+                calibration.annotate(f"{int(n)}", (x, o), textcoords="offset points", xytext=(4, -10), fontsize=6)
+        cumulative, lift = gains_by_decile(y, p)
+        deciles = np.arange(1, 11) / 10
+        gains.plot(np.r_[0, deciles], np.r_[0, cumulative], marker="o", label=f"{name}", **style)
+        if name == "model" or (name == "baseline" and "model" not in series):
+            gains.bar(
+                deciles - 0.05, lift / max(lift.max(), 1.0), width=0.08, alpha=0.25, label=f"{name} lift (scaled)"
+            )
+            gains.annotate(f"top-decile lift {lift[0]:.1f}x", (0.1, 0.05), fontsize=7)
         drawn += 1
     if not drawn:
         return "", problems
-    for ax in (roc, calibration):
+    for ax in (roc, calibration, gains):
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.legend(loc="lower right", fontsize=7)
+    if same:
+        roc.text(0.5, 0.15, "model = baseline: the same predictions", ha="center", fontsize=8, color="dimgrey")
     roc.set(title=f"{task}: ROC (test split)", xlabel="false positive rate", ylabel="true positive rate")
     calibration.set(
-        title=f"{task}: reliability (10 bins)", xlabel="mean predicted probability", ylabel="observed fraction positive"
+        title=f"{task}: reliability (10 bins; users per bin, 95% intervals)",
+        xlabel="mean predicted probability",
+        ylabel="observed fraction positive",
     )
-    return _png(fig, f"{task} ROC and reliability curves, model and baseline"), problems
+    gains.set(title=f"{task}: gains by decile", xlabel="share of users, best scores first", ylabel="share of positives")
+    alt = f"{task} ROC, reliability and gains curves, model and baseline" + (" (the same predictions)" if same else "")
+    return _png(fig, alt), problems
 
 
 def _histograms(counts: dict[str, np.ndarray]) -> str:
