@@ -239,7 +239,8 @@ def test_killing_a_worker_while_embed_runs_still_gives_the_clean_embeddings(
     _, text = submit(
         standalone_cluster,
         "jobs/embed.py",
-        ["--conf", "conf/cluster.yaml", "--set", "spark.shuffle_partitions=2", "--date", str(LAST)],
+        # -v: the embed stage's start line (the kill's cue) and Spark's INFO lines in the driver's output
+        ["--conf", "conf/cluster.yaml", "-v", "--set", "spark.shuffle_partitions=2", "--date", str(LAST)],
         drill_env,
         tmp_path / "embed.log",
         during=kill_when_embedding,
