@@ -165,9 +165,19 @@ def _write_tables(spark, settings) -> None:
             now - dt.timedelta(days=1) + dt.timedelta(seconds=5),
             1000,
             990,
-            "{}",
+            '{"duplicates": 2, "quarantined": 8, "reasons": {"bad_timestamp": 8}}',
         ),
-        ("run-2", "ingest", AS_OF, "succeeded", now, now + dt.timedelta(seconds=10), 2000, 1990, "{}"),
+        (
+            "run-2",
+            "ingest",
+            AS_OF,
+            "succeeded",
+            now,
+            now + dt.timedelta(seconds=10),
+            2000,
+            1900,
+            '{"duplicates": 0, "quarantined": 100, "reasons": {"bad_timestamp": 4, "<b>odd</b>": 96}}',
+        ),
         ("run-2", "score", AS_OF, "succeeded", now, now + dt.timedelta(seconds=4), 40, 20, "{}"),
         (
             "run-2",
@@ -192,7 +202,7 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     result = build_report(spark, settings)
 
     assert Path(result.path) == tmp_path / "reports" / f"userlens-report-{AS_OF.isoformat()}.html"
-    assert result.rendered == ["model", "scores", "segments", "embeddings", "recommendations", "runs"]
+    assert result.rendered == ["model", "scores", "segments", "embeddings", "recommendations", "quality", "runs"]
     assert result.skipped == []
     page = Path(result.path).read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page
@@ -214,6 +224,11 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     # each published segment's KPIs from the profiles of its segment model (0.5 and 0.2 for every profile)
     assert page.count('<td class="n">0.500</td><td class="n">0.200</td>') == 2
     assert page.count("ROC, reliability and gains curves") >= 2
+    # data quality: the two ingest nights side by side, oldest first, each reason as a share of the rows read
+    quality = page[page.index('<section id="quality">') : page.index('<section id="runs">')]
+    assert quality.index("1,000") < quality.index("2,000")
+    assert "8 (0.80%)" in quality and "4 (0.20%)" in quality and "96 (4.80%)" in quality
+    assert "&lt;b&gt;odd&lt;/b&gt;" in quality and "<b>odd" not in quality  # a reason's name, escaped
 
 
 def test_empty_warehouse_and_models_build_with_notes(spark, tmp_path: Path) -> None:
@@ -223,9 +238,9 @@ def test_empty_warehouse_and_models_build_with_notes(spark, tmp_path: Path) -> N
     result = build_report(spark, settings, str(out))
 
     assert result.path == str(out) and result.rendered == []
-    assert len(result.skipped) == 6
+    assert len(result.skipped) == 7
     page = out.read_text(encoding="utf-8")
-    assert page.count("not available yet: run") == 6
+    assert page.count("not available yet: run") == 7
     for stage in ("train", "score", "profile", "nightly"):
         assert f"<code>userlens {stage}</code>" in page
     assert "data:image/png" not in page and "http" not in page

@@ -4,17 +4,20 @@
 (or ``out_path``): no external CSS, JS, fonts or images; every plot is a base64 PNG
 drawn by matplotlib on its Agg canvas (extra ``report``). Sections:
 
-1. model vs baseline (ROC and reliability curves from the artifact's .npz files,
+1. model vs baseline (ROC, reliability and gains curves from the artifact's .npz files,
    metrics, DP, cutoff and split sizes from ``metrics.json``);
 2. score distributions (histograms binned in Spark over each user's newest row in
    ``user_scores``: scoring is incremental, so the latest as_of_date alone holds
    only the users rescored that day);
-3. segments (published ones with sizes and top categories; unpublished ones only
-   as a count, whatever the table holds for them);
+3. segments (published ones with sizes, mean propensity and churn from the profiles of
+   the same segment model, and top categories; unpublished ones only as a count,
+   whatever the table holds for them);
 4. embedding map (2-D PCA of at most 2000 sampled ``user_profiles`` embeddings,
    coloured by segment; no keys or ids leave Spark);
 5. recommendation metrics (``metrics.json["recommendations"]``);
-6. pipeline runs (each stage's latest run, durations as a bar chart).
+6. data quality (the last nights' ingest runs side by side: duplicates, quarantined rows
+   and each quarantine reason, as shares of the rows read);
+7. pipeline runs (each stage's latest run, durations as a bar chart).
 
 A section whose input does not exist yet is replaced by a visible "not available
 yet: run ``userlens <stage>``" note. Only aggregates and a bounded sample reach
@@ -106,6 +109,7 @@ def build_report(
         ("segments", "Segments", context.segments_section),
         ("embeddings", "Embedding map", context.embeddings_section),
         ("recommendations", "Recommendation metrics", context.recommendations_section),
+        ("quality", "Data quality: the last nights' ingest", context.quality_section),
         ("runs", "Pipeline runs", context.runs_section),
     ]
     rendered: list[str] = []
@@ -417,6 +421,58 @@ class _Context:
             )
         table.append("</table>")
         return "\n".join(table)
+
+    # -- data quality -------------------------------------------------------------------------
+    def quality_section(self, nights: int = 7) -> str:
+        """The last ``nights`` succeeded ingest runs side by side: rows read, events, duplicates, quarantined
+        and each quarantine reason, as a share of the rows read (from their pipeline_runs details)."""
+        from pyspark.sql import functions as F
+
+        if not self.tables.exists("pipeline_runs"):
+            raise _not_yet("ingest", "no pipeline_runs table")
+        rows = (
+            self.tables.read("pipeline_runs")
+            .where((F.col("stage") == "ingest") & (F.col("status") == "succeeded"))
+            .orderBy(F.desc("started_at"))
+            .select("as_of_date", "started_at", "rows_in", "rows_out", "details")
+            .limit(nights)
+            .collect()
+        )
+        if not rows:
+            raise _not_yet("ingest", "no succeeded ingest run in pipeline_runs")
+        runs = []
+        for row in reversed(rows):  # oldest first
+            try:
+                details = json.loads(row["details"] or "{}")
+            except ValueError:
+                details = {}
+            runs.append((row, details if isinstance(details, dict) else {}))
+        reasons = sorted({r for _, d in runs for r in (d.get("reasons") or {})})
+        head = ["ingest run (as of)", "rows read", "events", "duplicates", "quarantined", *reasons]
+        table = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+        for row, details in runs:
+            read = row["rows_in"] or 0
+
+            def cell(count: Any, read: int = read) -> str:
+                if not isinstance(count, int):
+                    return '<td class="n">&ndash;</td>'
+                share = f" ({100 * count / read:.2f}%)" if read else ""
+                return f'<td class="n">{count:,}{share}</td>'
+
+            table.append(
+                f"<tr><td>{_e(row['started_at'].strftime('%Y-%m-%d %H:%M'))} ({_e(row['as_of_date'] or '')})</td>"
+                f'<td class="n">{_fmt(row["rows_in"])}</td><td class="n">{_fmt(row["rows_out"])}</td>'
+                + cell(details.get("duplicates"))
+                + cell(details.get("quarantined"))
+                + "".join(cell((details.get("reasons") or {}).get(reason, 0)) for reason in reasons)
+                + "</tr>"
+            )
+        table.append("</table>")
+        return (
+            f"<p>the last {len(runs)} succeeded ingest run(s), oldest first; shares of the rows read. A reason "
+            "that jumps from one night to the next is a change in the source (docs/operations.md, "
+            "events_quarantine)</p>\n" + "\n".join(table)
+        )
 
     # -- runs ---------------------------------------------------------------------------------
     def runs_section(self) -> str:
