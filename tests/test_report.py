@@ -202,7 +202,9 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     result = build_report(spark, settings)
 
     assert Path(result.path) == tmp_path / "reports" / f"userlens-report-{AS_OF.isoformat()}.html"
-    assert result.rendered == ["model", "scores", "segments", "embeddings", "recommendations", "quality", "runs"]
+    assert result.rendered == [
+        *("model", "scores", "segments", "embeddings", "recommendations", "trends", "quality", "runs")
+    ]
     assert result.skipped == []
     page = Path(result.path).read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page
@@ -224,6 +226,12 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     # each published segment's KPIs from the profiles of its segment model (0.5 and 0.2 for every profile)
     assert page.count('<td class="n">0.500</td><td class="n">0.200</td>') == 2
     assert page.count("ROC, reliability and gains curves") >= 2
+    # trends: 40 users scored the night before, 20 rescored on the last; the first night has no PSI
+    trends = page[page.index('<section id="trends">') : page.index('<section id="quality">')]
+    assert re.search(r"<td>2026-10-29</td><td class=\"n\">40</td>", trends)
+    assert re.search(r"<td>2026-10-30</td><td class=\"n\">20</td>", trends)
+    assert trends.count("&ndash;") == 2  # the first night: no night before to compare with
+    assert re.search(rf'<td class="n">\d+\.\d{{3}}</td><td>{VERSION}</td></tr>', trends)  # the last: PSIs
     # data quality: the two ingest nights side by side, oldest first, each reason as a share of the rows read
     quality = page[page.index('<section id="quality">') : page.index('<section id="runs">')]
     assert quality.index("1,000") < quality.index("2,000")
@@ -238,9 +246,9 @@ def test_empty_warehouse_and_models_build_with_notes(spark, tmp_path: Path) -> N
     result = build_report(spark, settings, str(out))
 
     assert result.path == str(out) and result.rendered == []
-    assert len(result.skipped) == 7
+    assert len(result.skipped) == 8
     page = out.read_text(encoding="utf-8")
-    assert page.count("not available yet: run") == 7
+    assert page.count("not available yet: run") == 8
     for stage in ("train", "score", "profile", "nightly"):
         assert f"<code>userlens {stage}</code>" in page
     assert "data:image/png" not in page and "http" not in page
@@ -264,8 +272,13 @@ def test_roc_points_match_scikit_learn() -> None:
     np.testing.assert_allclose(tpr, ref_tpr)
 
 
-def test_wilson_interval_gains_and_identical_predictions() -> None:
-    from userlens.report import gains_by_decile, same_predictions, wilson_interval
+def test_wilson_interval_gains_psi_and_identical_predictions() -> None:
+    from userlens.report import gains_by_decile, population_stability_index, same_predictions, wilson_interval
+
+    assert population_stability_index(np.array([5, 5]), np.array([50, 50])) == pytest.approx(0.0)
+    # (0.25 - 0.5) ln(0.25 / 0.5) + (0.75 - 0.5) ln(0.75 / 0.5)
+    assert population_stability_index(np.array([2, 2]), np.array([1, 3])) == pytest.approx(0.2747, abs=1e-4)
+    assert np.isfinite(population_stability_index(np.array([1, 0]), np.array([0, 1])))  # empty bins: finite
 
     low, high = wilson_interval(np.array([5, 0]), np.array([10, 20]))
     np.testing.assert_allclose([low[0], high[0]], [0.2366, 0.7634], atol=1e-4)  # the textbook 5 of 10

@@ -15,9 +15,11 @@ drawn by matplotlib on its Agg canvas (extra ``report``). Sections:
 4. embedding map (2-D PCA of at most 2000 sampled ``user_profiles`` embeddings,
    coloured by segment; no keys or ids leave Spark);
 5. recommendation metrics (``metrics.json["recommendations"]``);
-6. data quality (the last nights' ingest runs side by side: duplicates, quarantined rows
+6. scores across the last nights (users rescored, mean scores, model version, each
+   score's population stability index against the night before);
+7. data quality (the last nights' ingest runs side by side: duplicates, quarantined rows
    and each quarantine reason, as shares of the rows read);
-7. pipeline runs (each stage's latest run, durations as a bar chart).
+8. pipeline runs (each stage's latest run, durations as a bar chart).
 
 A section whose input does not exist yet is replaced by a visible "not available
 yet: run ``userlens <stage>``" note. Only aggregates and a bounded sample reach
@@ -109,6 +111,7 @@ def build_report(
         ("segments", "Segments", context.segments_section),
         ("embeddings", "Embedding map", context.embeddings_section),
         ("recommendations", "Recommendation metrics", context.recommendations_section),
+        ("trends", "Scores across the last nights", context.trends_section),
         ("quality", "Data quality: the last nights' ingest", context.quality_section),
         ("runs", "Pipeline runs", context.runs_section),
     ]
@@ -422,6 +425,59 @@ class _Context:
         table.append("</table>")
         return "\n".join(table)
 
+    # -- trends -------------------------------------------------------------------------------
+    def trends_section(self, nights: int = 7) -> str:
+        """Per as-of date of the last ``nights`` in user_scores: users scored, mean scores, model version(s),
+        and the drift of each score's distribution from the night before (population stability index over
+        ten bins). Scoring is incremental: each night holds the users rescored that night."""
+        from pyspark.sql import functions as F
+
+        if not self.tables.exists("user_scores"):
+            raise _not_yet("score", "no user_scores table")
+        scores = self.tables.read("user_scores")
+        dates = [r[0] for r in scores.select("as_of_date").distinct().orderBy(F.desc("as_of_date")).take(nights)]
+        if not dates:
+            raise _not_yet("score", "user_scores is empty")
+        recent = scores.where(F.col("as_of_date").isin(dates))
+        summary = {
+            r["as_of_date"]: r
+            for r in recent.groupBy("as_of_date")
+            .agg(
+                F.count(F.lit(1)).alias("users"),
+                *[F.avg(c).alias(c) for c in SCORE_COLUMNS],
+                F.array_sort(F.collect_set("model_version")).alias("versions"),
+            )
+            .collect()
+        }
+        bins: dict[tuple[Any, str], np.ndarray] = {}
+        for c in SCORE_COLUMNS:
+            bucket = F.least(F.greatest(F.floor(F.col(c) * 10), F.lit(0)), F.lit(9)).cast("int")
+            for r in recent.where(F.col(c).isNotNull()).groupBy("as_of_date", bucket.alias("bin")).count().collect():
+                bins.setdefault((r["as_of_date"], c), np.zeros(10))[r["bin"]] = r["count"]
+        head = ["as of", "users scored", *[f"mean {c}" for c in SCORE_COLUMNS]]
+        head += [f"{c} PSI vs the night before" for c in SCORE_COLUMNS] + ["model"]
+        table = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+        ordered = sorted(dates)
+        for i, date in enumerate(ordered):
+            r = summary[date]
+            drift = []
+            for c in SCORE_COLUMNS:
+                now, before = bins.get((date, c)), bins.get((ordered[i - 1], c)) if i else None
+                psi = population_stability_index(before, now) if now is not None and before is not None else None
+                drift.append(f'<td class="n">{_fmt(psi, 3)}</td>')
+            table.append(
+                f'<tr><td>{_e(date)}</td><td class="n">{_fmt(r["users"])}</td>'
+                + "".join(f'<td class="n">{_fmt(r[c], 3)}</td>' for c in SCORE_COLUMNS)
+                + "".join(drift)
+                + f"<td>{_e(', '.join(r['versions']))}</td></tr>"
+            )
+        table.append("</table>")
+        return (
+            "<p>each night's rescored users (scoring is incremental). PSI compares a score's distribution over "
+            "ten bins with the night before: below 0.1 stable, 0.1 to 0.25 a shift worth a look, above 0.25 a "
+            "shift that needs an explanation</p>\n" + "\n".join(table)
+        )
+
     # -- data quality -------------------------------------------------------------------------
     def quality_section(self, nights: int = 7) -> str:
         """The last ``nights`` succeeded ingest runs side by side: rows read, events, duplicates, quarantined
@@ -696,6 +752,14 @@ def wilson_interval(positives: np.ndarray, n: np.ndarray, z: float = 1.96) -> tu
     centre = (share + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def population_stability_index(expected: np.ndarray, actual: np.ndarray, floor: float = 1e-4) -> float:
+    """PSI = sum over bins of (a - e) * ln(a / e), with e and a the bins' shares of each population's count
+    (shares below ``floor`` raised to it, so an empty bin does not make it infinite)."""
+    e = np.maximum(np.asarray(expected, dtype=float) / max(float(np.sum(expected)), 1.0), floor)
+    a = np.maximum(np.asarray(actual, dtype=float) / max(float(np.sum(actual)), 1.0), floor)
+    return float(np.sum((a - e) * np.log(a / e)))
 
 
 def gains_by_decile(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
