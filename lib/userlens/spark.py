@@ -65,7 +65,10 @@ def get_spark(settings: Settings) -> "SparkSession":
         _overlay_runtime_conf(active, settings)
         # the launcher's JVM logs at its own level until here (conf/log4j2.properties, passed to
         # spark-submit, quiets it from the start: docs/deploy.md)
-        active.sparkContext.setLogLevel(settings.spark.log_level)
+        try:
+            active.sparkContext.setLogLevel(settings.spark.log_level)
+        except Exception:  # noqa: BLE001 - Spark Connect (Databricks shared clusters) has no SparkContext
+            log.debug("no SparkContext here (Spark Connect); Spark's log level is the platform's")
         return active
     return _build_local(settings)
 
