@@ -132,7 +132,11 @@ def clustered(spark, standalone_cluster, tmp_path_factory):  # noqa: F811 (the f
     # the documented command, with the shorter texts of the pipeline tests (a third of the encoder's work)
     # and one ALS fit instead of the grid (test_train checks the tuning)
     args = [*NIGHTLY_ARGS, "--set", SHORT_TEXTS, "--set", FIXED_ALS]
+    stray = REPO / "spark-warehouse"  # where Spark's catalog goes by default: the directory spark-submit ran in
+    there_before = stray.exists()
     _, text = submit(standalone_cluster, "jobs/nightly.py", args, env, root / "nightly.log")
+    assert there_before or not stray.exists(), "the job made ./spark-warehouse where spark-submit ran"
+    assert (Path(settings.storage.warehouse) / "spark-catalog").is_dir()  # its catalog is in the warehouse
     return root, settings, env, text
 
 

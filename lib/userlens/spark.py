@@ -60,7 +60,11 @@ def get_spark(settings: Settings) -> "SparkSession":
     active = SparkSession.getActiveSession()
     if active is None and (settings.spark.master is None or _launched_by_spark_submit()):
         # spark-submit or a platform configured the JVM: getOrCreate picks that up.
-        active = SparkSession.builder.appName(settings.spark.app_name).getOrCreate()
+        builder = SparkSession.builder.appName(settings.spark.app_name)
+        catalog = _submitted_catalog_dir(settings)
+        if catalog is not None:
+            builder = builder.config("spark.sql.warehouse.dir", catalog)
+        active = builder.getOrCreate()
     if active is not None:
         _overlay_runtime_conf(active, settings)
         # the launcher's JVM logs at its own level until here (conf/log4j2.properties, passed to
@@ -76,6 +80,20 @@ def get_spark(settings: Settings) -> "SparkSession":
 def _launched_by_spark_submit() -> bool:
     # spark-submit starts the JVM first and hands the gateway to Python.
     return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def _submitted_catalog_dir(settings: Settings) -> str | None:
+    """Under spark-submit, before the first session: the catalog's folder inside a local warehouse, unless the
+    launcher set one. Otherwise Spark's catalog makes ./spark-warehouse wherever spark-submit was run."""
+    from pyspark import SparkConf, SparkContext
+
+    if not _launched_by_spark_submit() or SparkContext._active_spark_context is not None:
+        return None
+    if SparkConf().contains("spark.sql.warehouse.dir"):
+        return None
+    warehouse = settings.storage.warehouse
+    local = warehouse.startswith("file://") or ":" not in warehouse.split("/", 1)[0]  # a path, or file:// URI
+    return catalog_dir(warehouse) if local else None
 
 
 def _overlay_runtime_conf(spark: "SparkSession", settings: Settings) -> None:
