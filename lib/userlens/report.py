@@ -439,6 +439,12 @@ class _Context:
         if not dates:
             raise _not_yet("score", "user_scores is empty")
         recent = scores.where(F.col("as_of_date").isin(dates))
+
+        def histogram(c: str) -> Any:  # ten bins of [0, 1]; nulls in none
+            bucket = F.least(F.greatest(F.floor(F.col(c) * 10), F.lit(0)), F.lit(9))
+            return F.array(*[F.count(F.when(bucket == b, 1)) for b in range(10)]).alias(f"{c}_bins")
+
+        # one pass: counts, means, versions and the histograms the PSI needs, per night
         summary = {
             r["as_of_date"]: r
             for r in recent.groupBy("as_of_date")
@@ -446,14 +452,16 @@ class _Context:
                 F.count(F.lit(1)).alias("users"),
                 *[F.avg(c).alias(c) for c in SCORE_COLUMNS],
                 F.array_sort(F.collect_set("model_version")).alias("versions"),
+                *[histogram(c) for c in SCORE_COLUMNS],
             )
             .collect()
         }
-        bins: dict[tuple[Any, str], np.ndarray] = {}
-        for c in SCORE_COLUMNS:
-            bucket = F.least(F.greatest(F.floor(F.col(c) * 10), F.lit(0)), F.lit(9)).cast("int")
-            for r in recent.where(F.col(c).isNotNull()).groupBy("as_of_date", bucket.alias("bin")).count().collect():
-                bins.setdefault((r["as_of_date"], c), np.zeros(10))[r["bin"]] = r["count"]
+        bins = {
+            (date, c): hist
+            for date, r in summary.items()
+            for c in SCORE_COLUMNS
+            if (hist := np.asarray(r[f"{c}_bins"], dtype=float)).sum()
+        }
         head = ["as of", "users scored", *[f"mean {c}" for c in SCORE_COLUMNS]]
         head += [f"{c} PSI vs the night before" for c in SCORE_COLUMNS] + ["model"]
         table = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
