@@ -54,6 +54,7 @@ def test_help_lists_every_command():
         "evaluate",
         "status",
         "pseudonymize",
+        "publish",
         *(s.command for s in STAGES),
     }
     assert set(listed) == expected and len(listed) == len(expected)

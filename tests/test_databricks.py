@@ -329,8 +329,8 @@ DATA_TABLES = ("events", "user_texts", "user_embeddings", "user_scores", "user_p
 def job_run(spark, workspace):
     """The job's tasks with the parameters databricks.yml gives them (the GPU conf left out: no GPU here),
     with the nightly notebook in the middle: ingest, textualize, embed; nightly for the same date (nothing
-    left to embed; no model yet, so it trains, scores, profiles, retains, reports); then train
-    (when_due=true: not due), score, profile, which find nothing to change; quarantine_retention with a
+    left to embed; no model yet, so it trains, scores, gates, profiles, retains, reports); then train
+    (when_due=true: not due), score, gate, profile, which find nothing to change; quarantine_retention with a
     3-day retention (so that rows expire); report; privacy_check as the job passes it (nightly.privacy_check
     false: skipped), then with nightly.privacy_check=true (it checks)."""
     from pyspark.sql import functions as F
@@ -355,7 +355,7 @@ def job_run(spark, workspace):
     files = {"before nightly": data_files()}
     runs["nightly"] = run_notebook("nightly", {**params, "date": LAST.isoformat()})
     files["after nightly"] = data_files()
-    runs.update({stage: task(stage) for stage in ("train", "score", "profile")})
+    runs.update({stage: task(stage) for stage in ("train", "score", "gate", "profile")})
     files["after the job"] = data_files()
     quarantine_dates = [
         r[0]

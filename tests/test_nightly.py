@@ -8,12 +8,14 @@ import datetime as dt
 import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
 
 from conftest import SHORT_TEXTS, data_files, make_settings
 from userlens.errors import ConcurrentRunError, UserlensError
+from userlens.features import latest_per_user
 from userlens.privacy import load_key
 from userlens.runs import RunLock, RunRecord, StageRun, run_stage
 from userlens.sample import SampleSpec, generate_sample, replay_day
@@ -36,6 +38,10 @@ OVERRIDES = [
     "nightly.report=false",
     SHORT_TEXTS,
 ]
+# the quality gate as configured by default, and a model due every night (the drill's night retrains)
+DRILL = [*OVERRIDES, "train.retrain_days=1"]
+# the 1%-active day is a sliver of a real day's feed: the gate's row check would rightly refuse it
+SLIVER = [*OVERRIDES, "gate.min_rows_ratio=0.001"]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +65,7 @@ def test_first_night_runs_every_stage(spark, night):
         "embed",
         "train",
         "score",
+        "gate",
         "profile",
         "quarantine_retention",
         "privacy_check",
@@ -190,6 +197,7 @@ def test_next_day_with_one_percent_active_reembeds_and_rescores_only_them(spark,
     day = LAST + dt.timedelta(days=1)
     active = replay_day(settings.source.path, LAST, day, n_users=2)
     assert train_due(settings, day) is None
+    settings = make_settings(root, *SLIVER)
     result = run_nightly(spark, settings, load_key(settings.privacy), day)
     assert result.stages["ingest"].rows_out > 0
     assert result.stages["embed"].users.embedded == len(active)
@@ -202,6 +210,80 @@ def test_next_day_with_one_percent_active_reembeds_and_rescores_only_them(spark,
     check = result.stages["privacy_check"]
     scanned = {t.table: t.rows for t in check.tables}
     assert not check.scope.full and scanned["events"] == result.stages["ingest"].rows_out
+
+
+def write_unpriced_day(raw: str, day: dt.date) -> int:
+    """A raw day whose feed lost its prices: every event of LAST and the purchases of the day before, moved
+    to ``day`` with new ids and every price 0. Returns the purchases written."""
+    lines = []
+    for source in (LAST, LAST - dt.timedelta(days=1)):
+        for path in sorted((Path(raw) / "events" / f"event_date={source}").glob("part-*")):
+            for line in path.read_text().splitlines():
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(event, dict) or not str(event.get("ts", "")).startswith(source.isoformat()):
+                    continue
+                if source != LAST and event.get("event_type") != "purchase":
+                    continue
+                event.update(ts=day.isoformat() + event["ts"][10:], event_id=f"drill-{event.get('event_id')}")
+                if "price" in event:
+                    event["price"] = 0.0
+                lines.append(event)
+    folder = Path(raw) / "events" / f"event_date={day}"
+    folder.mkdir(parents=True)
+    (folder / "part-00000.txt").write_text("\n".join(json.dumps(e) for e in lines) + "\n")
+    return sum(e.get("event_type") == "purchase" for e in lines)
+
+
+def test_a_night_whose_feed_lost_its_prices_is_refused_and_published_only_with_force(spark, night):
+    """The drill: nights 1 and 2 published; night 3's feed has every price 0 and a new model is due. The
+    gate refuses it: user_profiles stays at its version, LATEST stays, the new model is REFUSED, user_scores
+    is as published, pipeline_runs names the failed check with its figure, the error is one line. Then
+    `userlens publish --force` publishes the night with the refused model."""
+    from userlens.artifacts import ModelStore
+    from userlens.stages.gate import GateFailed
+    from userlens.stages.nightly import run_publish
+
+    root, _, _ = night
+    settings = make_settings(root, *DRILL)
+    tables, store = Tables(spark, settings.storage), ModelStore.of(settings)
+    day = LAST + dt.timedelta(days=2)
+    assert write_unpriced_day(settings.source.path, day) >= 20
+    published, profiles_version = store.latest(), tables.version("user_profiles")
+
+    def newest_scores():
+        rows = latest_per_user(tables.read("user_scores"), "as_of_date").collect()
+        return sorted((r["user_key"], str(r["as_of_date"]), r["model_version"], r["purchase_propensity"]) for r in rows)
+
+    scores_before = newest_scores()
+    with pytest.raises(GateFailed) as err:
+        run_nightly(spark, settings, load_key(settings.privacy), day)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"gate refused the night of {day}: prices: 100.0% of the night's ")
+    refused = store.refused()
+    assert refused is not None and refused != published  # the night's new model, never published
+    assert store.latest() == published and store.candidate() is None
+    assert tables.version("user_profiles") == profiles_version
+    assert newest_scores() == scores_before  # the night's scores (every user, by the new model) restored
+    gate = (
+        tables.read("pipeline_runs").where((F.col("stage") == "gate") & (F.col("as_of_date") == F.lit(day))).collect()
+    )
+    assert [r["status"] for r in gate] == ["failed"]
+    details = json.loads(gate[0]["details"])
+    assert details["failed_checks"] == ["prices"] and details["candidate"] == refused
+    prices = next(c for c in details["checks"] if c["name"] == "prices")
+    assert prices["value"] == pytest.approx(1.0) and prices["limit"] == settings.gate.max_unpriced_increase
+    assert details["scores_restored_to"] is not None
+
+    result = run_publish(spark, settings, day, force=True)
+    assert result.stages["gate"].forced and not result.stages["gate"].passed
+    assert store.latest() == refused and store.refused() is None
+    profiles = tables.read("user_profiles")
+    assert profiles.where(F.col("as_of_date") == F.lit(day)).count() == profiles.count() > 150
+    assert profiles.where(F.col("model_version") != refused).count() == 0
 
 
 def test_a_table_from_an_older_userlens_gains_the_new_columns(spark, tmp_path):

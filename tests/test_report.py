@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import re
 import sys
 from pathlib import Path
@@ -181,6 +182,34 @@ def _write_tables(spark, settings) -> None:
         ("run-2", "score", AS_OF, "succeeded", now, now + dt.timedelta(seconds=4), 40, 20, "{}"),
         (
             "run-2",
+            "gate",
+            AS_OF,
+            "failed",
+            now + dt.timedelta(seconds=5),
+            now + dt.timedelta(seconds=6),
+            None,
+            None,
+            json.dumps(
+                {
+                    "passed": False,
+                    "forced": False,
+                    "failed_checks": ["prices"],
+                    "checks": [
+                        {"name": "rows", "status": "pass", "detail": "0.93x", "value": 0.93, "limit": 5.0},
+                        {
+                            "name": "prices",
+                            "status": "fail",
+                            "detail": "<i>all</i> unpriced",
+                            "value": 1.0,
+                            "limit": 0.2,
+                        },
+                    ],
+                    "notes": ["model m2 refused (storage.models/REFUSED)"],
+                }
+            ),
+        ),
+        (
+            "run-2",
             "train",
             AS_OF,
             "failed",
@@ -203,7 +232,7 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
 
     assert Path(result.path) == tmp_path / "reports" / f"userlens-report-{AS_OF.isoformat()}.html"
     assert result.rendered == [
-        *("model", "scores", "segments", "embeddings", "recommendations", "trends", "quality", "runs")
+        *("model", "scores", "segments", "embeddings", "recommendations", "trends", "quality", "gate", "runs")
     ]
     assert result.skipped == []
     page = Path(result.path).read_text(encoding="utf-8")
@@ -233,10 +262,16 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     assert trends.count("&ndash;") == 2  # the first night: no night before to compare with
     assert re.search(rf'<td class="n">\d+\.\d{{3}}</td><td>{VERSION}</td></tr>', trends)  # the last: PSIs
     # data quality: the two ingest nights side by side, oldest first, each reason as a share of the rows read
-    quality = page[page.index('<section id="quality">') : page.index('<section id="runs">')]
+    quality = page[page.index('<section id="quality">') : page.index('<section id="gate">')]
     assert quality.index("1,000") < quality.index("2,000")
     assert "8 (0.80%)" in quality and "4 (0.20%)" in quality and "96 (4.80%)" in quality
     assert "&lt;b&gt;odd&lt;/b&gt;" in quality and "<b>odd" not in quality  # a reason's name, escaped
+    # the quality gate: the refused night, its failed check marked, every figure beside its limit
+    gate = page[page.index('<section id="gate">') : page.index('<section id="runs">')]
+    assert "<b>refused: nothing was published" in gate and "failed: prices" in gate
+    assert '<tr class="bad"><td>prices</td><td>fail</td><td class="n">1.000</td><td class="n">0.200</td>' in gate
+    assert "<tr><td>rows</td><td>pass</td>" in gate
+    assert "&lt;i&gt;all&lt;/i&gt; unpriced" in gate and "model m2 refused" in gate
 
 
 def test_empty_warehouse_and_models_build_with_notes(spark, tmp_path: Path) -> None:
@@ -246,9 +281,9 @@ def test_empty_warehouse_and_models_build_with_notes(spark, tmp_path: Path) -> N
     result = build_report(spark, settings, str(out))
 
     assert result.path == str(out) and result.rendered == []
-    assert len(result.skipped) == 8
+    assert len(result.skipped) == 9
     page = out.read_text(encoding="utf-8")
-    assert page.count("not available yet: run") == 8
+    assert page.count("not available yet: run") == 9
     for stage in ("train", "score", "profile", "nightly"):
         assert f"<code>userlens {stage}</code>" in page
     assert "data:image/png" not in page and "http" not in page

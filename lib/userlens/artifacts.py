@@ -4,6 +4,8 @@
 
     <storage.models>/
         LATEST                      the published model version (written after a complete artifact)
+        CANDIDATE                   a newer model the quality gate has not passed yet (gate.enabled)
+        REFUSED                     the last model the gate refused (`userlens publish --force` takes it)
         <version>/                  one model artifact (userlens.models.predictor: model.json last)
             metrics.json            :class:`~userlens.models.contracts.ModelMetrics`
         snapshots/<snapshot_id>/    the point-in-time training sets (split=train|valid|test, items/)
@@ -23,11 +25,13 @@ from typing import Any
 
 from userlens.config import Settings
 from userlens.models.contracts import ModelMetrics
-from userlens.models.storage import exists, read_bytes, read_json, write_bytes, write_json
+from userlens.models.storage import delete, exists, read_bytes, read_json, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
+CANDIDATE = "CANDIDATE"
+REFUSED = "REFUSED"
 SNAPSHOTS = "snapshots"
 SEGMENTS = "segments"
 
@@ -46,14 +50,60 @@ class ModelStore:
     def path(self, version: str) -> str:
         return f"{self.root}/{version}"
 
+    def _pointer(self, name: str) -> str | None:
+        pointer = f"{self.root}/{name}"
+        return read_bytes(pointer).decode().strip() if exists(pointer) else None
+
+    def _point(self, name: str, version: str) -> None:
+        write_bytes(f"{self.root}/{name}", (version + "\n").encode())
+
     def latest(self) -> str | None:
         """The published version, or None before the first model."""
-        pointer = f"{self.root}/{LATEST}"
-        return read_bytes(pointer).decode().strip() if exists(pointer) else None
+        return self._pointer(LATEST)
 
     def publish(self, version: str) -> None:
         """Point LATEST at ``version`` (call it after the artifact is complete)."""
-        write_bytes(f"{self.root}/{LATEST}", (version + "\n").encode())
+        self._point(LATEST, version)
+
+    def candidate(self) -> str | None:
+        """A newer model waiting for the quality gate, or None."""
+        return self._pointer(CANDIDATE)
+
+    def propose(self, version: str) -> None:
+        """Make ``version`` the candidate (LATEST unchanged until the gate promotes it)."""
+        self._point(CANDIDATE, version)
+
+    def serving(self) -> str | None:
+        """The model the score stage uses: the candidate while there is one, else the published model."""
+        return self.candidate() or self.latest()
+
+    def promote(self) -> str | None:
+        """The candidate becomes LATEST; its version, or None when there was no candidate."""
+        version = self.candidate()
+        if version is not None:
+            self.publish(version)
+            delete(f"{self.root}/{CANDIDATE}")
+        return version
+
+    def refuse(self) -> str | None:
+        """The candidate becomes REFUSED (kept for `userlens publish --force`); LATEST unchanged."""
+        version = self.candidate()
+        if version is not None:
+            self._point(REFUSED, version)
+            delete(f"{self.root}/{CANDIDATE}")
+        return version
+
+    def refused(self) -> str | None:
+        """The last model the gate refused, or None."""
+        return self._pointer(REFUSED)
+
+    def reconsider(self) -> str | None:
+        """The refused model becomes the candidate again (``publish --force``); its version or None."""
+        version = self.refused()
+        if version is not None:
+            self.propose(version)
+            delete(f"{self.root}/{REFUSED}")
+        return version
 
     def metrics(self, version: str) -> ModelMetrics | None:
         """The version's metrics.json, or None when it has none; ValueError when it cannot be read."""

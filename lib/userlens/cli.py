@@ -122,15 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
         "nightly",
         parents=[common],
         help="every stage for one as-of date, incrementally",
-        description="Ingest, textualize, embed, train (when due), score, profile, quarantine retention, report and "
-        "privacy check for one as-of date, under the warehouse's run lock; only changed users are re-embedded "
-        "and re-scored. docs/operations.md.",
+        description="Ingest, textualize, embed, train (when due), score, the quality gate, profile, quarantine "
+        "retention, report and privacy check for one as-of date, under the warehouse's run lock; only changed "
+        "users are re-embedded and re-scored. docs/operations.md.",
         epilog="example: userlens nightly --conf conf/cluster.yaml",
     )
     nightly.add_argument("--date", type=_date, help="as-of date (default: the newest raw date)")
     nightly.add_argument(
         "--report-out", metavar="FILE.html", help="where the report goes (default: nightly.report_dir)"
     )
+
+    publish = sub.add_parser(
+        "publish",
+        parents=[common],
+        help="score, gate and profile one night again: publish a night the quality gate refused (--force)",
+        description="Run score, the quality gate and profile for one as-of date under the nightly's run lock. "
+        "With --force the model the gate refused is the candidate again and failed checks are recorded but do "
+        "not stop the publication: for an operator who has looked at why the gate refused the night. "
+        "docs/operations.md.",
+        epilog="example: userlens publish --force --date 2026-10-30",
+    )
+    publish.add_argument("--date", type=_date, help="as-of date (default: the newest embedding date)")
+    publish.add_argument("--force", action="store_true", help="publish even when a check fails")
 
     demo = sub.add_parser(
         "demo",
@@ -382,6 +395,14 @@ def cmd_nightly(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    from userlens.stages.nightly import run_publish
+
+    check_warehouse(settings)
+    print(_nightly_summary(run_publish(_spark(settings), settings, args.date, args.force)))
+    return 0
+
+
 def _nightly_summary(result: Any) -> str:
     return "\n".join(
         [
@@ -518,6 +539,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "sample": cmd_sample,
     "check-source": cmd_check_source,
     "nightly": cmd_nightly,
+    "publish": cmd_publish,
     "demo": cmd_demo,
     "evaluate": cmd_evaluate,
 }

@@ -518,6 +518,64 @@ class NightlySettings(_Strict):
     privacy_check: bool = Field(False, description="`userlens privacy-check` as the last stage; a fail fails the night")
 
 
+class GateSettings(_Strict):
+    """The quality gate between score and profile (docs/operations.md, "The quality gate")."""
+
+    enabled: bool = Field(
+        True, description="check each night's output before profile publishes it; a new model waits as a candidate"
+    )
+    max_auc_drop: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="a new model's test AUC (purchase, churn) may be this much below the published model's",
+    )
+    max_recall_drop: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="a new model's test recall@k may be this share below the published model's (0.2: a fifth)",
+    )
+    min_standard_errors: float = Field(
+        2.0,
+        ge=0,
+        description="a metric's drop fails only when it is also this many standard errors of the difference "
+        "(a small test split cannot fail a night by chance)",
+    )
+    max_psi: float = Field(
+        0.25,
+        gt=0,
+        description="population stability index of each score over every user, after the night against before "
+        "(0.1-0.25: a shift worth a look; above 0.25: one that needs an explanation)",
+    )
+    max_segments_changed: float = Field(
+        0.5, gt=0, le=1, description="share of profiled users whose segment the night changes"
+    )
+    max_recommendations_changed: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of users whose top 3 recommendations the night changes, with the same model "
+        "(a new model is judged by its recall@k instead)",
+    )
+    min_rows_ratio: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="the night's events per raw date may not fall below this times the median of the last 7 ingests",
+    )
+    max_rows_ratio: float = Field(
+        5.0, ge=1, description="nor rise above this times that median (a replayed or duplicated feed)"
+    )
+    max_unpriced_increase: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="the night's share of purchases without a positive price may exceed the median share of the "
+        "7 days before by this much (a feed that lost its prices)",
+    )
+
+
 DatasetAdapter = Literal["movielens-100k", "movielens", "amazon", "sequences", "retailrocket"]
 
 
@@ -604,6 +662,7 @@ class Settings(_Strict):
     train: TrainSettings = Field(TrainSettings(), description="the model")
     profile: ProfileSettings = Field(ProfileSettings(), description="segments and interests")
     nightly: NightlySettings = Field(NightlySettings(), description="the nightly run")
+    gate: GateSettings = Field(GateSettings(), description="the quality gate before profiles are published")
     dataset: DatasetSettings = Field(DatasetSettings(), description="a public dataset as the source")
     evaluate: EvaluateSettings = Field(EvaluateSettings(), description="`userlens evaluate`")
 

@@ -90,6 +90,7 @@ class NotebookParams:
     overrides: tuple[str, ...] = ()
     date: dt.date | None = None
     full: bool = False
+    force: bool = False
     when_due: bool = False
     when_enabled: bool = False
     secret_scope: str | None = None
@@ -137,6 +138,7 @@ def parse_widgets(stage: str, raw: dict[str, str]) -> NotebookParams:
         overrides=values["set"],
         date=values.get("date"),
         full=values.get("full", False),
+        force=values.get("force", False),
         when_due=values.get("when_due", False),
         when_enabled=values.get("when_enabled", False),
         secret_scope=values.get("secret_scope"),
@@ -292,6 +294,7 @@ def _optional(text: str, widget: Widget) -> str | None:
 _PARSERS = {
     "date": _date,
     "full": _choice,
+    "force": _choice,
     "when_due": _choice,
     "when_enabled": _choice,
     "conf": _conf,

@@ -44,6 +44,7 @@ from userlens.artifacts import ModelStore
 from userlens.config import Settings
 from userlens.errors import UserlensError, first_line
 from userlens.models.contracts import ModelMetrics
+from userlens.models.metrics import population_stability_index
 from userlens.models.tasks import BINARY_TASKS
 from userlens.tables import Tables
 
@@ -67,7 +68,7 @@ STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;max-width:980px;margin:1.5em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left}
-td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f4f4f4}
+td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f4f4f4}tr.bad td{background:#fde8e8}
 .na{color:#8a5a00;background:#fff6e0;padding:.4em .7em;border-left:3px solid #e0a800}
 .meta{color:#666}img{max-width:100%;display:block;margin:.5em 0}code{background:#f4f4f4;padding:0 .2em}
 """.strip()
@@ -113,6 +114,7 @@ def build_report(
         ("recommendations", "Recommendation metrics", context.recommendations_section),
         ("trends", "Scores across the last nights", context.trends_section),
         ("quality", "Data quality: the last nights' ingest", context.quality_section),
+        ("gate", "Quality gate: the last check before publishing", context.gate_section),
         ("runs", "Pipeline runs", context.runs_section),
     ]
     rendered: list[str] = []
@@ -538,6 +540,51 @@ class _Context:
             "events_quarantine)</p>\n" + "\n".join(table)
         )
 
+    # -- the quality gate ---------------------------------------------------------------------
+    def gate_section(self) -> str:
+        """The newest gate run: its verdict and every check with its figure and limit (pipeline_runs)."""
+        from pyspark.sql import functions as F
+
+        if not self.tables.exists("pipeline_runs"):
+            raise _not_yet("nightly", "no pipeline_runs table")
+        row = (
+            self.tables.read("pipeline_runs")
+            .where(F.col("stage") == "gate")
+            .orderBy(F.desc("started_at"))
+            .select("run_id", "as_of_date", "status", "started_at", "details")
+            .first()
+        )
+        if row is None:
+            raise _not_yet("nightly", "no gate run in pipeline_runs (gate.enabled false, or no night yet)")
+        try:
+            details = json.loads(row["details"] or "{}")
+        except ValueError:
+            details = {}
+        checks = details.get("checks") or []
+        if details.get("forced") and details.get("failed_checks"):
+            verdict = "failed, published with --force"
+        elif row["status"] == "succeeded":
+            verdict = "passed: the night was published"
+        else:
+            verdict = 'refused: nothing was published (docs/operations.md, "The quality gate")'
+        table = ["<table><tr><th>check</th><th>result</th><th>figure</th><th>limit</th><th>what was measured</th></tr>"]
+        for c in checks:
+            mark = ' class="bad"' if c.get("status") == "fail" else ""
+            table.append(
+                f"<tr{mark}><td>{_e(c.get('name'))}</td><td>{_e(c.get('status'))}</td>"
+                f'<td class="n">{_fmt(c.get("value"), 3)}</td><td class="n">{_fmt(c.get("limit"), 3)}</td>'
+                f"<td>{_e(c.get('detail'))}</td></tr>"
+            )
+        table.append("</table>")
+        notes = "".join(f"<p>{_e(n)}</p>\n" for n in details.get("notes") or [])
+        return (
+            f"<p>night of {_e(row['as_of_date'])} (run {_e(row['run_id'])}): <b>{_e(verdict)}</b>"
+            + (f"; failed: {_e(', '.join(details['failed_checks']))}" if details.get("failed_checks") else "")
+            + "</p>\n"
+            + notes
+            + "\n".join(table)
+        )
+
     # -- runs ---------------------------------------------------------------------------------
     def runs_section(self) -> str:
         from pyspark.sql import functions as F
@@ -760,14 +807,6 @@ def wilson_interval(positives: np.ndarray, n: np.ndarray, z: float = 1.96) -> tu
     centre = (share + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
-
-
-def population_stability_index(expected: np.ndarray, actual: np.ndarray, floor: float = 1e-4) -> float:
-    """PSI = sum over bins of (a - e) * ln(a / e), with e and a the bins' shares of each population's count
-    (shares below ``floor`` raised to it, so an empty bin does not make it infinite)."""
-    e = np.maximum(np.asarray(expected, dtype=float) / max(float(np.sum(expected)), 1.0), floor)
-    a = np.maximum(np.asarray(actual, dtype=float) / max(float(np.sum(actual)), 1.0), floor)
-    return float(np.sum((a - e) * np.log(a / e)))
 
 
 def gains_by_decile(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

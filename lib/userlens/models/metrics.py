@@ -328,3 +328,14 @@ def standard_error(values: npt.ArrayLike) -> float:
     """The standard error of the mean of per-user values (sample standard deviation / sqrt(n); 0 for n < 2)."""
     v = np.asarray(values, dtype=float)
     return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+# --- distributions -----------------------------------------------------------------------------------
+
+
+def population_stability_index(expected: npt.ArrayLike, actual: npt.ArrayLike, floor: float = 1e-4) -> float:
+    """PSI = sum over bins of (a - e) * ln(a / e), with e and a the bins' shares of each population's count
+    (shares below ``floor`` raised to it, so an empty bin does not make it infinite)."""
+    e = np.maximum(np.asarray(expected, dtype=float) / max(float(np.sum(expected)), 1.0), floor)
+    a = np.maximum(np.asarray(actual, dtype=float) / max(float(np.sum(actual)), 1.0), floor)
+    return float(np.sum((a - e) * np.log(a / e)))

@@ -44,6 +44,15 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def delete(uri: str) -> None:
+    """Delete one file; nothing when it does not exist."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def list_files(uri: str, suffix: str = ".parquet") -> list[str]:
     """Files under a directory (not recursive), sorted; full URIs/paths."""
     import pyarrow.fs as pafs

@@ -127,6 +127,12 @@ def _score(call: StageCall, run: "StageRun") -> Any:
     return run_score(call.spark, call.settings, run, call.date)
 
 
+def _gate(call: StageCall, run: "StageRun") -> Any:
+    from userlens.stages.gate import run_gate
+
+    return run_gate(call.spark, call.settings, run, call.date, bool(call.option("force", False)))
+
+
 def _profile(call: StageCall, run: "StageRun") -> Any:
     from userlens.stages.profile import run_profile
 
@@ -226,6 +232,10 @@ def _switched_off(key: str) -> Callable[[StageCall], str | None]:
     return skip
 
 
+def _switched_off_gate(call: StageCall) -> str | None:
+    return None if call.settings.gate.enabled else "gate.enabled is false"
+
+
 # -------------------------------------------------------------------------- summaries (one line each)
 def _summary(name: str) -> Callable[[Any], str]:
     def summary(result: Any) -> str:
@@ -293,6 +303,22 @@ STAGES: tuple[Stage, ...] = (
         example="userlens score",
         date_help="as-of date (default: the newest embedding date)",
         requires=(check_model,),
+    ),
+    Stage(
+        "gate",
+        "gate",
+        "check the night's scores and any new model against the last published version",
+        _gate,
+        _summary("gate"),
+        description="The quality gate before profile: a new model's test metrics, the scores' stability, "
+        "segment and recommendation churn, and the night's row counts against the last published version. "
+        "Passed: the new model is published. Failed: exit 1, nothing is published and user_scores is "
+        "restored (docs/operations.md).",
+        example="userlens gate --date 2026-10-30",
+        date_help="as-of date (default: the newest score date)",
+        options=(Option("force", "publish even when a check fails (after a look)", "flag"),),
+        nightly_skip=_switched_off_gate,
+        skip_widget=("when_enabled", "Check only when gate.enabled is true (as nightly)"),
     ),
     Stage(
         "profile",

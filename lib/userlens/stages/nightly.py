@@ -1,7 +1,10 @@
 """Nightly: every stage for one as-of date, incrementally, each with its own ``pipeline_runs`` row.
 
-    ingest -> textualize -> embed -> train (when due) -> score -> profile -> quarantine_retention
-    -> report (with nightly.report) -> privacy_check (with nightly.privacy_check)
+    ingest -> textualize -> embed -> train (when due) -> score -> gate (with gate.enabled) -> profile
+    -> quarantine_retention -> report (with nightly.report) -> privacy_check (with nightly.privacy_check)
+
+A night the quality gate refuses publishes nothing: profile and the stages after it are skipped but the
+report, which shows the failed check, and the night exits non-zero with the gate's one line.
 
 (the nightly stages of :data:`userlens.stages.STAGES`, in that order; each says when a night skips it).
 
@@ -34,6 +37,10 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
+
+# what a night still runs after the quality gate refused it (nothing that publishes; the report shows the
+# failed check)
+AFTER_A_REFUSAL = ("quarantine_retention", "report", "privacy_check")
 
 
 def train_due(settings: Settings, as_of: dt.date) -> str | None:
@@ -69,20 +76,61 @@ def _nightly(
 ) -> NightlyResult:
     """The registry's nightly stages in order; ingest's as-of date is the night's when none is given."""
     from userlens.stages import StageCall, nightly_stages
+    from userlens.stages.gate import GateFailed
 
     out = NightlyResult(as_of_date=date)
     call = StageCall(spark, settings, key, date, {"full": False, "out": report_path})
+    refused: GateFailed | None = None
     for stage in nightly_stages():
         skip = stage.nightly_skip(call) if stage.nightly_skip is not None else None
+        if refused is not None and stage.name not in AFTER_A_REFUSAL:
+            skip = "the quality gate refused the night"
         if skip:
             log.info("nightly: %s skipped: %s", stage.name, skip)
             continue
         log.info("nightly: %s", stage.name)
-        result = out.stages[stage.name] = run_stage(stage.name, settings, spark, lambda run: stage.run(call, run))
+        try:
+            result = out.stages[stage.name] = run_stage(stage.name, settings, spark, lambda run: stage.run(call, run))
+        except GateFailed as exc:
+            refused = exc  # the report still shows the failed check; then the night fails with it
+            continue
         if out.as_of_date is None:  # the first stage (ingest) finds the night's date
             out.as_of_date = result.as_of_date
             call = replace(call, date=out.as_of_date)
             log.info("nightly: as of %s", out.as_of_date)
         if stage.name == "report":
             out.report = str(result.path)
+    if refused is not None:
+        raise refused
     return out
+
+
+# what `userlens publish` runs: the night's scores again (with a refused model under --force), the gate, profile
+PUBLISH_STAGES = ("score", "gate", "profile")
+
+
+def run_publish(
+    spark: "SparkSession", settings: Settings, date: dt.date | None = None, force: bool = False
+) -> NightlyResult:
+    """Score, gate and profile for ``date`` under the nightly's run lock: publish a night the gate refused,
+    once an operator has looked. ``force``: the refused model (storage.models/REFUSED) is the candidate
+    again and the gate's checks are recorded but do not stop the publication."""
+    from userlens.runs import RunLock, new_run_id
+    from userlens.stages import BY_NAME, StageCall
+    from userlens.tables import Tables
+
+    with RunLock(Tables(spark, settings.storage), "nightly", new_run_id(), settings.nightly.lock_hours):
+        if force:
+            again = ModelStore.of(settings).reconsider()
+            if again:
+                log.info("publish: model %s, refused by the gate, is the candidate again (--force)", again)
+        out = NightlyResult(as_of_date=date)
+        call = StageCall(spark, settings, None, date, {"force": force})
+        for name in PUBLISH_STAGES:
+            stage = BY_NAME[name]
+            log.info("publish: %s", name)
+            result = out.stages[name] = run_stage(name, settings, spark, lambda run: stage.run(call, run))
+            if out.as_of_date is None:
+                out.as_of_date = result.as_of_date
+                call = replace(call, date=out.as_of_date)
+        return out

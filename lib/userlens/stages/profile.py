@@ -37,10 +37,10 @@ from userlens.errors import UserlensError
 from userlens.features import latest_per_user
 from userlens.privacy import model_properties
 from userlens.runs import RunRecord, StageRun
+from userlens.segments import SegmentModel, assign_segments, reusable_segment_model
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
-    from pyspark.ml.clustering import KMeansModel
     from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
@@ -79,28 +79,18 @@ def rfm(events: DataFrame, as_of: dt.date) -> DataFrame:
     )
 
 
-@dataclass(frozen=True)
-class SegmentModel:
-    model: "KMeansModel"
-    version: str
-    fitted: bool
-
-
 def segment_model(
     spark: "SparkSession", settings: Settings, embeddings: DataFrame, model_id: str, as_of: dt.date
 ) -> SegmentModel:
     """The current k-means model: reused while young enough and on the same encoder, else refitted."""
-    from pyspark.ml.clustering import KMeans, KMeansModel
+    from pyspark.ml.clustering import KMeans
     from pyspark.ml.functions import array_to_vector
 
     cfg = settings.profile
     store = ModelStore.of(settings)
-    published = store.latest_segments()
-    if published is not None:
-        version, meta = published
-        age = (as_of - dt.date.fromisoformat(meta["as_of_date"])).days
-        if meta["embed_model_id"] == model_id and meta["k"] == cfg.segments and 0 <= age < cfg.segment_refit_days:
-            return SegmentModel(KMeansModel.load(f"{store.segment_path(version)}/kmeans"), version, False)
+    reused = reusable_segment_model(settings, model_id, as_of)
+    if reused is not None:
+        return reused
     version = f"seg-{as_of.isoformat()}"
     vectors = embeddings.select(array_to_vector(F.col("embedding")).alias("x"))
     n = vectors.count()
@@ -113,15 +103,6 @@ def segment_model(
     )
     log.info("profile: fitted %d segments on %d users (%s)", cfg.segments, n, version)
     return SegmentModel(model, version, True)
-
-
-def assign_segments(model: "KMeansModel", embeddings: DataFrame) -> DataFrame:
-    """(user_key, segment_id) for every user."""
-    from pyspark.ml.functions import array_to_vector
-
-    return model.transform(embeddings.select("user_key", array_to_vector(F.col("embedding")).alias("x"))).select(
-        "user_key", F.col("prediction").cast("int").alias("segment_id")
-    )
 
 
 def describe_segments(
@@ -190,6 +171,7 @@ class ProfileResult:
     segments_refitted: bool
     min_segment_size: int = 0
     model_properties: dict[str, str] = field(default_factory=dict)
+    scores_version: int | None = None  # the user_scores version published (the quality gate's reference)
 
     def run_record(self) -> RunRecord:
         return RunRecord(
@@ -205,6 +187,7 @@ class ProfileResult:
                 "segments_refitted": self.segments_refitted,
                 "min_segment_size": self.min_segment_size,
                 "model_properties": self.model_properties,
+                "scores_version": self.scores_version,
             },
         )
 
@@ -215,6 +198,12 @@ def run_profile(
     """Assemble and MERGE ``user_profiles`` for ``as_of`` (default: the newest embedding date)."""
     from pyspark import StorageLevel
 
+    pending = ModelStore.of(settings).candidate()
+    if settings.gate.enabled and pending is not None:
+        raise UserlensError(
+            f"model {pending} is a candidate the quality gate has not passed: run `userlens gate` "
+            "(the nightly does), or `userlens publish --force` after a look"
+        )
     tables = Tables(spark, settings.storage)
     as_of = tables.as_of_date("user_embeddings", "as_of_date", "embed", as_of)
     run.as_of_date = as_of
@@ -249,7 +238,12 @@ def run_profile(
         tables.merge("segments", segments)
         seg_rows = segments.select("segment_id", "users", "published").collect()
         published_ids = [r["segment_id"] for r in seg_rows if r["published"]]
-        scores = latest_per_user(tables.read("user_scores").where(F.col("as_of_date") <= F.lit(as_of)), "as_of_date")
+        # read at one version, recorded: the quality gate compares the next night with what was published
+        scores_version = tables.version("user_scores") if tables.exists("user_scores") else None
+        all_scores = (
+            tables.read("user_scores") if scores_version is None else tables.read_version("user_scores", scores_version)
+        )
+        scores = latest_per_user(all_scores.where(F.col("as_of_date") <= F.lit(as_of)), "as_of_date")
         profile = (
             embeddings.select("user_key", "embedding")
             .join(
@@ -305,6 +299,7 @@ def run_profile(
         seg.fitted,
         settings.privacy.min_segment_size,
         {k: v for k, v in properties.items() if v is not None},
+        scores_version,
     )
     log.info(
         "profile: %d users as of %s (%d new, %d changed rows); %d segments published, %d suppressed "

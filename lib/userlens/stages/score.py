@@ -1,4 +1,7 @@
-"""Score: the latest model artifact over user embeddings + numeric features as of D -> ``user_scores``.
+"""Score: the serving model over user embeddings + numeric features as of D -> ``user_scores``.
+
+The serving model is the candidate a new training made while the quality gate has not yet passed it
+(:mod:`userlens.stages.gate`), else the published one (LATEST).
 
 Incremental: a user is scored when its (text_hash, model_version) differs from
 its newest row in ``user_scores`` (a new text, hence a new embedding, or a new
@@ -164,9 +167,10 @@ class ScoreResult:
 
 
 def require_model(settings: Settings) -> tuple[str, str]:
-    """(version, path) of the latest model; one line naming `userlens train` when there is none."""
+    """(version, path) of the model to score with: the candidate waiting for the quality gate while there is
+    one, else the published model; one line naming `userlens train` when there is none."""
     store = ModelStore.of(settings)
-    version = store.latest()
+    version = store.serving()
     if version is None:
         raise UserlensError(f"no model in {store.root}: run `userlens train` first")
     return version, store.path(version)

@@ -74,6 +74,22 @@ def score(r: Any) -> str:
     return f"score: {r.scored} users scored, {r.unchanged} unchanged (model {r.model_version}, as of {r.as_of_date})"
 
 
+def gate(r: Any) -> str:
+    counted = {status: sum(c.status == status for c in r.checks) for status in ("pass", "fail", "skip")}
+    verdict = "passed" if r.passed else ("failed, published by --force" if r.forced else "failed: nothing published")
+    lines = [
+        f"gate: {verdict} ({counted['pass']} checks passed, {counted['fail']} failed, {counted['skip']} skipped); "
+        + (
+            f"model {r.candidate} " + ("published" if r.passed or r.forced else "refused")
+            if r.candidate
+            else f"model {r.model_version} stays"
+        )
+    ]
+    lines += [f"  note: {n}" for n in r.notes]
+    lines += [f"  {c.status:4}  {c.line()}" for c in r.checks if c.status != "skip"]
+    return "\n".join(lines)
+
+
 def profile(r: Any) -> str:
     return (
         f"profile: {r.users} users as of {r.as_of_date} ({r.inserted} new, {r.updated} changed rows); "

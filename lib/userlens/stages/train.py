@@ -303,7 +303,11 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         )
         timings["fusion_seconds"] = time.perf_counter() - t0
 
-    store.publish(version)
+    if settings.gate.enabled and store.latest() is not None:
+        store.propose(version)  # published by the quality gate (userlens.stages.gate) when the night passes
+        log.info("train: model %s is the candidate; the quality gate publishes it", version)
+    else:
+        store.publish(version)
     timings["total_seconds"] = time.perf_counter() - started
     if train.mlflow.enabled:
         _log_mlflow(settings, job, summary, baseline, artifact)
