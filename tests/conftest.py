@@ -30,6 +30,11 @@ SPARK_OVERRIDES = [
 SHORT_TEXTS = "textualize.max_tokens=96"
 
 
+# The explain stage's occlusion embeds a text per active day of each user it explains; pipeline tests explain
+# three users a night (tests/test_explain.py checks what an explanation says).
+FEW_EXPLAINED = "explain.sample_size=3"
+
+
 # The train stage's ALS baseline tries a grid of settings on the valid split (12 fits); pipeline tests
 # fit the one configured setting, and tests/test_train.py's two-process run checks the tuning.
 FIXED_ALS = "train.recommend.als.tune=false"
@@ -37,7 +42,7 @@ FIXED_ALS = "train.recommend.als.tune=false"
 
 def make_settings(tmp_path: Path, *overrides: str) -> Settings:
     """Local settings with the warehouse, models and source under tmp_path (the train stage's ALS baseline
-    not tuned: FIXED_ALS)."""
+    not tuned: FIXED_ALS; three users explained a night: FEW_EXPLAINED)."""
     return load_settings(
         None,
         [
@@ -46,6 +51,7 @@ def make_settings(tmp_path: Path, *overrides: str) -> Settings:
             f"storage.models={tmp_path / 'models'}",
             f"source.path={tmp_path / 'raw'}",
             FIXED_ALS,
+            FEW_EXPLAINED,
             *overrides,
         ],
     )

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import SHORT_TEXTS, TEST_KEY, files_holding, is_key
+from conftest import FEW_EXPLAINED, SHORT_TEXTS, TEST_KEY, files_holding, is_key
 from userlens.config import CONF_DIR, load_settings
 from userlens.errors import ConfigError, SecretError
 from userlens.notebook import STAGE_NOTEBOOKS, WIDGETS, WidgetError, load_notebook_key, parse_widgets
@@ -61,6 +61,7 @@ TINY = [
     "profile.segments=2",
     "privacy.min_segment_size=5",
     SHORT_TEXTS,
+    FEW_EXPLAINED,
     # a full VACUUM (quarantine retention) lists the table with this many tasks, 10,000 by default:
     # 30-60 s on two local cores for a table of two files
     "spark.conf.spark.sql.sources.parallelPartitionDiscovery.parallelism=2",
@@ -355,7 +356,7 @@ def job_run(spark, workspace):
     files = {"before nightly": data_files()}
     runs["nightly"] = run_notebook("nightly", {**params, "date": LAST.isoformat()})
     files["after nightly"] = data_files()
-    runs.update({stage: task(stage) for stage in ("train", "score", "gate", "profile")})
+    runs.update({stage: task(stage) for stage in ("train", "score", "gate", "profile", "explain")})
     files["after the job"] = data_files()
     quarantine_dates = [
         r[0]

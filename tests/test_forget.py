@@ -131,7 +131,7 @@ def plant(spark, tables: Tables, keys: dict[str, str], snapshot: str) -> None:
     tables.merge("user_embeddings", spark.createDataFrame(embeddings, table_schema("user_embeddings")))
     tables.ensure("user_scores")
     spark.sql(f"ALTER TABLE {tables.sql_name('user_scores')} SET TBLPROPERTIES ('delta.enableDeletionVectors'='true')")
-    scores = [(k, d, "v1", "h", 0.3, 0.1, "books", 0.4, NOW, ["i1"]) for k in users for d in (D1, D2)]
+    scores = [(k, d, "v1", "h", 0.3, 0.1, "books", 0.4, NOW, ["i1"], None) for k in users for d in (D1, D2)]
     tables.merge("user_scores", spark.createDataFrame(scores, table_schema("user_scores")))
     profiles = [(k, D2, vec, 0.3, 0.1, "books", ["books"], 1, ["i1"], 2, 5, 20.0, "v1", NOW, "m", "s1") for k in users]
     tables.merge("user_profiles", spark.createDataFrame(profiles, table_schema("user_profiles")))

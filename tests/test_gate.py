@@ -190,10 +190,10 @@ def test_prices_check_compares_the_nights_unpriced_purchases_with_the_days_befor
 def test_restore_brings_back_the_published_scores_unless_something_else_wrote_since(spark, tmp_path):
     settings = make_settings(tmp_path)
     tables = Tables(spark, settings.storage)
-    row = ("u1", DAY, "m1", "h", 0.5, 0.5, None, None, dt.datetime(2026, 10, 15), None)
+    row = ("u1", DAY, "m1", "h", 0.5, 0.5, None, None, dt.datetime(2026, 10, 15), None, None)
     tables.merge("user_scores", spark.createDataFrame([row], tables.read("user_scores").schema))
     published = tables.version("user_scores")
-    night = ("u1", DAY + dt.timedelta(days=1), "m2", "h2", 0.9, 0.1, None, None, dt.datetime(2026, 10, 16), None)
+    night = ("u1", DAY + dt.timedelta(days=1), "m2", "h2", 0.9, 0.1, None, None, dt.datetime(2026, 10, 16), None, None)
     tables.merge("user_scores", spark.createDataFrame([night], tables.read("user_scores").schema))
     assert tables.read("user_scores").count() == 2
     restored, why = restore_scores(tables, published)

@@ -67,6 +67,7 @@ def test_first_night_runs_every_stage(spark, night):
         "score",
         "gate",
         "profile",
+        "explain",
         "quarantine_retention",
         "privacy_check",
     ]  # local.yaml: nightly.privacy_check
@@ -287,15 +288,19 @@ def test_a_night_whose_feed_lost_its_prices_is_refused_and_published_only_with_f
 
 
 def test_a_table_from_an_older_userlens_gains_the_new_columns(spark, tmp_path):
-    """user_scores written before recommended_items and the column comments existed: the column is added with
-    its comment, every column gets its comment, rows are kept."""
+    """user_scores written before recommended_items, explanations and the column comments existed: the
+    columns are added with their comments, every column gets its comment, rows are kept."""
     from pyspark.sql import types as T
 
     settings = make_settings(tmp_path)
     location = Tables(spark, settings.storage).location("user_scores")
     old = TABLES["user_scores"].schema
     old_schema = T.StructType(
-        [T.StructField(f.name, f.dataType, f.nullable) for f in old if f.name != "recommended_items"]
+        [
+            T.StructField(f.name, f.dataType, f.nullable)
+            for f in old
+            if f.name not in ("recommended_items", "explanations")
+        ]
     )
     row = {
         "user_key": "u1",
@@ -313,6 +318,7 @@ def test_a_table_from_an_older_userlens_gains_the_new_columns(spark, tmp_path):
     upgraded = tables.read("user_scores")
     assert upgraded.columns == [f.name for f in old.fields]
     assert upgraded.count() == 1 and upgraded.first()["recommended_items"] is None
+    assert upgraded.first()["explanations"] is None
     stored = spark.read.format("delta").load(location).schema
     assert {f.name: f.metadata.get("comment") for f in stored} == {f.name: f.metadata["comment"] for f in old}
 

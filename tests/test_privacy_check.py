@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import SPARK_OVERRIDES, make_settings
+from conftest import FEW_EXPLAINED, SPARK_OVERRIDES, make_settings
 from userlens.cli import main as cli_main
 from userlens.errors import SecretError
 from userlens.privacy import (
@@ -65,6 +65,7 @@ DEMO = [
     "train.recommend.enabled=false",
     "profile.segments=3",
     "privacy.min_segment_size=5",
+    FEW_EXPLAINED,
 ]
 
 # the formats of lib/userlens/sample.py's _make_pii, written independently of the scrubber's patterns

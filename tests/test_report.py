@@ -123,6 +123,10 @@ def _write_tables(spark, settings) -> None:
             0.4,
             now,
             ["i00001", "i00002"],
+            # explained: the users rescored on the last night
+            [(earlier, "<b>viewed</b> 'Tent'", "purchase", 0.25), (AS_OF, "searched", "churn", -0.1)]
+            if day == AS_OF
+            else None,
         )
         for i in range(40)
         for day in ((earlier, AS_OF) if i % 2 else (earlier,))
@@ -232,7 +236,8 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
 
     assert Path(result.path) == tmp_path / "reports" / f"userlens-report-{AS_OF.isoformat()}.html"
     assert result.rendered == [
-        *("model", "scores", "segments", "embeddings", "recommendations", "trends", "quality", "gate", "runs")
+        *("model", "scores", "segments", "embeddings", "recommendations", "explanations", "trends", "quality"),
+        *("gate", "runs"),
     ]
     assert result.skipped == []
     page = Path(result.path).read_text(encoding="utf-8")
@@ -266,6 +271,11 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     assert quality.index("1,000") < quality.index("2,000")
     assert "8 (0.80%)" in quality and "4 (0.20%)" in quality and "96 (4.80%)" in quality
     assert "&lt;b&gt;odd&lt;/b&gt;" in quality and "<b>odd" not in quality  # a reason's name, escaped
+    # explanations: three users, no keys, each day's weight signed, the user's text escaped
+    why = page[page.index('<section id="explanations">') : page.index('<section id="trends">')]
+    assert why.count("<h3>user ") == 3 and "userkey-" not in why
+    assert why.count('<td class="n">+0.250</td><td>&lt;b&gt;viewed&lt;/b&gt;') == 3
+    assert why.count('<td class="n">-0.100</td>') == 3
     # the quality gate: the refused night, its failed check marked, every figure beside its limit
     gate = page[page.index('<section id="gate">') : page.index('<section id="runs">')]
     assert "<b>refused: nothing was published" in gate and "failed: prices" in gate
@@ -281,9 +291,9 @@ def test_empty_warehouse_and_models_build_with_notes(spark, tmp_path: Path) -> N
     result = build_report(spark, settings, str(out))
 
     assert result.path == str(out) and result.rendered == []
-    assert len(result.skipped) == 9
+    assert len(result.skipped) == 10
     page = out.read_text(encoding="utf-8")
-    assert page.count("not available yet: run") == 9
+    assert page.count("not available yet: run") == 10
     for stage in ("train", "score", "profile", "nightly"):
         assert f"<code>userlens {stage}</code>" in page
     assert "data:image/png" not in page and "http" not in page

@@ -518,6 +518,19 @@ class NightlySettings(_Strict):
     privacy_check: bool = Field(False, description="`userlens privacy-check` as the last stage; a fail fails the night")
 
 
+class ExplainSettings(_Strict):
+    """Per-user explanations of the scores (docs/operations.md, "Explanations")."""
+
+    users: Literal["none", "sample", "all"] = Field(
+        "sample", description="whose scores the nightly explains after profile: none, a sample, or all"
+    )
+    sample_size: int = Field(
+        20, ge=1, description="users explained per night with users: sample (among the night's scored users)"
+    )
+    days: int = Field(14, ge=1, description="a user's most recent active days left out one at a time")
+    top: int = Field(3, ge=1, le=20, description="days kept per task, largest weight first")
+
+
 class GateSettings(_Strict):
     """The quality gate between score and profile (docs/operations.md, "The quality gate")."""
 
@@ -663,6 +676,7 @@ class Settings(_Strict):
     profile: ProfileSettings = Field(ProfileSettings(), description="segments and interests")
     nightly: NightlySettings = Field(NightlySettings(), description="the nightly run")
     gate: GateSettings = Field(GateSettings(), description="the quality gate before profiles are published")
+    explain: ExplainSettings = Field(ExplainSettings(), description="per-user explanations of the scores")
     dataset: DatasetSettings = Field(DatasetSettings(), description="a public dataset as the source")
     evaluate: EvaluateSettings = Field(EvaluateSettings(), description="`userlens evaluate`")
 

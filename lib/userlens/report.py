@@ -112,6 +112,7 @@ def build_report(
         ("segments", "Segments", context.segments_section),
         ("embeddings", "Embedding map", context.embeddings_section),
         ("recommendations", "Recommendation metrics", context.recommendations_section),
+        ("explanations", "Why these scores: a few users' explanations", context.explanations_section),
         ("trends", "Scores across the last nights", context.trends_section),
         ("quality", "Data quality: the last nights' ingest", context.quality_section),
         ("gate", "Quality gate: the last check before publishing", context.gate_section),
@@ -539,6 +540,46 @@ class _Context:
             "that jumps from one night to the next is a change in the source (docs/operations.md, "
             "events_quarantine)</p>\n" + "\n".join(table)
         )
+
+    # -- explanations -------------------------------------------------------------------------
+    def explanations_section(self, users: int = 3) -> str:
+        """A few users' explanations from the newest night that has them (explain stage), without their keys:
+        their scores, then each task's days with the weight (score with the day - score without it)."""
+        from pyspark.sql import functions as F
+
+        if not self.tables.exists("user_scores"):
+            raise _not_yet("score", "no user_scores table")
+        explained = self.tables.read("user_scores").where(F.size("explanations") > 0)
+        newest = explained.agg(F.max("as_of_date")).first()
+        if newest is None or newest[0] is None:
+            raise _not_yet("explain", "no user_scores row has explanations (explain.users none, or no night yet)")
+        rows = (
+            explained.where(F.col("as_of_date") == F.lit(newest[0]))
+            .orderBy(F.xxhash64("user_key"), "user_key")
+            .select("purchase_propensity", "churn_risk", "explanations")
+            .limit(users)
+            .collect()
+        )
+        parts = [
+            f"<p>{len(rows)} users scored on {_e(newest[0])}. A day's weight is the score with that day's events "
+            "minus the score without them (the day left out of the text and the counts): positive, the day "
+            "raised the score</p>"
+        ]
+        for i, row in enumerate(rows, 1):
+            parts.append(
+                f"<h3>user {i}: purchase propensity {_fmt(row['purchase_propensity'], 3)}, churn risk "
+                f"{_fmt(row['churn_risk'], 3)}</h3>"
+            )
+            table = ["<table><tr><th>task</th><th>day</th><th>weight</th><th>what the user did that day</th></tr>"]
+            for e in row["explanations"]:
+                weight = f"{e['weight']:+.3f}" if e["weight"] is not None else "&ndash;"
+                table.append(
+                    f"<tr><td>{_e(e['task'])}</td><td>{_e(e['day'])}</td>"
+                    f'<td class="n">{weight}</td><td>{_e(e["text"])}</td></tr>'
+                )
+            table.append("</table>")
+            parts.append("\n".join(table))
+        return "\n".join(parts)
 
     # -- the quality gate ---------------------------------------------------------------------
     def gate_section(self) -> str:

@@ -51,6 +51,17 @@ STR, LONG, INT, DBL, DATE, TS = (
 )
 VECTOR = T.ArrayType(T.FloatType(), containsNull=False)
 STRINGS = T.ArrayType(T.StringType(), containsNull=True)
+EXPLANATIONS = T.ArrayType(
+    T.StructType(
+        [
+            T.StructField("day", T.DateType()),
+            T.StructField("text", T.StringType()),
+            T.StructField("task", T.StringType()),
+            T.StructField("weight", T.DoubleType()),
+        ]
+    ),
+    containsNull=True,
+)
 BOOL = T.BooleanType()
 
 TABLES: dict[str, TableSpec] = {
@@ -138,6 +149,7 @@ TABLES: dict[str, TableSpec] = {
             ("next_category_p", DBL, True),
             ("scored_at", TS, False),
             ("recommended_items", STRINGS, True),
+            ("explanations", EXPLANATIONS, True),
         ),
         key=("user_key", "as_of_date"),
         partition_by=("as_of_date",),
@@ -280,6 +292,8 @@ COLUMN_COMMENTS: dict[str, dict[str, str]] = {
         "next_category_p": "that category's probability",
         "scored_at": "when the row was scored (UTC)",
         "recommended_items": "item ids, best first (the model's top-K, items bought before left out)",
+        "explanations": "the days that moved the scores most (explain stage): day, the day's line of the user's "
+        "text, task, weight = score with the day - score without it",
     },
     "segments": {
         "segment_id": "segment number within its segment model (k-means over the user embeddings)",

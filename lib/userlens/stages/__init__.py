@@ -139,6 +139,12 @@ def _profile(call: StageCall, run: "StageRun") -> Any:
     return run_profile(call.spark, call.settings, run, call.date)
 
 
+def _explain(call: StageCall, run: "StageRun") -> Any:
+    from userlens.stages.explain import run_explain
+
+    return run_explain(call.spark, call.settings, run, call.date)
+
+
 def _retention(call: StageCall, run: "StageRun") -> Any:
     from userlens.stages.retention import run_quarantine_retention
 
@@ -230,6 +236,10 @@ def _switched_off(key: str) -> Callable[[StageCall], str | None]:
         return None if getattr(call.settings.nightly, key) else f"nightly.{key} is false"
 
     return skip
+
+
+def _explain_off(call: StageCall) -> str | None:
+    return "explain.users is none" if call.settings.explain.users == "none" else None
 
 
 def _switched_off_gate(call: StageCall) -> str | None:
@@ -328,6 +338,21 @@ STAGES: tuple[Stage, ...] = (
         _summary("profile"),
         example="userlens profile",
         date_help="as-of date (default: the newest embedding date)",
+    ),
+    Stage(
+        "explain",
+        "explain",
+        "the days that moved each score most, for a sample of users -> user_scores.explanations",
+        _explain,
+        _summary("explain"),
+        description="Occlusion over days: each of a user's recent active days is left out of the text and the "
+        "features in turn and the score computed again; the days that moved it most are stored with their "
+        "weight (explain.users: none, sample or all; docs/operations.md).",
+        example="userlens explain --set explain.users=all",
+        date_help="as-of date of the scores (default: the newest score date)",
+        requires=(check_model,),
+        nightly_skip=_explain_off,
+        skip_widget=("when_enabled", "Explain only when explain.users is not none (as nightly)"),
     ),
     Stage(
         "quarantine_retention",

@@ -346,10 +346,16 @@ def _succeeded_runs(tables: Tables, stage: str) -> DataFrame:
 
 
 def published_scores_version(tables: Tables) -> int | None:
-    """The ``user_scores`` version the last succeeded profile run published from (None: none recorded)."""
+    """The ``user_scores`` version the last succeeded profile run published from, or that the explain run
+    after it left (None: none recorded)."""
     if not tables.exists("pipeline_runs"):
         return None
-    for row in _succeeded_runs(tables, "profile").select("details").limit(20).collect():
+    runs = (
+        tables.read("pipeline_runs")
+        .where(F.col("stage").isin("profile", "explain") & (F.col("status") == "succeeded"))
+        .orderBy(F.desc("finished_at"))
+    )
+    for row in runs.select("details").limit(20).collect():
         version = json.loads(row["details"] or "{}").get("scores_version")
         if version is not None:
             return int(version)

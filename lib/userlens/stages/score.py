@@ -237,6 +237,7 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
             "next_category_p",
             "recommended_items",
             F.current_timestamp().alias("scored_at"),
+            F.lit(None).alias("explanations"),  # the explain stage fills a sample after profile
         )
         written = tables.merge("user_scores", rows) if (counts["todo"] or 0) > 0 else {}
     finally:

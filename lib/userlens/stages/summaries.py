@@ -90,6 +90,13 @@ def gate(r: Any) -> str:
     return "\n".join(lines)
 
 
+def explain(r: Any) -> str:
+    return (
+        f"explain: {r.users} users' scores explained ({r.variants} variants scored; "
+        f"model {r.model_version}, as of {r.as_of_date})"
+    )
+
+
 def profile(r: Any) -> str:
     return (
         f"profile: {r.users} users as of {r.as_of_date} ({r.inserted} new, {r.updated} changed rows); "
