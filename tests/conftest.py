@@ -30,9 +30,11 @@ SPARK_OVERRIDES = [
 SHORT_TEXTS = "textualize.max_tokens=96"
 
 
-# The explain stage's occlusion embeds a text per active day of each user it explains; pipeline tests explain
-# three users a night (tests/test_explain.py checks what an explanation says).
-FEW_EXPLAINED = "explain.sample_size=3"
+# The explain stage's occlusion embeds a text per active day of each user it explains: pipeline tests leave it
+# out (NO_EXPLAIN), but the nightly and Databricks tests, which explain three users a night (FEW_EXPLAINED);
+# tests/test_explain.py checks what an explanation says.
+NO_EXPLAIN = "explain.users=none"
+FEW_EXPLAINED = ("explain.users=sample", "explain.sample_size=3")
 
 
 # The train stage's ALS baseline tries a grid of settings on the valid split (12 fits); pipeline tests
@@ -42,7 +44,7 @@ FIXED_ALS = "train.recommend.als.tune=false"
 
 def make_settings(tmp_path: Path, *overrides: str) -> Settings:
     """Local settings with the warehouse, models and source under tmp_path (the train stage's ALS baseline
-    not tuned: FIXED_ALS; three users explained a night: FEW_EXPLAINED)."""
+    not tuned: FIXED_ALS; no explanations: NO_EXPLAIN)."""
     return load_settings(
         None,
         [
@@ -51,7 +53,7 @@ def make_settings(tmp_path: Path, *overrides: str) -> Settings:
             f"storage.models={tmp_path / 'models'}",
             f"source.path={tmp_path / 'raw'}",
             FIXED_ALS,
-            FEW_EXPLAINED,
+            NO_EXPLAIN,
             *overrides,
         ],
     )
@@ -123,10 +125,10 @@ def settings(tmp_path: Path) -> Settings:
 # Modules that run whole pipelines (minutes each) go first: `make test` hands modules to its pytest-xdist
 # processes in collection order, and a long module started last would run alone at the end.
 LONG_MODULES = (
-    "test_cluster_nightly.py",
-    "test_privacy_check.py",
-    "test_databricks.py",
     "test_nightly.py",
+    "test_privacy_check.py",
+    "test_cluster_nightly.py",
+    "test_databricks.py",
     "test_train.py",
     "test_forget.py",
 )

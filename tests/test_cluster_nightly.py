@@ -29,7 +29,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from cluster import daemon_env, spark_submit_command, standalone_cluster  # noqa: F401 (fixture)
-from conftest import FEW_EXPLAINED, FIXED_ALS, SHORT_TEXTS, TEST_KEY, make_settings
+from conftest import FIXED_ALS, NO_EXPLAIN, SHORT_TEXTS, TEST_KEY, make_settings
 from userlens.privacy import load_key
 from userlens.sample import SampleSpec, generate_sample
 from userlens.stages.nightly import run_nightly
@@ -131,7 +131,7 @@ def clustered(spark, standalone_cluster, tmp_path_factory):  # noqa: F811 (the f
     }
     # the documented command, with the shorter texts of the pipeline tests (a third of the encoder's work)
     # and one ALS fit instead of the grid (test_train checks the tuning)
-    args = [*NIGHTLY_ARGS, "--set", SHORT_TEXTS, "--set", FIXED_ALS, "--set", FEW_EXPLAINED]
+    args = [*NIGHTLY_ARGS, "--set", SHORT_TEXTS, "--set", FIXED_ALS, "--set", NO_EXPLAIN]
     stray = REPO / "spark-warehouse"  # where Spark's catalog goes by default: the directory spark-submit ran in
     there_before = stray.exists()
     _, text = submit(standalone_cluster, "jobs/nightly.py", args, env, root / "nightly.log")

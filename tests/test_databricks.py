@@ -61,7 +61,7 @@ TINY = [
     "profile.segments=2",
     "privacy.min_segment_size=5",
     SHORT_TEXTS,
-    FEW_EXPLAINED,
+    *FEW_EXPLAINED,
     # a full VACUUM (quarantine retention) lists the table with this many tasks, 10,000 by default:
     # 30-60 s on two local cores for a table of two files
     "spark.conf.spark.sql.sources.parallelPartitionDiscovery.parallelism=2",

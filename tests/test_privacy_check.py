@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import FEW_EXPLAINED, SPARK_OVERRIDES, make_settings
+from conftest import NO_EXPLAIN, SPARK_OVERRIDES, make_settings
 from userlens.cli import main as cli_main
 from userlens.errors import SecretError
 from userlens.privacy import (
@@ -65,7 +65,7 @@ DEMO = [
     "train.recommend.enabled=false",
     "profile.segments=3",
     "privacy.min_segment_size=5",
-    FEW_EXPLAINED,
+    NO_EXPLAIN,
 ]
 
 # the formats of lib/userlens/sample.py's _make_pii, written independently of the scrubber's patterns
@@ -522,10 +522,15 @@ def test_pii_is_what_a_second_scrub_adds(spark):
         "card 4111 1111 1111 1111 ip 10.0.0.1",
         "iban DE89 3704 0044 0532 0130 00 and 2001:db8::8a2e:370:7334",
     ]
-    df = spark.createDataFrame([(t, [t] if t else None) for t in [*stored, *leaked]], "text string, tags array<string>")
+    # user_scores.explanations: an array of structs whose string fields are scanned too
+    df = spark.createDataFrame(
+        [(t, [t] if t else None, [(t, "purchase", 0.1)] if t else None) for t in [*stored, *leaked]],
+        "text string, tags array<string>, why array<struct<text: string, task: string, weight: double>>",
+    )
     assert [r[0] for r in df.select(scrub_pii(F.col("text"))).collect()][:4] == stored[:4]  # already clean
     counts = pii_counts(df).first().asDict()
     assert counts["rows"] == 8
     expected = {"email": 1, "phone": 1, "card": 1, "ip": 2, "iban": 1}
     assert {k.split("|")[1]: v for k, v in counts.items() if k.startswith("text|")} == expected
     assert {k.split("|")[1]: v for k, v in counts.items() if k.startswith("tags|")} == expected
+    assert {k.split("|")[1]: v for k, v in counts.items() if k.startswith("why|")} == expected

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -65,12 +66,21 @@ class _Poller(threading.Thread):
         self.sc, self.group, self.bar, self.interval_s = sc, group, bar, interval_s
         self.stop = threading.Event()
 
-    def poll(self) -> None:
+    def poll(self) -> bool:
+        """Draw the counts; True when every known task is done."""
         done, total = task_counts(self.sc, self.group)
         if total != self.bar.total:
             self.bar.total = total
         self.bar.n = done
         self.bar.refresh()
+        return done == total
+
+    def settle(self, timeout_s: float = 2.0) -> None:
+        """The final count: the status tracker hears of a job's end from Spark's listener bus, a moment after
+        the action returned (longer on a busy driver), so poll until it has, for at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self.poll() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the poller has stopped: its event is set
 
     def run(self) -> None:
         while not self.stop.wait(self.interval_s):
@@ -110,7 +120,7 @@ def spark_progress(
             finally:
                 poller.stop.set()
                 poller.join()
-                poller.poll()  # the final count, for a bar that is left on screen
+                poller.settle()  # the final count, for a bar that is left on screen
     finally:
         sc.setLocalProperty("spark.jobGroup.id", previous)  # type: ignore[arg-type]  # None unsets it
         sc.setLocalProperty("spark.job.description", previous_description)  # type: ignore[arg-type]

@@ -93,19 +93,31 @@ class PrivacyCheckFailed(UserlensError):
 # --------------------------------------------------------------------------
 # column helpers and transforms
 # --------------------------------------------------------------------------
+def _struct_strings(t: T.DataType) -> list[str]:
+    """The string fields of an ``array<struct>`` column's elements (user_scores.explanations), else []."""
+    if isinstance(t, T.ArrayType) and isinstance(t.elementType, T.StructType):
+        return [f.name for f in t.elementType.fields if isinstance(f.dataType, T.StringType)]
+    return []
+
+
 def text_columns(schema: T.StructType) -> list[str]:
-    """Names of the ``string`` and ``array<string>`` columns."""
+    """Names of the ``string``, ``array<string>`` and ``array<struct>`` with string fields columns."""
     return [
         f.name
         for f in schema.fields
         if isinstance(f.dataType, T.StringType)
         or (isinstance(f.dataType, T.ArrayType) and isinstance(f.dataType.elementType, T.StringType))
+        or _struct_strings(f.dataType)
     ]
 
 
 def column_text(df: DataFrame, name: str) -> Column:
-    """A column as one string: array elements joined by newlines (a token never spans two)."""
+    """A column as one string: array elements (an array of structs: their string fields) joined by newlines
+    (a token never spans two)."""
     column = F.col(f"`{name}`")
+    fields = _struct_strings(df.schema[name].dataType)
+    if fields:
+        return F.concat_ws("\n", F.flatten(F.transform(column, lambda e: F.array(*[e[f] for f in fields]))))
     return F.concat_ws("\n", column) if isinstance(df.schema[name].dataType, T.ArrayType) else column
 
 
