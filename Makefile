@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "userlens needs Python >= 3.10, found " + sys.version.split()[0])'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip uv
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev,privacy]' || $(PY) -m pip install -q -e '.[dev,privacy]'
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev,privacy]' || $(PY) -m pip install -q -e '.[dev,privacy]'
 	@touch $(STAMP)
 
 java:

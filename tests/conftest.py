@@ -31,10 +31,8 @@ SHORT_TEXTS = "textualize.max_tokens=96"
 
 
 # The explain stage's occlusion embeds a text per active day of each user it explains: pipeline tests leave it
-# out (NO_EXPLAIN), but the nightly and Databricks tests, which explain three users a night (FEW_EXPLAINED);
-# tests/test_explain.py checks what an explanation says.
+# out (the nightly skips it); tests/test_explain.py runs it and checks what an explanation says.
 NO_EXPLAIN = "explain.users=none"
-FEW_EXPLAINED = ("explain.users=sample", "explain.sample_size=3")
 
 
 # The train stage's ALS baseline tries a grid of settings on the valid split (12 fits); pipeline tests

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import FEW_EXPLAINED, SHORT_TEXTS, data_files, make_settings
+from conftest import SHORT_TEXTS, data_files, make_settings
 from userlens.errors import ConcurrentRunError, UserlensError
 from userlens.features import latest_per_user
 from userlens.privacy import load_key
@@ -37,7 +37,6 @@ OVERRIDES = [
     "privacy.min_segment_size=10",
     "nightly.report=false",
     SHORT_TEXTS,
-    *FEW_EXPLAINED,
 ]
 # the quality gate as configured by default, and a model due every night (the drill's night retrains)
 DRILL = [*OVERRIDES, "train.retrain_days=1"]
@@ -68,10 +67,9 @@ def test_first_night_runs_every_stage(spark, night):
         "score",
         "gate",
         "profile",
-        "explain",
         "quarantine_retention",
         "privacy_check",
-    ]  # local.yaml: nightly.privacy_check
+    ]  # local.yaml: nightly.privacy_check; conftest: explain.users none (tests/test_explain.py explains)
     users = tables.read("user_embeddings").count()
     assert users > 150
     assert first.stages["score"].scored == users

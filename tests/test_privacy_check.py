@@ -231,9 +231,7 @@ def test_ingest_refuses_another_key_in_one_line_and_writes_nothing(spark, demo):
         run_ingest(spark, settings, other, StageRun("ingest", "wrong-key"))
     assert "\n" not in str(err.value)
     assert {t: tables.delta(t).history(1).first()["version"] for t in versions} == versions
-    # the same key is accepted and, with nothing new, commits nothing
-    run_ingest(spark, settings, demo.key, StageRun("ingest", "same-key"))
-    assert {t: tables.delta(t).history(1).first()["version"] for t in versions} == versions
+    # (the same key is accepted: the next test's last ingest)
 
 
 def test_a_warehouse_from_before_the_key_id_property_is_checked_against_its_ingest_runs(spark, demo, tmp_path):
