@@ -332,7 +332,7 @@ def job_run(spark, workspace):
     with the nightly notebook in the middle: ingest, textualize, embed; nightly for the same date (nothing
     left to embed; no model yet, so it trains, scores, gates, profiles, retains, reports; explain.users is
     none); then train
-    (when_due=true: not due), score, gate, profile, which find nothing to change; quarantine_retention with a
+    (when_due=true: not due), score, profile, which find nothing to change; quarantine_retention with a
     3-day retention (so that rows expire); report; privacy_check as the job passes it (nightly.privacy_check
     false: skipped), then with nightly.privacy_check=true (it checks)."""
     from pyspark.sql import functions as F
@@ -357,7 +357,7 @@ def job_run(spark, workspace):
     files = {"before nightly": data_files()}
     runs["nightly"] = run_notebook("nightly", {**params, "date": LAST.isoformat()})
     files["after nightly"] = data_files()
-    runs.update({stage: task(stage) for stage in ("train", "score", "gate", "profile")})
+    runs.update({stage: task(stage) for stage in ("train", "score", "profile")})
     files["after the job"] = data_files()
     quarantine_dates = [
         r[0]
