@@ -458,12 +458,23 @@ def run_gate(
         settings.train.recommend.k,
     )
     reference = published_scores_version(tables)
-    now = latest_per_user(tables.read("user_scores").where(F.col("as_of_date") <= F.lit(as_of)), "as_of_date")
     if reference is None:
         checks.append(Check("psi", "skip", "no published scores recorded yet"))
     else:
-        before = latest_per_user(
-            tables.read_version("user_scores", reference).where(F.col("as_of_date") <= F.lit(as_of)), "as_of_date"
+        # each user's newest score after the night and as published, computed once for every check below
+        # (the PSI of each task and the recommendation churn read them five times)
+        wanted = ("user_key", *(column for _, column in SCORES), "recommended_items")
+        now = (
+            latest_per_user(tables.read("user_scores").where(F.col("as_of_date") <= F.lit(as_of)), "as_of_date")
+            .select(*wanted)
+            .localCheckpoint()
+        )
+        before = (
+            latest_per_user(
+                tables.read_version("user_scores", reference).where(F.col("as_of_date") <= F.lit(as_of)), "as_of_date"
+            )
+            .select(*wanted)
+            .localCheckpoint()
         )
         checks += psi_checks(before, now, gate, new_model=candidate is not None)
         if candidate is None:
