@@ -111,6 +111,18 @@ def test_first_night_runs_every_stage(spark, night):
     # with no event since the cutoff (the churned: both classes are in the set) are today's texts
     trained = json.loads(runs.where(F.col("stage") == "train").first()["details"])
     assert 0 < trained["cutoff_texts_embedded"] < sum(trained["users"].values())
+    # the model's quality by group: activity quantiles from train; by segment from profile, which found the
+    # model computed without a segment model (there was none at training time) and computed it
+    from userlens.artifacts import ModelStore
+
+    version = first.stages["train"].version
+    by_group = ModelStore.of(settings).metrics(version).by_group
+    assert by_group is not None and by_group["activity"]["groups"]
+    assert by_group["segment"]["segment_model_version"] == first.stages["profile"].segment_model
+    shown = by_group["segment"]["groups"]
+    assert len(shown) + by_group["segment"]["suppressed"] > 0  # ~30 test users: segments may all be small
+    assert all(r["users"] >= 10 and 0 <= r["purchase"]["ece"] <= 1 for r in shown)
+    assert json.loads(runs.where(F.col("stage") == "profile").first()["details"])["quality_by_segment_of"] == version
     # segments below privacy.min_segment_size are published nowhere
     small = tables.read("segments").where(F.col("users") < 10)
     assert small.where(F.col("published") | F.col("top_categories").isNotNull()).count() == 0

@@ -99,6 +99,44 @@ def _write_artifact(models: Path) -> None:
             "<b>popularity</b>": {"hr@10": 0.1, "ndcg@10": 0.05},
             "two-tower": {"hr@10": 0.2, "ndcg@10": 0.11},
         },
+        by_group={
+            "activity": {
+                "groups": [
+                    {
+                        "group": "1-3 events",
+                        "users": 40,
+                        "purchase": {"auc": 0.61, "auc_se": 0.05, "ece": 0.12, "positives": 9},
+                        "churn": {"ece": 0.2, "positives": 0},  # one class: no AUC
+                        "next_category": {"accuracy": 0.3},
+                        "recommend": {"recall@10": 0.05, "users": 12},
+                    },
+                    {
+                        "group": "40-90 events",
+                        "users": 25,
+                        "purchase": {"auc": 0.9, "auc_se": 0.03, "ece": 0.04, "positives": 12},
+                        "churn": {"auc": 0.7, "auc_se": 0.1, "ece": 0.05, "positives": 3},
+                        "next_category": {"accuracy": 0.6},
+                        "recommend": {"recall@10": 0.25, "users": 20},
+                    },
+                ],
+                "suppressed": 1,
+                "min_users": 10,
+            },
+            "segment": {
+                "groups": [
+                    {
+                        "group": "segment <b>2</b>",
+                        "users": 30,
+                        "purchase": {"auc": 0.72, "auc_se": 0.06, "ece": 0.07, "positives": 10},
+                        "churn": {"auc": 0.66, "auc_se": 0.08, "ece": 0.09, "positives": 6},
+                        "next_category": {"accuracy": 0.41},
+                    }
+                ],
+                "suppressed": 0,
+                "min_users": 10,
+                "segment_model_version": "seg-v1",
+            },
+        },
     )
     write_json(f"{root}/metrics.json", metrics.to_json())
     write_bytes(f"{root}/test_predictions.npz", _predictions(rng, 200, 0.5))
@@ -236,8 +274,8 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
 
     assert Path(result.path) == tmp_path / "reports" / f"userlens-report-{AS_OF.isoformat()}.html"
     assert result.rendered == [
-        *("model", "scores", "segments", "embeddings", "recommendations", "explanations", "trends", "quality"),
-        *("gate", "runs"),
+        *("model", "scores", "segments", "by_group", "embeddings", "recommendations", "explanations"),
+        *("trends", "quality", "gate", "runs"),
     ]
     assert result.skipped == []
     page = Path(result.path).read_text(encoding="utf-8")
@@ -276,6 +314,13 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     assert why.count("<h3>user ") == 3 and "userkey-" not in why
     assert why.count('<td class="n">+0.250</td><td>&lt;b&gt;viewed&lt;/b&gt;') == 3
     assert why.count('<td class="n">-0.100</td>') == 3
+    # quality by segment and by activity decile: AUC ± SE and ECE per task, accuracy, recall; escaped names
+    groups = page[page.index('<section id="by_group">') : page.index('<section id="embeddings">')]
+    assert "segment &lt;b&gt;2&lt;/b&gt;" in groups and "<code>seg-v1</code>" in groups
+    assert '<td>1-3 events</td><td class="n">40</td><td class="n">0.610 &plusmn; 0.050</td>' in groups
+    assert '<td class="n">one class only</td><td class="n">0.200</td><td class="n">0.300</td>' in groups
+    assert groups.count("<th>recommend recall@10</th>") == 1  # the segments' rows have no recall: no column
+    assert '<td class="n">0.250</td></tr>' in groups and "1 group(s) with fewer test users left out" in groups
     # the quality gate: the refused night, its failed check marked, every figure beside its limit
     gate = page[page.index('<section id="gate">') : page.index('<section id="runs">')]
     assert "<b>refused: nothing was published" in gate and "failed: prices" in gate
@@ -291,9 +336,9 @@ def test_empty_warehouse_and_models_build_with_notes(spark, tmp_path: Path) -> N
     result = build_report(spark, settings, str(out))
 
     assert result.path == str(out) and result.rendered == []
-    assert len(result.skipped) == 10
+    assert len(result.skipped) == 11
     page = out.read_text(encoding="utf-8")
-    assert page.count("not available yet: run") == 10
+    assert page.count("not available yet: run") == 11
     for stage in ("train", "score", "profile", "nightly"):
         assert f"<code>userlens {stage}</code>" in page
     assert "data:image/png" not in page and "http" not in page

@@ -45,7 +45,7 @@ from userlens.config import Settings
 from userlens.errors import UserlensError, first_line
 from userlens.models.contracts import ModelMetrics
 from userlens.models.metrics import population_stability_index
-from userlens.models.tasks import BINARY_TASKS
+from userlens.models.tasks import BINARY_TASKS, TASKS
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ def build_report(
         ("model", "Model vs baseline", context.model_section),
         ("scores", "Score distributions", context.scores_section),
         ("segments", "Segments", context.segments_section),
+        ("by_group", "Model quality by segment and by activity", context.by_group_section),
         ("embeddings", "Embedding map", context.embeddings_section),
         ("recommendations", "Recommendation metrics", context.recommendations_section),
         ("explanations", "Why these scores: a few users' explanations", context.explanations_section),
@@ -359,6 +360,35 @@ class _Context:
             f"small segment(s) (fewer than privacy.min_segment_size = {min_size} users, not shown)</p>\n"
             + ("\n".join(table) if shown else "")
         )
+
+    def by_group_section(self) -> str:
+        """The model's test metrics per published segment and per activity decile (metrics.json by_group)."""
+        version, _, metrics = self.model()
+        by_group = metrics.by_group
+        if not by_group:
+            raise _Skip(f"<p>model {_e(version)} was trained before userlens computed quality by group</p>")
+        out = [
+            "<p>the model's test split, by group of users: AUC (&plusmn; its standard error), calibration "
+            "(ECE: the mean gap between predicted and observed rate over ten score bins) and the recommender's "
+            "recall; a model that serves heavy users and fails new ones shows here. Groups with fewer than "
+            f"privacy.min_segment_size = {self.settings.privacy.min_segment_size} test users are not shown.</p>"
+        ]
+        titles = {
+            "segment": "by published segment (each test user's nearest segment, from the embedding at the cutoff)",
+            "activity": "by activity: deciles of the events before the cutoff (fewer groups on a small test split)",
+        }
+        for view in ("segment", "activity"):
+            found = by_group.get(view) or {}
+            out.append(f"<h3>{_e(titles[view])}</h3>")
+            if "groups" not in found:
+                out.append(f"<p>{_e(found.get('note', 'not computed'))}</p>")
+                continue
+            if "segment_model_version" in found:
+                out.append(f"<p>segment model <code>{_e(found['segment_model_version'])}</code></p>")
+            out.append(_group_table(found["groups"]))
+            if found.get("suppressed"):
+                out.append(f"<p>{found['suppressed']} group(s) with fewer test users left out</p>")
+        return "\n".join(out)
 
     # -- embeddings ---------------------------------------------------------------------------
     def _segment_kpis(self, versions: set[str], segment_ids: list[int]) -> dict[int, tuple[float, float]]:
@@ -706,6 +736,39 @@ def _run_error(details: str | None) -> str:
     except ValueError:
         return ""
     return str(parsed.get("error", "")) if isinstance(parsed, dict) else ""
+
+
+def _group_table(rows: list[dict[str, Any]]) -> str:
+    """One row per group: users, then per task AUC ± SE and ECE (binary) or accuracy, then recall@k."""
+    if not rows:
+        return "<p>no group large enough to show</p>"
+    found = [key for key, value in rows[0].items() if isinstance(value, dict) and key != "recommend"]
+    tasks = sorted(found, key=lambda t: (TASKS.index(t) if t in TASKS else len(TASKS), t))  # metrics.json sorts keys
+    recall = next((k for r in rows for k in r.get("recommend", {}) if k.startswith("recall@")), None)
+    head = ["group", "users"]
+    for task in tasks:
+        head += [f"{task} accuracy"] if "ece" not in rows[0][task] else [f"{task} AUC", f"{task} ECE"]
+    if recall:
+        head.append(f"recommend {recall}")
+    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+    for row in rows:
+        cells = [f"<td>{_e(row['group'])}</td>", f'<td class="n">{row["users"]:,}</td>']
+        for task in tasks:
+            figures = row.get(task, {})
+            if "ece" not in rows[0][task]:
+                cells.append(f'<td class="n">{_fmt(figures.get("accuracy"), 3)}</td>')
+                continue
+            auc = (
+                f"{_fmt(figures['auc'], 3)} &plusmn; {_fmt(figures['auc_se'], 3)}"
+                if "auc" in figures
+                else "one class only"
+            )
+            cells += [f'<td class="n">{auc}</td>', f'<td class="n">{_fmt(figures.get("ece"), 3)}</td>']
+        if recall:
+            cells.append(f'<td class="n">{_fmt(row.get("recommend", {}).get(recall), 3)}</td>')
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
 
 
 def _splits_table(splits: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ assignment of users to its segments (profile fits and publishes them; the qualit
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,9 @@ from userlens.config import Settings
 
 if TYPE_CHECKING:
     from pyspark.ml.clustering import KMeansModel
+
+    from userlens.models.quality import Segments
+    from userlens.tables import Tables
 
 
 @dataclass(frozen=True)
@@ -48,3 +52,33 @@ def assign_segments(model: "KMeansModel", embeddings: DataFrame) -> DataFrame:
     return model.transform(embeddings.select("user_key", array_to_vector(F.col("embedding")).alias("x"))).select(
         "user_key", F.col("prediction").cast("int").alias("segment_id")
     )
+
+
+def quality_segments(model: "KMeansModel", version: str, published_ids: Iterable[int]) -> "Segments":
+    """A segment model's centroids and published segment ids, for the model's quality by segment."""
+    import numpy as np
+
+    from userlens.models.quality import Segments
+
+    centroids = np.stack([np.asarray(c, np.float64) for c in model.clusterCenters()])  # numpy arrays in pyspark
+    return Segments(version, centroids, frozenset(int(s) for s in published_ids))
+
+
+def published_segments(tables: "Tables", settings: Settings, model_id: str) -> "Segments | None":
+    """The published segment model (its published segments only) where it was fitted on embeddings of
+    ``model_id``, else None."""
+    from pyspark.ml.clustering import KMeansModel
+
+    store = ModelStore.of(settings)
+    latest = store.latest_segments()
+    if latest is None or latest[1].get("embed_model_id") != model_id or not tables.exists("segments"):
+        return None
+    version = latest[0]
+    published = (
+        tables.read("segments")
+        .where((F.col("model_version") == version) & F.col("published"))
+        .select("segment_id")
+        .collect()
+    )
+    model = KMeansModel.load(f"{store.segment_path(version)}/kmeans")
+    return quality_segments(model, version, [r[0] for r in published])

@@ -152,6 +152,8 @@ class ModelMetrics:
     training: TrainingInfo
     history: list[dict[str, float]] = field(default_factory=list)
     recommendations: dict[str, dict[str, Any]] | None = None
+    # quality by activity decile and by published segment (userlens.models.quality), added after training
+    by_group: dict[str, Any] | None = None
     format_version: int = METRICS_FORMAT
 
     def to_json(self) -> dict[str, Any]:
@@ -174,6 +176,7 @@ class ModelMetrics:
                 training=TrainingInfo(**raw["training"]),
                 history=raw.get("history", []),
                 recommendations=raw.get("recommendations"),
+                by_group=raw.get("by_group"),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"metrics.json: {exc}") from exc

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from userlens.models.contracts import ModelMetrics, TrainingInfo, TrainJob, TrainSummary
+from userlens.models.quality import ACTIVITY_FEATURE
 from userlens.models.storage import list_files, read_catalogue
 
 log = logging.getLogger("userlens.train")
@@ -138,6 +139,8 @@ class ShardReader:
         emb = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
         raw = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
         out = {"x": np.concatenate([emb.astype(np.float32), self.features.transform(raw)], axis=1)}
+        if ACTIVITY_FEATURE in self.features.names:  # for the quality by activity decile (models.quality)
+            out["activity"] = raw[:, self.features.names.index(ACTIVITY_FEATURE)].astype(np.float64)
         for task in self.tasks:
             out[task] = batch.column(task).to_numpy(zero_copy_only=False).astype(np.int64)
         if self.catalogue is not None:
@@ -733,6 +736,81 @@ def add_fusion(
         ", ".join(f"{w:g} {v:.3f}" for w, v in valid.items()),
     )
     return fused
+
+
+def read_test_set(artifact: Any, files: list[str], k: int) -> Any:
+    """The test split's labels, the shipped model's probabilities and top ``k`` recommendations (the head
+    fused with ALS where the model has a fusion) and what :mod:`userlens.models.quality` groups users by."""
+    from userlens.models.predictor import predict
+    from userlens.models.quality import Holdout
+    from userlens.models.sequential import top_items_by_weight
+
+    tasks = list(artifact.config.tasks)
+    catalogue = serving_catalogue(artifact) if artifact.config.rec else None
+    dim = artifact.features.embedding_dim
+    parts: dict[str, list[np.ndarray]] = {"embedding": [], "activity": [], **{t: [] for t in tasks}}
+    probs: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+    ranked: list[list[int]] = []
+    relevant: list[set[int]] = []
+    rec_rows: list[np.ndarray] = []
+    seen = 0
+    for batch in ShardReader(files, artifact.features, tasks, catalogue).batches(VALID_BATCH_ROWS, None):
+        n = len(batch["x"])
+        parts["embedding"].append(batch["x"][:, :dim])
+        parts["activity"].append(batch.get("activity", np.zeros(n)))
+        predicted = predict(artifact.model, batch["x"])
+        for task in tasks:
+            probs[task].append(predicted[task])
+            parts[task].append(batch[task])
+        if catalogue is not None and batch["rec_eval"].any():
+            keep = batch["rec_eval"]
+            fusion = artifact.fusion
+            weight = fusion.weight if fusion is not None else 0.0
+            top = top_items_by_weight(
+                artifact.model.rec,
+                batch["hist_idx"][keep],
+                catalogue.pad,
+                batch["bought"][keep],
+                k,
+                fusion.als if fusion is not None else None,
+                [weight],
+            )[weight]
+            ranked += [[i for i in row if i >= 0] for row in top]
+            relevant += [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
+            rec_rows.append(seen + np.flatnonzero(keep))
+        seen += n
+    if not seen:
+        raise ValueError("the test split is empty")
+    merged = {key: np.concatenate(values) for key, values in parts.items()}
+    with_next = [i for i, r in enumerate(relevant) if r]  # judged: users with a next purchase
+    rows = np.concatenate(rec_rows) if rec_rows else np.zeros(0, np.int64)
+    return Holdout(
+        labels={t: merged[t] for t in tasks},
+        probs={t: np.concatenate(probs[t]) for t in tasks},
+        activity=merged["activity"],
+        embedding=merged["embedding"],
+        ranked=[ranked[i] for i in with_next],
+        relevant=[relevant[i] for i in with_next],
+        rec_rows=rows[with_next] if len(rows) else rows,
+    )
+
+
+def write_quality_by_group(path: str, snapshot: str, k: int, min_users: int, segments: Any) -> dict[str, Any]:
+    """Compute the model's quality by activity decile and by published segment
+    (:func:`userlens.models.quality.quality_by_group`, ``segments``: a
+    :class:`~userlens.models.quality.Segments` or None) on its snapshot's test split and write it into its
+    ``metrics.json`` as ``by_group``. Returns it."""
+    from userlens.models.predictor import load_artifact
+    from userlens.models.quality import quality_by_group
+    from userlens.models.storage import read_json, write_json
+
+    artifact = load_artifact(path)
+    test = read_test_set(artifact, list_files(f"{snapshot}/split=test"), k)
+    by_group = quality_by_group(test, list(artifact.config.tasks), k, min_users, segments)
+    metrics = read_json(f"{path}/metrics.json")
+    metrics["by_group"] = by_group
+    write_json(f"{path}/metrics.json", metrics)
+    return by_group
 
 
 def ranking_summary(ranked: list[list[Any]], relevant: list[set[Any]], k: int) -> dict[str, float]:

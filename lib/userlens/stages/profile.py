@@ -37,7 +37,7 @@ from userlens.errors import UserlensError
 from userlens.features import latest_per_user
 from userlens.privacy import model_properties
 from userlens.runs import RunRecord, StageRun
-from userlens.segments import SegmentModel, assign_segments, reusable_segment_model
+from userlens.segments import SegmentModel, assign_segments, quality_segments, reusable_segment_model
 from userlens.tables import Tables
 
 if TYPE_CHECKING:
@@ -172,6 +172,7 @@ class ProfileResult:
     min_segment_size: int = 0
     model_properties: dict[str, str] = field(default_factory=dict)
     scores_version: int | None = None  # the user_scores version published (the quality gate's reference)
+    quality_by_segment_of: str | None = None  # the model whose quality by segment was (re)computed, if any
 
     def run_record(self) -> RunRecord:
         return RunRecord(
@@ -188,8 +189,42 @@ class ProfileResult:
                 "min_segment_size": self.min_segment_size,
                 "model_properties": self.model_properties,
                 "scores_version": self.scores_version,
+                "quality_by_segment_of": self.quality_by_segment_of,
             },
         )
+
+
+def quality_by_segment(settings: Settings, seg: SegmentModel, published_ids: list[int], model_id: str) -> str | None:
+    """The published model's quality by the segments published tonight (``metrics.json`` ``by_group``,
+    :mod:`userlens.models.quality`), computed on its test split when it was computed for another segment
+    model or none (a model trained before the first segments, or a refit). Returns the model version it was
+    written for, None when there was nothing to do (no model, up to date, another encoder, no snapshot)."""
+    from userlens.models.quality import quality_line
+    from userlens.models.storage import exists, read_json
+    from userlens.models.training import write_quality_by_group
+
+    store = ModelStore.of(settings)
+    version = store.latest()
+    if version is None:
+        return None
+    path = store.path(version)
+    metrics = read_json(f"{path}/metrics.json")
+    done = (metrics.get("by_group") or {}).get("segment", {}).get("segment_model_version")
+    if done == seg.version or metrics.get("data", {}).get("embed_model_id") != model_id:
+        return None
+    snapshot = store.snapshot(metrics["snapshot_id"])
+    if not exists(f"{snapshot}/split=test"):
+        log.warning("profile: model %s's snapshot is gone: its quality by segment is not computed", version)
+        return None
+    by_group = write_quality_by_group(
+        path,
+        snapshot,
+        settings.train.recommend.k,
+        settings.privacy.min_segment_size,
+        quality_segments(seg.model, seg.version, published_ids),
+    )
+    log.info("profile: model %s quality by group: %s", version, quality_line(by_group))
+    return version
 
 
 def run_profile(
@@ -286,6 +321,7 @@ def run_profile(
         for df in cached:
             df.unpersist()
     properties = record_model_properties(tables, settings)
+    quality_for = quality_by_segment(settings, seg, published_ids, model_ids[0])
     suppressed = [r for r in seg_rows if not r["published"]]
     result = ProfileResult(
         as_of,
@@ -300,6 +336,7 @@ def run_profile(
         settings.privacy.min_segment_size,
         {k: v for k, v in properties.items() if v is not None},
         scores_version,
+        quality_for,
     )
     log.info(
         "profile: %d users as of %s (%d new, %d changed rows); %d segments published, %d suppressed "

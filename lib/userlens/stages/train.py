@@ -58,9 +58,11 @@ from userlens.features import (
     split_counts,
 )
 from userlens.models.contracts import DPJob, FeatureSpec, ModelConfig, RecJob, TrainingData, TrainJob, TrainSummary
+from userlens.models.quality import quality_line
 from userlens.models.sequential import SequentialConfig
 from userlens.models.tasks import BINARY_TASKS, MULTICLASS_TASKS
 from userlens.runs import RunRecord, StageRun
+from userlens.segments import published_segments
 from userlens.tables import Tables
 from userlens.text.user_texts import build_user_texts
 
@@ -302,6 +304,19 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
             artifact, snapshot, als_out["items"], als_out["setting"], rec.k, rec.eval_users
         )
         timings["fusion_seconds"] = time.perf_counter() - t0
+
+    from userlens.models.training import write_quality_by_group
+
+    t0 = time.perf_counter()
+    by_group = write_quality_by_group(
+        artifact,
+        snapshot,
+        train.recommend.k,
+        settings.privacy.min_segment_size,
+        published_segments(tables, settings, model_id),
+    )
+    timings["quality_by_group_seconds"] = time.perf_counter() - t0
+    log.info("train: quality by group: %s", quality_line(by_group))
 
     if settings.gate.enabled and store.latest() is not None:
         store.propose(version)  # published by the quality gate (userlens.stages.gate) when the night passes
