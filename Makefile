@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.userlens-installed
 
-.PHONY: demo test test-fast lint setup java clean
+.PHONY: demo test test-fast lint setup java browser clean
 
 setup: $(STAMP) java
 
@@ -23,6 +23,11 @@ $(STAMP): setup.py
 java:
 	@bash scripts/check-java.sh
 
+# The report's browser test (tests/test_report.py) renders it in headless Chromium: Debian's package, installed
+# where apt-get can (as root); elsewhere the test is skipped with a line that says so.
+browser:
+	@bash scripts/check-chromium.sh
+
 demo: setup
 	$(VENV)/bin/userlens demo
 
@@ -32,7 +37,7 @@ demo: setup
 # one per core, at most 4, and at most one per 5 GiB of memory (a Spark driver, torch and MiniLM each).
 TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30; print(max(1, min(len(os.sched_getaffinity(0)), 4, int(gib // 5))))' 2>/dev/null || echo 2)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The unit-level tests: no whole pipelines, no demo, no cluster, no measurement at scale (tests marked

@@ -12,12 +12,6 @@ import pytest
 
 from userlens.config import Settings, load_settings
 
-# `make test` runs one pytest process per core: each process's torch (the driver, Spark's Python workers and
-# the subprocesses it starts inherit this) keeps to its share of the cores instead of every process spreading
-# over all of them and the processes contending for each core.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
-
 TEST_KEY = "test-hmac-key-0123456789abcdef"
 
 SPARK_OVERRIDES = [

@@ -6,7 +6,11 @@ import datetime as dt
 import io
 import json
 import re
+import socket
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -265,12 +269,18 @@ def _write_tables(spark, settings) -> None:
     tables.merge("pipeline_runs", spark.createDataFrame(runs, table_schema("pipeline_runs")))
 
 
-def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def full_report(spark, tmp_path_factory):
+    """Every section's input written, and the report built once."""
+    tmp_path = tmp_path_factory.mktemp("report")
     settings = make_settings(tmp_path, f"nightly.report_dir={tmp_path / 'reports'}")
     _write_artifact(tmp_path / "models")
     _write_tables(spark, settings)
+    return tmp_path, build_report(spark, settings)
 
-    result = build_report(spark, settings)
+
+def test_full_report_is_self_contained_escaped_and_private(full_report) -> None:
+    tmp_path, result = full_report
 
     assert Path(result.path) == tmp_path / "reports" / f"userlens-report-{AS_OF.isoformat()}.html"
     assert result.rendered == [
@@ -303,7 +313,9 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     assert re.search(r"<td>2026-10-29</td><td class=\"n\">40</td>", trends)
     assert re.search(r"<td>2026-10-30</td><td class=\"n\">20</td>", trends)
     assert trends.count("&ndash;") == 2  # the first night: no night before to compare with
-    assert re.search(rf'<td class="n">\d+\.\d{{3}}</td><td>{VERSION}</td></tr>', trends)  # the last: PSIs
+    assert re.search(rf'<td class="n">\d+\.\d{{3}}</td><td>{VERSION}</td>', trends)  # the last: PSIs
+    # each night's model with its holdout AUC (purchase / churn) from its metrics.json
+    assert trends.count(f'<td>{VERSION}</td><td class="n">0.820 / 0.880</td></tr>') == 2
     # data quality: the two ingest nights side by side, oldest first, each reason as a share of the rows read
     quality = page[page.index('<section id="quality">') : page.index('<section id="gate">')]
     assert quality.index("1,000") < quality.index("2,000")
@@ -327,6 +339,95 @@ def test_full_report_is_self_contained_escaped_and_private(spark, tmp_path: Path
     assert '<tr class="bad"><td>prices</td><td>fail</td><td class="n">1.000</td><td class="n">0.200</td>' in gate
     assert "<tr><td>rows</td><td>pass</td>" in gate
     assert "&lt;i&gt;all&lt;/i&gt; unpriced" in gate and "model m2 refused" in gate
+
+
+def _screenshot_script():
+    """scripts/screenshot_report.py, the documented check, as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "screenshot_report.py"
+    spec = importlib.util.spec_from_file_location("screenshot_report", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def recording_proxy():
+    """A TCP listener on a free loopback port that records the first line of every connection made to it
+    (an HTTP proxy's view of a request: ``GET http://host/path`` or ``CONNECT host:443``) and closes it."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.1)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    seen.append(conn.recv(4096).split(b"\r\n", 1)[0].decode("ascii", "replace"))
+                except OSError:
+                    seen.append("(no request line)")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], seen
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def test_the_report_renders_in_headless_chromium_without_a_network_request(full_report, tmp_path: Path) -> None:
+    """The whole report loads in headless Chromium with every section in its document and paints, while a
+    proxy that records every request sees none; the same page with one remote image makes the proxy see
+    that image's request (the check can fail)."""
+    from PIL import Image
+
+    script = _screenshot_script()
+    chromium = script.find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium here: `make setup` installs Debian's chromium where apt-get can")
+    _, result = full_report
+    page = Path(result.path).read_text(encoding="utf-8")
+    with recording_proxy() as (port, requests):
+        rendered = script.render(page, tmp_path / "report.png", chromium, proxy_port=port)
+        made = list(requests)
+        remote = page.replace("</body>", '<img src="http://example.invalid/pixel.png" alt=""></body>')
+        script.render(remote, tmp_path / "control.png", chromium, proxy_port=port)
+        deadline = time.monotonic() + 5  # the proxy's thread records the control's request as it comes
+        while not any("example.invalid" in r for r in requests) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        control = list(requests[len(made) :])
+    assert made == []
+    assert any("example.invalid/pixel.png" in r for r in control), control
+    for key in result.rendered:  # the gate and the quality by segment among them
+        assert f'<section id="{key}">' in rendered.dom
+    assert "Model quality by segment and by activity" in rendered.dom and "Quality gate" in rendered.dom
+    width, height = rendered.size
+    assert width == 1100 and height > 2000  # ten sections and their charts, trimmed below the last
+    image = Image.open(rendered.png).convert("RGB")
+    assert len(image.getcolors(maxcolors=1 << 20) or []) > 50  # text, tables and charts, not a blank page
+
+
+def test_a_section_the_report_lacks_is_named_with_those_it_has(full_report) -> None:
+    script = _screenshot_script()
+    _, result = full_report
+    page = Path(result.path).read_text(encoding="utf-8")
+    cut = script.page_of(page, ["gate", "by_group"])
+    assert cut.count("<section ") == 2 and "<style>" in cut
+    with pytest.raises(script.RenderError, match="no section 'nope' in the report \\(it has: model, scores"):
+        script.page_of(page, ["nope"])
 
 
 def test_empty_warehouse_and_models_build_with_notes(spark, tmp_path: Path) -> None:

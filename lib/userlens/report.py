@@ -496,7 +496,21 @@ class _Context:
             if (hist := np.asarray(r[f"{c}_bins"], dtype=float)).sum()
         }
         head = ["as of", "users scored", *[f"mean {c}" for c in SCORE_COLUMNS]]
-        head += [f"{c} PSI vs the night before" for c in SCORE_COLUMNS] + ["model"]
+        head += [f"{c} PSI vs the night before" for c in SCORE_COLUMNS] + ["model", "model test AUC"]
+        store = ModelStore.of(self.settings)
+        aucs: dict[str, str] = {}
+
+        def test_auc(version: str) -> str:  # the model's own holdout AUC per binary task, from its metrics.json
+            if version not in aucs:
+                try:
+                    metrics = store.metrics(version)
+                except (OSError, ValueError):
+                    metrics = None
+                found = [metrics.model.get(t, {}).get("auc") for t in BINARY_TASKS] if metrics else []
+                known = any(a is not None for a in found)
+                aucs[version] = " / ".join(_fmt(a, 3) for a in found) if known else "&ndash;"
+            return aucs[version]
+
         table = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
         ordered = sorted(dates)
         for i, date in enumerate(ordered):
@@ -510,13 +524,16 @@ class _Context:
                 f'<tr><td>{_e(date)}</td><td class="n">{_fmt(r["users"])}</td>'
                 + "".join(f'<td class="n">{_fmt(r[c], 3)}</td>' for c in SCORE_COLUMNS)
                 + "".join(drift)
-                + f"<td>{_e(', '.join(r['versions']))}</td></tr>"
+                + f"<td>{_e(', '.join(r['versions']))}</td>"
+                + f'<td class="n">{"; ".join(test_auc(v) for v in r["versions"])}</td></tr>'
             )
         table.append("</table>")
         return (
             "<p>each night's rescored users (scoring is incremental). PSI compares a score's distribution over "
             "ten bins with the night before: below 0.1 stable, 0.1 to 0.25 a shift worth a look, above 0.25 a "
-            "shift that needs an explanation</p>\n" + "\n".join(table)
+            f"shift that needs an explanation. The model's test AUC ({' / '.join(BINARY_TASKS)}) is the one "
+            "measured on its holdout when it was trained: a retrain that scores worse shows here</p>\n"
+            + "\n".join(table)
         )
 
     # -- data quality -------------------------------------------------------------------------

@@ -162,6 +162,15 @@ def predict(model: BehaviourModel, x: np.ndarray, batch_size: int = 8192) -> dic
     return {task: np.concatenate(chunks) for task, chunks in parts.items()}
 
 
+def predict_batch(artifact: "Artifact", batch: Any) -> dict[str, np.ndarray]:
+    """:func:`predict` over an Arrow record batch with the list columns ``embedding`` and ``features`` (the
+    raw numeric features), as the score and explain stages hand them to their Arrow UDFs."""
+    n = batch.num_rows
+    emb = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+    raw = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+    return predict(artifact.model, artifact.inputs(emb, raw))
+
+
 # --------------------------------------------------------------------------- artifact files
 
 

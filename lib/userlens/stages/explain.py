@@ -74,16 +74,14 @@ def _probabilities_fn(path: str):
         import numpy as np
         import pyarrow as pa
 
-        from userlens.models.predictor import load_artifact, predict
+        from userlens.models.predictor import load_artifact, predict_batch
 
         artifact = load_artifact(path)
         for batch in batches:
             n = batch.num_rows
             if n == 0:
                 continue
-            emb = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
-            raw = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
-            probs = predict(artifact.model, artifact.inputs(emb, raw))
+            probs = predict_batch(artifact, batch)
             out = {"vkey": batch.column("vkey")}
             for task in BINARY_TASKS:
                 out[task] = pa.array(probs[task].astype(np.float64)) if task in probs else pa.nulls(n, pa.float64())

@@ -102,7 +102,7 @@ def _score_fn(path: str, k: int, block_bytes: int):
         import numpy as np
         import pyarrow as pa
 
-        from userlens.models.predictor import predict
+        from userlens.models.predictor import predict_batch
 
         artifact = _artifact(path)
         classes = np.array(artifact.config.classes, dtype=object)
@@ -110,10 +110,7 @@ def _score_fn(path: str, k: int, block_bytes: int):
             n = batch.num_rows
             if n == 0:
                 continue
-            emb = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
-            raw = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
-            x = artifact.inputs(emb, raw)
-            probs = predict(artifact.model, x)
+            probs = predict_batch(artifact, batch)
             out = {"user_key": batch.column("user_key")}
             for task, column in (("purchase", "purchase_propensity"), ("churn", "churn_risk")):
                 out[column] = pa.array(probs[task].astype(np.float64)) if task in probs else pa.nulls(n, pa.float64())
