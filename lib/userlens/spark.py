@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -154,11 +156,49 @@ def _build_local(settings: Settings) -> "SparkSession":
 
             builder = configure_spark_with_delta_pip(builder)
     log.info("starting local Spark (%s)", settings.spark.master or "local[*]")
-    spark = builder.getOrCreate()
+    with _without_jvm_banner():
+        spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(settings.spark.log_level)
     if settings.spark.delta_jars == "pip" and not settings.spark.jars and not resolved:
         _remember_delta_jars(spark.sparkContext.getConf().get("spark.jars", ""))
     return spark
+
+
+# The JVM prints this before any logging configuration applies: Spark's launcher always adds the module
+# (its vectorised BLAS), and the JDK has no switch to keep the line quiet.
+JVM_BANNER = "WARNING: Using incubator modules: jdk.incubator.vector"
+
+
+@contextmanager
+def _without_jvm_banner() -> Iterator[None]:
+    """While pyspark starts its JVM, hand the JVM a standard error that goes through ``grep -v`` of
+    :data:`JVM_BANNER`: every other line passes, for the JVM's whole life (the grep ends when the JVM does).
+    Where there is no grep or standard error is not a file descriptor, nothing changes."""
+    grep = shutil.which("grep")
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        saved = None
+    if grep is None or saved is None:
+        yield
+        return
+    try:
+        banner = subprocess.Popen(
+            [grep, "-v", "--line-buffered", "-F", "-x", JVM_BANNER], stdin=subprocess.PIPE, stdout=saved, stderr=saved
+        )
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    assert banner.stdin is not None
+    os.dup2(banner.stdin.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        banner.stdin.close()  # the JVM holds its own end of the pipe
 
 
 def _delta_jars_record() -> Path:
