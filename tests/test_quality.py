@@ -56,7 +56,7 @@ def _test_set(rng: np.random.Generator, n: int) -> Holdout:
         labels={"purchase": y, "next_category": classes},
         probs={"purchase": p, "next_category": proba},
         activity=activity,
-        embedding=rng.normal(size=(n, 4)),
+        segment=rng.integers(0, 4, n),
         ranked=ranked,
         relevant=relevant,
         rec_rows=np.arange(0, n, 2),
@@ -93,7 +93,7 @@ def test_small_groups_and_unpublished_segments_are_left_out_and_counted():
     rng = np.random.default_rng(1)
     test = _test_set(rng, 300)
     centroids = np.eye(4) * 5
-    test.embedding = centroids[np.r_[np.zeros(150, int), np.ones(140, int), np.full(8, 2), np.full(2, 3)]]
+    test.segment = np.r_[np.zeros(150, int), np.ones(140, int), np.full(8, 2), np.full(2, 3)]
     # segment 3 is not published; segment 2 is, but has 8 test users, fewer than min_users
     segments = Segments("seg-1", centroids, frozenset({0, 1, 2}))
     by_group = quality_by_group(test, TASKS, 10, 10, segments)
@@ -110,6 +110,8 @@ def test_small_groups_and_unpublished_segments_are_left_out_and_counted():
     assert "segment: 2 groups, purchase AUC" in quality_line(by_group)
     none_yet = quality_by_group(test, TASKS, 10, 10, None)
     assert "note" in none_yet["segment"] and "groups" in none_yet["activity"]
+    test.segment = None  # read without centroids
+    assert "note" in quality_by_group(test, TASKS, 10, 10, segments)["segment"]
 
 
 def test_a_group_with_one_class_has_no_auc_but_its_calibration():

@@ -32,7 +32,8 @@ DECILES = 10
 
 @dataclass(frozen=True)
 class Segments:
-    """A published segment model as the quality by segment needs it."""
+    """A published segment model as the quality by segment needs it (the holdout's ``segment`` is each user's
+    nearest of ``centroids``)."""
 
     version: str
     centroids: np.ndarray  # (k, embedding dim)
@@ -48,7 +49,7 @@ class Holdout:
     labels: dict[str, np.ndarray]
     probs: dict[str, np.ndarray]
     activity: np.ndarray
-    embedding: np.ndarray
+    segment: np.ndarray | None  # each user's nearest centroid (:func:`nearest_segment`); None: no segment model
     ranked: list[list[int]]
     relevant: list[set[int]]
     rec_rows: np.ndarray
@@ -127,10 +128,10 @@ def quality_by_group(
     quantiles = max(1, min(DECILES, len(test.activity) // max(1, min_users)))
     decile, names = activity_groups(test.activity, quantiles)
     out: dict[str, Any] = {"activity": {**group_rows(decile, names, test, tasks, k, min_users), "quantiles": quantiles}}
-    if segments is None:
+    if segments is None or test.segment is None:
         out["segment"] = {"note": "no published segment model yet (profile publishes one)"}
         return out
-    nearest = nearest_segment(test.embedding, segments.centroids)
+    nearest = test.segment
     shown = sorted(segments.published)
     index = {s: i for i, s in enumerate(shown)}
     group = np.array([index.get(int(s), -1) for s in nearest], np.int64)

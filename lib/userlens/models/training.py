@@ -738,17 +738,19 @@ def add_fusion(
     return fused
 
 
-def read_test_set(artifact: Any, files: list[str], k: int) -> Any:
+def read_test_set(artifact: Any, files: list[str], k: int, centroids: np.ndarray | None = None) -> Any:
     """The test split's labels, the shipped model's probabilities and top ``k`` recommendations (the head
-    fused with ALS where the model has a fusion) and what :mod:`userlens.models.quality` groups users by."""
+    fused with ALS where the model has a fusion) and what :mod:`userlens.models.quality` groups users by: the
+    activity, and with ``centroids`` each user's nearest segment (computed batch by batch: the embeddings
+    are not kept)."""
     from userlens.models.predictor import predict
-    from userlens.models.quality import Holdout
+    from userlens.models.quality import Holdout, nearest_segment
     from userlens.models.sequential import top_items_by_weight
 
     tasks = list(artifact.config.tasks)
     catalogue = serving_catalogue(artifact) if artifact.config.rec else None
     dim = artifact.features.embedding_dim
-    parts: dict[str, list[np.ndarray]] = {"embedding": [], "activity": [], **{t: [] for t in tasks}}
+    parts: dict[str, list[np.ndarray]] = {"segment": [], "activity": [], **{t: [] for t in tasks}}
     probs: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
     ranked: list[list[int]] = []
     relevant: list[set[int]] = []
@@ -756,7 +758,8 @@ def read_test_set(artifact: Any, files: list[str], k: int) -> Any:
     seen = 0
     for batch in ShardReader(files, artifact.features, tasks, catalogue).batches(VALID_BATCH_ROWS, None):
         n = len(batch["x"])
-        parts["embedding"].append(batch["x"][:, :dim])
+        if centroids is not None:  # the x's first columns are the embedding, as stored
+            parts["segment"].append(nearest_segment(batch["x"][:, :dim], centroids))
         parts["activity"].append(batch.get("activity", np.zeros(n)))
         predicted = predict(artifact.model, batch["x"])
         for task in tasks:
@@ -781,14 +784,14 @@ def read_test_set(artifact: Any, files: list[str], k: int) -> Any:
         seen += n
     if not seen:
         raise ValueError("the test split is empty")
-    merged = {key: np.concatenate(values) for key, values in parts.items()}
+    merged = {key: np.concatenate(values) for key, values in parts.items() if values}
     with_next = [i for i, r in enumerate(relevant) if r]  # judged: users with a next purchase
     rows = np.concatenate(rec_rows) if rec_rows else np.zeros(0, np.int64)
     return Holdout(
         labels={t: merged[t] for t in tasks},
         probs={t: np.concatenate(probs[t]) for t in tasks},
         activity=merged["activity"],
-        embedding=merged["embedding"],
+        segment=merged.get("segment"),
         ranked=[ranked[i] for i in with_next],
         relevant=[relevant[i] for i in with_next],
         rec_rows=rows[with_next] if len(rows) else rows,
@@ -805,7 +808,8 @@ def write_quality_by_group(path: str, snapshot: str, k: int, min_users: int, seg
     from userlens.models.storage import read_json, write_json
 
     artifact = load_artifact(path)
-    test = read_test_set(artifact, list_files(f"{snapshot}/split=test"), k)
+    centroids = segments.centroids if segments is not None else None
+    test = read_test_set(artifact, list_files(f"{snapshot}/split=test"), k, centroids)
     by_group = quality_by_group(test, list(artifact.config.tasks), k, min_users, segments)
     metrics = read_json(f"{path}/metrics.json")
     metrics["by_group"] = by_group
