@@ -634,8 +634,6 @@ def recommendations_by_weight(
     """:func:`evaluate_recommendations` for each ALS weight of ``weights``, in one pass over the files;
     ``marked`` false: every user with a next purchase (as on the valid split), the first ``max_users`` of
     them in file order where given."""
-    from userlens.models.sequential import top_items_by_weight
-
     reader = ShardReader(files, features, tasks, catalogue)
     ranked: dict[float, list[list[int]]] = {w: [] for w in weights}
     relevant: list[set[int]] = []
@@ -647,13 +645,32 @@ def recommendations_by_weight(
             if max_users is not None and len(relevant) >= max_users:
                 break
             continue
-        tops = top_items_by_weight(
-            model.rec, batch["hist_idx"][keep], catalogue.pad, batch["bought"][keep], k, als, weights
-        )
+        tops, nexts = rank_batch(model, batch, keep, catalogue, k, als, weights)
         for w, top in tops.items():
-            ranked[w] += [[i for i in row if i >= 0] for row in top]
-        relevant += [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
+            ranked[w] += top
+        relevant += nexts
     return {w: ranking_summary(ranked[w], relevant, k) for w in weights}
+
+
+def rank_batch(
+    model: Any,
+    batch: dict[str, np.ndarray],
+    keep: np.ndarray,
+    catalogue: Catalogue,
+    k: int,
+    als: Any,
+    weights: list[float],
+) -> tuple[dict[float, list[list[int]]], list[set[int]]]:
+    """For the rows ``keep`` of a :class:`ShardReader` batch: the top ``k`` catalogue rows per ALS weight
+    (:func:`userlens.models.sequential.top_items_by_weight`, earlier purchases excluded) and the next
+    purchases (the relevant sets)."""
+    from userlens.models.sequential import top_items_by_weight
+
+    tops = top_items_by_weight(
+        model.rec, batch["hist_idx"][keep], catalogue.pad, batch["bought"][keep], k, als, weights
+    )
+    ranked = {w: [[i for i in row if i >= 0] for row in top] for w, top in tops.items()}
+    return ranked, [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
 
 
 def serving_catalogue(artifact: Any) -> Catalogue:
@@ -745,10 +762,11 @@ def read_test_set(artifact: Any, files: list[str], k: int, centroids: np.ndarray
     are not kept)."""
     from userlens.models.predictor import predict
     from userlens.models.quality import Holdout, nearest_segment
-    from userlens.models.sequential import top_items_by_weight
 
     tasks = list(artifact.config.tasks)
     catalogue = serving_catalogue(artifact) if artifact.config.rec else None
+    fusion = artifact.fusion  # the recommender as it ships: the head fused with ALS (None: the head alone)
+    weight, als = (fusion.weight, fusion.als) if fusion is not None else (0.0, None)
     dim = artifact.features.embedding_dim
     parts: dict[str, list[np.ndarray]] = {"segment": [], "activity": [], **{t: [] for t in tasks}}
     probs: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
@@ -767,19 +785,9 @@ def read_test_set(artifact: Any, files: list[str], k: int, centroids: np.ndarray
             parts[task].append(batch[task])
         if catalogue is not None and batch["rec_eval"].any():
             keep = batch["rec_eval"]
-            fusion = artifact.fusion
-            weight = fusion.weight if fusion is not None else 0.0
-            top = top_items_by_weight(
-                artifact.model.rec,
-                batch["hist_idx"][keep],
-                catalogue.pad,
-                batch["bought"][keep],
-                k,
-                fusion.als if fusion is not None else None,
-                [weight],
-            )[weight]
-            ranked += [[i for i in row if i >= 0] for row in top]
-            relevant += [{i for i in row if i != catalogue.pad} for row in batch["next"][keep]]
+            tops, nexts = rank_batch(artifact.model, batch, keep, catalogue, k, als, [weight])
+            ranked += tops[weight]
+            relevant += nexts
             rec_rows.append(seen + np.flatnonzero(keep))
         seen += n
     if not seen:

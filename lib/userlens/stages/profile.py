@@ -200,19 +200,18 @@ def quality_by_segment(settings: Settings, seg: SegmentModel, published_ids: lis
     model or none (a model trained before the first segments, or a refit). Returns the model version it was
     written for, None when there was nothing to do (no model, up to date, another encoder, no snapshot)."""
     from userlens.models.quality import quality_line
-    from userlens.models.storage import exists, read_json
+    from userlens.models.storage import exists
     from userlens.models.training import write_quality_by_group
 
     store = ModelStore.of(settings)
     version = store.latest()
-    if version is None:
+    metrics = store.metrics(version) if version is not None else None
+    if version is None or metrics is None:
         return None
-    path = store.path(version)
-    metrics = read_json(f"{path}/metrics.json")
-    done = (metrics.get("by_group") or {}).get("segment", {}).get("segment_model_version")
-    if done == seg.version or metrics.get("data", {}).get("embed_model_id") != model_id:
+    done = (metrics.by_group or {}).get("segment", {}).get("segment_model_version")
+    if done == seg.version or metrics.data.embed_model_id != model_id:
         return None
-    snapshot = store.snapshot(metrics["snapshot_id"])
+    path, snapshot = store.path(version), store.snapshot(metrics.snapshot_id)
     if not exists(f"{snapshot}/split=test"):
         log.warning("profile: model %s's snapshot is gone: its quality by segment is not computed", version)
         return None
