@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train.py [--rows 40000] [--epochs 3] [--users 1000] [--dp-sweep]
                                     [--scaling-only] [--batch-size 256]
+    .venv/bin/python bench/train.py --splits 5 [--users 1000] [--views "history, state" --views history ...]
 
 (1) Scaling: a synthetic snapshot of --rows users (384-d embeddings, the real
     feature count, labels from a noisy linear rule) is written with pyarrow;
@@ -23,13 +24,15 @@
     DP-SGD at epsilon 1, 3, 8 and without DP (1 process each); test metrics.
 (4) --splits N (alone): one --users sample, the train stage run on N different
     train/valid/test splits (``train.split.salt``), recommendation head off;
-    test AUC of the model and the RFM-only baseline per split, and the mean
-    difference with its standard error.
+    test AUC of the model, the RFM-only baseline and the bag-of-words baseline
+    per split, and the mean differences with their standard errors. With
+    --views (repeated), once per set of ``train.views``: the ablation.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import os
 import shutil
@@ -236,39 +239,59 @@ def _job_of(artifact: str, settings) -> TrainJob:
     )
 
 
-def split_comparison(spark, work: Path, base: list[str], users: int, splits: int) -> None:
-    """(4) The model against the RFM-only logistic baseline on ``splits`` different train/valid/test splits
-    (``train.split.salt``) of the same sample: test AUC per split, and the mean difference with its standard
-    error. One split's ~150 test users give an AUC a standard error of about 0.03."""
+def _mean_se(d: list[float]) -> str:
+    mean = float(np.mean(d))
+    se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    above = sum(x > 0 for x in d)
+    return f"{mean:+.3f} ± {se:.3f} (mean ± standard error over {len(d)} splits; {above} of {len(d)} above)"
+
+
+def split_comparison(spark, work: Path, base: list[str], users: int, splits: int, views: list[str]) -> None:
+    """(4) The model against the RFM-only logistic baseline and the bag-of-words baseline on ``splits``
+    different train/valid/test splits (``train.split.salt``) of the same sample, once per set of ``views``
+    (``train.views``: the ablation): test AUC per split, and the mean differences with their standard errors.
+    One split's ~150 test users give an AUC a standard error of about 0.03. The texts as of the cutoff are
+    embedded once, before the splits (textualize and embed at the cutoff date), so every run reuses them."""
+    from userlens.stages.embed import run_embed
+    from userlens.stages.textualize import run_textualize
+
     settings = load_settings(None, [*base, f"storage.models={work / 'models'}"])
     generate_sample(spark, str(work / "raw"), SampleSpec(users=users, days=30))
-    run_ingest(spark, settings, load_key(settings.privacy), StageRun("ingest", "bench-ingest"), None, True)
-    diffs: dict[str, list[float]] = {"purchase": [], "churn": []}
+    ingest = run_ingest(spark, settings, load_key(settings.privacy), StageRun("ingest", "bench-ingest"), None, True)
+    cut = ingest.as_of_date - dt.timedelta(days=settings.train.horizon_days)
+    run_textualize(spark, settings, StageRun("textualize", "bench-textualize"), cut)
+    run_embed(spark, settings, StageRun("embed", "bench-embed"), cut)
+    tasks = ("purchase", "churn")
+    diffs: dict[tuple[str, str, str], list[float]] = {}
     for i in range(splits):
-        split = load_settings(
-            None,
-            [
-                *base,
-                f"storage.models={work / 'models' / f'split{i}'}",
-                f"train.split.salt=bench-split-{i}",
-                "train.recommend.enabled=false",
-            ],
-        )
-        _, result = stage_run(spark, split, f"split{i}")
         line = []
-        for task in diffs:
-            model, baseline = result.model[task]["auc"], result.baseline[task]["auc"]
-            diffs[task].append(model - baseline)
-            line.append(f"{task} {model:.3f} vs {baseline:.3f}")
+        for j, view in enumerate(views):
+            split = load_settings(
+                None,
+                [
+                    *base,
+                    f"storage.models={work / 'models' / f'split{i}-{j}'}",
+                    f"train.split.salt=bench-split-{i}",
+                    "train.recommend.enabled=false",
+                    f"train.views=[{view}]",
+                    f"train.text_baseline={'true' if j == 0 else 'false'}",  # the same for every view
+                ],
+            )
+            _, result = stage_run(spark, split, f"split{i}-{j}")
+            if j == 0:
+                words = {t: result.baseline[f"{t} (bag of words)"]["auc"] for t in tasks}
+            for task in tasks:
+                model, baseline = result.model[task]["auc"], result.baseline[task]["auc"]
+                diffs.setdefault((view, task, "baseline"), []).append(model - baseline)
+                diffs.setdefault((view, task, "bag-of-words"), []).append(model - words[task])
+                line.append(f"{task} [{view}] {model:.3f}")
+        line += [f"{t} baseline {result.baseline[t]['auc']:.3f}, bag-of-words {words[t]:.3f}" for t in tasks]
         print(f"    split {i}: " + "; ".join(line), flush=True)
-    for task, d in diffs.items():
-        mean = float(np.mean(d))
-        se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-        print(
-            f"    {task}: model - baseline AUC = {mean:+.3f} ± {se:.3f} (mean ± standard error over {len(d)} "
-            f"splits; {sum(x > 0 for x in d)} of {len(d)} above)",
-            flush=True,
-        )
+    for view in views:
+        print(f"  views [{view}]:", flush=True)
+        for task in tasks:
+            for other in ("baseline", "bag-of-words"):
+                print(f"    {task}: model - {other} AUC = {_mean_se(diffs[(view, task, other)])}", flush=True)
 
 
 def main() -> None:
@@ -284,6 +307,13 @@ def main() -> None:
         type=int,
         default=0,
         help="only (4): the model against the baseline on this many train/valid/test splits of one --users sample",
+    )
+    parser.add_argument(
+        "--views",
+        action="append",
+        default=[],
+        help='with --splits: a train.views set to compare (repeat it: --views "history, state" --views history); '
+        'default "history, state"',
     )
     parser.add_argument(
         "--set",
@@ -309,7 +339,7 @@ def main() -> None:
     try:
         if args.splits:
             print(f"(4) model vs baseline: {args.users} sample users, {args.splits} splits", flush=True)
-            split_comparison(spark, work, base, args.users, args.splits)
+            split_comparison(spark, work, base, args.users, args.splits, args.views or ["history, state"])
             return
         print(
             f"(1) DDP scaling: {args.rows:,} synthetic users, {args.epochs} epochs, "

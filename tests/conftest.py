@@ -38,11 +38,13 @@ NO_EXPLAIN = "explain.users=none"
 # The train stage's ALS baseline tries a grid of settings on the valid split (12 fits); pipeline tests
 # fit the one configured setting, and tests/test_train.py's two-process run checks the tuning.
 FIXED_ALS = "train.recommend.als.tune=false"
+# The bag-of-words baseline (6 MLlib fits a train run): the DDP test of tests/test_train.py fits it
+NO_TEXT_BASELINE = "train.text_baseline=false"
 
 
 def make_settings(tmp_path: Path, *overrides: str) -> Settings:
     """Local settings with the warehouse, models and source under tmp_path (the train stage's ALS baseline
-    not tuned: FIXED_ALS; no explanations: NO_EXPLAIN)."""
+    not tuned: FIXED_ALS; no explanations: NO_EXPLAIN; no bag-of-words baseline: NO_TEXT_BASELINE)."""
     return load_settings(
         None,
         [
@@ -52,6 +54,7 @@ def make_settings(tmp_path: Path, *overrides: str) -> Settings:
             f"source.path={tmp_path / 'raw'}",
             FIXED_ALS,
             NO_EXPLAIN,
+            NO_TEXT_BASELINE,
             *overrides,
         ],
     )

@@ -38,8 +38,25 @@ ITEMS = [
 ]
 
 
-def text_rows(spark, texts: dict[str, str], as_of: dt.date = D1):
-    rows = [(user, as_of, text, hashlib.sha256(text.encode()).hexdigest(), 3, "1") for user, text in texts.items()]
+# the state texts: u2, u3 and u4 share one, u1 and u6 have their own
+STATES = {
+    "u1": "Last active 2026-10-05. Open cart: 2026-10-05: added to cart 'Storm Shell' (outdoor, 129.00).",
+    "u6": 'Last active 2026-10-04. Last searches: 2026-10-04: searched "rain jacket".',
+}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def text_rows(spark, texts: dict[str, str], as_of: dt.date = D1, states: dict[str, str] = STATES):
+    def state(user: str) -> str:
+        return states.get(user, "Last active 2026-10-01.")
+
+    rows = [
+        (user, as_of, text, _sha(text), 3, "1", state(user), _sha("state" + state(user)))
+        for user, text in texts.items()
+    ]
     return spark.createDataFrame(rows, table_schema("user_texts"))
 
 
@@ -57,11 +74,8 @@ def embed(spark, settings, as_of=None):
     return run_embed(spark, settings, run, as_of), run
 
 
-def vectors(tables: Tables, table: str, key: str) -> dict[str, np.ndarray]:
-    return {
-        r[key]: np.array(r["embedding"], dtype=np.float32)
-        for r in tables.read(table).select(key, "embedding").collect()
-    }
+def vectors(tables: Tables, table: str, key: str, column: str = "embedding") -> dict[str, np.ndarray]:
+    return {r[key]: np.array(r[column], dtype=np.float32) for r in tables.read(table).select(key, column).collect()}
 
 
 def _copy_with_shorter_length(tmp_path: Path) -> Path:
@@ -83,10 +97,11 @@ def test_full_incremental_and_model_change(spark, tmp_path):
 
     result, run = embed(spark, settings)
     users = result.users
-    assert (users.rows, users.embedded, users.texts_embedded, users.unchanged, users.empty) == (6, 5, 3, 0, 1)
+    # 3 distinct history texts and 3 distinct state texts, in one pass of the encoder
+    assert (users.rows, users.embedded, users.texts_embedded, users.unchanged, users.empty) == (6, 5, 6, 0, 1)
     record = result.run_record()  # what its pipeline_runs row holds
     assert (record.rows_in, record.rows_out, run.as_of_date) == (6, 5, D1)
-    assert record.details["user_texts_embedded"] == 3 and record.details["users_empty"] == 1
+    assert record.details["user_texts_embedded"] == 6 and record.details["users_empty"] == 1
     assert result.model_id == describe_model("builtin:minilm").model_id
 
     stored = tables.read("user_embeddings")
@@ -100,6 +115,12 @@ def test_full_incremental_and_model_change(spark, tmp_path):
     for user, vector in zip(users_in_order, expected):
         assert got[user].shape == (384,) and float(got[user] @ vector) >= 0.99999
     assert np.array_equal(got["u2"], got["u3"]) and np.array_equal(got["u2"], got["u4"])
+    # the state vectors too, each of its own user's state text
+    states = vectors(tables, "user_embeddings", "user_key", "state_embedding")
+    expected_states = encoder.encode([STATES["u1"], "Last active 2026-10-01.", STATES["u6"]])
+    for user, vector in zip(users_in_order, expected_states):
+        assert states[user].shape == (384,) and float(states[user] @ vector) >= 0.99999
+    assert np.array_equal(states["u2"], states["u4"]) and not np.array_equal(states["u2"], got["u2"])
 
     # items: the blank catalogue text is skipped, the others embedded
     assert (result.items.rows, result.items.embedded, result.items.empty) == (3, 2, 1)
@@ -112,19 +133,23 @@ def test_full_incremental_and_model_change(spark, tmp_path):
     assert (again.items.embedded, again.items.unchanged) == (0, 2)
     assert tables.delta("user_embeddings").history(1).first()["version"] == version
 
-    # a new as-of date where only u1's text changed: only u1 is re-embedded
+    # a new as-of date where only u1's text changed (its state text did not: its vector is reused) and only
+    # u2's state text: u1 and u2 are re-embedded, one new text each
     changed = dict(TEXTS, u1=TEXTS["u1"] + "; viewed 'Storm Shell' (outdoor, 129.0)")
     d2 = D1 + dt.timedelta(days=1)
-    tables.merge("user_texts", text_rows(spark, changed, d2))
+    tables.merge("user_texts", text_rows(spark, changed, d2, dict(STATES, u2="Last active 2026-10-06.")))
     before = vectors(tables, "user_embeddings", "user_key")
+    states_before = vectors(tables, "user_embeddings", "user_key", "state_embedding")
     third, run3 = embed(spark, settings)  # the latest date by default
     assert run3.as_of_date == d2
-    assert (third.users.embedded, third.users.texts_embedded, third.users.unchanged) == (1, 1, 4)
+    assert (third.users.embedded, third.users.texts_embedded, third.users.unchanged) == (2, 2, 3)
     after = vectors(tables, "user_embeddings", "user_key")
-    assert not np.array_equal(after["u1"], before["u1"])
-    assert all(np.array_equal(after[u], before[u]) for u in ("u2", "u3", "u4", "u6"))
+    states_after = vectors(tables, "user_embeddings", "user_key", "state_embedding")
+    assert not np.array_equal(after["u1"], before["u1"]) and np.array_equal(states_after["u1"], states_before["u1"])
+    assert np.array_equal(after["u2"], before["u2"]) and not np.array_equal(states_after["u2"], states_before["u2"])
+    assert all(np.array_equal(after[u], before[u]) for u in ("u3", "u4", "u6"))
     dates = {r[0]: r[1] for r in tables.read("user_embeddings").select("user_key", "as_of_date").collect()}
-    assert dates["u1"] == d2 and dates["u2"] == D1
+    assert dates["u1"] == d2 and dates["u3"] == D1
 
     with pytest.raises(UserlensError, match="no user_texts for 2020-01-01"):
         embed(spark, settings, dt.date(2020, 1, 1))
@@ -133,7 +158,7 @@ def test_full_incremental_and_model_change(spark, tmp_path):
     copy = _copy_with_shorter_length(tmp_path)
     other, run4 = embed(spark, make_settings(tmp_path, f"embed.model={copy}"))
     assert other.model_id != result.model_id and other.model_id.startswith("bert-l6-h384@")
-    assert (other.users.embedded, other.users.texts_embedded, other.users.unchanged) == (5, 3, 0)
+    assert (other.users.embedded, other.users.texts_embedded, other.users.unchanged) == (5, 7, 0)
     assert (other.items.embedded, other.items.unchanged) == (2, 0)
     assert {r[0] for r in tables.read("user_embeddings").select("model_id").distinct().collect()} == {other.model_id}
     assert other.run_record().details["model_id"] == other.model_id
@@ -141,7 +166,7 @@ def test_full_incremental_and_model_change(spark, tmp_path):
     # the int8 CPU mode is a model of its own too: everyone again, close to float32
     int8, _ = embed(spark, make_settings(tmp_path, "embed.cpu_int8=true", "embed.device=cpu"))
     assert int8.model_id == describe_model("builtin:minilm", int8=True).model_id != result.model_id
-    assert (int8.users.embedded, int8.users.texts_embedded, int8.items.embedded) == (5, 3, 2)
+    assert (int8.users.embedded, int8.users.texts_embedded, int8.items.embedded) == (5, 7, 2)
     quantized = vectors(tables, "user_embeddings", "user_key")
     # u1's text changed since `expected`; u2 and u6 kept theirs
     assert all(float(quantized[u] @ vector) >= 0.98 for u, vector in zip(users_in_order[1:], expected[1:]))

@@ -66,6 +66,55 @@ def test_golden_text(spark, tmp_path, language, expected):
     assert (row.n_events, row.n_missing_items, row.as_of_date) == (7, 1, AS_OF)
 
 
+STATE_EVENTS = [
+    event("S", "s1", "2026-10-01 09:00:00", "search", query="gift for dad"),
+    event("S", "s2", "2026-10-01 09:10:00", "add_to_cart", "i1", "outdoor", 89.5, 1),
+    event("S", "s3", "2026-10-02 18:00:00", "add_to_cart", "i2", "outdoor", 120.0, 1),
+    event("S", "s4", "2026-10-02 18:05:00", "purchase", "i2", "outdoor", 120.0, 1),
+    event("S", "s5", "2026-10-03 07:00:00", "add_to_cart", "i1", "outdoor", 89.5, 1),
+    event("S", "s6", "2026-10-03 07:30:00", "review", "i2", text="the zip broke"),
+    event("S", "s7", "2026-10-03 07:40:00", "view", "i2", "outdoor", 120.0),
+]
+STATE_ITEMS = [*ITEMS, ("i2", "Ridgeline Tent M4", "outdoor", "Peak", 120.0, "A tent.", "r")]
+# i1 was added twice and not bought since (named once, its newest add); i2 was bought after its add
+STATE_EN = (
+    "Last active 2026-10-03. Open cart: 2026-10-03: added to cart 'Trail Runner X' (outdoor, 89.50). "
+    "Last order: 2026-10-02: bought 1 'Ridgeline Tent M4' (outdoor, 120.00). "
+    "Last review: 2026-10-03: reviewed 'Ridgeline Tent M4': \"the zip broke\". "
+    'Last searches: 2026-10-01: searched "gift for dad".'
+)
+STATE_ZH = (
+    "最近活跃：2026-10-03。购物车中：2026-10-03：加购「Trail Runner X」（outdoor，89.50）。"
+    "最近购买：2026-10-02：购买1件「Ridgeline Tent M4」（outdoor，120.00）。"
+    "最近评价：2026-10-03：评价「Ridgeline Tent M4」：“the zip broke”。"
+    "最近搜索：2026-10-01：搜索“gift for dad”。"
+)
+
+
+@pytest.mark.parametrize("language,expected", [("en", STATE_EN), ("zh", STATE_ZH)])
+def test_golden_state_text(spark, tmp_path, language, expected):
+    settings = make_settings(tmp_path, f"textualize.language={language}", "textualize.state.max_tokens=512")
+    row = texts_for(spark, STATE_EVENTS, settings, STATE_ITEMS).collect()[0]
+    assert row.state_text == expected
+    # the golden user of the history text: its one cart add was bought, so no open cart
+    golden = texts_for(spark, GOLDEN_EVENTS, settings).collect()[0].state_text
+    assert "2026-10-02" not in golden and ("Open cart" not in golden and "购物车" not in golden)
+
+
+def test_state_text_budget_and_switch(spark, tmp_path):
+    short = texts_for(spark, STATE_EVENTS, make_settings(tmp_path, "textualize.state.max_tokens=20"), STATE_ITEMS)
+    assert short.first().state_text == STATE_EN[:60]
+    off = texts_for(
+        spark,
+        STATE_EVENTS,
+        make_settings(tmp_path, "textualize.state.enabled=false", "train.views=[history]"),
+        STATE_ITEMS,
+    ).first()
+    assert (off.state_text, off.state_hash) == (None, None)
+    with pytest.raises(ConfigError, match="train.views has state but textualize.state.enabled is false"):
+        make_settings(tmp_path, "textualize.state.enabled=false")
+
+
 def test_same_events_same_bytes_and_hash_depends_on_version(spark, tmp_path):
     settings = make_settings(tmp_path)
     one = texts_for(spark, GOLDEN_EVENTS, settings).first()
@@ -186,6 +235,10 @@ def test_stable_hash_for_users_without_new_events_and_rerun_is_noop(spark, tmp_p
     d1, d2 = AS_OF, dt.date(2026, 10, 4)
     assert hashes[("A", d1)] == hashes[("A", d2)] and hashes[("C", d1)] == hashes[("C", d2)]
     assert hashes[("B", d1)] != hashes[("B", d2)]
+    # the state text too: absolute dates, so an inactive user's stays byte-identical
+    states = {(r.user_key, r.as_of_date): (r.state_text, r.state_hash) for r in tables.read("user_texts").collect()}
+    assert states[("A", d1)] == states[("A", d2)] and states[("C", d1)] == states[("C", d2)]
+    assert states[("B", d1)][1] != states[("B", d2)][1] and "Last order: 2026-10-04" in states[("B", d2)][0]
 
     before = tables.read("user_texts").collect()
     again = run_textualize(spark, settings, StageRun("textualize", "r3"), d2)

@@ -144,3 +144,37 @@ def test_metrics_json_refuses_a_missing_key():
                 "data": {"as_of_date": "", "cutoff": "", "horizon_days": 1, "splits": {}, "embed_model_id": ""},
             }
         )
+
+
+def test_the_input_row_follows_the_views_and_a_missing_state_reads_zeros(tmp_path):
+    from userlens.models.contracts import vectors_of
+    from userlens.models.training import ShardReader
+
+    history = np.arange(8, dtype=np.float32).reshape(2, EMB)
+    state = pa.array([[1.0, 2.0, 3.0, 4.0], None], pa.list_(pa.float32()))
+    raw = np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    spec = FeatureSpec([f"f{i}" for i in range(FEAT)], [0.0] * FEAT, [1.0] * FEAT, EMB, "e", ["history", "state"], EMB)
+    read = vectors_of(state, 2, EMB)
+    assert np.isnan(read[1]).all() and read[0].tolist() == [1.0, 2.0, 3.0, 4.0]
+    x = spec.inputs(history, read, raw)
+    assert x.shape == (2, spec.input_dim) == (2, 2 * EMB + FEAT)
+    assert x[0, EMB : 2 * EMB].tolist() == [1.0, 2.0, 3.0, 4.0] and not x[1, EMB : 2 * EMB].any()
+    np.testing.assert_allclose(x[:, 2 * EMB :], np.log1p(raw), rtol=1e-6)
+    only_state = replace(spec, views=["state"])
+    assert only_state.input_dim == EMB + FEAT and only_state.inputs(None, read, raw)[0, :EMB].tolist() == [1, 2, 3, 4]
+
+    # the training reader builds the same rows from a snapshot with a state_embedding column
+    (tmp_path / "s").mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "embedding": pa.array(history.tolist(), pa.list_(pa.float32())),
+                "state_embedding": state,
+                "features": pa.array(raw.tolist(), pa.list_(pa.float64())),
+                "purchase": np.array([0, 1]),
+            }
+        ),
+        tmp_path / "s" / "part-0.parquet",
+    )
+    batch = next(ShardReader([str(tmp_path / "s" / "part-0.parquet")], spec, ["purchase"]).batches(8, None))
+    np.testing.assert_array_equal(batch["x"], x)

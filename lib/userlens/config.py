@@ -264,17 +264,29 @@ class TemplateSet(_Strict):
     chars_per_token: float = Field(
         3.0, gt=0, description="characters per encoder token, for the approximate token budget"
     )
+    state_active: str = Field("Last active {date}.", description="the state text's first sentence")
+    state_cart: str = Field(
+        "Open cart: {events}.", description="the state text's open cart (items added, not bought since)"
+    )
+    state_parts: dict[str, str] = Field(
+        {"purchase": "Last order: {events}.", "review": "Last review: {events}.", "search": "Last searches: {events}."},
+        description="event type -> the state text's sentence of the user's newest events of that type",
+    )
+    state_separator: str = Field(" ", description="between the state text's sentences")
 
     @model_validator(mode="after")
     def _known_placeholders(self) -> "TemplateSet":
         checks = [
             ("header", self.header, HEADER_PLACEHOLDERS),
+            ("state_active", self.state_active, {"date"}),
+            ("state_cart", self.state_cart, {"events"}),
             ("count_item", self.count_item, {"label", "count"}),
             ("repeat", self.repeat, {"count"}),
             ("day_prefix", self.day_prefix, {"date"}),
             ("default_event", self.default_event, EVENT_PLACEHOLDERS),
         ]
         checks += [(f"events.{name}", text, EVENT_PLACEHOLDERS) for name, text in self.events.items()]
+        checks += [(f"state_parts.{name}", text, {"events"}) for name, text in self.state_parts.items()]
         for name, text, allowed in checks:
             for field_name in template_fields(text):
                 if field_name not in allowed:
@@ -283,6 +295,23 @@ class TemplateSet(_Strict):
                         f"allowed: {', '.join(sorted(allowed))}"
                     )
         return self
+
+
+class StateTextSettings(_Strict):
+    """The second, short text per user: where the user stands now (docs/training.md, "The state text")."""
+
+    enabled: bool = Field(
+        True, description="build the state text (user_texts.state_text) and embed it (user_embeddings.state_embedding)"
+    )
+    max_tokens: int = Field(96, ge=8, description="approximate token budget of the state text")
+    cart_event: str = Field("add_to_cart", description="event type of a cart add (the open cart)")
+    order_event: str = Field("purchase", description="event type that closes a cart add of the same item")
+    open_cart: int = Field(3, ge=0, description="newest open-cart items named (added, not bought since)")
+    newest: dict[str, int] = Field(
+        {"purchase": 1, "review": 1, "search": 3},
+        description="event type -> newest events of that type named, each a sentence (templates' state_parts); "
+        "a type the data does not have adds nothing",
+    )
 
 
 class TextualizeSettings(_Strict):
@@ -297,8 +326,9 @@ class TextualizeSettings(_Strict):
     templates: dict[str, TemplateSet] = Field(
         {},
         description="language -> templates (header, count_item, labels, events, default_event, repeat, "
-        "day_prefix, separators, chars_per_token)",
+        "day_prefix, separators, chars_per_token, state_active, state_cart, state_parts, state_separator)",
     )
+    state: StateTextSettings = Field(StateTextSettings(), description="the state text")
 
     @model_validator(mode="after")
     def _language_exists(self) -> "TextualizeSettings":
@@ -306,6 +336,13 @@ class TextualizeSettings(_Strict):
             raise ValueError(
                 f"no templates for language {self.language!r}; defined: {', '.join(sorted(self.templates)) or 'none'}"
             )
+        if self.state.enabled:
+            missing = [t for t in self.state.newest if t not in self.templates[self.language].state_parts]
+            if missing:
+                raise ValueError(
+                    f"state.newest names {', '.join(missing)} but templates.{self.language}.state_parts has no "
+                    "sentence for it"
+                )
         return self
 
 
@@ -463,6 +500,11 @@ class TrainSettings(_Strict):
     max_categories: int = Field(
         50, ge=2, description='next_category classes: the most frequent label categories; the rest fall into "other"'
     )
+    views: list[Literal["history", "state"]] = Field(
+        ["history", "state"],
+        description="the user embeddings the model reads beside the numeric features (which it always reads): "
+        "history (user_embeddings.embedding), state (user_embeddings.state_embedding)",
+    )
     hidden: list[int] = Field([128], description="MLP trunk widths; the numeric features also feed the heads directly")
     dropout: float = Field(0.3, ge=0, lt=1, description="dropout of the MLP trunk")
     batch_size: int = Field(256, ge=1, description="rows per step per process")
@@ -477,6 +519,15 @@ class TrainSettings(_Strict):
         True,
         description="a purchase or churn head whose validation loss is not below that of the baseline's "
         "logistic regression ends as that regression (off under DP-SGD)",
+    )
+    text_baseline: bool = Field(
+        True,
+        description="fit the bag-of-words logistic regression (TF-IDF of the history and state texts beside the "
+        "numeric features) as a second baseline of purchase and churn: metrics.json baseline['<task> (bag of "
+        "words)']",
+    )
+    text_baseline_reg_params: list[float] = Field(
+        [0.01, 0.1, 1.0], min_length=1, description="the bag-of-words regression's regParam grid (chosen on valid)"
     )
     seed: int = Field(13, description="training seed")
     split: SplitSettings = Field(SplitSettings(), description="hash split of user_key")
@@ -679,6 +730,12 @@ class Settings(_Strict):
     explain: ExplainSettings = Field(ExplainSettings(), description="per-user explanations of the scores")
     dataset: DatasetSettings = Field(DatasetSettings(), description="a public dataset as the source")
     evaluate: EvaluateSettings = Field(EvaluateSettings(), description="`userlens evaluate`")
+
+    @model_validator(mode="after")
+    def _state_view_has_a_text(self) -> "Settings":
+        if "state" in self.train.views and not self.textualize.state.enabled:
+            raise ValueError("train.views has state but textualize.state.enabled is false: no state text to read")
+        return self
 
 
 # Fields whose value is a free-form map: a dotted --set key below them is one map key.

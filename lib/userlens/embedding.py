@@ -288,3 +288,38 @@ def vectors_for(embedder: "Embedder", texts: DataFrame, stored: DataFrame | None
     fresh = embedder(distinct_texts(missing, embedder.partitions(n_missing))).persist(StorageLevel.MEMORY_AND_DISK)
     fresh.count()  # runs the model once; what reads the vectors reads the cached ones
     return Vectors(fresh if reused is None else fresh.unionByName(reused), fresh, n_missing)
+
+
+def user_vectors(
+    embedder: "Embedder", rows: DataFrame, stored: DataFrame | None, model_id: str, state: bool
+) -> Vectors:
+    """:func:`vectors_for` over users' history texts (text_hash, text) and, with ``state``, their state
+    texts (state_hash, state_text) in one encoder pass; ``stored`` (``user_embeddings``) lends both its
+    vectors. The frame is keyed by either hash: join it back with :func:`with_user_vectors`."""
+    texts = rows.select("text_hash", "text")
+    if state:
+        texts = texts.unionByName(
+            rows.where(F.col("state_hash").isNotNull()).select(
+                F.col("state_hash").alias("text_hash"), F.col("state_text").alias("text")
+            )
+        )
+    lent = None
+    if stored is not None:
+        lent = stored.select("text_hash", "model_id", "embedding")
+        if state and "state_embedding" in stored.columns:
+            lent = lent.unionByName(
+                stored.where(F.col("state_embedding").isNotNull()).select(
+                    F.col("state_hash").alias("text_hash"), "model_id", F.col("state_embedding").alias("embedding")
+                )
+            )
+    return vectors_for(embedder, texts, lent, model_id)
+
+
+def with_user_vectors(rows: DataFrame, vectors: DataFrame, state: bool) -> DataFrame:
+    """``rows`` with ``embedding`` (of text_hash) and, with ``state``, ``state_embedding`` (of state_hash;
+    null where a row has no state text)."""
+    out = rows.join(vectors, "text_hash")
+    if state:
+        by_state = vectors.select(F.col("text_hash").alias("state_hash"), F.col("embedding").alias("state_embedding"))
+        out = out.join(by_state, "state_hash", "left")
+    return out

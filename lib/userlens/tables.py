@@ -119,6 +119,8 @@ TABLES: dict[str, TableSpec] = {
             ("text_hash", STR, False),
             ("n_events", LONG, False),
             ("template_version", STR, False),
+            ("state_text", STR, True),
+            ("state_hash", STR, True),
         ),
         key=("user_key", "as_of_date"),
         partition_by=("as_of_date",),
@@ -130,6 +132,8 @@ TABLES: dict[str, TableSpec] = {
             ("text_hash", STR, False),
             ("model_id", STR, False),
             ("embedding", VECTOR, False),
+            ("state_hash", STR, True),
+            ("state_embedding", VECTOR, True),
         ),
         key=("user_key",),
     ),
@@ -267,6 +271,9 @@ COLUMN_COMMENTS: dict[str, dict[str, str]] = {
         "text_hash": "SHA-256 of the template version and the text: a changed hash is what gets re-embedded",
         "n_events": "events the text was built from (the newest textualize.max_events at most)",
         "template_version": "textualize.template_version the text was rendered with",
+        "state_text": "where the user stands as of the date: last active day, open cart, newest order, review "
+        "and searches (textualize.state; null when it is off)",
+        "state_hash": "SHA-256 of the template version and the state text",
     },
     "user_embeddings": {
         "user_key": "keyed pseudonym of the user",
@@ -274,6 +281,8 @@ COLUMN_COMMENTS: dict[str, dict[str, str]] = {
         "text_hash": "the embedded text's hash (user_texts.text_hash)",
         "model_id": "the encoder: <label>@<hash of its weights, tokenizer and settings>",
         "embedding": "the text's embedding (L2-normalized floats; 384 for MiniLM)",
+        "state_hash": "the embedded state text's hash (user_texts.state_hash)",
+        "state_embedding": "the state text's embedding (null when textualize.state is off)",
     },
     "item_embeddings": {
         "item_id": "the catalogue's item id",

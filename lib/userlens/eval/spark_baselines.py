@@ -208,6 +208,68 @@ def fit_baseline(
     return out
 
 
+TEXT_BASELINE = "(bag of words)"  # metrics.json baseline["<task> (bag of words)"]
+
+
+def bag_of_words_baseline(
+    users: DataFrame,
+    tasks: Sequence[str],
+    reg_params: Sequence[float],
+    vocabulary: int = 20_000,
+    min_users: int = 3,
+) -> dict[str, dict[str, float]]:
+    """The second baseline of the binary tasks: Spark MLlib logistic regression on the words of the same
+    texts the model reads (TF-IDF of ``text``, the words of at least ``min_users`` train users, at most
+    ``vocabulary``) beside log1p(numeric features), its regParam chosen on the valid split's AUC, scored once
+    on the test split. ``users``: split, features, text and the task columns. Does a language model read
+    anything in the texts that counting their words does not?"""
+    from pyspark.ml import Pipeline
+    from pyspark.ml.classification import LogisticRegression
+    from pyspark.ml.feature import IDF, CountVectorizer, RegexTokenizer, VectorAssembler
+    from pyspark.ml.functions import array_to_vector
+
+    from userlens.models import metrics as M
+
+    binary = [t for t in tasks if t not in MULTICLASS_TASKS]
+    x = array_to_vector(F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))).alias("counts")
+    # an event id per word would only add noise: words are runs of letters (any script), numbers dropped
+    data = users.select("split", x, F.lower("text").alias("text"), *binary)
+    words = Pipeline(
+        stages=[
+            RegexTokenizer(inputCol="text", outputCol="words", pattern=r"[^\p{L}]+", toLowercase=False),
+            CountVectorizer(inputCol="words", outputCol="tf", vocabSize=vocabulary, minDF=float(min_users)),
+            IDF(inputCol="tf", outputCol="tfidf"),
+            VectorAssembler(inputCols=["tfidf", "counts"], outputCol="x"),
+        ]
+    ).fit(data.where(F.col("split") == "train"))
+    rows = words.transform(data).select("split", "x", *binary).cache()
+    try:
+        out: dict[str, dict[str, float]] = {}
+        for task in binary:
+            fit_rows = rows.where(F.col("split") == "train").withColumn(task, F.col(task).cast("double"))
+            best: tuple[float, float, Any] | None = None
+            for reg in reg_params:
+                model = LogisticRegression(featuresCol="x", labelCol=task, maxIter=100, regParam=reg).fit(fit_rows)
+                valid = _scored(model, rows.where(F.col("split") == "valid"), task)
+                auc = M.binary_metrics(*valid)["auc"] if len(set(valid[0].tolist())) == 2 else float("nan")
+                if best is None or auc > best[0]:
+                    best = (auc, reg, model)
+            assert best is not None  # reg_params is not empty
+            y, p = _scored(best[2], rows.where(F.col("split") == "test"), task)
+            out[task] = {**M.binary_metrics(y, p), "reg_param": best[1], "valid_auc": best[0]}
+    finally:
+        rows.unpersist()
+    return out
+
+
+def _scored(model: Any, rows: DataFrame, task: str) -> tuple[Any, Any]:
+    import numpy as np
+    from pyspark.ml.functions import vector_to_array
+
+    got = model.transform(rows).select(F.col(task), vector_to_array(F.col("probability"))[1].alias("p")).collect()
+    return np.array([r[0] for r in got], dtype=np.int64), np.array([r[1] for r in got], dtype=np.float64)
+
+
 def standardized_linear(linear: dict[str, dict[str, list]], features: FeatureSpec) -> dict[str, dict[str, list]]:
     """A linear model of x = log1p(features) rewritten for the model's standardized input
     z = (x - mean) / std: weight w * std, bias b + w . mean (the same logits)."""

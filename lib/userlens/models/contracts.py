@@ -15,17 +15,49 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """How raw numeric features become model inputs: log1p, then (x - mean) / std."""
+    """The model's input row: the user embeddings of its ``views`` (history: ``embedding``, state:
+    ``state_embedding``), then the raw numeric features after log1p and (x - mean) / std."""
 
     names: list[str]
     mean: list[float]
     std: list[float]
     embedding_dim: int
     embed_model_id: str
+    views: list[str] = field(default_factory=lambda: ["history"])  # train.views (older artifacts: history)
+    state_dim: int = 0
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
         x = np.log1p(np.maximum(raw.astype(np.float64), 0.0))
         return ((x - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
+
+    def inputs(self, embedding: np.ndarray | None, state: np.ndarray | None, raw: np.ndarray) -> np.ndarray:
+        """One input row per user: [embedding if history] [state if state] [standardized features]. A user
+        without a state text (null ``state_embedding``, passed as NaN rows) reads zeros there."""
+        parts = []
+        if "history" in self.views:
+            assert embedding is not None
+            parts.append(embedding.astype(np.float32))
+        if "state" in self.views:
+            assert state is not None
+            parts.append(np.nan_to_num(state.astype(np.float32), nan=0.0))
+        parts.append(self.transform(raw))
+        return np.concatenate(parts, axis=1)
+
+    @property
+    def input_dim(self) -> int:
+        history = self.embedding_dim if "history" in self.views else 0
+        return history + (self.state_dim if "state" in self.views else 0) + len(self.names)
+
+
+def vectors_of(column: Any, n: int, dim: int) -> np.ndarray:
+    """An Arrow list<float> column of ``n`` rows as an (n, dim) array; null rows become NaN rows."""
+    if column.null_count == 0:
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
+    out = np.full((n, dim), np.nan, np.float32)
+    valid = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
+    if len(valid):
+        out[valid] = column.drop_null().flatten().to_numpy(zero_copy_only=False).reshape(len(valid), -1)
+    return out
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from torch import nn
 
 from userlens.errors import UserlensError
 from userlens.models.als import read_fusion
-from userlens.models.contracts import FORMAT_VERSION, FeatureSpec, ModelConfig
+from userlens.models.contracts import FORMAT_VERSION, FeatureSpec, ModelConfig, vectors_of
 from userlens.models.storage import (
     exists,
     read_bytes,
@@ -163,12 +163,15 @@ def predict(model: BehaviourModel, x: np.ndarray, batch_size: int = 8192) -> dic
 
 
 def predict_batch(artifact: "Artifact", batch: Any) -> dict[str, np.ndarray]:
-    """:func:`predict` over an Arrow record batch with the list columns ``embedding`` and ``features`` (the
-    raw numeric features), as the score and explain stages hand them to their Arrow UDFs."""
+    """:func:`predict` over an Arrow record batch with the list columns ``embedding``, ``state_embedding``
+    (where the model reads the state view; null rows read zeros) and ``features`` (the raw numeric
+    features), as the score and explain stages hand them to their Arrow UDFs."""
     n = batch.num_rows
+    spec = artifact.features
     emb = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
     raw = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
-    return predict(artifact.model, artifact.inputs(emb, raw))
+    state = vectors_of(batch.column("state_embedding"), n, spec.state_dim) if "state" in spec.views else None
+    return predict(artifact.model, spec.inputs(emb, state, raw))
 
 
 # --------------------------------------------------------------------------- artifact files
@@ -195,9 +198,6 @@ class Artifact:
 
     item_ids: list[str] = field(default_factory=list)  # the recommendation head's training catalogue
     fusion: Any = None  # userlens.models.als.Fusion: the head's scores fused with ALS (None: the head alone)
-
-    def inputs(self, embedding: np.ndarray, raw_features: np.ndarray) -> np.ndarray:
-        return np.concatenate([embedding.astype(np.float32), self.features.transform(raw_features)], axis=1)
 
 
 def write_artifact(

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from userlens.models.contracts import ModelMetrics, TrainingInfo, TrainJob, TrainSummary
+from userlens.models.contracts import ModelMetrics, TrainingInfo, TrainJob, TrainSummary, vectors_of
 from userlens.models.quality import ACTIVITY_FEATURE
 from userlens.models.storage import list_files, read_catalogue
 
@@ -101,8 +101,10 @@ class ShardReader:
         tasks: list[str],
         catalogue: Catalogue | None = None,
         cache_bytes: int = CACHE_BYTES,
+        keep_embedding: bool = False,
     ) -> None:
         self.files = files
+        self.keep_embedding = keep_embedding
         self.features = features
         self.tasks = tasks
         self.catalogue = catalogue
@@ -127,7 +129,8 @@ class ShardReader:
 
         from userlens.models.storage import _fs
 
-        columns = ["embedding", "features", *self.tasks, *(REC_COLUMNS if self.catalogue else ())]
+        state = ["state_embedding"] if "state" in self.features.views else []
+        columns = ["embedding", *state, "features", *self.tasks, *(REC_COLUMNS if self.catalogue else ())]
         for uri in order:
             fs, path = _fs(uri)
             with fs.open_input_file(path) as f:
@@ -138,7 +141,12 @@ class ShardReader:
         n = batch.num_rows
         emb = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
         raw = batch.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, -1)
-        out = {"x": np.concatenate([emb.astype(np.float32), self.features.transform(raw)], axis=1)}
+        state = None
+        if "state" in self.features.views:
+            state = vectors_of(batch.column("state_embedding"), n, self.features.state_dim)
+        out = {"x": self.features.inputs(emb, state, raw)}
+        if self.keep_embedding:  # the quality by segment reads the history embedding, whatever the views
+            out["embedding"] = emb.astype(np.float32)
         if ACTIVITY_FEATURE in self.features.names:  # for the quality by activity decile (models.quality)
             out["activity"] = raw[:, self.features.names.index(ACTIVITY_FEATURE)].astype(np.float64)
         for task in self.tasks:
@@ -767,17 +775,17 @@ def read_test_set(artifact: Any, files: list[str], k: int, centroids: np.ndarray
     catalogue = serving_catalogue(artifact) if artifact.config.rec else None
     fusion = artifact.fusion  # the recommender as it ships: the head fused with ALS (None: the head alone)
     weight, als = (fusion.weight, fusion.als) if fusion is not None else (0.0, None)
-    dim = artifact.features.embedding_dim
     parts: dict[str, list[np.ndarray]] = {"segment": [], "activity": [], **{t: [] for t in tasks}}
     probs: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
     ranked: list[list[int]] = []
     relevant: list[set[int]] = []
     rec_rows: list[np.ndarray] = []
     seen = 0
-    for batch in ShardReader(files, artifact.features, tasks, catalogue).batches(VALID_BATCH_ROWS, None):
+    reader = ShardReader(files, artifact.features, tasks, catalogue, keep_embedding=centroids is not None)
+    for batch in reader.batches(VALID_BATCH_ROWS, None):
         n = len(batch["x"])
-        if centroids is not None:  # the x's first columns are the embedding, as stored
-            parts["segment"].append(nearest_segment(batch["x"][:, :dim], centroids))
+        if centroids is not None:
+            parts["segment"].append(nearest_segment(batch["embedding"], centroids))
         parts["activity"].append(batch.get("activity", np.zeros(n)))
         predicted = predict(artifact.model, batch["x"])
         for task in tasks:

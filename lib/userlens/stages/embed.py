@@ -21,7 +21,16 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from userlens.config import Settings
-from userlens.embedding import ARROW_BATCH_KEY, Embedder, EncoderSpec, is_empty_text, item_texts, vectors_for
+from userlens.embedding import (
+    ARROW_BATCH_KEY,
+    Embedder,
+    EncoderSpec,
+    is_empty_text,
+    item_texts,
+    user_vectors,
+    vectors_for,
+    with_user_vectors,
+)
 from userlens.errors import UserlensError, require_columns
 from userlens.runs import RunRecord, StageRun
 from userlens.tables import Tables
@@ -34,13 +43,17 @@ log = logging.getLogger(__name__)
 EMBED, UNCHANGED, EMPTY = "embed", "unchanged", "empty"
 
 
-def tag_changes(current: DataFrame, stored: DataFrame, key: str, model_id: str) -> DataFrame:
-    """``current`` plus ``status``: empty (blank text), unchanged ((key, text_hash, model_id) stored) or embed."""
-    require_columns(current, (key, "text", "text_hash"), "tag_changes")
+def tag_changes(
+    current: DataFrame, stored: DataFrame, key: str, model_id: str, hashes: tuple[str, ...] = ("text_hash",)
+) -> DataFrame:
+    """``current`` plus ``status``: empty (blank text), unchanged ((key, every hash in ``hashes``, model_id)
+    stored; a null hash matches a null one) or embed."""
+    require_columns(current, (key, "text", *hashes), "tag_changes")
     done = stored.where(F.col("model_id") == model_id).select(
-        F.col(key), F.col("text_hash"), F.lit(True).alias("_stored")
+        F.col(key).alias("_k"), *[F.col(h).alias(f"_{h}") for h in hashes], F.lit(True).alias("_stored")
     )
-    joined = current.join(done, [key, "text_hash"], "left")
+    same = [F.col(key) == F.col("_k"), *[F.col(h).eqNullSafe(F.col(f"_{h}")) for h in hashes]]
+    joined = current.join(done, same, "left").drop("_k", *[f"_{h}" for h in hashes])
     status = (
         F.when(is_empty_text("text"), F.lit(EMPTY)).when(F.col("_stored"), F.lit(UNCHANGED)).otherwise(F.lit(EMBED))
     )
@@ -99,18 +112,24 @@ def _embed_changes(
     model_id: str,
     table: str,
     output: Callable[[DataFrame], DataFrame],
+    state: bool = False,
 ) -> EmbedCounts:
-    """Tag, embed the distinct changed texts, join back and MERGE into ``table``."""
-    tagged = tag_changes(current, stored, key, model_id).persist(StorageLevel.MEMORY_AND_DISK)
+    """Tag, embed the distinct changed texts (with ``state``, the users' state texts too), join back and
+    MERGE into ``table``."""
+    hashes = ("text_hash", "state_hash") if state else ("text_hash",)
+    tagged = tag_changes(current, stored, key, model_id, hashes).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         counts = {r["status"]: r["n"] for r in tagged.groupBy("status").agg(F.count(F.lit(1)).alias("n")).collect()}
         rows, to_embed = sum(counts.values()), counts.get(EMBED, 0)
         if to_embed == 0:
             return EmbedCounts(rows, 0, 0, counts.get(UNCHANGED, 0), counts.get(EMPTY, 0))
         changed = tagged.where(F.col("status") == EMBED)
-        vectors = vectors_for(embedder, changed, stored, model_id)
+        if state:
+            vectors = user_vectors(embedder, changed, stored, model_id, state=True)
+        else:
+            vectors = vectors_for(embedder, changed, stored, model_id)
         try:
-            joined = changed.join(vectors.frame, "text_hash").withColumn("model_id", F.lit(model_id))
+            joined = with_user_vectors(changed, vectors.frame, state).withColumn("model_id", F.lit(model_id))
             written = tables.merge(table, output(joined))
         finally:
             vectors.release()
@@ -136,15 +155,25 @@ def run_embed(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     previous_batch = spark.conf.get(ARROW_BATCH_KEY, None)
     spark.conf.set(ARROW_BATCH_KEY, str(settings.embed.arrow_batch_size))
     try:
+        state = settings.textualize.state.enabled
         users = _embed_changes(
             tables,
             embedder,
-            texts.select("user_key", "as_of_date", "text", "text_hash"),
+            texts.select("user_key", "as_of_date", "text", "text_hash", "state_text", "state_hash"),
             tables.read("user_embeddings"),
             "user_key",
             model_id,
             "user_embeddings",
-            lambda df: df.select("user_key", "as_of_date", "text_hash", "model_id", "embedding"),
+            lambda df: df.select(
+                "user_key",
+                "as_of_date",
+                "text_hash",
+                "model_id",
+                "embedding",
+                "state_hash",
+                F.col("state_embedding") if state else F.lit(None).alias("state_embedding"),
+            ),
+            state,
         )
         if users.rows == 0:
             raise UserlensError(f"no user_texts for {as_of}: run `userlens textualize --date {as_of}` first")

@@ -28,7 +28,7 @@ from pyspark.sql import types as T
 
 from userlens.artifacts import ModelStore
 from userlens.config import Settings
-from userlens.embedding import Embedder, vectors_for
+from userlens.embedding import Embedder, user_vectors, with_user_vectors
 from userlens.errors import UserlensError
 from userlens.features import numeric_features
 from userlens.models.tasks import BINARY_TASKS
@@ -153,16 +153,17 @@ def run_explain(
     events = tables.read("events").where(F.col("event_date") <= F.lit(as_of))
     variants = occluded_events(events, users, cfg.days).localCheckpoint()
     texts = build_user_texts(variants, tables.read("items"), settings.textualize, types, as_of).select(
-        F.col("user_key").alias("vkey"), "text", "text_hash"
+        F.col("user_key").alias("vkey"), "text", "text_hash", "state_text", "state_hash"
     )
     texts = texts.localCheckpoint()
-    vectors = vectors_for(
-        Embedder(spark, settings), texts, tables.read("user_embeddings"), artifact.features.embed_model_id
+    state = "state" in artifact.features.views  # a day left out changes the state text too
+    vectors = user_vectors(
+        Embedder(spark, settings), texts, tables.read("user_embeddings"), artifact.features.embed_model_id, state
     )
     try:
         feats = numeric_features(variants, as_of, types).withColumnRenamed("user_key", "vkey")
-        inputs = texts.join(vectors.frame, "text_hash").join(feats, "vkey")
-        probs = inputs.select("vkey", "embedding", "features").mapInArrow(
+        inputs = with_user_vectors(texts, vectors.frame, state).join(feats, "vkey")
+        probs = inputs.select("vkey", "embedding", *(["state_embedding"] if state else []), "features").mapInArrow(
             _probabilities_fn(store.path(version)), PROBS_SCHEMA
         )
         split = F.split("vkey", re.escape(SEP))

@@ -131,11 +131,12 @@ def _score_fn(path: str, k: int, block_bytes: int):
 
 
 def score_users(users: DataFrame, artifact_path: str, k: int, block_mib: int) -> DataFrame:
-    """(user_key, embedding, features[, hist_items, hist_ages, bought]) -> (user_key, purchase_propensity,
-    churn_risk, next_category, next_category_p, recommended_items) with the model at ``artifact_path``;
-    the recommendation columns are needed when the model has a recommendation head; ``k`` and ``block_mib``:
+    """(user_key, embedding, features[, state_embedding, hist_items, hist_ages, bought]) -> (user_key,
+    purchase_propensity, churn_risk, next_category, next_category_p, recommended_items) with the model at
+    ``artifact_path``; state_embedding is needed when the model reads the state view, the recommendation
+    columns when it has a recommendation head; ``k`` and ``block_mib``:
     ``train.recommend.k`` and ``train.recommend.score_block_mib``."""
-    extra = [c for c in ("hist_items", "hist_ages", "bought") if c in users.columns]
+    extra = [c for c in ("state_embedding", "hist_items", "hist_ages", "bought") if c in users.columns]
     return users.select("user_key", "embedding", "features", *extra).mapInArrow(
         _score_fn(artifact_path, k, block_mib * 2**20), SCORES_SCHEMA
     )
@@ -149,6 +150,7 @@ class ScoreResult:
     scored: int
     unchanged: int
     no_events: int
+    no_state: int = 0  # users without a state embedding, for a model that reads one (zeros in its place)
 
     def run_record(self) -> RunRecord:
         return RunRecord(
@@ -159,6 +161,7 @@ class ScoreResult:
                 "scored": self.scored,
                 "unchanged": self.unchanged,
                 "users_without_events": self.no_events,
+                "users_without_state_embedding": self.no_state,
             },
         )
 
@@ -194,7 +197,8 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
             f"(trained on {model_id}): run `userlens embed` with that model, or `userlens train`"
         )
     feats = numeric_features(events, as_of, settings.ingest.event_types)
-    current = embeddings.select("user_key", "text_hash", "embedding").join(feats, "user_key", "left")
+    state = ["state_embedding"] if "state" in artifact.features.views else []
+    current = embeddings.select("user_key", "text_hash", "embedding", *state).join(feats, "user_key", "left")
     scored_before = latest_per_user(
         tables.read("user_scores").where(F.col("as_of_date") <= F.lit(as_of)), "as_of_date"
     ).select("user_key", F.col("text_hash").alias("_h"), F.col("model_version").alias("_v"))
@@ -207,6 +211,7 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
             F.count(F.lit(1)).alias("users"),
             F.sum(F.col("_todo").cast("int")).alias("todo"),
             F.sum(F.col("features").isNull().cast("int")).alias("no_features"),
+            F.sum((F.col("state_embedding").isNull() if state else F.lit(False)).cast("int")).alias("no_state"),
         ).first()
         assert counts is not None  # an aggregate without groupBy has one row
         todo = tagged.where("_todo").withColumn(
@@ -241,7 +246,13 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         tagged.unpersist()
     scored = written.get("numTargetRowsInserted", 0) + written.get("numTargetRowsUpdated", 0)
     result = ScoreResult(
-        as_of, version, counts["users"], scored, counts["users"] - (counts["todo"] or 0), counts["no_features"] or 0
+        as_of,
+        version,
+        counts["users"],
+        scored,
+        counts["users"] - (counts["todo"] or 0),
+        counts["no_features"] or 0,
+        counts["no_state"] or 0,
     )
     log.info(
         "score: %d users as of %s with model %s: %d scored, %d unchanged",
@@ -251,4 +262,10 @@ def run_score(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         result.scored,
         result.unchanged,
     )
+    if result.no_state:
+        log.warning(
+            "score: %d users have no state embedding (embedded before textualize.state): the model read zeros "
+            "in its place; the next embed run gives them one",
+            result.no_state,
+        )
     return result

@@ -41,6 +41,7 @@ def train(r: Any) -> str:
                 f"  {task:<14} test AUC {values['auc']:.3f}  PR-AUC {values['pr_auc']:.3f}  "
                 f"log loss {values['log_loss']:.3f}  ECE {values['ece']:.3f}   "
                 f"baseline AUC {base.get('auc', nan):.3f}"
+                + (f"  bag of words {words['auc']:.3f}" if (words := r.baseline.get(f"{task} (bag of words)")) else "")
                 + (
                     "   (head: the baseline's regression, which validated better)"
                     if r.heads.get(task) == "baseline"

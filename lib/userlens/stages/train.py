@@ -42,9 +42,26 @@ from pyspark.sql import functions as F
 
 from userlens.artifacts import ModelStore
 from userlens.config import Settings, TrainSettings
-from userlens.embedding import Embedder, EncoderSpec, check_gpu_conf, is_empty_text, item_texts, spark_conf, vectors_for
+from userlens.embedding import (
+    Embedder,
+    EncoderSpec,
+    check_gpu_conf,
+    is_empty_text,
+    item_texts,
+    spark_conf,
+    user_vectors,
+    vectors_for,
+    with_user_vectors,
+)
 from userlens.errors import ConfigError, UserlensError
-from userlens.eval.spark_baselines import als_grid, fit_baseline, recommendation_baselines, standardized_linear
+from userlens.eval.spark_baselines import (
+    TEXT_BASELINE,
+    als_grid,
+    bag_of_words_baseline,
+    fit_baseline,
+    recommendation_baselines,
+    standardized_linear,
+)
 from userlens.features import (
     SPLITS,
     category_classes,
@@ -187,7 +204,8 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         settings.ingest.event_types,
         cut,
     )
-    frame = frame.join(texts.select("user_key", "text", "text_hash"), "user_key")
+    state = "state" in train.views
+    frame = frame.join(texts.select("user_key", "text", "text_hash", "state_text", "state_hash"), "user_key")
     rec = train.recommend if train.recommend.enabled else None
     if rec is not None:
         frame = _with_item_history(frame, item_history(events, cut, as_of, rec.history), rec.eval_users)
@@ -198,16 +216,26 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         classes = category_classes(frame, train.max_categories) if "next_category" in train.tasks else []
         check_counts(counts, train, classes)
         t0 = time.perf_counter()
-        cutoff_vectors = vectors_for(embedder, frame, _stored(tables, "user_embeddings"), model_id)
+        cutoff_vectors = user_vectors(embedder, frame, _stored(tables, "user_embeddings"), model_id, state)
         vectors, cutoff_texts_embedded = cutoff_vectors.frame, cutoff_vectors.embedded
         log.info(
             "train: %d texts as of the cutoff embedded (the rest reused from user_embeddings)", cutoff_texts_embedded
         )
         timings["cutoff_embed_seconds"] = time.perf_counter() - t0
-        snap = frame.join(vectors, "text_hash").select(
+        text_baseline: dict[str, dict[str, float]] = {}
+        if train.text_baseline and any(t in BINARY_TASKS for t in train.tasks):
+            t0 = time.perf_counter()
+            words = frame.select(
+                "split", "features", F.concat_ws("\n", "text", "state_text").alias("text"), *BINARY_TASKS
+            )
+            found = bag_of_words_baseline(words, train.tasks, train.text_baseline_reg_params)
+            text_baseline = {f"{task} {TEXT_BASELINE}": m for task, m in found.items()}
+            timings["text_baseline_seconds"] = time.perf_counter() - t0
+        snap = with_user_vectors(frame, vectors, state).select(
             "user_key",
             "split",
             "embedding",
+            *(["state_embedding"] if state else []),
             "features",
             "purchase",
             "churn",
@@ -236,7 +264,7 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     first = stored.select("embedding").first()
     assert first is not None  # check_counts above: the snapshot has users
     dim = len(first[0])
-    features = FeatureSpec(names, mean, std, dim, model_id)
+    features = FeatureSpec(names, mean, std, dim, model_id, list(train.views), dim if state else 0)
     rec_config = None
     if rec is not None:
         # the sequential head (userlens.models.sequential) over the catalogue's item-text embeddings
@@ -246,7 +274,7 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         classes=classes,
         hidden=list(train.hidden),
         dropout=train.dropout,
-        input_dim=dim + len(names),
+        input_dim=features.input_dim,
         numeric_dim=len(names),
         rec=rec_config,
     )
@@ -256,6 +284,7 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     baseline = fit_baseline(
         stored, train.tasks, len(classes), predictions_to=f"{artifact}/baseline_predictions.npz", linear_out=linear
     )
+    baseline.update(text_baseline)
     als_out: dict[str, Any] = {}
     if rec is not None:
         grid = als_grid(rec.als, settings.evaluate.als_reg_params, settings.evaluate.als_alphas)

@@ -12,6 +12,11 @@ Stability: the text depends only on the user's own events (absolute dates, no
 "N days ago"), the catalog and the template version, so a user without new
 events keeps a byte-identical text and text_hash.
 
+A second, short *state text* says where the user stands on the as-of date
+(:func:`state_text`; ``textualize.state``), from the same event array::
+
+    Last active 2026-10-03. Open cart: 2026-10-03: added to cart 'Trail Runner X' (outdoor, 89.50). ...
+
 Budget and skew: each user's newest ``max_events`` events are kept with a
 ``row_number`` window before any aggregation (Spark turns ``row_number <= k``
 into a per-partition group limit ahead of the shuffle, so a power user with
@@ -104,6 +109,7 @@ def render_events(capped: DataFrame, items: DataFrame, templates: TemplateSet, m
         "user_key",
         "rn",
         "event_type",
+        "item_id",
         F.to_date("event_time").cast("string").alias("day"),  # UTC session: the UTC date
         line.alias("line"),
         fields["category"].alias("category"),
@@ -120,7 +126,7 @@ def collect_user_events(rendered: DataFrame, event_types: list[str]) -> DataFram
     already partitioned by user_key, so this aggregation adds no shuffle; the
     plain counts are codegen'd aggregates rather than array functions.
     """
-    fields = ("rn", "day", "line", "category", "spend", "event_type", "missing_item")
+    fields = ("rn", "day", "line", "category", "spend", "event_type", "missing_item", "item_id")
     return rendered.groupBy("user_key").agg(
         F.array_sort(F.collect_list(F.struct(*fields))).alias("ev"),
         F.count(F.lit(1)).alias("n_events"),
@@ -147,6 +153,7 @@ def texts_from_event_arrays(
         F.transform(F.filter(ev, lambda x: x["category"].isNotNull()), lambda x: x["category"]).alias("cats"),
         # (day, line) as one string: consecutive equal keys collapse into one piece
         F.transform(ev, lambda x: F.concat(x["day"], F.lit("\u0001"), x["line"])).alias("keys"),
+        *([state_text(ev, F.col("last_date"), settings).alias("state")] if settings.state.enabled else []),
     )
     # top categories: by count desc, then name
     ranked = F.array_sort(
@@ -183,8 +190,9 @@ def texts_from_event_arrays(
         F.sequence(F.lit(0), n - 1),
         lambda i: F.when(i == 0, True).otherwise(F.element_at("keys", i + 1) != F.element_at("keys", i)),
     )
+    state = ["state"] if settings.state.enabled else []
     with_header = stats.select(
-        "user_key", "ev", "n_events", "n_missing_items", header.alias("header"), starts.alias("starts")
+        "user_key", "ev", "n_events", "n_missing_items", header.alias("header"), starts.alias("starts"), *state
     )
     runs = F.transform(
         "starts",
@@ -202,7 +210,9 @@ def texts_from_event_arrays(
             ).alias("piece"),
         ),
     )
-    with_pieces = with_header.select("user_key", "n_events", "n_missing_items", "header", pieces.alias("pieces"))
+    with_pieces = with_header.select(
+        "user_key", "n_events", "n_missing_items", "header", pieces.alias("pieces"), *state
+    )
 
     # exact character cost of each piece in the final text: "\n" + day prefix
     # before a day's first piece, the separator before any other
@@ -231,7 +241,7 @@ def texts_from_event_arrays(
         lambda acc: acc["k"],
     )
     kept = F.slice("pieces", 1, kept_count)
-    with_kept = with_pieces.select("user_key", "n_events", "n_missing_items", "header", kept.alias("kept"))
+    with_kept = with_pieces.select("user_key", "n_events", "n_missing_items", "header", kept.alias("kept"), *state)
     day_lines = F.transform(
         F.array_distinct(F.transform("kept", lambda p: p["day"])),
         lambda d: F.concat(
@@ -245,6 +255,13 @@ def texts_from_event_arrays(
     # a header alone over budget is cut; the body goes first
     text = F.concat_ws("\n", F.substring("header", 1, budget_chars), body)
     version = F.lit(settings.template_version)
+    if settings.state.enabled:
+        state_columns = [
+            F.col("state").alias("state_text"),
+            F.sha2(F.concat_ws("\u0001", F.lit("state"), version, F.col("state")), 256).alias("state_hash"),
+        ]
+    else:
+        state_columns = [F.lit(None).cast("string").alias("state_text"), F.lit(None).cast("string").alias("state_hash")]
     return with_kept.select(
         "user_key",
         F.lit(as_of).alias("as_of_date"),
@@ -253,14 +270,56 @@ def texts_from_event_arrays(
         F.col("n_events").cast("long").alias("n_events"),
         version.alias("template_version"),
         "n_missing_items",
+        *state_columns,
     )
+
+
+def state_text(ev: Column, last_date: Column, settings: TextualizeSettings) -> Column:
+    """Where the user stands as of the text's date, from the same capped event array: the last active day,
+    the open cart (items added and not bought since, newest first, each once) and the newest events of each
+    type in ``state.newest``, every event as its dated line; cut to ``state.max_tokens``."""
+    cfg = settings.state
+    templates = settings.templates[settings.language]
+
+    def dated(events: Column) -> Column:
+        return F.array_join(
+            F.transform(events, lambda x: F.concat(render(templates.day_prefix, {"date": x["day"]}), x["line"])),
+            templates.event_separator,
+        )
+
+    def sentence(template: str, events: Column) -> Column:
+        return F.when(F.size(events) > 0, render(template, {"events": dated(events)}))
+
+    parts = [render(templates.state_active, {"date": last_date})]
+    if cfg.open_cart:
+        carts = F.filter(ev, lambda x: (x["event_type"] == cfg.cart_event) & x["item_id"].isNotNull())
+        orders = F.filter(ev, lambda x: x["event_type"] == cfg.order_event)
+        # ev is newest first: a cart add is open when no order of its item is newer, shown once (its newest add)
+        open_cart = F.filter(
+            carts,
+            lambda x, i: (
+                ~F.exists(orders, lambda o: (o["item_id"] == x["item_id"]) & (o["rn"] < x["rn"]))
+                & ~F.exists(F.slice(carts, 1, i), lambda y: y["item_id"] == x["item_id"])
+            ),
+        )
+        parts.append(sentence(templates.state_cart, F.slice(open_cart, 1, cfg.open_cart)))
+
+    def of_type(event_type: str) -> Column:  # (one parameter: Spark reads a second one as the index)
+        return F.filter(ev, lambda x: x["event_type"] == event_type)
+
+    for event_type, n in cfg.newest.items():
+        if n > 0:
+            parts.append(sentence(templates.state_parts[event_type], F.slice(of_type(event_type), 1, n)))
+    budget = int(cfg.max_tokens * templates.chars_per_token)
+    return F.substring(F.concat_ws(templates.state_separator, *parts), 1, budget)
 
 
 def build_user_texts(
     events: DataFrame, items: DataFrame, settings: TextualizeSettings, event_types: list[str], as_of: dt.date
 ) -> DataFrame:
     """One row per user with events: user_key, as_of_date, text, text_hash, n_events, template_version,
-    n_missing_items. ``events`` must already be limited to the as-of date."""
+    n_missing_items, state_text, state_hash (null with ``state.enabled`` off). ``events`` must already be
+    limited to the as-of date."""
     require_columns(events, EVENT_COLUMNS, "textualize events")
     require_columns(items, ITEM_COLUMNS, "textualize items")
     templates = settings.templates[settings.language]
