@@ -123,7 +123,7 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
         "evaluate.als_reg_params=[0.1, 1.0]",
         "evaluate.als_alphas=[1.0, 10.0]",
         "train.text_baseline=true",
-        "train.text_baseline_reg_params=[0.1, 1.0]",
+        "train.linear_reg_params=[0.1, 1.0]",
     )
     result, run = train(spark, settings)
 
@@ -134,6 +134,7 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
     assert metrics["training"]["world_size"] == 2
     assert set(metrics["model"]) == {"purchase", "churn", "next_category", "recommend"}
     words = {"purchase (bag of words)", "churn (bag of words)"}
+    probes = {"purchase (state probe)", "churn (state probe)"}
     assert set(metrics["baseline"]) == {
         "purchase",
         "churn",
@@ -141,7 +142,11 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
         "recommend_popularity",
         "recommend_als",
         *words,
+        *probes,
     }
+    for name in probes:  # the third candidate of each head: on the state embedding and the counts
+        assert metrics["baseline"][name]["reg_param"] in (0.1, 1.0) and 0.0 <= metrics["baseline"][name]["auc"] <= 1.0
+    assert set(metrics["training"]["baseline_fallback"].values()) <= {"trained", "baseline", "state probe"}
     for name in words:  # the second baseline: its regParam chosen on valid, scored on the same test users
         bow = metrics["baseline"][name]
         assert bow["reg_param"] in (0.1, 1.0) and 0.5 < bow["valid_auc"] <= 1.0 and 0.0 <= bow["auc"] <= 1.0
@@ -460,23 +465,27 @@ def test_ddp_survives_a_rank_whose_batches_have_no_next_category_label(spark, tm
     assert load_artifact(str(tmp_path / "model")).metrics["model"]["next_category"]["n"] == 64
 
 
-def test_a_head_that_training_does_not_improve_ends_as_the_baseline(spark, warehouse, tmp_path):
+def test_a_head_that_training_does_not_improve_ends_as_a_linear_candidate(spark, warehouse, tmp_path):
     """train.baseline_fallback: one epoch at a learning rate that wrecks the model validates worse than
-    the Spark baseline's regression on purchase and churn, so both heads end as that regression and
-    give the baseline's test predictions; next_category keeps its trained head."""
+    the Spark baseline's regression and the state probe on purchase and churn, so both heads end as the one
+    of the two that validated better and give its test predictions; next_category keeps its trained head."""
     settings = settings_for(
         warehouse, tmp_path, *SMALL, "train.epochs=1", "train.learning_rate=3.0", "train.recommend.enabled=false"
     )
     result, run = train(spark, settings)
     metrics = load_artifact(result.path).metrics
-    assert metrics["training"]["baseline_fallback"] == {"purchase": "baseline", "churn": "baseline"}
-    assert result.heads == result.run_record().details["baseline_fallback"] == metrics["training"]["baseline_fallback"]
+    heads = metrics["training"]["baseline_fallback"]
+    assert set(heads) == {"purchase", "churn"} and set(heads.values()) <= {"baseline", "state probe"}
+    assert result.heads == result.run_record().details["baseline_fallback"] == heads
     model = np.load(Path(result.path, "test_predictions.npz"))
     baseline = np.load(Path(result.path, "baseline_predictions.npz"))
     for task in ("purchase", "churn"):
-        assert metrics["model"][task]["auc"] == pytest.approx(metrics["baseline"][task]["auc"], abs=1e-9)
-        # the same probabilities (row order differs: the snapshot's files vs Spark's collect)
-        np.testing.assert_allclose(np.sort(model[f"{task}.p"]), np.sort(baseline[f"{task}.p"]), atol=1e-5)
+        # the candidate's own test AUC, as Spark scored it (the probe's: baseline["<task> (state probe)"])
+        candidate = task if heads[task] == "baseline" else f"{task} (state probe)"
+        assert metrics["model"][task]["auc"] == pytest.approx(metrics["baseline"][candidate]["auc"], abs=1e-6)
+        if heads[task] == "baseline":
+            # the same probabilities (row order differs: the snapshot's files vs Spark's collect)
+            np.testing.assert_allclose(np.sort(model[f"{task}.p"]), np.sort(baseline[f"{task}.p"]), atol=1e-5)
     # the regression's heads do not read the trunk; next_category's trained head does
     artifact = load_artifact(result.path)
     for task in ("purchase", "churn", "next_category"):

@@ -112,11 +112,11 @@ def test_choose_heads_keeps_the_baseline_only_where_it_validated_better():
     )
     fit = Fit([{"valid_loss_purchase": 0.40, "valid_loss_churn": 0.30}], {"tasks": best}, 10, 1.0)
     fallback = {
-        "purchase": (0.35, {"heads.purchase.weight": torch.zeros(1)}),  # better than 0.40: kept
-        "churn": (0.31, {"heads.churn.weight": torch.zeros(1)}),
+        "purchase": (0.35, {"heads.purchase.weight": torch.zeros(1)}, "state probe"),  # better than 0.40: kept
+        "churn": (0.31, {"heads.churn.weight": torch.zeros(1)}, "baseline"),
     }  # worse than 0.30: not
     state, heads = choose_heads(fit, fallback)
-    assert heads == {"purchase": "baseline", "churn": "trained"}
+    assert heads == {"purchase": "state probe", "churn": "trained"}
     assert float(state["heads.purchase.weight"]) == 0.0 and float(state["heads.churn.weight"]) == 1.0
     assert float(state["trunk.w"]) == 1.0
 
@@ -178,3 +178,33 @@ def test_the_input_row_follows_the_views_and_a_missing_state_reads_zeros(tmp_pat
     )
     batch = next(ShardReader([str(tmp_path / "s" / "part-0.parquet")], spec, ["purchase"]).batches(8, None))
     np.testing.assert_array_equal(batch["x"], x)
+
+
+def test_each_head_starts_from_the_linear_candidate_that_validates_best(tmp_path):
+    """The wide path reads the embedding here (as it reads the state embedding in the stage): a probe that
+    weighs its first coordinate, where the planted purchase signal is, beats the counts-only baseline for
+    purchase; a probe with the wrong sign does not, and the baseline stays that task's candidate."""
+    base = make_job(tmp_path)
+    config = replace(base.config, numeric_dim=EMB + FEAT)
+    zeros = {"weight": [[0.0] * FEAT], "bias": [0.0]}
+    baseline = {"purchase": zeros, "churn": zeros}
+    good = [[4.0] + [0.0] * (EMB - 1 + FEAT)]
+    probe = {
+        "purchase": {"weight": good, "bias": [0.0]},
+        "churn": {"weight": [[-4.0] + [0.0] * (EMB - 1 + FEAT)], "bias": [0.0]},
+    }
+    wrong = {"purchase": {"weight": [[-4.0] + [0.0] * (EMB - 1 + FEAT)], "bias": [0.0]}}
+    for probes, expected in (
+        (probe, {"purchase": "state probe", "churn": "state probe"}),
+        (wrong, {"purchase": "baseline", "churn": "baseline"}),
+    ):
+        job = replace(base, config=config, baseline_heads=baseline, probe_heads=probes)
+        setup = build(job, init_process(job, environ={}))
+        assert {task: name for task, (_, _, name) in setup.fallback.items()} == expected
+        assert all(loss > 0 for loss, _, _ in setup.fallback.values())
+    # the chosen head's weights are the probe's, on the last columns of the input (the wide path)
+    weight = setup.fallback["purchase"][1]["heads.purchase.weight"]
+    assert float(weight[0, -(EMB + FEAT)]) == 0.0  # (the last loop: the baseline, zero weights)
+    job = replace(base, config=config, baseline_heads=None, probe_heads=probe)
+    head = build(job, init_process(job, environ={})).fallback["purchase"][1]["heads.purchase.weight"]
+    assert float(head[0, -(EMB + FEAT)]) == 4.0 and not head[0, : -(EMB + FEAT)].any()

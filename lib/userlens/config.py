@@ -526,8 +526,16 @@ class TrainSettings(_Strict):
         "numeric features) as a second baseline of purchase and churn: metrics.json baseline['<task> (bag of "
         "words)']",
     )
-    text_baseline_reg_params: list[float] = Field(
-        [0.01, 0.1, 1.0], min_length=1, description="the bag-of-words regression's regParam grid (chosen on valid)"
+    state_probe: bool = Field(
+        True,
+        description="with the state view: a logistic regression on the state embedding and the numeric features "
+        "as a third candidate of the purchase and churn heads (beside the trained head and the baseline's "
+        "regression; the one with the lowest validation loss ships)",
+    )
+    linear_reg_params: list[float] = Field(
+        [0.01, 0.1, 1.0],
+        min_length=1,
+        description="regParam grid of the bag-of-words baseline and the state probe (each chosen on valid)",
     )
     seed: int = Field(13, description="training seed")
     split: SplitSettings = Field(SplitSettings(), description="hash split of user_key")

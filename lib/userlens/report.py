@@ -215,6 +215,13 @@ class _Context:
                 " the baseline's logistic regression: no trained epoch had a lower validation loss "
                 "(train.baseline_fallback), so model and baseline agree there</p>"
             )
+        probed = sorted(t for t, head in heads.items() if head == "state probe")
+        if probed:
+            out.append(
+                f"<p>the model's {_e(' and '.join(probed))} head{'s are' if len(probed) > 1 else ' is'} a "
+                "logistic regression on the state embedding and the numeric features (train.state_probe): it "
+                "had a lower validation loss than every trained epoch and than the baseline's regression</p>"
+            )
         dp = metrics.training.dp
         if dp:
             out.append(

@@ -41,6 +41,7 @@ __all__ = [
     "SampleSummary",
     "generate_sample",
     "generate_user_lines",
+    "generate_user_truth",
     "build_catalog",
     "luhn_valid",
 ]
@@ -394,19 +395,133 @@ _REVIEWS: dict[int, tuple[str, ...]] = {
         "Mixed feelings about this {noun}.",
         "Fine for the price but I expected more.",
     ),
+    # a low rating without a problem with the order: taste, fit, the buyer's own mistake (no churn follows)
     2: (
-        "Disappointed, the {noun} broke after a week.",
-        "Not as described, the {noun} feels cheap.",
-        "Poor quality, stopped working after a few days.",
-        "Disappointed with this {noun}, will not order again.",
+        "Not really my style, the {noun} is fine otherwise.",
+        "Smaller than I thought, my fault for not checking the size.",
+        "The {noun} works, but I prefer my old one.",
+        "Meh. The colour of the {noun} is not what I hoped for.",
     ),
     1: (
-        "Terrible, the {noun} broke after two days. Never ordering here again.",
-        "Waste of money, the {noun} arrived damaged and support never answered.",
-        "Awful experience, the {noun} is a scam. Closing my account.",
-        "Completely useless {noun}, very disappointed.",
+        "Not for me, the {noun} is too basic for what I need.",
+        "Ordered the wrong {noun} by mistake, it does not fit my setup.",
+        "My kids did not like the {noun} at all.",
+        "Too complicated for me, the {noun} is not for beginners.",
     ),
 }
+
+# Dissatisfaction with the order, in words (docs/sample-data.md, "Dissatisfaction in words"): a purchase with a
+# problem gets a complaint whose rating does not always show it (a 3-star angry review), and the user's
+# activity then fades over one to three weeks. Several families and paraphrases, so no single word gives it away.
+_COMPLAINTS: tuple[str, ...] = (
+    "The {noun} broke after two days.",
+    "Fell apart the first time I used the {noun}.",
+    "The zip on the {noun} snapped within a week.",
+    "{noun} stopped working after a few uses, cheap plastic.",
+    "Arrived two weeks late and nobody told me why.",
+    "Delivery was a nightmare, the parcel sat in a depot for ten days.",
+    "The courier lost my {noun} and I had to chase them for days.",
+    "Box was crushed and the {noun} inside was scratched.",
+    "Support never answered my emails about the {noun}.",
+    "Asked for a refund three times, still no reply.",
+    "They sent the wrong {noun} and want me to pay for the return.",
+    "The {noun} itself is ok but the service was awful, waited weeks.",
+    "Not what the photos show, feels like a knock-off.",
+    "Charged twice for one {noun}, still sorting it out with my bank.",
+)
+_COMPLAINT_ENDINGS: tuple[str, ...] = (
+    "",
+    "",
+    "",
+    " Never again.",
+    " Won't be ordering here anymore.",
+    " Done with this shop.",
+    " Very disappointed.",
+    " I expected better from this store.",
+)
+_COMPLAINT_RATINGS = (0.3, 0.3, 0.25, 0.15)  # P(1, 2, 3, 4 stars | complaint)
+
+# Intent in words (docs/sample-data.md, "Intent in words"): a need the user states in a search before buying for
+# it in the category named here; the phrases never name the category's products, and vary (several paraphrases
+# per intent, typos, some in Chinese).
+_INTENTS: dict[str, tuple[str, ...]] = {
+    "outdoor": (
+        "gift for my dad",
+        "present for my father, he loves hiking",
+        "what to get dad for his birthday",
+        "fathers day gift ideas",
+        "dad is retiring and wants to go camping",
+        "gift for a dad who walks a lot",
+        "给爸爸的生日礼物",
+    ),
+    "pets": (
+        "for our new puppy",
+        "puppy essentials",
+        "we just adopted a dog",
+        "first week with a rescue dog",
+        "things a new puppy needs",
+        "kitten starter kit",
+        "刚养了一只小狗",
+    ),
+    "home": (
+        "moving into a flat",
+        "first apartment essentials",
+        "just moved house, need everything",
+        "furnishing my new place",
+        "setting up a studio apartment",
+        "new flat on a budget",
+        "搬新家需要买什么",
+    ),
+    "toys": (
+        "baby shower gift",
+        "present for my nephew turning 3",
+        "birthday gift for a toddler",
+        "something fun for the kids this weekend",
+        "gift for a 1 year old",
+        "my niece's birthday next week",
+        "送给小朋友的礼物",
+    ),
+    "sports": (
+        "training for my first marathon",
+        "couch to 5k plan",
+        "getting back in shape",
+        "half marathon prep",
+        "joined a gym last week",
+        "new year fitness goals",
+        "开始健身需要什么",
+    ),
+    "garden": (
+        "starting a vegetable patch",
+        "backyard makeover",
+        "growing tomatoes this spring",
+        "balcony plants for beginners",
+        "our lawn is a mess",
+        "herbs on the windowsill",
+        "想在阳台种菜",
+    ),
+    "books": (
+        "reading list for exam prep",
+        "learning spanish this year",
+        "book club pick for next month",
+        "studying for my finals",
+        "want to read more this year",
+        "gift for a bookworm",
+        "考试复习资料",
+    ),
+    "beauty": (
+        "skincare routine for dry skin",
+        "wedding next month, need to look good",
+        "my skin is so dry lately",
+        "self care sunday",
+        "gift for my wife who loves skincare",
+        "getting ready for a big date",
+        "冬天皮肤很干怎么办",
+    ),
+}
+_INTENT_EPISODES = 0.6  # mean intent episodes per user per 30 days (Poisson)
+_INTENT_BUY_P = 0.75  # P(the need is bought for in the intent's category, 1-8 days later)
+_INTENT_BUY_DAYS = (1, 8)
+_TYPO_P = 0.15  # P(a typo in an intent phrase or complaint)
 
 _PII_TEMPLATES_QUERY = ("{q} {pii}", "{pii} {q}", "{q} contact {pii}", "order status {pii}")
 _PII_TEMPLATES_REVIEW = (
@@ -455,8 +570,9 @@ _HOUR_CDF = (np.cumsum(_HOUR_WEIGHTS) / _HOUR_WEIGHTS.sum()).tolist()
 _MEAN_SESSION_RATE = 1.12
 _RETURN_DAYS = (1, 6)  # an abandoned considered cart comes back 1..6 days later
 _REVIEW_P = 0.2
-_NEG_REVIEW_CHURN_P = 0.85  # P(churn | rating <= 2)
-_NEG_REVIEW_CHURN_DAYS = (1, 3)  # activity stops this many days after the review
+_COMPLAINT_REVIEW_P = 0.7  # P(a complaint | the purchase had a problem), written 1-4 days later
+_FADE_P = 0.8  # P(activity fades after a complaint)
+_FADE_TAU_DAYS = (3.0, 7.0)  # activity x exp(-days since the complaint / tau): mostly gone in 1-3 weeks
 
 
 _dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # byte-stable JSON
@@ -687,8 +803,17 @@ class _UserGen:
             self.stop_day = int(days * rng.uniform(0.1, 0.9))
             rates = np.where(t < self.stop_day, base, 0.0)
         self.sessions_per_day = rng.poisson(rates).tolist()
-        # day -> list of scheduled actions ("return", item) / ("review", item)
+        # day -> list of scheduled actions ("return" | "review" | "complaint" | "intent_buy", item or category)
         self.scheduled: dict[int, list[tuple[str, int]]] = {}
+        # what the logs do not say, for oracle features (generate_user_truth): intents (day, category) stated,
+        # complaints (day) written, and the fade of activity after one (day, tau)
+        self.truth: dict[str, Any] = {"intents": [], "complaints": [], "fade": None}
+        self.fade: tuple[int, float] | None = None
+        intents = list(_INTENTS)
+        for _ in range(int(rng.poisson(_INTENT_EPISODES * days / 30))):
+            day, which = int(rng.integers(days)), int(rng.integers(len(intents)))
+            if rates[day] > 0:  # an active user's need (not before a new user starts, not after churn)
+                self._schedule(day, ("intent", which))
 
     # -- emission --------------------------------------------------------
 
@@ -798,8 +923,29 @@ class _UserGen:
             self.scheduled.setdefault(day, []).append(action)
 
     def _after_purchase(self, day: int, item: int) -> None:
-        if self.r.u() < _REVIEW_P:
-            self._schedule(day + self.r.randint(1, 5), ("review", item))
+        r = self.r
+        # a problem with the order (more likely for low-quality items): a complaint 1-4 days later, mostly
+        p_problem = 0.04 + 0.12 / (1.0 + math.exp(2.0 * self.cat.quality[item]))
+        if r.u() < p_problem:
+            if r.u() < _COMPLAINT_REVIEW_P:
+                self._schedule(day + r.randint(1, 4), ("complaint", item))
+        elif r.u() < _REVIEW_P:
+            self._schedule(day + r.randint(1, 5), ("review", item))
+
+    def _typo(self, text: str) -> str:
+        """With probability _TYPO_P, two neighbouring letters of one longer word swapped, or one dropped."""
+        r = self.r
+        if r.u() >= _TYPO_P:
+            return text
+        words = text.split(" ")
+        long = [k for k, w in enumerate(words) if len(w) >= 4 and w.isascii() and w.isalpha()]
+        if not long:
+            return text
+        k = r.pick(long)
+        w = words[k]
+        j = r.randint(1, len(w) - 2)
+        words[k] = w[:j] + w[j + 1] + w[j] + w[j + 2 :] if r.u() < 0.5 else w[:j] + w[j + 1 :]
+        return " ".join(words)
 
     # -- sessions ------------------------------------------------------------
 
@@ -862,10 +1008,53 @@ class _UserGen:
         text = r.pick(_REVIEWS[rating]).format(noun=self.cat.nouns[item])
         text = self._maybe_pii(text, _PII_TEMPLATES_REVIEW, "text")
         self._emit(day, sec, self._item_event("review", item, rating=rating, review_text=text))
-        sec += 30 + int(r.exp(60.0))
-        if rating <= 2 and r.u() < _NEG_REVIEW_CHURN_P:
-            self.stop_day = min(self.stop_day, day + r.randint(*_NEG_REVIEW_CHURN_DAYS))
+        return sec + 30 + int(r.exp(60.0))
+
+    def _complaint_session(self, day: int, sec: int, item: int) -> int:
+        """A review that complains about the order, rated 1-4 stars; the user's activity then fades."""
+        r = self.r
+        x, rating, acc = r.u(), 4, 0.0
+        for stars, p in enumerate(_COMPLAINT_RATINGS, start=1):
+            acc += p
+            if x < acc:
+                rating = stars
+                break
+        text = self._typo(r.pick(_COMPLAINTS).format(noun=self.cat.nouns[item]) + r.pick(_COMPLAINT_ENDINGS))
+        text = self._maybe_pii(text, _PII_TEMPLATES_REVIEW, "text")
+        self._emit(day, sec, self._item_event("review", item, rating=rating, review_text=text))
+        self.truth["complaints"].append(day)
+        if self.fade is None and r.u() < _FADE_P:
+            self.fade = (day, _FADE_TAU_DAYS[0] + r.u() * (_FADE_TAU_DAYS[1] - _FADE_TAU_DAYS[0]))
+            self.truth["fade"] = self.fade
+        return sec + 30 + int(r.exp(60.0))
+
+    def _intent_session(self, day: int, sec: int, which: int) -> int:
+        """The user states a need in a search, looks around the category that serves it, and mostly comes
+        back within days to buy there."""
+        r = self.r
+        category = list(_INTENTS)[which]
+        phrase = self._typo(r.pick(_INTENTS[category]))
+        self._emit(day, sec, {"event_type": "search", "query": self._maybe_pii(phrase, _PII_TEMPLATES_QUERY, "q")})
+        sec += 5 + int(r.exp(20.0))
+        for _ in range(r.randint(1, 3)):
+            self._emit(day, sec, self._item_event("view", self._pick_item(category)))
+            sec += 5 + int(r.exp(45.0))
+        self.truth["intents"].append((day, category))
+        if r.u() < _INTENT_BUY_P:
+            self._schedule(day + r.randint(*_INTENT_BUY_DAYS), ("intent_buy", which))
         return sec
+
+    def _intent_buy_session(self, day: int, sec: int, which: int) -> int:
+        r = self.r
+        item = self._pick_item(list(_INTENTS)[which])
+        self._emit(day, sec, self._item_event("view", item))
+        sec += 5 + int(r.exp(30.0))
+        qty = self._quantity(item)
+        self._emit(day, sec, self._item_event("add_to_cart", item, quantity=qty))
+        sec += 5 + int(r.exp(30.0))
+        self._emit(day, sec, self._item_event("purchase", item, quantity=qty))
+        self._after_purchase(day, item)
+        return sec + 5 + int(r.exp(20.0))
 
     def _session_start(self) -> int:
         r = self.r
@@ -885,18 +1074,33 @@ class _UserGen:
                 continue
             starts.sort()
             clock = 0
+            sessions = {
+                "browse": lambda d, t, _: self._browse_session(d, t),
+                "return": self._return_session,
+                "review": self._review_session,
+                "complaint": self._complaint_session,
+                "intent": self._intent_session,
+                "intent_buy": self._intent_buy_session,
+            }
             for start, _, kind, item in starts:
                 if day >= self.stop_day:
                     break
-                sec = max(start, clock)
-                if kind == "browse":
-                    clock = self._browse_session(day, sec)
-                elif kind == "return":
-                    clock = self._return_session(day, sec, item)
-                else:
-                    clock = self._review_session(day, sec, item)
-                clock += 60
+                # after a complaint, every session happens with probability exp(-days since / tau)
+                if self.fade is not None and day > self.fade[0]:
+                    if self.r.u() >= math.exp(-(day - self.fade[0]) / self.fade[1]):
+                        continue
+                clock = sessions[kind](day, max(start, clock), item) + 60
         return self.out
+
+
+def generate_user_truth(spec: SampleSpec, user_index: int, catalog: _Catalog | None = None) -> dict[str, Any]:
+    """What one user's logs do not say outright: the intents stated ``[(day index, category)]``, the
+    complaints written ``[day index]`` and the fade after one (``(day index, tau)`` or None), for oracle
+    features in benchmarks (docs/sample-data.md). Deterministic like :func:`generate_user_lines`."""
+    cat = catalog if catalog is not None else build_catalog(spec)
+    gen = _UserGen(spec, cat, _window_dates(spec), user_index)
+    gen.run()
+    return gen.truth
 
 
 def _window_dates(spec: SampleSpec) -> list[str]:

@@ -262,6 +262,55 @@ def bag_of_words_baseline(
     return out
 
 
+STATE_PROBE = "(state probe)"  # metrics.json baseline["<task> (state probe)"]
+
+
+def fit_state_probe(
+    snapshot: DataFrame, tasks: Sequence[str], reg_params: Sequence[float]
+) -> tuple[dict[str, dict[str, list]], dict[str, dict[str, float]]]:
+    """Per binary task, Spark MLlib logistic regression on the state embedding and log1p(numeric features)
+    (the model's wide inputs, in its order), fitted on the train split with the regParam of the lowest
+    validation log loss (the loss the heads are chosen by). Returns (``{"weight": [[w...]], "bias": [b]}``
+    on the raw embedding and the log1p features (:func:`standardized_linear` rewrites the features' part),
+    its test metrics with ``reg_param``)."""
+    import numpy as np
+    from pyspark.ml.classification import LogisticRegression
+    from pyspark.ml.functions import array_to_vector
+
+    from userlens.models import metrics as M
+
+    both = F.concat(
+        F.col("state_embedding").cast("array<double>"),
+        F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0)))),
+    )
+    rows = snapshot.where(F.col("state_embedding").isNotNull()).select(
+        "split", array_to_vector(both).alias("x"), *[t for t in tasks if t not in MULTICLASS_TASKS]
+    )
+    rows = rows.cache()
+    try:
+        out: dict[str, dict[str, list]] = {}
+        tested: dict[str, dict[str, float]] = {}
+        for task in [t for t in tasks if t not in MULTICLASS_TASKS]:
+            fit_rows = rows.where(F.col("split") == "train").withColumn(task, F.col(task).cast("double"))
+            best: tuple[float, float, Any] | None = None
+            for reg in reg_params:
+                model = LogisticRegression(featuresCol="x", labelCol=task, maxIter=100, regParam=reg).fit(fit_rows)
+                y, p = _scored(model, rows.where(F.col("split") == "valid"), task)
+                loss = M.log_loss(y, p) if len(y) else float("inf")
+                if best is None or loss < best[0]:
+                    best = (loss, reg, model)
+            assert best is not None  # reg_params is not empty
+            weights = np.asarray(best[2].coefficients.toArray(), np.float64)
+            out[task] = {"weight": [weights.tolist()], "bias": [float(best[2].intercept)]}
+            tested[task] = {
+                **M.binary_metrics(*_scored(best[2], rows.where(F.col("split") == "test"), task)),
+                "reg_param": best[1],
+            }
+    finally:
+        rows.unpersist()
+    return out, tested
+
+
 def _scored(model: Any, rows: DataFrame, task: str) -> tuple[Any, Any]:
     import numpy as np
     from pyspark.ml.functions import vector_to_array
@@ -271,15 +320,22 @@ def _scored(model: Any, rows: DataFrame, task: str) -> tuple[Any, Any]:
 
 
 def standardized_linear(linear: dict[str, dict[str, list]], features: FeatureSpec) -> dict[str, dict[str, list]]:
-    """A linear model of x = log1p(features) rewritten for the model's standardized input
-    z = (x - mean) / std: weight w * std, bias b + w . mean (the same logits)."""
+    """A linear model of x = log1p(features) (after any other inputs: a probe's state embedding, unchanged)
+    rewritten for the model's standardized input z = (x - mean) / std: weight w * std, bias b + w . mean (the
+    same logits)."""
     import numpy as np
 
     mean, std = np.asarray(features.mean), np.asarray(features.std)
+    n = len(mean)
     out = {}
     for task, m in linear.items():
         w, b = np.asarray(m["weight"], np.float64), np.asarray(m["bias"], np.float64)
-        out[task] = {"weight": (w * std).tolist(), "bias": (b + w @ mean).tolist()}
+        # columns before the features' (a probe's state embedding) are read as they are
+        head, counts = w[:, :-n], w[:, -n:]
+        out[task] = {
+            "weight": np.concatenate([head, counts * std], axis=1).tolist(),
+            "bias": (b + counts @ mean).tolist(),
+        }
     return out
 
 

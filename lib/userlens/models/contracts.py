@@ -137,6 +137,9 @@ class TrainJob:
     # per binary task, the baseline's logistic regression on the standardized features ({"weight", "bias"}):
     # the head's other candidate (train.baseline_fallback); None: no fallback
     baseline_heads: dict[str, dict[str, list]] | None = None
+    # per binary task, a regression on the state embedding and the numeric features (the model's wide inputs,
+    # same layout): a third candidate of each head (train.state_probe); None: none
+    probe_heads: dict[str, dict[str, list]] | None = None
     recommend: RecJob | None = None
     torch_threads: int | None = None  # None: the host's cores shared by its ranks
     log_every_epochs: int = 1  # rank 0 logs epoch 0, every this many epochs, and the last

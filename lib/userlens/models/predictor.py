@@ -95,23 +95,24 @@ class BehaviourModel(nn.Module):
 
     @torch.no_grad()
     def set_linear_heads(self, linear: dict[str, dict[str, list]]) -> None:
-        """Make every head named in ``linear`` that linear model of the numeric features: its weights on
-        them and its bias set to ``linear[task]`` ("weight": classes x numeric_dim on the standardized
-        features, "bias": classes), its weights on the trunk zero, so the trunk has no effect on it.
-        Classes beyond the given rows get weight 0 and a bias of -20."""
+        """Make every head named in ``linear`` that linear model of the wide inputs (the last ``numeric_dim``
+        of the input row: the state embedding where the model reads it, then the standardized numeric
+        features): its weights on them and its bias set to ``linear[task]`` ("weight": classes x k, on the
+        last k <= numeric_dim inputs, "bias": classes), its other weights zero, so the trunk has no effect on
+        it. Classes beyond the given rows get weight 0 and a bias of -20."""
         for task, head in self.heads.items():
             if task not in linear:
                 continue
             assert isinstance(head, nn.Linear)  # every head is built as nn.Linear in __init__
             weight = torch.as_tensor(linear[task]["weight"], dtype=head.weight.dtype)
             bias = torch.as_tensor(linear[task]["bias"], dtype=head.bias.dtype)
-            if weight.shape[1] != self.numeric_dim or weight.shape[0] > head.out_features:
+            if not 0 < weight.shape[1] <= self.numeric_dim or weight.shape[0] > head.out_features:
                 raise ValueError(
                     f"linear head for {task}: weight {tuple(weight.shape)} does not fit a head of "
-                    f"{head.out_features} outputs over {self.numeric_dim} numeric features"
+                    f"{head.out_features} outputs over {self.numeric_dim} wide inputs"
                 )
             head.weight.zero_()
-            head.weight[: weight.shape[0], head.in_features - self.numeric_dim :] = weight
+            head.weight[: weight.shape[0], head.in_features - weight.shape[1] :] = weight
             head.bias.fill_(-20.0)
             head.bias[: bias.shape[0]] = bias
 

@@ -259,7 +259,7 @@ class Setup:
     privacy_engine: Any
     valid: ShardReader
     steps: int  # training steps per epoch, the same on every rank
-    fallback: dict[str, tuple[float, dict[str, Any]]]
+    fallback: dict[str, tuple[float, dict[str, Any], str]]
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -471,15 +471,18 @@ def train_epoch(job: TrainJob, process: Process, setup: Setup, rng: np.random.Ge
     return total / max(steps, 1), steps, samples
 
 
-def choose_heads(fit: Fit, fallback: dict[str, tuple[float, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:
-    """The final weights: each part's best epoch, and per fallback task the baseline's regression where no
-    trained epoch beat its validation loss at the best epoch; (state, task -> "trained" | "baseline")."""
+def choose_heads(
+    fit: Fit, fallback: dict[str, tuple[float, dict[str, Any], str]]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The final weights: each part's best epoch, and per fallback task the best linear candidate where no
+    trained epoch beat its validation loss at the best epoch; (state, task -> "trained" | the candidate's
+    name: "baseline", "state probe")."""
     state = {k: v for best in fit.best.values() for k, v in best.state.items()}
     best_epoch = fit.best["tasks"].epoch
     chosen = {}
-    for task, (loss, head) in fallback.items():
-        chosen[task] = "baseline" if fit.history[best_epoch][f"valid_loss_{task}"] >= loss else "trained"
-        if chosen[task] == "baseline":
+    for task, (loss, head, name) in fallback.items():
+        chosen[task] = name if fit.history[best_epoch][f"valid_loss_{task}"] >= loss else "trained"
+        if chosen[task] != "trained":
             state.update(head)
     return state, chosen
 
@@ -863,38 +866,43 @@ def save_predictions(uri: str, labels: dict[str, np.ndarray], probs: dict[str, n
     write_bytes(uri, buffer.getvalue())
 
 
+HEAD_CANDIDATES = {"baseline": "baseline_heads", "state probe": "probe_heads"}  # name -> TrainJob field
+
+
 def _baseline_candidates(
     job: TrainJob, valid: ShardReader, tasks: list[str], process: Process
-) -> dict[str, tuple[float, dict[str, Any]]]:
-    """Per task of ``job.baseline_heads``: the validation loss of the baseline's regression as that
-    task's head, and the head's parameters (``heads.<task>.*``); empty without baseline heads."""
+) -> dict[str, tuple[float, dict[str, Any], str]]:
+    """Per task, the best of the linear candidates the job carries (the baseline's regression,
+    ``job.baseline_heads``; the state probe, ``job.probe_heads``) by validation loss: (that loss, the head's
+    parameters ``heads.<task>.*``, the candidate's name); empty without candidates."""
     from dataclasses import replace
 
     import torch
 
     from userlens.models.predictor import BehaviourModel
 
-    linear = job.baseline_heads
-    if not linear:
-        return {}
-    with torch.random.fork_rng(devices=[]):  # the trained model's random stream (dropout) stays as without it
-        candidate = BehaviourModel(replace(job.config, rec=None))
-    candidate.set_linear_heads(linear)
-    candidate = candidate.to(process.device)
-    losses = _validation_loss(candidate, valid, tasks, process.device, process.distributed)
-    state = candidate.state_dict()
-    out = {
-        task: (
-            losses[f"task:{task}"],
-            {k: v.detach().cpu().clone() for k, v in state.items() if k.startswith(f"heads.{task}.")},
-        )
-        for task in linear
-    }
-    if process.rank == 0:
-        log.info(
-            "baseline's regression as the head: valid loss %s",
-            ", ".join(f"{task} {loss:.4f}" for task, (loss, _) in out.items()),
-        )
+    out: dict[str, tuple[float, dict[str, Any], str]] = {}
+    for name, attribute in HEAD_CANDIDATES.items():
+        linear = getattr(job, attribute)
+        if not linear:
+            continue
+        with torch.random.fork_rng(devices=[]):  # the trained model's random stream (dropout) stays as without it
+            candidate = BehaviourModel(replace(job.config, rec=None))
+        candidate.set_linear_heads(linear)
+        candidate = candidate.to(process.device)
+        losses = _validation_loss(candidate, valid, tasks, process.device, process.distributed)
+        state = candidate.state_dict()
+        for task in linear:
+            loss = losses[f"task:{task}"]
+            if task not in out or loss < out[task][0]:
+                head = {k: v.detach().cpu().clone() for k, v in state.items() if k.startswith(f"heads.{task}.")}
+                out[task] = (loss, head, name)
+        if process.rank == 0:
+            log.info(
+                "the %s as the head: valid loss %s",
+                "baseline's regression" if name == "baseline" else name,
+                ", ".join(f"{task} {losses[f'task:{task}']:.4f}" for task in linear),
+            )
     return out
 
 

@@ -42,11 +42,11 @@ def train(r: Any) -> str:
                 f"log loss {values['log_loss']:.3f}  ECE {values['ece']:.3f}   "
                 f"baseline AUC {base.get('auc', nan):.3f}"
                 + (f"  bag of words {words['auc']:.3f}" if (words := r.baseline.get(f"{task} (bag of words)")) else "")
-                + (
-                    "   (head: the baseline's regression, which validated better)"
-                    if r.heads.get(task) == "baseline"
-                    else ""
-                )
+                + {
+                    "baseline": "   (head: the baseline's regression, which validated better)",
+                    "state probe": "   (head: the regression on the state embedding and the counts, which "
+                    "validated better)",
+                }.get(r.heads.get(task, ""), "")
             )
         else:
             lines.append(

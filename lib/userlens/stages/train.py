@@ -55,10 +55,12 @@ from userlens.embedding import (
 )
 from userlens.errors import ConfigError, UserlensError
 from userlens.eval.spark_baselines import (
+    STATE_PROBE,
     TEXT_BASELINE,
     als_grid,
     bag_of_words_baseline,
     fit_baseline,
+    fit_state_probe,
     recommendation_baselines,
     standardized_linear,
 )
@@ -228,7 +230,7 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
             words = frame.select(
                 "split", "features", F.concat_ws("\n", "text", "state_text").alias("text"), *BINARY_TASKS
             )
-            found = bag_of_words_baseline(words, train.tasks, train.text_baseline_reg_params)
+            found = bag_of_words_baseline(words, train.tasks, train.linear_reg_params)
             text_baseline = {f"{task} {TEXT_BASELINE}": m for task, m in found.items()}
             timings["text_baseline_seconds"] = time.perf_counter() - t0
         snap = with_user_vectors(frame, vectors, state).select(
@@ -275,7 +277,8 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         hidden=list(train.hidden),
         dropout=train.dropout,
         input_dim=features.input_dim,
-        numeric_dim=len(names),
+        # the wide path: the numeric features, and the state embedding before them (a few facts: a linear read)
+        numeric_dim=len(names) + (dim if state else 0),
         rec=rec_config,
     )
 
@@ -292,6 +295,15 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     timings["baseline_seconds"] = time.perf_counter() - t0
     log.info("train: baselines fitted in %.1fs", timings["baseline_seconds"])
 
+    # not under DP-SGD: the baseline and the probe saw the training data without noise, so a head chosen from
+    # them would spend privacy the accountant does not count
+    fallback = train.baseline_fallback and not train.dp.enabled
+    probe: dict[str, dict[str, list]] = {}
+    if fallback and state and train.state_probe and any(t in BINARY_TASKS for t in train.tasks):
+        t0 = time.perf_counter()
+        probe, probe_tested = fit_state_probe(stored, train.tasks, train.linear_reg_params)
+        baseline.update({f"{task} {STATE_PROBE}": m for task, m in probe_tested.items()})
+        timings["state_probe_seconds"] = time.perf_counter() - t0
     n_train = counts["train"]["users"]
     dp = None
     if train.dp.enabled:
@@ -314,9 +326,8 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         seed=train.seed,
         dp=dp,
         baseline=baseline,
-        # not under DP-SGD: the baseline saw the training data without noise, so a head chosen from it
-        # would spend privacy the accountant does not count
-        baseline_heads=standardized_linear(linear, features) if train.baseline_fallback and dp is None else None,
+        baseline_heads=standardized_linear(linear, features) if fallback else None,
+        probe_heads=standardized_linear(probe, features) if probe else None,
         recommend=RecJob(rec.k, rec.history, rec.weight) if rec is not None else None,
         data=TrainingData(as_of.isoformat(), cut.isoformat(), train.horizon_days, counts, model_id),
     )
