@@ -246,6 +246,55 @@ def _mean_se(d: list[float]) -> str:
     return f"{mean:+.3f} ± {se:.3f} (mean ± standard error over {len(d)} splits; {above} of {len(d)} above)"
 
 
+def oracle_aucs(spark, settings, spec: SampleSpec, result, cut: dt.date, tasks) -> dict[str, float]:
+    """Test AUC of the baseline's regression (log1p counts, regParam 1e-3) with oracle features from the
+    generator's hidden state as of the cutoff added (``generate_user_truth``): the intents stated in the 8
+    days before it, the days since the newest one, and the share of activity left in the label window by a
+    fade after a complaint. What a model could reach if it read the texts perfectly."""
+    from pyspark.ml.classification import LogisticRegression
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+
+    from userlens.models import metrics as M
+    from userlens.models.storage import read_json
+    from userlens.sample import build_catalog, generate_user_truth
+    from userlens.stages.forget import user_key_of
+
+    key = load_key(settings.privacy)
+    catalog = build_catalog(spec)
+    c = (cut - spec.start_date).days
+    horizon = settings.train.horizon_days
+    rows = []
+    for i in range(spec.users):
+        truth = generate_user_truth(spec, i, catalog)
+        said = [d for d, _ in truth["intents"] if d <= c]
+        fade = truth["fade"]
+        left = 1.0
+        if fade is not None and fade[0] <= c:
+            left = float(np.mean([math.exp(-(t - fade[0]) / fade[1]) for t in range(c + 1, c + 1 + horizon)]))
+        recent = float(sum(1 for d in said if d > c - 8))
+        rows.append((user_key_of(f"u{i:07d}", key), [recent, float(min((c - d for d in said), default=30)), left]))
+    oracle = spark.createDataFrame(rows, "user_key string, oracle array<double>")
+    snapshot = f"{Path(result.path).parent}/snapshots/{read_json(f'{result.path}/metrics.json')['snapshot_id']}"
+    counts = F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))
+    data = (
+        spark.read.parquet(snapshot)
+        .join(oracle, "user_key")
+        .select("split", array_to_vector(F.concat(counts, "oracle")).alias("x"), *tasks)
+    )
+    out = {}
+    for task in tasks:
+        train_rows = data.where(F.col("split") == "train").withColumn(task, F.col(task).cast("double"))
+        model = LogisticRegression(featuresCol="x", labelCol=task, maxIter=50, regParam=1e-3).fit(train_rows)
+        got = (
+            model.transform(data.where(F.col("split") == "test"))
+            .select(task, vector_to_array("probability")[1].alias("p"))
+            .collect()
+        )
+        out[task] = M.roc_auc(np.array([r[0] for r in got]), np.array([r[1] for r in got]))
+    return out
+
+
 def split_comparison(spark, work: Path, base: list[str], users: int, splits: int, views: list[str]) -> None:
     """(4) The model against the RFM-only logistic baseline and the bag-of-words baseline on ``splits``
     different train/valid/test splits (``train.split.salt``) of the same sample, once per set of ``views``
@@ -256,7 +305,8 @@ def split_comparison(spark, work: Path, base: list[str], users: int, splits: int
     from userlens.stages.textualize import run_textualize
 
     settings = load_settings(None, [*base, f"storage.models={work / 'models'}"])
-    generate_sample(spark, str(work / "raw"), SampleSpec(users=users, days=30))
+    spec = SampleSpec(users=users, days=30)
+    generate_sample(spark, str(work / "raw"), spec)
     ingest = run_ingest(spark, settings, load_key(settings.privacy), StageRun("ingest", "bench-ingest"), None, True)
     cut = ingest.as_of_date - dt.timedelta(days=settings.train.horizon_days)
     run_textualize(spark, settings, StageRun("textualize", "bench-textualize"), cut)
@@ -280,13 +330,26 @@ def split_comparison(spark, work: Path, base: list[str], users: int, splits: int
             _, result = stage_run(spark, split, f"split{i}-{j}")
             if j == 0:
                 words = {t: result.baseline[f"{t} (bag of words)"]["auc"] for t in tasks}
+                oracle = oracle_aucs(spark, settings, spec, result, cut, tasks)
+                for task in tasks:
+                    diffs.setdefault(("oracle", task, "baseline"), []).append(
+                        oracle[task] - result.baseline[task]["auc"]
+                    )
             for task in tasks:
                 model, baseline = result.model[task]["auc"], result.baseline[task]["auc"]
                 diffs.setdefault((view, task, "baseline"), []).append(model - baseline)
                 diffs.setdefault((view, task, "bag-of-words"), []).append(model - words[task])
                 line.append(f"{task} [{view}] {model:.3f}")
-        line += [f"{t} baseline {result.baseline[t]['auc']:.3f}, bag-of-words {words[t]:.3f}" for t in tasks]
+        line += [
+            f"{t} baseline {result.baseline[t]['auc']:.3f}, bag-of-words {words[t]:.3f}, oracle {oracle[t]:.3f}"
+            + (f", state probe {probe['auc']:.3f}" if (probe := result.baseline.get(f"{t} (state probe)")) else "")
+            + f", heads {result.heads.get(t, 'trained')}"
+            for t in tasks
+        ]
         print(f"    split {i}: " + "; ".join(line), flush=True)
+    print("  oracle (the counts and the generator's hidden state, the same regression):", flush=True)
+    for task in tasks:
+        print(f"    {task}: oracle - baseline AUC = {_mean_se(diffs[('oracle', task, 'baseline')])}", flush=True)
     for view in views:
         print(f"  views [{view}]:", flush=True)
         for task in tasks:

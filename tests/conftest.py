@@ -28,6 +28,9 @@ SPARK_OVERRIDES = [
 # cost grows with the tokens, and 96 (a header and a day or two) instead of 256 makes their embedding
 # (and the train stage's re-embedding at the cutoff) about three times cheaper.
 SHORT_TEXTS = "textualize.max_tokens=96"
+# ... and state texts of 48 (the last active day, the open cart and the newest order fit; a state text is
+# about as long as a 96-token history text otherwise, and would double what the pipeline tests embed)
+SHORT_STATE = "textualize.state.max_tokens=48"
 
 
 # The explain stage's occlusion embeds a text per active day of each user it explains: pipeline tests leave it
@@ -38,13 +41,16 @@ NO_EXPLAIN = "explain.users=none"
 # The train stage's ALS baseline tries a grid of settings on the valid split (12 fits); pipeline tests
 # fit the one configured setting, and tests/test_train.py's two-process run checks the tuning.
 FIXED_ALS = "train.recommend.als.tune=false"
-# The bag-of-words baseline (6 MLlib fits a train run): the DDP test of tests/test_train.py fits it
+# The bag-of-words baseline and the state probe (6 MLlib fits a train run each): the DDP test of
+# tests/test_train.py fits both, the fallback test the probe
 NO_TEXT_BASELINE = "train.text_baseline=false"
+NO_STATE_PROBE = "train.state_probe=false"
 
 
 def make_settings(tmp_path: Path, *overrides: str) -> Settings:
     """Local settings with the warehouse, models and source under tmp_path (the train stage's ALS baseline
-    not tuned: FIXED_ALS; no explanations: NO_EXPLAIN; no bag-of-words baseline: NO_TEXT_BASELINE)."""
+    not tuned: FIXED_ALS; no explanations: NO_EXPLAIN; no bag-of-words baseline, no state probe:
+    NO_TEXT_BASELINE, NO_STATE_PROBE)."""
     return load_settings(
         None,
         [
@@ -55,6 +61,7 @@ def make_settings(tmp_path: Path, *overrides: str) -> Settings:
             FIXED_ALS,
             NO_EXPLAIN,
             NO_TEXT_BASELINE,
+            NO_STATE_PROBE,
             *overrides,
         ],
     )

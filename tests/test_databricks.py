@@ -26,7 +26,16 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import NO_EXPLAIN, SHORT_TEXTS, TEST_KEY, files_holding, is_key
+from conftest import (
+    NO_EXPLAIN,
+    NO_STATE_PROBE,
+    NO_TEXT_BASELINE,
+    SHORT_STATE,
+    SHORT_TEXTS,
+    TEST_KEY,
+    files_holding,
+    is_key,
+)
 from userlens.config import CONF_DIR, load_settings
 from userlens.errors import ConfigError, SecretError
 from userlens.notebook import STAGE_NOTEBOOKS, WIDGETS, WidgetError, load_notebook_key, parse_widgets
@@ -61,6 +70,9 @@ TINY = [
     "profile.segments=2",
     "privacy.min_segment_size=5",
     SHORT_TEXTS,
+    SHORT_STATE,
+    NO_TEXT_BASELINE,  # tests/test_train.py fits the two extra regressions
+    NO_STATE_PROBE,
     NO_EXPLAIN,  # tests/test_explain.py explains; here the stage is skipped as explain.users none skips it
     # a full VACUUM (quarantine retention) lists the table with this many tasks, 10,000 by default:
     # 30-60 s on two local cores for a table of two files

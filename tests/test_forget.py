@@ -125,9 +125,13 @@ def plant(spark, tables: Tables, keys: dict[str, str], snapshot: str) -> None:
     )
     users = list(keys.values())
     vec = [0.5, 0.25]
-    texts = [(k, d, f"text {k[:6]} {d}", f"h{k[:6]}{d}", 3, "1") for k in users for d in (D1, D2)]
+    texts = [
+        (k, d, f"text {k[:6]} {d}", f"h{k[:6]}{d}", 3, "1", f"Last active {d}.", f"s{k[:6]}{d}")
+        for k in users
+        for d in (D1, D2)
+    ]
     tables.merge("user_texts", spark.createDataFrame(texts, table_schema("user_texts")))
-    embeddings = [(k, D2, f"h{k[:6]}", "m", vec) for k in users]
+    embeddings = [(k, D2, f"h{k[:6]}", "m", vec, f"s{k[:6]}{D2}", vec) for k in users]
     tables.merge("user_embeddings", spark.createDataFrame(embeddings, table_schema("user_embeddings")))
     tables.ensure("user_scores")
     spark.sql(f"ALTER TABLE {tables.sql_name('user_scores')} SET TBLPROPERTIES ('delta.enableDeletionVectors'='true')")

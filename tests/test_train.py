@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import SHORT_TEXTS, make_settings
+from conftest import SHORT_STATE, SHORT_TEXTS, make_settings
 from userlens.artifacts import ModelStore
 from userlens.errors import ConfigError, UserlensError
 from userlens.features import check_counts, cutoff, item_history, labelled_users
@@ -32,7 +32,7 @@ from userlens.tables import Tables
 from userlens.text.user_texts import build_user_texts
 
 AS_OF = dt.date(2026, 10, 21)  # the sample's last day
-SMALL = ["train.epochs=6", "train.patience=3", "train.batch_size=32", "train.min_users=40", SHORT_TEXTS]
+SMALL = ["train.epochs=6", "train.patience=3", "train.batch_size=32", "train.min_users=40", SHORT_TEXTS, SHORT_STATE]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,7 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
         "evaluate.als_reg_params=[0.1, 1.0]",
         "evaluate.als_alphas=[1.0, 10.0]",
         "train.text_baseline=true",
+        "train.state_probe=true",
         "train.linear_reg_params=[0.1, 1.0]",
     )
     result, run = train(spark, settings)
@@ -470,7 +471,13 @@ def test_a_head_that_training_does_not_improve_ends_as_a_linear_candidate(spark,
     the Spark baseline's regression and the state probe on purchase and churn, so both heads end as the one
     of the two that validated better and give its test predictions; next_category keeps its trained head."""
     settings = settings_for(
-        warehouse, tmp_path, *SMALL, "train.epochs=1", "train.learning_rate=3.0", "train.recommend.enabled=false"
+        warehouse,
+        tmp_path,
+        *SMALL,
+        "train.epochs=1",
+        "train.learning_rate=3.0",
+        "train.recommend.enabled=false",
+        "train.state_probe=true",
     )
     result, run = train(spark, settings)
     metrics = load_artifact(result.path).metrics
