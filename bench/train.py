@@ -249,8 +249,9 @@ def _mean_se(d: list[float]) -> str:
 def oracle_aucs(spark, settings, spec: SampleSpec, result, cut: dt.date, tasks) -> dict[str, float]:
     """Test AUC of the baseline's regression (log1p counts, regParam 1e-3) with oracle features from the
     generator's hidden state as of the cutoff added (``generate_user_truth``): the intents stated in the 8
-    days before it, the days since the newest one, and the share of activity left in the label window by a
-    fade after a complaint. What a model could reach if it read the texts perfectly."""
+    days before it, the days since the newest one, the complaints of the 10 days before it, and the share
+    of activity left in the label window by a fade after a complaint. What a model could reach if it read
+    the texts perfectly."""
     from pyspark.ml.classification import LogisticRegression
     from pyspark.ml.functions import array_to_vector, vector_to_array
     from pyspark.sql import functions as F
@@ -273,7 +274,9 @@ def oracle_aucs(spark, settings, spec: SampleSpec, result, cut: dt.date, tasks) 
         if fade is not None and fade[0] <= c:
             left = float(np.mean([math.exp(-(t - fade[0]) / fade[1]) for t in range(c + 1, c + 1 + horizon)]))
         recent = float(sum(1 for d in said if d > c - 8))
-        rows.append((user_key_of(f"u{i:07d}", key), [recent, float(min((c - d for d in said), default=30)), left]))
+        complained = float(sum(1 for d in truth["complaints"] if c - 10 < d <= c))
+        since = float(min((c - d for d in said), default=30))
+        rows.append((user_key_of(f"u{i:07d}", key), [recent, since, left, complained]))
     oracle = spark.createDataFrame(rows, "user_key string, oracle array<double>")
     snapshot = f"{Path(result.path).parent}/snapshots/{read_json(f'{result.path}/metrics.json')['snapshot_id']}"
     counts = F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))

@@ -528,9 +528,9 @@ class TrainSettings(_Strict):
     )
     state_probe: bool = Field(
         True,
-        description="with the state view: a logistic regression on the state embedding and the numeric features "
-        "as a third candidate of the purchase and churn heads (beside the trained head and the baseline's "
-        "regression; the one with the lowest validation loss ships)",
+        description="with the state view: the baseline's regression plus a penalised correction read from the "
+        "state embedding, as a third candidate of the purchase and churn heads (beside the trained head and the "
+        "baseline's regression; the one with the lowest validation loss ships)",
     )
     linear_reg_params: list[float] = Field(
         [0.01, 0.1, 1.0],

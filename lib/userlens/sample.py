@@ -518,7 +518,7 @@ _INTENTS: dict[str, tuple[str, ...]] = {
         "冬天皮肤很干怎么办",
     ),
 }
-_INTENT_EPISODES = 0.6  # mean intent episodes per user per 30 days (Poisson)
+_INTENT_EPISODES = 1.0  # mean intent episodes per user per 30 days (Poisson)
 _INTENT_BUY_P = 0.75  # P(the need is bought for in the intent's category, 1-8 days later)
 _INTENT_BUY_DAYS = (1, 8)
 _TYPO_P = 0.15  # P(a typo in an intent phrase or complaint)
@@ -572,6 +572,8 @@ _RETURN_DAYS = (1, 6)  # an abandoned considered cart comes back 1..6 days later
 _REVIEW_P = 0.2
 _COMPLAINT_REVIEW_P = 0.7  # P(a complaint | the purchase had a problem), written 1-4 days later
 _FADE_P = 0.8  # P(activity fades after a complaint)
+_UNHAPPY_CHURN_P = 0.5  # P(a churning user leaves unhappy: complains, then fades instead of stopping)
+_UNHAPPY_LEAD_DAYS = (2, 8)  # the complaint comes this many days before the churn day
 _FADE_TAU_DAYS = (3.0, 7.0)  # activity x exp(-days since the complaint / tau): mostly gone in 1-3 weeks
 
 
@@ -802,6 +804,13 @@ class _UserGen:
             self.lifecycle = "churned"
             self.stop_day = int(days * rng.uniform(0.1, 0.9))
             rates = np.where(t < self.stop_day, base, 0.0)
+        unhappy = None
+        if self.lifecycle == "churned" and rng.random() < _UNHAPPY_CHURN_P:
+            # leaves unhappy, and says so: a complaint some days before the churn day, then the activity fades
+            # (no hard stop)
+            unhappy = max(0, self.stop_day - int(rng.integers(_UNHAPPY_LEAD_DAYS[0], _UNHAPPY_LEAD_DAYS[1] + 1)))
+            rates = np.full(days, base)
+            self.stop_day = days
         self.sessions_per_day = rng.poisson(rates).tolist()
         # day -> list of scheduled actions ("return" | "review" | "complaint" | "intent_buy", item or category)
         self.scheduled: dict[int, list[tuple[str, int]]] = {}
@@ -809,6 +818,8 @@ class _UserGen:
         # complaints (day) written, and the fade of activity after one (day, tau)
         self.truth: dict[str, Any] = {"intents": [], "complaints": [], "fade": None}
         self.fade: tuple[int, float] | None = None
+        if unhappy is not None:
+            self._schedule(unhappy, ("complaint", -1))
         intents = list(_INTENTS)
         for _ in range(int(rng.poisson(_INTENT_EPISODES * days / 30))):
             day, which = int(rng.integers(days)), int(rng.integers(len(intents)))
@@ -1011,8 +1022,12 @@ class _UserGen:
         return sec + 30 + int(r.exp(60.0))
 
     def _complaint_session(self, day: int, sec: int, item: int) -> int:
-        """A review that complains about the order, rated 1-4 stars; the user's activity then fades."""
+        """A review that complains about the order, rated 1-4 stars; the user's activity then fades (always
+        for ``item`` -1: a user leaving unhappy, about an item of the primary interest)."""
         r = self.r
+        leaving = item < 0
+        if leaving:
+            item = self._pick_item(CATEGORIES[self.primary])
         x, rating, acc = r.u(), 4, 0.0
         for stars, p in enumerate(_COMPLAINT_RATINGS, start=1):
             acc += p
@@ -1023,7 +1038,7 @@ class _UserGen:
         text = self._maybe_pii(text, _PII_TEMPLATES_REVIEW, "text")
         self._emit(day, sec, self._item_event("review", item, rating=rating, review_text=text))
         self.truth["complaints"].append(day)
-        if self.fade is None and r.u() < _FADE_P:
+        if self.fade is None and (leaving or r.u() < _FADE_P):
             self.fade = (day, _FADE_TAU_DAYS[0] + r.u() * (_FADE_TAU_DAYS[1] - _FADE_TAU_DAYS[0]))
             self.truth["fade"] = self.fade
         return sec + 30 + int(r.exp(60.0))

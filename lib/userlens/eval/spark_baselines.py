@@ -266,49 +266,68 @@ STATE_PROBE = "(state probe)"  # metrics.json baseline["<task> (state probe)"]
 
 
 def fit_state_probe(
-    snapshot: DataFrame, tasks: Sequence[str], reg_params: Sequence[float]
+    snapshot: DataFrame,
+    tasks: Sequence[str],
+    reg_params: Sequence[float],
+    baseline: dict[str, dict[str, list]],
 ) -> tuple[dict[str, dict[str, list]], dict[str, dict[str, float]]]:
-    """Per binary task, Spark MLlib logistic regression on the state embedding and log1p(numeric features)
-    (the model's wide inputs, in its order), fitted on the train split with the regParam of the lowest
-    validation log loss (the loss the heads are chosen by). Returns (``{"weight": [[w...]], "bias": [b]}``
-    on the raw embedding and the log1p features (:func:`standardized_linear` rewrites the features' part),
-    its test metrics with ``reg_param``)."""
-    import numpy as np
-    from pyspark.ml.classification import LogisticRegression
+    """Per binary task of ``baseline`` (the RFM regression's ``{"weight": [[w...]], "bias": [b]}`` on
+    log1p(features), :func:`fit_baseline`'s ``linear_out``): that regression plus a penalised correction read
+    from the state embedding. Spark MLlib's GeneralizedLinearRegression (binomial, logit) fits the correction
+    on the train split with the regression's logit as its offset, so the counts keep their exact fit and only
+    the embedding's weights are shrunk; the regParam of the lowest validation log loss (the loss the heads are
+    chosen by) wins. Returns (the sum as ``{"weight": [[w_state..., w_counts...]], "bias": [b]}`` on the raw
+    embedding and log1p(features), the model's wide inputs in its order (:func:`standardized_linear` rewrites
+    the features' part); its test metrics with ``reg_param``)."""
     from pyspark.ml.functions import array_to_vector
+    from pyspark.ml.regression import GeneralizedLinearRegression
 
     from userlens.models import metrics as M
 
-    both = F.concat(
-        F.col("state_embedding").cast("array<double>"),
-        F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0)))),
-    )
+    counts = F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))
+    binary = [t for t in tasks if t in baseline and t not in MULTICLASS_TASKS]
     rows = snapshot.where(F.col("state_embedding").isNotNull()).select(
-        "split", array_to_vector(both).alias("x"), *[t for t in tasks if t not in MULTICLASS_TASKS]
+        "split",
+        array_to_vector(F.col("state_embedding").cast("array<double>")).alias("x"),
+        counts.alias("counts"),
+        *binary,
     )
     rows = rows.cache()
     try:
         out: dict[str, dict[str, list]] = {}
         tested: dict[str, dict[str, float]] = {}
-        for task in [t for t in tasks if t not in MULTICLASS_TASKS]:
-            fit_rows = rows.where(F.col("split") == "train").withColumn(task, F.col(task).cast("double"))
+        for task in binary:
+            w = [float(v) for v in baseline[task]["weight"][0]]
+            b = float(baseline[task]["bias"][0])
+            logit = F.aggregate(
+                F.zip_with("counts", F.array(*[F.lit(v) for v in w]), lambda c, k: c * k), F.lit(b), lambda a, x: a + x
+            )
+            data = rows.withColumn("offset", logit).withColumn(task, F.col(task).cast("double"))
             best: tuple[float, float, Any] | None = None
             for reg in reg_params:
-                model = LogisticRegression(featuresCol="x", labelCol=task, maxIter=100, regParam=reg).fit(fit_rows)
-                y, p = _scored(model, rows.where(F.col("split") == "valid"), task)
+                model = GeneralizedLinearRegression(
+                    family="binomial", link="logit", regParam=reg, offsetCol="offset", labelCol=task, featuresCol="x"
+                ).fit(data.where(F.col("split") == "train"))
+                y, p = _predicted(model, data.where(F.col("split") == "valid"), task)
                 loss = M.log_loss(y, p) if len(y) else float("inf")
                 if best is None or loss < best[0]:
                     best = (loss, reg, model)
             assert best is not None  # reg_params is not empty
-            weights = np.asarray(best[2].coefficients.toArray(), np.float64)
-            out[task] = {"weight": [weights.tolist()], "bias": [float(best[2].intercept)]}
-            tested[task] = {
-                **M.binary_metrics(*_scored(best[2], rows.where(F.col("split") == "test"), task)),
-                "reg_param": best[1],
-            }
+            correction = [float(v) for v in best[2].coefficients.toArray()]
+            out[task] = {"weight": [correction + w], "bias": [b + float(best[2].intercept)]}
+            y, p = _predicted(best[2], data.where(F.col("split") == "test"), task)
+            tested[task] = {**M.binary_metrics(y, p), "reg_param": best[1]}
     finally:
         rows.unpersist()
     return out, tested
+
+
+def _predicted(model: Any, rows: DataFrame, task: str) -> tuple[Any, Any]:
+    """(labels, P(1)) of a binomial GeneralizedLinearRegression model (its prediction is the mean)."""
+    import numpy as np
+
+    got = model.transform(rows).select(F.col(task), F.col("prediction")).collect()
+    return np.array([r[0] for r in got], dtype=np.int64), np.array([r[1] for r in got], dtype=np.float64)
 
 
 def _scored(model: Any, rows: DataFrame, task: str) -> tuple[Any, Any]:

@@ -301,7 +301,7 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
     probe: dict[str, dict[str, list]] = {}
     if fallback and state and train.state_probe and any(t in BINARY_TASKS for t in train.tasks):
         t0 = time.perf_counter()
-        probe, probe_tested = fit_state_probe(stored, train.tasks, train.linear_reg_params)
+        probe, probe_tested = fit_state_probe(stored, train.tasks, train.linear_reg_params, linear)
         baseline.update({f"{task} {STATE_PROBE}": m for task, m in probe_tested.items()})
         timings["state_probe_seconds"] = time.perf_counter() - t0
     n_train = counts["train"]["users"]
