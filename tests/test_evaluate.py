@@ -302,5 +302,8 @@ def test_next_window_end_to_end_recency_separates_activity(spark, tmp_path, caps
         "frequency (events up to the cutoff)",
         "logistic regression (MLlib, RFM features)",
         "userlens (user-text embedding + RFM, MLlib LR)",
+        "userlens: state (embeddings + RFM, MLlib LR)",
+        "userlens: history + state (embeddings + RFM, MLlib LR)",
+        "bag of words + RFM (MLlib LR, regParam chosen on valid)",
     ):
         _numbers(rows[method])

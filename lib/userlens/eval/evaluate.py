@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from userlens.config import AlsSettings, Settings
@@ -628,9 +628,27 @@ def _next_window(
             started = time.perf_counter()
             with_text = _with_text_embeddings(spark, settings, data, users, cut, event_types)
             try:
-                x = F.concat(F.transform("embedding", lambda v: v.cast("double")), log1p)
-                results["userlens (user-text embedding + RFM, MLlib LR)"] = _auc_row(
-                    targets, _logistic(with_text.withColumn("x", x), test["user_key"], targets), started
+                embedded = time.perf_counter() - started  # the texts' embedding, counted in each view's row
+
+                def vector(column: str) -> Column:
+                    return F.transform(column, lambda v: v.cast("double"))
+
+                views = {"history": [vector("embedding")]}
+                if settings.textualize.state.enabled:
+                    views["state"] = [vector("state_embedding")]
+                    views["history + state"] = [vector("embedding"), vector("state_embedding")]
+                for view, parts in views.items():
+                    started = time.perf_counter() - embedded
+                    name = (
+                        "userlens (user-text embedding + RFM, MLlib LR)"
+                        if view == "history"
+                        else f"userlens: {view} (embeddings + RFM, MLlib LR)"
+                    )
+                    frame = with_text.withColumn("x", F.concat(*parts, log1p))
+                    results[name] = _auc_row(targets, _logistic(frame, test["user_key"], targets), started)
+                started = time.perf_counter()
+                results["bag of words + RFM (MLlib LR, regParam chosen on valid)"] = _bag_of_words_row(
+                    with_text, targets, settings.train.linear_reg_params, cfg.seed, started
                 )
             finally:
                 with_text.unpersist()
@@ -656,6 +674,32 @@ def _next_window(
     lines += _table([("AUC activity", "active"), ("AUC purchase", "purchase")], results)
     lines += ["", "- ± is the ROC AUC's standard error (Hanley & McNeil 1982)"]
     return EvaluateResult(dataset, "next-window", "\n".join(lines) + "\n", results, counts)
+
+
+def _bag_of_words_row(
+    frame: DataFrame, targets: dict[str, np.ndarray], reg_params: list[float], seed: int, started: float
+) -> dict[str, Any]:
+    """The bag-of-words baseline (:func:`userlens.eval.spark_baselines.bag_of_words_baseline`: TF-IDF of the
+    history and state texts beside log1p(features)) on the next-window split, a seeded fifth of the train
+    users held out to choose its regParam; its test AUC per target with the standard error."""
+    from userlens.eval.spark_baselines import bag_of_words_baseline
+
+    held = F.pmod(F.xxhash64(F.lit(seed + 1), F.col("user_key")), F.lit(5)) == 0
+    split = F.when((F.col("split") == "train") & held, "valid").otherwise(F.col("split"))
+    text = F.concat_ws("\n", "text", "state_text")
+    found = bag_of_words_baseline(
+        frame.select(split.alias("split"), "features", text.alias("text"), *targets), list(targets), reg_params
+    )
+    row: dict[str, Any] = {}
+    for target, y in targets.items():
+        if y.min() == y.max():
+            row[target] = f"n/a (test users all {'positive' if y.min() else 'negative'})"
+            continue
+        auc, positives = found[target]["auc"], int(found[target]["positives"])
+        row[target] = auc
+        row[f"{target}_se"] = M.roc_auc_se(auc, positives, int(found[target]["n"]) - positives)
+    row["seconds"] = time.perf_counter() - started
+    return row
 
 
 def _auc_row(targets: dict[str, np.ndarray], scores: dict[str, np.ndarray | str], started: float) -> dict[str, Any]:
@@ -698,15 +742,21 @@ def _logistic(frame: DataFrame, test_users: "pd.Series", targets: dict[str, np.n
 def _with_text_embeddings(
     spark: "SparkSession", settings: Settings, data: _Data, users: DataFrame, cut: dt.date, event_types: list[str]
 ) -> DataFrame:
-    """``users`` with the embedding of each user's text as of ``cut`` (textualize, then the embed stage's
-    encoder), persisted: the caller unpersists."""
-    from userlens.embedding import Embedder, distinct_texts
+    """``users`` with each user's texts as of ``cut`` (text, state_text) and their embeddings (embedding,
+    state_embedding: textualize, then the embed stage's encoder, one pass), persisted: the caller unpersists."""
+    from userlens.embedding import Embedder, EncoderSpec, user_vectors, with_user_vectors
     from userlens.text.user_texts import build_user_texts
+
+    def model_id(s: Settings) -> str:
+        return EncoderSpec.from_settings(s.embed).model_id
 
     texts = build_user_texts(
         data.events.where(F.col("event_date") <= F.lit(cut)), data.items, settings.textualize, event_types, cut
-    ).select("user_key", "text", "text_hash")
-    embedder = Embedder(spark, settings)
-    vectors = embedder(distinct_texts(texts, embedder.partitions(texts.count())))
-    joined = users.join(texts.select("user_key", "text_hash"), "user_key").join(vectors, "text_hash")
-    return joined.persist(StorageLevel.MEMORY_AND_DISK)
+    ).select("user_key", "text", "text_hash", "state_text", "state_hash")
+    state = settings.textualize.state.enabled
+    vectors = user_vectors(Embedder(spark, settings), texts, None, model_id(settings), state)
+    joined = with_user_vectors(users.join(texts, "user_key"), vectors.frame, state)
+    joined = joined.persist(StorageLevel.MEMORY_AND_DISK)
+    joined.count()
+    vectors.release()
+    return joined

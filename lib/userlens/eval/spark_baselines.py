@@ -256,7 +256,8 @@ def bag_of_words_baseline(
                     best = (auc, reg, model)
             assert best is not None  # reg_params is not empty
             y, p = _scored(best[2], rows.where(F.col("split") == "test"), task)
-            out[task] = {**M.binary_metrics(y, p), "reg_param": best[1], "valid_auc": best[0]}
+            tested = M.binary_metrics(y, p) if len(set(y.tolist())) == 2 else {"n": len(y), "positives": int(y.sum())}
+            out[task] = {**tested, "reg_param": best[1], "valid_auc": best[0]}
     finally:
         rows.unpersist()
     return out
