@@ -332,6 +332,7 @@ def split_comparison(spark, work: Path, base: list[str], users: int, splits: int
             )
             _, result = stage_run(spark, split, f"split{i}-{j}")
             if j == 0:
+                first = result
                 words = {t: result.baseline[f"{t} (bag of words)"]["auc"] for t in tasks}
                 oracle = oracle_aucs(spark, settings, spec, result, cut, tasks)
                 for task in tasks:
@@ -343,10 +344,10 @@ def split_comparison(spark, work: Path, base: list[str], users: int, splits: int
                 diffs.setdefault((view, task, "baseline"), []).append(model - baseline)
                 diffs.setdefault((view, task, "bag-of-words"), []).append(model - words[task])
                 line.append(f"{task} [{view}] {model:.3f}")
-        line += [
-            f"{t} baseline {result.baseline[t]['auc']:.3f}, bag-of-words {words[t]:.3f}, oracle {oracle[t]:.3f}"
-            + (f", state probe {probe['auc']:.3f}" if (probe := result.baseline.get(f"{t} (state probe)")) else "")
-            + f", heads {result.heads.get(t, 'trained')}"
+        line += [  # (the probe and the head chosen: of the first views' run)
+            f"{t} baseline {first.baseline[t]['auc']:.3f}, bag-of-words {words[t]:.3f}, oracle {oracle[t]:.3f}"
+            + (f", state probe {probe['auc']:.3f}" if (probe := first.baseline.get(f"{t} (state probe)")) else "")
+            + f", head [{views[0]}] {first.heads.get(t, 'trained')}"
             for t in tasks
         ]
         print(f"    split {i}: " + "; ".join(line), flush=True)
