@@ -31,6 +31,8 @@ SHORT_TEXTS = "textualize.max_tokens=96"
 # ... and state texts of 48 (the last active day, the open cart and the newest order fit; a state text is
 # about as long as a 96-token history text otherwise, and would double what the pipeline tests embed)
 SHORT_STATE = "textualize.state.max_tokens=48"
+# The state text and the model's state view, off by default (docs/training.md, "The state text")
+STATE_ON = ("textualize.state.enabled=true", "train.views=[history, state]")
 
 
 # The explain stage's occlusion embeds a text per active day of each user it explains: pipeline tests leave it

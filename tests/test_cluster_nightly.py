@@ -32,9 +32,7 @@ from cluster import daemon_env, spark_submit_command, standalone_cluster  # noqa
 from conftest import (
     FIXED_ALS,
     NO_EXPLAIN,
-    NO_STATE_PROBE,
     NO_TEXT_BASELINE,
-    SHORT_STATE,
     SHORT_TEXTS,
     TEST_KEY,
     make_settings,
@@ -140,8 +138,8 @@ def clustered(spark, standalone_cluster, tmp_path_factory):  # noqa: F811 (the f
     }
     # the documented command, with the shorter texts of the pipeline tests (a third of the encoder's work)
     # and one ALS fit instead of the grid (test_train checks the tuning)
-    # (and neither the bag-of-words baseline nor the state probe: tests/test_train.py fits them)
-    light = [SHORT_TEXTS, SHORT_STATE, FIXED_ALS, NO_EXPLAIN, NO_TEXT_BASELINE, NO_STATE_PROBE]
+    # (and no bag-of-words baseline: tests/test_train.py fits it)
+    light = [SHORT_TEXTS, FIXED_ALS, NO_EXPLAIN, NO_TEXT_BASELINE]
     args = [*NIGHTLY_ARGS, *[a for item in light for a in ("--set", item)]]
     stray = REPO / "spark-warehouse"  # where Spark's catalog goes by default: the directory spark-submit ran in
     there_before = stray.exists()
@@ -192,7 +190,7 @@ def test_a_local_run_on_the_same_data_gives_the_same_results(spark, clustered, t
     shutil.copytree(settings.source.path, tmp_path / "raw")
     shutil.copytree(Path(settings.storage.warehouse) / "_models", tmp_path / "models")  # the same model
     local = make_settings(
-        tmp_path, "profile.segments=4", "privacy.min_segment_size=10", "nightly.report=false", SHORT_TEXTS, SHORT_STATE
+        tmp_path, "profile.segments=4", "privacy.min_segment_size=10", "nightly.report=false", SHORT_TEXTS
     )
     result = run_nightly(spark, local, load_key(local.privacy, {"USERLENS_HMAC_KEY": TEST_KEY}), LAST)
     assert "train" not in result.stages  # the cluster's model is fresh: it scores here too

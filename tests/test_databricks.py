@@ -68,12 +68,7 @@ TINY = [
     "profile.segments=2",
     "privacy.min_segment_size=5",
     SHORT_TEXTS,
-    # no state text: the job's notebooks run the stages' code, which tests/test_nightly.py runs with it (the
-    # second text would add a third to what this module embeds); tests/test_train.py fits the two extra
-    # regressions
-    "textualize.state.enabled=false",
-    "train.views=[history]",
-    NO_TEXT_BASELINE,
+    NO_TEXT_BASELINE,  # tests/test_train.py fits it
     NO_EXPLAIN,  # tests/test_explain.py explains; here the stage is skipped as explain.users none skips it
     # a full VACUUM (quarantine retention) lists the table with this many tasks, 10,000 by default:
     # 30-60 s on two local cores for a table of two files

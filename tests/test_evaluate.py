@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
 import dataset_files as D
-from conftest import SPARK_OVERRIDES, TEST_KEY, make_settings
+from conftest import SPARK_OVERRIDES, STATE_ON, TEST_KEY, make_settings
 from userlens.cli import main
 from userlens.config import CONF_DIR, load_settings
 from userlens.eval.baselines import ItemKNN, rank_batch
@@ -287,8 +287,18 @@ def test_stratified_75_end_to_end_matches_an_independent_popularity(spark, tmp_p
 
 def test_next_window_end_to_end_recency_separates_activity(spark, tmp_path, capsys):
     root = D.write_retailrocket(tmp_path / "retailrocket")
+    # the state view on (off by default), one regParam for the bag of words (the grid's choice: test_train)
     table, rows = _evaluate(
-        tmp_path, capsys, "--dataset", "retailrocket", "--path", str(root), "--protocol", "next-window", "--record"
+        tmp_path,
+        capsys,
+        "--dataset",
+        "retailrocket",
+        "--path",
+        str(root),
+        "--protocol",
+        "next-window",
+        "--record",
+        *[a for item in (*STATE_ON, "train.linear_reg_params=[0.1]") for a in ("--set", item)],
     )
     runs = Tables(spark, make_settings(tmp_path, f"storage.warehouse={tmp_path / 'wh'}").storage).read("pipeline_runs")
     recorded = runs.collect()

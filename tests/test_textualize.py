@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import make_settings
+from conftest import STATE_ON, make_settings
 from userlens.config import load_settings
 from userlens.errors import ConfigError
 from userlens.runs import StageRun
@@ -93,7 +93,7 @@ STATE_ZH = (
 
 @pytest.mark.parametrize("language,expected", [("en", STATE_EN), ("zh", STATE_ZH)])
 def test_golden_state_text(spark, tmp_path, language, expected):
-    settings = make_settings(tmp_path, f"textualize.language={language}", "textualize.state.max_tokens=512")
+    settings = make_settings(tmp_path, f"textualize.language={language}", "textualize.state.max_tokens=512", *STATE_ON)
     row = texts_for(spark, STATE_EVENTS, settings, STATE_ITEMS).collect()[0]
     assert row.state_text == expected
     # the golden user of the history text: its one cart add was bought, so no open cart
@@ -102,7 +102,9 @@ def test_golden_state_text(spark, tmp_path, language, expected):
 
 
 def test_state_text_budget_and_switch(spark, tmp_path):
-    short = texts_for(spark, STATE_EVENTS, make_settings(tmp_path, "textualize.state.max_tokens=20"), STATE_ITEMS)
+    short = texts_for(
+        spark, STATE_EVENTS, make_settings(tmp_path, "textualize.state.max_tokens=20", *STATE_ON), STATE_ITEMS
+    )
     assert short.first().state_text == STATE_EN[:60]
     off = texts_for(
         spark,
@@ -112,7 +114,7 @@ def test_state_text_budget_and_switch(spark, tmp_path):
     ).first()
     assert (off.state_text, off.state_hash) == (None, None)
     with pytest.raises(ConfigError, match="train.views has state but textualize.state.enabled is false"):
-        make_settings(tmp_path, "textualize.state.enabled=false")
+        make_settings(tmp_path, "train.views=[history, state]")
 
 
 def test_same_events_same_bytes_and_hash_depends_on_version(spark, tmp_path):
@@ -221,7 +223,7 @@ def write_events(spark, settings, rows, items=ITEMS):
 
 
 def test_stable_hash_for_users_without_new_events_and_rerun_is_noop(spark, tmp_path):
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path, *STATE_ON)
     day1 = GOLDEN_EVENTS + [
         event("B", "b1", "2026-10-02 12:00:00", "view", "i1", "outdoor", 89.5),
         event("C", "c1", "2026-10-01 12:00:00", "search", query="gift ideas"),

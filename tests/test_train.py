@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from conftest import SHORT_STATE, SHORT_TEXTS, make_settings
+from conftest import SHORT_STATE, SHORT_TEXTS, STATE_ON, make_settings
 from userlens.artifacts import ModelStore
 from userlens.errors import ConfigError, UserlensError
 from userlens.features import check_counts, cutoff, item_history, labelled_users
@@ -60,7 +60,7 @@ def frame_rows(df, cols):
 
 
 def test_no_leakage_across_the_cutoff(spark, warehouse):
-    settings = make_settings(warehouse)
+    settings = make_settings(warehouse, *STATE_ON)
     events = Tables(spark, settings.storage).read("events")
     items = Tables(spark, settings.storage).read("items")
     cut = cutoff(AS_OF, settings.train.horizon_days)
@@ -124,6 +124,7 @@ def test_two_process_ddp_run_writes_an_artifact_that_reproduces_its_metrics(spar
         "evaluate.als_alphas=[1.0, 10.0]",
         "train.text_baseline=true",
         "train.state_probe=true",
+        *STATE_ON,
         "train.linear_reg_params=[0.1, 1.0]",
     )
     result, run = train(spark, settings)
@@ -478,6 +479,7 @@ def test_a_head_that_training_does_not_improve_ends_as_a_linear_candidate(spark,
         "train.learning_rate=3.0",
         "train.recommend.enabled=false",
         "train.state_probe=true",
+        *STATE_ON,
     )
     result, run = train(spark, settings)
     metrics = load_artifact(result.path).metrics

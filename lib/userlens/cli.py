@@ -458,9 +458,11 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  {'model':<20} {latest:>21}   {store.root}")
     if result.report:
         print(f"  {'report':<20} {'':>21}   {result.report}")
-    example = tables.read("user_texts").orderBy(F.desc("n_events")).select("text").first()
+    example = tables.read("user_texts").orderBy(F.desc("n_events")).select("text", "state_text").first()
     if example is not None:
         print("\nthe text of the most active user:\n  " + example[0].replace("\n", "\n  "))
+        if example[1]:
+            print("its state text:\n  " + example[1])
     return 0
 
 

@@ -301,7 +301,9 @@ class StateTextSettings(_Strict):
     """The second, short text per user: where the user stands now (docs/training.md, "The state text")."""
 
     enabled: bool = Field(
-        True, description="build the state text (user_texts.state_text) and embed it (user_embeddings.state_embedding)"
+        False,
+        description="build the state text (user_texts.state_text) and embed it (user_embeddings.state_embedding); "
+        "off by default until its ablation shows a gain (docs/benchmarks.md)",
     )
     max_tokens: int = Field(96, ge=8, description="approximate token budget of the state text")
     cart_event: str = Field("add_to_cart", description="event type of a cart add (the open cart)")
@@ -501,7 +503,7 @@ class TrainSettings(_Strict):
         50, ge=2, description='next_category classes: the most frequent label categories; the rest fall into "other"'
     )
     views: list[Literal["history", "state"]] = Field(
-        ["history", "state"],
+        ["history"],
         description="the user embeddings the model reads beside the numeric features (which it always reads): "
         "history (user_embeddings.embedding), state (user_embeddings.state_embedding)",
     )
