@@ -239,7 +239,7 @@ def bag_of_words_baseline(
         StandardScaler,
         VectorAssembler,
     )
-    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.ml.functions import array_to_vector
     from pyspark.ml.linalg import Vectors
 
     from userlens.models import metrics as M
@@ -248,7 +248,7 @@ def bag_of_words_baseline(
     x = array_to_vector(F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))).alias("counts")
     # an event id per word would only add noise: words are runs of letters (any script), numbers dropped
     data = users.select("split", x, F.lower("text").alias("text"), *binary)
-    first = data.select(F.size(vector_to_array("counts")).alias("n")).first()
+    first = users.select(F.size("features").alias("n")).first()
     n_counts = first["n"] if first is not None else 0
     words = Pipeline(
         stages=[
