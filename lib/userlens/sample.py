@@ -1060,16 +1060,8 @@ class _UserGen:
         return sec
 
     def _intent_buy_session(self, day: int, sec: int, which: int) -> int:
-        r = self.r
-        item = self._pick_item(list(_INTENTS)[which])
-        self._emit(day, sec, self._item_event("view", item))
-        sec += 5 + int(r.exp(30.0))
-        qty = self._quantity(item)
-        self._emit(day, sec, self._item_event("add_to_cart", item, quantity=qty))
-        sec += 5 + int(r.exp(30.0))
-        self._emit(day, sec, self._item_event("purchase", item, quantity=qty))
-        self._after_purchase(day, item)
-        return sec + 5 + int(r.exp(20.0))
+        """Come back to buy for the stated need: an item of its category, as a return session buys."""
+        return self._return_session(day, sec, self._pick_item(list(_INTENTS)[which]))
 
     def _session_start(self) -> int:
         r = self.r
