@@ -137,6 +137,12 @@ def collect_user_events(rendered: DataFrame, event_types: list[str]) -> DataFram
     )
 
 
+def _previous(values: Column) -> Column:
+    """``values`` shifted right by one: null, then every element but the last (same length; for zip_with)."""
+    rest = F.slice(values, 1, F.greatest(F.size(values) - 1, F.lit(0)))
+    return F.when(F.size(values) > 0, F.concat(F.array(F.lit(None)), rest)).otherwise(values)
+
+
 def texts_from_event_arrays(
     users: DataFrame, settings: TextualizeSettings, event_types: list[str], as_of: dt.date
 ) -> DataFrame:
@@ -184,21 +190,25 @@ def texts_from_event_arrays(
             "spend": _money(F.col("spend")),
         },
     )
-    # consecutive equal lines on the same day collapse into one piece with a repeat count
+    # consecutive equal lines on the same day collapse into one piece with a repeat count.
+    # No array column is read inside a lambda over another element: Spark's optimizer inlines the expression
+    # of a column computed in an earlier select into every use, so a lambda reading it would rebuild the whole
+    # array once per element (n^2 or worse per user: minutes for users with a few hundred events). Each array
+    # below is read whole, by zip_with against itself shifted by one (_previous), so every step is O(n).
     n = F.size(ev)
+    new_piece = F.zip_with("keys", _previous(F.col("keys")), lambda key, before: before.isNull() | (key != before))
     starts = F.filter(
-        F.sequence(F.lit(0), n - 1),
-        lambda i: F.when(i == 0, True).otherwise(F.element_at("keys", i + 1) != F.element_at("keys", i)),
+        F.transform(new_piece, lambda is_new, i: F.when(is_new, i)),
+        lambda i: i.isNotNull(),
     )
     state = ["state"] if settings.state.enabled else []
     with_header = stats.select(
         "user_key", "ev", "n_events", "n_missing_items", header.alias("header"), starts.alias("starts"), *state
     )
-    runs = F.transform(
-        "starts",
-        lambda start, j: F.struct(
-            start.alias("at"), (F.coalesce(F.try_element_at("starts", j + 2), n) - start).alias("repeats")
-        ),
+    ends = F.concat(F.slice("starts", 2, F.greatest(F.size("starts"), F.lit(1))), F.array(n))  # the next start
+    runs = F.filter(
+        F.zip_with("starts", ends, lambda start, end: F.struct(start.alias("at"), (end - start).alias("repeats"))),
+        lambda r: r["at"].isNotNull(),  # (no start, no run: zip_with pads the shorter array with nulls)
     )
     pieces = F.transform(
         runs,
@@ -219,14 +229,18 @@ def texts_from_event_arrays(
     def prefix(day: Column) -> Column:
         return render(templates.day_prefix, {"date": day})
 
-    costs = F.transform(
+    def first_of_day(day: Column, before: Column) -> Column:
+        return before.isNull() | (day != before)
+
+    piece_days = F.transform("pieces", lambda p: p["day"])
+    costs = F.zip_with(
         "pieces",
-        lambda p, k: (
+        _previous(piece_days),
+        lambda p, before: (
             F.length(p["piece"])
-            + F.when(
-                (k == 0) | (p["day"] != F.element_at("pieces", F.greatest(k, F.lit(1)))["day"]),
-                F.length(prefix(p["day"])) + 1,
-            ).otherwise(F.lit(len(templates.event_separator)))
+            + F.when(first_of_day(p["day"], before), F.length(prefix(p["day"])) + 1).otherwise(
+                F.lit(len(templates.event_separator))
+            )
         ),
     )
     available = F.lit(budget_chars) - F.length(F.substring("header", 1, budget_chars))
@@ -242,16 +256,18 @@ def texts_from_event_arrays(
     )
     kept = F.slice("pieces", 1, kept_count)
     with_kept = with_pieces.select("user_key", "n_events", "n_missing_items", "header", kept.alias("kept"), *state)
-    day_lines = F.transform(
-        F.array_distinct(F.transform("kept", lambda p: p["day"])),
-        lambda d: F.concat(
-            prefix(d),
-            F.array_join(
-                F.transform(F.filter("kept", lambda p: p["day"] == d), lambda p: p["piece"]), templates.event_separator
-            ),
+    # a day's pieces are consecutive (events newest first): its first piece opens a line with the day prefix,
+    # the others follow the separator
+    rendered = F.zip_with(
+        "kept",
+        _previous(F.transform("kept", lambda p: p["day"])),
+        lambda p, before: (
+            F.when(before.isNull(), F.concat(prefix(p["day"]), p["piece"]))
+            .when(p["day"] != before, F.concat(F.lit("\n"), prefix(p["day"]), p["piece"]))
+            .otherwise(F.concat(F.lit(templates.event_separator), p["piece"]))
         ),
     )
-    body = F.when(F.size("kept") > 0, F.array_join(day_lines, "\n"))
+    body = F.when(F.size("kept") > 0, F.array_join(rendered, ""))
     # a header alone over budget is cut; the body goes first
     text = F.concat_ws("\n", F.substring("header", 1, budget_chars), body)
     version = F.lit(settings.template_version)
