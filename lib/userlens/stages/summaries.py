@@ -52,6 +52,11 @@ def train(r: Any) -> str:
             lines.append(
                 f"  {task:<14} test accuracy {values['accuracy']:.3f}  top-3 {values['top3_accuracy']:.3f}"
                 f"   baseline {base.get('accuracy', nan):.3f} / {base.get('top3_accuracy', nan):.3f}"
+                + (
+                    f"  bag of words {words.get('accuracy', nan):.3f} / {words.get('top3_accuracy', nan):.3f}"
+                    if (words := r.baseline.get(f"{task} (bag of words)"))
+                    else ""
+                )
             )
     if "recommend" in r.model:
         fused = r.model["recommend"]
