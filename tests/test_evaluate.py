@@ -17,9 +17,10 @@ from conftest import SPARK_OVERRIDES, STATE_ON, TEST_KEY, make_settings
 from userlens.cli import main
 from userlens.config import CONF_DIR, load_settings
 from userlens.eval.baselines import ItemKNN, rank_batch
-from userlens.eval.evaluate import interactions, leave_one_out, load_dataset, stratified_split
+from userlens.eval.evaluate import interactions, leave_one_out, load_dataset, next_window_users, stratified_split
 from userlens.models import metrics as M
 from userlens.privacy import load_key
+from userlens.stages.forget import user_key_of
 from userlens.tables import Tables
 
 LOCAL = str(CONF_DIR / "local.yaml")
@@ -283,6 +284,39 @@ def test_stratified_75_end_to_end_matches_an_independent_popularity(spark, tmp_p
     for name in ("userlens", "userlens without text", *components):
         _numbers(rows[name])
     assert _numbers(rows["userlens"])[4] >= max(_numbers(rows[n])[4] for n in components[:1] + components[2:]) - 1e-4
+
+
+def test_next_window_rated_4_or_more_counts_the_window_only(spark, tmp_path):
+    """A ratings dataset's next-window target: a rating of 4 or more in (cut, as-of], not before."""
+    import datetime as dt
+
+    root = D.write_ml100k(tmp_path / "ml-100k")
+    settings = load_settings(
+        [LOCAL, CONF_DIR / "datasets" / "movielens-100k.yaml"], [*SPARK_OVERRIDES, f"source.path={root}"]
+    )
+    key = load_key(settings.privacy, {"USERLENS_HMAC_KEY": TEST_KEY})
+    data, classified = load_dataset(spark, settings, key)
+    try:
+        # the n-th rating of every user is on day n after T0's date: the window holds ratings 2 and 3
+        day0 = dt.datetime.fromtimestamp(D.T0, dt.timezone.utc).date()
+        cut, as_of = day0 + dt.timedelta(days=1), day0 + dt.timedelta(days=3)
+        got = {
+            r["user_key"]: (r["active"], r["purchase"], r["liked"])
+            for r in next_window_users(data.events, cut, as_of, ["rate"], 13).collect()
+        }
+    finally:
+        classified.unpersist()
+    expected = {
+        user_key_of(str(user), key): (1, 0, int(any((user + item) % 5 + 1 >= 4 for item in items[2:4])))
+        for user, items in D.ML100K_HISTORIES.items()
+    }
+    assert got == expected
+    # both values occur, and one user's only 4-star rating is before the cut: the label reads the window only
+    assert {v[2] for v in got.values()} == {0, 1}
+    assert any(
+        not expected[user_key_of(str(u), key)][2] and any((u + i) % 5 + 1 >= 4 for i in items[:2])
+        for u, items in D.ML100K_HISTORIES.items()
+    )
 
 
 def test_next_window_end_to_end_recency_separates_activity(spark, tmp_path, capsys):

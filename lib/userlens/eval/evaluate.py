@@ -16,7 +16,8 @@ Protocols (``--protocol``; docs/datasets.md has the details and the commands):
   ``userlens`` fuses them with the sequential encoder that knows the cold items by their text
   (``eval.recommenders.cold_methods``, weights on validation).
 * ``next-window``: cutoff C = as-of date - H days; users with an event up to C; labels: any event
-  (activity) and any purchase in (C, as-of]; users split 70/30 by a seeded hash; ROC AUC on the 30.
+  (activity), any purchase and any rating of at least 4 in (C, as-of] (the last two where the data has
+  them); users split 70/30 by a seeded hash; ROC AUC on the 30.
 
 Every method runs in the same process on the same split. Ranking protocols: popularity and the
 tuned baselines (Spark MLlib ALS over ``evaluate.als_*``, EASE over ``evaluate.ease_lambdas``,
@@ -181,22 +182,42 @@ def k_core(inter: DataFrame, k: int, max_rounds: int = 50) -> DataFrame:
     return current
 
 
+# next-window's targets: column -> (table heading, how the window line counts its positives)
+NEXT_WINDOW_TARGETS = {
+    "active": ("AUC activity", "active"),
+    "purchase": ("AUC purchase", "purchased"),
+    "liked": ("AUC rated >= 4", "rated >= 4"),
+}
+LIKED = 4.0  # next-window's "rated >= 4 in the window" target: a rating event's score of at least this
+
+
 def next_window_users(events: DataFrame, cut: dt.date, as_of: dt.date, event_types: list[str], seed: int) -> DataFrame:
-    """(user_key, split, features, active, purchase) for users with an event up to ``cut``; labels
-    from (cut, as_of]; 'test' for a seeded-hash NEXT_WINDOW_TEST share of users."""
+    """(user_key, split, features, active, purchase, liked) for users with an event up to ``cut``; labels
+    from (cut, as_of]: any event, any purchase, any rating of at least ``LIKED`` (the score a rating event's
+    text starts with, "4/5"); 'test' for a seeded-hash NEXT_WINDOW_TEST share of users."""
     from userlens.features import labels, numeric_features
 
     future = labels(events, cut, as_of)
+    score = F.regexp_extract(F.coalesce(F.col("text"), F.lit("")), SCORE_PATTERN, 1)
+    liked = (
+        events.where((F.col("event_date") > F.lit(cut)) & (F.col("event_date") <= F.lit(as_of)))
+        .where((score != "") & (score.cast("double") >= LIKED))
+        .select("user_key")
+        .distinct()
+        .withColumn("liked", F.lit(1))
+    )
     u = F.pmod(F.xxhash64(F.lit(seed), F.col("user_key")), F.lit(1_000_000)) / F.lit(1_000_000.0)
     return (
         numeric_features(events, cut, event_types)
         .join(future, "user_key", "left")
+        .join(liked, "user_key", "left")
         .select(
             "user_key",
             F.when(u < NEXT_WINDOW_TEST, "test").otherwise("train").alias("split"),
             "features",
             F.col("purchase").isNotNull().cast("int").alias("active"),
             F.coalesce("purchase", F.lit(0)).alias("purchase"),
+            F.coalesce("liked", F.lit(0)).alias("liked"),
         )
     )
 
@@ -584,13 +605,13 @@ def _next_window(
     try:
         stats = (
             users.groupBy("split")
-            .agg(F.count(F.lit(1)).alias("n"), F.sum("active").alias("active"), F.sum("purchase").alias("purchase"))
+            .agg(
+                F.count(F.lit(1)).alias("n"),
+                *(F.sum(t).alias(t) for t in NEXT_WINDOW_TARGETS),
+            )
             .collect()
         )
-        by_split = {
-            r["split"]: {"users": r["n"], "active": int(r["active"] or 0), "purchase": int(r["purchase"] or 0)}
-            for r in stats
-        }
+        by_split = {r["split"]: {"users": r["n"], **{t: int(r[t] or 0) for t in NEXT_WINDOW_TARGETS}} for r in stats}
         if not by_split.get("test") or not by_split.get("train"):
             raise UserlensError(
                 f"{dataset}: {sum(s['users'] for s in by_split.values())} users have events up to "
@@ -598,18 +619,20 @@ def _next_window(
             )
         names = feature_names(event_types)
         recency, frequency = names.index("recency_days"), names.index("n_events")
+        # activity always; purchase and "rated >= 4" where the data has them (a ratings dataset has no
+        # purchase, a shop's log no ratings): a target without a positive training user is left out
+        shown = [t for t in NEXT_WINDOW_TARGETS if t == "active" or by_split["train"][t] > 0]
         test: pd.DataFrame = (
             users.where(F.col("split") == "test")
             .select(
                 "user_key",
-                "active",
-                "purchase",
+                *shown,
                 F.col("features")[recency].alias("recency"),
                 F.col("features")[frequency].alias("frequency"),
             )
             .toPandas()
         )
-        targets = {"active": test["active"].to_numpy(), "purchase": test["purchase"].to_numpy()}
+        targets = {t: test[t].to_numpy() for t in shown}
         results: dict[str, dict[str, Any] | str] = {}
         started = time.perf_counter()
         results["recency (days since last event)"] = _auc_row(
@@ -668,10 +691,12 @@ def _next_window(
         f"- data: {_data_line(data.counts)}",
         f"- window: cutoff {cut}, labels from the {horizon} days after it (to {as_of}); "
         f"{sum(s['users'] for s in by_split.values()):,} users with an event up to the cutoff, "
-        f"{t['users']:,} of them held out for test ({t['active']:,} active, {t['purchase']:,} purchased)",
+        f"{t['users']:,} of them held out for test ("
+        + ", ".join(f"{t[target]:,} {NEXT_WINDOW_TARGETS[target][1]}" for target in targets)
+        + ")",
         "",
     ]
-    lines += _table([("AUC activity", "active"), ("AUC purchase", "purchase")], results)
+    lines += _table([(NEXT_WINDOW_TARGETS[target][0], target) for target in targets], results)
     lines += ["", "- ± is the ROC AUC's standard error (Hanley & McNeil 1982)"]
     return EvaluateResult(dataset, "next-window", "\n".join(lines) + "\n", results, counts)
 
