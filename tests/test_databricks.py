@@ -363,7 +363,10 @@ def job_run(spark, workspace):
 
     runs = {stage: task(stage) for stage in ("ingest", "textualize", "embed")}
     files = {"before nightly": data_files()}
-    runs["nightly"] = run_notebook("nightly", {**params, "date": LAST.isoformat()})
+    # the nightly notebook without its report (the job's report task below writes one)
+    runs["nightly"] = run_notebook(
+        "nightly", {**params, "date": LAST.isoformat(), "set": f"{params['set']}; nightly.report=false"}
+    )
     files["after nightly"] = data_files()
     runs.update({stage: task(stage) for stage in ("train", "score", "profile")})
     files["after the job"] = data_files()
@@ -408,8 +411,8 @@ def test_job_notebooks_and_the_nightly_notebook_share_one_warehouse(spark, works
     nightly = runs["nightly"]["result"]
     assert nightly.as_of_date == LAST
     # trained: there was no model yet; no privacy_check: nightly.privacy_check is false here; no explain:
-    # explain.users is none
-    assert list(nightly.stages) == [s for s in JOB_CHAIN if s not in ("privacy_check", "explain")]
+    # explain.users is none; no report: nightly.report is false for this run
+    assert list(nightly.stages) == [s for s in JOB_CHAIN if s not in ("privacy_check", "explain", "report")]
     assert nightly.stages["quarantine_retention"].deleted == 0  # 30 days: nothing in 8 days of logs is due
     assert nightly.stages["textualize"].texts_inserted == nightly.stages["textualize"].texts_updated == 0
     assert nightly.stages["embed"].users.embedded == 0 and nightly.stages["embed"].users.unchanged == users
