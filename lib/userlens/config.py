@@ -525,8 +525,8 @@ class TrainSettings(_Strict):
     text_baseline: bool = Field(
         True,
         description="fit the bag-of-words logistic regression (TF-IDF of the history and state texts beside the "
-        "numeric features) as a second baseline of every task (multinomial for next_category): metrics.json "
-        "baseline['<task> (bag of words)']",
+        "numeric features) as a second baseline of purchase and churn: metrics.json baseline['<task> (bag of "
+        "words)']",
     )
     state_probe: bool = Field(
         True,

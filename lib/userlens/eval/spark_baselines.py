@@ -218,14 +218,12 @@ def bag_of_words_baseline(
     reg_params: Sequence[float],
     vocabulary: int = 20_000,
     min_users: int = 3,
-    n_classes: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """The second baseline: Spark MLlib logistic regression on the words of the same texts the model reads
-    (TF-IDF of ``text``, the words of at least ``min_users`` train users, at most ``vocabulary``) beside
-    log1p(numeric features), its regParam chosen on the valid split (AUC of a binary task; accuracy of a
-    multiclass one, multinomial over ``n_classes``, users with a label only), scored once on the test split.
-    ``users``: split, features, text and the task columns (a multiclass task's class index, -1 for none).
-    Does a language model read anything in the texts that counting their words does not?
+    """The second baseline of the binary tasks: Spark MLlib logistic regression on the words of the same
+    texts the model reads (TF-IDF of ``text``, the words of at least ``min_users`` train users, at most
+    ``vocabulary``) beside log1p(numeric features), its regParam chosen on the valid split's AUC, scored once
+    on the test split. ``users``: split, features, text and the task columns. Does a language model read
+    anything in the texts that counting their words does not?
 
     The penalty falls on the words, not on the counts: the counts are standardized and scaled by
     ``COUNT_SCALE`` (their coefficients, hence their penalty, that much smaller) and the regression runs
@@ -246,10 +244,10 @@ def bag_of_words_baseline(
 
     from userlens.models import metrics as M
 
-    chosen = [t for t in tasks if t not in MULTICLASS_TASKS or n_classes > 1]
+    binary = [t for t in tasks if t not in MULTICLASS_TASKS]
     x = array_to_vector(F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))).alias("counts")
     # an event id per word would only add noise: words are runs of letters (any script), numbers dropped
-    data = users.select("split", x, F.lower("text").alias("text"), *chosen)
+    data = users.select("split", x, F.lower("text").alias("text"), *binary)
     first = users.select(F.size("features").alias("n")).first()
     n_counts = first["n"] if first is not None else 0
     words = Pipeline(
@@ -264,39 +262,22 @@ def bag_of_words_baseline(
             VectorAssembler(inputCols=["tfidf", "counts_x"], outputCol="x"),
         ]
     ).fit(data.where(F.col("split") == "train"))
-    rows = words.transform(data).select("split", "x", *chosen).cache()
+    rows = words.transform(data).select("split", "x", *binary).cache()
     try:
         out: dict[str, dict[str, float]] = {}
-        for task in chosen:
-            multiclass = task in MULTICLASS_TASKS
-            labelled = rows.where(F.col(task) >= 0) if multiclass else rows
-            fit_rows = labelled.where(F.col("split") == "train").withColumn(task, F.col(task).cast("double"))
+        for task in binary:
+            fit_rows = rows.where(F.col("split") == "train").withColumn(task, F.col(task).cast("double"))
             best: tuple[float, float, Any] | None = None
             for reg in reg_params:
                 model = LogisticRegression(
-                    featuresCol="x",
-                    labelCol=task,
-                    maxIter=100,
-                    regParam=reg,
-                    standardization=False,
-                    family="multinomial" if multiclass else "binomial",
+                    featuresCol="x", labelCol=task, maxIter=100, regParam=reg, standardization=False
                 ).fit(fit_rows)
-                if multiclass:
-                    vy, vp = _class_scored(model, labelled.where(F.col("split") == "valid"), task, n_classes)
-                    score = M.accuracy(vy, vp) if len(vy) else float("nan")
-                else:
-                    valid = _scored(model, labelled.where(F.col("split") == "valid"), task)
-                    score = M.binary_metrics(*valid)["auc"] if len(set(valid[0].tolist())) == 2 else float("nan")
-                if best is None or score > best[0]:
-                    best = (score, reg, model)
+                valid = _scored(model, rows.where(F.col("split") == "valid"), task)
+                auc = M.binary_metrics(*valid)["auc"] if len(set(valid[0].tolist())) == 2 else float("nan")
+                if best is None or auc > best[0]:
+                    best = (auc, reg, model)
             assert best is not None  # reg_params is not empty
-            test_rows = labelled.where(F.col("split") == "test")
-            if multiclass:
-                ty, tp = _class_scored(best[2], test_rows, task, n_classes)
-                tested = M.multiclass_metrics(ty, tp) if len(ty) else {"n": 0}
-                out[task] = {**tested, "reg_param": best[1], "valid_accuracy": best[0]}
-                continue
-            y, p = _scored(best[2], test_rows, task)
+            y, p = _scored(best[2], rows.where(F.col("split") == "test"), task)
             tested = M.binary_metrics(y, p) if len(set(y.tolist())) == 2 else {"n": len(y), "positives": int(y.sum())}
             out[task] = {**tested, "reg_param": best[1], "valid_auc": best[0]}
     finally:
@@ -370,20 +351,6 @@ def _predicted(model: Any, rows: DataFrame, task: str) -> tuple[Any, Any]:
 
     got = model.transform(rows).select(F.col(task), F.col("prediction")).collect()
     return np.array([r[0] for r in got], dtype=np.int64), np.array([r[1] for r in got], dtype=np.float64)
-
-
-def _class_scored(model: Any, rows: DataFrame, task: str, n_classes: int) -> tuple[Any, Any]:
-    """(class indices, (n, n_classes) probabilities) of a multinomial model; classes above the largest train
-    label get probability 0."""
-    import numpy as np
-    from pyspark.ml.functions import vector_to_array
-
-    got = model.transform(rows).select(F.col(task), vector_to_array(F.col("probability")).alias("p")).collect()
-    y = np.array([r[0] for r in got], dtype=np.int64)
-    p = np.array([r[1] for r in got], dtype=np.float64) if got else np.zeros((0, n_classes))
-    if p.shape[1] < n_classes:
-        p = np.pad(p, ((0, 0), (0, n_classes - p.shape[1])))
-    return y, p
 
 
 def _scored(model: Any, rows: DataFrame, task: str) -> tuple[Any, Any]:

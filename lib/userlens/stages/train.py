@@ -225,16 +225,12 @@ def run_train(spark: "SparkSession", settings: Settings, run: StageRun, as_of: d
         )
         timings["cutoff_embed_seconds"] = time.perf_counter() - t0
         text_baseline: dict[str, dict[str, float]] = {}
-        if train.text_baseline:
+        if train.text_baseline and any(t in BINARY_TASKS for t in train.tasks):
             t0 = time.perf_counter()
             words = frame.select(
-                "split",
-                "features",
-                F.concat_ws("\n", "text", "state_text").alias("text"),
-                *BINARY_TASKS,
-                class_index(F.col("next_category_name"), classes).alias("next_category"),
+                "split", "features", F.concat_ws("\n", "text", "state_text").alias("text"), *BINARY_TASKS
             )
-            found = bag_of_words_baseline(words, train.tasks, train.linear_reg_params, n_classes=len(classes))
+            found = bag_of_words_baseline(words, train.tasks, train.linear_reg_params)
             text_baseline = {f"{task} {TEXT_BASELINE}": m for task, m in found.items()}
             timings["text_baseline_seconds"] = time.perf_counter() - t0
         snap = with_user_vectors(frame, vectors, state).select(
