@@ -35,15 +35,17 @@ demo: setup
 # module-scoped pipeline runs once; each process has its own local Spark session (2 GiB driver). The
 # suite is CPU-bound: on two cores 19 min with 2, 21 min with 3, 29 min in one process. The default is
 # one per core, at most 4, and at most one per 5 GiB of memory (a Spark driver, torch and MiniLM each).
+# Modules are handed out in tests/conftest.py's order, longest first (--no-loadscope-reorder: pytest-xdist
+# otherwise hands them out by their number of tests, and a long module with few tests ran alone at the end).
 TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30; print(max(1, min(len(os.sched_getaffinity(0)), 4, int(gib // 5))))' 2>/dev/null || echo 2)
 
 test: setup browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The unit-level tests: no whole pipelines, no demo, no cluster, no measurement at scale (tests marked
 # `pipeline`, `cluster` or `scale`).
 test-fast: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not pipeline and not cluster and not scale" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not pipeline and not cluster and not scale" tests
 
 # ruff (lint and format check) and mypy over lib/ (pyproject.toml)
 lint: setup

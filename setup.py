@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         # ruff and mypy: `make lint` (pyproject.toml)
-        "dev": ["pytest>=7.4", "pytest-xdist>=3.5", "ruff>=0.6", "mypy>=1.10", "sentence-transformers>=3.0", "deltalake>=0.17", "scikit-learn>=1.3", "matplotlib>=3.7",
+        "dev": ["pytest>=7.4", "pytest-xdist>=3.7", "ruff>=0.6", "mypy>=1.10", "sentence-transformers>=3.0", "deltalake>=0.17", "scikit-learn>=1.3", "matplotlib>=3.7",
                 # the PII benchmark's independent oracle (userlens.pii_corpus.generate_oracle_corpus,
                 # bench/pii.py, tests/test_pii_oracle.py): libphonenumber's numbers and Faker's
                 # emails, IBANs, cards and IPs; tests and benchmark only, never imported at run time
