@@ -99,11 +99,26 @@ def ingest(spark, settings, as_of=None, full=False, env=None):
     return run_ingest(spark, settings, key, run, as_of, full), run
 
 
+def write_day1(root: Path):
+    # e2 duplicated exactly (same line) -> one duplicate
+    write_raw(root / "raw", {D1: GOOD_D1 + [GOOD_D1[1]] + list(BAD_D1)})
+    return make_settings(root, ANY_QUARANTINE)
+
+
 @pytest.fixture
 def day1(tmp_path: Path):
-    # e2 duplicated exactly (same line) -> one duplicate
-    write_raw(tmp_path / "raw", {D1: GOOD_D1 + [GOOD_D1[1]] + list(BAD_D1)})
-    return make_settings(tmp_path, ANY_QUARANTINE)
+    return write_day1(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def ingested(spark, tmp_path_factory):
+    """Day 1 ingested once, as the CLI runs a stage (its pipeline_runs row recorded), for the tests that only
+    read what it wrote: (settings, result). An ingest of 13 lines costs ~13 s, nearly all of it fixed."""
+    from userlens.runs import run_stage
+
+    settings = write_day1(tmp_path_factory.mktemp("day1"))
+    key = load_key(settings.privacy, {"USERLENS_HMAC_KEY": TEST_KEY})
+    return settings, run_stage("ingest", settings, spark, lambda run: run_ingest(spark, settings, key, run))
 
 
 def all_strings(spark, tables: Tables) -> list[str]:
@@ -118,8 +133,8 @@ def all_strings(spark, tables: Tables) -> list[str]:
     return values
 
 
-def test_accounting_and_quarantine_reasons(spark, day1):
-    result, _ = ingest(spark, day1)
+def test_accounting_and_quarantine_reasons(spark, ingested):
+    day1, result = ingested
     rows_in = len(GOOD_D1) + 1 + len(BAD_D1)
     assert result.rows_in == rows_in
     assert (result.rows_out, result.quarantined, result.duplicates) == (len(GOOD_D1), len(BAD_D1), 1)
@@ -133,15 +148,8 @@ def test_accounting_and_quarantine_reasons(spark, day1):
     assert result.items_out == 2 and result.items_quarantined == 1
 
 
-def test_pipeline_run_row_has_counts(spark, day1):
-    from userlens.runs import run_stage
-
-    run_stage(
-        "ingest",
-        day1,
-        spark,
-        lambda run: run_ingest(spark, day1, load_key(day1.privacy, {"USERLENS_HMAC_KEY": TEST_KEY}), run),
-    )
+def test_pipeline_run_row_has_counts(spark, ingested):
+    day1, _ = ingested
     runs = Tables(spark, day1.storage).read("pipeline_runs").collect()
     assert len(runs) == 1
     row = runs[0]
@@ -161,8 +169,8 @@ def test_reingest_same_date_is_identical(spark, day1):
     assertDataFrameEqual(tables.read("events_quarantine").select("raw", "reason"), first_q)
 
 
-def test_no_raw_id_or_planted_pii_in_any_table(spark, day1):
-    ingest(spark, day1)
+def test_no_raw_id_or_planted_pii_in_any_table(spark, ingested):
+    day1, _ = ingested
     values = "\n".join(all_strings(spark, Tables(spark, day1.storage)))
     for raw_id in RAW_IDS:
         assert raw_id not in values
@@ -214,10 +222,10 @@ def test_incremental_dates_and_full(spark, tmp_path):
     assert tables.read("events").count() == len(GOOD_D1) + len(GOOD_D2)
 
 
-def test_tables_are_valid_delta(spark, day1):
+def test_tables_are_valid_delta(spark, ingested):
     from delta.tables import DeltaTable
 
-    ingest(spark, day1)
+    day1, _ = ingested
     tables = Tables(spark, day1.storage)
     for name in ("events", "events_quarantine", "items"):
         path = tables.location(name)
@@ -226,8 +234,8 @@ def test_tables_are_valid_delta(spark, day1):
     assert DeltaTable.forPath(spark, tables.location("events")).detail().first().partitionColumns == ["event_date"]
 
 
-def test_events_content(spark, day1):
-    ingest(spark, day1)
+def test_events_content(spark, ingested):
+    day1, _ = ingested
     events = Tables(spark, day1.storage).read("events")
     row = events.where("event_id = 'e4'").first()
     assert (row.event_type, row.item_id, row.category, row.price, row.quantity) == ("purchase", "i2", "books", 12.0, 2)
