@@ -4,6 +4,7 @@ on fixture files (popularity's numbers worked out by hand, or recomputed indepen
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,15 @@ from conftest import SPARK_OVERRIDES, STATE_ON, TEST_KEY, make_settings
 from userlens.cli import main
 from userlens.config import CONF_DIR, load_settings
 from userlens.eval.baselines import ItemKNN, rank_batch
-from userlens.eval.evaluate import interactions, leave_one_out, load_dataset, next_window_users, stratified_split
+from userlens.eval.evaluate import (
+    _Fitted,
+    _fitted_row,
+    interactions,
+    leave_one_out,
+    load_dataset,
+    next_window_users,
+    stratified_split,
+)
 from userlens.models import metrics as M
 from userlens.privacy import load_key
 from userlens.stages.forget import user_key_of
@@ -351,3 +360,28 @@ def test_next_window_end_to_end_recency_separates_activity(spark, tmp_path, caps
         "bag of words + RFM (MLlib LR, regParam chosen on valid)",
     ):
         _numbers(rows[method])
+    # every regression's regParam is chosen on held-out train users; a userlens row not above the RFM
+    # regression there says that it scores with it
+    for method in ("userlens (user-text embedding + RFM, MLlib LR)", "userlens: state (embeddings + RFM, MLlib LR)"):
+        assert re.fullmatch(r"active: (regParam=0\.1|RFM \(valid AUC \S+ <= \S+\)).*", rows[method][-2])
+    assert rows["logistic regression (MLlib, RFM features)"][-2].startswith("active: regParam=0.1")
+
+
+def test_a_next_window_row_not_above_rfm_on_validation_scores_with_rfm():
+    """The fallback the train stage ships, in evaluate's next-window rows: per target."""
+    y = {"active": np.array([0, 1, 0, 1, 1, 0]), "purchase": np.array([1, 0, 0, 1, 0, 0])}
+    rfm = _Fitted(
+        p={"active": np.array([0.1, 0.9, 0.2, 0.8, 0.7, 0.3]), "purchase": np.array([0.6, 0.5, 0.4, 0.3, 0.2, 0.1])},
+        valid_auc={"active": 0.80, "purchase": 0.60},
+        reg={"active": 0.1, "purchase": 0.1},
+    )
+    mine = _Fitted(
+        p={"active": np.array([0.9, 0.1, 0.8, 0.2, 0.3, 0.7]), "purchase": np.array([0.9, 0.1, 0.1, 0.8, 0.2, 0.1])},
+        valid_auc={"active": 0.80, "purchase": 0.70},  # a tie is not above: RFM ships
+        reg={"active": 1.0, "purchase": 0.01},
+    )
+    row = _fitted_row(y, mine, 0.0, rfm)
+    assert row["active"] == M.roc_auc(y["active"], rfm.p["active"]) == 1.0
+    assert row["purchase"] == M.roc_auc(y["purchase"], mine.p["purchase"]) == 1.0
+    assert row["setting"] == "active: RFM (valid AUC 0.800 <= 0.800); purchase: regParam=0.01"
+    assert _fitted_row(y, mine, 0.0)["active"] == 0.0  # without the RFM row, the model's own scores

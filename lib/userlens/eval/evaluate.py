@@ -26,7 +26,9 @@ the winner refitted and scored on test once; then userlens' components (``eval.r
 sequential encoder of ``models.sequential`` with and without item text, EASE, ALS) and their fusion,
 whose weights are fitted on validation (``eval.ranking.fuse``): ``userlens`` and ``userlens without
 text``. Next-window: recency, frequency, MLlib logistic regression on the train stage's numeric
-features and userlens (the user text's embedding beside the same features).
+features and userlens (the user text's embedding beside the same features), each regression's regParam
+chosen on a held-out fifth of the train users; a userlens row that is not above the RFM regression there
+scores with it, as the train stage's fallback ships the baseline.
 
 The data path is the pipeline's: the dataset adapter, then ingest's ``classify_events`` /
 ``classify_items`` (validation, quarantine counts, pseudonyms, PII scrubbing). Nothing is written
@@ -642,11 +644,10 @@ def _next_window(
         results["frequency (events up to the cutoff)"] = _auc_row(
             targets, {t: test["frequency"].to_numpy() for t in targets}, started
         )
-        log1p = F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))
+        reg_params = settings.train.linear_reg_params
         started = time.perf_counter()
-        results["logistic regression (MLlib, RFM features)"] = _auc_row(
-            targets, _logistic(users.withColumn("x", log1p), test["user_key"], targets), started
-        )
+        rfm = _logistic(users, None, test["user_key"], targets, reg_params, cfg.seed)
+        results[RFM_ROW] = _fitted_row(targets, rfm, started)
         if cfg.userlens:
             started = time.perf_counter()
             with_text = _with_text_embeddings(spark, settings, data, users, cut, event_types)
@@ -667,8 +668,8 @@ def _next_window(
                         if view == "history"
                         else f"userlens: {view} (embeddings + RFM, MLlib LR)"
                     )
-                    frame = with_text.withColumn("x", F.concat(*parts, log1p))
-                    results[name] = _auc_row(targets, _logistic(frame, test["user_key"], targets), started)
+                    fitted = _logistic(with_text, F.concat(*parts), test["user_key"], targets, reg_params, cfg.seed)
+                    results[name] = _fitted_row(targets, fitted, started, rfm)
                 started = time.perf_counter()
                 results["bag of words + RFM (MLlib LR, regParam chosen on valid)"] = _bag_of_words_row(
                     with_text, targets, settings.train.linear_reg_params, cfg.seed, started
@@ -742,26 +743,114 @@ def _auc_row(targets: dict[str, np.ndarray], scores: dict[str, np.ndarray | str]
     return row
 
 
-def _logistic(frame: DataFrame, test_users: "pd.Series", targets: dict[str, np.ndarray]) -> dict[str, np.ndarray | str]:
-    """Per target: MLlib logistic regression on ``x`` fitted on the train split, P(1) for ``test_users``."""
-    from pyspark.ml.classification import LogisticRegression
-    from pyspark.ml.functions import array_to_vector, vector_to_array
+RFM_ROW = "logistic regression (MLlib, RFM features)"
 
-    data = frame.select("user_key", "split", array_to_vector(F.col("x")).alias("x"), *targets)
-    train = data.where(F.col("split") == "train")
-    test = data.where(F.col("split") == "test")
-    out: dict[str, np.ndarray | str] = {}
+
+@dataclass
+class _Fitted:
+    """One next-window logistic regression per target: test P(1) in ``test_users`` order (or why there is
+    none), the held-out train users' AUC, and the regParam that won there."""
+
+    p: dict[str, np.ndarray | str]
+    valid_auc: dict[str, float]
+    reg: dict[str, float]
+
+
+def _logistic(
+    frame: DataFrame,
+    vectors: Column | None,
+    test_users: "pd.Series",
+    targets: dict[str, np.ndarray],
+    reg_params: Sequence[float],
+    seed: int,
+) -> _Fitted:
+    """Per target: MLlib logistic regression on ``vectors`` (embeddings, or none) beside log1p(features),
+    fitted on four fifths of the train split, its regParam chosen on the held-out fifth's AUC (the same seeded
+    fifth as the bag of words), P(1) for ``test_users``.
+
+    The penalty falls on the embeddings, not on the counts: both are standardized, the counts then scaled by
+    ``COUNT_SCALE``, and the regression runs unstandardized (as the bag of words does). Left unstandardized, a
+    MiniLM dimension that barely varies over a few hundred users carries a penalty of regParam / std^2, and
+    MLlib's L-BFGS stopped at its first step with every weight zero."""
+    from pyspark.ml import Pipeline
+    from pyspark.ml.classification import LogisticRegression
+    from pyspark.ml.feature import ElementwiseProduct, StandardScaler, VectorAssembler
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.ml.linalg import Vectors
+
+    held = F.pmod(F.xxhash64(F.lit(seed + 1), F.col("user_key")), F.lit(5)) == 0
+    split = F.when((F.col("split") == "train") & held, "valid").otherwise(F.col("split"))
+    log1p = F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))
+    first = frame.select(F.size("features")).first()
+    n_counts = first[0] if first is not None else 0
+    stages: list[Any] = [
+        StandardScaler(inputCol="counts", outputCol="counts_std", withMean=True, withStd=True),
+        ElementwiseProduct(
+            scalingVec=Vectors.dense([spark_baselines.COUNT_SCALE] * n_counts),
+            inputCol="counts_std",
+            outputCol="counts_x",
+        ),
+    ]
+    inputs = ["counts_x"]
+    columns = [F.col("user_key"), split.alias("split"), array_to_vector(log1p).alias("counts")]
+    if vectors is not None:
+        columns.append(array_to_vector(vectors).alias("vectors"))
+        stages.append(StandardScaler(inputCol="vectors", outputCol="vectors_std", withMean=True, withStd=True))
+        inputs.insert(0, "vectors_std")
+    stages.append(VectorAssembler(inputCols=inputs, outputCol="x"))
+    data = frame.select(*columns, *(F.col(t).cast("double").alias(t) for t in targets))
+    rows = Pipeline(stages=stages).fit(data.where(F.col("split") == "train")).transform(data)
+    rows = rows.select("user_key", "split", "x", *targets).cache()
+    fitted = _Fitted({}, {}, {})
+    try:
+        fit_rows = rows.where(F.col("split") == "train")
+        labels = fit_rows.select(*targets).toPandas()
+        scored = rows.where(F.col("split") != "train")
+        for target in targets:
+            if labels[target].nunique() < 2:
+                fitted.p[target] = "n/a (one class in train)"
+                continue
+            best: tuple[float, float, "pd.DataFrame"] | None = None
+            for reg in reg_params:
+                model = LogisticRegression(
+                    featuresCol="x", labelCol=target, maxIter=100, regParam=reg, standardization=False
+                ).fit(fit_rows)
+                got = model.transform(scored).select(
+                    "user_key", "split", target, vector_to_array(F.col("probability"))[1].alias("p")
+                )
+                out = got.toPandas()  # valid and test in one pass: the test rows of the winner are kept
+                valid = out[out.split == "valid"]
+                y = valid[target].to_numpy()
+                auc = M.roc_auc(y, valid["p"].to_numpy()) if 0 < y.sum() < len(y) else float("nan")
+                if best is None or auc > best[0] or np.isnan(best[0]):
+                    best = (auc, reg, out[out.split == "test"])
+            assert best is not None  # reg_params is not empty (config validation)
+            fitted.valid_auc[target], fitted.reg[target] = best[0], best[1]
+            fitted.p[target] = best[2].set_index("user_key")["p"].reindex(test_users).to_numpy()
+    finally:
+        rows.unpersist()
+    return fitted
+
+
+def _fitted_row(
+    targets: dict[str, np.ndarray], fitted: _Fitted, started: float, rfm: _Fitted | None = None
+) -> dict[str, Any]:
+    """A next-window row from :func:`_logistic`; with ``rfm``, the fallback the train stage ships: a target
+    whose held-out AUC is not above the RFM regression's on the same users scores with the RFM regression."""
+    scores: dict[str, np.ndarray | str] = {}
+    chosen = []
     for target in targets:
-        classes = {r[0] for r in train.select(target).distinct().collect()}
-        if len(classes) < 2:
-            out[target] = "n/a (one class in train)"
-            continue
-        model = LogisticRegression(featuresCol="x", labelCol=target, maxIter=100, regParam=1e-3).fit(
-            train.withColumn(target, F.col(target).cast("double"))
-        )
-        p = model.transform(test).select("user_key", vector_to_array(F.col("probability"))[1].alias("p")).toPandas()
-        out[target] = p.set_index("user_key")["p"].reindex(test_users).to_numpy()
-    return out
+        mine, theirs = fitted.valid_auc.get(target, float("nan")), (rfm.valid_auc.get(target) if rfm else None)
+        if rfm is not None and theirs is not None and not mine > theirs:
+            scores[target] = rfm.p[target]
+            chosen.append(f"{target}: RFM (valid AUC {mine:.3f} <= {theirs:.3f})")
+        else:
+            scores[target] = fitted.p[target]
+            if target in fitted.reg:
+                chosen.append(f"{target}: regParam={fitted.reg[target]:g}")
+    row = _auc_row(targets, scores, started)
+    row["setting"] = "; ".join(chosen)
+    return row
 
 
 def _with_text_embeddings(
