@@ -804,7 +804,7 @@ def _logistic(
     fitted = _Fitted({}, {}, {})
     try:
         fit_rows = rows.where(F.col("split") == "train")
-        labels = fit_rows.select(*targets).toPandas()
+        labels: pd.DataFrame = fit_rows.select(*targets).toPandas()
         scored = rows.where(F.col("split") != "train")
         for target in targets:
             if labels[target].nunique() < 2:
