@@ -702,6 +702,13 @@ def _next_window(
     return EvaluateResult(dataset, "next-window", "\n".join(lines) + "\n", results, counts)
 
 
+def _held_out_split(seed: int) -> Column:
+    """``split`` with a seeded fifth of the train users as ``valid``: next-window's regressions choose their
+    regParam there (the protocol's own split has no validation users)."""
+    held = F.pmod(F.xxhash64(F.lit(seed + 1), F.col("user_key")), F.lit(5)) == 0
+    return F.when((F.col("split") == "train") & held, "valid").otherwise(F.col("split"))
+
+
 def _bag_of_words_row(
     frame: DataFrame, targets: dict[str, np.ndarray], reg_params: list[float], seed: int, started: float
 ) -> dict[str, Any]:
@@ -710,8 +717,7 @@ def _bag_of_words_row(
     users held out to choose its regParam; its test AUC per target with the standard error."""
     from userlens.eval.spark_baselines import bag_of_words_baseline
 
-    held = F.pmod(F.xxhash64(F.lit(seed + 1), F.col("user_key")), F.lit(5)) == 0
-    split = F.when((F.col("split") == "train") & held, "valid").otherwise(F.col("split"))
+    split = _held_out_split(seed)
     text = F.concat_ws("\n", "text", "state_text")
     found = bag_of_words_baseline(
         frame.select(split.alias("split"), "features", text.alias("text"), *targets), list(targets), reg_params
@@ -774,23 +780,14 @@ def _logistic(
     MLlib's L-BFGS stopped at its first step with every weight zero."""
     from pyspark.ml import Pipeline
     from pyspark.ml.classification import LogisticRegression
-    from pyspark.ml.feature import ElementwiseProduct, StandardScaler, VectorAssembler
+    from pyspark.ml.feature import StandardScaler, VectorAssembler
     from pyspark.ml.functions import array_to_vector, vector_to_array
-    from pyspark.ml.linalg import Vectors
 
-    held = F.pmod(F.xxhash64(F.lit(seed + 1), F.col("user_key")), F.lit(5)) == 0
-    split = F.when((F.col("split") == "train") & held, "valid").otherwise(F.col("split"))
+    split = _held_out_split(seed)
     log1p = F.transform("features", lambda v: F.log1p(F.greatest(v, F.lit(0.0))))
     first = frame.select(F.size("features")).first()
     n_counts = first[0] if first is not None else 0
-    stages: list[Any] = [
-        StandardScaler(inputCol="counts", outputCol="counts_std", withMean=True, withStd=True),
-        ElementwiseProduct(
-            scalingVec=Vectors.dense([spark_baselines.COUNT_SCALE] * n_counts),
-            inputCol="counts_std",
-            outputCol="counts_x",
-        ),
-    ]
+    stages: list[Any] = spark_baselines.scaled_counts(n_counts)
     inputs = ["counts_x"]
     columns = [F.col("user_key"), split.alias("split"), array_to_vector(log1p).alias("counts")]
     if vectors is not None:

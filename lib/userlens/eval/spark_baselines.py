@@ -212,6 +212,21 @@ TEXT_BASELINE = "(bag of words)"  # metrics.json baseline["<task> (bag of words)
 COUNT_SCALE = 100.0  # the bag-of-words regression's standardized counts, times this: their penalty 10^4 smaller
 
 
+def scaled_counts(n_counts: int) -> list[Any]:
+    """MLlib stages from ``counts`` (log1p of the numeric features, a vector of ``n_counts``) to ``counts_x``:
+    standardized, then times ``COUNT_SCALE``, so that in an unstandardized regression their penalty is that
+    much smaller than the other inputs' (the words, the embeddings)."""
+    from pyspark.ml.feature import ElementwiseProduct, StandardScaler
+    from pyspark.ml.linalg import Vectors
+
+    return [
+        StandardScaler(inputCol="counts", outputCol="counts_std", withMean=True, withStd=True),
+        ElementwiseProduct(
+            scalingVec=Vectors.dense([COUNT_SCALE] * n_counts), inputCol="counts_std", outputCol="counts_x"
+        ),
+    ]
+
+
 def bag_of_words_baseline(
     users: DataFrame,
     tasks: Sequence[str],
@@ -234,13 +249,10 @@ def bag_of_words_baseline(
     from pyspark.ml.feature import (
         IDF,
         CountVectorizer,
-        ElementwiseProduct,
         RegexTokenizer,
-        StandardScaler,
         VectorAssembler,
     )
     from pyspark.ml.functions import array_to_vector
-    from pyspark.ml.linalg import Vectors
 
     from userlens.models import metrics as M
 
@@ -255,10 +267,7 @@ def bag_of_words_baseline(
             RegexTokenizer(inputCol="text", outputCol="words", pattern=r"[^\p{L}]+", toLowercase=False),
             CountVectorizer(inputCol="words", outputCol="tf", vocabSize=vocabulary, minDF=float(min_users)),
             IDF(inputCol="tf", outputCol="tfidf"),
-            StandardScaler(inputCol="counts", outputCol="counts_std", withMean=True, withStd=True),
-            ElementwiseProduct(
-                scalingVec=Vectors.dense([COUNT_SCALE] * n_counts), inputCol="counts_std", outputCol="counts_x"
-            ),
+            *scaled_counts(n_counts),
             VectorAssembler(inputCols=["tfidf", "counts_x"], outputCol="x"),
         ]
     ).fit(data.where(F.col("split") == "train"))
