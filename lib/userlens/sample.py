@@ -518,7 +518,7 @@ _INTENTS: dict[str, tuple[str, ...]] = {
         "冬天皮肤很干怎么办",
     ),
 }
-_INTENT_EPISODES = 1.0  # mean intent episodes per user per 30 days (Poisson)
+_INTENT_EPISODES = 1.5  # mean intent episodes per user per 30 days (Poisson)
 _INTENT_BUY_P = 0.75  # P(the need is bought for in the intent's category, 1-8 days later)
 _INTENT_BUY_DAYS = (1, 8)
 _TYPO_P = 0.15  # P(a typo in an intent phrase or complaint)
@@ -572,9 +572,9 @@ _RETURN_DAYS = (1, 6)  # an abandoned considered cart comes back 1..6 days later
 _REVIEW_P = 0.2
 _COMPLAINT_REVIEW_P = 0.7  # P(a complaint | the purchase had a problem), written 1-4 days later
 _FADE_P = 0.8  # P(activity fades after a complaint)
-_UNHAPPY_CHURN_P = 0.5  # P(a churning user leaves unhappy: complains, then fades instead of stopping)
+_UNHAPPY_CHURN_P = 0.7  # P(a churning user leaves unhappy: complains, then fades instead of stopping)
 _UNHAPPY_LEAD_DAYS = (2, 8)  # the complaint comes this many days before the churn day
-_FADE_TAU_DAYS = (3.0, 7.0)  # activity x exp(-days since the complaint / tau): mostly gone in 1-3 weeks
+_FADE_TAU_DAYS = (2.0, 5.0)  # activity x exp(-days since the complaint / tau): mostly gone in 1-2 weeks
 
 
 _dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # byte-stable JSON
