@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 from pyspark.sql import functions as F
@@ -181,11 +182,22 @@ def test_default_budget_fits_the_encoder(spark, tmp_path):
     assert n_tokens >= settings.textualize.max_tokens * 0.6  # the budget is used, not wasted
 
 
-def test_plan_has_no_python_udf(spark, tmp_path):
-    settings = make_settings(tmp_path)
-    plan = texts_for(spark, GOLDEN_EVENTS, settings)._jdf.queryExecution().executedPlan().toString()
+@pytest.mark.parametrize("state", [False, True])
+def test_plan_has_no_python_udf_and_moves_and_sorts_the_events_once(spark, tmp_path, state):
+    settings = make_settings(tmp_path, *(STATE_ON if state else ()))
+    # from files, as the stage reads them: Spark knows the catalogue's size and broadcasts it
+    spark.createDataFrame(GOLDEN_EVENTS, EVENT_SCHEMA).write.parquet(str(tmp_path / "events"))
+    spark.createDataFrame(ITEMS, ITEM_SCHEMA).write.parquet(str(tmp_path / "items"))
+    events, items = spark.read.parquet(str(tmp_path / "events")), spark.read.parquet(str(tmp_path / "items"))
+    texts = build_user_texts(events, items, settings.textualize, TYPES, AS_OF)
+    plan = texts._jdf.queryExecution().executedPlan().toString()
     for node in ("BatchEvalPython", "ArrowEvalPython", "MapInPandas", "PythonUDF", "FlatMapGroupsInPandas"):
         assert node not in plan
+    # one shuffle by user and the cap's sort (its partial group limit sorts before the shuffle, the window
+    # after it); the repeat marks (a lag window) and the per-user aggregation reuse that order
+    assert plan.count("Exchange hashpartitioning") == 1, plan
+    assert len(re.findall(r"\bSort \[", plan)) == 2, plan
+    assert plan.count("lag(") == 2, plan  # one per lagged column, not one per use
 
 
 def test_power_user_is_capped_before_aggregation(spark, tmp_path):

@@ -24,12 +24,16 @@ millions of events costs one sort of k rows). Lines are then kept newest
 first while the whole text fits ``max_tokens * chars_per_token`` characters;
 the header always comes first, so an encoder's truncation cannot cut it.
 
-Everything is native Spark SQL: after the cap (one shuffle by user_key), each
-user's rendered events are collected into one bounded array and the header,
-repeat collapsing, budget and day lines are higher-order array functions on
-it, so the events are read, shuffled and sorted once. The textualize stage
-writes these texts; the train stage and ``userlens evaluate`` build them as of
-a cutoff.
+Everything is native Spark SQL, and the events are read, shuffled and sorted
+once: the cap's window (one shuffle by user_key, one sort newest first) leaves
+them in the order every later step needs. A ``lag`` over that same order marks
+the events that start a new day and a new piece (consecutive repeats of a line
+on a day collapse into one piece with a repeat count); a sort-based aggregation
+then collects each user's piece starts (and, for the state text, every event)
+into one bounded array beside plain codegen'd counts. Header, repeat counts,
+budget and day lines are a few higher-order array functions over the pieces.
+The textualize stage writes these texts; the train stage and ``userlens
+evaluate`` build them as of a cutoff.
 """
 
 from __future__ import annotations
@@ -65,9 +69,13 @@ def _money(amount: Column) -> Column:
     return F.round(amount, 2).cast("decimal(38,2)").cast("string")
 
 
+def _newest_first() -> list[Column]:
+    return [F.col("event_time").desc(), F.col("event_id").desc()]
+
+
 def cap_events(events: DataFrame, max_events: int) -> DataFrame:
     """Each user's newest ``max_events`` events, numbered ``rn`` = 1 (newest) .. max_events."""
-    newest_first = Window.partitionBy("user_key").orderBy(F.col("event_time").desc(), F.col("event_id").desc())
+    newest_first = Window.partitionBy("user_key").orderBy(*_newest_first())
     return events.withColumn("rn", F.row_number().over(newest_first)).where(F.col("rn") <= max_events)
 
 
@@ -107,6 +115,8 @@ def render_events(capped: DataFrame, items: DataFrame, templates: TemplateSet, m
     spend = F.when(F.col("event_type") == "purchase", price * F.coalesce(F.col("quantity"), F.lit(1)))
     return df.select(
         "user_key",
+        "event_time",
+        "event_id",
         "rn",
         "event_type",
         "item_id",
@@ -118,18 +128,44 @@ def render_events(capped: DataFrame, items: DataFrame, templates: TemplateSet, m
     )
 
 
-def collect_user_events(rendered: DataFrame, event_types: list[str]) -> DataFrame:
-    """(user_key, ev, n_events, first_date, last_date, n_missing_items, n_<type>...) per user.
+def mark_runs(rendered: DataFrame) -> DataFrame:
+    """``first_of_day`` (the user's newest event of its day) and ``starts_piece`` (not the same day and line
+    as the event just newer: consecutive repeats collapse into the piece their newest event starts).
 
-    ``ev`` is the user's rendered events as one array, newest first (rn
-    ascending), bounded by ``max_events`` (the cap ran first). The input is
-    already partitioned by user_key, so this aggregation adds no shuffle; the
-    plain counts are codegen'd aggregates rather than array functions.
+    A ``lag`` over the cap's own window order: the events are still sorted that way (the cap's shuffle and
+    sort), so Spark adds no exchange and no sort, and a user's days are consecutive in it."""
+    newest_first = Window.partitionBy("user_key").orderBy(*_newest_first())
+    # the two lags in one select first: Spark computes a window expression once per use otherwise
+    before = rendered.select(
+        "*", F.lag("day").over(newest_first).alias("day_before"), F.lag("line").over(newest_first).alias("line_before")
+    )
+    new_day = F.col("day_before").isNull() | (F.col("day") != F.col("day_before"))
+    return before.select(
+        *rendered.columns,
+        new_day.alias("first_of_day"),
+        (new_day | (F.col("line") != F.col("line_before"))).alias("starts_piece"),
+    )
+
+
+def collect_user_events(marked: DataFrame, event_types: list[str], with_events: bool) -> DataFrame:
+    """(user_key, starts, cats, [ev,] n_events, active_days, spend, first_date, last_date, n_missing_items,
+    n_<type>...) per user.
+
+    ``starts`` are the events that start a piece (rn, day, line, first_of_day), newest first; ``cats`` the
+    events' categories; ``ev`` (``with_events``: the state text reads it) every rendered event, newest
+    first. The input is still partitioned and sorted by user (the cap), so this sort-based aggregation adds
+    no shuffle and meets each user's events newest first: the spend is summed in that order, as a
+    deterministic sum must be (the rendered spend never flickers). The counts are codegen'd aggregates.
     """
-    fields = ("rn", "day", "line", "category", "spend", "event_type", "missing_item", "item_id")
-    return rendered.groupBy("user_key").agg(
-        F.array_sort(F.collect_list(F.struct(*fields))).alias("ev"),
+    start = F.struct("rn", "day", "line", "first_of_day")
+    events = F.struct("rn", "day", "line", "event_type", "item_id")
+    return marked.groupBy("user_key").agg(
+        F.array_sort(F.collect_list(F.when(F.col("starts_piece"), start))).alias("starts"),
+        F.collect_list("category").alias("cats"),
+        *([F.array_sort(F.collect_list(events)).alias("ev")] if with_events else []),
         F.count(F.lit(1)).alias("n_events"),
+        F.sum(F.col("first_of_day").cast("int")).alias("active_days"),
+        F.sum(F.coalesce(F.col("spend"), F.lit(0.0))).alias("spend"),
         F.min("day").alias("first_date"),
         F.max("day").alias("last_date"),
         F.sum(F.col("missing_item").cast("int")).alias("n_missing_items"),
@@ -137,30 +173,12 @@ def collect_user_events(rendered: DataFrame, event_types: list[str]) -> DataFram
     )
 
 
-def _previous(values: Column) -> Column:
-    """``values`` shifted right by one: null, then every element but the last (same length; for zip_with)."""
-    rest = F.slice(values, 1, F.greatest(F.size(values) - 1, F.lit(0)))
-    return F.when(F.size(values) > 0, F.concat(F.array(F.lit(None)), rest)).otherwise(values)
-
-
 def texts_from_event_arrays(
     users: DataFrame, settings: TextualizeSettings, event_types: list[str], as_of: dt.date
 ) -> DataFrame:
-    """Header, collapsed pieces, budget and day lines per user with higher-order array functions."""
+    """Header, pieces, budget and day lines per user with higher-order array functions over its pieces."""
     templates = settings.templates[settings.language]
     budget_chars = int(settings.max_tokens * templates.chars_per_token)
-    ev = F.col("ev")
-    days = F.transform(ev, lambda x: x["day"])
-    stats = users.select(
-        "*",
-        F.size(F.array_distinct(days)).alias("active_days"),
-        # summed in array order: deterministic, so the rendered spend never flickers
-        F.aggregate(ev, F.lit(0.0), lambda acc, x: acc + F.coalesce(x["spend"], F.lit(0.0))).alias("spend"),
-        F.transform(F.filter(ev, lambda x: x["category"].isNotNull()), lambda x: x["category"]).alias("cats"),
-        # (day, line) as one string: consecutive equal keys collapse into one piece
-        F.transform(ev, lambda x: F.concat(x["day"], F.lit("\u0001"), x["line"])).alias("keys"),
-        *([state_text(ev, F.col("last_date"), settings).alias("state")] if settings.state.enabled else []),
-    )
     # top categories: by count desc, then name
     ranked = F.array_sort(
         F.transform(
@@ -190,57 +208,51 @@ def texts_from_event_arrays(
             "spend": _money(F.col("spend")),
         },
     )
-    # consecutive equal lines on the same day collapse into one piece with a repeat count.
+
+    def prefix(day: Column) -> Column:
+        return render(templates.day_prefix, {"date": day})
+
+    # a piece's repeats: the next piece's rn minus its own (the events are numbered 1..n_events, newest first).
     # No array column is read inside a lambda over another element: Spark's optimizer inlines the expression
     # of a column computed in an earlier select into every use, so a lambda reading it would rebuild the whole
-    # array once per element (n^2 or worse per user: minutes for users with a few hundred events). Each array
-    # below is read whole, by zip_with against itself shifted by one (_previous), so every step is O(n).
-    n = F.size(ev)
-    new_piece = F.zip_with("keys", _previous(F.col("keys")), lambda key, before: before.isNull() | (key != before))
-    starts = F.filter(
-        F.transform(new_piece, lambda is_new, i: F.when(is_new, i)),
-        lambda i: i.isNotNull(),
+    # array once per element. Each array is read whole, by zip_with against another, so every step is O(n).
+    next_rn = F.concat(
+        F.slice(F.transform("starts", lambda p: p["rn"]), 2, F.greatest(F.size("starts"), F.lit(1))),
+        F.array(F.col("n_events") + 1),
     )
-    state = ["state"] if settings.state.enabled else []
-    with_header = stats.select(
-        "user_key", "ev", "n_events", "n_missing_items", header.alias("header"), starts.alias("starts"), *state
-    )
-    ends = F.concat(F.slice("starts", 2, F.greatest(F.size("starts"), F.lit(1))), F.array(n))  # the next start
-    runs = F.filter(
-        F.zip_with("starts", ends, lambda start, end: F.struct(start.alias("at"), (end - start).alias("repeats"))),
-        lambda r: r["at"].isNotNull(),  # (no start, no run: zip_with pads the shorter array with nulls)
+    state = [state_text(F.col("ev"), F.col("last_date"), settings).alias("state")] if settings.state.enabled else []
+    with_header = users.select(
+        "user_key",
+        "n_events",
+        "n_missing_items",
+        header.alias("header"),
+        F.zip_with("starts", next_rn, lambda p, nxt: F.struct(p.alias("p"), (nxt - p["rn"]).alias("repeats"))).alias(
+            "runs"
+        ),
+        *state,
     )
     pieces = F.transform(
-        runs,
+        F.filter("runs", lambda r: r["p"].isNotNull()),  # (zip_with pads the shorter array with nulls)
         lambda r: F.struct(
-            F.element_at(ev, r["at"] + 1)["day"].alias("day"),
+            r["p"]["day"].alias("day"),
+            r["p"]["first_of_day"].alias("first_of_day"),
             F.concat(
-                F.element_at(ev, r["at"] + 1)["line"],
+                r["p"]["line"],
                 F.when(r["repeats"] > 1, render(templates.repeat, {"count": r["repeats"]})).otherwise(F.lit("")),
             ).alias("piece"),
         ),
     )
+    state_col = ["state"] if settings.state.enabled else []
     with_pieces = with_header.select(
-        "user_key", "n_events", "n_missing_items", "header", pieces.alias("pieces"), *state
+        "user_key", "n_events", "n_missing_items", "header", pieces.alias("pieces"), *state_col
     )
-
-    # exact character cost of each piece in the final text: "\n" + day prefix
-    # before a day's first piece, the separator before any other
-    def prefix(day: Column) -> Column:
-        return render(templates.day_prefix, {"date": day})
-
-    def first_of_day(day: Column, before: Column) -> Column:
-        return before.isNull() | (day != before)
-
-    piece_days = F.transform("pieces", lambda p: p["day"])
-    costs = F.zip_with(
+    # exact character cost of each piece in the final text: "\n" + day prefix before a day's first piece
+    # (the first piece's "\n" joins the header), the separator before any other
+    costs = F.transform(
         "pieces",
-        _previous(piece_days),
-        lambda p, before: (
+        lambda p: (
             F.length(p["piece"])
-            + F.when(first_of_day(p["day"], before), F.length(prefix(p["day"])) + 1).otherwise(
-                F.lit(len(templates.event_separator))
-            )
+            + F.when(p["first_of_day"], F.length(prefix(p["day"])) + 1).otherwise(F.lit(len(templates.event_separator)))
         ),
     )
     available = F.lit(budget_chars) - F.length(F.substring("header", 1, budget_chars))
@@ -255,15 +267,14 @@ def texts_from_event_arrays(
         lambda acc: acc["k"],
     )
     kept = F.slice("pieces", 1, kept_count)
-    with_kept = with_pieces.select("user_key", "n_events", "n_missing_items", "header", kept.alias("kept"), *state)
+    with_kept = with_pieces.select("user_key", "n_events", "n_missing_items", "header", kept.alias("kept"), *state_col)
     # a day's pieces are consecutive (events newest first): its first piece opens a line with the day prefix,
     # the others follow the separator
-    rendered = F.zip_with(
+    rendered = F.transform(
         "kept",
-        _previous(F.transform("kept", lambda p: p["day"])),
-        lambda p, before: (
-            F.when(before.isNull(), F.concat(prefix(p["day"]), p["piece"]))
-            .when(p["day"] != before, F.concat(F.lit("\n"), prefix(p["day"]), p["piece"]))
+        lambda p, i: (
+            F.when(i == 0, F.concat(prefix(p["day"]), p["piece"]))
+            .when(p["first_of_day"], F.concat(F.lit("\n"), prefix(p["day"]), p["piece"]))
             .otherwise(F.concat(F.lit(templates.event_separator), p["piece"]))
         ),
     )
@@ -340,4 +351,5 @@ def build_user_texts(
     require_columns(items, ITEM_COLUMNS, "textualize items")
     templates = settings.templates[settings.language]
     rendered = render_events(cap_events(events, settings.max_events), items, templates, settings.max_field_chars)
-    return texts_from_event_arrays(collect_user_events(rendered, event_types), settings, event_types, as_of)
+    users = collect_user_events(mark_runs(rendered), event_types, with_events=settings.state.enabled)
+    return texts_from_event_arrays(users, settings, event_types, as_of)
