@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window, WindowSpec
 from pyspark.sql import functions as F
 
 from userlens.config import TemplateSet, TextualizeSettings
@@ -69,14 +69,14 @@ def _money(amount: Column) -> Column:
     return F.round(amount, 2).cast("decimal(38,2)").cast("string")
 
 
-def _newest_first() -> list[Column]:
-    return [F.col("event_time").desc(), F.col("event_id").desc()]
+def _newest_first_by_user() -> WindowSpec:
+    """Each user's events, newest first: the cap's window, and the order every later step reads them in."""
+    return Window.partitionBy("user_key").orderBy(F.col("event_time").desc(), F.col("event_id").desc())
 
 
 def cap_events(events: DataFrame, max_events: int) -> DataFrame:
     """Each user's newest ``max_events`` events, numbered ``rn`` = 1 (newest) .. max_events."""
-    newest_first = Window.partitionBy("user_key").orderBy(*_newest_first())
-    return events.withColumn("rn", F.row_number().over(newest_first)).where(F.col("rn") <= max_events)
+    return events.withColumn("rn", F.row_number().over(_newest_first_by_user())).where(F.col("rn") <= max_events)
 
 
 def render_events(capped: DataFrame, items: DataFrame, templates: TemplateSet, max_field_chars: int) -> DataFrame:
@@ -134,7 +134,7 @@ def mark_runs(rendered: DataFrame) -> DataFrame:
 
     A ``lag`` over the cap's own window order: the events are still sorted that way (the cap's shuffle and
     sort), so Spark adds no exchange and no sort, and a user's days are consecutive in it."""
-    newest_first = Window.partitionBy("user_key").orderBy(*_newest_first())
+    newest_first = _newest_first_by_user()
     # the two lags in one select first: Spark computes a window expression once per use otherwise
     before = rendered.select(
         "*", F.lag("day").over(newest_first).alias("day_before"), F.lag("line").over(newest_first).alias("line_before")
