@@ -33,7 +33,7 @@ demo: setup
 
 # Test modules run in TEST_WORKERS processes (pytest-xdist), a whole module per process so that its
 # module-scoped pipeline runs once; each process has its own local Spark session (2 GiB driver). The
-# suite is CPU-bound: on two cores 19 min with 2, 21 min with 3, 29 min in one process. The default is
+# suite is CPU-bound: on two cores about 25 min with 2 (docs/benchmarks.md), and more processes gained nothing. The default is
 # one per core, at most 4, and at most one per 5 GiB of memory (a Spark driver, torch and MiniLM each).
 # Modules are handed out in tests/conftest.py's order, longest first (--no-loadscope-reorder: pytest-xdist
 # otherwise hands them out by their number of tests, and a long module with few tests ran alone at the end).
